@@ -1,0 +1,6 @@
+"""nanokyro: a compact, high-throughput LLM serving engine."""
+from nanokyro.config import EngineConfig, ModelConfig
+from nanokyro.engine import LLM, AsyncEngine, LLMEngine, RequestOutput
+from nanokyro.sampler import SamplingParams
+
+__all__ = ["LLM", "AsyncEngine", "LLMEngine", "EngineConfig", "ModelConfig", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,88 @@
+"""Paged attention: the step's page-table metadata, the KV write, and the backends that read it.
+
+KV cache: one tensor `[num_layers, num_pages, 2, page_size, num_kv_heads, head_dim]`; layer l's view
+`kv[l]` is FlashInfer's NHD paged layout (`[:, 0]` keys, `[:, 1]` values). The step's metadata is in
+FlashInfer's CSR form (qo_indptr, kv_indptr/kv_indices/kv_last_page_len), so both backends plan from the
+same tensors. The torch backend runs anywhere and is the reference the FlashInfer backend is tested against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's page tables, for B sequences and T new tokens (int32 unless noted)."""
+
+    qo_indptr: torch.Tensor  # [B+1] new tokens of sequence b are rows qo_indptr[b]:qo_indptr[b+1]
+    kv_indptr: torch.Tensor  # [B+1] pages of sequence b are kv_indices[kv_indptr[b]:kv_indptr[b+1]]
+    kv_indices: torch.Tensor  # [num_pages_used]
+    kv_last_page_len: torch.Tensor  # [B] tokens in each sequence's last page (1..page_size)
+    kv_lens: torch.Tensor  # [B] tokens in cache after this step's write
+    slot_mapping: torch.Tensor  # [T] int64: page * page_size + offset where each new token's k/v go
+    q_lens: list[int]  # host copies, for planning
+    kv_lens_host: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.q_lens)
+
+
+def write_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' k, v [T, Hkv, D] into one layer's paged cache kv [P, 2, page_size, Hkv, D]."""
+    page_size = kv.shape[2]
+    pages, offsets = slot_mapping // page_size, slot_mapping % page_size
+    kv[pages, 0, offsets] = k
+    kv[pages, 1, offsets] = v
+
+
+class TorchAttention:
+    """Reference backend: gathers each sequence's pages into a padded batch and runs masked SDPA."""
+
+    def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int):
+        self.kv_cache = kv_cache
+        self.num_heads, self.scale = num_heads, head_dim**-0.5
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        """Build the gather indices and causal mask once per step; every layer reuses them."""
+        device = self.kv_cache.device
+        page_size = self.kv_cache.shape[3]
+        q_lens, kv_lens = meta.q_lens, meta.kv_lens_host
+        num_pages = [(n + page_size - 1) // page_size for n in kv_lens]
+        max_q, max_pages = max(q_lens), max(num_pages)
+        # page_table[b, j]: j-th page of sequence b (0 where past the end; those keys are masked out)
+        table = torch.zeros(len(q_lens), max_pages, dtype=torch.long)
+        indices, start = meta.kv_indices.cpu().long(), 0
+        for b, n in enumerate(num_pages):
+            table[b, :n] = indices[start : start + n]
+            start += n
+        # Each new token's (sequence, row) in the padded query batch.
+        seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens)), torch.tensor(q_lens))
+        starts = torch.tensor([0] + q_lens[:-1]).cumsum(0)
+        row_of_token = torch.arange(sum(q_lens)) - starts[seq_of_token]
+        # Query i of sequence b sits at absolute position kv_len - q_len + i and sees keys 0..that position.
+        q_pos = (torch.tensor(kv_lens) - torch.tensor(q_lens))[:, None] + torch.arange(max_q)[None, :]
+        key_pos = torch.arange(max_pages * page_size)
+        mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, max_q, max_kv]; also hides keys >= kv_len
+        self.page_table = table.to(device)
+        self.seq_of_token, self.row_of_token = seq_of_token.to(device), row_of_token.to(device)
+        self.mask = mask[:, None].to(device)  # broadcast over heads
+        self.max_q = max_q
+        self.slot_mapping = meta.slot_mapping
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kv = self.kv_cache[layer]
+        write_kv(kv, k, v, self.slot_mapping)
+        B, H = self.page_table.shape[0], self.num_heads
+        Hkv, D = k.shape[1], k.shape[2]
+        keys = kv[self.page_table, 0].reshape(B, -1, Hkv, D).transpose(1, 2)  # [B, Hkv, max_kv, D]
+        values = kv[self.page_table, 1].reshape(B, -1, Hkv, D).transpose(1, 2)
+        q_pad = q.new_zeros(B, self.max_q, H, D)
+        q_pad[self.seq_of_token, self.row_of_token] = q
+        out = F.scaled_dot_product_attention(
+            q_pad.transpose(1, 2), keys, values, attn_mask=self.mask, scale=self.scale, enable_gqa=H != Hkv
+        )  # [B, H, max_q, D]
+        return out.transpose(1, 2)[self.seq_of_token, self.row_of_token]

@@ -1,0 +1,109 @@
+"""Configuration: the model's shape (from an HF config.json or GGUF metadata) and the engine's knobs."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+# HF `model_type` -> the family name nanokyro uses. All are the same decoder; the differences are flags.
+ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...} or None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2, or attention_bias=True)
+    o_bias: bool = False  # o_proj carries a bias (attention_bias=True)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    torch_dtype: str = "bfloat16"  # the checkpoint's own dtype
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"unsupported model_type {model_type!r}; nanokyro serves {sorted(ARCHITECTURES)}")
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        rope_scaling = cfg.get("rope_scaling") or None
+        rope_theta = cfg.get("rope_theta")
+        rope_params = cfg.get("rope_parameters")  # transformers 5 folds theta and scaling into one dict
+        if rope_params:
+            rope_theta = rope_params.get("rope_theta", rope_theta)
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = rope_params
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
+            rope_scaling = None
+        return cls(
+            architecture=ARCHITECTURES[model_type],
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta or 10000.0,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=bool(cfg.get("attention_bias")) or model_type == "qwen2",
+            o_bias=bool(cfg.get("attention_bias")),
+            qk_norm=model_type == "qwen3",
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").replace("torch.", ""),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str) -> "ModelConfig":
+        with open(os.path.join(path, "config.json")) as f:
+            return cls.from_hf(json.load(f))
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF dir, .gguf file, hub id, or (with load_format="dummy") an architecture name
+    dtype: str = "auto"  # "auto" = bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # "auto" = cuda if available
+    load_format: str = "auto"  # "auto" | "dummy"
+    max_num_batched_tokens: int = 2048  # per-step token budget (decodes + prefill chunks)
+    max_num_seqs: int = 256
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    page_size: int = 16
+    kv_cache_memory: int | None = None  # bytes of KV cache; the default on CPU is 1 GiB
+    gpu_memory_utilization: float = 0.9  # on CUDA, fraction of the GPU the engine may fill (weights + KV)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # CUDA: no graphs, no torch.compile
+    attention_backend: str = "auto"  # "auto" | "torch" | "flashinfer"
+    seed: int = 0
+    served_model_name: str | None = None
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        dtype = getattr(torch, self.dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, not {self.dtype!r}")
+        return dtype

@@ -1,0 +1,225 @@
+"""Sampling: per-request parameters, and one batched pass from the step's logits to its next tokens."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16  # None: until EOS or the context is full
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt and output tokens
+    presence_penalty: float = 0.0  # OpenAI style, over output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the k most likely
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self.verify()
+
+    def verify(self) -> None:
+        """Raise ValueError naming the offending field; the server turns it into a 400."""
+        checks = [
+            (self.n >= 1, "n", "must be at least 1"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be -1, 0 (off) or positive"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class SampleRow:
+    """One row of the step's logits and what the sampler needs to know about its request."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]  # tokens generated so far, before this step
+    generator: torch.Generator | None = None  # per request, from make_generator, when params.seed is set
+
+
+def make_generator(seed: int, device) -> torch.Generator:
+    """A request's own random stream: its draws then depend only on its seed and how many steps it has run."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float | None] | None = None  # the sampled token's; None where the row did not ask
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per row, its k best (id, logprob), descending
+
+
+class Sampler:
+    """From the step's logits [num_rows, vocab] to one token per row, in one batched pass.
+
+    Order: penalties; then greedy rows take the argmax; sampled rows go through temperature, top-k, top-p and
+    min-p, and draw by the exponential race. Logprobs are of the raw model distribution, as vLLM reports them.
+    """
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
+        logits = logits.float()  # any model dtype in; penalties and softmax in fp32
+        params = [row.params for row in rows]
+        want_logprobs = any(p.logprobs is not None for p in params)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        if any(_penalised(p) for p in params):
+            logits = apply_penalties(logits, rows)
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = _sample(logits, rows)
+        return _to_host(tokens, raw_logprobs, params)
+
+
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+
+
+def _filtered(p: SamplingParams) -> bool:
+    return p.top_k > 0 or p.top_p < 1 or p.min_p > 0
+
+
+def _per_row(values: list, device, dtype=torch.float32) -> torch.Tensor:
+    """One parameter of every row as a [num_rows] tensor on the logits' device."""
+    return torch.tensor(values, dtype=dtype).to(device)
+
+
+def _token_index(token_lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten per-row token lists into (row, token) index pairs, each [total_tokens]."""
+    lengths = torch.tensor([len(ids) for ids in token_lists])
+    row_idx = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
+    token_idx = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
+    return row_idx.to(device), token_idx.to(device)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Repetition penalty (HF/CTRL) over prompt + output tokens, then presence and frequency penalties
+    (OpenAI) over output tokens. logits [num_rows, vocab] fp32; returns a new tensor."""
+    params = [row.params for row in rows]
+    if any(p.repetition_penalty != 1 for p in params):
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        rows_idx, tokens_idx = _token_index(
+            [r.prompt_ids + r.output_ids if r.params.repetition_penalty != 1 else [] for r in rows], logits.device)
+        seen[rows_idx, tokens_idx] = True
+        penalty = _per_row([p.repetition_penalty for p in params], logits.device)[:, None]
+        # Dividing a negative logit would raise it, so negatives are multiplied: both make the token less likely.
+        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    if any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params):
+        counts = torch.zeros_like(logits)
+        rows_idx, tokens_idx = _token_index(
+            [r.output_ids if r.params.presence_penalty or r.params.frequency_penalty else [] for r in rows],
+            logits.device)
+        counts.index_put_((rows_idx, tokens_idx), torch.ones(rows_idx.shape, device=logits.device), accumulate=True)
+        frequency = _per_row([p.frequency_penalty for p in params], logits.device)[:, None]
+        presence = _per_row([p.presence_penalty for p in params], logits.device)[:, None]
+        logits = logits - frequency * counts - presence * (counts > 0)
+    return logits
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                            min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf every token that top-k, top-p or min-p drops; returns a new tensor.
+
+    logits [num_rows, vocab] (after temperature); top_k [num_rows] int (0 = off); top_p, min_p [num_rows] float.
+    Top-p works on the distribution top-k left (renormalised) and keeps the smallest set whose mass reaches
+    top_p; min-p keeps tokens with prob >= min_p * max prob. Each filter is a cut-off value, and tokens tied
+    with a cut-off are kept, so the kept set never depends on how the sort orders ties.
+    """
+    vocab = logits.shape[-1]
+    ordered = logits.sort(dim=-1, descending=True).values  # [num_rows, vocab]
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab).long()
+    kth = ordered.gather(-1, (k - 1)[:, None])  # [num_rows, 1]
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+    # The first position whose cumulative mass reaches top_p closes the set. fp32 rounding can leave the
+    # total just under 1 (hence the clamp) or reach 1 before the tail's tiny probs (hence top_p = 1 is no cut).
+    last = (cumulative < top_p[:, None]).sum(dim=-1).clamp(max=vocab - 1)
+    pth = torch.where(top_p[:, None] < 1, ordered.gather(-1, last[:, None]), float("-inf"))
+    # p_i >= min_p * p_max  <=>  logit_i >= max_logit + log(min_p); log(0) = -inf keeps everything.
+    mth = ordered[:, :1] + torch.log(min_p)[:, None]
+    cutoff = torch.maximum(torch.maximum(kth, pth), mth)
+    return logits.masked_fill(logits < cutoff, float("-inf"))
+
+
+def _sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Tokens [num_rows] for a batch with at least one sampled row; greedy rows still take the argmax."""
+    params = [row.params for row in rows]
+    device = logits.device
+    scaled = logits / _per_row([1.0 if p.greedy else p.temperature for p in params], device)[:, None]
+    if any(_filtered(p) for p in params if not p.greedy):
+        scaled = apply_top_k_top_p_min_p(
+            scaled,
+            _per_row([p.top_k for p in params], device, torch.long),
+            _per_row([p.top_p for p in params], device),
+            _per_row([p.min_p for p in params], device),
+        )
+    probs = scaled.softmax(dim=-1)
+    # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability p_i, and the noise
+    # can come from each request's own generator, unlike torch.multinomial over the whole batch.
+    sampled = probs.div_(_exponential_noise(probs, rows)).argmax(dim=-1)
+    if not any(p.greedy for p in params):
+        return sampled
+    greedy = _per_row([p.greedy for p in params], device, torch.bool)
+    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+
+def _exponential_noise(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Exp(1) noise like probs: one batched draw for unseeded rows; each seeded row redraws its own from its
+    generator, so its tokens do not depend on its neighbours or its position in the batch."""
+    noise = torch.empty_like(probs)
+    if any(row.generator is None for row in rows):
+        noise.exponential_()
+    for i, row in enumerate(rows):
+        if row.generator is not None and not row.params.greedy:
+            noise[i].exponential_(generator=row.generator)
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)  # a draw of exactly 0 would make 0/0 = nan win
+
+
+def _to_host(tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, params: list[SamplingParams]) -> SamplerOutput:
+    """Gather everything the host needs into one tensor and copy it once."""
+    if raw_logprobs is None:
+        return SamplerOutput(tokens.tolist())
+    k = min(max(p.logprobs or 0 for p in params), raw_logprobs.shape[-1])
+    columns = [tokens.float()[:, None], raw_logprobs.gather(-1, tokens[:, None])]
+    if k:
+        top = raw_logprobs.topk(k, dim=-1)  # sorted, descending
+        columns += [top.indices.float(), top.values]
+    host = torch.cat(columns, dim=1).tolist()  # [num_rows, 2 + 2k]; token ids are exact in fp32 (< 2**24)
+    token_ids, logprobs, top_logprobs = [], [], []
+    for p, row in zip(params, host):
+        token_ids.append(int(row[0]))
+        logprobs.append(row[1] if p.logprobs is not None else None)
+        n = min(p.logprobs or 0, k)
+        top_logprobs.append([(int(i), lp) for i, lp in zip(row[2:2 + n], row[2 + k:2 + k + n])])
+    return SamplerOutput(token_ids, logprobs, top_logprobs)

@@ -1,0 +1,227 @@
+"""Text in and out: the HF tokenizer, the chat template, and incremental detokenisation.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` with what serving needs from an HF tokenizer directory: the BOS/EOS
+ids, the chat template (rendered with jinja2 the way `transformers` renders it), and BOS handling for chat prompts.
+`Detokenizer` turns one completion's stream of token ids into text deltas that never split a UTF-8 character and
+never leak a stop string, in O(window) work per step.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+
+import jinja2
+import jinja2.ext
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Used when a model ships no chat template: plain ChatML.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Prompt tokens decoded in front of the first output tokens: enough for a SentencePiece tokenizer to see that the
+# output does not start the text (so its leading space survives) and for a split character to be re-joined.
+PROMPT_CONTEXT = 5
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: tokenizers.Tokenizer, *, chat_template: str | None = None,
+                 bos_token: str | None = None, eos_token: str | None = None,
+                 eos_token_ids: list[int] = (), add_bos_token: bool | None = None):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
+        eos_id = tokenizer.token_to_id(eos_token) if eos_token else None
+        self.eos_token_ids = _unique([*eos_token_ids, *([eos_id] if eos_id is not None else [])])
+        # Special added tokens: dropped by decode(skip_special_tokens=True), and by the Detokenizer before windowing.
+        self.special_token_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        # An explicit add_bos_token overrides the tokenizer.json post-processor, as in transformers.
+        self.add_bos_token = add_bos_token
+        self._adds_bos = self.bos_token_id is not None and (
+            add_bos_token if add_bos_token is not None
+            else tokenizer.encode("", add_special_tokens=True).ids[:1] == [self.bos_token_id])
+        self.chat_template = chat_template
+        self._template = _jinja_env().from_string(chat_template or CHATML_TEMPLATE)
+
+    @classmethod
+    def from_dir(cls, path: str, eos_token_ids: list[int] = ()) -> "Tokenizer":
+        """Load an HF tokenizer directory (tokenizer.json + tokenizer_config.json, optional chat_template.jinja and
+        generation_config.json)."""
+        tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        config = _read_json(os.path.join(path, "tokenizer_config.json"))
+        _add_missing_tokens(tok, config.get("added_tokens_decoder", {}))
+        gen_eos = _read_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
+        if isinstance(gen_eos, int):
+            gen_eos = [gen_eos]
+        return cls(tok, chat_template=_read_chat_template(path, config),
+                   bos_token=_token_str(config.get("bos_token")), eos_token=_token_str(config.get("eos_token")),
+                   eos_token_ids=[*eos_token_ids, *(gen_eos or [])], add_bos_token=config.get("add_bos_token"))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.add_bos_token is None:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_token_id, *ids] if add_special_tokens and self._adds_bos else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render a conversation to the prompt string. Extra kwargs (tools, enable_thinking, ...) reach the
+        template as variables."""
+        return self._template.render(messages=[_plain_message(m) for m in messages],
+                                     add_generation_prompt=add_generation_prompt,
+                                     **{"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **kwargs})
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Prompt ids for a conversation with exactly one BOS where the model wants one: most templates write the
+        BOS themselves (encoding with special tokens would double it), a few rely on the tokenizer to add it."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if self._adds_bos and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+
+class Detokenizer:
+    """Incremental, UTF-8 safe text for one completion, with stop strings.
+
+    Each step decodes only a window: the ids from `prefix` on, where the text of ids[prefix:read] was already
+    emitted. The new text is what decoding the window adds beyond that; it is held back while it ends in U+FFFD
+    (a multi-byte character split across byte tokens) and then the window slides forward.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str] = (),
+                 skip_special_tokens: bool = True):
+        self.tokenizer, self.stop, self.skip_special_tokens = tokenizer, [s for s in stop if s], skip_special_tokens
+        # Skipped special tokens decode to nothing; dropping them keeps real text as the window's left context.
+        context = self._keep(prompt_ids)[-PROMPT_CONTEXT:]
+        self._ids = list(context)
+        self._prefix, self._read = 0, len(context)
+        self._pending = ""  # decoded text held back because it could be the start of a stop string
+        self.text = ""
+        self.stopped = self._finished = False
+
+    def add(self, token_ids: list[int]) -> tuple[str, bool]:
+        """Feed newly generated ids; returns (text now safe to emit, stopped)."""
+        if self._finished or self.stopped:
+            return "", self.stopped
+        self._ids += self._keep(token_ids)
+        prefix_text = self._decode(self._prefix, self._read)
+        new_text = self._decode(self._prefix, len(self._ids))
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return "", False  # nothing yet, or an incomplete character: wait for its remaining bytes
+        # Slide the window; ids before its new start are never decoded again.
+        self._ids = self._ids[self._read:]
+        self._prefix, self._read = 0, len(self._ids)
+        return self._emit(new_text[len(prefix_text):], final=False), self.stopped
+
+    def flush(self) -> str:
+        """At finish (length, EOS, abort): release everything held back, up to a stop string."""
+        if self._finished or self.stopped:
+            return ""
+        self._finished = True
+        delta = self._decode(self._prefix, len(self._ids))[len(self._decode(self._prefix, self._read)):]
+        return self._emit(delta, final=True)
+
+    def _keep(self, ids: list[int]) -> list[int]:
+        special = self.tokenizer.special_token_ids
+        return [i for i in ids if i not in special] if self.skip_special_tokens else list(ids)
+
+    def _decode(self, start: int, end: int) -> str:
+        return self.tokenizer.decode(self._ids[start:end], skip_special_tokens=self.skip_special_tokens)
+
+    def _emit(self, delta: str, final: bool) -> str:
+        # A stop string can only begin inside the held-back text or the delta: anything earlier was emitted
+        # because no stop string could start there.
+        buf = self._pending + delta
+        cut = min((i for i in (buf.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self._pending, self.stopped = buf[:cut], "", True
+        else:
+            hold = 0 if final else _partial_stop_len(buf, self.stop)
+            out, self._pending = buf[:len(buf) - hold], buf[len(buf) - hold:]
+        self.text += out
+        return out
+
+
+def _partial_stop_len(text: str, stop: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _jinja_env() -> ImmutableSandboxedEnvironment:
+    # The same sandbox and helpers as transformers, so Hub templates render identically.
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson HTML-escapes, which would change the prompt.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _plain_message(message: dict) -> dict:
+    # OpenAI clients send content=None next to tool_calls, and content as a list of parts; templates expect
+    # a missing key and a string. Parts are separate blocks, so they are joined by a newline.
+    message = {k: v for k, v in message.items() if v is not None}
+    if isinstance(message.get("content"), list):
+        message["content"] = "\n".join(p["text"] for p in message["content"] if p.get("type") == "text")
+    return message
+
+
+def _read_chat_template(path: str, config: dict) -> str | None:
+    # transformers 5 writes the template to chat_template.jinja; older dirs keep it in tokenizer_config.json,
+    # either as a string or as a list of named templates of which "default" is the chat one.
+    jinja_path = os.path.join(path, "chat_template.jinja")
+    if os.path.exists(jinja_path):
+        with open(jinja_path) as f:
+            return f.read()
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default", next(iter(named.values()), None))
+    return template
+
+
+def _add_missing_tokens(tok: tokenizers.Tokenizer, added_tokens_decoder: dict) -> None:
+    # tokenizer.json normally holds every added token already; older configs listed some only here.
+    for _, t in sorted(added_tokens_decoder.items(), key=lambda kv: int(kv[0])):
+        if tok.token_to_id(t["content"]) is None:
+            added = tokenizers.AddedToken(t["content"], single_word=t.get("single_word", False),
+                                          lstrip=t.get("lstrip", False), rstrip=t.get("rstrip", False),
+                                          normalized=t.get("normalized", False), special=t.get("special", False))
+            tok.add_tokens([added])
+
+
+def _token_str(token) -> str | None:
+    # Special tokens are saved either as plain strings or as serialized AddedToken dicts.
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _unique(ids) -> list[int]:
+    return list(dict.fromkeys(int(i) for i in ids))

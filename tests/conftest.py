@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random models of each architecture, built and saved by `transformers` itself,
+with a small byte-level BPE tokenizer trained here (no model hub on these machines)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+VOCAB = 384
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France.",
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))",
+    "Hello, world! How are you today? I am fine, thank you.",
+    "Large language models predict the next token from the previous ones.",
+    "Emoji 😀🎉 and CJK 你好世界 and accents café naïve.",
+] * 20
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+    initializer_range=0.2, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def save_tokenizer(path: str) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 8, special_tokens=["<|pad|>", "<|bos|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|bos|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+                   "chat_template": CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}, f)  # fmt: skip
+
+
+def build_tiny_model(arch: str, path: str, **overrides) -> str:
+    import transformers
+
+    cls = {
+        "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+    }[arch]  # fmt: skip
+    cfg = cls(**{**TINY, **overrides})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=["llama", "mistral", "qwen2", "qwen3"])
+def tiny_model_dir(request, tmp_path_factory) -> str:
+    return build_tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> str:
+    return build_tiny_model("llama", str(tmp_path_factory.mktemp("llama")))
+
+
+@pytest.fixture(scope="session")
+def hf_llama(llama_dir):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+
+
+def assert_no_leak(llm) -> None:
+    """Every page is free (or idle in the prefix cache) and no request is left in the engine."""
+    engine = llm.engine
+    assert not engine.scheduler.has_work()
+    assert not engine.requests
+    assert engine.blocks.all_free(), f"pages still referenced: {[i for i, r in enumerate(engine.blocks.ref) if r]}"

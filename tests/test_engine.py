@@ -1,0 +1,197 @@
+"""The engine end to end on the CPU against HF transformers: logits, greedy output, batching invariance,
+chunked prefill, preemption, n > 1, stops, aborts, and that no page ever leaks."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers
+
+from conftest import assert_no_leak
+from nanokyro import LLM, SamplingParams
+from nanokyro.engine import PromptError
+from nanokyro.scheduler import ScheduledBatch
+
+PROMPT_LENS = [1, 3, 17, 32, 64, 100, 150, 200]
+
+
+def random_prompts(lens, seed=0, vocab=384):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lens]
+
+
+def make_llm(path, **kw):
+    opts = dict(dtype="float32", max_num_batched_tokens=512, max_num_seqs=8, kv_cache_memory=16 << 20, page_size=16)
+    return LLM(path, **{**opts, **kw})
+
+
+def test_logits_match_transformers(tiny_model_dir):
+    """A batch of prompts of different lengths in one flat forward gives HF's logits at every position."""
+    llm = make_llm(tiny_model_dir, enable_prefix_caching=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts = random_prompts([5, 40, 1, 77])
+    engine = llm.engine
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=1))
+    batch = engine.scheduler.schedule()
+    assert batch.num_new == [len(p) for p in prompts]  # all prompts in one step
+    runner = engine.runner
+    with torch.inference_mode():
+        input_ids, positions, meta, _ = runner.prepare(batch)
+        runner.attn.plan(meta)
+        logits = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn))
+        start = 0
+        for p in prompts:
+            ref = hf(torch.tensor([p])).logits[0]
+            torch.testing.assert_close(logits[start : start + len(p)], ref, atol=1e-4, rtol=1e-4)
+            start += len(p)
+    engine.fail_all()
+    assert_no_leak(llm)
+
+
+@pytest.fixture(scope="module")
+def reference_greedy(llama_dir, hf_llama):
+    prompts = random_prompts(PROMPT_LENS, seed=1)
+    refs = [hf_llama.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p) :].tolist() for p in prompts]
+    return prompts, refs
+
+
+@pytest.mark.parametrize(
+    "mode,opts",
+    [
+        ("one_at_a_time", dict(max_num_seqs=1)),
+        ("all_at_once", dict()),
+        ("chunked", dict(max_num_batched_tokens=24)),  # every prompt > 23 tokens is split into chunks
+        ("preempted", dict(kv_cache_memory=None, num_pages_override=24)),
+    ],
+)
+def test_greedy_matches_transformers_however_batched(llama_dir, reference_greedy, mode, opts):
+    prompts, refs = reference_greedy
+    pages = opts.pop("num_pages_override", None)
+    if pages:  # room for ~2 of the longest sequences at once: the scheduler must preempt and recompute
+        from nanokyro.runner import kv_bytes_per_page
+        from nanokyro.config import ModelConfig
+
+        opts["kv_cache_memory"] = pages * kv_bytes_per_page(ModelConfig.from_dir(llama_dir), 16, torch.float32)
+    llm = make_llm(llama_dir, enable_prefix_caching=False, **opts)
+    if mode == "one_at_a_time":
+        outs = [llm.generate(p, SamplingParams(max_tokens=24, temperature=0))[0] for p in prompts]
+    else:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
+    for out, ref in zip(outs, refs):
+        assert out.token_ids == ref
+        assert out.finish_reason == ("stop" if ref[-1] == 2 else "length")
+    if mode == "preempted":
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert_no_leak(llm)
+
+
+def test_chunked_prefill_never_stalls_decodes(llama_dir):
+    """While a long prompt is prefilled in chunks, a running decode gets a token every step."""
+    llm = make_llm(llama_dir, max_num_batched_tokens=16)
+    engine = llm.engine
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    engine.step()  # the short prompt is prefilled and decoding
+    engine.add_request(random_prompts([150])[0], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    for _ in range(9):  # 150 tokens in chunks of <= 15 (the decode takes one of the 16)
+        batch = engine.scheduler.schedule()
+        assert batch.num_new[0] == 1 and sum(batch.num_new) <= 16
+        assert len(batch.seqs) == 2 and batch.num_new[1] == 15
+        out = engine.runner.run(batch)
+        engine.scheduler.update(batch, out.token_ids)
+    engine.fail_all()
+    assert_no_leak(llm)
+
+
+def test_n_greater_than_one_shares_prompt_pages(llama_dir):
+    llm = make_llm(llama_dir, enable_prefix_caching=False)
+    engine = llm.engine
+    prompt = random_prompts([70])[0]
+    rid = engine.add_request(prompt, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7))
+    seqs = engine.requests[rid].seqs
+    while all(s.num_computed == 0 for s in seqs[1:]):
+        engine.step()
+    shared = set(seqs[0].pages[:4])  # 70 tokens: 4 full pages
+    assert all(set(s.pages[:4]) == shared for s in seqs[1:] if s.pages)
+    assert all(engine.blocks.ref[p] >= 2 for p in shared)
+    engine.fail_all()
+    out = llm.generate(prompt, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7))[0]
+    again = llm.generate(prompt, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7))[0]
+    assert [o.token_ids for o in out.outputs] == [o.token_ids for o in again.outputs]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1  # the completions are independent samples
+    assert_no_leak(llm)
+
+
+def test_seed_reproduces_whatever_the_batch(llama_dir):
+    llm = make_llm(llama_dir)
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=123, ignore_eos=True)
+    alone = llm.generate([9, 10, 11], params)[0].token_ids
+    others = [SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)] * 3
+    outs = llm.generate([[4, 5], [9, 10, 11], [6] * 40, [7, 8]], [others[0], params, *others[1:]])
+    assert outs[1].token_ids == alone
+    assert_no_leak(llm)
+
+
+def test_stop_strings_and_stop_tokens(llama_dir):
+    llm = make_llm(llama_dir)
+    free = llm.generate([5, 6, 7], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    # stop token: the first generated token that is not the first one
+    stop_tok = free.token_ids[3]
+    out = llm.generate([5, 6, 7], SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_tok], ignore_eos=True))[0]
+    assert out.token_ids == free.token_ids[: free.token_ids.index(stop_tok) + 1] and out.finish_reason == "stop"
+    # stop string: a piece of the free-running text
+    text = free.text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if stop.strip():
+        out = llm.generate([5, 6, 7], SamplingParams(max_tokens=20, temperature=0, stop=[stop], ignore_eos=True))[0]
+        assert out.text == text[: text.index(stop)] and out.finish_reason == "stop"
+    assert_no_leak(llm)
+
+
+def test_abort_frees_pages_at_any_point(llama_dir):
+    llm = make_llm(llama_dir, max_num_batched_tokens=32)
+    engine = llm.engine
+    ids = [engine.add_request(p, SamplingParams(max_tokens=50, ignore_eos=True)) for p in random_prompts([120, 10, 60])]
+    engine.step()  # one is mid-prefill, one decoding, one waiting
+    engine.step()
+    deltas = [d for rid in ids for d in engine.abort(rid)]
+    assert {d.finish_reason for d in deltas} == {"abort"}
+    assert_no_leak(llm)
+
+
+def test_bad_requests_raise_clearly(llama_dir):
+    llm = make_llm(llama_dir, max_model_len=128)
+    with pytest.raises(PromptError, match="maximum context length is 128"):
+        llm.generate([5] * 120, SamplingParams(max_tokens=10))
+    with pytest.raises(PromptError, match="empty"):
+        llm.generate([[5], []], SamplingParams())  # nothing of the batch is queued
+    with pytest.raises(PromptError, match="token ids"):
+        llm.generate([10**6], SamplingParams())
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    assert llm.generate([5, 6], SamplingParams(max_tokens=2))[0].token_ids  # still serving
+    assert_no_leak(llm)
+
+
+def test_logprobs_are_the_models(llama_dir, hf_llama):
+    llm = make_llm(llama_dir)
+    prompt = [5, 6, 7, 8]
+    out = llm.generate(prompt, SamplingParams(max_tokens=3, temperature=0, logprobs=3, ignore_eos=True))[0]
+    ref = torch.log_softmax(hf_llama(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1 : -1], -1)
+    for i, lp in enumerate(out.logprobs):
+        assert lp.token_id == out.token_ids[i]
+        assert lp.logprob == pytest.approx(ref[i, lp.token_id].item(), abs=1e-4)
+        best = ref[i].topk(3)
+        assert [t for t, _ in lp.top] == best.indices.tolist()
+
+
+def test_chat_uses_the_template(llama_dir):
+    llm = make_llm(llama_dir)
+    conv = [{"role": "user", "content": "Hello"}]
+    outs = llm.chat([conv, conv], SamplingParams(max_tokens=4, temperature=0))
+    ref = transformers.AutoTokenizer.from_pretrained(llama_dir).apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    assert llm.tokenizer.apply_chat_template(conv) == ref
+    assert outs[0].token_ids == outs[1].token_ids
+    single = llm.chat(conv, SamplingParams(max_tokens=4, temperature=0))
+    assert len(single) == 1 and single[0].token_ids == outs[0].token_ids
