@@ -18,6 +18,7 @@ from typing import AsyncIterator
 from nanokyro.block_manager import BlockManager
 from nanokyro.config import EngineConfig
 from nanokyro.loader import load
+from nanokyro.radix_cache import RadixCache
 from nanokyro.runner import ModelRunner, num_kv_pages
 from nanokyro.sampler import SamplingParams, make_generator
 from nanokyro.scheduler import Scheduler, Sequence, Status
@@ -45,6 +46,7 @@ class Delta:
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
     num_prompt_tokens: int
     num_cached_tokens: int
+    queue_time: float = 0.0  # seconds the request waited before its first step
 
 
 @dataclass
@@ -101,7 +103,8 @@ class LLMEngine:
         device, dtype = cfg.torch_device(), cfg.torch_dtype()
         self.num_pages = num_kv_pages(mc, cfg, device, dtype)
         self.blocks = BlockManager(self.num_pages, cfg.page_size)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        self.cache = RadixCache(self.blocks) if cfg.enable_prefix_caching else None
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs, self.cache)
         self.runner = ModelRunner(model, cfg, self.num_pages)
         self.vocab_size = mc.vocab_size
         self.eos_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
@@ -167,6 +170,14 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    @property
+    def prefix_cache_queried_tokens(self) -> int:
+        return self.scheduler.prefix_queried_tokens
+
+    @property
+    def prefix_cache_hit_tokens(self) -> int:
+        return self.scheduler.prefix_hit_tokens
+
     # -- the step -------------------------------------------------------------------------------------------
 
     def step(self) -> list[Delta]:
@@ -207,7 +218,7 @@ class LLMEngine:
 
     def _delta(self, seq: Sequence, text, token_ids, logprobs, reason) -> Delta:
         return Delta(seq.request_id, seq.index, text, token_ids, logprobs, reason, seq.num_prompt_tokens,
-                     seq.num_cached_tokens or 0)  # fmt: skip
+                     seq.num_cached_tokens or 0, (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time)  # fmt: skip
 
     def fail_all(self) -> list[str]:
         """After an error inside a step: end every request, freeing its pages. Returns their ids."""

@@ -38,6 +38,7 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None = None
     leader: Sequence | None = None  # n > 1: siblings borrow the leader's prompt pages once computed
+    cache_node: object | None = None  # prefix cache: the deepest tree node of this sequence's pages
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose KV is in `pages`
@@ -80,6 +81,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
         self.num_preemptions = 0
+        self.prefix_queried_tokens = 0  # prompt tokens looked up in the prefix cache, at first admission
+        self.prefix_hit_tokens = 0  # of those, tokens served from it
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -89,6 +92,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         chosen: dict[Sequence, int] = {}
+        self._preempted = False
         # Running sequences: decodes first, then prompt chunks, each oldest first.
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1):
             budget = self.max_tokens - sum(chosen.values())
@@ -98,47 +102,73 @@ class Scheduler:
             if self._grow_or_preempt(seq, n, chosen):
                 chosen[seq] = n
         # New requests, in arrival order, while pages, budget and seats last. None after a preemption.
-        if self.num_preemptions == getattr(self, "_preemptions_seen", 0):
+        if not self._preempted:
             self._admit(chosen)
-        self._preemptions_seen = self.num_preemptions
         return ScheduledBatch(list(chosen), list(chosen.values()))
 
     def _admit(self, chosen: dict[Sequence, int]) -> None:
         skipped = []
+        in_flight = {self._next_page_key(s) for s in self.running} - {None}
         while self.waiting and len(self.running) < self.max_seqs:
             budget = self.max_tokens - sum(chosen.values())
             if budget == 0:
                 break
             seq = self.waiting.popleft()
-            if seq.leader is not None and seq.leader.status is Status.RUNNING and seq.leader.num_computed < seq.num_prompt_tokens:
-                skipped.append(seq)  # wait for the leader's prompt pages rather than compute them twice
-                continue
             self._share_prefix(seq)
+            key = self._next_page_key(seq)
+            if self._leader_computing(seq) or (key is not None and key in in_flight):
+                self._free(seq)  # its next page is being computed by another sequence: share it next step
+                seq.num_computed = 0
+                skipped.append(seq)
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             try:
                 self._grow(seq, n)
             except OutOfPages:
-                self.blocks.release(seq.pages)
-                seq.pages, seq.num_computed = [], 0
+                self._free(seq)
+                seq.num_computed = 0
                 self.waiting.appendleft(seq)
                 break
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = seq.num_computed
                 seq.first_scheduled_time = time.monotonic()
+                self.prefix_queried_tokens += seq.num_prompt_tokens
+                self.prefix_hit_tokens += seq.num_computed
             seq.status = Status.RUNNING
             self.running.append(seq)
             chosen[seq] = n
+            in_flight.add(key)
         self.waiting.extendleft(reversed(skipped))
 
     def _share_prefix(self, seq: Sequence) -> None:
-        """Start `seq` from KV that already exists: its leader's prompt pages (n > 1) or the prefix cache.
+        """Start `seq` from KV that already exists: the prefix cache, or else its leader's prompt (n > 1).
 
-        Only whole pages are shared, and never the last prompt token: it is recomputed to get the logits."""
+        Only whole pages are shared, and never the last token: it is recomputed to get the logits."""
+        ps, limit = self.blocks.page_size, seq.num_tokens - 1
+        if self.cache is not None:
+            pages, seq.cache_node = self.cache.match(seq.token_ids, limit)
+        elif seq.leader is not None and seq.leader.status is Status.RUNNING and not self._leader_computing(seq):
+            pages = seq.leader.pages[: min(limit, seq.num_prompt_tokens) // ps]
+        else:
+            pages = []
+        self.blocks.incref(pages)
+        seq.pages, seq.num_computed = list(pages), len(pages) * ps
+
+    def _leader_computing(self, seq: Sequence) -> bool:
+        """Without the cache, n > 1 siblings wait for the leader's prompt pages rather than compute them."""
         leader = seq.leader
-        if leader is not None and leader.status is Status.RUNNING and leader.num_computed >= seq.num_prompt_tokens:
-            shared = leader.pages[: (seq.num_tokens - 1) // self.blocks.page_size]
-            self.blocks.incref(shared)
-            seq.pages, seq.num_computed = list(shared), len(shared) * self.blocks.page_size
+        return (self.cache is None and leader is not None and leader.status is Status.RUNNING
+                and leader.num_computed < seq.num_prompt_tokens)  # fmt: skip
+
+    def _next_page_key(self, seq: Sequence):
+        """With the cache: which full page a prefilling sequence computes next, as (tree node, its tokens).
+
+        Two sequences with the same key would compute the same KV; the later one waits a step and shares."""
+        ps = self.blocks.page_size
+        page = seq.num_computed // ps
+        if seq.cache_node is None or (page + 1) * ps > seq.num_tokens - 1:
+            return None
+        return id(seq.cache_node), tuple(seq.token_ids[page * ps : (page + 1) * ps])
 
     def _grow(self, seq: Sequence, n: int) -> None:
         """Give `seq` the pages to hold n more tokens, or raise OutOfPages."""
@@ -160,6 +190,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
+        self._preempted = True
         self._free(seq)
         seq.status, seq.num_computed = Status.WAITING, 0
         self.waiting.appendleft(seq)
@@ -176,14 +207,16 @@ class Scheduler:
     def _free(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-        self.blocks.release(seq.pages)
-        seq.pages = []
+        self.blocks.release(seq.pages)  # pages the prefix cache holds stay there, evictable
+        seq.pages, seq.cache_node = [], None
 
     def update(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:
         """Advance each scheduled sequence past this step; append the sampled tokens. Returns the sampled ones."""
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n
+            if self.cache is not None and seq.num_computed // self.blocks.page_size > seq.cache_node.depth:
+                seq.cache_node = self.cache.insert(seq.token_ids, seq.num_computed, seq.pages, seq.cache_node)
         for seq, token in zip(sampled, tokens):
             seq.token_ids.append(token)
         return sampled
