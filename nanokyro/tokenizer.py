@@ -30,6 +30,8 @@ PROMPT_CONTEXT = 5
 
 
 class Tokenizer:
+    """A model's tokenizer: encode/decode, its EOS ids, and its chat template."""
+
     def __init__(self, tokenizer: tokenizers.Tokenizer, *, chat_template: str | None = None,
                  bos_token: str | None = None, eos_token: str | None = None,
                  eos_token_ids: list[int] = (), add_bos_token: bool | None = None):
@@ -41,7 +43,7 @@ class Tokenizer:
         self.eos_token_ids = _unique([*eos_token_ids, *([eos_id] if eos_id is not None else [])])
         # Special added tokens: dropped by decode(skip_special_tokens=True), and by the Detokenizer before windowing.
         self.special_token_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
-        # An explicit add_bos_token overrides the tokenizer.json post-processor, as in transformers.
+        # An explicit add_bos_token (GGUF metadata carries one) overrides the post-processor; None trusts it.
         self.add_bos_token = add_bos_token
         self._adds_bos = self.bos_token_id is not None and (
             add_bos_token if add_bos_token is not None
@@ -59,9 +61,10 @@ class Tokenizer:
         gen_eos = _read_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
         if isinstance(gen_eos, int):
             gen_eos = [gen_eos]
+        # The config's add_bos_token is not read: like transformers 5, the tokenizer.json post-processor decides.
         return cls(tok, chat_template=_read_chat_template(path, config),
                    bos_token=_token_str(config.get("bos_token")), eos_token=_token_str(config.get("eos_token")),
-                   eos_token_ids=[*eos_token_ids, *(gen_eos or [])], add_bos_token=config.get("add_bos_token"))
+                   eos_token_ids=[*eos_token_ids, *(gen_eos or [])])
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.add_bos_token is None:
@@ -92,19 +95,25 @@ class Tokenizer:
 class Detokenizer:
     """Incremental, UTF-8 safe text for one completion, with stop strings.
 
-    Each step decodes only a window: the ids from `prefix` on, where the text of ids[prefix:read] was already
-    emitted. The new text is what decoding the window adds beyond that; it is held back while it ends in U+FFFD
-    (a multi-byte character split across byte tokens) and then the window slides forward.
+    Each step decodes only a short window of ids: its first `read` ids were decoded in the previous window (their
+    text is the left context, and was emitted then), the rest are new. What decoding the whole window adds beyond
+    the context is the new text. A trailing U+FFFD there is a multi-byte character whose remaining bytes are still
+    to come: the text before it is emitted, and the window keeps its place until the character is complete; then
+    the window slides so that the ids just decoded become the next one's context.
+
+    The streamed text equals decoding all the ids, with one exception: the ByteFallback decoder turns a whole run
+    of <0xNN> tokens into U+FFFDs when any byte in it is invalid, including the valid characters before that byte,
+    which a stream has already emitted.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str] = (),
                  skip_special_tokens: bool = True):
         self.tokenizer, self.stop, self.skip_special_tokens = tokenizer, [s for s in stop if s], skip_special_tokens
         # Skipped special tokens decode to nothing; dropping them keeps real text as the window's left context.
-        context = self._keep(prompt_ids)[-PROMPT_CONTEXT:]
-        self._ids = list(context)
-        self._prefix, self._read = 0, len(context)
-        self._pending = ""  # decoded text held back because it could be the start of a stop string
+        self._ids = self._keep(prompt_ids[-4 * PROMPT_CONTEXT:])[-PROMPT_CONTEXT:]  # the prompt's tail is enough
+        self._read = len(self._ids)
+        self._sent = 0  # characters of the current window's new text already passed on
+        self._pending = ""  # text held back because it could be the start of a stop string
         self.text = ""
         self.stopped = self._finished = False
 
@@ -113,29 +122,31 @@ class Detokenizer:
         if self._finished or self.stopped:
             return "", self.stopped
         self._ids += self._keep(token_ids)
-        prefix_text = self._decode(self._prefix, self._read)
-        new_text = self._decode(self._prefix, len(self._ids))
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return "", False  # nothing yet, or an incomplete character: wait for its remaining bytes
-        # Slide the window; ids before its new start are never decoded again.
-        self._ids = self._ids[self._read:]
-        self._prefix, self._read = 0, len(self._ids)
-        return self._emit(new_text[len(prefix_text):], final=False), self.stopped
+        new_text = self._new_text()
+        complete = new_text.rstrip("\ufffd")
+        delta = complete[self._sent:]
+        self._sent += len(delta)
+        if new_text and complete == new_text:  # text, and no character left open: slide the window
+            self._ids, self._read, self._sent = self._ids[self._read:], len(self._ids) - self._read, 0
+        return self._emit(delta, final=False), self.stopped
 
     def flush(self) -> str:
         """At finish (length, EOS, abort): release everything held back, up to a stop string."""
         if self._finished or self.stopped:
             return ""
         self._finished = True
-        delta = self._decode(self._prefix, len(self._ids))[len(self._decode(self._prefix, self._read)):]
-        return self._emit(delta, final=True)
+        return self._emit(self._new_text()[self._sent:], final=True)
+
+    def _new_text(self) -> str:
+        skip = self.skip_special_tokens
+        context = self.tokenizer.decode(self._ids[:self._read], skip_special_tokens=skip)
+        # Decoding with the context in front matters: SentencePiece decoders drop the leading space of a text's
+        # first word, and a character's bytes may begin in the context.
+        return self.tokenizer.decode(self._ids, skip_special_tokens=skip)[len(context):]
 
     def _keep(self, ids: list[int]) -> list[int]:
         special = self.tokenizer.special_token_ids
         return [i for i in ids if i not in special] if self.skip_special_tokens else list(ids)
-
-    def _decode(self, start: int, end: int) -> str:
-        return self.tokenizer.decode(self._ids[start:end], skip_special_tokens=self.skip_special_tokens)
 
     def _emit(self, delta: str, final: bool) -> str:
         # A stop string can only begin inside the held-back text or the delta: anything earlier was emitted
