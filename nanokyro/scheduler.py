@@ -92,27 +92,24 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         chosen: dict[Sequence, int] = {}
-        self._preempted = False
+        self._preempted, self._budget = False, self.max_tokens
         # Running sequences: decodes first, then prompt chunks, each oldest first.
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1):
-            budget = self.max_tokens - sum(chosen.values())
-            if seq.status is not Status.RUNNING or budget == 0:
+            if seq.status is not Status.RUNNING or self._budget == 0:
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(seq.num_tokens - seq.num_computed, self._budget)
             if self._grow_or_preempt(seq, n, chosen):
                 chosen[seq] = n
+                self._budget -= n
         # New requests, in arrival order, while pages, budget and seats last. None after a preemption.
-        if not self._preempted:
+        if self.waiting and not self._preempted:
             self._admit(chosen)
         return ScheduledBatch(list(chosen), list(chosen.values()))
 
     def _admit(self, chosen: dict[Sequence, int]) -> None:
         skipped = []
         in_flight = {self._next_page_key(s) for s in self.running} - {None}
-        while self.waiting and len(self.running) < self.max_seqs:
-            budget = self.max_tokens - sum(chosen.values())
-            if budget == 0:
-                break
+        while self.waiting and len(self.running) < self.max_seqs and self._budget > 0:
             seq = self.waiting.popleft()
             self._share_prefix(seq)
             key = self._next_page_key(seq)
@@ -121,7 +118,7 @@ class Scheduler:
                 seq.num_computed = 0
                 skipped.append(seq)
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(seq.num_tokens - seq.num_computed, self._budget)
             try:
                 self._grow(seq, n)
             except OutOfPages:
@@ -137,6 +134,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             chosen[seq] = n
+            self._budget -= n
             in_flight.add(key)
         self.waiting.extendleft(reversed(skipped))
 
@@ -184,7 +182,7 @@ class Scheduler:
             except OutOfPages:
                 victim = self.running[-1]  # newest
                 self.preempt(victim)
-                chosen.pop(victim, None)
+                self._budget += chosen.pop(victim, 0)
                 if victim is seq:
                     return False
 
