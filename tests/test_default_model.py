@@ -1,0 +1,65 @@
+"""The embedded default model (SmolLM2-135M-Instruct, GGUF Q4_1) against transformers loading the same file."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from nanokyro import LLM, SamplingParams
+from nanokyro.gguf import find_default_gguf
+
+PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea."]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(None, dtype="float32", kv_cache_memory=64 << 20, max_num_batched_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    import transformers
+
+    path = find_default_gguf()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+
+
+def chat_ids(llm, text):
+    return llm.tokenizer.encode_chat([{"role": "user", "content": text}])
+
+
+def test_default_model_is_served_under_its_name(llm):
+    assert llm.engine.model_name == "SmolLM2-135M-Instruct"
+
+
+def test_logits_match_transformers(llm, hf_model):
+    # Plain prompts with no common first page, so the prefix cache lets all of them into one flat batch.
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
+    engine = llm.engine
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=1))
+    batch = engine.scheduler.schedule()
+    assert batch.num_new == [len(p) for p in prompts]
+    runner = engine.runner
+    with torch.inference_mode():
+        input_ids, positions, meta, _ = runner.prepare(batch)
+        runner.attn.plan(meta)
+        logits = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn))
+        start = 0
+        for p in prompts:
+            ref = hf_model(torch.tensor([p])).logits[0]
+            torch.testing.assert_close(logits[start : start + len(p)], ref, atol=2e-3, rtol=2e-3)
+            start += len(p)
+    engine.fail_all()
+
+
+def test_greedy_chat_answers_match_transformers(llm, hf_model):
+    outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], SamplingParams(max_tokens=32, temperature=0))
+    for text, out in zip(PROMPTS, outs):
+        ids = chat_ids(llm, text)
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :].tolist()
+        assert out.token_ids == ref
+    assert "Paris" in outs[0].text
