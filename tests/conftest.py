@@ -79,6 +79,19 @@ def hf_llama(llama_dir):
     return transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="session")
+def hf_default_model():
+    """transformers loading the embedded default GGUF itself: the reference for GGUF loading (slow: ~15 s)."""
+    import transformers
+
+    from nanokyro.gguf import find_default_gguf
+
+    path = find_default_gguf()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+
+
 def assert_no_leak(llm) -> None:
     """Every page is free (or idle in the prefix cache) and no request is left in the engine."""
     engine = llm.engine

@@ -1,13 +1,10 @@
 """The embedded default model (SmolLM2-135M-Instruct, GGUF Q4_1) against transformers loading the same file."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from nanokyro import LLM, SamplingParams
-from nanokyro.gguf import find_default_gguf
 
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea."]
 
@@ -18,13 +15,8 @@ def llm():
 
 
 @pytest.fixture(scope="module")
-def hf_model():
-    import transformers
-
-    path = find_default_gguf()
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    ).eval()
+def hf_model(hf_default_model):
+    return hf_default_model
 
 
 def chat_ids(llm, text):

@@ -82,10 +82,8 @@ def ours(default_path):
 
 
 @pytest.fixture(scope="module")
-def hf_model(default_path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(default_path),
-                                                gguf_file=os.path.basename(default_path), dtype=torch.float32)
+def hf_model(hf_default_model):
+    return hf_default_model
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,205 @@
+"""CUDA only (`pytest -m gpu`): FlashInfer against the torch reference on the same paged inputs, the engine end to
+end in bf16, and the decode CUDA graphs (replay equals the compiled step, padding stays out, graphs ~ eager)."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from nanokyro import LLM, SamplingParams
+from nanokyro.attention import AttentionMetadata, FlashInferAttention, TorchAttention
+from nanokyro.scheduler import ScheduledBatch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+DEVICE = "cuda"
+PAGE = 16
+H, HKV, D = 16, 8, 128  # qwen3-0.6b's heads
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_meta(seq_pages: list[list[int]], q_lens: list[int], kv_lens: list[int]) -> AttentionMetadata:
+    """Metadata for sequences whose pages are given; the last q_len of each kv_len tokens are this step's."""
+    slots, indices, kv_indptr = [], [], [0]
+    for pages, q, n in zip(seq_pages, q_lens, kv_lens):
+        used = (n + PAGE - 1) // PAGE
+        slots += [pages[p // PAGE] * PAGE + p % PAGE for p in range(n - q, n)]
+        indices += pages[:used]
+        kv_indptr.append(kv_indptr[-1] + used)
+    qo_indptr = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    last = torch.tensor([(n - 1) % PAGE + 1 for n in kv_lens], dtype=torch.int32)
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    return AttentionMetadata(
+        qo_indptr=qo_indptr.to(DEVICE), kv_indptr=torch.tensor(kv_indptr, **i32), kv_indices=torch.tensor(indices, **i32),
+        kv_last_page_len=last.to(DEVICE), kv_lens=torch.tensor(kv_lens, **i32), slot_mapping=torch.tensor(slots, **i32),
+        q_lens=q_lens, kv_lens_host=kv_lens, qo_indptr_host=qo_indptr.pin_memory(),
+        kv_indptr_host=torch.tensor(kv_indptr, dtype=torch.int32).pin_memory(), kv_last_page_len_host=last.pin_memory(),
+    )  # fmt: skip
+
+
+CASES = {
+    # name: (pages of each sequence, new tokens, tokens in cache after the step)
+    "prefill": ([[3, 7, 1], [0], [9, 2, 4, 5]], [40, 5, 64], [40, 5, 64]),
+    "decode": ([[3, 7, 1], [0], [9, 2, 4, 5]], [1, 1, 1], [37, 16, 50]),
+    "mixed": ([[3, 7, 1], [0], [9, 2, 4, 5]], [1, 9, 30], [33, 12, 60]),  # a decode, a first chunk, a later chunk
+    # Sequences 0 and 1 share their first two (full) pages, as prefix caching or n > 1 leaves them.
+    "shared_pages": ([[3, 7, 1], [3, 7, 6], [3, 7]], [1, 4, 1], [40, 36, 20]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_flashinfer_matches_torch_attention(case):
+    seq_pages, q_lens, kv_lens = CASES[case]
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    cache = torch.randn(2, 12, 2, PAGE, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16)  # [L, P, 2, ...]
+    T = sum(q_lens)
+    q = torch.randn(T, H, D, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(T, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    meta = make_meta(seq_pages, q_lens, kv_lens)
+    outs, caches = [], []
+    for backend in (TorchAttention, FlashInferAttention):
+        kv = cache.clone()
+        attn = backend(kv, H, D)
+        attn.plan(meta)
+        outs.append(attn(1, q, k, v))
+        caches.append(kv)
+    ref, out = outs
+    assert out.shape == ref.shape == (T, H, D)
+    assert rel_err(out, ref) < 1e-2
+    assert torch.equal(caches[0], caches[1])  # the same slots written with the same values
+
+
+def free_cuda() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def qwen3(**kw) -> LLM:
+    opts = dict(load_format="dummy", dtype="bfloat16", kv_cache_memory=1 << 30, max_num_seqs=8)
+    return LLM("qwen3-0.6b", **{**opts, **kw})
+
+
+@pytest.fixture(scope="module")
+def graph_llm():
+    llm = qwen3()
+    assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.buckets == [1, 2, 4, 8]
+    yield llm
+    del llm
+    free_cuda()
+
+
+def record_logits(llm: LLM) -> list[torch.Tensor]:
+    """Make the engine's sampler keep a copy of each step's logits [rows, vocab]."""
+    seen, sampler = [], llm.engine.runner.sampler
+
+    class Recording:
+        def __call__(self, logits, rows):
+            seen.append(logits.clone())
+            return sampler(logits, rows)
+
+    llm.engine.runner.sampler = Recording()
+    return seen
+
+
+def test_engine_serves_dummy_qwen3_and_matches_torch_backend(graph_llm):
+    """A 64-token greedy run through FlashInfer and the decode graphs; the torch backend, fed the same tokens,
+    gives the same logits at every step within bf16 tolerance."""
+    prompt = torch.randint(0, 151936, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+    runner = graph_llm.engine.runner
+    sampler = runner.sampler
+    seen = record_logits(graph_llm)
+    out = graph_llm.generate(prompt, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))[0]
+    runner.sampler = sampler
+    assert len(out.token_ids) == 64 and out.finish_reason == "length"
+    got = torch.cat(seen)  # [64, vocab]: the prefill's last row, then 63 decode steps
+    assert torch.equal(got.argmax(-1).cpu(), torch.tensor(out.token_ids))
+
+    ref_llm = qwen3(attention_backend="torch", enforce_eager=True)
+    engine = ref_llm.engine
+    engine.add_request(prompt + out.token_ids[:-1], SamplingParams(max_tokens=1))
+    batch = engine.scheduler.schedule()
+    runner = engine.runner
+    with torch.inference_mode():
+        input_ids, positions, meta, _ = runner.prepare(batch)
+        runner.attn.plan(meta)
+        ref = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn))[len(prompt) - 1 :].float()
+    engine.fail_all()
+    del ref_llm, engine, runner
+    free_cuda()
+    assert rel_err(got, ref) < 2e-2
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9  # near-ties in random weights may flip a few
+
+
+def decoding_batch(llm: LLM, n: int) -> ScheduledBatch:
+    """n sequences past their prefill, as a one-token-each decode batch (not stepped: reusable)."""
+    engine = llm.engine
+    prompts = torch.randint(0, 151936, (n, 20), generator=torch.Generator().manual_seed(n)).tolist()
+    for i, p in enumerate(prompts):
+        engine.add_request(p[: 5 + 3 * i], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    engine.step()  # all prefills
+    batch = engine.scheduler.schedule()
+    assert batch.num_new == [1] * n
+    return batch
+
+
+@torch.inference_mode()
+def test_graph_replay_equals_compiled_step_bit_for_bit(graph_llm):
+    runner = graph_llm.engine.runner
+    graphs = runner.graphs
+    batch = decoding_batch(graph_llm, 8)
+    for bucket in graphs.buckets:
+        sub = ScheduledBatch(batch.seqs[:bucket], batch.num_new[:bucket])
+        inputs = runner.prepare(sub, pad_to=bucket)[:3]
+        graphs.load(*inputs)
+        compiled = graphs.forward(graphs.input_ids[:bucket], graphs.positions[:bucket]).clone()
+        replayed = graphs.replay(*inputs).clone()
+        assert torch.equal(replayed, compiled), bucket
+    graph_llm.engine.fail_all()
+
+
+@torch.inference_mode()
+def test_padding_never_reaches_outputs(graph_llm):
+    runner = graph_llm.engine.runner
+    graphs = runner.graphs
+    batch = decoding_batch(graph_llm, 5)  # padded to bucket 8
+    assert graphs.bucket(batch) == 8
+    kv_before = runner.kv_cache.clone()
+    inputs = runner.prepare(batch, pad_to=8)[:3]
+    clean = graphs.replay(*inputs)[:5].clone()
+    graphs.load(*inputs)
+    graphs.input_ids[5:8] = torch.randint(0, 151936, (3,), device=DEVICE, dtype=torch.int32)  # poison the padding
+    graphs.positions[5:8] = torch.randint(0, 1000, (3,), device=DEVICE, dtype=torch.int32)
+    graphs.graphs[8].replay()
+    assert torch.equal(graphs.logits[8][:5], clean)
+    # Only the batch's new slots and the scratch page changed in the cache.
+    changed = (runner.kv_cache != kv_before).any(-1).any(-1).any(2).any(0)  # [pages, page_size]
+    expected = torch.zeros_like(changed)
+    for seq in batch.seqs:
+        p = seq.num_computed
+        expected[seq.pages[p // PAGE], p % PAGE] = True
+    expected[runner.scratch_page] = changed[runner.scratch_page]
+    assert torch.equal(changed, expected)
+    out = runner.run(batch)
+    assert len(out.token_ids) == 5
+    graph_llm.engine.fail_all()
+
+
+@torch.inference_mode()
+def test_graphs_match_eager_logits(graph_llm):
+    runner = graph_llm.engine.runner
+    batch = decoding_batch(graph_llm, 6)
+    input_ids, positions, meta, rows = runner.prepare(batch, pad_to=8)
+    graphed = runner.graphs.replay(input_ids, positions, meta)[rows].float()
+    input_ids, positions, meta, rows = runner.prepare(batch)
+    runner.attn.plan(meta)
+    eager = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn)[rows]).float()
+    assert rel_err(graphed, eager) < 1e-2
+    graph_llm.engine.fail_all()
