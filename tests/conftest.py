@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
+import time
 
+import openai
 import pytest
 import torch
+import uvicorn
 
 torch.set_num_threads(2)
 
@@ -98,3 +103,36 @@ def assert_no_leak(llm) -> None:
     assert not engine.scheduler.has_work()
     assert not engine.requests
     assert engine.blocks.all_free(), f"pages still referenced: {[i for i, r in enumerate(engine.blocks.ref) if r]}"
+
+
+KEY = "sk-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving `app` on a free port, in a thread with its own event loop."""
+
+    def __init__(self, app):
+        self.app = app
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))  # fmt: skip
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.01)
+
+    def client(self, key=KEY, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=30, **kw)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=20)

@@ -4,7 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import ServerThread
 from nanokyro import LLM, SamplingParams
+from nanokyro.config import EngineConfig
+from nanokyro.engine import AsyncEngine
+from nanokyro.server import create_app
 
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea."]
 
@@ -55,3 +59,19 @@ def test_greedy_chat_answers_match_transformers(llm, hf_model):
         ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :].tolist()
         assert out.token_ids == ref
     assert "Paris" in outs[0].text
+
+
+def test_http_chat_answers_paris():
+    """The whole path a new user takes: the default model behind the HTTP API, asked through the openai SDK."""
+    srv = ServerThread(create_app(AsyncEngine(EngineConfig(dtype="float32", kv_cache_memory=64 << 20))))
+    try:
+        client = srv.client(key="unused")
+        [model] = [m.id for m in client.models.list().data]
+        assert model == "SmolLM2-135M-Instruct"
+        answer = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+            max_tokens=32,
+        )  # fmt: skip
+        assert "Paris" in answer.choices[0].message.content
+    finally:
+        srv.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,50 +13,19 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from nanokyro.config import EngineConfig
 from nanokyro.engine import AsyncEngine
 from nanokyro.server import MAX_BODY_BYTES, create_app
+from conftest import KEY, ServerThread, free_port
 
-KEY = "sk-test"
 CHAT = [{"role": "user", "content": "Hello, how are you?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_engine(llama_dir, **kw) -> AsyncEngine:
     opts = dict(model=llama_dir, dtype="float32", kv_cache_memory=16 << 20, max_num_seqs=16)
     return AsyncEngine(EngineConfig(**{**opts, **kw}))
-
-
-class ServerThread:
-    """uvicorn serving `app` on a free port, in a thread with its own event loop."""
-
-    def __init__(self, app):
-        self.app = app
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))  # fmt: skip
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-
-    def client(self, key=KEY, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=30, **kw)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
 
 
 @pytest.fixture(scope="module")
