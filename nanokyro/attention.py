@@ -4,9 +4,15 @@ KV cache: one tensor `[num_layers, num_pages, 2, page_size, num_kv_heads, head_d
 `kv[l]` is FlashInfer's NHD paged layout (`[:, 0]` keys, `[:, 1]` values). The step's metadata is in
 FlashInfer's CSR form (qo_indptr, kv_indptr/kv_indices/kv_last_page_len), so both backends plan from the
 same tensors. The torch backend runs anywhere and is the reference the FlashInfer backend is tested against.
+
+FlashInfer is imported only when its backend is built (CUDA), so the CPU path never needs it. Its attention is
+also a `torch.library` custom op (`nanokyro::flashinfer_attention`), so `torch.compile` keeps a decode forward
+whole and the runner can capture it as one CUDA graph per batch-size bucket.
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +28,13 @@ class AttentionMetadata:
     kv_indices: torch.Tensor  # [num_pages_used]
     kv_last_page_len: torch.Tensor  # [B] tokens in each sequence's last page (1..page_size)
     kv_lens: torch.Tensor  # [B] tokens in cache after this step's write
-    slot_mapping: torch.Tensor  # [T] int64: page * page_size + offset where each new token's k/v go
+    slot_mapping: torch.Tensor  # [T]: page * page_size + offset where each new token's k/v go
     q_lens: list[int]  # host copies, for planning
     kv_lens_host: list[int]
+    # Pinned host copies of the CSR arrays above: FlashInfer's plan() reads them without a device sync.
+    qo_indptr_host: torch.Tensor | None = None
+    kv_indptr_host: torch.Tensor | None = None
+    kv_last_page_len_host: torch.Tensor | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -86,3 +96,95 @@ class TorchAttention:
             q_pad.transpose(1, 2), keys, values, attn_mask=self.mask, scale=self.scale, enable_gqa=H != Hkv
         )  # [B, H, max_q, D]
         return out.transpose(1, 2)[self.seq_of_token, self.row_of_token]
+
+
+WORKSPACE_BYTES = 256 << 20  # FlashInfer's float scratch for split-KV partial results, shared by all wrappers
+FLASHINFER_BACKEND = "fa2"  # compiles in ~25 s per head_dim; "auto" picks fa3 on Hopper (~80 s)
+
+_backends: dict[int, weakref.ref] = {}  # handle -> FlashInferAttention, for the custom op to find its state
+_handles = itertools.count()
+
+
+@torch.library.custom_op("nanokyro::flashinfer_attention", mutates_args=())
+def flashinfer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, handle: int) -> torch.Tensor:
+    """One layer's attention through a planned FlashInferAttention: writes k, v [T, Hkv, D] into its pages and
+    returns [T, H, D]. The KV cache and page tables are the backend's state, not arguments, so a compiled graph
+    neither copies the cache nor sees it as mutated; CUDA-graph replays read the buffers plan() refilled."""
+    return _backends[handle]()(layer, q, k, v)
+
+
+@flashinfer_attention.register_fake
+def _(q, k, v, layer, handle):
+    return torch.empty_like(q)
+
+
+class FlashInferAttention:
+    """FlashInfer paged attention: the decode wrapper for all-decode steps, the prefill wrapper (causal) for
+    prefill and mixed steps, and per batch-size bucket a decode wrapper with fixed buffers for CUDA graphs."""
+
+    def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int):
+        import flashinfer
+
+        self.flashinfer = flashinfer
+        self.kv_cache = kv_cache  # [L, P, 2, page_size, Hkv, D]
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_kv_heads, self.page_size = kv_cache.shape[4], kv_cache.shape[3]
+        device = kv_cache.device
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=FLASHINFER_BACKEND)
+        # Tensor-core decode shares the prefill kernels' JIT module and is the faster path for GQA.
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=True, backend=FLASHINFER_BACKEND
+        )
+        self.graph_decode: dict[int, object] = {}  # bucket -> wrapper whose buffers a CUDA graph reads
+        self.wrapper, self.slot_mapping = None, None
+        self.handle = next(_handles)
+        _backends[self.handle] = weakref.ref(self)
+
+    def op(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """This backend as the custom op: what a compiled model calls in place of `self`."""
+        return torch.ops.nanokyro.flashinfer_attention(q, k, v, layer, self.handle)
+
+    def enable_graphs(self, buckets: list[int]) -> None:
+        """One CUDA-graph decode wrapper per batch-size bucket. Their page-table buffers and the slot buffer are
+        shared (one graph runs at a time, and plan() refills them right before it), sized for the largest
+        bucket with every sequence spanning the whole cache."""
+        device, max_bs = self.kv_cache.device, max(buckets)
+        self.graph_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=device)
+        self.graph_indices = torch.zeros(max_bs * self.kv_cache.shape[1], dtype=torch.int32, device=device)
+        self.graph_last_page_len = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        self.graph_slots = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        self.graph_decode = {
+            bs: self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, backend=FLASHINFER_BACKEND,
+                paged_kv_indptr_buffer=self.graph_indptr[: bs + 1], paged_kv_indices_buffer=self.graph_indices,
+                paged_kv_last_page_len_buffer=self.graph_last_page_len[:bs],
+            )
+            for bs in buckets
+        }  # fmt: skip
+
+    def plan(self, meta: AttentionMetadata, graph_bucket: int | None = None) -> None:
+        """Plan the step on the host. With `graph_bucket`, meta is a decode batch padded to that bucket and the
+        plan goes into the fixed buffers that the bucket's captured graph reads."""
+        dtype = self.kv_cache.dtype
+        kw = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads, page_size=self.page_size,
+                  q_data_type=dtype, kv_data_type=dtype)  # fmt: skip
+        pages = (meta.kv_indptr_host, meta.kv_indices, meta.kv_last_page_len_host)
+        if graph_bucket is not None:
+            self.wrapper = self.graph_decode[graph_bucket]
+            self.wrapper.plan(*pages, head_dim=self.head_dim, **kw)
+            self.slot_mapping = self.graph_slots[:graph_bucket]
+            self.slot_mapping.copy_(meta.slot_mapping, non_blocking=True)
+        elif meta.is_decode:
+            self.wrapper = self.decode
+            self.decode.plan(*pages, head_dim=self.head_dim, **kw)
+            self.slot_mapping = meta.slot_mapping
+        else:
+            self.wrapper = self.prefill
+            self.prefill.plan(meta.qo_indptr_host, *pages, head_dim_qk=self.head_dim, causal=True, **kw)
+            self.slot_mapping = meta.slot_mapping
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kv = self.kv_cache[layer]
+        write_kv(kv, k, v, self.slot_mapping)
+        return self.wrapper.run(q, kv)  # [T, H, D]

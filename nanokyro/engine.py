@@ -17,6 +17,7 @@ from typing import AsyncIterator
 
 from nanokyro.block_manager import BlockManager
 from nanokyro.config import EngineConfig
+from nanokyro.grammar import GrammarCompiler
 from nanokyro.loader import load
 from nanokyro.radix_cache import RadixCache
 from nanokyro.runner import ModelRunner, num_kv_pages
@@ -108,6 +109,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, cfg, self.num_pages)
         self.vocab_size = mc.vocab_size
         self.eos_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, sorted(self.eos_ids))
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
 
@@ -135,6 +137,8 @@ class LLMEngine:
             )
         if self.blocks.pages_for(n + max_new) > self.num_pages:
             raise PromptError(f"prompt + max_tokens = {n + max_new} tokens exceed the KV cache ({self.num_pages} pages)")
+        if params.structured is not None:
+            self.grammars.compile(params.structured)  # cached; a ValueError names what is wrong in it
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
         prompt_ids = self.encode(prompt)
@@ -147,6 +151,8 @@ class LLMEngine:
         for i in range(params.n):
             gen = make_generator(params.seed + i, device) if params.seed is not None else None
             seq = Sequence(request_id, i, list(prompt_ids), len(prompt_ids), params, gen, leader=seqs[0] if seqs else None)
+            if params.structured is not None:
+                seq.matcher = self.grammars.matcher(params.structured)  # one per completion
             seqs.append(seq)
             detoks.append(
                 Detokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens) if self.tokenizer else None
@@ -192,8 +198,13 @@ class LLMEngine:
             detok = req.detoks[seq.index]
             params = seq.params
             text, reason = "", None
-            if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
-                reason = "stop"  # the stop token is in token_ids but not in the text
+            matcher = seq.matcher
+            if matcher is not None and not matcher.accept_token(token):  # its mask allowed only what it accepts
+                log.error("request %s: the grammar rejected token %d", seq.request_id, token)
+                reason = "abort"
+            elif (matcher is not None and matcher.is_terminated()) or token in params.stop_token_ids or (
+                    token in self.eos_ids and not params.ignore_eos):
+                reason = "stop"  # the stop token (also the one that ends a grammar) is in token_ids, not in the text
             elif detok is not None:
                 text, stopped = detok.add([token])
                 reason = "stop" if stopped else None

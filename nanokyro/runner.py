@@ -1,14 +1,16 @@
 """One step on the device: build the flat batch and page tables, run the model, sample.
 
-The runner owns the KV cache allocation and the attention backend. Everything it builds per step is made on
-the host in numpy and crosses to the device in one copy.
+The runner owns the KV cache allocation, the attention backend and, on CUDA, the decode CUDA graphs
+(`DecodeGraphs`; `enforce_eager` turns them off). Everything it builds per step is made on the host
+and crosses to the device in one copy.
 """
 from __future__ import annotations
 
-import numpy as np
+import itertools
+
 import torch
 
-from nanokyro.attention import AttentionMetadata, TorchAttention
+from nanokyro.attention import AttentionMetadata, FlashInferAttention, TorchAttention
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.model import LlamaModel
 from nanokyro.sampler import Sampler, SamplerOutput, SampleRow
@@ -50,6 +52,10 @@ def make_attention_backend(name: str, kv_cache: torch.Tensor, cfg: ModelConfig):
     raise ValueError(f"unknown attention backend {name!r} (auto, torch, flashinfer)")
 
 
+# Decode batch sizes that get a CUDA graph; a decode step of n sequences pads up to the next one.
+GRAPH_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, cfg: EngineConfig, num_pages: int):
         self.model, self.cfg = model, cfg
@@ -57,60 +63,147 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.page_size = cfg.page_size
+        # One page past the block manager's: padding rows of graph-replayed decodes write and read only it.
+        self.scratch_page = num_pages
         self.kv_cache = torch.zeros(
-            mc.num_layers, num_pages, 2, cfg.page_size, mc.num_kv_heads, mc.head_dim, dtype=self.dtype, device=self.device
-        )
+            mc.num_layers, num_pages + 1, 2, cfg.page_size, mc.num_kv_heads, mc.head_dim, dtype=self.dtype,
+            device=self.device,
+        )  # fmt: skip
         self.attn = make_attention_backend(cfg.attention_backend, self.kv_cache, mc)
         self.sampler = Sampler()
+        self.graphs = None
+        if self.device.type == "cuda" and not cfg.enforce_eager and isinstance(self.attn, FlashInferAttention):
+            self.graphs = DecodeGraphs(self, cfg.max_num_seqs)
 
-    def prepare(self, batch: ScheduledBatch):
-        """Host-side step inputs -> (input_ids, positions, AttentionMetadata, logits row indices) on the device."""
+    def prepare(self, batch: ScheduledBatch, pad_to: int | None = None):
+        """Host-side step inputs -> (input_ids, positions, AttentionMetadata, logits row indices) on the device.
+
+        With `pad_to`, a decode batch gets extra one-token rows up to that size: token 0 at position 0, writing
+        and reading only the scratch page. Their logits rows are never sampled.
+        """
         ps = self.page_size
+        # Plain lists, not numpy per sequence: at 256 decodes a step, per-sequence array calls cost milliseconds.
         ids, pos, slots, kv_indices = [], [], [], []
         q_lens, kv_lens, page_counts = [], [], []
         for seq, n in zip(batch.seqs, batch.num_new):
             start, end = seq.num_computed, seq.num_computed + n
-            p = np.arange(start, end)
-            pages = np.asarray(seq.pages, dtype=np.int64)
-            ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
-            pos.append(p)
-            slots.append(pages[p // ps] * ps + p % ps)
-            used = (end + ps - 1) // ps
-            kv_indices.append(pages[:used])
+            pages, used = seq.pages, (end + ps - 1) // ps
+            ids += seq.token_ids[start:end]
+            pos += range(start, end)
+            slots += [pages[p // ps] * ps + p % ps for p in range(start, end)]
+            kv_indices += pages[:used]
             q_lens.append(n), kv_lens.append(end), page_counts.append(used)
-        q_lens_np, kv_lens_np = np.asarray(q_lens), np.asarray(kv_lens)
-        qo_indptr = np.concatenate([[0], np.cumsum(q_lens_np)])
+        qo_indptr = [0, *itertools.accumulate(q_lens)]
         sample_rows = [qo_indptr[i + 1] - 1 for i in range(len(batch)) if batch.samples(i)]
+        pad = (pad_to or len(batch)) - len(batch)
+        if pad:
+            ids += [0] * pad
+            pos += [0] * pad
+            slots += [self.scratch_page * ps] * pad
+            kv_indices += [self.scratch_page] * pad
+            q_lens += [1] * pad
+            kv_lens += [1] * pad
+            page_counts += [1] * pad
+            qo_indptr += range(qo_indptr[-1] + 1, qo_indptr[-1] + pad + 1)
         parts = [
-            np.concatenate(ids), np.concatenate(pos), np.concatenate(slots), qo_indptr,
-            np.concatenate([[0], np.cumsum(page_counts)]), np.concatenate(kv_indices),
-            (kv_lens_np - 1) % ps + 1, kv_lens_np, np.asarray(sample_rows, dtype=np.int64),
+            ids, pos, slots, qo_indptr, [0, *itertools.accumulate(page_counts)], kv_indices,
+            [(n - 1) % ps + 1 for n in kv_lens], kv_lens, sample_rows,
         ]  # fmt: skip
-        flat = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+        # Everything as int32 in one pinned buffer: one async copy to the device, and the host views below
+        # (pinned too) give FlashInfer's plan() its CSR arrays without a sync.
+        host = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.int32)
         if self.device.type == "cuda":
-            flat = flat.pin_memory()
-        flat = flat.to(self.device, non_blocking=True)
-        input_ids, positions, slot_mapping, qo, kv_ptr, kv_idx, last_len, kv_len, rows = flat.split(
-            [len(p) for p in parts]
-        )
-        i32 = torch.int32
+            host = host.pin_memory()
+        flat = host.to(self.device, non_blocking=True)
+        sizes = [len(p) for p in parts]
+        input_ids, positions, slot_mapping, qo, kv_ptr, kv_idx, last_len, kv_len, rows = flat.split(sizes)
+        _, _, _, qo_host, kv_ptr_host, _, last_len_host, _, _ = host.split(sizes)
         meta = AttentionMetadata(
-            qo_indptr=qo.to(i32), kv_indptr=kv_ptr.to(i32), kv_indices=kv_idx.to(i32),
-            kv_last_page_len=last_len.to(i32), kv_lens=kv_len.to(i32), slot_mapping=slot_mapping,
-            q_lens=q_lens, kv_lens_host=kv_lens,
+            qo_indptr=qo, kv_indptr=kv_ptr, kv_indices=kv_idx, kv_last_page_len=last_len, kv_lens=kv_len,
+            slot_mapping=slot_mapping, q_lens=q_lens, kv_lens_host=kv_lens, qo_indptr_host=qo_host,
+            kv_indptr_host=kv_ptr_host, kv_last_page_len_host=last_len_host,
         )  # fmt: skip
         return input_ids, positions, meta, rows
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> SamplerOutput:
-        input_ids, positions, meta, rows = self.prepare(batch)
-        self.attn.plan(meta)
-        hidden = self.model(input_ids, positions, self.attn)
+        bucket = self.graphs.bucket(batch) if self.graphs is not None else None
+        input_ids, positions, meta, rows = self.prepare(batch, pad_to=bucket)
+        if bucket is not None:
+            logits = self.graphs.replay(input_ids, positions, meta)[rows]  # padding rows are dropped here
+        else:
+            self.attn.plan(meta)
+            logits = self.model.compute_logits(self.model(input_ids, positions, self.attn)[rows])
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if not sampled:
             return SamplerOutput(token_ids=[], logprobs=None, top_logprobs=None)
-        logits = self.model.compute_logits(hidden[rows])
-        return self.sampler(
-            logits.float(),
-            [SampleRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in sampled],
-        )
+        rows = [SampleRow(s.params, *self._penalty_tokens(s), s.generator, s.matcher) for s in sampled]
+        return self.sampler(logits.float(), rows)
+
+    @staticmethod
+    def _penalty_tokens(seq) -> tuple[list[int], list[int]]:
+        """(prompt, output) token lists where a penalty reads them: copying them for every row of every step
+        costs milliseconds at large batches."""
+        p = seq.params
+        if p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0:
+            return seq.prompt_ids, seq.output_ids
+        return [], []
+
+
+class DecodeGraphs:
+    """Decode steps as CUDA graphs. The forward (model + logits of every row) is compiled once by torch.compile,
+    with the batch dimension dynamic and FlashInfer attention as a custom op, so it is one graph; it is then
+    captured once per batch-size bucket, largest first, all in one memory pool. A step copies its inputs into
+    the static buffers, plans the bucket's FlashInfer wrapper (its fixed buffers) and replays."""
+
+    def __init__(self, runner: ModelRunner, max_num_seqs: int):
+        self.model, self.attn = runner.model, runner.attn
+        self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+        self.attn.enable_graphs(self.buckets)
+        self.forward = torch.compile(self._forward, fullgraph=True, dynamic=True)
+        max_bs, device = self.buckets[-1], runner.device
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int32, device=device)  # [max_bs]
+        self.positions = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab], written by each replay
+        self.capture(runner)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(self.model(input_ids, positions, self.attn.op))
+
+    def bucket(self, batch: ScheduledBatch) -> int | None:
+        """The bucket a step replays, or None when it is not an all-decode step that fits one."""
+        if len(batch) > self.buckets[-1] or any(n != 1 for n in batch.num_new):
+            return None
+        return next(b for b in self.buckets if b >= len(batch))
+
+    def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> int:
+        """Fill the static inputs and the attention plan of the bucket of this padded step; returns the bucket."""
+        bs = input_ids.shape[0]
+        self.input_ids[:bs].copy_(input_ids)
+        self.positions[:bs].copy_(positions)
+        self.attn.plan(meta, graph_bucket=bs)
+        return bs
+
+    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        bs = self.load(input_ids, positions, meta)
+        self.graphs[bs].replay()
+        return self.logits[bs]
+
+    @torch.inference_mode()
+    def capture(self, runner: ModelRunner) -> None:
+        pool = None
+        for bs in reversed(self.buckets):
+            # An all-padding batch: every row reads and writes only the scratch page.
+            self.load(*runner.prepare(ScheduledBatch([], []), pad_to=bs)[:3])
+            args = (self.input_ids[:bs], self.positions[:bs])
+            for t in args:  # one compile for every bucket: no 0/1 specialisation of the batch size
+                torch._dynamo.decorators.mark_unbacked(t, 0)
+            self.forward(*args)  # compiles on the first bucket; warms up the rest
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[bs] = self.forward(*args)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanokyro.grammar import GrammarMatcher, StructuredOutput, TokenBitmask
+
 
 @dataclass
 class SamplingParams:
@@ -24,6 +26,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the k most likely
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # constrained decoding: JSON schema, regex, grammar or choice
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -32,6 +35,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured, dict):
+            self.structured = StructuredOutput(**self.structured)
         self.verify()
 
     def verify(self) -> None:
@@ -65,6 +70,7 @@ class SampleRow:
     prompt_ids: list[int]
     output_ids: list[int]  # tokens generated so far, before this step
     generator: torch.Generator | None = None  # per request, from make_generator, when params.seed is set
+    matcher: GrammarMatcher | None = None  # its grammar's state, when params.structured is set
 
 
 def make_generator(seed: int, device) -> torch.Generator:
@@ -84,12 +90,18 @@ class SamplerOutput:
 class Sampler:
     """From the step's logits [num_rows, vocab] to one token per row, in one batched pass.
 
-    Order: penalties; then greedy rows take the argmax; sampled rows go through temperature, top-k, top-p and
-    min-p, and draw by the exponential race. Logprobs are of the raw model distribution, as vLLM reports them.
+    Order: constrained rows' grammar masks; penalties; then greedy rows take the argmax; sampled rows go through
+    temperature, top-k, top-p and min-p, and draw by the exponential race. Logprobs are of the raw model
+    distribution (after a grammar's mask), as vLLM reports them.
     """
+
+    def __init__(self):
+        self.bitmask = TokenBitmask()  # constrained rows' allowed tokens, reused every step
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         logits = logits.float()  # any model dtype in; penalties and softmax in fp32
+        if any(row.matcher is not None for row in rows):  # grammar first: logprobs are of what may be sampled
+            self.bitmask.apply(logits, [row.matcher for row in rows])
         params = [row.params for row in rows]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None

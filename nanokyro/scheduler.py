@@ -16,6 +16,7 @@ from enum import Enum
 import torch
 
 from nanokyro.block_manager import BlockManager, OutOfPages
+from nanokyro.grammar import GrammarMatcher
 from nanokyro.sampler import SamplingParams
 
 _seq_ids = itertools.count()
@@ -37,6 +38,7 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     generator: torch.Generator | None = None
+    matcher: GrammarMatcher | None = None  # structured output: advanced by the engine with each sampled token
     leader: Sequence | None = None  # n > 1: siblings borrow the leader's prompt pages once computed
     cache_node: object | None = None  # prefix cache: the deepest tree node of this sequence's pages
     seq_id: int = field(default_factory=lambda: next(_seq_ids))

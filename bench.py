@@ -1,0 +1,297 @@
+"""Offline throughput and batch-1 latency benchmark, measured against this machine's roofline and a peer.
+
+`python bench.py` runs the offline recipe nano-vllm and mini-sglang publish: 256 requests of random token ids,
+input and output lengths uniform in [100, 1024], seed 0, ignore_eos. It prints output and total tokens/s, the
+time floor of this workload on this machine (weights read once per step, the KV bytes each decode step reads,
+the FLOPs; bandwidth and matmul rate measured at start-up), the fraction of it achieved, and with `--peer hf`
+the ratio to HF transformers' continuous batching on the same workload in the same process. `--latency` runs
+one request and compares its decode tokens/s with the weight-read roofline.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nanokyro import LLM, SamplingParams
+from nanokyro.loader import DUMMY_ARCHITECTURES
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '100-1024' -> (100, 1024)."""
+    lo, _, hi = text.partition("-")
+    lo, hi = int(lo), int(hi or lo)
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"bad length range {text!r}")
+    return lo, hi
+
+
+def make_workload(num_prompts: int, input_len, output_len, vocab_size: int, seed: int):
+    """Random prompts (token ids) and output lengths, uniform over the inclusive ranges."""
+    rng = np.random.default_rng(seed)
+    in_lens = rng.integers(input_len[0], input_len[1] + 1, num_prompts)
+    out_lens = rng.integers(output_len[0], output_len[1] + 1, num_prompts)
+    prompts = [rng.integers(0, vocab_size, n).tolist() for n in in_lens]
+    return prompts, [int(n) for n in out_lens]
+
+
+# -- the machine's two ceilings ------------------------------------------------------------------------------
+
+
+def _time(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of fn() over reps runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def measure_machine(device: torch.device, dtype: torch.dtype) -> dict:
+    """Memory bandwidth (a large copy, bytes read + written) and matmul rate (square product, random data)."""
+    cuda = device.type == "cuda"
+    n_copy = (1 << 30) if cuda else (64 << 20)  # bytes per buffer
+    src = torch.randn(n_copy // dtype.itemsize, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    copy_s = _time(lambda: dst.copy_(src), device, 20 if cuda else 5)
+    n = 8192 if cuda else 1024
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    mm_s = _time(lambda: a @ b, device, 20 if cuda else 3)
+    del src, dst, a, b
+    return {"bandwidth_bytes_per_s": 2 * n_copy / copy_s, "matmul_flops_per_s": 2 * n**3 / mm_s}
+
+
+# -- what the workload must move and compute -----------------------------------------------------------------
+
+
+def model_costs(llm: LLM) -> dict:
+    """Bytes of weights one step reads, KV bytes per token, and matmul parameters per token and per logit row."""
+    model = llm.engine.runner.model
+    cfg = model.cfg
+    itemsize = next(model.parameters()).dtype.itemsize
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.embed_tokens.weight.numel()
+    lm_head = embed  # tied or not, the vocab projection has the embedding's shape
+    norms = sum(p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
+    # An untied embedding table is only gathered from (one row per token); every other weight is read.
+    read = total - (0 if cfg.tie_word_embeddings else embed)
+    per_token_matmul = total - embed - norms - (0 if cfg.tie_word_embeddings else lm_head)
+    return {
+        "weight_bytes": read * itemsize,
+        "kv_bytes_per_token": cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize,
+        "matmul_params": per_token_matmul,
+        "lm_head_params": lm_head,
+        "attn_flops_per_pair": 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim,  # QK^T + PV per (query, key)
+    }
+
+
+def roofline(costs: dict, in_lens: list[int], out_lens: list[int], max_num_seqs: int, machine: dict) -> dict:
+    """A lower bound on the workload's time: max(bytes / bandwidth, FLOPs / matmul rate), summed over the run.
+
+    Steps: at least the longest output, and enough to emit every token at max_num_seqs per step; each reads the
+    weights once. Decode step j of a request (j = 1 .. out-1) reads its in + j cached tokens. FLOPs: the linear
+    layers over every computed token, the vocab projection over every sampled one, causal prefill attention
+    and decode attention over the cached context.
+    """
+    ins, outs = np.asarray(in_lens, dtype=np.float64), np.asarray(out_lens, dtype=np.float64)
+    steps = max(outs.max(), math.ceil(outs.sum() / max_num_seqs))
+    kv_read_tokens = ((outs - 1) * ins + (outs - 1) * outs / 2).sum()
+    kv_written_tokens = (ins + outs - 1).sum()
+    bytes_ = steps * costs["weight_bytes"] + (kv_read_tokens + kv_written_tokens) * costs["kv_bytes_per_token"]
+    computed = (ins + outs - 1).sum()
+    flops = (
+        2 * costs["matmul_params"] * computed
+        + 2 * costs["lm_head_params"] * outs.sum()
+        + costs["attn_flops_per_pair"] * ((ins * (ins + 1) / 2).sum() + kv_read_tokens)
+    )
+    memory_s, compute_s = bytes_ / machine["bandwidth_bytes_per_s"], flops / machine["matmul_flops_per_s"]
+    return {"bytes": float(bytes_), "flops": float(flops), "memory_s": memory_s, "compute_s": compute_s,
+            "floor_s": max(memory_s, compute_s)}  # fmt: skip
+
+
+# -- runs ----------------------------------------------------------------------------------------------------
+
+
+def engine_options(args) -> dict:
+    opts = dict(seed=args.seed, enforce_eager=args.enforce_eager)
+    if args.model in DUMMY_ARCHITECTURES:
+        opts["load_format"] = "dummy"
+    for name in ("dtype", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    return opts
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_offline(llm: LLM, prompts, out_lens) -> float:
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in out_lens]
+    device = llm.engine.runner.device
+    llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2)  # warm-up (kernels, allocator)
+    sync(device)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    got = [len(o.token_ids) for o in outs]
+    assert got == out_lens, "every request must produce exactly its output length"
+    return elapsed
+
+
+def run_latency(llm: LLM, prompt: list[int], out_len: int) -> float:
+    """Seconds per decode step of one request (its prefill step excluded)."""
+    engine = llm.engine
+    llm.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    engine.add_request(prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True))
+    engine.step()  # prefill and first token
+    sync(engine.runner.device)
+    start, steps = time.perf_counter(), 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    sync(engine.runner.device)
+    return (time.perf_counter() - start) / steps
+
+
+def hf_config(model: str | None) -> dict:
+    """The HF config.json of a model nanokyro can load: a dummy architecture, an HF dir, or a GGUF file."""
+    if model in DUMMY_ARCHITECTURES:
+        return dict(DUMMY_ARCHITECTURES[model])
+    from nanokyro.loader import resolve_model_path
+
+    path = resolve_model_path(model)
+    if path.endswith(".gguf"):
+        from nanokyro.gguf import read_gguf
+
+        return dict(read_gguf(path).hf_config)
+    with open(f"{path}/config.json") as f:
+        return json.load(f)
+
+
+def run_hf_peer(model: str | None, dtype: torch.dtype, device: torch.device, prompts, out_lens) -> float:
+    """HF transformers' continuous batching (the manager `generate_batch` wraps, so each request keeps its own
+    max_new_tokens) on a random-weight model of the same architecture; timed after its warm-up."""
+    import transformers
+
+    cfg = hf_config(model)
+    config = transformers.AutoConfig.for_model(**cfg)
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    gen = transformers.GenerationConfig(max_new_tokens=max(out_lens), do_sample=False, eos_token_id=-1,
+                                        pad_token_id=0)  # fmt: skip
+    with hf.continuous_batching_context_manager(generation_config=gen, block=True, timeout=10) as manager:
+        sync(device)
+        start = time.perf_counter()
+        for i, (p, n) in enumerate(zip(prompts, out_lens)):
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
+        bar = tqdm(total=len(prompts), desc="hf generate", unit="seq")
+        while bar.n < len(prompts):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                assert len(result.generated_tokens) == out_lens[int(result.request_id[1:])]
+                bar.update(1)
+            elif result is None and not manager.is_running():
+                raise RuntimeError("HF continuous batching stopped early")
+        bar.close()
+        sync(device)
+        elapsed = time.perf_counter() - start
+    del hf, manager
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return elapsed
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="HF dir, .gguf, or a dummy architecture name "
+                    f"({', '.join(DUMMY_ARCHITECTURES)}); default: the engine's default model")  # fmt: skip
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--input-len", type=parse_range, default=None, help="N or LO-HI (default 100-1024; latency 128)")
+    ap.add_argument("--output-len", type=parse_range, default=None, help="N or LO-HI (default 100-1024; latency 256)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=None)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
+    ap.add_argument("--peer", choices=["hf"], default=None, help="also run HF transformers on the same workload")
+    ap.add_argument("--latency", action="store_true", help="batch-1 decode tokens/s vs the weight-read roofline")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    input_len = args.input_len or ((128, 128) if args.latency else (100, 1024))
+    output_len = args.output_len or ((256, 256) if args.latency else (100, 1024))
+    num_prompts = 1 if args.latency else args.num_prompts
+
+    peer_s = None
+    if args.peer == "hf" and not args.latency:  # first, so that the engine's KV cache can take the memory it leaves
+        from nanokyro.config import EngineConfig
+
+        ecfg = EngineConfig(model=args.model, **engine_options(args))
+        vocab = hf_config(args.model)["vocab_size"]
+        prompts, out_lens = make_workload(num_prompts, input_len, output_len, vocab, args.seed)
+        peer_s = run_hf_peer(args.model, ecfg.torch_dtype(), ecfg.torch_device(), prompts, out_lens)
+
+    llm = LLM(args.model, **engine_options(args))
+    engine = llm.engine
+    device, dtype = engine.runner.device, engine.runner.dtype
+    prompts, out_lens = make_workload(num_prompts, input_len, output_len, engine.vocab_size, args.seed)
+    in_lens = [len(p) for p in prompts]
+    machine = measure_machine(device, dtype)
+    costs = model_costs(llm)
+    result = {
+        "model": engine.model_name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."), "num_prompts": num_prompts, "input_tokens": sum(in_lens),
+        "output_tokens": sum(out_lens), "enforce_eager": engine.cfg.enforce_eager, **machine, **costs,
+    }  # fmt: skip
+    if args.latency:
+        step_s = run_latency(llm, prompts[0], out_lens[0])
+        floor_s = (costs["weight_bytes"] + (in_lens[0] + out_lens[0] / 2) * costs["kv_bytes_per_token"]) / machine[
+            "bandwidth_bytes_per_s"]  # fmt: skip
+        result.update(decode_tokens_per_s=1 / step_s, roofline_tokens_per_s=1 / floor_s, fraction_of_roofline=floor_s / step_s)
+        print(f"batch-1 decode: {1 / step_s:.1f} tok/s ({step_s * 1e3:.2f} ms/step); weight-read roofline "
+              f"{1 / floor_s:.1f} tok/s; {floor_s / step_s:.1%} of roofline")  # fmt: skip
+    else:
+        elapsed = run_offline(llm, prompts, out_lens)
+        floor = roofline(costs, in_lens, out_lens, engine.cfg.max_num_seqs, machine)
+        result.update(elapsed_s=elapsed, output_tokens_per_s=sum(out_lens) / elapsed,
+                      total_tokens_per_s=(sum(in_lens) + sum(out_lens)) / elapsed, roofline=floor,
+                      fraction_of_roofline=floor["floor_s"] / elapsed)  # fmt: skip
+        print(f"{num_prompts} requests, {sum(in_lens)} input + {sum(out_lens)} output tokens in {elapsed:.2f} s: "
+              f"{result['output_tokens_per_s']:.0f} output tok/s, {result['total_tokens_per_s']:.0f} total tok/s")
+        print(f"roofline: {floor['floor_s']:.2f} s (memory {floor['memory_s']:.2f} s for {floor['bytes'] / 1e9:.1f} GB "
+              f"at {machine['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; compute {floor['compute_s']:.2f} s for "
+              f"{floor['flops'] / 1e12:.1f} TFLOP at {machine['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s); "
+              f"{result['fraction_of_roofline']:.1%} of roofline")  # fmt: skip
+        if peer_s is not None:
+            result.update(peer="hf", peer_elapsed_s=peer_s, peer_output_tokens_per_s=sum(out_lens) / peer_s,
+                          speedup_vs_peer=peer_s / elapsed)  # fmt: skip
+            print(f"HF transformers continuous batching: {peer_s:.2f} s, {sum(out_lens) / peer_s:.0f} output tok/s; "
+                  f"nanokyro is {peer_s / elapsed:.1f}x faster")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Constrained decoding through xgrammar: what a request asks for (`StructuredOutput`), its compiled grammar,
+one `GrammarMatcher` per constrained sequence, and the step's token bitmask.
+
+The flow: `LLMEngine.validate` compiles the spec before the request is queued (outside the step loop, so a new
+schema never stalls other requests), raising ValueError that names what is wrong; `add_request` gives each of the
+n sequences a matcher of its own; each step the sampler fills the constrained rows of one reusable bitmask and
+masks their logits; the engine advances each matcher with its sampled token and finishes the sequence ("stop")
+once the matcher has accepted a stop token at the end of the grammar.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+
+import torch
+import xgrammar as xgr
+from xgrammar import GrammarMatcher
+
+from nanokyro.tokenizer import Tokenizer
+
+# Compiled grammars are cached by xgrammar under their source text; this bounds what a stream of distinct
+# schemas can hold.
+CACHE_LIMIT_BYTES = 256 << 20
+KINDS = ("json", "regex", "grammar", "choice")
+
+
+@dataclass
+class StructuredOutput:
+    """What a constrained completion must be. Set exactly one field."""
+
+    json: dict | str | bool | None = None  # a JSON schema (a dict or its text); True: any JSON object
+    regex: str | None = None  # the whole output matches it
+    grammar: str | None = None  # EBNF in llama.cpp's GBNF dialect, starting at the rule `root`
+    choice: list[str] | None = None  # exactly one of these strings
+
+    def __post_init__(self):
+        given = [k for k in KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured output takes exactly one of json, regex, grammar, choice; got {given}")
+        kind = given[0]
+        ok = {
+            "json": isinstance(self.json, (dict, str)) or self.json is True,
+            "regex": isinstance(self.regex, str),
+            "grammar": isinstance(self.grammar, str),
+            "choice": isinstance(self.choice, list) and bool(self.choice) and all(isinstance(c, str) for c in self.choice),
+        }[kind]  # fmt: skip
+        if not ok:
+            want = {"json": "a schema (dict or JSON text) or True", "regex": "a string", "grammar": "a string",
+                    "choice": "a non-empty list of strings"}[kind]  # fmt: skip
+            raise ValueError(f"structured output {kind} must be {want}, got {getattr(self, kind)!r}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) not in (None, False))
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """EBNF whose only sentences are the choices. JSON string escapes (\\", \\\\, \\n, \\uXXXX) are GBNF's too."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _schema_text(schema: dict | str) -> str:
+    """A schema as JSON text, the compiler's cache key. Keys keep their order: properties are generated in it."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"invalid json schema: not valid JSON ({e})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"invalid json schema: a schema is a JSON object, got {type(schema).__name__}")
+    return json.dumps(schema)
+
+
+class GrammarCompiler:
+    """Compiles StructuredOutput specs against one model's tokenizer and vocabulary; safe to call from any thread.
+
+    vocab_size is the model's (its logits' width), which may exceed the tokenizer's: the extra ids are never
+    allowed. stop_token_ids end a completed grammar; the engine finishes the sequence when one is accepted.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, stop_token_ids: list[int]):
+        self.tokenizer, self.vocab_size, self.stop_token_ids = tokenizer, vocab_size, stop_token_ids
+        self._compiler: xgr.GrammarCompiler | None = None
+        self._lock = threading.Lock()
+
+    def _xgr(self) -> xgr.GrammarCompiler:
+        with self._lock:
+            if self._compiler is None:
+                # Built on first use: decoding a 50k-token vocabulary takes ~0.5 s that unconstrained serving skips.
+                if self.tokenizer is None:
+                    raise ValueError("structured output needs the model's tokenizer; this model has none (dummy weights)")
+                from transformers import PreTrainedTokenizerFast  # xgrammar depends on transformers already
+
+                hf = PreTrainedTokenizerFast(tokenizer_object=self.tokenizer.tokenizer)
+                info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self.stop_token_ids or None)  # fmt: skip
+                self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_LIMIT_BYTES)
+            return self._compiler
+
+    def compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
+        """The spec's grammar (cached). Raises ValueError naming the problem in an invalid schema/regex/grammar."""
+        compiler = self._xgr()
+        kind = spec.kind
+        try:
+            # Compact JSON (no free whitespace): models, random ones above all, can emit whitespace forever.
+            if spec.json is True:
+                return compiler.compile_json_schema('{"type": "object"}', strict_mode=False, any_whitespace=False)
+            if kind == "json":
+                return compiler.compile_json_schema(_schema_text(spec.json), any_whitespace=False)
+            if kind == "regex":
+                return compiler.compile_regex(spec.regex)
+            if kind == "grammar":
+                return compiler.compile_grammar(spec.grammar)
+            return compiler.compile_grammar(choice_grammar(spec.choice))
+        except RuntimeError as e:  # xgrammar's parse errors: "[time] file.cc:line: what is wrong"
+            reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e)).strip()
+            raise ValueError(f"invalid {'json schema' if kind == 'json' else kind}: {reason}") from None
+
+    def matcher(self, spec: StructuredOutput) -> GrammarMatcher:
+        return GrammarMatcher(self.compile(spec))
+
+
+class TokenBitmask:
+    """The step's allowed tokens for constrained rows: one host int32 buffer [rows, ceil(vocab / 32)], grown to the
+    largest batch seen and reused, filled for the constrained rows only and applied to their logits in place."""
+
+    def __init__(self):
+        self.host: torch.Tensor | None = None
+        self._filler: xgr.BatchGrammarMatcher | None = None  # fills many matchers' rows on a thread pool
+
+    def apply(self, logits: torch.Tensor, matchers: list[GrammarMatcher | None]) -> None:
+        """logits [num_rows, vocab]; matchers[i] constrains row i, None leaves it untouched."""
+        num_rows, vocab = logits.shape
+        if self.host is None or self.host.shape[0] < num_rows or self.host.shape[1] * 32 < vocab:
+            self.host = xgr.allocate_token_bitmask(num_rows, vocab)
+            if logits.device.type == "cuda":
+                self.host = self.host.pin_memory()
+            self._filler = self._filler or xgr.BatchGrammarMatcher()
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        self._filler.batch_fill_next_token_bitmask([matchers[i] for i in rows], self.host, rows)
+        # Non-blocking from pinned memory: the step ends with the sampled tokens' copy to the host, which waits
+        # for this copy too, before the next step refills the buffer.
+        mask = self.host[:num_rows].to(logits.device, non_blocking=True)
+        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=vocab, indices=rows)

@@ -1,0 +1,46 @@
+"""bench.py end to end on the CPU: a tiny model and workload, offline and batch-1 latency, JSON results."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    return build_tiny_model("qwen3", str(tmp_path_factory.mktemp("bench_qwen3")))
+
+
+def run_bench(tmp_path, *args) -> dict:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "bench.py", *args, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_offline_bench_reports_throughput_and_roofline(tiny_dir, tmp_path):
+    r = run_bench(tmp_path, "--model", tiny_dir, "--num-prompts", "6", "--input-len", "5-40", "--output-len", "3-9")
+    assert r["num_prompts"] == 6 and r["device"] == "cpu"
+    assert 6 * 3 <= r["output_tokens"] <= 6 * 9 and 6 * 5 <= r["input_tokens"] <= 6 * 40
+    for key in ("elapsed_s", "output_tokens_per_s", "total_tokens_per_s", "bandwidth_bytes_per_s",
+                "matmul_flops_per_s", "weight_bytes", "kv_bytes_per_token", "fraction_of_roofline"):  # fmt: skip
+        assert r[key] > 0, key
+    assert r["total_tokens_per_s"] > r["output_tokens_per_s"]
+    floor = r["roofline"]
+    assert floor["floor_s"] == max(floor["memory_s"], floor["compute_s"]) > 0
+    assert floor["bytes"] > r["weight_bytes"] and floor["flops"] > 0
+
+
+def test_latency_bench_reports_decode_rate(tiny_dir, tmp_path):
+    r = run_bench(tmp_path, "--model", tiny_dir, "--latency", "--input-len", "16", "--output-len", "12")
+    assert r["num_prompts"] == 1 and r["output_tokens"] == 12
+    assert r["decode_tokens_per_s"] > 0 and r["roofline_tokens_per_s"] > 0 and r["fraction_of_roofline"] > 0
