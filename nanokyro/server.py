@@ -27,6 +27,7 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 
 from nanokyro.engine import AsyncEngine, Delta, EngineDead, TokenLogprob
+from nanokyro.grammar import StructuredOutput
 from nanokyro.metrics import CONTENT_TYPE, Metrics, RequestStats
 from nanokyro.sampler import SamplingParams
 
@@ -58,6 +59,27 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Body):
+    name: str
+    schema: dict | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's constrained-decoding extension: exactly one of these."""
+
+    json: dict | str | bool | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
+
+
 class _Sampling(_Body):
     """Fields both endpoints share; None means the OpenAI default."""
 
@@ -72,7 +94,9 @@ class _Sampling(_Body):
     frequency_penalty: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     # Extensions beyond the OpenAI API.
+    structured_outputs: StructuredOutputs | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -230,7 +254,37 @@ def _default(value, default):
     return default if value is None else value
 
 
+def _structured(req: _Sampling) -> StructuredOutput | None:
+    """response_format (OpenAI) or structured_outputs (vLLM) as the engine's constraint."""
+    fmt, so = req.response_format, req.structured_outputs
+    if fmt is not None and so is not None and fmt.type != "text":
+        raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+    try:
+        if so is not None:
+            return StructuredOutput(**{f: v for f in so.__struct_fields__ if (v := getattr(so, f)) is not None})
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return StructuredOutput(json=True)
+        if fmt.json_schema is None or fmt.json_schema.schema is None:
+            raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+        return StructuredOutput(json=fmt.json_schema.schema)
+    except ValueError as e:
+        raise APIError(400, str(e), param="response_format" if so is None else "structured_outputs") from None
+
+
+async def _compile(engine: AsyncEngine, params: SamplingParams) -> None:
+    """Compile a request's grammar in a worker thread, so neither the event loop nor the engine waits on it;
+    compiled grammars are cached, so the engine's own validation then finds it ready."""
+    if params.structured is not None:
+        try:
+            await asyncio.to_thread(engine.engine.grammars.compile, params.structured)
+        except ValueError as e:
+            raise APIError(400, str(e), param="response_format") from None
+
+
 def _sampling_params(req: _Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    structured = _structured(req)
     try:
         return SamplingParams(
             n=req.n, max_tokens=max_tokens, temperature=_default(req.temperature, 1.0), top_p=_default(req.top_p, 1.0),
@@ -238,7 +292,7 @@ def _sampling_params(req: _Sampling, max_tokens: int | None, logprobs: int | Non
             repetition_penalty=_default(req.repetition_penalty, 1.0),
             presence_penalty=_default(req.presence_penalty, 0.0),
             frequency_penalty=_default(req.frequency_penalty, 0.0), seed=req.seed, stop=req.stop or [],
-            ignore_eos=req.ignore_eos, logprobs=logprobs,
+            ignore_eos=req.ignore_eos, logprobs=logprobs, structured=structured,
         )  # fmt: skip
     except ValueError as e:
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
@@ -500,6 +554,7 @@ class _Server:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         engine, params = self.admit(req), _chat_params(req)
+        await _compile(engine, params)
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
         if engine.tokenizer is None:
@@ -531,6 +586,7 @@ class _Server:
 
     async def complete(self, req: CompletionRequest, request: Request) -> Response:
         engine, params = self.admit(req), _completion_params(req)
+        await _compile(engine, params)
         try:
             prompt_ids = [engine.prepare(p, params) for p in _prompts(req.prompt)]
         except ValueError as e:

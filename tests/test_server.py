@@ -403,3 +403,49 @@ def test_serve_py_announces_its_url_and_exits_cleanly_on_sigterm(llama_dir):
     finally:
         watchdog.cancel()
         proc.kill()
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs_through_the_api(served, client):
+    import json
+    import re
+
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    out = client.chat.completions.create(model=served.model, messages=CHAT, response_format=fmt, max_tokens=80, seed=1)
+    jsonschema.validate(json.loads(out.choices[0].message.content), PERSON)
+    out = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=60, temperature=0,
+                                         response_format={"type": "json_object"})  # fmt: skip
+    assert isinstance(json.loads(out.choices[0].message.content), dict)
+    out = client.completions.create(model=served.model, prompt="Hi", max_tokens=20, stream=True,
+                                    extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}})  # fmt: skip
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", "".join(c.choices[0].text for c in out))
+    out = client.completions.create(model=served.model, prompt="Hi", max_tokens=20,
+                                    extra_body={"structured_outputs": {"choice": ["yes", "no"]}})  # fmt: skip
+    assert out.choices[0].text in ("yes", "no")
+
+
+@pytest.mark.parametrize("body,problem", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}},
+     "invalid json schema"),
+    ({"extra_body": {"structured_outputs": {"regex": "(unclosed"}}}, "invalid regex"),
+    ({"extra_body": {"structured_outputs": {"grammar": "root ::= undefined_rule"}}}, "invalid grammar"),
+    ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "exactly one of"),
+])  # fmt: skip
+def test_invalid_constraints_are_400_and_the_server_keeps_serving(served, client, body, problem):
+    with pytest.raises(openai.BadRequestError, match=problem):
+        client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=5, **body)
+    assert client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=2).choices[0].message
+    assert engine_idle(served.engine)
