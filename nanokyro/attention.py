@@ -28,23 +28,22 @@ class AttentionMetadata:
     kv_indices: torch.Tensor  # [num_pages_used]
     kv_last_page_len: torch.Tensor  # [B] tokens in each sequence's last page (1..page_size)
     kv_lens: torch.Tensor  # [B] tokens in cache after this step's write
-    slot_mapping: torch.Tensor  # [T]: page * page_size + offset where each new token's k/v go
+    slot_pages: torch.Tensor  # [T] the page each new token's k/v go to
+    slot_offsets: torch.Tensor  # [T] and the offset in that page
     q_lens: list[int]  # host copies, for planning
     kv_lens_host: list[int]
     # Pinned host copies of the CSR arrays above: FlashInfer's plan() reads them without a device sync.
-    qo_indptr_host: torch.Tensor | None = None
-    kv_indptr_host: torch.Tensor | None = None
-    kv_last_page_len_host: torch.Tensor | None = None
+    qo_indptr_host: torch.Tensor
+    kv_indptr_host: torch.Tensor
+    kv_last_page_len_host: torch.Tensor
 
     @property
     def is_decode(self) -> bool:
         return all(n == 1 for n in self.q_lens)
 
 
-def write_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor) -> None:
     """Store the new tokens' k, v [T, Hkv, D] into one layer's paged cache kv [P, 2, page_size, Hkv, D]."""
-    page_size = kv.shape[2]
-    pages, offsets = slot_mapping // page_size, slot_mapping % page_size
     kv[pages, 0, offsets] = k
     kv[pages, 1, offsets] = v
 
@@ -81,11 +80,11 @@ class TorchAttention:
         self.seq_of_token, self.row_of_token = seq_of_token.to(device), row_of_token.to(device)
         self.mask = mask[:, None].to(device)  # broadcast over heads
         self.max_q = max_q
-        self.slot_mapping = meta.slot_mapping
+        self.slots = meta.slot_pages, meta.slot_offsets
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kv = self.kv_cache[layer]
-        write_kv(kv, k, v, self.slot_mapping)
+        write_kv(kv, k, v, *self.slots)
         B, H = self.page_table.shape[0], self.num_heads
         Hkv, D = k.shape[1], k.shape[2]
         keys = kv[self.page_table, 0].reshape(B, -1, Hkv, D).transpose(1, 2)  # [B, Hkv, max_kv, D]
@@ -132,12 +131,13 @@ class FlashInferAttention:
         device = kv_cache.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=FLASHINFER_BACKEND)
-        # Tensor-core decode shares the prefill kernels' JIT module and is the faster path for GQA.
+        # Tensor-core decode (meant for GQA) runs the prefill kernels: one JIT module per head_dim for both.
+        # Not yet measured against the CUDA-core decode kernel at batch 1 (docs/PERFORMANCE.md).
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=True, backend=FLASHINFER_BACKEND
         )
         self.graph_decode: dict[int, object] = {}  # bucket -> wrapper whose buffers a CUDA graph reads
-        self.wrapper, self.slot_mapping = None, None
+        self.wrapper, self.slots = None, None
         self.handle = next(_handles)
         _backends[self.handle] = weakref.ref(self)
 
@@ -153,7 +153,7 @@ class FlashInferAttention:
         self.graph_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=device)
         self.graph_indices = torch.zeros(max_bs * self.kv_cache.shape[1], dtype=torch.int32, device=device)
         self.graph_last_page_len = torch.zeros(max_bs, dtype=torch.int32, device=device)
-        self.graph_slots = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        self.graph_slots = torch.zeros(2, max_bs, dtype=torch.int32, device=device)  # [pages; offsets]
         self.graph_decode = {
             bs: self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, backend=FLASHINFER_BACKEND,
@@ -173,18 +173,19 @@ class FlashInferAttention:
         if graph_bucket is not None:
             self.wrapper = self.graph_decode[graph_bucket]
             self.wrapper.plan(*pages, head_dim=self.head_dim, **kw)
-            self.slot_mapping = self.graph_slots[:graph_bucket]
-            self.slot_mapping.copy_(meta.slot_mapping, non_blocking=True)
+            self.graph_slots[0, :graph_bucket].copy_(meta.slot_pages, non_blocking=True)
+            self.graph_slots[1, :graph_bucket].copy_(meta.slot_offsets, non_blocking=True)
+            self.slots = self.graph_slots[0, :graph_bucket], self.graph_slots[1, :graph_bucket]
         elif meta.is_decode:
             self.wrapper = self.decode
             self.decode.plan(*pages, head_dim=self.head_dim, **kw)
-            self.slot_mapping = meta.slot_mapping
+            self.slots = meta.slot_pages, meta.slot_offsets
         else:
             self.wrapper = self.prefill
             self.prefill.plan(meta.qo_indptr_host, *pages, head_dim_qk=self.head_dim, causal=True, **kw)
-            self.slot_mapping = meta.slot_mapping
+            self.slots = meta.slot_pages, meta.slot_offsets
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kv = self.kv_cache[layer]
-        write_kv(kv, k, v, self.slot_mapping)
+        write_kv(kv, k, v, *self.slots)
         return self.wrapper.run(q, kv)  # [T, H, D]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 
 from nanokyro.attention import AttentionMetadata, FlashInferAttention, TorchAttention
@@ -45,9 +46,7 @@ def make_attention_backend(name: str, kv_cache: torch.Tensor, cfg: ModelConfig):
         name = "flashinfer" if kv_cache.device.type == "cuda" else "torch"
     if name == "torch":
         return TorchAttention(kv_cache, cfg.num_heads, cfg.head_dim)
-    if name == "flashinfer":
-        from nanokyro.attention import FlashInferAttention
-
+    if name == "flashinfer":  # imports flashinfer only now, so the CPU path never needs it
         return FlashInferAttention(kv_cache, cfg.num_heads, cfg.head_dim)
     raise ValueError(f"unknown attention backend {name!r} (auto, torch, flashinfer)")
 
@@ -83,14 +82,15 @@ class ModelRunner:
         """
         ps = self.page_size
         # Plain lists, not numpy per sequence: at 256 decodes a step, per-sequence array calls cost milliseconds.
-        ids, pos, slots, kv_indices = [], [], [], []
+        ids, pos, slot_pages, slot_offsets, kv_indices = [], [], [], [], []
         q_lens, kv_lens, page_counts = [], [], []
         for seq, n in zip(batch.seqs, batch.num_new):
             start, end = seq.num_computed, seq.num_computed + n
             pages, used = seq.pages, (end + ps - 1) // ps
             ids += seq.token_ids[start:end]
             pos += range(start, end)
-            slots += [pages[p // ps] * ps + p % ps for p in range(start, end)]
+            slot_pages += [pages[p // ps] for p in range(start, end)]
+            slot_offsets += [p % ps for p in range(start, end)]
             kv_indices += pages[:used]
             q_lens.append(n), kv_lens.append(end), page_counts.append(used)
         qo_indptr = [0, *itertools.accumulate(q_lens)]
@@ -99,28 +99,30 @@ class ModelRunner:
         if pad:
             ids += [0] * pad
             pos += [0] * pad
-            slots += [self.scratch_page * ps] * pad
+            slot_pages += [self.scratch_page] * pad
+            slot_offsets += [0] * pad
             kv_indices += [self.scratch_page] * pad
             q_lens += [1] * pad
             kv_lens += [1] * pad
             page_counts += [1] * pad
             qo_indptr += range(qo_indptr[-1] + 1, qo_indptr[-1] + pad + 1)
         parts = [
-            ids, pos, slots, qo_indptr, [0, *itertools.accumulate(page_counts)], kv_indices,
+            ids, pos, slot_pages, slot_offsets, qo_indptr, [0, *itertools.accumulate(page_counts)], kv_indices,
             [(n - 1) % ps + 1 for n in kv_lens], kv_lens, sample_rows,
         ]  # fmt: skip
         # Everything as int32 in one pinned buffer: one async copy to the device, and the host views below
         # (pinned too) give FlashInfer's plan() its CSR arrays without a sync.
-        host = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.int32)
+        flat_list = itertools.chain.from_iterable(parts)
+        host = torch.from_numpy(np.fromiter(flat_list, dtype=np.int32, count=sum(map(len, parts))))
         if self.device.type == "cuda":
             host = host.pin_memory()
         flat = host.to(self.device, non_blocking=True)
         sizes = [len(p) for p in parts]
-        input_ids, positions, slot_mapping, qo, kv_ptr, kv_idx, last_len, kv_len, rows = flat.split(sizes)
-        _, _, _, qo_host, kv_ptr_host, _, last_len_host, _, _ = host.split(sizes)
+        input_ids, positions, pages, offsets, qo, kv_ptr, kv_idx, last_len, kv_len, rows = flat.split(sizes)
+        _, _, _, _, qo_host, kv_ptr_host, _, last_len_host, _, _ = host.split(sizes)
         meta = AttentionMetadata(
             qo_indptr=qo, kv_indptr=kv_ptr, kv_indices=kv_idx, kv_last_page_len=last_len, kv_lens=kv_len,
-            slot_mapping=slot_mapping, q_lens=q_lens, kv_lens_host=kv_lens, qo_indptr_host=qo_host,
+            slot_pages=pages, slot_offsets=offsets, q_lens=q_lens, kv_lens_host=kv_lens, qo_indptr_host=qo_host,
             kv_indptr_host=kv_ptr_host, kv_last_page_len_host=last_len_host,
         )  # fmt: skip
         return input_ids, positions, meta, rows
@@ -137,8 +139,8 @@ class ModelRunner:
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if not sampled:
             return SamplerOutput(token_ids=[], logprobs=None, top_logprobs=None)
-        rows = [SampleRow(s.params, *self._penalty_tokens(s), s.generator, s.matcher) for s in sampled]
-        return self.sampler(logits.float(), rows)
+        sample_rows = [SampleRow(s.params, *self._penalty_tokens(s), s.generator, s.matcher) for s in sampled]
+        return self.sampler(logits.float(), sample_rows)
 
     @staticmethod
     def _penalty_tokens(seq) -> tuple[list[int], list[int]]:

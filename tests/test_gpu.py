@@ -28,10 +28,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def make_meta(seq_pages: list[list[int]], q_lens: list[int], kv_lens: list[int]) -> AttentionMetadata:
     """Metadata for sequences whose pages are given; the last q_len of each kv_len tokens are this step's."""
-    slots, indices, kv_indptr = [], [], [0]
+    slot_pages, slot_offsets, indices, kv_indptr = [], [], [], [0]
     for pages, q, n in zip(seq_pages, q_lens, kv_lens):
         used = (n + PAGE - 1) // PAGE
-        slots += [pages[p // PAGE] * PAGE + p % PAGE for p in range(n - q, n)]
+        slot_pages += [pages[p // PAGE] for p in range(n - q, n)]
+        slot_offsets += [p % PAGE for p in range(n - q, n)]
         indices += pages[:used]
         kv_indptr.append(kv_indptr[-1] + used)
     qo_indptr = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
@@ -39,7 +40,8 @@ def make_meta(seq_pages: list[list[int]], q_lens: list[int], kv_lens: list[int])
     i32 = dict(dtype=torch.int32, device=DEVICE)
     return AttentionMetadata(
         qo_indptr=qo_indptr.to(DEVICE), kv_indptr=torch.tensor(kv_indptr, **i32), kv_indices=torch.tensor(indices, **i32),
-        kv_last_page_len=last.to(DEVICE), kv_lens=torch.tensor(kv_lens, **i32), slot_mapping=torch.tensor(slots, **i32),
+        kv_last_page_len=last.to(DEVICE), kv_lens=torch.tensor(kv_lens, **i32),
+        slot_pages=torch.tensor(slot_pages, **i32), slot_offsets=torch.tensor(slot_offsets, **i32),
         q_lens=q_lens, kv_lens_host=kv_lens, qo_indptr_host=qo_indptr.pin_memory(),
         kv_indptr_host=torch.tensor(kv_indptr, dtype=torch.int32).pin_memory(), kv_last_page_len_host=last.pin_memory(),
     )  # fmt: skip
