@@ -5,7 +5,9 @@ input and output lengths uniform in [100, 1024], seed 0, ignore_eos. It prints o
 time floor of this workload on this machine (weights read once per step, the KV bytes each decode step reads,
 the FLOPs; bandwidth and matmul rate measured at start-up), the fraction of it achieved, and with `--peer hf`
 the ratio to HF transformers' continuous batching on the same workload in the same process. `--latency` runs
-one request and compares its decode tokens/s with the weight-read roofline.
+one request and compares its decode tokens/s with the weight-read roofline. `--prefix-cache` compares the
+time to first token of a cold and a cached long prefix; `--structured-fraction` the decode step time with part
+of the batch under a JSON schema against none.
 """
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ def roofline(costs: dict, in_lens: list[int], out_lens: list[int], max_num_seqs:
 
 
 def engine_options(args) -> dict:
-    opts = dict(seed=args.seed, enforce_eager=args.enforce_eager)
+    opts = dict(seed=args.seed, enforce_eager=args.enforce_eager, tokenizer=args.tokenizer)
     if args.model in DUMMY_ARCHITECTURES:
         opts["load_format"] = "dummy"
     for name in ("dtype", "max_num_seqs", "max_num_batched_tokens"):
@@ -170,6 +172,78 @@ def run_latency(llm: LLM, prompt: list[int], out_len: int) -> float:
         steps += 1
     sync(engine.runner.device)
     return (time.perf_counter() - start) / steps
+
+
+def run_prefix_cache(llm: LLM, prefix_len: int, seed: int, trials: int = 3) -> dict:
+    """Time to first token of a request whose prefix_len-token prefix is new, then of one that shares it.
+
+    Each trial draws a fresh prefix: the cold request computes all of it, the warm one (same prefix, another
+    suffix) finds it in the prefix cache. Medians over the trials, after a warm-up trial."""
+    engine = llm.engine
+    rng = np.random.default_rng(seed)
+
+    def ttft(prompt: list[int]) -> tuple[float, int]:
+        sync(engine.runner.device)
+        start = time.perf_counter()
+        engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        cached = 0
+        while engine.has_work():
+            for d in engine.step():
+                cached = d.num_cached_tokens
+        return time.perf_counter() - start, cached
+
+    cold, warm = [], []
+    for _ in range(trials + 1):
+        prefix = rng.integers(0, engine.vocab_size, prefix_len).tolist()
+        cold.append(ttft(prefix + rng.integers(0, engine.vocab_size, 16).tolist()))
+        warm.append(ttft(prefix + rng.integers(0, engine.vocab_size, 16).tolist()))
+    cold_s, warm_s = np.median([t for t, _ in cold[1:]]), np.median([t for t, _ in warm[1:]])
+    return {"prefix_len": prefix_len, "cold_ttft_s": float(cold_s), "cached_ttft_s": float(warm_s),
+            "cached_tokens": warm[-1][1], "ttft_speedup": float(cold_s / warm_s)}  # fmt: skip
+
+
+# A schema whose outputs run long (at least 256 records), so constrained rows keep decoding while timed.
+RECORDS_SCHEMA = {
+    "type": "object",
+    "properties": {"records": {"type": "array", "minItems": 256, "items": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "kind": {"enum": ["a", "b", "c"]}, "score": {"type": "number"}},
+        "required": ["name", "kind", "score"]}}},
+    "required": ["records"],
+}  # fmt: skip
+
+
+def run_structured(llm: LLM, prompts: list[list[int]], fraction: float, steps: int) -> dict:
+    """Decode step time with `fraction` of the batch constrained by a JSON schema, against none constrained.
+
+    Both runs admit the same prompts, prefill them all, then time `steps` decode steps of the full batch."""
+    from nanokyro.grammar import StructuredOutput
+
+    engine = llm.engine
+    constrained = round(fraction * len(prompts))
+
+    def step_time(structured: StructuredOutput | None) -> tuple[float, int]:
+        for i, p in enumerate(prompts):
+            s = structured if i < constrained else None
+            engine.add_request(p, SamplingParams(max_tokens=steps + 8, temperature=1.0, ignore_eos=True, structured=s))
+        while engine.scheduler.waiting or any(s.num_computed < s.num_prompt_tokens for s in engine.scheduler.running):
+            engine.step()
+        sync(engine.runner.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync(engine.runner.device)
+        elapsed, still_running = (time.perf_counter() - start) / steps, len(engine.scheduler.running)
+        engine.fail_all()
+        return elapsed, still_running
+
+    schema = StructuredOutput(json=RECORDS_SCHEMA)
+    step_time(schema)  # warm-up: compiles the grammar, captures graphs
+    plain_s, _ = step_time(None)
+    constrained_s, running = step_time(schema)
+    return {"batch": len(prompts), "constrained": constrained, "plain_step_s": plain_s,
+            "constrained_step_s": constrained_s, "overhead": constrained_s / plain_s - 1,
+            "running_at_end": running}  # fmt: skip
 
 
 def hf_config(model: str | None) -> dict:
@@ -236,6 +310,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
     ap.add_argument("--peer", choices=["hf"], default=None, help="also run HF transformers on the same workload")
     ap.add_argument("--latency", action="store_true", help="batch-1 decode tokens/s vs the weight-read roofline")
+    ap.add_argument("--prefix-cache", action="store_true",
+                    help="time to first token with a cold vs a cached prefix of --input-len tokens (default 4000)")
+    ap.add_argument("--structured-fraction", type=float, default=None,
+                    help="decode step time with this fraction of --num-prompts requests JSON-schema constrained")
+    ap.add_argument("--tokenizer", default=None, help="an HF tokenizer directory (e.g. for dummy weights)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     input_len = args.input_len or ((128, 128) if args.latency else (100, 1024))
@@ -263,7 +342,17 @@ def main(argv=None) -> dict:
         "dtype": str(dtype).removeprefix("torch."), "num_prompts": num_prompts, "input_tokens": sum(in_lens),
         "output_tokens": sum(out_lens), "enforce_eager": engine.cfg.enforce_eager, **machine, **costs,
     }  # fmt: skip
-    if args.latency:
+    if args.prefix_cache:
+        result.update(run_prefix_cache(llm, args.input_len[0] if args.input_len else 4000, args.seed))
+        print(f"time to first token, {result['prefix_len']}-token prefix: cold {result['cold_ttft_s'] * 1e3:.1f} ms, "
+              f"cached ({result['cached_tokens']} tokens) {result['cached_ttft_s'] * 1e3:.1f} ms: "
+              f"{result['ttft_speedup']:.1f}x faster")  # fmt: skip
+    elif args.structured_fraction is not None:
+        result.update(run_structured(llm, prompts, args.structured_fraction, steps=64))
+        print(f"decode step, batch {result['batch']} with {result['constrained']} JSON-schema constrained: "
+              f"{result['constrained_step_s'] * 1e3:.2f} ms vs {result['plain_step_s'] * 1e3:.2f} ms unconstrained "
+              f"(+{result['overhead']:.1%}; {result['running_at_end']} still running at the end)")  # fmt: skip
+    elif args.latency:
         step_s = run_latency(llm, prompts[0], out_lens[0])
         floor_s = (costs["weight_bytes"] + (in_lens[0] + out_lens[0] / 2) * costs["kv_bytes_per_token"]) / machine[
             "bandwidth_bytes_per_s"]  # fmt: skip

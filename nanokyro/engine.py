@@ -17,7 +17,7 @@ from typing import AsyncIterator
 
 from nanokyro.block_manager import BlockManager
 from nanokyro.config import EngineConfig
-from nanokyro.grammar import GrammarCompiler
+from nanokyro.grammar import GrammarCompiler, accept_tokens
 from nanokyro.loader import load
 from nanokyro.radix_cache import RadixCache
 from nanokyro.runner import ModelRunner, num_kv_pages
@@ -192,6 +192,9 @@ class LLMEngine:
             return []
         out = self.runner.run(batch)
         sampled = self.scheduler.update(batch, out.token_ids)
+        constrained = [i for i, seq in enumerate(sampled) if seq.matcher is not None]
+        accepted = dict(zip(constrained, accept_tokens([sampled[i].matcher for i in constrained],
+                                                       [out.token_ids[i] for i in constrained])))  # fmt: skip
         deltas = []
         for i, (seq, token) in enumerate(zip(sampled, out.token_ids)):
             req = self.requests[seq.request_id]
@@ -199,7 +202,7 @@ class LLMEngine:
             params = seq.params
             text, reason = "", None
             matcher = seq.matcher
-            if matcher is not None and not matcher.accept_token(token):  # its mask allowed only what it accepts
+            if matcher is not None and not accepted[i]:  # its mask allowed only what it accepts
                 log.error("request %s: the grammar rejected token %d", seq.request_id, token)
                 reason = "abort"
             elif (matcher is not None and matcher.is_terminated()) or token in params.stop_token_ids or (

@@ -122,6 +122,11 @@ class GrammarCompiler:
         return GrammarMatcher(self.compile(spec))
 
 
+def accept_tokens(matchers: list[GrammarMatcher], tokens: list[int]) -> list[bool]:
+    """Advance each matcher by its sampled token in one call (not one Python call per row); False = rejected."""
+    return xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens) if matchers else []
+
+
 class TokenBitmask:
     """The step's allowed tokens for constrained rows: one host int32 buffer [rows, ceil(vocab / 32)], grown to the
     largest batch seen and reused, filled for the constrained rows only and applied to their logits in place."""

@@ -57,6 +57,13 @@ def resolve_model_path(model: str | None) -> str:
 
 def load(cfg: EngineConfig) -> tuple[LlamaModel, Tokenizer | None, str]:
     """Build the model on the engine's device and dtype; return it with its tokenizer and served name."""
+    model, tokenizer, name = _load(cfg)
+    if cfg.tokenizer is not None:
+        tokenizer = Tokenizer.from_dir(cfg.tokenizer, eos_token_ids=model.cfg.eos_token_ids)
+    return model, tokenizer, name
+
+
+def _load(cfg: EngineConfig) -> tuple[LlamaModel, Tokenizer | None, str]:
     device, dtype = cfg.torch_device(), cfg.torch_dtype()
     if cfg.load_format == "dummy":
         if cfg.model not in DUMMY_ARCHITECTURES:

@@ -51,6 +51,9 @@ def make_attention_backend(name: str, kv_cache: torch.Tensor, cfg: ModelConfig):
     raise ValueError(f"unknown attention backend {name!r} (auto, torch, flashinfer)")
 
 
+# A step with prompt tokens replays a decode graph (one row per token) while its rows read at most this many
+# cached tokens in all; past that, its single prefill pass is cheaper.
+SMALL_STEP_KV_TOKENS = 1 << 16
 # Decode batch sizes that get a CUDA graph; a decode step of n sequences pads up to the next one.
 GRAPH_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
 
@@ -74,28 +77,33 @@ class ModelRunner:
         if self.device.type == "cuda" and not cfg.enforce_eager and isinstance(self.attn, FlashInferAttention):
             self.graphs = DecodeGraphs(self, cfg.max_num_seqs)
 
-    def prepare(self, batch: ScheduledBatch, pad_to: int | None = None):
+    def prepare(self, batch: ScheduledBatch, pad_to: int | None = None, token_rows: bool = False):
         """Host-side step inputs -> (input_ids, positions, AttentionMetadata, logits row indices) on the device.
 
-        With `pad_to`, a decode batch gets extra one-token rows up to that size: token 0 at position 0, writing
-        and reading only the scratch page. Their logits rows are never sampled.
+        With `token_rows`, every new token is an attention row of its own, as in a decode: the token at position
+        p reads its sequence's pages up to p. The step writes all its k/v before attention reads, so this is the
+        same causal attention, in the form the decode graphs run. With `pad_to`, extra one-token rows fill the
+        batch up to that size: token 0 at position 0, writing and reading only the scratch page, never sampled.
         """
         ps = self.page_size
         # Plain lists, not numpy per sequence: at 256 decodes a step, per-sequence array calls cost milliseconds.
         ids, pos, slot_pages, slot_offsets, kv_indices = [], [], [], [], []
-        q_lens, kv_lens, page_counts = [], [], []
-        for seq, n in zip(batch.seqs, batch.num_new):
+        q_lens, kv_lens, page_counts, sample_rows = [], [], [], []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             start, end = seq.num_computed, seq.num_computed + n
-            pages, used = seq.pages, (end + ps - 1) // ps
+            pages = seq.pages
             ids += seq.token_ids[start:end]
             pos += range(start, end)
             slot_pages += [pages[p // ps] for p in range(start, end)]
             slot_offsets += [p % ps for p in range(start, end)]
-            kv_indices += pages[:used]
-            q_lens.append(n), kv_lens.append(end), page_counts.append(used)
+            for kv_len in range(start + 1, end + 1) if token_rows else (end,):
+                used = (kv_len + ps - 1) // ps
+                kv_indices += pages[:used]
+                q_lens.append(kv_len - start if not token_rows else 1), kv_lens.append(kv_len), page_counts.append(used)
+            if batch.samples(i):
+                sample_rows.append(len(ids) - 1)
         qo_indptr = [0, *itertools.accumulate(q_lens)]
-        sample_rows = [qo_indptr[i + 1] - 1 for i in range(len(batch)) if batch.samples(i)]
-        pad = (pad_to or len(batch)) - len(batch)
+        pad = (pad_to or len(q_lens)) - len(q_lens)
         if pad:
             ids += [0] * pad
             pos += [0] * pad
@@ -130,12 +138,16 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> SamplerOutput:
         bucket = self.graphs.bucket(batch) if self.graphs is not None else None
-        input_ids, positions, meta, rows = self.prepare(batch, pad_to=bucket)
+        input_ids, positions, meta, rows = self.prepare(batch, pad_to=bucket, token_rows=bucket is not None)
         if bucket is not None:
             logits = self.graphs.replay(input_ids, positions, meta)[rows]  # padding rows are dropped here
         else:
             self.attn.plan(meta)
-            logits = self.model.compute_logits(self.model(input_ids, positions, self.attn)[rows])
+            if self.graphs is not None:
+                hidden = self.graphs.hidden_states(input_ids, positions)
+            else:
+                hidden = self.model(input_ids, positions, self.attn)
+            logits = self.model.compute_logits(hidden[rows])
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if not sampled:
             return SamplerOutput(token_ids=[], logprobs=None, top_logprobs=None)
@@ -153,31 +165,54 @@ class ModelRunner:
 
 
 class DecodeGraphs:
-    """Decode steps as CUDA graphs. The forward (model + logits of every row) is compiled once by torch.compile,
-    with the batch dimension dynamic and FlashInfer attention as a custom op, so it is one graph; it is then
-    captured once per batch-size bucket, largest first, all in one memory pool. A step copies its inputs into
+    """Decode steps as CUDA graphs. The transformer is compiled once by torch.compile, with the token dimension
+    dynamic and FlashInfer attention as a custom op, so it is one graph; with the logits of every row it is
+    captured once per batch-size bucket, largest first, all in one memory pool. Steps that replay no graph
+    (prefill, mixed) run the same compiled transformer. A step copies its inputs into
     the static buffers, plans the bucket's FlashInfer wrapper (its fixed buffers) and replays."""
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int):
         self.model, self.attn = runner.model, runner.attn
         self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
         self.attn.enable_graphs(self.buckets)
-        self.forward = torch.compile(self._forward, fullgraph=True, dynamic=True)
+        # Only the transformer is compiled (dynamic token count): graphs replay it for decodes, and prefill and
+        # mixed steps run it without a graph, as fused kernels rather than one launch per op.
+        self.hidden = torch.compile(self._hidden, fullgraph=True, dynamic=True)
         max_bs, device = self.buckets[-1], runner.device
-        self.input_ids = torch.zeros(max_bs, dtype=torch.int32, device=device)  # [max_bs]
-        self.positions = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        with torch.inference_mode():  # like every step's inputs, so the compiled code's guards match both
+            self.input_ids = torch.zeros(max_bs, dtype=torch.int32, device=device)  # [max_bs]
+            self.positions = torch.zeros(max_bs, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab], written by each replay
         self.capture(runner)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(self.model(input_ids, positions, self.attn.op))
+    def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions, self.attn.op)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits of every row; what each bucket's graph captures."""
+        return self.model.compute_logits(self.hidden(input_ids, positions))
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The compiled transformer for a step that replays no graph (attention already planned)."""
+        # Fresh tensors, as in capture (the step's inputs are views into one buffer, at varying offsets), marked
+        # unbacked so every token count runs the same compiled code: no recompiles, no 0/1 specialisation.
+        input_ids, positions = input_ids.clone(), positions.clone()
+        for t in (input_ids, positions):
+            torch._dynamo.decorators.mark_unbacked(t, 0)
+        return self.hidden(input_ids, positions)
 
     def bucket(self, batch: ScheduledBatch) -> int | None:
-        """The bucket a step replays, or None when it is not an all-decode step that fits one."""
-        if len(batch) > self.buckets[-1] or any(n != 1 for n in batch.num_new):
+        """The bucket a step replays, or None. Decodes fit as they are; a step with prompt tokens fits as one row
+        per token (prepare's token_rows), worth it while those rows re-read little KV: a short cached-prefix
+        tail or n > 1 sibling costs a few GB of reads at most, against the host time of a step run op by op."""
+        rows = sum(batch.num_new)
+        if rows > self.buckets[-1]:
             return None
-        return next(b for b in self.buckets if b >= len(batch))
+        reread = sum(n * (s.num_computed + n) for s, n in zip(batch.seqs, batch.num_new) if n > 1)
+        if reread > SMALL_STEP_KV_TOKENS:
+            return None
+        return next(b for b in self.buckets if b >= rows)
 
     def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> int:
         """Fill the static inputs and the attention plan of the bucket of this padded step; returns the bucket."""

@@ -8,10 +8,8 @@ import socket
 import threading
 import time
 
-import openai
 import pytest
 import torch
-import uvicorn
 
 torch.set_num_threads(2)
 
@@ -118,6 +116,8 @@ class ServerThread:
     """uvicorn serving `app` on a free port, in a thread with its own event loop."""
 
     def __init__(self, app):
+        import uvicorn
+
         self.app = app
         self.url = f"http://127.0.0.1:{free_port()}"
         port = int(self.url.rsplit(":", 1)[1])
@@ -130,7 +130,9 @@ class ServerThread:
             assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
             time.sleep(0.01)
 
-    def client(self, key=KEY, **kw) -> openai.OpenAI:
+    def client(self, key=KEY, **kw):
+        import openai
+
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=30, **kw)
 
     def stop(self):

@@ -44,3 +44,17 @@ def test_latency_bench_reports_decode_rate(tiny_dir, tmp_path):
     r = run_bench(tmp_path, "--model", tiny_dir, "--latency", "--input-len", "16", "--output-len", "12")
     assert r["num_prompts"] == 1 and r["output_tokens"] == 12
     assert r["decode_tokens_per_s"] > 0 and r["roofline_tokens_per_s"] > 0 and r["fraction_of_roofline"] > 0
+
+
+def test_prefix_cache_bench_serves_the_warm_prefix_from_the_cache(tiny_dir, tmp_path):
+    r = run_bench(tmp_path, "--model", tiny_dir, "--prefix-cache", "--input-len", "200")
+    assert r["prefix_len"] == 200 and r["cached_tokens"] >= 200 - 16
+    assert r["cold_ttft_s"] > 0 and r["cached_ttft_s"] > 0 and r["ttft_speedup"] > 0
+
+
+def test_structured_bench_keeps_the_constrained_batch_decoding(tiny_dir, tmp_path):
+    r = run_bench(tmp_path, "--model", tiny_dir, "--structured-fraction", "0.5", "--num-prompts", "4",
+                  "--input-len", "8", "--output-len", "8")  # fmt: skip
+    assert r["batch"] == 4 and r["constrained"] == 2
+    assert r["plain_step_s"] > 0 and r["constrained_step_s"] > 0
+    assert r["running_at_end"] == 4  # nobody finished early: both runs timed the full batch

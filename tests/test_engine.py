@@ -195,3 +195,28 @@ def test_chat_uses_the_template(llama_dir):
     assert outs[0].token_ids == outs[1].token_ids
     single = llm.chat(conv, SamplingParams(max_tokens=4, temperature=0))
     assert len(single) == 1 and single[0].token_ids == outs[0].token_ids
+
+
+def test_a_step_as_one_attention_row_per_token_gives_the_same_logits(llama_dir):
+    """The form in which small prefill steps replay the decode CUDA graphs: each new token its own attention row
+    over its sequence's pages. Checked here on the torch backend against the usual per-sequence form."""
+    llm = make_llm(llama_dir, max_num_batched_tokens=40)
+    engine, runner = llm.engine, llm.engine.runner
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.step()  # a decode from now on
+    engine.add_request(random_prompts([70])[0], SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()  # 39 of the 70 prompt tokens
+    batch = engine.scheduler.schedule()
+    assert batch.num_new == [1, 31] and batch.seqs[1].num_computed == 39
+    logits = {}
+    with torch.inference_mode():
+        for token_rows in (False, True):
+            input_ids, positions, meta, rows = runner.prepare(batch, pad_to=40 if token_rows else None,
+                                                              token_rows=token_rows)  # fmt: skip
+            assert meta.q_lens == ([1] * 40 if token_rows else [1, 31])
+            runner.attn.plan(meta)
+            logits[token_rows] = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn))[:32]
+            assert rows.tolist() == [0, 31]
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+    engine.fail_all()
+    assert_no_leak(llm)

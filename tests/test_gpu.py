@@ -206,3 +206,28 @@ def test_graphs_match_eager_logits(graph_llm):
     # The compiled forward keeps fused intermediates in fp32 where eager rounds each op to bf16.
     assert rel_err(graphed, eager) < 2e-2
     graph_llm.engine.fail_all()
+
+
+def test_constrained_decoding_on_cuda(tmp_path):
+    """xgrammar's masks applied to CUDA logits, in a batch with unconstrained rows that stay unchanged."""
+    import json
+    import re
+
+    from conftest import save_tokenizer
+    from nanokyro import StructuredOutput
+
+    free_cuda()
+    save_tokenizer(str(tmp_path))  # a small real tokenizer over the dummy model's larger vocab
+    llm = qwen3(tokenizer=str(tmp_path), enforce_eager=True)
+    plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = llm.generate([[11, 12, 13]], plain)[0].token_ids
+    regex = SamplingParams(max_tokens=20, temperature=1.0, seed=0, structured=StructuredOutput(regex="[0-9]{3}-[a-z]{2}"))
+    obj = SamplingParams(max_tokens=60, temperature=1.0, seed=1,
+                         structured=StructuredOutput(json={"type": "object", "properties": {"k": {"enum": ["x", "y"]}},
+                                                           "required": ["k"]}))  # fmt: skip
+    outs = llm.generate([[1, 2, 3], [11, 12, 13], [4, 5, 6]], [regex, plain, obj])
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", outs[0].text)
+    assert outs[1].token_ids == alone
+    assert json.loads(outs[2].text)["k"] in ("x", "y")
+    del llm
+    free_cuda()
