@@ -95,6 +95,27 @@ def hf_default_model():
     ).eval()
 
 
+def assert_logits_match(llm, hf_model, prompts: list[list[int]], tol: float) -> None:
+    """All prompts in one flat forward (one step, no padding) give HF's logits at every position."""
+    from nanokyro import SamplingParams
+
+    engine, runner = llm.engine, llm.engine.runner
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=1))
+    batch = engine.scheduler.schedule()
+    assert batch.num_new == [len(p) for p in prompts]  # all prompts in one step
+    with torch.inference_mode():
+        input_ids, positions, meta, _ = runner.prepare(batch)
+        runner.attn.plan(meta)
+        logits = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn))
+        start = 0
+        for p in prompts:
+            ref = hf_model(torch.tensor([p])).logits[0]
+            torch.testing.assert_close(logits[start : start + len(p)], ref, atol=tol, rtol=tol)
+            start += len(p)
+    engine.fail_all()
+
+
 def assert_no_leak(llm) -> None:
     """Every page is free (or idle in the prefix cache) and no request is left in the engine."""
     engine = llm.engine

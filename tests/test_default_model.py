@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ServerThread
+from conftest import ServerThread, assert_logits_match
 from nanokyro import LLM, SamplingParams
 from nanokyro.config import EngineConfig
 from nanokyro.engine import AsyncEngine
@@ -33,23 +33,7 @@ def test_default_model_is_served_under_its_name(llm):
 
 def test_logits_match_transformers(llm, hf_model):
     # Plain prompts with no common first page, so the prefix cache lets all of them into one flat batch.
-    prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
-    engine = llm.engine
-    for p in prompts:
-        engine.add_request(p, SamplingParams(max_tokens=1))
-    batch = engine.scheduler.schedule()
-    assert batch.num_new == [len(p) for p in prompts]
-    runner = engine.runner
-    with torch.inference_mode():
-        input_ids, positions, meta, _ = runner.prepare(batch)
-        runner.attn.plan(meta)
-        logits = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn))
-        start = 0
-        for p in prompts:
-            ref = hf_model(torch.tensor([p])).logits[0]
-            torch.testing.assert_close(logits[start : start + len(p)], ref, atol=2e-3, rtol=2e-3)
-            start += len(p)
-    engine.fail_all()
+    assert_logits_match(llm, hf_model, [llm.tokenizer.encode(p) for p in PROMPTS], tol=2e-3)
 
 
 def test_greedy_chat_answers_match_transformers(llm, hf_model):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import assert_no_leak
+from conftest import assert_logits_match, assert_no_leak
 from nanokyro import LLM, SamplingParams
 from nanokyro.engine import PromptError
 from nanokyro.scheduler import ScheduledBatch
@@ -30,23 +30,7 @@ def test_logits_match_transformers(tiny_model_dir):
     """A batch of prompts of different lengths in one flat forward gives HF's logits at every position."""
     llm = make_llm(tiny_model_dir, enable_prefix_caching=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    prompts = random_prompts([5, 40, 1, 77])
-    engine = llm.engine
-    for p in prompts:
-        engine.add_request(p, SamplingParams(max_tokens=1))
-    batch = engine.scheduler.schedule()
-    assert batch.num_new == [len(p) for p in prompts]  # all prompts in one step
-    runner = engine.runner
-    with torch.inference_mode():
-        input_ids, positions, meta, _ = runner.prepare(batch)
-        runner.attn.plan(meta)
-        logits = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn))
-        start = 0
-        for p in prompts:
-            ref = hf(torch.tensor([p])).logits[0]
-            torch.testing.assert_close(logits[start : start + len(p)], ref, atol=1e-4, rtol=1e-4)
-            start += len(p)
-    engine.fail_all()
+    assert_logits_match(llm, hf, random_prompts([5, 40, 1, 77]), tol=1e-4)
     assert_no_leak(llm)
 
 
