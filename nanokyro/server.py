@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API over an AsyncEngine, as a Litestar app.
 
-Owns: request and response bodies (msgspec structs; unknown fields are a 400), turning a request into prompt ids
+Owns: turning a request (its bodies are in protocol.py; unknown fields are a 400) into prompt ids
 and SamplingParams, streaming deltas as SSE chunks or collecting them into one answer, OpenAI-shaped errors,
 the waiting-queue limit, API-key checks, /health, /metrics, and aborting a request the moment its client leaves.
 """
@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator, Callable
 
 import jinja2
 import msgspec
@@ -29,6 +29,10 @@ from litestar.response import Stream
 from nanokyro.engine import AsyncEngine, Delta, EngineDead, TokenLogprob
 from nanokyro.grammar import StructuredOutput
 from nanokyro.metrics import CONTENT_TYPE, Metrics, RequestStats
+from nanokyro.protocol import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+    Completion, CompletionChoice, CompletionRequest, DeltaMessage, PromptTokensDetails, SamplingFields, Usage,
+)  # fmt: skip
 from nanokyro.sampler import SamplingParams
 
 log = logging.getLogger("nanokyro.server")
@@ -36,156 +40,6 @@ log = logging.getLogger("nanokyro.server")
 MAX_QUEUE = 1000  # default limit on requests waiting for their first token
 MAX_BODY_BYTES = 10 << 20
 SHUTDOWN_GRACE_S = 10.0  # on SIGINT/SIGTERM, in-flight requests get this long to finish before they are aborted
-
-# -- request bodies ----------------------------------------------------------------------------------------------
-
-
-class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class Message(_Body):
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class JSONSchemaFormat(_Body):
-    name: str
-    schema: dict | None = None
-    strict: bool | None = None
-    description: str | None = None
-
-
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
-
-
-class StructuredOutputs(_Body):
-    """vLLM's constrained-decoding extension: exactly one of these."""
-
-    json: dict | str | bool | None = None
-    regex: str | None = None
-    grammar: str | None = None
-    choice: list[str] | None = None
-
-
-class _Sampling(_Body):
-    """Fields both endpoints share; None means the OpenAI default."""
-
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
-    # Extensions beyond the OpenAI API.
-    structured_outputs: StructuredOutputs | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
-
-
-class ChatCompletionRequest(_Sampling, kw_only=True):
-    messages: list[Message]
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-
-
-class CompletionRequest(_Sampling, kw_only=True):
-    prompt: str | list[str | int | list[int]]  # a string, strings, token ids, or lists of token ids
-    logprobs: int | None = None
-
-
-# -- response bodies -------------------------------------------------------------------------------------------
-
-
-class PromptTokensDetails(msgspec.Struct):
-    cached_tokens: int
-
-
-class Usage(msgspec.Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-
-class AssistantMessage(msgspec.Struct):
-    content: str
-    role: str = "assistant"
-
-
-class ChatChoice(msgspec.Struct):
-    index: int
-    message: AssistantMessage
-    logprobs: dict | None
-    finish_reason: str | None
-
-
-class ChatCompletion(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    object: str = "chat.completion"
-
-
-class DeltaMessage(msgspec.Struct, omit_defaults=True):
-    role: str | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(msgspec.Struct):
-    index: int
-    delta: DeltaMessage
-    logprobs: dict | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    object: str = "chat.completion.chunk"
-
-
-class CompletionChoice(msgspec.Struct):
-    index: int
-    text: str
-    logprobs: dict | None = None
-    finish_reason: str | None = None
-
-
-class Completion(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    object: str = "text_completion"
-
 
 # -- errors ----------------------------------------------------------------------------------------------------
 
@@ -254,7 +108,7 @@ def _default(value, default):
     return default if value is None else value
 
 
-def _structured(req: _Sampling) -> StructuredOutput | None:
+def _structured(req: SamplingFields) -> StructuredOutput | None:
     """response_format (OpenAI) or structured_outputs (vLLM) as the engine's constraint."""
     fmt, so = req.response_format, req.structured_outputs
     if fmt is not None and so is not None and fmt.type != "text":
@@ -283,7 +137,7 @@ async def _compile(engine: AsyncEngine, params: SamplingParams) -> None:
             raise APIError(400, str(e), param="response_format") from None
 
 
-def _sampling_params(req: _Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     structured = _structured(req)
     try:
         return SamplingParams(
@@ -465,7 +319,7 @@ class _Server:
                            code="engine_dead")  # fmt: skip
         return self.engine
 
-    def admit(self, req: _Sampling) -> AsyncEngine:
+    def admit(self, req: SamplingFields) -> AsyncEngine:
         """The checks every generation request goes through before its own; returns the engine to use."""
         engine = self.ready_engine()
         if req.model != engine.model_name:
@@ -611,7 +465,7 @@ class _Server:
             choice(i, c.text, c.logprobs, c.finish_reason) for i, c in enumerate(choices)]))  # fmt: skip
 
 
-def _usage_chunk(req: _Sampling, make: Callable[[Usage], Any]) -> Callable[[Usage], Any] | None:
+def _usage_chunk(req: SamplingFields, make: Callable[[Usage], Any]) -> Callable[[Usage], Any] | None:
     return make if req.stream_options is not None and req.stream_options.include_usage else None
 
 

@@ -11,7 +11,6 @@ import transformers
 from conftest import assert_logits_match, assert_no_leak
 from nanokyro import LLM, SamplingParams
 from nanokyro.engine import PromptError
-from nanokyro.scheduler import ScheduledBatch
 
 PROMPT_LENS = [1, 3, 17, 32, 64, 100, 150, 200]
 
