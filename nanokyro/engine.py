@@ -103,6 +103,11 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         device, dtype = cfg.torch_device(), cfg.torch_dtype()
         self.num_pages = num_kv_pages(mc, cfg, device, dtype)
+        # A sequence longer than the whole cache could never be resumed after preempting itself.
+        self.max_model_len = min(self.max_model_len, self.num_pages * cfg.page_size)
+        if cfg.max_num_batched_tokens < cfg.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be at least max_num_seqs "
+                             f"({cfg.max_num_seqs}), or some running sequences would get no token each step")  # fmt: skip
         self.blocks = BlockManager(self.num_pages, cfg.page_size)
         self.cache = RadixCache(self.blocks) if cfg.enable_prefix_caching else None
         self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs, self.cache)
@@ -363,7 +368,7 @@ class AsyncEngine:
                     break
                 try:
                     deltas = self.engine.step()
-                except Exception as e:  # a bug hit this step's requests: fail them, keep serving the rest
+                except Exception as e:  # a bug hit a step: fail the requests in flight, keep the loop serving
                     log.error("step failed: %s", traceback.format_exc())
                     for rid in self.engine.fail_all():
                         self._publish(rid, RuntimeError(f"request failed inside the engine: {e!r}"))
@@ -372,6 +377,7 @@ class AsyncEngine:
                     self._publish(d.request_id, d)
                 sched = self.engine.scheduler
                 self.num_requests_waiting, self.num_requests_running = len(sched.waiting), len(sched.running)
+            self._take_commands(block=False)  # the aborts shutdown queued: their streams get their finish
         except BaseException as e:
             self.error = e
             log.error("engine loop died: %s", traceback.format_exc())
@@ -396,7 +402,8 @@ class AsyncEngine:
                 except Exception as e:
                     self._publish(request_id, e)
         elif kind == "abort":
-            self.engine.abort(arg)
+            for d in self.engine.abort(arg):  # the stream, if still read (shutdown), gets its finish
+                self._publish(d.request_id, d)
 
     def _publish(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)

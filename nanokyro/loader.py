@@ -6,6 +6,7 @@ Checkpoint tensors arrive under their HF names and are copied into the model's f
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from typing import Iterator
@@ -50,7 +51,9 @@ def resolve_model_path(model: str | None) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
+        # consolidated*.safetensors: the original (non-HF) weights some repos ship beside the HF shards
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"],
+                                 ignore_patterns=["consolidated*"])
     except Exception as e:
         raise FileNotFoundError(f"{model!r} is neither a local path nor a reachable hub model: {e}") from e
 
@@ -89,7 +92,8 @@ def _load(cfg: EngineConfig) -> tuple[LlamaModel, Tokenizer | None, str]:
     model = build_model(model_cfg, device, dtype)
     load_weights(model, iter_safetensors(path, device, dtype))
     tokenizer = Tokenizer.from_dir(path, eos_token_ids=model_cfg.eos_token_ids)
-    return model, tokenizer, cfg.model.rstrip("/").split("/")[-1] if cfg.model else os.path.basename(path)
+    # A hub id is served under itself, as clients name it; a local directory under its own name.
+    return model, tokenizer, os.path.basename(cfg.model.rstrip("/")) if os.path.exists(cfg.model) else cfg.model
 
 
 def build_model(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaModel:
@@ -105,7 +109,13 @@ def build_model(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype
 def iter_safetensors(path: str, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):  # the shards the index names, and no other .safetensors lying beside them
+        with open(index) as f:
+            files = sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
+    else:
+        files = [f for f in sorted(glob.glob(os.path.join(path, "*.safetensors")))
+                 if not os.path.basename(f).startswith("consolidated")]  # fmt: skip
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {path}")
     for file in files:

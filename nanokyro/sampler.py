@@ -9,6 +9,10 @@ import torch
 from nanokyro.grammar import GrammarMatcher, StructuredOutput, TokenBitmask
 
 
+MAX_N = 128  # completions per request: each is a sequence, so n is bounded like a batch
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -42,16 +46,17 @@ class SamplingParams:
     def verify(self) -> None:
         """Raise ValueError naming the offending field; the server turns it into a 400."""
         checks = [
-            (self.n >= 1, "n", "must be at least 1"),
+            (1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
             (self.temperature >= 0, "temperature", "must be >= 0"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (self.top_k >= 0, "top_k", "must be -1, 0 (off) or positive"),
+            (0 <= self.top_k < 2**31, "top_k", "must be -1, 0 (off) or a positive count"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (self.seed is None or 0 <= self.seed <= 2**63 - self.n, "seed", "must be in [0, 2**63 - n]"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -59,7 +64,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW  # dividing by a tinier temperature would overflow to inf
 
 
 @dataclass

@@ -131,8 +131,9 @@ class Scheduler:
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = seq.num_computed
                 seq.first_scheduled_time = time.monotonic()
-                self.prefix_queried_tokens += seq.num_prompt_tokens
-                self.prefix_hit_tokens += seq.num_computed
+                if self.cache is not None:  # (pages shared from an n > 1 leader are not cache hits)
+                    self.prefix_queried_tokens += seq.num_prompt_tokens
+                    self.prefix_hit_tokens += seq.num_computed
             seq.status = Status.RUNNING
             self.running.append(seq)
             chosen[seq] = n
@@ -199,7 +200,8 @@ class Scheduler:
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.WAITING:
-            self.waiting.remove(seq)
+            if seq in self.waiting:  # not while _admit holds it aside (a step failing mid-admission)
+                self.waiting.remove(seq)
         else:
             self._free(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason

@@ -127,14 +127,15 @@ def _structured(req: SamplingFields) -> StructuredOutput | None:
         raise APIError(400, str(e), param="response_format" if so is None else "structured_outputs") from None
 
 
-async def _compile(engine: AsyncEngine, params: SamplingParams) -> None:
+async def _compile(engine: AsyncEngine, params: SamplingParams, req: SamplingFields) -> None:
     """Compile a request's grammar in a worker thread, so neither the event loop nor the engine waits on it;
     compiled grammars are cached, so the engine's own validation then finds it ready."""
     if params.structured is not None:
         try:
             await asyncio.to_thread(engine.engine.grammars.compile, params.structured)
         except ValueError as e:
-            raise APIError(400, str(e), param="response_format") from None
+            field = "structured_outputs" if req.structured_outputs is not None else "response_format"
+            raise APIError(400, str(e), param=field) from None
 
 
 def _sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -408,7 +409,7 @@ class _Server:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         engine, params = self.admit(req), _chat_params(req)
-        await _compile(engine, params)
+        await _compile(engine, params, req)
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
         if engine.tokenizer is None:
@@ -440,7 +441,7 @@ class _Server:
 
     async def complete(self, req: CompletionRequest, request: Request) -> Response:
         engine, params = self.admit(req), _completion_params(req)
-        await _compile(engine, params)
+        await _compile(engine, params, req)
         try:
             prompt_ids = [engine.prepare(p, params) for p in _prompts(req.prompt)]
         except ValueError as e:

@@ -2,6 +2,7 @@
 chunked prefill, preemption, n > 1, stops, aborts, and that no page ever leaks."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -203,3 +204,69 @@ def test_a_step_as_one_attention_row_per_token_gives_the_same_logits(llama_dir):
     torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
     engine.fail_all()
     assert_no_leak(llm)
+
+
+def test_out_of_range_sampling_values_are_refused_before_they_reach_a_batch(llama_dir):
+    for bad in (dict(top_k=2**63), dict(n=129), dict(seed=2**64 - 1, n=2), dict(seed=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    llm = make_llm(llama_dir)
+    tiny_t = llm.generate([5, 6, 7], SamplingParams(max_tokens=8, temperature=1e-300, ignore_eos=True))[0]
+    greedy = llm.generate([5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert tiny_t.token_ids == greedy.token_ids  # a vanishing temperature is greedy, not inf / nan
+    assert_no_leak(llm)
+
+
+def test_sharded_checkpoint_loads_the_shards_its_index_names(tmp_path, hf_llama):
+    """Sharded safetensors with their index; a stray consolidated.safetensors beside them is not read."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "sharded")
+    hf_llama.save_pretrained(path, max_shard_size="100KB")
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    save_file({"layers.0.attention.wk.weight": torch.zeros(2, 2)}, os.path.join(path, "consolidated.safetensors"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(hf_llama.name_or_path, name), path)
+    llm = make_llm(path)
+    prompt = [5, 6, 7, 8]
+    ref = hf_llama.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt) :].tolist()
+    assert llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0))[0].token_ids == ref
+
+
+def test_a_sequence_never_outgrows_the_kv_cache(llama_dir):
+    """With no max_tokens, a sequence stops at the cache's capacity instead of preempting itself for ever."""
+    from nanokyro.config import ModelConfig
+    from nanokyro.runner import kv_bytes_per_page
+
+    llm = make_llm(llama_dir, kv_cache_memory=8 * kv_bytes_per_page(ModelConfig.from_dir(llama_dir), 16, torch.float32))
+    assert llm.engine.max_model_len == 8 * 16
+    out = llm.generate([5, 6, 7], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and 3 + len(out.token_ids) == 8 * 16
+    assert_no_leak(llm)
+
+
+def test_async_shutdown_ends_every_stream(llama_dir):
+    import asyncio
+
+    from nanokyro.config import EngineConfig
+    from nanokyro.engine import AsyncEngine
+
+    async def main():
+        engine = AsyncEngine(EngineConfig(model=llama_dir, dtype="float32", kv_cache_memory=16 << 20))
+        engine.start()
+        reasons = []
+
+        async def consume():
+            async for d in engine.generate([5, 6, 7], SamplingParams(max_tokens=800, ignore_eos=True)):
+                reasons.append(d.finish_reason)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.3)
+        await engine.shutdown(grace_s=0.1)
+        await asyncio.wait_for(task, timeout=10)  # the stream ends instead of waiting for ever
+        return reasons
+
+    reasons = asyncio.run(main())
+    assert reasons[-1] == "abort" and len(reasons) < 800
