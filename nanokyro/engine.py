@@ -202,31 +202,11 @@ class LLMEngine:
                                                        [out.token_ids[i] for i in constrained])))  # fmt: skip
         deltas = []
         for i, (seq, token) in enumerate(zip(sampled, out.token_ids)):
-            req = self.requests[seq.request_id]
-            detok = req.detoks[seq.index]
-            params = seq.params
-            text, reason = "", None
-            matcher = seq.matcher
-            if matcher is not None and not accepted[i]:  # its mask allowed only what it accepts
-                log.error("request %s: the grammar rejected token %d", seq.request_id, token)
-                reason = "abort"
-            elif (matcher is not None and matcher.is_terminated()) or token in params.stop_token_ids or (
-                    token in self.eos_ids and not params.ignore_eos):
-                reason = "stop"  # the stop token (also the one that ends a grammar) is in token_ids, not in the text
-            elif detok is not None:
-                text, stopped = detok.add([token])
-                reason = "stop" if stopped else None
-            if reason is None and (
-                len(seq.token_ids) - seq.num_prompt_tokens >= (params.max_tokens or self.max_model_len)
-                or seq.num_tokens >= self.max_model_len
-            ):
-                reason = "length"
-            if reason is not None and detok is not None:
-                text += detok.flush()
+            text, reason = self._text_and_stop(seq, token, accepted.get(i, True))
             logprobs = None
-            if out.logprobs is not None and params.logprobs is not None:
+            if out.logprobs is not None and seq.params.logprobs is not None:
                 top = out.top_logprobs[i] if out.top_logprobs is not None else []
-                logprobs = [TokenLogprob(token, out.logprobs[i], top[: params.logprobs])]
+                logprobs = [TokenLogprob(token, out.logprobs[i], top[: seq.params.logprobs])]
             if reason is not None:
                 self.scheduler.finish(seq, reason)
             deltas.append(self._delta(seq, text, [token], logprobs, reason))
@@ -234,6 +214,28 @@ class LLMEngine:
             if all(s.status is Status.FINISHED for s in self.requests[rid].seqs):
                 del self.requests[rid]
         return deltas
+
+    def _text_and_stop(self, seq: Sequence, token: int, grammar_accepted: bool) -> tuple[str, str | None]:
+        """The text `token` adds to `seq`, and why `seq` ends here, if it does."""
+        params, detok = seq.params, self.requests[seq.request_id].detoks[seq.index]
+        text, reason = "", None
+        if not grammar_accepted:  # its mask allowed only what the grammar accepts: a bug if it happens
+            log.error("request %s: the grammar rejected token %d", seq.request_id, token)
+            reason = "abort"
+        elif (seq.matcher is not None and seq.matcher.is_terminated()) or token in params.stop_token_ids or (
+                token in self.eos_ids and not params.ignore_eos):  # fmt: skip
+            reason = "stop"  # the stop token (also the one that ends a grammar) is in token_ids, not in the text
+        elif detok is not None:
+            text, stopped = detok.add([token])
+            reason = "stop" if stopped else None
+        if reason is None and (
+            seq.num_tokens - seq.num_prompt_tokens >= (params.max_tokens or self.max_model_len)
+            or seq.num_tokens >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None and detok is not None:
+            text += detok.flush()
+        return text, reason
 
     def _delta(self, seq: Sequence, text, token_ids, logprobs, reason) -> Delta:
         return Delta(seq.request_id, seq.index, text, token_ids, logprobs, reason, seq.num_prompt_tokens,
