@@ -99,5 +99,5 @@ class RadixCache:
             yield node
 
     def clear(self) -> None:
-        """Drop every unreferenced page (tests, and resetting a benchmark between runs)."""
+        """Drop every unreferenced page."""
         self.evict(self.num_nodes)
