@@ -1,4 +1,5 @@
-"""bench.py end to end on the CPU: a tiny model and workload, offline and batch-1 latency, JSON results."""
+"""bench.py end to end on the CPU: a tiny model and workload, offline, batch-1 latency and online against its own
+server, JSON results."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import build_tiny_model
@@ -58,3 +60,44 @@ def test_structured_bench_keeps_the_constrained_batch_decoding(tiny_dir, tmp_pat
     assert r["batch"] == 4 and r["constrained"] == 2
     assert r["plain_step_s"] > 0 and r["constrained_step_s"] > 0
     assert r["running_at_end"] == 4  # nobody finished early: both runs timed the full batch
+
+
+ONLINE = ("--serve", "--num-prompts", "6", "--input-len", "5-20", "--output-len", "4-8")
+
+
+def assert_sane_level(level: dict) -> None:
+    assert level["completed"] == 6 and level["errors"] == 0 and level["first_error"] is None
+    assert level["request_throughput"] > 0 and level["output_tokens_per_s"] > 0
+    for metric in ("ttft_s", "tbt_s", "e2e_s"):
+        p = level[metric]
+        assert 0 < p["p50"] <= p["p90"] <= p["p99"], (metric, p)
+    assert level["ttft_s"]["p50"] < level["e2e_s"]["p50"] and level["e2e_s"]["p99"] <= level["duration_s"]
+
+
+def test_online_bench_with_closed_loop_clients_completes_every_request(tiny_dir, tmp_path):
+    r = run_bench(tmp_path, "--model", tiny_dir, *ONLINE, "--concurrency", "3")
+    assert r["mode"] == "online" and r["num_prompts"] == 6 and 6 * 4 <= r["output_tokens"] <= 6 * 8
+    [level] = r["levels"]
+    assert level["concurrency"] == 3
+    assert_sane_level(level)
+    # every requested token streamed back
+    assert level["output_tokens_per_s"] * level["duration_s"] == pytest.approx(r["output_tokens"])
+
+
+def test_online_bench_with_poisson_arrivals_completes_every_request(tiny_dir, tmp_path):
+    r = run_bench(tmp_path, "--model", tiny_dir, *ONLINE, "--request-rate", "20")
+    [level] = r["levels"]
+    assert level["request_rate"] == 20
+    assert_sane_level(level)
+    last_arrival = np.cumsum(np.random.default_rng(0).exponential(1 / 20, 6))[-1]  # bench's seeded arrivals
+    assert level["duration_s"] > last_arrival
+
+
+def test_online_bench_plots_latency_against_each_load_level(tiny_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "latency.png"
+    r = run_bench(tmp_path, "--model", tiny_dir, *ONLINE, "--request-rate", "10,40", "--plot", str(png))
+    assert [lv["request_rate"] for lv in r["levels"]] == [10, 40]
+    for level in r["levels"]:
+        assert_sane_level(level)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
