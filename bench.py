@@ -23,7 +23,6 @@ import asyncio
 import gc
 import json
 import math
-import threading
 import time
 
 import numpy as np
@@ -319,37 +318,20 @@ def parse_levels(text: str) -> list[float]:
 
 
 class ServedEngine:
-    """This engine behind the HTTP server, run by uvicorn in a thread with its own event loop."""
+    """This engine behind the HTTP server, in a thread of this process."""
 
     def __init__(self, args):
-        import socket
-
-        import uvicorn
-
         from nanokyro.config import EngineConfig
         from nanokyro.engine import AsyncEngine
-        from nanokyro.server import MAX_QUEUE, create_app
+        from nanokyro.server import MAX_QUEUE, BackgroundServer, create_app
 
         self.engine = AsyncEngine(EngineConfig(model=args.model, **engine_options(args)))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
         # Queue every request rather than answer 429: the benchmark measures queueing, not admission control.
-        app = create_app(self.engine, max_queue=max(MAX_QUEUE, args.num_prompts))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))  # fmt: skip
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the in-process server did not start")
-            time.sleep(0.01)
+        self.http = BackgroundServer(create_app(self.engine, max_queue=max(MAX_QUEUE, args.num_prompts)))
+        self.url = self.http.url
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
+        self.http.stop()
 
 
 async def stream_request(client, model: str, prompt: list[int], max_tokens: int) -> dict:

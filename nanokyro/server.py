@@ -11,6 +11,7 @@ import itertools
 import logging
 import re
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -527,3 +528,34 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], *, api_key: str 
         exception_handlers={APIError: _api_error, ValidationException: _validation_error,
                             HTTPException: _http_error, Exception: _internal_error},  # fmt: skip
     )
+
+
+def free_port() -> int:
+    """A loopback port nobody is listening on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """An app served by uvicorn on a free loopback port, in a thread with its own event loop: how tests and
+    `bench.py --serve` run a real server beside their own code."""
+
+    def __init__(self, app, start_timeout_s: float = 60.0):
+        import uvicorn
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))  # fmt: skip
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + start_timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server at {self.url} did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)

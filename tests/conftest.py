@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
 
 import pytest
 import torch
+
+from nanokyro.server import BackgroundServer
 
 torch.set_num_threads(2)
 
@@ -127,35 +126,10 @@ def assert_no_leak(llm) -> None:
 KEY = "sk-test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """uvicorn serving `app` on a free port, in a thread with its own event loop."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.app = app
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))  # fmt: skip
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.01)
+class ServerThread(BackgroundServer):
+    """A real server on loopback, with an openai client for it."""
 
     def client(self, key=KEY, **kw):
         import openai
 
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=30, **kw)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=20)

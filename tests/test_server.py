@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nanokyro.config import EngineConfig
 from nanokyro.engine import AsyncEngine
-from nanokyro.server import MAX_BODY_BYTES, create_app
-from conftest import KEY, ServerThread, free_port
+from nanokyro.server import MAX_BODY_BYTES, create_app, free_port
+from conftest import KEY, ServerThread
 
 CHAT = [{"role": "user", "content": "Hello, how are you?"}]
 
