@@ -148,6 +148,10 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
         prompt_ids = self.encode(prompt)
         self.validate(prompt_ids, params)
+        return self.enqueue(prompt_ids, params, request_id)
+
+    def enqueue(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request whose prompt is already encoded and validated."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise PromptError(f"request id {request_id!r} is already in use")
@@ -267,7 +271,7 @@ class LLM:
             self.engine.validate(prompt, p)
         outputs = {}
         for prompt, p in zip(prompts, params):
-            rid = self.engine.add_request(prompt, p)
+            rid = self.engine.enqueue(prompt, p)
             prompt_ids = self.engine.requests[rid].seqs[0].prompt_ids
             outputs[rid] = RequestOutput(rid, prompt_ids, [CompletionOutput(i) for i in range(p.n)])
         bar = None
