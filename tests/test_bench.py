@@ -1,5 +1,6 @@
-"""bench.py end to end on the CPU: a tiny model and workload, offline, batch-1 latency and online against its own
-server, JSON results."""
+"""bench.py end to end on the CPU: a tiny model and workload, offline, batch-1 latency, prefix cache, structured
+output, decode idle time and online against its own server, JSON results; and the GPU-busy arithmetic of the
+decode-idle mode."""
 from __future__ import annotations
 
 import json
@@ -60,6 +61,35 @@ def test_structured_bench_keeps_the_constrained_batch_decoding(tiny_dir, tmp_pat
     assert r["batch"] == 4 and r["constrained"] == 2
     assert r["plain_step_s"] > 0 and r["constrained_step_s"] > 0
     assert r["running_at_end"] == 4  # nobody finished early: both runs timed the full batch
+
+
+def test_decode_idle_bench_times_the_whole_batch_decoding(tiny_dir, tmp_path):
+    r = run_bench(tmp_path, "--model", tiny_dir, "--decode-idle", "--num-prompts", "5", "--input-len", "4-30")
+    assert r["batch"] == 5 and r["running_at_end"] == 5 and r["steps"] == 20
+    assert r["step_wall_ms"] > 0
+    assert r["step_gpu_busy_ms"] is None and r["gpu_idle_fraction"] is None  # on a CPU: no kernels to profile
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once_and_no_copies():
+    from types import SimpleNamespace
+
+    import torch
+
+    from nanokyro.benchmarks.offline import kernel_busy_s
+
+    def event(name, start_us, end_us, device=torch.autograd.DeviceType.CUDA):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start_us, end=end_us), device_type=device)
+
+    events = [
+        event("gemm", 0, 10), event("attn", 5, 12),  # overlap on two streams: 0-12
+        event("norm", 12, 15),  # touching: 12-15
+        event("tiny", 13, 14),  # inside another: nothing new
+        event("Memcpy HtoD (Pageable -> Device)", 20, 30), event("Memset (Device)", 30, 31),  # copies: not kernels
+        event("aten::mm", 40, 50, torch.autograd.DeviceType.CPU),  # host op
+        event("sample", 35, 36),
+    ]  # fmt: skip
+    assert kernel_busy_s(events) == pytest.approx((15 + 1) / 1e6)
+    assert kernel_busy_s([]) == 0
 
 
 ONLINE = ("--serve", "--num-prompts", "6", "--input-len", "5-20", "--output-len", "4-8")

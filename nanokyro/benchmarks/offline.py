@@ -1,0 +1,174 @@
+"""Offline runs against LLMEngine in this process: throughput of the recipe, batch-1 decode latency, time to
+first token with a cold and a cached prefix, decode step time under JSON-schema constraints, and how much of
+a full-batch decode step the GPU sits idle.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import numpy as np
+import torch
+
+from nanokyro import LLM, SamplingParams
+from nanokyro.benchmarks.workload import sync
+
+
+def run_offline(llm: LLM, prompts, out_lens) -> float:
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in out_lens]
+    device = llm.engine.runner.device
+    llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2)  # warm-up (kernels, allocator)
+    sync(device)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    got = [len(o.token_ids) for o in outs]
+    assert got == out_lens, "every request must produce exactly its output length"
+    return elapsed
+
+
+def run_latency(llm: LLM, prompt: list[int], out_len: int) -> float:
+    """Seconds per decode step of one request (its prefill step excluded)."""
+    engine = llm.engine
+    llm.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    engine.add_request(prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True))
+    engine.step()  # prefill and first token
+    sync(engine.runner.device)
+    start, steps = time.perf_counter(), 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    sync(engine.runner.device)
+    return (time.perf_counter() - start) / steps
+
+
+def run_prefix_cache(llm: LLM, prefix_len: int, seed: int, trials: int = 3) -> dict:
+    """Time to first token of a request whose prefix_len-token prefix is new, then of one that shares it.
+
+    Each trial draws a fresh prefix: the cold request computes all of it, the warm one (same prefix, another
+    suffix) finds it in the prefix cache. Medians over the trials, after a warm-up trial."""
+    engine = llm.engine
+    rng = np.random.default_rng(seed)
+
+    def ttft(prompt: list[int]) -> tuple[float, int]:
+        sync(engine.runner.device)
+        start = time.perf_counter()
+        engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        cached = 0
+        while engine.has_work():
+            for d in engine.step():
+                cached = d.num_cached_tokens
+        return time.perf_counter() - start, cached
+
+    cold, warm = [], []
+    for _ in range(trials + 1):
+        prefix = rng.integers(0, engine.vocab_size, prefix_len).tolist()
+        cold.append(ttft(prefix + rng.integers(0, engine.vocab_size, 16).tolist()))
+        warm.append(ttft(prefix + rng.integers(0, engine.vocab_size, 16).tolist()))
+    cold_s, warm_s = np.median([t for t, _ in cold[1:]]), np.median([t for t, _ in warm[1:]])
+    return {"prefix_len": prefix_len, "cold_ttft_s": float(cold_s), "cached_ttft_s": float(warm_s),
+            "cached_tokens": warm[-1][1], "ttft_speedup": float(cold_s / warm_s)}  # fmt: skip
+
+
+# A schema whose outputs run long (at least 256 records), so constrained rows keep decoding while timed.
+RECORDS_SCHEMA = {
+    "type": "object",
+    "properties": {"records": {"type": "array", "minItems": 256, "items": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "kind": {"enum": ["a", "b", "c"]}, "score": {"type": "number"}},
+        "required": ["name", "kind", "score"]}}},
+    "required": ["records"],
+}  # fmt: skip
+
+
+def run_structured(llm: LLM, prompts: list[list[int]], fraction: float, steps: int) -> dict:
+    """Decode step time with `fraction` of the batch constrained by a JSON schema, against none constrained.
+
+    Both runs admit the same prompts, prefill them all, then time `steps` decode steps of the full batch."""
+    from nanokyro.grammar import StructuredOutput
+
+    engine = llm.engine
+    constrained = round(fraction * len(prompts))
+
+    def step_time(structured: StructuredOutput | None) -> tuple[float, int]:
+        for i, p in enumerate(prompts):
+            s = structured if i < constrained else None
+            engine.add_request(p, SamplingParams(max_tokens=steps + 8, temperature=1.0, ignore_eos=True, structured=s))
+        while engine.scheduler.waiting or any(s.num_computed < s.num_prompt_tokens for s in engine.scheduler.running):
+            engine.step()
+        sync(engine.runner.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync(engine.runner.device)
+        elapsed, still_running = (time.perf_counter() - start) / steps, len(engine.scheduler.running)
+        engine.fail_all()
+        return elapsed, still_running
+
+    schema = StructuredOutput(json=RECORDS_SCHEMA)
+    step_time(schema)  # warm-up: compiles the grammar, captures graphs
+    plain_s, _ = step_time(None)
+    constrained_s, running = step_time(schema)
+    return {"batch": len(prompts), "constrained": constrained, "plain_step_s": plain_s,
+            "constrained_step_s": constrained_s, "overhead": constrained_s / plain_s - 1,
+            "running_at_end": running}  # fmt: skip
+
+
+def run_decode_idle(llm: LLM, prompts: list[list[int]], steps: int = 20, warmup: int = 3) -> dict:
+    """Wall and GPU-busy time per decode step of the whole batch, and the fraction of the step the GPU is idle.
+
+    Admits every prompt with room to decode to the model's length and steps until each one is decoding (none
+    waiting, no prompt tokens left). Then `warmup` steps run in the profiler's warm-up cycle (which takes the
+    cost of starting CUPTI out of the timed steps) and `steps` steps are timed and profiled, synchronising only
+    before the first and after the last: a step's host work that overlaps the GPU's is not serialised, and the
+    idle time is the host's share that the GPU could not hide. On a CPU only the wall time is measured (busy and
+    idle are None)."""
+    engine = llm.engine
+    sched, device = engine.scheduler, engine.runner.device
+    if len(prompts) > engine.cfg.max_num_seqs:
+        raise ValueError(f"{len(prompts)} prompts can't all decode at once: max_num_seqs is {engine.cfg.max_num_seqs}")
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=engine.max_model_len - len(p), temperature=0, ignore_eos=True))
+    while sched.waiting or any(s.num_computed < s.num_prompt_tokens for s in sched.running):
+        engine.step()
+    cuda = device.type == "cuda"
+    profiler = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CUDA], schedule=torch.profiler.schedule(wait=0, warmup=1, active=1)
+    ) if cuda else contextlib.nullcontext()  # fmt: skip
+    with profiler:
+        for _ in range(warmup):
+            engine.step()
+        batch = len(sched.running)
+        sync(device)
+        if cuda:
+            profiler.step()  # warm-up cycle over: record from here
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync(device)
+        wall_s = time.perf_counter() - start
+    running = len(sched.running)
+    engine.fail_all()
+    busy_s = kernel_busy_s(profiler.events()) if cuda else None
+    return {"batch": batch, "steps": steps, "step_wall_ms": wall_s / steps * 1e3,
+            "step_gpu_busy_ms": None if busy_s is None else busy_s / steps * 1e3,
+            "gpu_idle_fraction": None if busy_s is None else 1 - busy_s / wall_s,
+            "running_at_end": running}  # fmt: skip
+
+
+def kernel_busy_s(events) -> float:
+    """Seconds in which at least one CUDA kernel ran: the union of the profiled kernels' intervals, so that
+    kernels overlapping on several streams count once. Memory copies and sets are not kernels."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)  # microseconds
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    )
+    busy, covered_to = 0.0, -math.inf
+    for start, end in spans:
+        if end > covered_to:
+            busy += end - max(start, covered_to)
+            covered_to = end
+    return busy / 1e6

@@ -1,0 +1,145 @@
+"""The workload every mode runs and its floor on this machine.
+
+The random token-id requests of the offline recipe, the engine options and HF config of the model under test,
+the machine's two ceilings (memory bandwidth and matmul rate, measured at start-up), what the model must move
+and compute per token, and the roofline: the least time the workload can take on this machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import torch
+
+from nanokyro import LLM
+from nanokyro.loader import DUMMY_ARCHITECTURES
+
+
+def make_workload(num_prompts: int, input_len, output_len, vocab_size: int, seed: int):
+    """Random prompts (token ids) and output lengths, uniform over the inclusive ranges."""
+    rng = np.random.default_rng(seed)
+    in_lens = rng.integers(input_len[0], input_len[1] + 1, num_prompts)
+    out_lens = rng.integers(output_len[0], output_len[1] + 1, num_prompts)
+    prompts = [rng.integers(0, vocab_size, n).tolist() for n in in_lens]
+    return prompts, [int(n) for n in out_lens]
+
+
+# -- the model under test ------------------------------------------------------------------------------------
+
+
+def hf_config(model: str | None) -> dict:
+    """The HF config.json of a model nanokyro can load: a dummy architecture, an HF dir, or a GGUF file."""
+    if model in DUMMY_ARCHITECTURES:
+        return dict(DUMMY_ARCHITECTURES[model])
+    from nanokyro.loader import resolve_model_path
+
+    path = resolve_model_path(model)
+    if path.endswith(".gguf"):
+        from nanokyro.gguf import read_gguf
+
+        return dict(read_gguf(path).hf_config)
+    with open(f"{path}/config.json") as f:
+        return json.load(f)
+
+
+def engine_options(args) -> dict:
+    """The LLM keyword arguments that the command line's engine options ask for."""
+    opts = dict(seed=args.seed, enforce_eager=args.enforce_eager, tokenizer=args.tokenizer)
+    if args.model in DUMMY_ARCHITECTURES:
+        opts["load_format"] = "dummy"
+    for name in ("dtype", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    return opts
+
+
+# -- the machine's two ceilings ------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on the device (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of fn() over reps runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def measure_machine(device: torch.device, dtype: torch.dtype) -> dict:
+    """Memory bandwidth (a large copy, bytes read + written) and matmul rate (square product, random data)."""
+    cuda = device.type == "cuda"
+    n_copy = (1 << 30) if cuda else (64 << 20)  # bytes per buffer
+    src = torch.randn(n_copy // dtype.itemsize, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    copy_s = _time(lambda: dst.copy_(src), device, 20 if cuda else 5)
+    n = 8192 if cuda else 1024
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    mm_s = _time(lambda: a @ b, device, 20 if cuda else 3)
+    del src, dst, a, b
+    return {"bandwidth_bytes_per_s": 2 * n_copy / copy_s, "matmul_flops_per_s": 2 * n**3 / mm_s}
+
+
+# -- what the workload must move and compute -----------------------------------------------------------------
+
+
+def model_costs(llm: LLM) -> dict:
+    """Bytes of weights one step reads, KV bytes per token, and matmul parameters per token and per logit row."""
+    model = llm.engine.runner.model
+    cfg = model.cfg
+    itemsize = next(model.parameters()).dtype.itemsize
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.embed_tokens.weight.numel()
+    lm_head = embed  # tied or not, the vocab projection has the embedding's shape
+    norms = sum(p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
+    # An untied embedding table is only gathered from (one row per token); every other weight is read.
+    read = total - (0 if cfg.tie_word_embeddings else embed)
+    per_token_matmul = total - embed - norms - (0 if cfg.tie_word_embeddings else lm_head)
+    return {
+        "weight_bytes": read * itemsize,
+        "kv_bytes_per_token": cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize,
+        "matmul_params": per_token_matmul,
+        "lm_head_params": lm_head,
+        "attn_flops_per_pair": 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim,  # QK^T + PV per (query, key)
+    }
+
+
+def roofline(costs: dict, in_lens: list[int], out_lens: list[int], max_num_seqs: int, machine: dict) -> dict:
+    """A lower bound on the workload's time: max(bytes / bandwidth, FLOPs / matmul rate), summed over the run.
+
+    Steps: at least the longest output, and enough to emit every token at max_num_seqs per step; each reads the
+    weights once. Decode step j of a request (j = 1 .. out-1) reads its in + j cached tokens. FLOPs: the linear
+    layers over every computed token, the vocab projection over every sampled one, causal prefill attention
+    and decode attention over the cached context.
+    """
+    ins, outs = np.asarray(in_lens, dtype=np.float64), np.asarray(out_lens, dtype=np.float64)
+    steps = max(outs.max(), math.ceil(outs.sum() / max_num_seqs))
+    kv_read_tokens = ((outs - 1) * ins + (outs - 1) * outs / 2).sum()
+    kv_written_tokens = (ins + outs - 1).sum()
+    bytes_ = steps * costs["weight_bytes"] + (kv_read_tokens + kv_written_tokens) * costs["kv_bytes_per_token"]
+    computed = (ins + outs - 1).sum()
+    flops = (
+        2 * costs["matmul_params"] * computed
+        + 2 * costs["lm_head_params"] * outs.sum()
+        + costs["attn_flops_per_pair"] * ((ins * (ins + 1) / 2).sum() + kv_read_tokens)
+    )
+    memory_s, compute_s = bytes_ / machine["bandwidth_bytes_per_s"], flops / machine["matmul_flops_per_s"]
+    return {"bytes": float(bytes_), "flops": float(flops), "memory_s": memory_s, "compute_s": compute_s,
+            "floor_s": max(memory_s, compute_s)}  # fmt: skip
