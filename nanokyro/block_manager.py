@@ -2,7 +2,8 @@
 
 A page's reference count is the number of sequences using it. A page at zero goes back to the free list,
 unless the prefix cache holds it: then it stays filled, evictable, until the allocator runs short and asks
-the cache to give pages back (least recently used first).
+the cache to give pages back (least recently used first). The cache is told whenever a page it holds goes
+idle (count reaches zero) or back into use, so it always knows which of its pages it may evict.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class BlockManager:
         self.free: deque[int] = deque(range(num_pages))
         self.num_used = 0  # pages referenced by at least one sequence
         self.evict: Callable[[int], None] | None = None  # set by the prefix cache: frees up to n pages
+        self.on_idle_change: Callable[[int], None] | None = None  # set by the prefix cache: its page went idle/busy
 
     def pages_for(self, num_tokens: int) -> int:
         return (num_tokens + self.page_size - 1) // self.page_size
@@ -39,8 +41,11 @@ class BlockManager:
 
     def incref(self, pages: list[int]) -> None:
         for p in pages:
-            self.num_used += self.ref[p] == 0
             self.ref[p] += 1
+            if self.ref[p] == 1:
+                self.num_used += 1
+                if self.cached[p]:
+                    self.on_idle_change(p)
 
     def release(self, pages: list[int]) -> None:
         for p in pages:
@@ -48,7 +53,9 @@ class BlockManager:
             assert self.ref[p] >= 0, f"page {p} released too often"
             if self.ref[p] == 0:
                 self.num_used -= 1
-                if not self.cached[p]:
+                if self.cached[p]:
+                    self.on_idle_change(p)
+                else:
                     self.free.append(p)
 
     def set_cached(self, page: int, cached: bool) -> None:

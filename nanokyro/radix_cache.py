@@ -7,6 +7,10 @@ a sequence that uses a node also holds every ancestor: it matched (or computed) 
 Pages are reference counted by the BlockManager; the tree holds its own claim (`blocks.cached`). A page no
 sequence references stays in the tree, evictable: when the allocator runs short it calls `evict`, which
 frees least-recently-used leaves first. A referenced page is never evicted, so it is never overwritten.
+
+The evictable leaves (no children, no references) are kept as a set, updated as nodes are added and removed
+and as the BlockManager reports pages going idle or back into use, with a heap ordering them by last access.
+So `evict` costs O(log n) per page freed instead of a scan of the whole tree.
 """
 from __future__ import annotations
 
@@ -31,9 +35,18 @@ class RadixCache:
     def __init__(self, blocks: BlockManager):
         self.blocks, self.page_size = blocks, blocks.page_size
         self.root = Node((), -1, None)
-        self.num_nodes = 0
+        self._node_of: dict[int, Node] = {}  # page -> the node that owns it
         self._clock = itertools.count(1)
-        blocks.evict = self.evict
+        # The heap is lazy: an entry is (last_access when pushed, tiebreak, node), and entries for nodes that
+        # have since left the set, or were accessed again, are dropped or requeued when they surface.
+        self._evictable: set[Node] = set()
+        self._heap: list[tuple[int, int, Node]] = []
+        self._tiebreak = itertools.count()
+        blocks.evict, blocks.on_idle_change = self.evict, self._on_idle_change
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self._node_of)
 
     def _chunks(self, token_ids: list[int], start: int, num_pages: int):
         ps = self.page_size
@@ -62,10 +75,10 @@ class RadixCache:
         node, now = node or self.root, next(self._clock)
         for i, key in self._chunks(token_ids, node.depth, min(num_tokens // self.page_size, len(pages))):
             child = node.children.get(key)
-            if child is None:
+            if child is None:  # the caller holds pages[i] and node's chain: neither is evictable, nothing to update
                 child = node.children[key] = Node(key, pages[i], node, node.depth + 1)
+                self._node_of[pages[i]] = child
                 self.blocks.set_cached(pages[i], True)
-                self.num_nodes += 1
             elif child.page != pages[i]:
                 self.blocks.incref([child.page])
                 self.blocks.release([pages[i]])
@@ -76,20 +89,42 @@ class RadixCache:
 
     def evict(self, num_pages: int) -> int:
         """Free up to num_pages unreferenced pages, least recently used leaves first. Returns how many."""
-        ref = self.blocks.ref
-        leaves = [(n.last_access, id(n), n) for n in self._nodes() if not n.children and ref[n.page] == 0]
-        heapq.heapify(leaves)
         freed = 0
-        while leaves and freed < num_pages:
-            _, _, node = heapq.heappop(leaves)
-            parent = node.parent
-            del parent.children[node.key]
-            self.num_nodes -= 1
+        while self._heap and freed < num_pages:
+            stamp, _, node = heapq.heappop(self._heap)
+            if node not in self._evictable:  # put in use, given a child or evicted since this entry was pushed
+                continue
+            if stamp != node.last_access:  # accessed since this entry was pushed: its turn comes later
+                self._push(node)
+                continue
+            self._evictable.remove(node)
+            del node.parent.children[node.key]
+            del self._node_of[node.page]
             self.blocks.set_cached(node.page, False)
             freed += 1
-            if parent is not self.root and not parent.children and ref[parent.page] == 0:
-                heapq.heappush(leaves, (parent.last_access, id(parent), parent))
+            self._refresh(node.parent)  # with its last child gone, an idle parent is an evictable leaf
         return freed
+
+    def _on_idle_change(self, page: int) -> None:
+        self._refresh(self._node_of[page])
+
+    def _refresh(self, node: Node) -> None:
+        """Put `node` in or take it out of the evictable set, after its children or its page's count changed."""
+        if node is self.root:
+            return
+        if node.children or self.blocks.ref[node.page] > 0:
+            self._evictable.discard(node)
+        elif node not in self._evictable:
+            self._evictable.add(node)
+            self._push(node)
+
+    def _push(self, node: Node) -> None:
+        heapq.heappush(self._heap, (node.last_access, next(self._tiebreak), node))
+        # Stale entries pile up while nothing is evicted (pages going idle and busy again, without memory
+        # pressure): rebuild once they outnumber the live ones, keeping the heap within twice the set, O(1) amortized.
+        if len(self._heap) > 2 * len(self._evictable):
+            self._heap = [(n.last_access, next(self._tiebreak), n) for n in self._evictable]
+            heapq.heapify(self._heap)
 
     def _nodes(self):
         stack = list(self.root.children.values())

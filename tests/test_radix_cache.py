@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -111,10 +112,23 @@ def check_invariants(blocks: BlockManager, cache: RadixCache) -> None:
         states = (p in free) + (blocks.ref[p] > 0 or blocks.cached[p])
         assert states == 1, f"page {p}: free={p in free} ref={blocks.ref[p]} cached={blocks.cached[p]}"
     assert blocks.num_used == sum(r > 0 for r in blocks.ref)
+    assert cache._node_of == {n.page: n for n in nodes}
     for n in nodes:  # a node in use implies its whole prefix is in use
         assert n.depth == n.parent.depth + 1
         if blocks.ref[n.page] > 0 and n.parent is not cache.root:
             assert blocks.ref[n.parent.page] > 0, "a locked node with an unlocked ancestor"
+    # The incrementally kept evictable set is exactly what a scan finds, and each member is queued in the heap.
+    assert cache._evictable == idle_leaves(blocks, cache), "evictable set out of step with the tree"
+    assert cache._evictable <= {n for _, _, n in cache._heap}, "an evictable leaf missing from the heap"
+
+
+def idle_leaves(blocks: BlockManager, cache: RadixCache) -> set:
+    return {n for n in cache._nodes() if not n.children and blocks.ref[n.page] == 0}
+
+
+def assert_nothing_left_to_evict(blocks: BlockManager, cache: RadixCache) -> None:
+    """After OutOfPages: the allocator only fails once every page the cache holds is in use."""
+    assert all(blocks.ref[n.page] > 0 for n in cache._nodes()), "allocation failed with idle pages in the cache"
 
 
 @settings(max_examples=60, deadline=None)
@@ -132,6 +146,7 @@ def test_random_operations_keep_tree_invariants(ops):
             try:
                 pages = pages + blocks.allocate(blocks.pages_for(len(tokens)) - len(pages))
             except OutOfPages:
+                assert_nothing_left_to_evict(blocks, cache)
                 blocks.release(pages)
                 continue
             node = cache.insert(tokens, len(tokens), pages, node)
@@ -143,13 +158,19 @@ def test_random_operations_keep_tree_invariants(ops):
             try:
                 pages += blocks.allocate(blocks.pages_for(len(tokens)) - len(pages))
             except OutOfPages:
+                assert_nothing_left_to_evict(blocks, cache)
                 continue
             live[i] = (tokens, pages, cache.insert(tokens, len(tokens), pages, node))
         elif op == "finish" and live:
             _, pages, _ = live.pop(rng.randrange(len(live)))
             blocks.release(pages)
-        elif op == "evict":
-            cache.evict(rng.randrange(1, 6))
+        elif op == "evict":  # a page at a time, so each pick can be checked against a scan (allocate evicts in bulk)
+            for _ in range(rng.randrange(1, 6)):
+                idle, before = idle_leaves(blocks, cache), set(cache._nodes())
+                assert cache.evict(1) == min(1, len(idle))
+                if idle:
+                    (gone,) = before - set(cache._nodes())
+                    assert gone in idle and gone.last_access == min(n.last_access for n in idle), "not LRU"
         check_invariants(blocks, cache)
         for tokens, pages, _ in live:  # a page in use is never evicted: each sequence's chain is intact
             full = len(tokens) // ps
@@ -159,3 +180,49 @@ def test_random_operations_keep_tree_invariants(ops):
     cache.clear()
     check_invariants(blocks, cache)
     assert blocks.num_free == blocks.num_pages
+
+
+def test_a_reused_prefix_moves_to_the_back_of_the_eviction_order():
+    """A leaf's heap entry from an earlier idle spell is stale once the leaf is reused: it must not evict early."""
+    blocks = BlockManager(8, 4)
+    cache = RadixCache(blocks)
+    a, b = [0] * 4, [1] * 4
+    for tokens in (a, b):  # a then b are computed and finish: a is the least recently used
+        pages = blocks.allocate(1)
+        cache.insert(tokens, 4, pages)
+        blocks.release(pages)
+    pages, _ = cache.match(a, 4)  # a is reused, and finishes again: now b is the least recently used
+    blocks.incref(pages)
+    blocks.release(pages)
+    check_invariants(blocks, cache)
+    assert cache.evict(1) == 1
+    assert cache.match(a, 4)[0] == pages and cache.match(b, 4)[0] == []
+
+def test_invariant_check_catches_a_cache_that_misses_pages_going_idle():
+    """Planted bug: the BlockManager's hook is cut, so the cache never learns its pages went idle."""
+    blocks = BlockManager(8, 4)
+    cache = RadixCache(blocks)
+    pages = blocks.allocate(2)
+    cache.insert(list(range(8)), 8, pages)
+    check_invariants(blocks, cache)
+    blocks.on_idle_change = lambda page: None
+    blocks.release(pages)
+    with pytest.raises(AssertionError, match="evictable set out of step"):
+        check_invariants(blocks, cache)
+    assert cache.evict(2) == 0  # and so it cannot give the pages back
+
+
+def test_idle_busy_churn_without_eviction_keeps_the_heap_small():
+    """A cached prefix reused over and over, never under memory pressure: stale heap entries are dropped."""
+    blocks = BlockManager(8, 4)
+    cache = RadixCache(blocks)
+    tokens, pages = list(range(8)), blocks.allocate(2)
+    cache.insert(tokens, 8, pages)
+    blocks.release(pages)  # the first sequence finishes
+    for _ in range(1000):  # each turn: match and hold the prefix, then finish
+        pages, _ = cache.match(tokens, 8)
+        blocks.incref(pages)
+        blocks.release(pages)
+    check_invariants(blocks, cache)
+    assert len(cache._evictable) == 1 and len(cache._heap) <= 2
+    assert cache.evict(8) == 2 and blocks.num_free == 8
