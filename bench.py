@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
+    ap.add_argument("--no-overlap-schedule", action="store_true", help="one step at a time: the host waits for each")
     ap.add_argument("--peer", choices=["hf"], default=None, help="also run HF transformers on the same workload")
     ap.add_argument("--latency", action="store_true", help="batch-1 decode tokens/s vs the weight-read roofline")
     ap.add_argument("--prefix-cache", action="store_true",
@@ -125,7 +126,8 @@ def main(argv=None) -> dict:
     result = {
         "model": engine.model_name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."), "num_prompts": num_prompts, "input_tokens": sum(in_lens),
-        "output_tokens": sum(out_lens), "enforce_eager": engine.cfg.enforce_eager, **machine, **costs,
+        "output_tokens": sum(out_lens), "enforce_eager": engine.cfg.enforce_eager,
+        "overlap_schedule": engine.cfg.overlap_schedule, **machine, **costs,
     }  # fmt: skip
     if args.prefix_cache:
         result.update(run_prefix_cache(llm, args.input_len[0] if args.input_len else 4000, args.seed))

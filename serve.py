@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--served-model-name",
                    help="model name clients send and see in /v1/models; default: taken from the model")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs or torch.compile")
+    p.add_argument("--no-overlap-schedule", action="store_true",
+                   help="run steps one at a time (by default the host handles a step's tokens while the next runs)")
     return p.parse_args(argv)
 
 
@@ -63,6 +65,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
         served_model_name=args.served_model_name, enforce_eager=args.enforce_eager,
+        overlap_schedule=not args.no_overlap_schedule,
     )  # fmt: skip
 
 

@@ -92,6 +92,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # on CUDA, fraction of the GPU the engine may fill (weights + KV)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: no graphs, no torch.compile
+    overlap_schedule: bool = True  # the host handles step n-1's tokens while the device runs step n
     attention_backend: str = "auto"  # "auto" | "torch" | "flashinfer"
     seed: int = 0
     served_model_name: str | None = None

@@ -1,7 +1,11 @@
 """The step loop, and the two ways to drive it: `LLM` (offline, synchronous) and `AsyncEngine` (a thread
 stepping beside an asyncio server, streaming each request's increments).
 
-A step: schedule -> run the model and sample -> append tokens -> detokenise -> check stops -> emit deltas.
+A step is pipelined with the device: schedule step n and launch it (model and sampling), then, while the GPU
+runs it, bring step n-1's tokens to the host, detokenise them, check stops and emit their deltas. Step n's
+tokens stay on the device, where step n+1 reads them as input ids; on the host they are placeholders until
+then. A sequence that stops at step n-1 was already scheduled in step n: that extra token is dropped. Rows
+whose sampling reads the host's view of earlier tokens (grammars, penalties) wait for step n-1 before sampling.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from nanokyro.grammar import GrammarCompiler, accept_tokens
 from nanokyro.loader import load
 from nanokyro.radix_cache import RadixCache
 from nanokyro.runner import ModelRunner, num_kv_pages
-from nanokyro.sampler import SamplingParams, make_generator
+from nanokyro.sampler import PendingSample, SamplingParams, make_generator
 from nanokyro.scheduler import Scheduler, Sequence, Status
 from nanokyro.tokenizer import Detokenizer
 
@@ -92,6 +96,15 @@ class _Request:
     detoks: list[Detokenizer | None]
 
 
+@dataclass
+class _Step:
+    """A launched step: its sampled sequences, where each one's placeholder sits, and the tokens on their way."""
+
+    seqs: list[Sequence]
+    positions: list[int]
+    sample: PendingSample
+
+
 class LLMEngine:
     """Owns the model, pages and queues; `step()` advances every scheduled sequence by one step."""
 
@@ -117,6 +130,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, sorted(self.eos_ids))
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+        self._in_flight: _Step | None = None  # the launched step whose tokens have not reached the host yet
 
     # -- requests -------------------------------------------------------------------------------------------
 
@@ -157,9 +171,11 @@ class LLMEngine:
             raise PromptError(f"request id {request_id!r} is already in use")
         seqs, detoks = [], []
         device = self.runner.device
+        max_len = min(len(prompt_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
         for i in range(params.n):
             gen = make_generator(params.seed + i, device) if params.seed is not None else None
-            seq = Sequence(request_id, i, list(prompt_ids), len(prompt_ids), params, gen, leader=seqs[0] if seqs else None)
+            seq = Sequence(request_id, i, list(prompt_ids), len(prompt_ids), params, max_len, gen,
+                           leader=seqs[0] if seqs else None)  # fmt: skip
             if params.structured is not None:
                 seq.matcher = self.grammars.matcher(params.structured)  # one per completion
             seqs.append(seq)
@@ -183,7 +199,7 @@ class LLMEngine:
         return deltas
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     @property
     def prefix_cache_queried_tokens(self) -> int:
@@ -196,17 +212,41 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------------------
 
     def step(self) -> list[Delta]:
+        """Launch the next step, and return what the one before it produced (with `overlap_schedule` off: what
+        this one produced)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
-        out = self.runner.run(batch)
-        sampled = self.scheduler.update(batch, out.token_ids)
-        constrained = [i for i, seq in enumerate(sampled) if seq.matcher is not None]
-        accepted = dict(zip(constrained, accept_tokens([sampled[i].matcher for i in constrained],
+            return self.finish_in_flight()
+        prev, deltas = self._in_flight, []
+        logits = self.runner.forward(batch, prev.sample.tokens if prev is not None else None)
+        if prev is not None and any(s.matcher is not None or s.params.penalised for s in batch.seqs):
+            deltas, prev = self._finish(prev), None  # masks and penalties read step n-1's tokens on the host
+        sample = self.runner.sample(batch, logits)
+        sampled = self.scheduler.update(batch, [-(row + 1) for row in range(len(sample.tokens))])
+        self._in_flight = _Step(sampled, [s.num_tokens - 1 for s in sampled], sample)
+        if prev is not None:
+            deltas = self._finish(prev)
+        return deltas if self.cfg.overlap_schedule else deltas + self.finish_in_flight()
+
+    def finish_in_flight(self) -> list[Delta]:
+        """Wait for the launched step and return its deltas (the engine is then in step with the host)."""
+        step, self._in_flight = self._in_flight, None
+        return self._finish(step) if step is not None else []
+
+    def _finish(self, step: _Step) -> list[Delta]:
+        """Bring a launched step's tokens to the host: put them in place of their placeholders, advance grammars,
+        detokenise, check stops. Sequences finished or aborted since the step was launched are skipped."""
+        out = step.sample.result()
+        live = [i for i, seq in enumerate(step.seqs) if seq.status is not Status.FINISHED]
+        for i in live:
+            step.seqs[i].token_ids[step.positions[i]] = out.token_ids[i]
+        constrained = [i for i in live if step.seqs[i].matcher is not None]
+        accepted = dict(zip(constrained, accept_tokens([step.seqs[i].matcher for i in constrained],
                                                        [out.token_ids[i] for i in constrained])))  # fmt: skip
         deltas = []
-        for i, (seq, token) in enumerate(zip(sampled, out.token_ids)):
-            text, reason = self._text_and_stop(seq, token, accepted.get(i, True))
+        for i in live:
+            seq, token = step.seqs[i], out.token_ids[i]
+            text, reason = self._text_and_stop(seq, token, step.positions[i] + 1, accepted.get(i, True))
             logprobs = None
             if out.logprobs is not None and seq.params.logprobs is not None:
                 top = out.top_logprobs[i] if out.top_logprobs is not None else []
@@ -219,8 +259,8 @@ class LLMEngine:
                 del self.requests[rid]
         return deltas
 
-    def _text_and_stop(self, seq: Sequence, token: int, grammar_accepted: bool) -> tuple[str, str | None]:
-        """The text `token` adds to `seq`, and why `seq` ends here, if it does."""
+    def _text_and_stop(self, seq: Sequence, token: int, num_tokens: int, grammar_accepted: bool) -> tuple[str, str | None]:
+        """The text `token` (the sequence's num_tokens-th) adds to `seq`, and why `seq` ends there, if it does."""
         params, detok = seq.params, self.requests[seq.request_id].detoks[seq.index]
         text, reason = "", None
         if not grammar_accepted:  # its mask allowed only what the grammar accepts: a bug if it happens
@@ -232,10 +272,7 @@ class LLMEngine:
         elif detok is not None:
             text, stopped = detok.add([token])
             reason = "stop" if stopped else None
-        if reason is None and (
-            seq.num_tokens - seq.num_prompt_tokens >= (params.max_tokens or self.max_model_len)
-            or seq.num_tokens >= self.max_model_len
-        ):
+        if reason is None and num_tokens >= seq.max_len:
             reason = "length"
         if reason is not None and detok is not None:
             text += detok.flush()
@@ -247,6 +284,7 @@ class LLMEngine:
 
     def fail_all(self) -> list[str]:
         """After an error inside a step: end every request, freeing its pages. Returns their ids."""
+        self._in_flight = None
         ids = list(self.requests)
         for rid in ids:
             self.abort(rid)

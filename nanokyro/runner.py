@@ -14,7 +14,7 @@ import torch
 from nanokyro.attention import AttentionMetadata, FlashInferAttention, TorchAttention
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.model import LlamaModel
-from nanokyro.sampler import Sampler, SamplerOutput, SampleRow
+from nanokyro.sampler import PendingSample, Sampler, SamplerOutput, SampleRow
 from nanokyro.scheduler import ScheduledBatch
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
@@ -30,8 +30,10 @@ def num_kv_pages(model_cfg: ModelConfig, cfg: EngineConfig, device: torch.device
     if budget is None and device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used_by_others = total - free - torch.cuda.memory_allocated(device)
-        # Keep headroom for activations and logits of the largest step.
-        activations = cfg.max_num_batched_tokens * (model_cfg.hidden_size * 24 + model_cfg.vocab_size * 4)
+        # Keep headroom for the largest step's activations, and for the fp32 logits of its sampled rows (at most
+        # one per sequence) with the sampler's few copies of them.
+        activations = (cfg.max_num_batched_tokens * (model_cfg.hidden_size * 24 + model_cfg.intermediate_size * 8)
+                       + cfg.max_num_seqs * model_cfg.vocab_size * 4 * 8)  # fmt: skip
         budget = int(total * cfg.gpu_memory_utilization) - used_by_others - torch.cuda.memory_allocated(device) - activations
     elif budget is None:
         budget = CPU_DEFAULT_KV_BYTES
@@ -73,6 +75,7 @@ class ModelRunner:
         )  # fmt: skip
         self.attn = make_attention_backend(cfg.attention_backend, self.kv_cache, mc)
         self.sampler = Sampler()
+        self._inputs_copied: torch.cuda.Event | None = None  # recorded once the last step's inputs are on the device
         self.graphs = None
         if self.device.type == "cuda" and not cfg.enforce_eager and isinstance(self.attn, FlashInferAttention):
             self.graphs = DecodeGraphs(self, cfg.max_num_seqs)
@@ -136,32 +139,48 @@ class ModelRunner:
         return input_ids, positions, meta, rows
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> SamplerOutput:
+    def forward(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Launch the step's model pass; returns the logits of its sampled rows, on the device, without a sync.
+
+        A sequence whose last token is still a placeholder (-(row + 1): row `row` of the step in flight, not yet on
+        the host) reads that token from `prev_tokens`, that step's sampled tokens on the device."""
+        if self._inputs_copied is not None:  # FlashInfer's plan() reuses a pinned buffer the last step copied from
+            self._inputs_copied.synchronize()
         bucket = self.graphs.bucket(batch) if self.graphs is not None else None
         input_ids, positions, meta, rows = self.prepare(batch, pad_to=bucket, token_rows=bucket is not None)
+        if any(s.token_ids[-1] < 0 for s in batch.seqs):
+            lookup = prev_tokens[(-input_ids - 1).clamp_(min=0)].to(input_ids.dtype)
+            input_ids = torch.where(input_ids < 0, lookup, input_ids)
         if bucket is not None:
-            logits = self.graphs.replay(input_ids, positions, meta)[rows]  # padding rows are dropped here
+            self.graphs.load(input_ids, positions, meta)
         else:
             self.attn.plan(meta)
-            if self.graphs is not None:
-                hidden = self.graphs.hidden_states(input_ids, positions)
-            else:
-                hidden = self.model(input_ids, positions, self.attn)
-            logits = self.model.compute_logits(hidden[rows])
+        if self.device.type == "cuda":
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
+        if bucket is not None:
+            return self.graphs.replay(bucket)[rows]  # padding rows are dropped here
+        if self.graphs is not None:
+            hidden = self.graphs.hidden_states(input_ids, positions)
+        else:
+            hidden = self.model(input_ids, positions, self.attn)
+        return self.model.compute_logits(hidden[rows])
+
+    @torch.inference_mode()
+    def sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> PendingSample:
+        """Launch sampling for the batch's sampled rows. A sequence finished since it was scheduled (its output
+        is dropped) is sampled without its grammar, whose matcher may be past its end."""
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if not sampled:
-            return SamplerOutput(token_ids=[], logprobs=None, top_logprobs=None)
-        sample_rows = [SampleRow(s.params, *self._penalty_tokens(s), s.generator, s.matcher) for s in sampled]
-        return self.sampler(logits.float(), sample_rows)
+            return PendingSample.empty(self.device)
+        # Token lists are copied only where a penalty reads them: for every row of every step that costs ms.
+        rows = [SampleRow(s.params, *((s.prompt_ids, s.output_ids) if s.params.penalised else ([], [])), s.generator,
+                          None if s.finish_reason else s.matcher) for s in sampled]  # fmt: skip
+        return self.sampler.sample(logits, rows)
 
-    @staticmethod
-    def _penalty_tokens(seq) -> tuple[list[int], list[int]]:
-        """(prompt, output) token lists where a penalty reads them: copying them for every row of every step
-        costs milliseconds at large batches."""
-        p = seq.params
-        if p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0:
-            return seq.prompt_ids, seq.output_ids
-        return [], []
+    def run(self, batch: ScheduledBatch) -> SamplerOutput:
+        """One whole step, synchronously: what the engine's pipelined step does, for tests and tools."""
+        return self.sample(batch, self.forward(batch)).result()
 
 
 class DecodeGraphs:
@@ -222,10 +241,10 @@ class DecodeGraphs:
         self.attn.plan(meta, graph_bucket=bs)
         return bs
 
-    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        bs = self.load(input_ids, positions, meta)
-        self.graphs[bs].replay()
-        return self.logits[bs]
+    def replay(self, bucket: int) -> torch.Tensor:
+        """Run the loaded step's graph; returns its logits buffer [bucket, vocab], rewritten by the next replay."""
+        self.graphs[bucket].replay()
+        return self.logits[bucket]
 
     @torch.inference_mode()
     def capture(self, runner: ModelRunner) -> None:

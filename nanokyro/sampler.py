@@ -63,6 +63,10 @@ class SamplingParams:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
     @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW  # dividing by a tinier temperature would overflow to inf
 
@@ -104,23 +108,23 @@ class Sampler:
         self.bitmask = TokenBitmask()  # constrained rows' allowed tokens, reused every step
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
+        return self.sample(logits, rows).result()
+
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> PendingSample:
+        """Launch the sampling; the tokens stay on the device and start their way to the host."""
         logits = logits.float()  # any model dtype in; penalties and softmax in fp32
         if any(row.matcher is not None for row in rows):  # grammar first: logprobs are of what may be sampled
             self.bitmask.apply(logits, [row.matcher for row in rows])
         params = [row.params for row in rows]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if any(_penalised(p) for p in params):
+        if any(p.penalised for p in params):
             logits = apply_penalties(logits, rows)
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = _sample(logits, rows)
-        return _to_host(tokens, raw_logprobs, params)
-
-
-def _penalised(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+        return PendingSample.start(tokens, raw_logprobs, params)
 
 
 def _filtered(p: SamplingParams) -> bool:
@@ -223,20 +227,49 @@ def _exponential_noise(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tens
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)  # a draw of exactly 0 would make 0/0 = nan win
 
 
-def _to_host(tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, params: list[SamplingParams]) -> SamplerOutput:
-    """Gather everything the host needs into one tensor and copy it once."""
-    if raw_logprobs is None:
-        return SamplerOutput(tokens.tolist())
-    k = min(max(p.logprobs or 0 for p in params), raw_logprobs.shape[-1])
-    columns = [tokens.float()[:, None], raw_logprobs.gather(-1, tokens[:, None])]
-    if k:
-        top = raw_logprobs.topk(k, dim=-1)  # sorted, descending
-        columns += [top.indices.float(), top.values]
-    host = torch.cat(columns, dim=1).tolist()  # [num_rows, 2 + 2k]; token ids are exact in fp32 (< 2**24)
-    token_ids, logprobs, top_logprobs = [], [], []
-    for p, row in zip(params, host):
-        token_ids.append(int(row[0]))
-        logprobs.append(row[1] if p.logprobs is not None else None)
-        n = min(p.logprobs or 0, k)
-        top_logprobs.append([(int(i), lp) for i, lp in zip(row[2:2 + n], row[2 + k:2 + k + n])])
-    return SamplerOutput(token_ids, logprobs, top_logprobs)
+@dataclass
+class PendingSample:
+    """A step's sampled tokens: on the device, where the next step's input ids read them, and on their way to
+    the host with any logprobs, in one non-blocking copy. `result()` waits for that copy only."""
+
+    tokens: torch.Tensor  # [num_rows] on the sampling device
+    host: torch.Tensor  # [num_rows] ids, or [num_rows, 2 + 2k]: id, its logprob, k best ids, their logprobs
+    params: list[SamplingParams]
+    k: int  # top logprobs per row in `host`
+    copied: torch.cuda.Event | None  # None on the CPU, where the copy is done when it returns
+
+    @classmethod
+    def start(cls, tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, params: list[SamplingParams]) -> PendingSample:
+        k, packed = 0, tokens
+        if raw_logprobs is not None:
+            k = min(max(p.logprobs or 0 for p in params), raw_logprobs.shape[-1])
+            columns = [tokens.float()[:, None], raw_logprobs.gather(-1, tokens[:, None])]
+            if k:
+                top = raw_logprobs.topk(k, dim=-1)  # sorted, descending
+                columns += [top.indices.float(), top.values]
+            packed = torch.cat(columns, dim=1)  # token ids are exact in fp32 (< 2**24)
+        if packed.device.type != "cuda":
+            return cls(tokens, packed, params, k, None)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(tokens, host, params, k, copied)
+
+    @classmethod
+    def empty(cls, device) -> PendingSample:
+        return cls(torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long), [], 0, None)
+
+    def result(self) -> SamplerOutput:
+        if self.copied is not None:
+            self.copied.synchronize()
+        if self.host.dim() == 1:
+            return SamplerOutput(self.host.tolist())
+        k = self.k
+        token_ids, logprobs, top_logprobs = [], [], []
+        for p, row in zip(self.params, self.host.tolist()):
+            token_ids.append(int(row[0]))
+            logprobs.append(row[1] if p.logprobs is not None else None)
+            n = min(p.logprobs or 0, k)
+            top_logprobs.append([(int(i), lp) for i, lp in zip(row[2:2 + n], row[2 + k:2 + k + n])])
+        return SamplerOutput(token_ids, logprobs, top_logprobs)

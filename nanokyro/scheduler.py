@@ -34,9 +34,10 @@ class Sequence:
 
     request_id: str
     index: int  # which of the request's n completions
-    token_ids: list[int]  # prompt + output
+    token_ids: list[int]  # prompt + output; a sampled token not yet on the host is a placeholder -(row + 1)
     num_prompt_tokens: int
     params: SamplingParams
+    max_len: int = 1 << 62  # prompt + max_tokens, capped by the context: reaching it ends the sequence
     generator: torch.Generator | None = None
     matcher: GrammarMatcher | None = None  # structured output: advanced by the engine with each sampled token
     leader: Sequence | None = None  # n > 1: siblings borrow the leader's prompt pages once computed
@@ -61,6 +62,14 @@ class Sequence:
     @property
     def prompt_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def num_known(self) -> int:
+        """Tokens before the placeholders at the end (at most the last two: steps in flight)."""
+        n = len(self.token_ids)
+        while n and self.token_ids[n - 1] < 0:
+            n -= 1
+        return n
 
 
 @dataclass
@@ -95,9 +104,10 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         chosen: dict[Sequence, int] = {}
         self._preempted, self._budget = False, self.max_tokens
-        # Running sequences: decodes first, then prompt chunks, each oldest first.
+        # Running sequences: decodes first, then prompt chunks, each oldest first. One that has sampled its last
+        # token (max_len) only waits for that token to reach the host and finish it.
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1):
-            if seq.status is not Status.RUNNING or self._budget == 0:
+            if seq.status is not Status.RUNNING or self._budget == 0 or seq.num_tokens >= seq.max_len:
                 continue
             n = min(seq.num_tokens - seq.num_computed, self._budget)
             if self._grow_or_preempt(seq, n, chosen):
@@ -199,10 +209,12 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq.status is Status.FINISHED:
             return
+        del seq.token_ids[seq.num_known :]  # tokens still in flight are dropped
         if seq.status is Status.WAITING:
             if seq in self.waiting:  # not while _admit holds it aside (a step failing mid-admission)
                 self.waiting.remove(seq)
         else:
+            self._cache_pages(seq)
             self._free(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
@@ -213,12 +225,21 @@ class Scheduler:
         seq.pages, seq.cache_node = [], None
 
     def update(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:
-        """Advance each scheduled sequence past this step; append the sampled tokens. Returns the sampled ones."""
+        """Advance each scheduled sequence past this step; append the sampled tokens (or their placeholders).
+        Returns the sampled sequences, those finished since they were scheduled included (they are left as is)."""
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         for seq, n in zip(batch.seqs, batch.num_new):
-            seq.num_computed += n
-            if self.cache is not None and seq.num_computed // self.blocks.page_size > seq.cache_node.depth:
-                seq.cache_node = self.cache.insert(seq.token_ids, seq.num_computed, seq.pages, seq.cache_node)
+            if seq.status is Status.RUNNING:
+                seq.num_computed += n
+                self._cache_pages(seq)
         for seq, token in zip(sampled, tokens):
-            seq.token_ids.append(token)
+            if seq.status is not Status.FINISHED:
+                seq.token_ids.append(token)
         return sampled
+
+    def _cache_pages(self, seq: Sequence) -> None:
+        """Put the sequence's newly filled pages in the prefix cache: full pages whose tokens are all computed
+        and known (a placeholder's page waits until its token arrives)."""
+        num_tokens = min(seq.num_computed, seq.num_known)
+        if self.cache is not None and num_tokens // self.blocks.page_size > seq.cache_node.depth:
+            seq.cache_node = self.cache.insert(seq.token_ids, num_tokens, seq.pages, seq.cache_node)

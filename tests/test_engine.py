@@ -77,6 +77,7 @@ def test_chunked_prefill_never_stalls_decodes(llama_dir):
     engine = llm.engine
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
     engine.step()  # the short prompt is prefilled and decoding
+    engine.finish_in_flight()  # its first token on the host: the steps below run one at a time
     engine.add_request(random_prompts([150])[0], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     for _ in range(9):  # 150 tokens in chunks of <= 15 (the decode takes one of the 16)
         batch = engine.scheduler.schedule()
@@ -190,6 +191,7 @@ def test_a_step_as_one_attention_row_per_token_gives_the_same_logits(llama_dir):
     engine.step()  # a decode from now on
     engine.add_request(random_prompts([70])[0], SamplingParams(max_tokens=2, ignore_eos=True))
     engine.step()  # 39 of the 70 prompt tokens
+    engine.finish_in_flight()
     batch = engine.scheduler.schedule()
     assert batch.num_new == [1, 31] and batch.seqs[1].num_computed == 39
     logits = {}
@@ -270,3 +272,54 @@ def test_async_shutdown_ends_every_stream(llama_dir):
 
     reasons = asyncio.run(main())
     assert reasons[-1] == "abort" and len(reasons) < 800
+
+
+def test_overlapped_steps_give_what_serial_steps_give(llama_dir):
+    """Pipelined steps (step n launched before step n-1's tokens reach the host) change nothing in the outputs:
+    greedy and seeded sampling, penalties, n > 1, logprobs, stop tokens that end sequences early (their one
+    extra scheduled token is dropped), max_tokens, and preemption under a small KV cache."""
+    from nanokyro.config import ModelConfig
+    from nanokyro.runner import kv_bytes_per_page
+
+    prompts = random_prompts([3, 40, 90, 17, 150, 5], seed=3)
+    params = [
+        SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=25, temperature=0.9, seed=11, logprobs=2),
+        SamplingParams(max_tokens=20, temperature=1.0, top_k=20, seed=5, n=2, ignore_eos=True),
+        SamplingParams(max_tokens=28, temperature=0.8, seed=2, repetition_penalty=1.3, frequency_penalty=0.5),
+        SamplingParams(max_tokens=1, temperature=0),
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+    ]
+    page_bytes = kv_bytes_per_page(ModelConfig.from_dir(llama_dir), 16, torch.float32)
+
+    def run(overlap: bool, stops: list[int] | None = None, pages: int = 64):
+        llm = make_llm(llama_dir, overlap_schedule=overlap, kv_cache_memory=pages * page_bytes)
+        ps = [p if stops is None else SamplingParams(**{**p.__dict__, "stop_token_ids": [stops[i]]})
+              for i, p in enumerate(params)]  # fmt: skip
+        outs = llm.generate(prompts, ps)
+        assert_no_leak(llm)
+        return [[(o.token_ids, o.finish_reason, o.logprobs) for o in r.outputs] for r in outs], llm
+
+    serial, _ = run(overlap=False)
+    assert run(overlap=True)[0] == serial
+    # Stop on each sequence's own 5th token: sequences end mid-batch while the next step is already launched.
+    stops = [r[0][0][4] if len(r[0][0]) > 4 else r[0][0][0] for r in serial]
+    stopped, _ = run(overlap=False, stops=stops)
+    assert any(c[1] == "stop" for r in stopped for c in r)
+    assert run(overlap=True, stops=stops)[0] == stopped
+    squeezed, llm = run(overlap=True, pages=12)  # ~2 long sequences at a time: preemption with steps in flight
+    assert llm.engine.scheduler.num_preemptions > 0
+    tokens = lambda outs: [[c[:2] for c in r] for r in outs]  # recomputed KV moves logprobs in the last bits
+    assert tokens(squeezed) == tokens(serial)
+
+
+def test_a_step_returns_the_tokens_of_the_step_before(llama_dir):
+    """With overlap the host reads step n-1's tokens after launching step n; without it, step n's own."""
+    for overlap, first in ((True, 0), (False, 1)):
+        engine = make_llm(llama_dir, overlap_schedule=overlap).engine
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        assert len(engine.step()) == first  # the prefill samples the first token
+        counts = []
+        while engine.has_work():
+            counts.append(len(engine.step()))
+        assert sum(counts) + first == 3 and not engine.requests

@@ -103,9 +103,9 @@ def record_logits(llm: LLM) -> list[torch.Tensor]:
     seen, sampler = [], llm.engine.runner.sampler
 
     class Recording:
-        def __call__(self, logits, rows):
+        def sample(self, logits, rows):
             seen.append(logits.clone())
-            return sampler(logits, rows)
+            return sampler.sample(logits, rows)
 
     llm.engine.runner.sampler = Recording()
     return seen
@@ -147,6 +147,7 @@ def decoding_batch(llm: LLM, n: int) -> ScheduledBatch:
     for i, p in enumerate(prompts):
         engine.add_request(p[: 5 + 3 * i], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
     engine.step()  # all prefills
+    engine.finish_in_flight()
     batch = engine.scheduler.schedule()
     assert batch.num_new == [1] * n
     return batch
@@ -162,7 +163,7 @@ def test_graph_replay_equals_compiled_step_bit_for_bit(graph_llm):
         inputs = runner.prepare(sub, pad_to=bucket)[:3]
         graphs.load(*inputs)
         compiled = graphs.forward(graphs.input_ids[:bucket], graphs.positions[:bucket]).clone()
-        replayed = graphs.replay(*inputs).clone()
+        replayed = graphs.replay(graphs.load(*inputs)).clone()
         assert torch.equal(replayed, compiled), bucket
     graph_llm.engine.fail_all()
 
@@ -175,7 +176,7 @@ def test_padding_never_reaches_outputs(graph_llm):
     assert graphs.bucket(batch) == 8
     kv_before = runner.kv_cache.clone()
     inputs = runner.prepare(batch, pad_to=8)[:3]
-    clean = graphs.replay(*inputs)[:5].clone()
+    clean = graphs.replay(graphs.load(*inputs))[:5].clone()
     graphs.load(*inputs)
     graphs.input_ids[5:8] = torch.randint(0, 151936, (3,), device=DEVICE, dtype=torch.int32)  # poison the padding
     graphs.positions[5:8] = torch.randint(0, 1000, (3,), device=DEVICE, dtype=torch.int32)
@@ -199,13 +200,28 @@ def test_graphs_match_eager_logits(graph_llm):
     runner = graph_llm.engine.runner
     batch = decoding_batch(graph_llm, 6)
     input_ids, positions, meta, rows = runner.prepare(batch, pad_to=8)
-    graphed = runner.graphs.replay(input_ids, positions, meta)[rows].float()
+    graphed = runner.graphs.replay(runner.graphs.load(input_ids, positions, meta))[rows].float()
     input_ids, positions, meta, rows = runner.prepare(batch)
     runner.attn.plan(meta)
     eager = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn)[rows]).float()
     # The compiled forward keeps fused intermediates in fp32 where eager rounds each op to bf16.
     assert rel_err(graphed, eager) < 2e-2
     graph_llm.engine.fail_all()
+
+
+def test_overlapped_steps_match_serial_steps(graph_llm):
+    """On the GPU the host really runs a step behind the device: same tokens as with one step at a time."""
+    engine = graph_llm.engine
+    prompts = torch.randint(0, 151936, (6, 40), generator=torch.Generator().manual_seed(3)).tolist()
+    prompts = [p[: 4 + 7 * i] for i, p in enumerate(prompts)]
+    params = [SamplingParams(max_tokens=10 + 5 * i, temperature=0 if i % 2 else 0.9, seed=i, ignore_eos=True)
+              for i in range(6)]  # fmt: skip
+    runs = {}
+    for overlap in (False, True):
+        engine.cfg.overlap_schedule = overlap
+        runs[overlap] = [o.token_ids for o in graph_llm.generate(prompts, params)]
+    assert runs[True] == runs[False]
+    assert not engine.has_work() and engine.blocks.all_free()
 
 
 def test_constrained_decoding_on_cuda(tmp_path):

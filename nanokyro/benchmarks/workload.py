@@ -46,7 +46,8 @@ def hf_config(model: str | None) -> dict:
 
 def engine_options(args) -> dict:
     """The LLM keyword arguments that the command line's engine options ask for."""
-    opts = dict(seed=args.seed, enforce_eager=args.enforce_eager, tokenizer=args.tokenizer)
+    opts = dict(seed=args.seed, enforce_eager=args.enforce_eager, overlap_schedule=not args.no_overlap_schedule,
+                tokenizer=args.tokenizer)
     if args.model in DUMMY_ARCHITECTURES:
         opts["load_format"] = "dummy"
     for name in ("dtype", "max_num_seqs", "max_num_batched_tokens"):
