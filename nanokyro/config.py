@@ -84,7 +84,7 @@ class EngineConfig:
     device: str = "auto"  # "auto" = cuda if available
     load_format: str = "auto"  # "auto" | "dummy"
     tokenizer: str | None = None  # an HF tokenizer directory to use instead of the model's (e.g. with dummy weights)
-    max_num_batched_tokens: int = 2048  # per-step token budget (decodes + prefill chunks)
+    max_num_batched_tokens: int = 8192  # per-step token budget (decodes + prefill chunks)
     max_num_seqs: int = 256
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     page_size: int = 16

@@ -118,8 +118,8 @@ class ModelRunner:
             page_counts += [1] * pad
             qo_indptr += range(qo_indptr[-1] + 1, qo_indptr[-1] + pad + 1)
         parts = [
-            ids, pos, slot_pages, slot_offsets, qo_indptr, [0, *itertools.accumulate(page_counts)], kv_indices,
-            [(n - 1) % ps + 1 for n in kv_lens], kv_lens, sample_rows,
+            ids, pos, slot_pages, slot_offsets, kv_indices, sample_rows, qo_indptr,
+            [0, *itertools.accumulate(page_counts)], [(n - 1) % ps + 1 for n in kv_lens],
         ]  # fmt: skip
         # Everything as int32 in one pinned buffer: one async copy to the device, and the host views below
         # (pinned too) give FlashInfer's plan() its CSR arrays without a sync.
@@ -129,12 +129,11 @@ class ModelRunner:
             host = host.pin_memory()
         flat = host.to(self.device, non_blocking=True)
         sizes = [len(p) for p in parts]
-        input_ids, positions, pages, offsets, qo, kv_ptr, kv_idx, last_len, kv_len, rows = flat.split(sizes)
-        _, _, _, _, qo_host, kv_ptr_host, _, last_len_host, _, _ = host.split(sizes)
+        input_ids, positions, pages, offsets, kv_idx, rows, *_ = flat.split(sizes)
+        *_, qo_host, kv_ptr_host, last_len_host = host.split(sizes)
         meta = AttentionMetadata(
-            qo_indptr=qo, kv_indptr=kv_ptr, kv_indices=kv_idx, kv_last_page_len=last_len, kv_lens=kv_len,
-            slot_pages=pages, slot_offsets=offsets, q_lens=q_lens, kv_lens_host=kv_lens, qo_indptr_host=qo_host,
-            kv_indptr_host=kv_ptr_host, kv_last_page_len_host=last_len_host,
+            kv_indices=kv_idx, slot_pages=pages, slot_offsets=offsets, q_lens=q_lens, kv_lens=kv_lens,
+            qo_indptr=qo_host, kv_indptr=kv_ptr_host, kv_last_page_len=last_len_host,
         )  # fmt: skip
         return input_ids, positions, meta, rows
 

@@ -133,7 +133,9 @@ def _filtered(p: SamplingParams) -> bool:
 
 def _per_row(values: list, device, dtype=torch.float32) -> torch.Tensor:
     """One parameter of every row as a [num_rows] tensor on the logits' device."""
-    return torch.tensor(values, dtype=dtype).to(device)
+    # non_blocking: a blocking copy from the host waits for the whole stream, i.e. for the step in flight. From
+    # pageable memory the copy is staged at once, so the source may go right away.
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _token_index(token_lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +143,7 @@ def _token_index(token_lists: list[list[int]], device) -> tuple[torch.Tensor, to
     lengths = torch.tensor([len(ids) for ids in token_lists])
     row_idx = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
     token_idx = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
-    return row_idx.to(device), token_idx.to(device)
+    return row_idx.to(device, non_blocking=True), token_idx.to(device, non_blocking=True)  # as in _per_row
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
