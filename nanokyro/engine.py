@@ -25,7 +25,7 @@ from nanokyro.grammar import GrammarCompiler, accept_tokens
 from nanokyro.loader import load
 from nanokyro.radix_cache import RadixCache
 from nanokyro.runner import ModelRunner, num_kv_pages
-from nanokyro.sampler import PendingSample, SamplingParams, make_generator
+from nanokyro.sampler import PendingSample, SamplerOutput, SamplingParams, make_generator
 from nanokyro.scheduler import Scheduler, Sequence, Status
 from nanokyro.tokenizer import Detokenizer
 
@@ -98,11 +98,15 @@ class _Request:
 
 @dataclass
 class _Step:
-    """A launched step: its sampled sequences, where each one's placeholder sits, and the tokens on their way."""
+    """A launched step: its sampled sequences, where each one's placeholder sits, and the tokens on their way;
+    once received on the host, the tokens, which rows are still live, and whether each grammar took its token."""
 
     seqs: list[Sequence]
     positions: list[int]
     sample: PendingSample
+    out: SamplerOutput | None = None
+    live: list[int] = field(default_factory=list)
+    accepted: dict[int, bool] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -217,15 +221,14 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return self.finish_in_flight()
-        prev, deltas = self._in_flight, []
+        prev = self._in_flight
         logits = self.runner.forward(batch, prev.sample.tokens if prev is not None else None)
         if prev is not None and any(s.matcher is not None or s.params.penalised for s in batch.seqs):
-            deltas, prev = self._finish(prev), None  # masks and penalties read step n-1's tokens on the host
+            self._receive(prev)  # masks and penalties read step n-1's tokens on the host; its stops can wait
         sample = self.runner.sample(batch, logits)
         sampled = self.scheduler.update(batch, [-(row + 1) for row in range(len(sample.tokens))])
         self._in_flight = _Step(sampled, [s.num_tokens - 1 for s in sampled], sample)
-        if prev is not None:
-            deltas = self._finish(prev)
+        deltas = self._finish(prev) if prev is not None else []
         return deltas if self.cfg.overlap_schedule else deltas + self.finish_in_flight()
 
     def finish_in_flight(self) -> list[Delta]:
@@ -233,20 +236,26 @@ class LLMEngine:
         step, self._in_flight = self._in_flight, None
         return self._finish(step) if step is not None else []
 
-    def _finish(self, step: _Step) -> list[Delta]:
-        """Bring a launched step's tokens to the host: put them in place of their placeholders, advance grammars,
-        detokenise, check stops. Sequences finished or aborted since the step was launched are skipped."""
-        out = step.sample.result()
-        live = [i for i, seq in enumerate(step.seqs) if seq.status is not Status.FINISHED]
-        for i in live:
+    def _receive(self, step: _Step) -> None:
+        """Bring a launched step's tokens to the host: in place of their placeholders, and into the grammars.
+        Sequences finished or aborted since the step was launched are skipped."""
+        if step.out is not None:
+            return
+        step.out = out = step.sample.result()
+        step.live = [i for i, seq in enumerate(step.seqs) if seq.status is not Status.FINISHED]
+        for i in step.live:
             step.seqs[i].token_ids[step.positions[i]] = out.token_ids[i]
-        constrained = [i for i in live if step.seqs[i].matcher is not None]
-        accepted = dict(zip(constrained, accept_tokens([step.seqs[i].matcher for i in constrained],
-                                                       [out.token_ids[i] for i in constrained])))  # fmt: skip
-        deltas = []
-        for i in live:
+        constrained = [i for i in step.live if step.seqs[i].matcher is not None]
+        step.accepted = dict(zip(constrained, accept_tokens([step.seqs[i].matcher for i in constrained],
+                                                            [out.token_ids[i] for i in constrained])))  # fmt: skip
+
+    def _finish(self, step: _Step) -> list[Delta]:
+        """Receive a launched step's tokens, detokenise them, check stops; returns their deltas."""
+        self._receive(step)
+        out, deltas = step.out, []
+        for i in step.live:
             seq, token = step.seqs[i], out.token_ids[i]
-            text, reason = self._text_and_stop(seq, token, step.positions[i] + 1, accepted.get(i, True))
+            text, reason = self._text_and_stop(seq, token, step.positions[i] + 1, step.accepted.get(i, True))
             logprobs = None
             if out.logprobs is not None and seq.params.logprobs is not None:
                 top = out.top_logprobs[i] if out.top_logprobs is not None else []

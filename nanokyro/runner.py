@@ -167,14 +167,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> PendingSample:
-        """Launch sampling for the batch's sampled rows. A sequence finished since it was scheduled (its output
-        is dropped) is sampled without its grammar, whose matcher may be past its end."""
+        """Launch sampling for the batch's sampled rows. A sequence that ended since it was scheduled (its output
+        is dropped) is sampled without its grammar, which may have terminated."""
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if not sampled:
             return PendingSample.empty(self.device)
+        live = lambda m: m is not None and not m.is_terminated()  # noqa: E731
         # Token lists are copied only where a penalty reads them: for every row of every step that costs ms.
         rows = [SampleRow(s.params, *((s.prompt_ids, s.output_ids) if s.params.penalised else ([], [])), s.generator,
-                          None if s.finish_reason else s.matcher) for s in sampled]  # fmt: skip
+                          s.matcher if live(s.matcher) and not s.finish_reason else None) for s in sampled]  # fmt: skip
         return self.sampler.sample(logits, rows)
 
     def run(self, batch: ScheduledBatch) -> SamplerOutput:
