@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
     p.add_argument("--served-model-name",
                    help="model name clients send and see in /v1/models; default: taken from the model")
+    p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
+                   help="dummy: random weights for an architecture name given as --model (e.g. qwen3-0.6b)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs or torch.compile")
     p.add_argument("--no-overlap-schedule", action="store_true",
                    help="run steps one at a time (by default the host handles a step's tokens while the next runs)")
@@ -64,7 +66,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
-        served_model_name=args.served_model_name, enforce_eager=args.enforce_eager,
+        served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager,
         overlap_schedule=not args.no_overlap_schedule,
     )  # fmt: skip
 

@@ -390,16 +390,16 @@ class _Server:
 
     async def sse(self, jobs: list[_Job], request_id: str, opening: list, chunk: Callable[[int, Delta], Any],
                   usage_chunk: Callable[[Usage], Any] | None) -> AsyncIterator[bytes]:  # fmt: skip
-        """The SSE body: `opening` chunks, one chunk per delta that carries something (chunk(choice index, delta)),
-        the usage chunk if asked for, then [DONE]; an error ends the stream with an error event."""
+        """The SSE body: `opening` chunks, one chunk per delta (chunk(choice index, delta)): each step's token, even
+        one whose text is not out yet (mid-character, or a model without a tokenizer), the usage chunk if asked
+        for, then [DONE]; an error ends the stream with an error event."""
         usage = _Usage(jobs)
         try:
             for c in opening:
                 yield _sse(c)
             async for k, d in self.generate(jobs, request_id):
                 usage.add(k, d)
-                if d.text or d.finish_reason or d.logprobs:
-                    yield _sse(chunk(jobs[k].first_index + d.index, d))
+                yield _sse(chunk(jobs[k].first_index + d.index, d))
             if usage_chunk is not None:
                 yield _sse(usage_chunk(usage.body()))
             yield b"data: [DONE]\n\n"

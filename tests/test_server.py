@@ -91,6 +91,7 @@ def test_greedy_completion_streamed_and_whole_give_the_same_text(served, client)
                                             temperature=0, stream=True))  # fmt: skip
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert len(chunks) == whole.usage.completion_tokens  # one chunk per token, even one whose text is not out yet
     assert whole.usage.completion_tokens == 10 or whole.choices[0].finish_reason == "stop"
 
 

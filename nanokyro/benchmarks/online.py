@@ -33,9 +33,9 @@ class ServedEngine:
 
 
 async def stream_request(client, model: str, prompt: list[int], max_tokens: int) -> dict:
-    """One streamed completion: its time to first token, the gaps between later chunks, its total time and
-    output tokens (from the usage chunk). Chunks carry text, so a token whose bytes end mid-character arrives with
-    the next one; `error` is set instead of raising."""
+    """One streamed completion: its time to first token, the gaps between later chunks (the server sends one per
+    token, text or not), its total time and output tokens (from the usage chunk); `error` is set instead of
+    raising."""
     start = time.perf_counter()
     chunk_times, tokens = [], 0
     try:
@@ -43,7 +43,7 @@ async def stream_request(client, model: str, prompt: list[int], max_tokens: int)
             model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})  # fmt: skip
         async for chunk in stream:
-            if chunk.choices and (chunk.choices[0].text or not chunk_times):
+            if chunk.choices:
                 chunk_times.append(time.perf_counter())
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
