@@ -22,14 +22,14 @@ import torch.nn.functional as F
 @dataclass
 class AttentionMetadata:
     """One step's page tables, for B attention rows (sequences) and T new tokens, int32, in FlashInfer's CSR form.
-    The backends plan from the host copies; the kernels read the device ones."""
+    The backends plan from the host arrays; the kernels read the device ones."""
 
     kv_indices: torch.Tensor  # [num_pages_used] on the device: pages of row b are kv_indices[kv_indptr[b]:kv_indptr[b+1]]
     slot_pages: torch.Tensor  # [T] on the device: the page each new token's k/v go to
     slot_offsets: torch.Tensor  # [T] on the device: and the offset in that page
     q_lens: list[int]  # [B] new tokens of each row
     kv_lens: list[int]  # [B] tokens in cache after this step's write
-    # Pinned host arrays: FlashInfer's plan() reads them without a device sync.
+    # Host arrays (pinned on CUDA): FlashInfer's plan() reads them without a device sync.
     qo_indptr: torch.Tensor  # [B+1] new tokens of row b are qo_indptr[b]:qo_indptr[b+1]
     kv_indptr: torch.Tensor  # [B+1]
     kv_last_page_len: torch.Tensor  # [B] tokens in each row's last page (1..page_size)

@@ -134,6 +134,7 @@ class TokenBitmask:
     def __init__(self):
         self.host: torch.Tensor | None = None
         self._filler: xgr.BatchGrammarMatcher | None = None  # fills many matchers' rows on a thread pool
+        self._copied: torch.cuda.Event | None = None  # recorded after the buffer's last copy to the device
 
     def apply(self, logits: torch.Tensor, matchers: list[GrammarMatcher | None]) -> None:
         """logits [num_rows, vocab]; matchers[i] constrains row i, None leaves it untouched."""
@@ -144,8 +145,11 @@ class TokenBitmask:
                 self.host = self.host.pin_memory()
             self._filler = self._filler or xgr.BatchGrammarMatcher()
         rows = [i for i, m in enumerate(matchers) if m is not None]
+        if self._copied is not None:  # the buffer's last copy to the device must be done before it is refilled
+            self._copied.synchronize()
         self._filler.batch_fill_next_token_bitmask([matchers[i] for i in rows], self.host, rows)
-        # Non-blocking from pinned memory: the step ends with the sampled tokens' copy to the host, which waits
-        # for this copy too, before the next step refills the buffer.
-        mask = self.host[:num_rows].to(logits.device, non_blocking=True)
+        mask = self.host[:num_rows].to(logits.device, non_blocking=True)  # from pinned memory: no stream sync
+        if logits.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=vocab, indices=rows)

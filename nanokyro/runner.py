@@ -139,7 +139,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Launch the step's model pass; returns the logits of its sampled rows, on the device, without a sync.
+        """Launch the step's model pass; returns the logits of its sampled rows, on the device. The host waits
+        only for the previous step's inputs to have reached the device, not for its kernels.
 
         A sequence whose last token is still a placeholder (-(row + 1): row `row` of the step in flight, not yet on
         the host) reads that token from `prev_tokens`, that step's sampled tokens on the device."""
@@ -167,15 +168,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> PendingSample:
-        """Launch sampling for the batch's sampled rows. A sequence that ended since it was scheduled (its output
-        is dropped) is sampled without its grammar, which may have terminated."""
+        """Launch sampling for the batch's sampled rows. A grammar that the previous step's token terminated (its
+        sequence ends when that step is finished, and this token is dropped) is left out: it has no next mask."""
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if not sampled:
             return PendingSample.empty(self.device)
         live = lambda m: m is not None and not m.is_terminated()  # noqa: E731
         # Token lists are copied only where a penalty reads them: for every row of every step that costs ms.
         rows = [SampleRow(s.params, *((s.prompt_ids, s.output_ids) if s.params.penalised else ([], [])), s.generator,
-                          s.matcher if live(s.matcher) and not s.finish_reason else None) for s in sampled]  # fmt: skip
+                          s.matcher if live(s.matcher) else None) for s in sampled]  # fmt: skip
         return self.sampler.sample(logits, rows)
 
     def run(self, batch: ScheduledBatch) -> SamplerOutput:

@@ -104,6 +104,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         chosen: dict[Sequence, int] = {}
         self._preempted, self._budget = False, self.max_tokens
+        self._release_done()
         # Running sequences: decodes first, then prompt chunks, each oldest first. One that has sampled its last
         # token (max_len) only waits for that token to reach the host and finish it.
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1):
@@ -118,14 +119,23 @@ class Scheduler:
             self._admit(chosen)
         return ScheduledBatch(list(chosen), list(chosen.values()))
 
+    def _release_done(self) -> None:
+        """A sequence that has sampled its last token (max_len) computes nothing more: its pages go back now,
+        not when that token reaches the host a step later, so that newer sequences need not be preempted."""
+        for seq in self.running:
+            if seq.num_tokens >= seq.max_len and seq.pages:
+                self._cache_pages(seq)
+                self.blocks.release(seq.pages)
+                seq.pages, seq.cache_node = [], None
+
     def _admit(self, chosen: dict[Sequence, int]) -> None:
         skipped = []
-        in_flight = {self._next_page_key(s) for s in self.running} - {None}
+        computing = {self._next_page_key(s) for s in self.running} - {None}
         while self.waiting and len(self.running) < self.max_seqs and self._budget > 0:
             seq = self.waiting.popleft()
             self._share_prefix(seq)
             key = self._next_page_key(seq)
-            if self._leader_computing(seq) or (key is not None and key in in_flight):
+            if self._leader_computing(seq) or (key is not None and key in computing):
                 self._free(seq)  # its next page is being computed by another sequence: share it next step
                 seq.num_computed = 0
                 skipped.append(seq)
@@ -148,7 +158,7 @@ class Scheduler:
             self.running.append(seq)
             chosen[seq] = n
             self._budget -= n
-            in_flight.add(key)
+            computing.add(key)
         self.waiting.extendleft(reversed(skipped))
 
     def _share_prefix(self, seq: Sequence) -> None:
@@ -226,20 +236,18 @@ class Scheduler:
 
     def update(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:
         """Advance each scheduled sequence past this step; append the sampled tokens (or their placeholders).
-        Returns the sampled sequences, those finished since they were scheduled included (they are left as is)."""
+        Returns the sampled sequences."""
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         for seq, n in zip(batch.seqs, batch.num_new):
-            if seq.status is Status.RUNNING:
-                seq.num_computed += n
-                self._cache_pages(seq)
+            seq.num_computed += n
+            self._cache_pages(seq)
         for seq, token in zip(sampled, tokens):
-            if seq.status is not Status.FINISHED:
-                seq.token_ids.append(token)
+            seq.token_ids.append(token)
         return sampled
 
     def _cache_pages(self, seq: Sequence) -> None:
         """Put the sequence's newly filled pages in the prefix cache: full pages whose tokens are all computed
         and known (a placeholder's page waits until its token arrives)."""
         num_tokens = min(seq.num_computed, seq.num_known)
-        if self.cache is not None and num_tokens // self.blocks.page_size > seq.cache_node.depth:
+        if seq.cache_node is not None and num_tokens // self.blocks.page_size > seq.cache_node.depth:
             seq.cache_node = self.cache.insert(seq.token_ids, num_tokens, seq.pages, seq.cache_node)

@@ -323,3 +323,20 @@ def test_a_step_returns_the_tokens_of_the_step_before(llama_dir):
         while engine.has_work():
             counts.append(len(engine.step()))
         assert sum(counts) + first == 3 and not engine.requests
+
+
+def test_a_sequence_done_by_length_frees_its_pages_before_its_last_token_arrives(llama_dir):
+    """With overlap, the last token reaches the host a step after it is sampled; the pages must not wait for it,
+    or a newer sequence gets preempted (3 pages: A's 2 pages are needed by B while A's last token is in flight)."""
+    from nanokyro.config import ModelConfig
+    from nanokyro.runner import kv_bytes_per_page
+
+    page_bytes = kv_bytes_per_page(ModelConfig.from_dir(llama_dir), 16, torch.float32)
+    for overlap in (False, True):
+        llm = make_llm(llama_dir, overlap_schedule=overlap, kv_cache_memory=3 * page_bytes, enable_prefix_caching=False)
+        a, b = random_prompts([15, 8], seed=4)
+        outs = llm.generate([a, b], [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
+                                     SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)])  # fmt: skip
+        assert [len(o.token_ids) for o in outs] == [9, 16]
+        assert llm.engine.scheduler.num_preemptions == 0, overlap
+        assert_no_leak(llm)
