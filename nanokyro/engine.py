@@ -223,8 +223,7 @@ class LLMEngine:
             return self.finish_in_flight()
         prev = self._in_flight
         logits = self.runner.forward(batch, prev.sample.tokens if prev is not None else None)
-        if prev is not None and any((s.matcher is not None or s.params.penalised) and batch.samples(i)
-                                    for i, s in enumerate(batch.seqs)):  # fmt: skip
+        if prev is not None and any(s.matcher is not None or s.params.penalised for s in batch.sampled):
             self._receive(prev)  # masks and penalties read step n-1's tokens on the host; its stops can wait
         sample = self.runner.sample(batch, logits)
         sampled = self.scheduler.update(batch, [-(row + 1) for row in range(len(sample.tokens))])

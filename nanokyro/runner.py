@@ -103,7 +103,7 @@ class ModelRunner:
                 used = (kv_len + ps - 1) // ps
                 kv_indices += pages[:used]
                 q_lens.append(kv_len - start if not token_rows else 1), kv_lens.append(kv_len), page_counts.append(used)
-            if batch.samples(i):
+            if batch.samples[i]:
                 sample_rows.append(len(ids) - 1)
         qo_indptr = [0, *itertools.accumulate(q_lens)]
         pad = (pad_to or len(q_lens)) - len(q_lens)
@@ -170,7 +170,7 @@ class ModelRunner:
     def sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> PendingSample:
         """Launch sampling for the batch's sampled rows. A grammar that the previous step's token terminated (its
         sequence ends when that step is finished, and this token is dropped) is left out: it has no next mask."""
-        sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        sampled = batch.sampled
         if not sampled:
             return PendingSample.empty(self.device)
         live = lambda m: m is not None and not m.is_terminated()  # noqa: E731

@@ -76,10 +76,17 @@ class Sequence:
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new: list[int]  # tokens each sequence computes this step
+    # samples[i]: sequence i reaches its last token this step, so it gets a next token. Fixed when the batch is
+    # made: the runner's sampled rows and the placeholders update appends must agree, whatever changes between.
+    samples: list[bool] = field(init=False)
 
-    def samples(self, i: int) -> bool:
-        """Sequence i reaches its last token this step, so it gets a next token."""
-        return self.seqs[i].num_computed + self.num_new[i] == self.seqs[i].num_tokens
+    def __post_init__(self):
+        self.samples = [s.num_computed + n == s.num_tokens for s, n in zip(self.seqs, self.num_new)]
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        """The sequences that get a next token, in the order of the step's sampled rows."""
+        return [s for s, samples in zip(self.seqs, self.samples) if samples]
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -125,8 +132,7 @@ class Scheduler:
         for seq in self.running:
             if seq.num_tokens >= seq.max_len and seq.pages:
                 self._cache_pages(seq)
-                self.blocks.release(seq.pages)
-                seq.pages, seq.cache_node = [], None
+                self._release_pages(seq)
 
     def _admit(self, chosen: dict[Sequence, int]) -> None:
         skipped = []
@@ -231,13 +237,16 @@ class Scheduler:
     def _free(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
+        self._release_pages(seq)
+
+    def _release_pages(self, seq: Sequence) -> None:
         self.blocks.release(seq.pages)  # pages the prefix cache holds stay there, evictable
         seq.pages, seq.cache_node = [], None
 
     def update(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:
         """Advance each scheduled sequence past this step; append the sampled tokens (or their placeholders).
         Returns the sampled sequences."""
-        sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        sampled = batch.sampled
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n
             self._cache_pages(seq)
