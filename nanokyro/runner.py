@@ -6,11 +6,13 @@ and crosses to the device in one copy.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
 import torch
 
+from nanokyro import small_batch
 from nanokyro.attention import AttentionMetadata, FlashInferAttention, TorchAttention
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.model import LlamaModel
@@ -185,11 +187,12 @@ class ModelRunner:
 
 
 class DecodeGraphs:
-    """Decode steps as CUDA graphs. The transformer is compiled once by torch.compile, with the token dimension
+    """Decode steps as CUDA graphs. The transformer is compiled by torch.compile, with the token dimension
     dynamic and FlashInfer attention as a custom op, so it is one graph; with the logits of every row it is
     captured once per batch-size bucket, largest first, all in one memory pool. Steps that replay no graph
-    (prefill, mixed) run the same compiled transformer. A step copies its inputs into
-    the static buffers, plans the bucket's FlashInfer wrapper (its fixed buffers) and replays."""
+    (prefill, mixed) run the same compiled transformer; the one- and two-row buckets have their own, with GEMV
+    linear layers and one-kernel norms (small_batch.py). A step copies its inputs into the static buffers, plans
+    the bucket's FlashInfer wrapper (its fixed buffers) and replays."""
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int):
         self.model, self.attn = runner.model, runner.attn
@@ -210,8 +213,11 @@ class DecodeGraphs:
         return self.model(input_ids, positions, self.attn.op)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits of every row; what each bucket's graph captures."""
-        return self.model.compute_logits(self.hidden(input_ids, positions))
+        """Logits of every row; what each bucket's graph captures. Buckets of at most small_batch.MAX_ROWS rows run
+        linear layers and norms as Triton kernels of their own, through a second compiled transformer
+        (torch.compile guards on the switch; small_batch.py)."""
+        with small_batch.enable() if input_ids.shape[0] <= small_batch.MAX_ROWS else contextlib.nullcontext():
+            return self.model.compute_logits(self.hidden(input_ids, positions))
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The compiled transformer for a step that replays no graph (attention already planned)."""
@@ -256,7 +262,7 @@ class DecodeGraphs:
             args = (self.input_ids[:bs], self.positions[:bs])
             for t in args:  # one compile for every bucket: no 0/1 specialisation of the batch size
                 torch._dynamo.decorators.mark_unbacked(t, 0)
-            self.forward(*args)  # compiles on the first bucket; warms up the rest
+            self.forward(*args)  # compiles on the first bucket (and on the first small one); warms up the rest
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):

@@ -61,6 +61,45 @@ def test_triton_kv_write_equals_indexing():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["plain", "bias", "gated"])
+def test_gemv_matches_fp32_matmul(rows, kind):
+    """The one/two-row GEMV against an fp32 matmul, on shapes that leave partial blocks in both dimensions and a
+    row view with a stride (what a gathered row looks like); 3 rows fall back to cuBLAS, which matches too.
+    `gated` is the MLP's silu(x @ gate.T) * (x @ up.T) from the stacked weight, in one kernel."""
+    from nanokyro.small_batch import gemv
+
+    gen = torch.Generator(DEVICE).manual_seed(rows)
+    for n, k in [(4096, 14336), (6150, 4096), (37, 1000)]:
+        n_rows = 2 * n if kind == "gated" else n
+        w = torch.randn(n_rows, k, generator=gen, device=DEVICE, dtype=torch.bfloat16) / k**0.5
+        x = torch.randn(rows, 2 * k, generator=gen, device=DEVICE, dtype=torch.bfloat16)[:, :k]
+        b = torch.randn(n, generator=gen, device=DEVICE, dtype=torch.bfloat16) if kind == "bias" else None
+        want = x.float() @ w.float().T + (b.float() if b is not None else 0)
+        if kind == "gated":
+            want = torch.nn.functional.silu(want[:, :n]) * want[:, n:]
+        got = gemv(x, w, b, gated=kind == "gated")
+        assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+        assert rel_err(got.float(), want) < 1e-2, (n, k)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_one_kernel_rms_norm_matches_the_model_norm(residual):
+    from nanokyro.model import RMSNorm
+    from nanokyro.small_batch import rms_norm
+
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    norm = RMSNorm(4096, 1e-5).to(DEVICE, torch.bfloat16)
+    norm.weight.data = torch.randn(4096, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(2, 8192, generator=gen, device=DEVICE, dtype=torch.bfloat16)[:, 4096:]  # rows with a stride
+    r = torch.randn(2, 4096, generator=gen, device=DEVICE, dtype=torch.bfloat16) if residual else None
+    want, got = norm(x, r), rms_norm(x, r, norm.weight, norm.eps)
+    if residual:
+        assert torch.equal(got[1], want[1])  # the new residual: the same bf16 sum
+        want, got = want[0], got[0]
+    assert rel_err(got.float(), want.float()) < 5e-3
+
+
 CASES = {
     # name: (pages of each sequence, new tokens, tokens in cache after the step)
     "prefill": ([[3, 7, 1], [0], [9, 2, 4, 5]], [40, 5, 64], [40, 5, 64]),

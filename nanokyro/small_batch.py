@@ -1,0 +1,179 @@
+"""Triton kernels for decode steps of one or two rows on CUDA: GEMV linear layers and a one-kernel RMSNorm.
+
+At batch 1 a decode step is the weights read once, so its speed is how fast each projection streams its weight.
+For [1, K] x [K, N], cuBLAS picks split-K kernels that stream llama-3.1-8b's projections at 2.1-2.9 TB/s on an
+H100; the GEMV below, one program per few output features reading their rows once with no split, reaches
+2.5-3.2 TB/s on the same shapes (docs/PERFORMANCE.md). From four rows up cuBLAS is faster. What is left of the
+step is ~14 small kernels per layer, and the norms are two of them each as torch.compile writes them.
+
+The model's layers call `linear` and `rms_norm`. They are the plain torch ops unless `enabled()` is on, which the
+CUDA-graph runner turns on while it traces and captures the graphs of buckets of at most `MAX_ROWS` rows.
+torch.compile guards on the switch, so those buckets get a compiled forward of their own and every other step
+keeps cuBLAS and inductor's kernels. The kernels sit behind custom ops, so the compiled graph stays whole; their
+Python launch cost is paid once, at capture.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+
+MAX_ROWS = 2
+# (block_n, block_k, num_warps) of the GEMV by row count: the best single setting over llama-3.1-8b's five
+# projection shapes in a sweep on an H100 (.device/bench_gemv.py; docs/PERFORMANCE.md).
+GEMV_CONFIG = {1: (4, 4096, 4), 2: (8, 2048, 4)}
+_enabled = False
+
+
+@contextlib.contextmanager
+def enable():
+    """Route `linear` and `rms_norm` through the kernels below while the enclosed code traces or captures a step
+    of at most MAX_ROWS rows."""
+    global _enabled
+    _enabled = True
+    try:
+        yield
+    finally:
+        _enabled = False
+
+
+def on(x: torch.Tensor) -> bool:
+    """Whether x's layer should take the kernels below: inside `enable()`, on CUDA."""
+    return _enabled and x.is_cuda
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.nanokyro.gemv(x, weight, bias) if on(x) else F.linear(x, weight, bias)
+
+
+def silu_and_mul_linear(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) for the stacked weight gate_up [2N, K], as one kernel."""
+    return torch.ops.nanokyro.gemv(x, gate_up, None, gated=True)
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """RMSNorm.forward of x [T, N] as one kernel: rounds where it does (the sum and the normalised value to x's
+    dtype, then times weight)."""
+    out, new_residual = torch.ops.nanokyro.rms_norm(x, residual, weight, eps)
+    return out if residual is None else (out, new_residual)
+
+
+@torch.library.custom_op("nanokyro::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias) for M ≤ MAX_ROWS. `gated`: weight stacks gate and up [2N, K], and
+    the result is silu(x @ gate.T) * (x @ up.T) [M, N], the MLP's activation fused into the GEMV."""
+    import triton
+
+    M, K = x.shape
+    N = weight.shape[0] // 2 if gated else weight.shape[0]
+    if M > MAX_ROWS or weight.stride(1) != 1:  # larger M: cuBLAS
+        y = F.linear(x, weight, bias)
+        return F.silu(y[:, :N]) * y[:, N:] if gated else y
+    x = x if x.stride(1) == 1 else x.contiguous()
+    y = x.new_empty(M, N)
+    block_n, block_k, num_warps = GEMV_CONFIG[M]
+    block_n = block_n // 2 if gated else block_n  # the same weight tile: half gate rows, half up rows
+    _gemv_kernel()[(triton.cdiv(N, block_n),)](
+        x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
+        has_bias=bias is not None, gated=gated, block_m=triton.next_power_of_2(M), block_n=block_n,
+        block_k=min(block_k, triton.next_power_of_2(K)), num_warps=num_warps, num_stages=1,
+    )  # fmt: skip
+    return y
+
+
+@gemv.register_fake
+def _(x, weight, bias, gated=False):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
+
+
+@torch.library.custom_op("nanokyro::rms_norm", mutates_args=())
+def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(normalised x + residual, x + residual) for x [T, N]; without a residual, (normalised x, empty)."""
+    import triton
+
+    T, N = x.shape
+    x = x if x.stride(1) == 1 else x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    out = torch.empty_like(x)
+    new_residual = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    block = triton.next_power_of_2(N)
+    _rms_norm_kernel()[(T,)](
+        x, residual if residual is not None else x, weight, out, new_residual if residual is not None else out, N, x.stride(0), eps,
+        has_residual=residual is not None, block=block, num_warps=min(max(block // 256, 1), 16),
+    )  # fmt: skip
+    return out, new_residual
+
+
+@_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0)
+
+
+@functools.cache
+def _gemv_kernel():
+    """Each program computes `block_n` output features for all (≤ block_m) rows: it streams those weight rows
+    once, `block_k` columns at a time, and keeps an fp32 sum per (row, feature). Built on first use: Triton
+    needs a GPU."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_stride, y_stride, has_bias: tl.constexpr,
+                    gated: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
+        """y = x @ w.T (+ b); `gated`: w is [gate; up], 2N rows, and y = silu(x @ gate.T) * (x @ up.T), rounded
+        as the unfused ops round (gate and up to y's dtype first)."""
+        rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
+        rm = tl.arange(0, block_m)
+        n_ok, m_ok = rn < N, rm < M
+        w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride  # [block_n, 1]
+        acc = tl.zeros((block_m, block_n), tl.float32)
+        up = tl.zeros((block_m, block_n), tl.float32)
+        for k0 in range(0, K, block_k):
+            rk = k0 + tl.arange(0, block_k)
+            k_ok = rk < K
+            x = tl.load(x_ptr + rm[:, None] * x_stride + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            x = x[:, None, :].to(tl.float32)
+            # The weight is read once per step: keep it from evicting what is reused (activations, KV).
+            w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")  # fmt: skip
+            acc += tl.sum(x * w[None, :, :].to(tl.float32), 2)
+            if gated:
+                u = tl.load(w_rows + N * w_stride + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                            eviction_policy="evict_first")  # fmt: skip
+                up += tl.sum(x * u[None, :, :].to(tl.float32), 2)
+        if has_bias:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if gated:
+            gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_ptr + rm[:, None] * y_stride + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
+
+    return gemv_kernel
+
+
+@functools.cache
+def _rms_norm_kernel():
+    """One program per row, the whole row in registers: add the residual, reduce, scale, store both."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, N, x_stride, eps, has_residual: tl.constexpr,
+                        block: tl.constexpr):  # fmt: skip
+        row = tl.program_id(0)
+        cols = tl.arange(0, block)
+        ok = cols < N
+        x = tl.load(x_ptr + row * x_stride + cols, mask=ok, other=0.0)
+        if has_residual:
+            x = (x.to(tl.float32) + tl.load(r_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+            tl.store(res_out_ptr + row * N + cols, x, mask=ok)
+        xf = x.to(tl.float32)
+        normed = (xf * tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)).to(x.dtype)
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+        tl.store(out_ptr + row * N + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=ok)
+
+    return rms_norm_kernel
