@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 
@@ -116,8 +117,13 @@ def main(argv=None) -> dict:
         prompts, out_lens = make_workload(num_prompts, input_len, output_len, vocab, args.seed)
         peer_s = run_hf_peer(args.model, ecfg.torch_dtype(), ecfg.torch_device(), prompts, out_lens)
 
+    start = time.perf_counter()
     llm = LLM(args.model, **engine_options(args))
     engine = llm.engine
+    startup = {"startup_s": time.perf_counter() - start,
+               "graphs_startup_s": engine.runner.graphs.startup_s if engine.runner.graphs else None}  # fmt: skip
+    print(f"start-up {startup['startup_s']:.1f} s" + (f", of which compile and graph capture "
+          f"{startup['graphs_startup_s']:.1f} s" if engine.runner.graphs else ""))  # fmt: skip
     device, dtype = engine.runner.device, engine.runner.dtype
     prompts, out_lens = make_workload(num_prompts, input_len, output_len, engine.vocab_size, args.seed)
     in_lens = [len(p) for p in prompts]
@@ -127,7 +133,7 @@ def main(argv=None) -> dict:
         "model": engine.model_name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."), "num_prompts": num_prompts, "input_tokens": sum(in_lens),
         "output_tokens": sum(out_lens), "enforce_eager": engine.cfg.enforce_eager,
-        "overlap_schedule": engine.cfg.overlap_schedule, **machine, **costs,
+        "overlap_schedule": engine.cfg.overlap_schedule, **startup, **machine, **costs,
     }  # fmt: skip
     if args.prefix_cache:
         result.update(run_prefix_cache(llm, args.input_len[0] if args.input_len else 4000, args.seed))

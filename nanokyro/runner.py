@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
+import time
 
 import numpy as np
 import torch
@@ -18,6 +20,8 @@ from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.model import LlamaModel
 from nanokyro.sampler import PendingSample, Sampler, SamplerOutput, SampleRow
 from nanokyro.scheduler import ScheduledBatch
+
+log = logging.getLogger("nanokyro.runner")
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -207,7 +211,11 @@ class DecodeGraphs:
             self.positions = torch.zeros(max_bs, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab], written by each replay
+        start = time.perf_counter()
         self.capture(runner)
+        self.startup_s = time.perf_counter() - start  # compiles (and FlashInfer's JIT, if not cached) + captures
+        log.info("CUDA graphs: compiled and captured %d buckets (1..%d) in %.1f s", len(self.buckets), max_bs,
+                 self.startup_s)  # fmt: skip
 
     def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions, self.attn.op)

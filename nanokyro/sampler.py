@@ -5,6 +5,7 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from nanokyro.grammar import GrammarMatcher, StructuredOutput, TokenBitmask
 
@@ -121,10 +122,31 @@ class Sampler:
         if any(p.penalised for p in params):
             logits = apply_penalties(logits, rows)
         if all(p.greedy for p in params):
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax(logits)
         else:
             tokens = _sample(logits, rows)
         return PendingSample.start(tokens, raw_logprobs, params)
+
+
+ARGMAX_CHUNK = 4096
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) for [rows, vocab], the first maximum of each row. For a few rows on CUDA torch reduces
+    each row in one thread block (27 µs for a 128k vocabulary on an H100, at batch 1 the biggest kernel outside
+    the model); the max of each 4096-token chunk, then the best chunk, spreads it over the GPU."""
+    R, V = logits.shape
+    if not logits.is_cuda or R > 8 or V <= 4 * ARGMAX_CHUNK:
+        return logits.argmax(dim=-1)
+    return chunked_argmax(logits)
+
+
+def chunked_argmax(logits: torch.Tensor) -> torch.Tensor:
+    R, V = logits.shape
+    chunks = F.pad(logits, (0, -V % ARGMAX_CHUNK), value=float("-inf")).view(R, -1, ARGMAX_CHUNK)
+    best, at = chunks.max(dim=-1)  # [R, chunks]: the first maximum within each chunk
+    chunk = best.argmax(dim=-1, keepdim=True)  # the first chunk holding the row's maximum
+    return (chunk * ARGMAX_CHUNK + at.gather(-1, chunk))[:, 0]
 
 
 def _filtered(p: SamplingParams) -> bool:
@@ -214,7 +236,7 @@ def _sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     if not any(p.greedy for p in params):
         return sampled
     greedy = _per_row([p.greedy for p in params], device, torch.bool)
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+    return torch.where(greedy, argmax(logits), sampled)
 
 
 def _exponential_noise(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:

@@ -34,6 +34,23 @@ def log(probs):
 
 # --- filters --------------------------------------------------------------------------------------------------
 
+def test_chunked_argmax_is_the_first_maximum():
+    """The two-stage argmax used for a few rows on CUDA equals torch's, ties (first one wins) and all."""
+    from nanokyro.sampler import ARGMAX_CHUNK, chunked_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    V = 5 * ARGMAX_CHUNK + 123  # a partial last chunk
+    logits = torch.randn(6, V, generator=gen)
+    logits[1, [7, ARGMAX_CHUNK + 1, V - 1]] = 50.0  # a tie across chunks: the first wins
+    logits[2, [ARGMAX_CHUNK - 1, ARGMAX_CHUNK]] = 50.0  # a tie across a chunk boundary
+    logits[3, :] = float("-inf")
+    logits[3, V - 1] = 0.0  # the maximum in the padded last chunk
+    logits[4, 100:] = float("-inf")
+    logits[5, :] = 1.0  # all equal: token 0
+    assert torch.equal(chunked_argmax(logits), logits.argmax(dim=-1))
+    assert chunked_argmax(logits).tolist()[1:] == [7, ARGMAX_CHUNK - 1, V - 1, logits[4, :100].argmax().item(), 0]
+
+
 def test_top_k_keeps_the_k_largest_logits():
     logits = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
     assert kept(logits, top_k=3) == {4, 2, 0}

@@ -29,18 +29,22 @@ def run_offline(llm: LLM, prompts, out_lens) -> float:
     return elapsed
 
 
-def run_latency(llm: LLM, prompt: list[int], out_len: int) -> float:
-    """Seconds per decode step of one request (its prefill step excluded)."""
+def run_latency(llm: LLM, prompt: list[int], out_len: int, trials: int = 3) -> float:
+    """Seconds per decode step of one request (its prefill step excluded): the median of `trials` runs."""
     engine = llm.engine
     llm.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    engine.add_request(prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True))
-    engine.step()  # the prefill, which samples the first token
-    sync(engine.runner.device)
-    start = time.perf_counter()
-    while engine.has_work():
-        engine.step()
-    sync(engine.runner.device)
-    return (time.perf_counter() - start) / (out_len - 1)  # one decode step per token after the first
+
+    def one_run() -> float:
+        engine.add_request(prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True))
+        engine.step()  # the prefill, which samples the first token
+        sync(engine.runner.device)
+        start = time.perf_counter()
+        while engine.has_work():
+            engine.step()
+        sync(engine.runner.device)
+        return (time.perf_counter() - start) / (out_len - 1)  # one decode step per token after the first
+
+    return float(np.median([one_run() for _ in range(trials)]))
 
 
 def run_prefix_cache(llm: LLM, prefix_len: int, seed: int, trials: int = 3) -> dict:
