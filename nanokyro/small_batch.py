@@ -6,7 +6,7 @@ H100; the GEMV below, one program per few output features reading their rows onc
 2.5-3.2 TB/s on the same shapes (docs/PERFORMANCE.md). From four rows up cuBLAS is faster. What is left of the
 step is ~14 small kernels per layer, and the norms are two of them each as torch.compile writes them.
 
-The model's layers call `linear` and `rms_norm`. They are the plain torch ops unless `enabled()` is on, which the
+The model's layers call `linear` and `rms_norm`. They are the plain torch ops unless `enable()` is on, which the
 CUDA-graph runner turns on while it traces and captures the graphs of buckets of at most `MAX_ROWS` rows.
 torch.compile guards on the switch, so those buckets get a compiled forward of their own and every other step
 keeps cuBLAS and inductor's kernels. The kernels sit behind custom ops, so the compiled graph stays whole; their
@@ -96,13 +96,15 @@ def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
 
     T, N = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
-    residual = residual.contiguous() if residual is not None else None
     out = torch.empty_like(x)
-    new_residual = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    if residual is None:  # the kernel's residual pointers go unused: any tensor will do
+        residual, new_residual, has_residual = x, x.new_empty(0), False
+    else:
+        residual, new_residual, has_residual = residual.contiguous(), torch.empty_like(x), True
     block = triton.next_power_of_2(N)
     _rms_norm_kernel()[(T,)](
-        x, residual if residual is not None else x, weight, out, new_residual if residual is not None else out, N, x.stride(0), eps,
-        has_residual=residual is not None, block=block, num_warps=min(max(block // 256, 1), 16),
+        x, residual, weight, out, new_residual if has_residual else out, N, x.stride(0), eps,
+        has_residual=has_residual, block=block, num_warps=min(max(block // 256, 1), 16),
     )  # fmt: skip
     return out, new_residual
 
