@@ -1,7 +1,9 @@
 """Serve a model over the OpenAI-compatible HTTP API: `python serve.py [--model DIR|FILE.gguf|HUB_ID] [options]`.
 
-The port opens at once and answers /health with 503 until the model is loaded; then one line says where it
-is served. SIGINT/SIGTERM stop new connections, give in-flight requests a grace period, abort the rest, exit 0.
+This process runs the HTTP frontend; the engine core (the model, scheduler and step loop) runs in a child process.
+The port opens at once and answers /health with 503 until the model is loaded; then one line says where it is
+served. SIGINT/SIGTERM stop new requests, give in-flight ones a grace period, end the rest with an error, stop the
+core and exit 0. If the core process dies, open streams fail at once and the server exits 1.
 """
 from __future__ import annotations
 
@@ -9,14 +11,10 @@ import argparse
 import asyncio
 import logging
 import re
-import signal
 import sys
 
-import uvicorn
-
 from nanokyro.config import EngineConfig
-from nanokyro.engine import AsyncEngine
-from nanokyro.server import MAX_QUEUE, SHUTDOWN_GRACE_S, create_app
+from nanokyro.server import KEEP_ALIVE_S, MAX_QUEUE, SHUTDOWN_GRACE_S, UvicornServer, create_app
 
 log = logging.getLogger("nanokyro")
 
@@ -50,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="longest prompt + completion in tokens; default: the model's own limit")
     p.add_argument("--max-queue", type=int, default=MAX_QUEUE,
                    help="answer 429 while more than this many requests await their first token (default %(default)s)")
+    p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S,
+                   help="seconds an idle HTTP keep-alive connection stays open (default %(default)s)")
+    p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S,
+                   help="seconds in-flight requests get to finish on SIGTERM/SIGINT (default %(default)s)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
     p.add_argument("--served-model-name",
                    help="model name clients send and see in /v1/models; default: taken from the model")
@@ -71,38 +73,36 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )  # fmt: skip
 
 
-async def announce_when_ready(server: uvicorn.Server, state, url: str) -> None:
-    """Log the one ready line once the port is open and the model loaded; stop if the model failed to load."""
-    while not (server.started and (state.engine is not None or state.load_error is not None)):
+async def announce_when_ready(server: UvicornServer, url: str) -> None:
+    """Log the one ready line once the port is open and the model loaded; stop if the model failed to load, or
+    once the engine core dies."""
+    state = server.app_server
+    while not (server.started and (state.client is not None or state.load_error is not None)):
         await asyncio.sleep(0.05)
     if state.load_error is not None:
         server.should_exit = True
-    else:
-        log.info("serving %s at %s/v1", state.engine.model_name, url)
+        return
+    state.client.on_dead.append(server.stop)
+    log.info("serving %s at %s/v1", state.client.model_name, url)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = engine_config(args)
-    app = create_app(lambda: AsyncEngine(cfg), api_key=args.api_key, max_queue=args.max_queue)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=SHUTDOWN_GRACE_S))  # fmt: skip
+    app = create_app(engine_config(args), api_key=args.api_key, max_queue=args.max_queue)
+    server = UvicornServer(app, host=args.host, port=args.port, grace_s=args.shutdown_grace,
+                           keep_alive_s=args.timeout_keep_alive)  # fmt: skip
 
     async def run() -> None:
-        ready = asyncio.create_task(announce_when_ready(server, app.state.server, f"http://{args.host}:{args.port}"))
+        ready = asyncio.create_task(announce_when_ready(server, f"http://{args.host}:{args.port}"))
         try:
             await server.serve()
         finally:
             ready.cancel()
 
-    # uvicorn shuts down gracefully on the signal and then raises it again: exit 0 rather than die of it.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
-    if app.state.server.load_error is not None:
+    asyncio.run(run())
+    state = app.state.server
+    if state.load_error is not None or (state.client is not None and state.client.error is not None):
         sys.exit(1)
 
 

@@ -1,8 +1,19 @@
 """nanokyro: a compact, high-throughput LLM serving engine."""
 from nanokyro.config import EngineConfig, ModelConfig
-from nanokyro.engine import LLM, AsyncEngine, LLMEngine, RequestOutput
-from nanokyro.grammar import StructuredOutput
-from nanokyro.sampler import SamplingParams
+from nanokyro.request import RequestOutput, SamplingParams, StructuredOutput
 
-__all__ = ["LLM", "AsyncEngine", "LLMEngine", "EngineConfig", "ModelConfig", "RequestOutput", "SamplingParams",
-           "StructuredOutput"]
+
+def __getattr__(name: str):
+    # The offline API loads torch; the server's frontend process imports this package without it.
+    if name == "LLM":
+        from nanokyro.llm import LLM
+
+        return LLM
+    if name == "EngineCore":
+        from nanokyro.core import EngineCore
+
+        return EngineCore
+    raise AttributeError(f"module 'nanokyro' has no attribute {name!r}")
+
+
+__all__ = ["LLM", "EngineCore", "EngineConfig", "ModelConfig", "RequestOutput", "SamplingParams", "StructuredOutput"]

@@ -5,7 +5,6 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import torch
 
 # HF `model_type` -> the family name nanokyro uses. All are the same decoder; the differences are flags.
 ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -97,12 +96,16 @@ class EngineConfig:
     seed: int = 0
     served_model_name: str | None = None
 
-    def torch_device(self) -> torch.device:
+    def torch_device(self):
+        import torch  # here, not at the top: the server's frontend process reads this config without torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self):
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
         dtype = getattr(torch, self.dtype, None)

@@ -1,7 +1,7 @@
-"""Constrained decoding through xgrammar: what a request asks for (`StructuredOutput`), its compiled grammar,
+"""Constrained decoding through xgrammar: a request's `StructuredOutput` (request.py) as a compiled grammar,
 one `GrammarMatcher` per constrained sequence, and the step's token bitmask.
 
-The flow: `LLMEngine.validate` compiles the spec before the request is queued (outside the step loop, so a new
+The flow: `EngineCore.validate` compiles the spec before the request is queued (outside the step loop, so a new
 schema never stalls other requests), raising ValueError that names what is wrong; `add_request` gives each of the
 n sequences a matcher of its own; each step the sampler fills the constrained rows of one reusable bitmask and
 masks their logits; the engine advances each matcher with its sampled token and finishes the sequence ("stop")
@@ -12,48 +12,17 @@ from __future__ import annotations
 import json
 import re
 import threading
-from dataclasses import dataclass
 
 import torch
 import xgrammar as xgr
 from xgrammar import GrammarMatcher
 
+from nanokyro.request import StructuredOutput
 from nanokyro.tokenizer import Tokenizer
 
 # Compiled grammars are cached by xgrammar under their source text; this bounds what a stream of distinct
 # schemas can hold.
 CACHE_LIMIT_BYTES = 256 << 20
-KINDS = ("json", "regex", "grammar", "choice")
-
-
-@dataclass
-class StructuredOutput:
-    """What a constrained completion must be. Set exactly one field."""
-
-    json: dict | str | bool | None = None  # a JSON schema (a dict or its text); True: any JSON object
-    regex: str | None = None  # the whole output matches it
-    grammar: str | None = None  # EBNF in llama.cpp's GBNF dialect, starting at the rule `root`
-    choice: list[str] | None = None  # exactly one of these strings
-
-    def __post_init__(self):
-        given = [k for k in KINDS if getattr(self, k) not in (None, False)]
-        if len(given) != 1:
-            raise ValueError(f"structured output takes exactly one of json, regex, grammar, choice; got {given}")
-        kind = given[0]
-        ok = {
-            "json": isinstance(self.json, (dict, str)) or self.json is True,
-            "regex": isinstance(self.regex, str),
-            "grammar": isinstance(self.grammar, str),
-            "choice": isinstance(self.choice, list) and bool(self.choice) and all(isinstance(c, str) for c in self.choice),
-        }[kind]  # fmt: skip
-        if not ok:
-            want = {"json": "a schema (dict or JSON text) or True", "regex": "a string", "grammar": "a string",
-                    "choice": "a non-empty list of strings"}[kind]  # fmt: skip
-            raise ValueError(f"structured output {kind} must be {want}, got {getattr(self, kind)!r}")
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in KINDS if getattr(self, k) not in (None, False))
 
 
 def choice_grammar(choices: list[str]) -> str:

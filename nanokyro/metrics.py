@@ -1,5 +1,6 @@
 """Prometheus metrics: per-request latencies and token counts fed by the server as each request streams, and
-engine state (running/waiting, KV-cache use, preemptions, prefix-cache tokens) read at scrape time.
+engine state (running/waiting, KV-cache use, preemptions, prefix-cache tokens) from the last stats snapshot the
+engine core published, read at scrape time.
 
 Every metric lives in the engine's own registry, is named `nanokyro_*` in base units (seconds, tokens, a 0..1
 ratio) and carries a `model_name` label.
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from nanokyro.engine import AsyncEngine, Delta
+from nanokyro.client import CoreClient
+from nanokyro.request import Delta
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -34,25 +36,27 @@ class RequestStats:
     gaps: list[float] = field(default_factory=list)  # time between consecutive tokens of a completion
     finish_reasons: dict[int, str] = field(default_factory=dict)
 
-    def add(self, d: Delta) -> None:
+    def add(self, deltas: list[Delta]) -> None:
+        """The deltas that arrived together."""
         now = time.monotonic()
-        self.num_prompt_tokens = d.num_prompt_tokens
-        if self.queue_time is None:
-            self.queue_time = d.queue_time
-        if d.token_ids:
-            self.num_generated += len(d.token_ids)
-            self.first_token = self.first_token or now
-            if d.index in self.last_token:
-                self.gaps.append(now - self.last_token[d.index])
-            self.last_token[d.index] = now
-        if d.finish_reason:
-            self.finish_reasons[d.index] = d.finish_reason
+        for d in deltas:
+            self.num_prompt_tokens = d.num_prompt_tokens
+            if self.queue_time is None:
+                self.queue_time = d.queue_time
+            if d.token_ids:
+                self.num_generated += len(d.token_ids)
+                self.first_token = self.first_token or now
+                if d.index in self.last_token:
+                    self.gaps.append(now - self.last_token[d.index])
+                self.last_token[d.index] = now
+            if d.finish_reason:
+                self.finish_reasons[d.index] = d.finish_reason
 
 
 class Metrics:
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, client: CoreClient):
         self.registry = CollectorRegistry()
-        self.model_name = engine.model_name
+        self.model_name = client.model_name
         labels, reg = ["model_name"], self.registry
 
         def histogram(name, doc, buckets):
@@ -74,7 +78,7 @@ class Metrics:
                                          registry=reg).labels(self.model_name)  # fmt: skip
         self.finished = Counter("nanokyro_request_finished", "Completions finished, by reason (stop, length, abort).",
                                 [*labels, "finish_reason"], registry=reg)  # fmt: skip
-        reg.register(_EngineCollector(engine))
+        reg.register(_EngineCollector(client))
 
     def observe(self, stats: RequestStats, n: int) -> None:
         """Record a request that ended (finished, failed or abandoned). n: its number of completions."""
@@ -99,12 +103,11 @@ class Metrics:
 class _EngineCollector:
     """Engine state, read when Prometheus scrapes."""
 
-    def __init__(self, engine: AsyncEngine):
-        self.engine = engine
+    def __init__(self, client: CoreClient):
+        self.client = client
 
     def collect(self):
-        engine, name = self.engine, [self.engine.model_name]
-        core = engine.engine
+        stats, name = self.client.stats, [self.client.model_name]
 
         def family(cls, metric, doc, value):
             f = cls(metric, doc, labels=["model_name"])
@@ -112,14 +115,14 @@ class _EngineCollector:
             return f
 
         yield family(GaugeMetricFamily, "nanokyro_num_requests_running", "Sequences in the running batch.",
-                     engine.num_requests_running)  # fmt: skip
+                     stats.num_running)  # fmt: skip
         yield family(GaugeMetricFamily, "nanokyro_num_requests_waiting", "Sequences waiting to be scheduled.",
-                     engine.num_requests_waiting)  # fmt: skip
+                     stats.num_waiting)  # fmt: skip
         yield family(GaugeMetricFamily, "nanokyro_kv_cache_usage_ratio", "Fraction of KV pages in use (0..1).",
-                     core.blocks.num_used / max(core.blocks.num_pages, 1))  # fmt: skip
+                     stats.kv_pages_used / max(stats.kv_pages_total, 1))  # fmt: skip
         yield family(CounterMetricFamily, "nanokyro_num_preemptions", "Sequences preempted for lack of KV pages.",
-                     core.scheduler.num_preemptions)  # fmt: skip
+                     stats.num_preemptions)  # fmt: skip
         yield family(CounterMetricFamily, "nanokyro_prefix_cache_queried_tokens", "Prompt tokens looked up in the "
-                     "prefix cache.", getattr(core, "prefix_cache_queried_tokens", 0))  # fmt: skip
+                     "prefix cache.", stats.prefix_cache_queried_tokens)  # fmt: skip
         yield family(CounterMetricFamily, "nanokyro_prefix_cache_hit_tokens", "Prompt tokens served from the prefix "
-                     "cache.", getattr(core, "prefix_cache_hit_tokens", 0))  # fmt: skip
+                     "cache.", stats.prefix_cache_hit_tokens)  # fmt: skip

@@ -1,75 +1,14 @@
-"""Sampling: per-request parameters, and one batched pass from the step's logits to its next tokens."""
+"""Sampling: one batched pass from the step's logits to its next tokens."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from nanokyro.grammar import GrammarMatcher, StructuredOutput, TokenBitmask
-
-
-MAX_N = 128  # completions per request: each is a sequence, so n is bounded like a batch
-GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
-
-
-@dataclass
-class SamplingParams:
-    n: int = 1
-    max_tokens: int | None = 16  # None: until EOS or the context is full
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1 = off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt and output tokens
-    presence_penalty: float = 0.0  # OpenAI style, over output tokens
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the k most likely
-    skip_special_tokens: bool = True
-    structured: StructuredOutput | None = None  # constrained decoding: JSON schema, regex, grammar or choice
-
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or []) if s]
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1:
-            self.top_k = 0
-        if isinstance(self.structured, dict):
-            self.structured = StructuredOutput(**self.structured)
-        self.verify()
-
-    def verify(self) -> None:
-        """Raise ValueError naming the offending field; the server turns it into a 400."""
-        checks = [
-            (1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
-            (self.temperature >= 0, "temperature", "must be >= 0"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (0 <= self.top_k < 2**31, "top_k", "must be -1, 0 (off) or a positive count"),
-            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
-            (self.seed is None or 0 <= self.seed <= 2**63 - self.n, "seed", "must be in [0, 2**63 - n]"),
-        ]
-        for ok, name, why in checks:
-            if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
-
-    @property
-    def penalised(self) -> bool:
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW  # dividing by a tinier temperature would overflow to inf
+from nanokyro.grammar import GrammarMatcher, TokenBitmask
+from nanokyro.request import SamplingParams
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 
 from nanokyro.block_manager import BlockManager, OutOfPages
 from nanokyro.grammar import GrammarMatcher
-from nanokyro.sampler import SamplingParams
+from nanokyro.request import SamplingParams
 
 _seq_ids = itertools.count()
 

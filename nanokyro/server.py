@@ -1,8 +1,10 @@
-"""The OpenAI-compatible HTTP API over an AsyncEngine, as a Litestar app.
+"""The OpenAI-compatible HTTP API, as a Litestar app in the frontend process, over an engine core in a process of
+its own (client.py).
 
-Owns: turning a request (its bodies are in protocol.py; unknown fields are a 400) into prompt ids
-and SamplingParams, streaming deltas as SSE chunks or collecting them into one answer, OpenAI-shaped errors,
-the waiting-queue limit, API-key checks, /health, /metrics, and aborting a request the moment its client leaves.
+Owns: turning a request (its bodies are in protocol.py; unknown fields and loosely typed values are a 400) into
+prompt ids and SamplingParams, off the event loop; streaming deltas as SSE chunks or collecting them into one answer;
+OpenAI-shaped errors; the waiting-queue limit; API-key checks; /health, /metrics; aborting a request the moment its
+client leaves; and the graceful shutdown (in-flight streams get a grace period, then end with an error event).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any, AsyncIterator, Callable
 
 import jinja2
 import msgspec
+import uvicorn
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
@@ -27,20 +30,23 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 from litestar.response import Stream
 
-from nanokyro.engine import AsyncEngine, Delta, EngineDead, TokenLogprob
-from nanokyro.grammar import StructuredOutput
+from nanokyro.client import CORE_ENTRY, CoreClient, EngineDead, RequestFailed
+from nanokyro.config import EngineConfig
 from nanokyro.metrics import CONTENT_TYPE, Metrics, RequestStats
 from nanokyro.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     Completion, CompletionChoice, CompletionRequest, DeltaMessage, PromptTokensDetails, SamplingFields, Usage,
 )  # fmt: skip
-from nanokyro.sampler import SamplingParams
+from nanokyro.request import Delta, PromptError, SamplingParams, StructuredOutput, TokenLogprob
 
 log = logging.getLogger("nanokyro.server")
 
 MAX_QUEUE = 1000  # default limit on requests waiting for their first token
 MAX_BODY_BYTES = 10 << 20
-SHUTDOWN_GRACE_S = 10.0  # on SIGINT/SIGTERM, in-flight requests get this long to finish before they are aborted
+SHUTDOWN_GRACE_S = 10.0  # on SIGINT/SIGTERM, in-flight requests get this long to finish before they are ended
+# Idle keep-alive connections live this long. It must outlast a client's lag behind its own stream: a client that
+# reuses a connection the server closed meanwhile fails (uvicorn's default of 5 s failed 117 of 512 requests).
+KEEP_ALIVE_S = 120.0
 
 # -- errors ----------------------------------------------------------------------------------------------------
 
@@ -66,11 +72,16 @@ def _validation_error(request: Request, exc: ValidationException) -> Response:
     extra = exc.extra[0] if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict) else {}
     message, param = extra.get("message") or exc.detail, extra.get("key")
     if param == "data":
-        named = re.search(r"field `([^`]+)`", message)
-        param = named[1] if named else None
+        param = _field_in(message)
     if message == "'data'":  # no body at all
         message = "the request needs a JSON object as its body"
     return _api_error(request, APIError(400, message, param=param))
+
+
+def _field_in(message: str) -> str | None:
+    """The field a msgspec error names: "... at `$.messages[0].content`" or "unknown field `x`"."""
+    named = re.search(r"at `\$\.([A-Za-z_]+)", message) or re.search(r"field `([^`]+)`", message)
+    return named[1] if named else None
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -79,18 +90,37 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
     return _api_error(request, APIError(exc.status_code, exc.detail, kind, code=codes.get(exc.status_code)))
 
 
+def _not_utf8(request: Request, exc: UnicodeDecodeError) -> Response:
+    return _api_error(request, APIError(400, f"the body is not valid UTF-8: {exc.reason} at byte {exc.start}"))
+
+
 def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return _api_error(request, APIError(500, f"internal error: {exc!r}", "server_error"))
 
 
-def _engine_error(exc: Exception) -> APIError:
+def _unavailable(message: str, code: str) -> APIError:
+    return APIError(503, message, "service_unavailable", code=code)
+
+
+def _engine_error(exc: BaseException) -> APIError:
     """An exception from a request's stream, as the error its client sees."""
     if isinstance(exc, EngineDead):
-        return APIError(503, str(exc), "service_unavailable", code="engine_dead")
-    if isinstance(exc, ValueError):
-        return APIError(400, str(exc))
+        return _unavailable(str(exc), "engine_dead")
+    if isinstance(exc, RequestFailed):
+        if exc.status == 400:
+            return APIError(400, str(exc))
+        if exc.status == 503:
+            return _unavailable(str(exc), "engine_unhealthy")
     return APIError(500, str(exc), "server_error")
+
+
+async def _strict(request: Request, cls: type) -> Any:
+    """The body decoded without coercion: "10" is not an int, 1 is not a bool (Litestar's own decoding coerces)."""
+    try:
+        return msgspec.json.decode(await request.body(), type=cls)  # read already, when Litestar decoded `data`
+    except msgspec.ValidationError as e:
+        raise APIError(400, str(e), param=_field_in(str(e))) from None
 
 
 # -- requests to engine calls ----------------------------------------------------------------------------------
@@ -128,19 +158,10 @@ def _structured(req: SamplingFields) -> StructuredOutput | None:
         raise APIError(400, str(e), param="response_format" if so is None else "structured_outputs") from None
 
 
-async def _compile(engine: AsyncEngine, params: SamplingParams, req: SamplingFields) -> None:
-    """Compile a request's grammar in a worker thread, so neither the event loop nor the engine waits on it;
-    compiled grammars are cached, so the engine's own validation then finds it ready."""
-    if params.structured is not None:
-        try:
-            await asyncio.to_thread(engine.engine.grammars.compile, params.structured)
-        except ValueError as e:
-            field = "structured_outputs" if req.structured_outputs is not None else "response_format"
-            raise APIError(400, str(e), param=field) from None
-
-
 def _sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     structured = _structured(req)
+    if req.temperature is not None and req.temperature > 2:  # the OpenAI API's range; the engine takes any
+        raise APIError(400, f"temperature must be in [0, 2], got {req.temperature}", param="temperature")
     try:
         return SamplingParams(
             n=req.n, max_tokens=max_tokens, temperature=_default(req.temperature, 1.0), top_p=_default(req.top_p, 1.0),
@@ -177,25 +198,25 @@ def _prompts(prompt) -> list[str | list[int]]:
                    param="prompt")  # fmt: skip
 
 
-def _piece(engine: AsyncEngine, token_id: int) -> str:
-    return engine.tokenizer.decode([token_id], skip_special_tokens=False) if engine.tokenizer else str(token_id)
+def _piece(client: CoreClient, token_id: int) -> str:
+    return client.tokenizer.decode([token_id], skip_special_tokens=False) if client.tokenizer else str(token_id)
 
 
-def _chat_logprobs(engine: AsyncEngine, lps: list[TokenLogprob]) -> dict:
+def _chat_logprobs(client: CoreClient, lps: list[TokenLogprob]) -> dict:
     def entry(token_id, logprob):
-        token = _piece(engine, token_id)
+        token = _piece(client, token_id)
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
                         for lp in lps]}  # fmt: skip
 
 
-def _completion_logprobs(engine: AsyncEngine, lps: list[TokenLogprob], text_offset: int) -> dict:
-    tokens = [_piece(engine, lp.token_id) for lp in lps]
+def _completion_logprobs(client: CoreClient, lps: list[TokenLogprob], text_offset: int) -> dict:
+    tokens = [_piece(client, lp.token_id) for lp in lps]
     return {
         "tokens": tokens,
         "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{_piece(engine, i): v for i, v in lp.top} for lp in lps],
+        "top_logprobs": [{_piece(client, i): v for i, v in lp.top} for lp in lps],
         "text_offset": list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=text_offset)),
     }
 
@@ -231,34 +252,13 @@ class _Usage:
                      PromptTokensDetails(sum(self.cached)))  # fmt: skip
 
 
-def _head(prefix: str, engine: AsyncEngine) -> dict:
+def _head(prefix: str, client: CoreClient) -> dict:
     """The fields every response and chunk of one request share."""
-    return dict(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=engine.model_name)
+    return dict(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=client.model_name)
 
 
 def _sse(obj) -> bytes:
     return b"data: " + msgspec.json.encode(obj) + b"\n\n"
-
-
-async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
-    """Like asyncio.to_thread, but exiting does not wait for it: Ctrl-C during a minutes-long load quits at once."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(result, error) -> None:
-        if not future.done():
-            future.set_exception(error) if error is not None else future.set_result(result)
-
-    def run() -> None:
-        try:
-            result, error = fn(), None
-        except BaseException as e:
-            result, error = None, e
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name="nanokyro-load", daemon=True).start()
-    return await future
 
 
 async def _disconnected(request: Request) -> None:
@@ -267,41 +267,89 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+async def _unless_disconnected(request: Request, awaitable) -> Any:
+    """Await, unless the client hangs up first: then the work is cancelled (which aborts its requests)."""
+    task, gone = asyncio.ensure_future(awaitable), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        task.cancel()
+    if not task.done() or task.cancelled():
+        raise APIError(499, "the client disconnected")  # nobody is left to read this
+    return task.result()
+
+
+class _Admission:
+    """A request counted against the waiting-queue limit from the moment it is admitted (before any await, so a
+    burst can't slip past the check) until its first token, its end, or its failure."""
+
+    def __init__(self, server: _Server):
+        self.server = server
+        server.num_unstarted += 1
+
+    def started(self) -> None:
+        if self.server is not None:
+            self.server.num_unstarted -= 1
+            self.server = None
+
+
 # -- the app ---------------------------------------------------------------------------------------------------
 
 
 class _Server:
-    """What the handlers share: the engine once loaded, its metrics, and the count of unstarted requests."""
+    """What the handlers share: the core client once started, the metrics, and the count of unstarted requests."""
 
-    def __init__(self, api_key: str | None, max_queue: int):
-        self.api_key, self.max_queue = api_key, max_queue
-        self.engine: AsyncEngine | None = None
+    def __init__(self, cfg: EngineConfig, api_key: str | None, max_queue: int, core_entry: str):
+        self.cfg, self.api_key, self.max_queue, self.core_entry = cfg, api_key, max_queue, core_entry
+        self.client: CoreClient | None = None
         self.metrics: Metrics | None = None
-        self.num_unstarted = 0  # requests taken but still waiting for their first token
+        self.num_unstarted = 0  # requests admitted but still waiting for their first token
+        self.max_prompt_chars = 0  # a string prompt longer than this can't fit the context, whatever its tokens
         self.load_error: BaseException | None = None
+        self.draining = False  # shutting down: no new requests
         self._load_task: asyncio.Task | None = None
+        self._drain_task: asyncio.Task | None = None
 
     # -- lifecycle
 
-    def start(self, engine: AsyncEngine) -> None:
-        engine.start()
-        self.metrics, self.engine = Metrics(engine), engine
-
-    def start_loading(self, make_engine: Callable[[], AsyncEngine]) -> None:
-        self._load_task = asyncio.create_task(self._load(make_engine))
-
-    async def _load(self, make_engine: Callable[[], AsyncEngine]) -> None:
+    async def _load(self) -> None:
         try:
-            self.start(await _in_daemon_thread(make_engine))
+            client = await CoreClient.start(self.cfg, self.core_entry)
         except Exception as e:
-            log.exception("loading the model failed")
+            log.error("loading the model failed: %s", e)
             self.load_error = e
+            return
+        if client.tokenizer is not None:
+            longest = max(len(t) for t in client.tokenizer.tokenizer.get_vocab())
+            self.max_prompt_chars = 2 * longest * client.limits.max_model_len  # 2x: a margin, never a false refusal
+        self.metrics, self.client = Metrics(client), client
+
+    def start_loading(self) -> None:
+        self._load_task = asyncio.create_task(self._load())
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Stop admitting; in-flight requests get grace_s to finish, then end with an error."""
+        if not self.draining:
+            self.draining = True
+            self._drain_task = asyncio.create_task(self._end_streams_after(grace_s))
+
+    async def _end_streams_after(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        while self.client is not None and self.client.num_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.client is not None and self.client.num_streams:
+            log.warning("shutdown: ending %d requests still running after the %.0f s grace period",
+                        self.client.num_streams, grace_s)  # fmt: skip
+            self.client.end_all("the server is shutting down")
 
     async def shutdown(self) -> None:
         if self._load_task is not None:
             self._load_task.cancel()
-        if self.engine is not None:
-            await self.engine.shutdown(SHUTDOWN_GRACE_S)
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+        if self.client is not None:
+            await self.client.close()
 
     # -- per request checks
 
@@ -312,118 +360,150 @@ class _Server:
         if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
             raise APIError(401, "invalid API key", code="invalid_api_key")
 
-    def ready_engine(self) -> AsyncEngine:
-        if self.engine is None:
-            message = f"the model failed to load: {self.load_error!r}" if self.load_error else "the model is loading"
-            raise APIError(503, message, "service_unavailable", code="model_loading")
-        if not self.engine.healthy:
-            raise APIError(503, f"the engine loop is not running: {self.engine.error!r}", "service_unavailable",
-                           code="engine_dead")  # fmt: skip
-        return self.engine
+    def ready_client(self) -> CoreClient:
+        if self.client is None:
+            if self.load_error is not None:
+                raise _unavailable(f"the model failed to load: {self.load_error}", "model_load_failed")
+            raise _unavailable("the model is loading", "model_loading")
+        if self.client.error is not None:
+            raise _unavailable(self.client.error, "engine_dead")
+        if self.draining:
+            raise _unavailable("the server is shutting down", "shutting_down")
+        return self.client
 
-    def admit(self, req: SamplingFields) -> AsyncEngine:
-        """The checks every generation request goes through before its own; returns the engine to use."""
-        engine = self.ready_engine()
-        if req.model != engine.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {engine.model_name!r}",
+    def admit(self, req: SamplingFields) -> tuple[CoreClient, _Admission]:
+        """The checks every generation request goes through before its own; counts it as waiting."""
+        client = self.ready_client()
+        if req.model != client.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {client.model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
-        if self.num_unstarted > self.max_queue:
+        if self.num_unstarted >= self.max_queue:
             raise APIError(429, f"{self.num_unstarted} requests are already waiting (limit {self.max_queue})",
                            "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})  # fmt: skip
-        return engine
+        return client, _Admission(self)
+
+    async def encode(self, client: CoreClient, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Prompt ids, tokenised on a worker thread (a long prompt must not stall other streams), and validated
+        against the limits the core gave at start-up."""
+        if isinstance(prompt, str):
+            if client.tokenizer is None:
+                raise PromptError("this model has no tokenizer (dummy weights): send token ids")
+            self.check_length(len(prompt))
+            prompt = await asyncio.to_thread(client.tokenizer.encode, prompt)
+        client.limits.validate(prompt, params)
+        return prompt
+
+    def check_length(self, num_chars: int) -> None:
+        if num_chars > self.max_prompt_chars:
+            raise PromptError(f"the prompt ({num_chars} characters) is longer than this model's context of "
+                              f"{self.client.limits.max_model_len} tokens can hold")  # fmt: skip
 
     # -- generation
 
-    async def generate(self, jobs: list[_Job], request_id: str) -> AsyncIterator[tuple[int, Delta]]:
-        """Every job's deltas as they come, as (job number, delta). Closing this aborts whatever is unfinished."""
-        out: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._pump(job, f"{request_id}-{k}", k, out)) for k, job in enumerate(jobs)]
+    async def generate(self, jobs: list[_Job], request_id: str, admission: _Admission
+                       ) -> AsyncIterator[list[tuple[int, Delta]]]:  # fmt: skip
+        """Every job's deltas as they come, a batch at a time, as (job number, delta). Closing this aborts whatever
+        is unfinished; the request's metrics are recorded at its end."""
+        streams = [self.client.generate(job.prompt_ids, job.params, f"{request_id}-{k}") for k, job in enumerate(jobs)]
+        stats = [RequestStats() for _ in jobs]
         try:
-            for _ in range(len(jobs)):
-                while (item := await out.get()) is not None:
-                    if isinstance(item, Exception):
-                        raise _engine_error(item)
-                    yield item
+            async for k, batch in _merge(streams):
+                admission.started()
+                stats[k].add(batch)
+                yield [(k, d) for d in batch]
+        except (EngineDead, RequestFailed) as e:
+            raise _engine_error(e) from None
         finally:
-            for task in tasks:
-                task.cancel()
+            admission.started()
+            for s in streams:
+                await s.aclose()
+            for s, job in zip(stats, jobs):
+                self.metrics.observe(s, job.params.n)
 
-    async def _pump(self, job: _Job, request_id: str, k: int, out: asyncio.Queue) -> None:
-        stats = RequestStats()
-        self.num_unstarted += 1
-        started = False
-        try:
-            async for d in self.engine.generate(job.prompt_ids, job.params, request_id):
-                if not started:
-                    started, self.num_unstarted = True, self.num_unstarted - 1
-                stats.add(d)
-                out.put_nowait((k, d))
-            out.put_nowait(None)
-        except Exception as e:
-            out.put_nowait(e)
-        finally:
-            if not started:
-                self.num_unstarted -= 1
-            self.metrics.observe(stats, job.params.n)
-
-    async def collect(self, request: Request, jobs: list[_Job], request_id: str) -> tuple[list[_Choice], Usage]:
+    async def collect(self, request: Request, jobs: list[_Job], request_id: str, admission: _Admission
+                      ) -> tuple[list[_Choice], Usage]:  # fmt: skip
         """Every choice whole, for a non-streaming answer. A client that hangs up first aborts the work."""
 
         async def work():
             choices, usage = [_Choice() for _ in range(sum(job.params.n for job in jobs))], _Usage(jobs)
-            async for k, d in self.generate(jobs, request_id):
-                usage.add(k, d)
-                choices[jobs[k].first_index + d.index].add(d)
+            async for batch in self.generate(jobs, request_id, admission):
+                for k, d in batch:
+                    usage.add(k, d)
+                    choices[jobs[k].first_index + d.index].add(d)
             return choices, usage.body()
 
-        task, gone = asyncio.ensure_future(work()), asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            task.cancel()
-        if not task.done() or task.cancelled():
-            raise APIError(499, "the client disconnected")  # nobody is left to read this
-        return task.result()
+        return await _unless_disconnected(request, work())
 
-    async def sse(self, jobs: list[_Job], request_id: str, opening: list, chunk: Callable[[int, Delta], Any],
-                  usage_chunk: Callable[[Usage], Any] | None) -> AsyncIterator[bytes]:  # fmt: skip
-        """The SSE body: `opening` chunks, one chunk per delta (chunk(choice index, delta)): each step's token, even
-        one whose text is not out yet (mid-character, or a model without a tokenizer), the usage chunk if asked
-        for, then [DONE]; an error ends the stream with an error event."""
+    async def stream(self, request: Request, jobs: list[_Job], request_id: str, admission: _Admission, opening: list,
+                     chunk: Callable[[int, Delta], Any], usage_chunk: Callable[[Usage], Any] | None) -> Stream:  # fmt: skip
+        """An SSE response: `opening` chunks, one chunk per delta (chunk(choice index, delta)): each step's token,
+        even one whose text is not out yet (mid-character, or a model without a tokenizer), the usage chunk if asked
+        for, then [DONE]. What arrived together is sent in one write. The response starts once the first tokens
+        are in, so a request the core refuses (an invalid grammar) is still an HTTP error; a later error ends the
+        stream with an error event and [DONE]."""
         usage = _Usage(jobs)
+        deltas = self.generate(jobs, request_id, admission)
         try:
-            for c in opening:
-                yield _sse(c)
-            async for k, d in self.generate(jobs, request_id):
+            first = await _unless_disconnected(request, anext(deltas))  # a long wait in the queue, perhaps
+        except BaseException:
+            await deltas.aclose()
+            raise
+
+        def body(batch) -> bytes:
+            for k, d in batch:
                 usage.add(k, d)
-                yield _sse(chunk(jobs[k].first_index + d.index, d))
-            if usage_chunk is not None:
-                yield _sse(usage_chunk(usage.body()))
-            yield b"data: [DONE]\n\n"
-        except APIError as e:
-            yield _sse(e.body())
+            return b"".join(_sse(chunk(jobs[k].first_index + d.index, d)) for k, d in batch)
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                yield b"".join(_sse(c) for c in opening) + body(first)
+                async for batch in deltas:
+                    yield body(batch)
+                if usage_chunk is not None:
+                    yield _sse(usage_chunk(usage.body()))
+                yield b"data: [DONE]\n\n"
+            except APIError as e:
+                yield _sse(e.body()) + b"data: [DONE]\n\n"
+            finally:
+                await deltas.aclose()
+
+        return Stream(events(), media_type="text/event-stream")
 
     # -- the two endpoints
 
-    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
-        engine, params = self.admit(req), _chat_params(req)
-        await _compile(engine, params, req)
+    async def chat(self, request: Request) -> Response:
+        req: ChatCompletionRequest = await _strict(request, ChatCompletionRequest)
+        client, admission = self.admit(req)
+        try:
+            return await self._chat(req, request, client, admission)
+        finally:
+            admission.started()  # a no-op once generation took it over
+
+    async def _chat(self, req: ChatCompletionRequest, request: Request, client: CoreClient, admission: _Admission):
+        params = _chat_params(req)
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
-        if engine.tokenizer is None:
+        if client.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template: use /v1/completions with token ids")
+        for i, m in enumerate(req.messages):
+            if m.content is None:
+                raise APIError(400, f"messages[{i}] has no content", param="messages")
+        messages = [msgspec.to_builtins(m) for m in req.messages]
         try:
-            messages = [msgspec.to_builtins(m) for m in req.messages]
-            jobs = [_Job(engine.prepare(engine.tokenizer.encode_chat(messages), params), params, 0)]
+            self.check_length(sum(len(msgspec.json.encode(m["content"])) for m in messages))
+            prompt_ids = await asyncio.to_thread(client.tokenizer.encode_chat, messages)
+            client.limits.validate(prompt_ids, params)
+        except PromptError as e:
+            raise APIError(400, str(e), param="messages" if e.param == "prompt" else e.param) from None
         except (ValueError, jinja2.TemplateError) as e:
-            raise APIError(400, str(e), param="messages") from None
-        head = _head("chatcmpl", engine)
+            raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+        jobs = [_Job(prompt_ids, params, 0)]
+        head = _head("chatcmpl", client)
 
         def logprobs(lps):
-            return _chat_logprobs(engine, lps) if lps is not None else None
+            return _chat_logprobs(client, lps) if lps is not None else None
 
         if req.stream:
             def chunk(i: int, d: Delta) -> ChatCompletionChunk:
@@ -434,25 +514,32 @@ class _Server:
             roles = [ChatCompletionChunk(**head, choices=[ChatChunkChoice(i, DeltaMessage("assistant", ""))])
                      for i in range(params.n)]  # fmt: skip
             usage = _usage_chunk(req, lambda u: ChatCompletionChunk(**head, choices=[], usage=u))
-            return Stream(self.sse(jobs, head["id"], roles, chunk, usage), media_type="text/event-stream")
-        choices, usage = await self.collect(request, jobs, head["id"])
+            return await self.stream(request, jobs, head["id"], admission, roles, chunk, usage)
+        choices, usage = await self.collect(request, jobs, head["id"], admission)
         return Response(ChatCompletion(**head, usage=usage, choices=[
             ChatChoice(i, AssistantMessage(c.text), logprobs(c.logprobs), c.finish_reason)
             for i, c in enumerate(choices)]))  # fmt: skip
 
-    async def complete(self, req: CompletionRequest, request: Request) -> Response:
-        engine, params = self.admit(req), _completion_params(req)
-        await _compile(engine, params, req)
+    async def complete(self, request: Request) -> Response:
+        req: CompletionRequest = await _strict(request, CompletionRequest)
+        client, admission = self.admit(req)
         try:
-            prompt_ids = [engine.prepare(p, params) for p in _prompts(req.prompt)]
-        except ValueError as e:
-            raise APIError(400, str(e), param="prompt") from None
+            return await self._complete(req, request, client, admission)
+        finally:
+            admission.started()
+
+    async def _complete(self, req: CompletionRequest, request: Request, client: CoreClient, admission: _Admission):
+        params = _completion_params(req)
+        try:
+            prompt_ids = [await self.encode(client, p, params) for p in _prompts(req.prompt)]
+        except PromptError as e:
+            raise APIError(400, str(e), param=e.param) from None
         jobs = [_Job(ids, params, k * params.n) for k, ids in enumerate(prompt_ids)]
-        head = _head("cmpl", engine)
+        head = _head("cmpl", client)
         offsets = [0] * (len(jobs) * params.n)  # where each choice's next text starts, for logprobs.text_offset
 
         def choice(i: int, text: str, lps, finish_reason) -> CompletionChoice:
-            logprobs = _completion_logprobs(engine, lps, offsets[i]) if lps is not None else None
+            logprobs = _completion_logprobs(client, lps, offsets[i]) if lps is not None else None
             offsets[i] += len(text)
             return CompletionChoice(i, text, logprobs, finish_reason)
 
@@ -461,55 +548,79 @@ class _Server:
                 return Completion(**head, choices=[choice(i, d.text, d.logprobs, d.finish_reason)])
 
             usage = _usage_chunk(req, lambda u: Completion(**head, choices=[], usage=u))
-            return Stream(self.sse(jobs, head["id"], [], chunk, usage), media_type="text/event-stream")
-        choices, usage = await self.collect(request, jobs, head["id"])
+            return await self.stream(request, jobs, head["id"], admission, [], chunk, usage)
+        choices, usage = await self.collect(request, jobs, head["id"], admission)
         return Response(Completion(**head, usage=usage, choices=[
             choice(i, c.text, c.logprobs, c.finish_reason) for i, c in enumerate(choices)]))  # fmt: skip
+
+
+async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """Items of several async iterators as they come, as (iterator number, item); one iterator is read directly."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    out: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                out.put_nowait((k, item))
+            out.put_nowait(None)
+        except BaseException as e:
+            out.put_nowait(e)
+
+    tasks = [asyncio.create_task(pump(k, s)) for k, s in enumerate(streams)]
+    try:
+        for _ in streams:
+            while (item := await out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # each stream's own cleanup (its abort) has run
 
 
 def _usage_chunk(req: SamplingFields, make: Callable[[Usage], Any]) -> Callable[[Usage], Any] | None:
     return make if req.stream_options is not None and req.stream_options.include_usage else None
 
 
-def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], *, api_key: str | None = None,
-               max_queue: int = MAX_QUEUE) -> Litestar:  # fmt: skip
-    """The app serving `engine`, which starts with the app. Pass a function that builds the engine instead to
-    answer /health with 503 while the model loads in the background.
+def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int = MAX_QUEUE,
+               core_entry: str = CORE_ENTRY) -> Litestar:  # fmt: skip
+    """The app serving the model `cfg` names. Its engine core starts in a process of its own with the app, and
+    /health answers 503 while the model loads.
 
-    api_key: required as `Authorization: Bearer <key>` on /v1 routes. max_queue: answer 429 while more than this
-    many requests wait for their first token.
+    api_key: required as `Authorization: Bearer <key>` on /v1 routes. max_queue: answer 429 while this many requests
+    wait for their first token. core_entry: "module:function" run in the core process (core.run_core).
     """
-    server = _Server(api_key, max_queue)
-
-    async def on_startup() -> None:
-        if isinstance(engine, AsyncEngine):
-            server.start(engine)
-        else:
-            server.start_loading(engine)
+    server = _Server(cfg, api_key, max_queue, core_entry)
 
     def check_key(connection, _) -> None:
         server.check_api_key(connection)
 
+    # `data` documents the body in the OpenAPI schema and reads it; the handlers decode it again, strictly.
     @post("/chat/completions", status_code=200, responses={200: ResponseSpec(
         ChatCompletion, description="The completion, or with stream: an SSE stream of chat.completion.chunk")})
     async def chat_completions(data: JSONBody[ChatCompletionRequest], request: Request) -> Response:
-        return await server.chat(data, request)
+        return await server.chat(request)
 
     @post("/completions", status_code=200, responses={200: ResponseSpec(
         Completion, description="The completion, or with stream: an SSE stream of text_completion chunks")})
     async def completions(data: JSONBody[CompletionRequest], request: Request) -> Response:
-        return await server.complete(data, request)
+        return await server.complete(request)
 
     @get("/models")
     async def models() -> dict:
-        engine = server.ready_engine()
-        model = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "nanokyro",
-                 "max_model_len": engine.max_model_len}  # fmt: skip
+        client = server.ready_client()
+        model = {"id": client.model_name, "object": "model", "created": 0, "owned_by": "nanokyro",
+                 "max_model_len": client.limits.max_model_len}  # fmt: skip
         return {"object": "list", "data": [model]}
 
     @get("/health")
     async def health() -> Response:
-        server.ready_engine()
+        server.ready_client()
         return Response(b"", status_code=200)
 
     @get("/metrics")
@@ -520,14 +631,49 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], *, api_key: str 
     v1 = Router("/v1", route_handlers=[chat_completions, completions, models], guards=[check_key])
     return Litestar(
         route_handlers=[v1, health, metrics],
-        on_startup=[on_startup],
+        on_startup=[server.start_loading],
         on_shutdown=[server.shutdown],
-        state=State({"server": server}),  # serve.py and tests look at server.engine
+        state=State({"server": server}),  # serve.py and tests look at server.client
         request_max_body_size=MAX_BODY_BYTES,
         logging_config=None,  # logging is the application's to configure (serve.py does)
-        exception_handlers={APIError: _api_error, ValidationException: _validation_error,
-                            HTTPException: _http_error, Exception: _internal_error},  # fmt: skip
+        exception_handlers={APIError: _api_error, ValidationException: _validation_error, HTTPException: _http_error,
+                            UnicodeDecodeError: _not_utf8, Exception: _internal_error},  # fmt: skip
     )
+
+
+class UvicornServer(uvicorn.Server):
+    """uvicorn serving one of our apps: on SIGINT/SIGTERM (or `stop()`), the app first stops admitting and gives
+    its streams the grace period, ending the rest with an error event; then uvicorn closes, and the app stops the
+    engine core."""
+
+    def __init__(self, app: Litestar, host: str = "127.0.0.1", port: int = 0, grace_s: float = SHUTDOWN_GRACE_S,
+                 keep_alive_s: float = KEEP_ALIVE_S):  # fmt: skip
+        # uvicorn's own wait outlasts the grace: the app ends its streams first, with an error event each.
+        super().__init__(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=keep_alive_s,
+                                        timeout_graceful_shutdown=grace_s + 5))  # fmt: skip
+        self.app_server: _Server = app.state.server
+        self.grace_s = grace_s
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Begin the graceful shutdown; safe from any thread and from a signal handler."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._drain_then_exit)
+        else:
+            self.should_exit = True
+
+    def _drain_then_exit(self) -> None:
+        if self.app_server.draining:  # a second signal: stop now
+            self.force_exit = True
+        self.app_server.begin_shutdown(self.grace_s)
+        self.app_server._drain_task.add_done_callback(lambda _: setattr(self, "should_exit", True))
 
 
 def free_port() -> int:
@@ -538,24 +684,27 @@ def free_port() -> int:
 
 
 class BackgroundServer:
-    """An app served by uvicorn on a free loopback port, in a thread with its own event loop: how tests and
-    `bench.py --serve` run a real server beside their own code."""
+    """An app served by uvicorn on a free loopback port, in a thread with its own event loop: how tests run a real
+    server (and its engine core process) beside their own code."""
 
-    def __init__(self, app, start_timeout_s: float = 60.0):
-        import uvicorn
-
+    def __init__(self, app: Litestar, start_timeout_s: float = 120.0, wait_ready: bool = True, **server_options):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))  # fmt: skip
+        self.app = app
+        self.server = UvicornServer(app, port=port, **server_options)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + start_timeout_s
-        while not self.server.started:
+        state = app.state.server
+        while not self.server.started or (wait_ready and state.client is None and state.load_error is None):
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError(f"the server at {self.url} did not start")
             time.sleep(0.01)
 
+    @property
+    def client_handle(self) -> CoreClient:
+        return self.app.state.server.client
+
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
+        self.server.stop()
+        self.thread.join(timeout=30)

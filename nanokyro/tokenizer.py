@@ -13,6 +13,7 @@ from datetime import datetime
 
 import jinja2
 import jinja2.ext
+import msgspec
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -27,6 +28,18 @@ CHATML_TEMPLATE = (
 # Prompt tokens decoded in front of the first output tokens: enough for a SentencePiece tokenizer to see that the
 # output does not start the text (so its leading space survives) and for a split character to be re-joined.
 PROMPT_CONTEXT = 5
+LONG_TEXT = 4096  # characters from which encoding releases the GIL
+
+
+class TokenizerSpec(msgspec.Struct):
+    """Everything a Tokenizer is made of, as plain data: how the engine core hands its tokenizer to the frontend."""
+
+    json: str  # tokenizers' own serialisation
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    eos_token_ids: list[int]
+    add_bos_token: bool | None
 
 
 class Tokenizer:
@@ -66,11 +79,28 @@ class Tokenizer:
                    bos_token=_token_str(config.get("bos_token")), eos_token=_token_str(config.get("eos_token")),
                    eos_token_ids=[*eos_token_ids, *(gen_eos or [])])
 
+    @classmethod
+    def from_spec(cls, spec: TokenizerSpec) -> "Tokenizer":
+        return cls(tokenizers.Tokenizer.from_str(spec.json), chat_template=spec.chat_template,
+                   bos_token=spec.bos_token, eos_token=spec.eos_token, eos_token_ids=spec.eos_token_ids,
+                   add_bos_token=spec.add_bos_token)  # fmt: skip
+
+    def spec(self) -> TokenizerSpec:
+        return TokenizerSpec(self.tokenizer.to_str(), self.chat_template, self.bos_token, self.eos_token,
+                             self.eos_token_ids, self.add_bos_token)  # fmt: skip
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.add_bos_token is None:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            return self._encode(text, add_special_tokens)
+        ids = self._encode(text, add_special_tokens=False)
         return [self.bos_token_id, *ids] if add_special_tokens and self._adds_bos else ids
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        # encode() holds the GIL for all of its work; encode_batch() releases it, so a long prompt tokenised on a
+        # worker thread does not stall the server's event loop (3 s for 3 MB). Short texts skip its thread pool.
+        if len(text) < LONG_TEXT:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -86,7 +116,7 @@ class Tokenizer:
         """Prompt ids for a conversation with exactly one BOS where the model wants one: most templates write the
         BOS themselves (encoding with special tokens would double it), a few rely on the tokenizer to add it."""
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self._encode(text, add_special_tokens=False)
         if self._adds_bos and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
         return ids

@@ -127,7 +127,16 @@ KEY = "sk-test"
 
 
 class ServerThread(BackgroundServer):
-    """A real server on loopback, with an openai client for it."""
+    """A real server on loopback (its engine core in a process of its own), with an openai client for it."""
+
+    @property
+    def core(self):
+        """The frontend's CoreClient: the model's name, tokenizer, and the core's last published stats."""
+        return self.app.state.server.client
+
+    @property
+    def model(self) -> str:
+        return self.core.model_name
 
     def client(self, key=KEY, **kw):
         import openai

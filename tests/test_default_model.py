@@ -7,7 +7,6 @@ import torch
 from conftest import ServerThread, assert_logits_match
 from nanokyro import LLM, SamplingParams
 from nanokyro.config import EngineConfig
-from nanokyro.engine import AsyncEngine
 from nanokyro.server import create_app
 
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea."]
@@ -47,7 +46,7 @@ def test_greedy_chat_answers_match_transformers(llm, hf_model):
 
 def test_http_chat_answers_paris():
     """The whole path a new user takes: the default model behind the HTTP API, asked through the openai SDK."""
-    srv = ServerThread(create_app(AsyncEngine(EngineConfig(dtype="float32", kv_cache_memory=64 << 20))))
+    srv = ServerThread(create_app(EngineConfig(dtype="float32", kv_cache_memory=64 << 20)))
     try:
         client = srv.client(key="unused")
         [model] = [m.id for m in client.models.list().data]

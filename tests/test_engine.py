@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import random
 
+import msgspec
 import pytest
 import torch
 import transformers
 
 from conftest import assert_logits_match, assert_no_leak
 from nanokyro import LLM, SamplingParams
-from nanokyro.engine import PromptError
+from nanokyro.request import PromptError
 
 PROMPT_LENS = [1, 3, 17, 32, 64, 100, 150, 200]
 
@@ -94,7 +95,7 @@ def test_n_greater_than_one_shares_prompt_pages(llama_dir):
     engine = llm.engine
     prompt = random_prompts([70])[0]
     rid = engine.add_request(prompt, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7))
-    seqs = engine.requests[rid].seqs
+    seqs = engine.requests[rid]
     while all(s.num_computed == 0 for s in seqs[1:]):
         engine.step()
     shared = set(seqs[0].pages[:4])  # 70 tokens: 4 full pages
@@ -249,29 +250,30 @@ def test_a_sequence_never_outgrows_the_kv_cache(llama_dir):
     assert_no_leak(llm)
 
 
-def test_async_shutdown_ends_every_stream(llama_dir):
+def test_closing_the_core_client_ends_every_stream_and_stops_its_process(llama_dir):
     import asyncio
 
+    from nanokyro.client import CoreClient
     from nanokyro.config import EngineConfig
-    from nanokyro.engine import AsyncEngine
 
     async def main():
-        engine = AsyncEngine(EngineConfig(model=llama_dir, dtype="float32", kv_cache_memory=16 << 20))
-        engine.start()
+        client = await CoreClient.start(EngineConfig(model=llama_dir, dtype="float32", kv_cache_memory=16 << 20))
         reasons = []
 
         async def consume():
-            async for d in engine.generate([5, 6, 7], SamplingParams(max_tokens=800, ignore_eos=True)):
-                reasons.append(d.finish_reason)
+            async for batch in client.generate([5, 6, 7], SamplingParams(max_tokens=800, ignore_eos=True), "a"):
+                reasons.extend(d.finish_reason for d in batch)
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.3)
-        await engine.shutdown(grace_s=0.1)
+        await asyncio.sleep(0.5)
+        with pytest.raises(ValueError, match="already in use"):  # a library caller's duplicate id
+            await anext(client.generate([5], SamplingParams(), "a"))
+        await client.close()
         await asyncio.wait_for(task, timeout=10)  # the stream ends instead of waiting for ever
-        return reasons
+        return reasons, client.process.returncode
 
-    reasons = asyncio.run(main())
-    assert reasons[-1] == "abort" and len(reasons) < 800
+    reasons, exit_code = asyncio.run(main())
+    assert reasons[-1] == "abort" and 0 < len(reasons) < 800 and exit_code == 0
 
 
 def test_overlapped_steps_give_what_serial_steps_give(llama_dir):
@@ -294,7 +296,7 @@ def test_overlapped_steps_give_what_serial_steps_give(llama_dir):
 
     def run(overlap: bool, stops: list[int] | None = None, pages: int = 64):
         llm = make_llm(llama_dir, overlap_schedule=overlap, kv_cache_memory=pages * page_bytes)
-        ps = [p if stops is None else SamplingParams(**{**p.__dict__, "stop_token_ids": [stops[i]]})
+        ps = [p if stops is None else msgspec.structs.replace(p, stop_token_ids=[stops[i]])
               for i, p in enumerate(params)]  # fmt: skip
         outs = llm.generate(prompts, ps)
         assert_no_leak(llm)

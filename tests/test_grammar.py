@@ -159,7 +159,7 @@ def test_preemption_and_prefix_cache_do_not_advance_a_matcher_twice(llama_dir, t
     for out in outs:
         jsonschema.validate(json.loads(out.text), PERSON)
     again = small.generate(prompts, params)  # every prompt now from the prefix cache
-    assert small.engine.prefix_cache_hit_tokens > 0 and [o.text for o in again] == roomy
+    assert small.engine.stats().prefix_cache_hit_tokens > 0 and [o.text for o in again] == roomy
     assert_no_leak(small)
 
 

@@ -39,8 +39,8 @@ def test_shared_prefix_is_computed_once_and_outputs_unchanged(llama_dir):
     assert warm[0].num_cached_tokens == 0
     assert all(o.num_cached_tokens >= 200 - PS for o in warm[1:])
     engine = llm.engine
-    assert engine.prefix_cache_hit_tokens == sum(o.num_cached_tokens for o in warm)
-    assert engine.prefix_cache_queried_tokens == sum(map(len, prompts))
+    assert engine.stats().prefix_cache_hit_tokens == sum(o.num_cached_tokens for o in warm)
+    assert engine.stats().prefix_cache_queried_tokens == sum(map(len, prompts))
     assert_no_leak(llm)
 
 
@@ -81,7 +81,7 @@ def test_memory_pressure_evicts_without_corrupting(llama_dir):
     llm = make_llm(llama_dir, kv_cache_memory=kv)
     warm = llm.generate(prompts, params)
     assert [o.token_ids for o in warm] == [o.token_ids for o in cold]
-    assert llm.engine.prefix_cache_hit_tokens > 0
+    assert llm.engine.stats().prefix_cache_hit_tokens > 0
     blocks = llm.engine.blocks
     assert blocks.num_pages == pages and sum(blocks.cached) <= pages
     assert llm.engine.cache.num_nodes == sum(blocks.cached)

@@ -3,8 +3,10 @@ openai SDK (and httpx where the SDK can't send the bad input); /metrics parsed b
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,24 +18,21 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nanokyro.config import EngineConfig
-from nanokyro.engine import AsyncEngine
 from nanokyro.server import MAX_BODY_BYTES, create_app, free_port
 from conftest import KEY, ServerThread
 
 CHAT = [{"role": "user", "content": "Hello, how are you?"}]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_engine(llama_dir, **kw) -> AsyncEngine:
+def make_app(llama_dir, *, api_key=None, max_queue=1000, core_entry="nanokyro.core:run_core", **kw):
     opts = dict(model=llama_dir, dtype="float32", kv_cache_memory=16 << 20, max_num_seqs=16)
-    return AsyncEngine(EngineConfig(**{**opts, **kw}))
+    return create_app(EngineConfig(**{**opts, **kw}), api_key=api_key, max_queue=max_queue, core_entry=core_entry)
 
 
 @pytest.fixture(scope="module")
 def served(llama_dir):
-    engine = make_engine(llama_dir)
-    srv = ServerThread(create_app(engine, api_key=KEY))
-    srv.engine = engine
-    srv.model = engine.model_name
+    srv = ServerThread(make_app(llama_dir, api_key=KEY))
     yield srv
     srv.stop()
 
@@ -43,11 +42,12 @@ def client(served):
     return served.client()
 
 
-def engine_idle(engine: AsyncEngine, timeout=10.0) -> bool:
+def engine_idle(srv, timeout=10.0) -> bool:
+    """The core's published stats show nothing running or waiting and every page free, and no stream is open."""
     deadline = time.monotonic() + timeout
-    core = engine.engine
     while time.monotonic() < deadline:
-        if not core.scheduler.has_work() and not core.requests and core.blocks.all_free() and not engine._streams:
+        stats = srv.core.stats
+        if not srv.core.num_streams and not stats.num_running and not stats.num_waiting and not stats.kv_pages_used:
             return True
         time.sleep(0.02)
     return False
@@ -71,7 +71,7 @@ def test_greedy_chat_streamed_and_whole_give_the_same_text(served, client):
     whole = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=12, temperature=0)
     choice = whole.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
-    assert whole.usage.prompt_tokens == len(served.engine.tokenizer.encode_chat(CHAT))
+    assert whole.usage.prompt_tokens == len(served.core.tokenizer.encode_chat(CHAT))
     usage = whole.usage
     assert usage.completion_tokens <= 12 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert whole.usage.prompt_tokens_details.cached_tokens >= 0
@@ -96,7 +96,7 @@ def test_greedy_completion_streamed_and_whole_give_the_same_text(served, client)
 
 
 def test_completion_prompt_shapes_give_one_choice_per_prompt_and_n(served, client):
-    tok = served.engine.tokenizer
+    tok = served.core.tokenizer
     ids = tok.encode("Paris is the capital")
     text = client.completions.create(model=served.model, prompt="Paris is the capital", max_tokens=6, temperature=0)
     by_ids = client.completions.create(model=served.model, prompt=ids, max_tokens=6, temperature=0)
@@ -183,14 +183,23 @@ def bad_requests(served, client):
     yield "malformed json", openai.BadRequestError, lambda: client.post(
         "/chat/completions", cast_to=object, content=b'{"model": "x", "messages": [', options={
             "headers": {"Content-Type": "application/json"}})  # fmt: skip
+    yield "not utf-8", openai.BadRequestError, lambda: client.post(
+        "/completions", cast_to=object, content=b'{"model": "x", "prompt": "\xff\xfe"}', options={
+            "headers": {"Content-Type": "application/json"}})  # fmt: skip
     yield "unknown field", openai.BadRequestError, lambda: chat(model=m, messages=CHAT, extra_body={"tempo": 1})
     yield "wrong type", openai.BadRequestError, lambda: chat(model=m, messages=CHAT, extra_body={"n": "two"})
+    yield "max_tokens as a string", openai.BadRequestError, lambda: chat(model=m, messages=CHAT, extra_body={"max_tokens": "10"})
+    yield "n as a string", openai.BadRequestError, lambda: chat(model=m, messages=CHAT, extra_body={"n": "1"})
+    yield "stream as a number", openai.BadRequestError, lambda: client.completions.create(
+        model=m, prompt="hi", extra_body={"stream": 1})
     yield "invalid value", openai.BadRequestError, lambda: chat(model=m, messages=CHAT, temperature=-1)
+    yield "temperature above 2", openai.BadRequestError, lambda: chat(model=m, messages=CHAT, temperature=2.5)
     yield "max_tokens 0", openai.BadRequestError, lambda: chat(model=m, messages=CHAT, max_tokens=0)
     yield "top_p 0", openai.BadRequestError, lambda: client.completions.create(model=m, prompt="hi", top_p=0)
     yield "bad token id", openai.BadRequestError, lambda: client.completions.create(model=m, prompt=[1, 10**6])
     yield "context overflow", openai.BadRequestError, lambda: client.completions.create(
         model=m, prompt="hello " * 10, max_tokens=2000)
+    yield "message without content", openai.BadRequestError, lambda: chat(model=m, messages=[{"role": "user"}])
     yield "unknown model", openai.NotFoundError, lambda: chat(model="gpt-nope", messages=CHAT)
     yield "wrong key", openai.AuthenticationError, lambda: served.client(key="sk-wrong").chat.completions.create(
         model=m, messages=CHAT)
@@ -205,17 +214,63 @@ def test_each_bad_request_maps_to_its_sdk_error_and_the_next_request_succeeds(se
         body = info.value.body
         assert isinstance(body, dict) and body["message"] and "type" in body and "param" in body, name
         if name == "context overflow":
-            assert "1024" in body["message"] and "2000" in body["message"]
+            assert "1024" in body["message"] and "2000" in body["message"] and body["param"] == "max_tokens"
         if name == "unknown field":
             assert "tempo" in body["message"] and body["param"] == "tempo"
+        if name in ("max_tokens as a string", "n as a string", "stream as a number"):
+            assert body["param"] == name.split()[0], (name, body)
+        if name == "message without content":
+            assert body["message"] == "messages[0] has no content"
+        if name == "not utf-8":
+            assert "UTF-8" in body["message"]
         ok = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=2)
         assert ok.choices[0].finish_reason in ("stop", "length"), name
+    assert engine_idle(served)
 
 
 def test_oversized_body_is_413(served, client):
     r = raw_post(served, "/completions", b'{"model": "m", "prompt": "' + b"a" * MAX_BODY_BYTES + b'"}')
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert client.completions.create(model=served.model, prompt="hi", max_tokens=2).choices[0].text is not None
+
+
+def test_a_prompt_far_longer_than_the_context_fails_at_once_without_stalling_streams(served, client):
+    """A 9 MiB prompt can't fit 1,024 tokens whatever it tokenises to: it is refused before tokenising, and a
+    stream running meanwhile keeps its pace."""
+    huge = "word " * ((9 << 20) // 5)
+    stream = client.completions.create(model=served.model, prompt="Hi", max_tokens=200, stream=True,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+    times = []
+    done = threading.Thread(target=lambda: times.extend(time.monotonic() for _ in stream))
+    done.start()
+    started = time.monotonic()
+    with pytest.raises(openai.BadRequestError, match="longer than this model's context"):
+        client.completions.create(model=served.model, prompt=huge, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="longer than this model's context"):
+        client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": huge}])
+    assert time.monotonic() - started < 5
+    done.join(timeout=60)
+    assert len(times) == 200
+    assert httpx.get(f"{served.url}/health").status_code == 200
+
+
+def test_an_idle_keep_alive_connection_outlives_uvicorns_five_second_default(served):
+    """A client that lags behind (or pauses) reuses its pooled connection: the server must not have closed it."""
+    import http.client
+
+    host, port = served.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert conn.getresponse().read()
+    sock = conn.sock
+    time.sleep(6)  # idle past uvicorn's default keep-alive of 5 s
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):  # still open, nothing to read (a closed one reads b"")
+        sock.recv(1, socket.MSG_PEEK)
+    sock.setblocking(True)
+    conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert conn.getresponse().status == 200 and conn.sock is sock  # over the same connection
+    conn.close()
 
 
 # -- concurrency and disconnects -------------------------------------------------------------------------------
@@ -228,32 +283,44 @@ async def aenumerate(items):
         n += 1
 
 
-def test_concurrent_streams_with_a_third_disconnecting_leave_nothing_behind(served):
+async def stream_all(url: str, count: int, leaves, max_tokens: int, key: str | None = KEY, model: str = ""):
+    """count concurrent chat streams through the openai SDK; stream i walks away mid-stream if leaves(i)."""
     async def one(client, i):
-        leaves = i % 3 == 0  # asks for far more than it will read: only an abort ends it soon
         stream = await client.chat.completions.create(
-            model=served.model, messages=[{"role": "user", "content": f"Count to {i}"}], temperature=0.8, seed=i,
-            max_tokens=1000 if leaves else 24, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+            model=model, messages=[{"role": "user", "content": f"Count to {i}"}], temperature=0.8, seed=i,
+            max_tokens=900 if leaves(i) else max_tokens, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
         async with stream:
             async for n, chunk in aenumerate(stream):
-                if leaves and n == 3:
+                if leaves(i) and n == 3:
                     return None  # walks away mid-stream: leaving the block closes the connection
                 if chunk.choices and chunk.choices[0].finish_reason:
                     return chunk.choices[0].finish_reason
         return "no finish"
 
-    async def main():
-        async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(32)))
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key or "none", max_retries=0, timeout=120) as client:
+        return await asyncio.gather(*(one(client, i) for i in range(count)))
 
+
+def test_concurrent_streams_with_a_third_disconnecting_leave_nothing_behind(served):
     before = metrics(served.url)
-    results = asyncio.run(main())
+    results = asyncio.run(stream_all(served.url, 32, lambda i: i % 3 == 0, 24, model=served.model))
     assert [r for i, r in enumerate(results) if i % 3 != 0] == ["length"] * 21
-    assert engine_idle(served.engine, timeout=1), "requests or pages left behind after the disconnects"
-    assert served.engine.num_requests_running == 0 and served.engine.num_requests_waiting == 0
+    assert engine_idle(served, timeout=2), "requests or pages left behind after the disconnects"
     after = metrics(served.url)
+    assert after["nanokyro_num_requests_running{}"] == 0 and after["nanokyro_num_requests_waiting{}"] == 0
+    assert after["nanokyro_kv_cache_usage_ratio{}"] == 0
     key = "nanokyro_request_finished_total{finish_reason=abort}"
     assert after.get(key, 0) - before.get(key, 0) == 11
+
+
+def test_256_streams_with_a_third_disconnecting(llama_dir):
+    srv = ServerThread(make_app(llama_dir, max_num_seqs=64))
+    try:
+        results = asyncio.run(stream_all(srv.url, 256, lambda i: i % 3 == 1, 8, key=None, model=srv.model))
+        assert [r for i, r in enumerate(results) if i % 3 != 1] == ["length"] * 171
+        assert engine_idle(srv, timeout=5), "requests or pages left behind after the disconnects"
+    finally:
+        srv.stop()
 
 
 def test_non_streaming_client_that_leaves_aborts_its_request(served):
@@ -262,7 +329,7 @@ def test_non_streaming_client_that_leaves_aborts_its_request(served):
     with pytest.raises(httpx.ReadTimeout):  # 900 tokens take over a second; the client gives up after 0.3 s
         httpx.post(f"{served.url}/v1/completions", timeout=0.3, headers={"Authorization": f"Bearer {KEY}"},
                    json={"model": served.model, "prompt": "Hi", "max_tokens": 900, "ignore_eos": True})  # fmt: skip
-    assert engine_idle(served.engine, timeout=2), "the abandoned request kept running"
+    assert engine_idle(served, timeout=2), "the abandoned request kept running"
     assert metrics(served.url)[aborted] - before == 1
 
 
@@ -277,15 +344,15 @@ def test_metrics_parse_and_move_after_a_request(served, client):
     moved = lambda name: after[name] - before.get(name, 0)  # noqa: E731
     assert moved("nanokyro_time_to_first_token_seconds_count{}") == 1
     assert moved("nanokyro_generation_tokens_total{}") == 7
-    assert moved("nanokyro_prompt_tokens_total{}") == len(served.engine.tokenizer.encode("Hello there"))
+    assert moved("nanokyro_prompt_tokens_total{}") == len(served.core.tokenizer.encode("Hello there"))
     assert moved("nanokyro_time_between_tokens_seconds_count{}") == 6
     assert moved("nanokyro_request_finished_total{finish_reason=length}") == 1
     assert moved("nanokyro_e2e_request_latency_seconds_count{}") == 1
     assert moved("nanokyro_request_queue_time_seconds_count{}") == 1
+    assert moved("nanokyro_prefix_cache_queried_tokens_total{}") > 0
     assert 0 <= after["nanokyro_kv_cache_usage_ratio{}"] <= 1
     for name in ("nanokyro_num_requests_running{}", "nanokyro_num_requests_waiting{}",
-                 "nanokyro_num_preemptions_total{}", "nanokyro_prefix_cache_queried_tokens_total{}",
-                 "nanokyro_prefix_cache_hit_tokens_total{}"):  # fmt: skip
+                 "nanokyro_num_preemptions_total{}", "nanokyro_prefix_cache_hit_tokens_total{}"):  # fmt: skip
         assert name in after
     text = httpx.get(f"{served.url}/metrics").text
     assert all('model_name="' in line for line in text.splitlines() if line and not line.startswith("#"))
@@ -294,105 +361,180 @@ def test_metrics_parse_and_move_after_a_request(served, client):
 # -- dedicated servers -----------------------------------------------------------------------------------------
 
 
-def test_waiting_queue_over_the_limit_is_429_with_retry_after(llama_dir):
-    engine = make_engine(llama_dir, max_num_seqs=1)
-    srv = ServerThread(create_app(engine, max_queue=0))
+def test_waiting_queue_limit_holds_under_a_burst(llama_dir):
+    """max_queue 8 with the one seat taken: of 30 requests sent at once, exactly 8 wait and 22 get 429 with
+    Retry-After (the count is taken before anything awaits); once the seat frees, the 8 run."""
+    srv = ServerThread(make_app(llama_dir, max_num_seqs=1, max_queue=8))
     try:
         client = srv.client()
-        long = client.completions.create(model=engine.model_name, prompt="Hi", max_tokens=900, stream=True,
+        long = client.completions.create(model=srv.model, prompt="Hi", max_tokens=900, stream=True,
                                          extra_body={"ignore_eos": True})  # fmt: skip
         next(iter(long))  # running: it holds the only seat
-        waiter = threading.Thread(target=lambda: client.completions.create(model=engine.model_name, prompt="Hi",
-                                                                           max_tokens=2))  # fmt: skip
-        waiter.start()
-        deadline = time.monotonic() + 10
-        while metrics(srv.url).get("nanokyro_num_requests_waiting{}", 0) < 1:
-            assert time.monotonic() < deadline
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+                return await asyncio.gather(*(http.post("/v1/completions", json={
+                    "model": srv.model, "prompt": "Hi", "max_tokens": 2}) for _ in range(30)))  # fmt: skip
+
+        async def burst_then_free():
+            task = asyncio.create_task(burst())
+            deadline = time.monotonic() + 20
+            while srv.app.state.server.num_unstarted < 8:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)  # the rest of the burst is answered meanwhile
+            long.close()  # frees the seat
+            return await task
+
+        responses = asyncio.run(burst_then_free())
+        statuses = [r.status_code for r in responses]
+        assert statuses.count(200) == 8 and statuses.count(429) == 22
+        assert all(r.headers["Retry-After"] == "1" for r in responses if r.status_code == 429)
+        assert client.completions.create(model=srv.model, prompt="Hi", max_tokens=2).choices
+
+        # A streaming client that gives up while its request still waits for a seat takes it out of the queue.
+        long = client.completions.create(model=srv.model, prompt="Hi", max_tokens=900, stream=True,
+                                         extra_body={"ignore_eos": True})  # fmt: skip
+        next(iter(long))
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{srv.url}/v1/completions", timeout=0.5, json={
+                "model": srv.model, "prompt": "Hi", "max_tokens": 2, "stream": True})  # fmt: skip
+        deadline = time.monotonic() + 5
+        while srv.core.stats.num_waiting or srv.app.state.server.num_unstarted:
+            assert time.monotonic() < deadline, "the abandoned request is still queued"
             time.sleep(0.02)
-        with pytest.raises(openai.RateLimitError) as info:
-            client.completions.create(model=engine.model_name, prompt="Hi", max_tokens=2)
-        assert info.value.response.headers["Retry-After"] == "1"
-        long.close()  # frees the seat: the waiting request runs, and a new one is welcome again
-        waiter.join(timeout=20)
-        assert client.completions.create(model=engine.model_name, prompt="Hi", max_tokens=2).choices
+        long.close()
     finally:
         srv.stop()
 
 
-class Boom(BaseException):
-    pass
+def test_a_request_that_raises_inside_the_core_fails_alone(llama_dir):
+    srv = ServerThread(make_app(llama_dir, core_entry="faults:request_raises"))
+    try:
+        from faults import POISON
+
+        client = srv.client()
+        others = client.completions.create(model=srv.model, prompt=[5, 6, 7], max_tokens=60, stream=True,
+                                           extra_body={"ignore_eos": True})  # fmt: skip
+        chunks = iter(others)
+        next(chunks)
+        with pytest.raises(openai.InternalServerError) as info:
+            client.completions.create(model=srv.model, prompt=[POISON, 6, 7], max_tokens=5)
+        assert info.value.status_code == 500 and "a bug that only this request hits" in info.value.message
+        assert len(list(chunks)) == 59  # the other stream went on to its end
+        with pytest.raises(openai.InternalServerError):  # its first token never came: still an HTTP error
+            client.completions.create(model=srv.model, prompt=[POISON, 6], max_tokens=5, stream=True)
+        assert client.completions.create(model=srv.model, prompt=[5, 6], max_tokens=3).choices
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+        assert engine_idle(srv)
+    finally:
+        srv.stop()
 
 
-def test_a_failing_step_fails_its_requests_but_a_dead_loop_makes_everything_503(llama_dir):
-    engine = make_engine(llama_dir)
-    srv = ServerThread(create_app(engine))
+def test_a_failing_step_fails_its_requests_and_repeated_failures_make_the_engine_unhealthy(llama_dir):
+    srv = ServerThread(make_app(llama_dir, core_entry="faults:step_fails_once"), wait_ready=False)
+    try:
+        r = httpx.get(f"{srv.url}/health")  # the core is still importing torch and loading the model
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+        deadline = time.monotonic() + 60
+        while srv.core is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client = srv.client()
+        with pytest.raises(openai.InternalServerError) as info:
+            client.completions.create(model=srv.model, prompt="Hi", max_tokens=2)
+        assert info.value.status_code == 500 and "a bug in this step" in info.value.message
+        assert client.completions.create(model=srv.model, prompt="Hi", max_tokens=2).choices
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+    finally:
+        srv.stop()
+
+    srv = ServerThread(make_app(llama_dir, core_entry="faults:steps_fail"))
     try:
         client = srv.client()
-        step = engine.engine.step
-
-        def fails_once():
-            engine.engine.step = step
-            raise RuntimeError("a bug in this step")
-
-        engine.engine.step = fails_once
-        with pytest.raises(openai.InternalServerError) as info:
-            client.completions.create(model=engine.model_name, prompt="Hi", max_tokens=2)
-        assert info.value.status_code == 500 and "a bug in this step" in info.value.message
-        assert client.completions.create(model=engine.model_name, prompt="Hi", max_tokens=2).choices
-        assert httpx.get(f"{srv.url}/health").status_code == 200
-
-        def boom():
-            raise Boom("the step loop blew up")
-
-        engine.engine.step = boom
-        with pytest.raises(openai.InternalServerError) as info:  # the request in flight when the loop died
-            client.completions.create(model=engine.model_name, prompt="Hi", max_tokens=2)
-        assert info.value.status_code == 503
-        assert httpx.get(f"{srv.url}/health").status_code == 503
+        for _ in range(3):
+            with pytest.raises(openai.InternalServerError):
+                client.completions.create(model=srv.model, prompt="Hi", max_tokens=2)
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{srv.url}/health").status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         started = time.monotonic()
         for stream in (False, True):
             with pytest.raises(openai.InternalServerError) as info:
-                client.chat.completions.create(model=engine.model_name, messages=CHAT, stream=stream)
-            assert info.value.status_code == 503 and "Boom" in info.value.message
+                client.chat.completions.create(model=srv.model, messages=CHAT, stream=stream)
+            assert info.value.status_code == 503 and "unhealthy" in info.value.message
         assert time.monotonic() - started < 2
     finally:
         srv.stop()
 
 
-def test_health_is_503_while_the_model_loads(llama_dir):
-    release = threading.Event()
-
-    def load():
-        release.wait(20)
-        return make_engine(llama_dir)
-
-    app = create_app(load)
-    srv = ServerThread(app)
+def test_a_killed_core_fails_every_stream_at_once_while_the_frontend_still_validates(llama_dir):
+    srv = ServerThread(make_app(llama_dir))
     try:
+        client = srv.client()
+        streams = [client.completions.create(model=srv.model, prompt="Hi", max_tokens=900, stream=True,
+                                             extra_body={"ignore_eos": True}) for _ in range(3)]  # fmt: skip
+        for s in streams:
+            next(iter(s))
+        os.kill(srv.core.process.pid, signal.SIGKILL)
+        started = time.monotonic()
+        for s in streams:
+            with pytest.raises(openai.APIError, match="engine core process died"):
+                list(s)
+        assert time.monotonic() - started < 5
         r = httpx.get(f"{srv.url}/health")
-        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
-        release.set()
-        deadline = time.monotonic() + 20
-        while httpx.get(f"{srv.url}/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        with pytest.raises(openai.InternalServerError) as info:
+            client.completions.create(model=srv.model, prompt="Hi", max_tokens=2)
+        assert info.value.status_code == 503
+        # The frontend refuses malformed requests on its own: 400, not 503.
+        for bad in (dict(extra_body={"tempo": 1}), dict(extra_body={"max_tokens": "5"}), dict(extra_body={"n": 1.5})):
+            with pytest.raises(openai.BadRequestError):
+                client.completions.create(model=srv.model, prompt="hi", **bad)
     finally:
         srv.stop()
 
 
-def test_serve_py_announces_its_url_and_exits_cleanly_on_sigterm(llama_dir):
+def test_streams_still_running_when_the_shutdown_grace_ends_get_an_error_event_and_done(llama_dir):
+    srv = ServerThread(make_app(llama_dir), grace_s=0.5)
+    with httpx.stream("POST", f"{srv.url}/v1/completions", timeout=30, json={
+            "model": srv.model, "prompt": "Hi", "max_tokens": 900, "ignore_eos": True, "stream": True}) as r:  # fmt: skip
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+        events = [line for line in lines if line]
+    stopper.join(timeout=30)
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "engine_dead" and "shutting down" in error["message"]
+    assert srv.core.process.poll() == 0  # the core stopped cleanly
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def start_serve_py(llama_dir, *extra) -> tuple[subprocess.Popen, int, threading.Timer]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "serve.py", "--model", llama_dir, "--port", str(port), "--dtype",
-                             "float32", "--kv-cache-memory", "16M", "--served-model-name", "tiny"],
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    watchdog = threading.Timer(60, proc.kill)  # never hang the suite on a server that does not start
+                             "float32", "--kv-cache-memory", "16M", "--served-model-name", "tiny", *extra],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    watchdog = threading.Timer(90, proc.kill)  # never hang the suite on a server that does not start
     watchdog.start()
+    for line in proc.stderr:
+        if "serving" in line:
+            break
+    assert f"http://127.0.0.1:{port}/v1" in line
+    return proc, port, watchdog
+
+
+def test_serve_py_finishes_streams_on_sigterm_and_leaves_no_process(llama_dir):
+    proc, port, watchdog = start_serve_py(llama_dir)
     try:
-        for line in proc.stderr:
-            if "serving" in line:
-                break
-        assert f"http://127.0.0.1:{port}/v1" in line
+        (core,) = children(proc.pid)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         stream = client.completions.create(model="tiny", prompt="Hi", max_tokens=40, stream=True,
                                            extra_body={"ignore_eos": True})  # fmt: skip
@@ -401,6 +543,24 @@ def test_serve_py_announces_its_url_and_exits_cleanly_on_sigterm(llama_dir):
         chunks = list(stream)  # the in-flight request is allowed to finish
         assert chunks[-1].choices[0].finish_reason == "length"
         assert proc.wait(timeout=30) == 0
+        assert not os.path.exists(f"/proc/{core}"), "the engine core outlived the server"
+    finally:
+        watchdog.cancel()
+        proc.kill()
+
+
+def test_serve_py_exits_non_zero_when_its_core_dies(llama_dir):
+    proc, port, watchdog = start_serve_py(llama_dir)
+    try:
+        (core,) = children(proc.pid)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(model="tiny", prompt="Hi", max_tokens=900, stream=True,
+                                           extra_body={"ignore_eos": True})  # fmt: skip
+        next(iter(stream))
+        os.kill(core, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="engine core process died"):
+            list(stream)
+        assert proc.wait(timeout=30) == 1
     finally:
         watchdog.cancel()
         proc.kill()
@@ -449,4 +609,48 @@ def test_invalid_constraints_are_400_and_the_server_keeps_serving(served, client
     with pytest.raises(openai.BadRequestError, match=problem):
         client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=5, **body)
     assert client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=2).choices[0].message
-    assert engine_idle(served.engine)
+    assert engine_idle(served)
+
+
+def test_the_server_gives_token_for_token_what_the_offline_llm_gives(served, client, llama_dir):
+    """Greedy requests through the multi-process server, streamed and whole, against `LLM` in this process: the
+    same tokens (their pieces, via logprobs), text and finish reasons, with n=2, a stop string, logprobs, a JSON
+    schema, and a prefix served from the cache."""
+    from nanokyro import LLM, SamplingParams, StructuredOutput
+
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, max_num_seqs=16)
+    tok = llm.tokenizer
+    prompt = "The quick brown fox jumps over the lazy dog. Paris is the capital of"
+    free = llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].text
+    stop = free[len(free) // 2: len(free) // 2 + 2]
+    assert stop.strip()
+    cases = [
+        (dict(max_tokens=24, ignore_eos=True), {}),
+        (dict(max_tokens=16, n=2), {}),
+        (dict(max_tokens=24, ignore_eos=True, stop=[stop]), {}),
+        (dict(max_tokens=40, structured=StructuredOutput(json=PERSON)), {"structured_outputs": {"json": PERSON}}),
+    ]
+    for fields, body in cases:
+        params = SamplingParams(temperature=0, logprobs=2, **fields)
+        want = llm.generate(prompt, params)[0]
+        api = dict(model=served.model, prompt=prompt, temperature=0, max_tokens=fields["max_tokens"],
+                   n=fields.get("n", 1), stop=fields.get("stop"),
+                   extra_body={"ignore_eos": fields.get("ignore_eos", False), **body})  # fmt: skip
+        whole = client.completions.create(**api, logprobs=2)
+        streamed = list(client.completions.create(**api, stream=True))
+        for choice, out in zip(whole.choices, want.outputs):
+            assert choice.text == out.text and choice.finish_reason == out.finish_reason, fields
+            pieces = [tok.decode([t], skip_special_tokens=False) for t in out.token_ids]
+            assert choice.logprobs.tokens == pieces[: len(choice.logprobs.tokens)], fields
+            assert choice.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in out.logprobs][:len(pieces)])
+            text = "".join(c.choices[0].text for c in streamed if c.choices[0].index == choice.index)
+            assert text == out.text, fields
+        assert whole.usage.completion_tokens == sum(len(o.token_ids) for o in want.outputs), fields
+
+    shared = tok.decode(list(range(40, 140)))  # a long prefix: its full pages are cached after the first request
+    first = client.completions.create(model=served.model, prompt=shared + " one", max_tokens=8, temperature=0)
+    again = client.completions.create(model=served.model, prompt=shared + " two", max_tokens=8, temperature=0)
+    assert first.choices and again.usage.prompt_tokens_details.cached_tokens >= 64
+    offline = llm.generate(shared + " two", SamplingParams(max_tokens=8, temperature=0))[0]
+    assert again.choices[0].text == offline.text
+    assert engine_idle(served)

@@ -1,4 +1,4 @@
-"""Offline runs against LLMEngine in this process: throughput of the recipe, batch-1 decode latency, time to
+"""Offline runs against the engine core in this process: throughput of the recipe, batch-1 decode latency, time to
 first token with a cold and a cached prefix, decode step time under JSON-schema constraints, and how much of
 a full-batch decode step the GPU sits idle.
 """
@@ -90,7 +90,7 @@ def run_structured(llm: LLM, prompts: list[list[int]], fraction: float, steps: i
     """Decode step time with `fraction` of the batch constrained by a JSON schema, against none constrained.
 
     Both runs admit the same prompts, prefill them all, then time `steps` decode steps of the full batch."""
-    from nanokyro.grammar import StructuredOutput
+    from nanokyro.request import StructuredOutput
 
     engine = llm.engine
     constrained = round(fraction * len(prompts))

@@ -20,12 +20,12 @@ class ServedEngine:
 
     def __init__(self, args):
         from nanokyro.config import EngineConfig
-        from nanokyro.engine import AsyncEngine
         from nanokyro.server import MAX_QUEUE, BackgroundServer, create_app
 
-        self.engine = AsyncEngine(EngineConfig(model=args.model, **engine_options(args)))
         # Queue every request rather than answer 429: the benchmark measures queueing, not admission control.
-        self.http = BackgroundServer(create_app(self.engine, max_queue=max(MAX_QUEUE, args.num_prompts)))
+        cfg = EngineConfig(model=args.model, **engine_options(args))
+        self.http = BackgroundServer(create_app(cfg, max_queue=max(MAX_QUEUE, args.num_prompts)))
+        self.vocab_size = self.http.app.state.server.client.limits.vocab_size
         self.url = self.http.url
 
     def stop(self) -> None:
@@ -158,7 +158,7 @@ def run_online(args, input_len, output_len) -> dict:
     served = ServedEngine(args) if args.serve else None
     try:
         url = served.url if served else args.serve_url.rstrip("/").removesuffix("/v1")
-        vocab = served.engine.engine.vocab_size if served else hf_config(args.model)["vocab_size"]
+        vocab = served.vocab_size if served else hf_config(args.model)["vocab_size"]
         prompts, out_lens = make_workload(args.num_prompts, input_len, output_len, vocab, args.seed)
         shape = "concurrency" if args.concurrency else "request_rate"
         levels = []

@@ -1,0 +1,256 @@
+"""The frontend's handle on an engine core running in a process of its own.
+
+`CoreClient` spawns the core process (core.run_core), learns the model's limits and tokenizer from its handshake,
+sends it requests and aborts, and turns its one message per step into each request's text deltas (output.py),
+all on the frontend's event loop. It watches the process: if the core dies, every open stream fails at once with
+`EngineDead`. Messages are msgspec structs (request.py) over two ZMQ PUSH/PULL sockets on ipc:// endpoints.
+
+Nothing here imports torch: the frontend process never loads it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import AsyncIterator, Callable
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from nanokyro.config import EngineConfig
+from nanokyro.output import OutputProcessor
+from nanokyro.request import (
+    AbortRequest, AddRequest, Delta, EngineStats, Failure, FromCore, Limits, LoadFailed, Ready, SamplingParams,
+    SeqOutput, Shutdown, StepOutputs, Unhealthy,
+)  # fmt: skip
+from nanokyro.tokenizer import Tokenizer
+
+log = logging.getLogger("nanokyro")
+
+CORE_ENTRY = "nanokyro.core:run_core"
+
+
+class EngineDead(RuntimeError):
+    """The core process is gone, or has stopped stepping."""
+
+
+class RequestFailed(Exception):
+    def __init__(self, failure: Failure):
+        super().__init__(failure.message)
+        self.status = failure.status
+
+
+# The core process: a fresh interpreter (not multiprocessing, which would re-run the caller's main module there)
+# that imports the entry by name, so the frontend never imports the core (torch), and reads its config on stdin.
+_CORE_MAIN = ("import importlib, sys; module, name = sys.argv[1].split(':'); "
+              "getattr(importlib.import_module(module), name)(sys.stdin.buffer.read(), *sys.argv[2:])")  # fmt: skip
+
+
+class _Stream:
+    """One request's deltas as they arrive; a reader takes everything that arrived since its last read."""
+
+    def __init__(self):
+        self.items: list[Delta | BaseException] = []
+        self.ready = asyncio.Event()
+
+    def put(self, item: Delta | BaseException) -> None:
+        self.items.append(item)
+        self.ready.set()
+
+    async def take(self) -> list[Delta | BaseException]:
+        await self.ready.wait()
+        self.ready.clear()
+        items, self.items = self.items, []
+        return items
+
+
+class CoreClient:
+    """Start with `await CoreClient.start(cfg)`; then `generate()` streams a request's deltas."""
+
+    def __init__(self, cfg: EngineConfig, core_entry: str = CORE_ENTRY):
+        self._dir = tempfile.mkdtemp(prefix="nanokyro-")
+        to_core, from_core = f"ipc://{self._dir}/to_core", f"ipc://{self._dir}/from_core"
+        self._sync_ctx, self._ctx = zmq.Context(), zmq.asyncio.Context()
+        self._outbox = self._sync_ctx.socket(zmq.PUSH)
+        self._outbox.setsockopt(zmq.SNDHWM, 0)
+        self._outbox.bind(to_core)
+        self._inbox = self._ctx.socket(zmq.PULL)
+        self._inbox.setsockopt(zmq.RCVHWM, 0)
+        self._inbox.bind(from_core)
+        self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(FromCore)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this process imports
+        self.process = subprocess.Popen([sys.executable, "-c", _CORE_MAIN, core_entry, to_core, from_core],
+                                        stdin=subprocess.PIPE, env=env)  # fmt: skip
+        self.process.stdin.write(msgspec.msgpack.encode(cfg))
+        self.process.stdin.close()
+        self.model_name = ""
+        self.limits: Limits | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.stats = EngineStats()
+        self.error: str | None = None  # why the engine can't serve: set once, never cleared
+        self.on_dead: list[Callable[[], None]] = []  # called once if the core process dies
+        self._streams: dict[str, _Stream] = {}
+        self._outputs: OutputProcessor | None = None
+        self._receiver: asyncio.Task | None = None
+        self._closing = False
+
+    @classmethod
+    async def start(cls, cfg: EngineConfig, core_entry: str = CORE_ENTRY) -> CoreClient:
+        """Spawn the core and wait for its handshake (the model loads meanwhile). Raises if loading fails."""
+        client = cls(cfg, core_entry)
+        loop = asyncio.get_running_loop()
+
+        def watch() -> None:
+            client.process.wait()
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(client._core_exited)
+
+        threading.Thread(target=watch, name="nanokyro-core-watch", daemon=True).start()
+        try:
+            ready = await client._handshake()
+        except BaseException:
+            await client.close()
+            raise
+        client.model_name, client.limits = ready.model_name, ready.limits
+        if ready.tokenizer is not None:  # a large vocabulary takes a moment to build: not on the event loop
+            client.tokenizer = await asyncio.to_thread(Tokenizer.from_spec, ready.tokenizer)
+        client._outputs = OutputProcessor(client.tokenizer)
+        client._receiver = asyncio.create_task(client._receive())
+        return client
+
+    async def _handshake(self) -> Ready:
+        receive = asyncio.ensure_future(self._inbox.recv())
+        died = asyncio.ensure_future(self._died())
+        await asyncio.wait({receive, died}, return_when=asyncio.FIRST_COMPLETED)
+        died.cancel()
+        if not receive.done():
+            receive.cancel()
+            raise EngineDead(f"the engine core process died while starting (exit code {self.process.returncode})")
+        msg = self._decoder.decode(receive.result())
+        if isinstance(msg, LoadFailed):
+            raise RuntimeError(f"the engine core failed to load the model: {msg.message}")
+        return msg
+
+    async def _died(self) -> None:
+        while self.process.poll() is None:
+            await asyncio.sleep(0.05)
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str
+                       ) -> AsyncIterator[list[Delta]]:  # fmt: skip
+        """The request's deltas, a batch at a time (what arrived since the last batch). Leaving early (a client
+        that hung up) aborts the request in the core. Raises RequestFailed, or EngineDead."""
+        if self.error is not None:
+            raise EngineDead(self.error)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = self._streams[request_id] = _Stream()
+        self._outputs.add(request_id, prompt_ids, params)
+        self._send(AddRequest(request_id, prompt_ids, params))
+        finished = 0  # counted here, as the reader sees them: more may have arrived while it was away
+        try:
+            while finished < params.n:
+                items = await stream.take()
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    finished += item.finish_reason is not None
+                yield items
+        finally:
+            del self._streams[request_id]
+            self._outputs.remove(request_id)
+            if finished < params.n and self.error is None:
+                self._send(AbortRequest(request_id))  # the consumer went away: free the pages now
+
+    def abort(self, request_id: str) -> None:
+        """End a request from outside its stream (shutdown): its reader gets the "abort" finishes."""
+        if request_id in self._streams:
+            self._send(AbortRequest(request_id))
+
+    def end_all(self, message: str) -> None:
+        """End every open stream with an error, and abort its request in the core (a shutdown's grace is over)."""
+        for request_id, stream in self._streams.items():
+            stream.put(EngineDead(message))
+            self._send(AbortRequest(request_id))
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    def _send(self, msg) -> None:
+        self._outbox.send(self._encoder.encode(msg), zmq.NOBLOCK, copy=False)
+
+    # -- what the core sends --------------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        while True:
+            msg = self._decoder.decode(await self._inbox.recv())
+            if isinstance(msg, StepOutputs):
+                self.stats = msg.stats
+                for out in msg.outputs:
+                    self._route(out)
+            elif isinstance(msg, Unhealthy):
+                self._fail(f"the engine is unhealthy: {msg.message}")
+
+    def _route(self, out: SeqOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:  # its reader left already
+            return
+        if out.error is not None:
+            stream.put(RequestFailed(out.error))
+            return
+        delta, stopped = self._outputs.process(out)
+        if stopped:
+            self._send(AbortRequest(out.request_id, out.index))
+        if delta is not None:
+            stream.put(delta)
+
+    def _core_exited(self) -> None:
+        if self._closing:
+            return
+        self._fail(f"the engine core process died (exit code {self.process.returncode})")
+        for callback in self.on_dead:
+            callback()
+
+    def _fail(self, error: str) -> None:
+        """The engine can no longer serve: every open stream ends with EngineDead, and new requests fail fast."""
+        if self.error is None:
+            log.error("%s", error)
+            self.error = error
+        for stream in self._streams.values():
+            stream.put(EngineDead(self.error))
+
+    # -- shutdown -------------------------------------------------------------------------------------------
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the core (its last message aborts what is left) and wait for its process; kill it if it hangs."""
+        self._closing = True
+        if self.process.poll() is None:
+            self._send(Shutdown())
+            try:
+                await asyncio.to_thread(self.process.wait, timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("the engine core did not stop in %.0f s: killing it", timeout_s)
+                self.process.kill()
+                await asyncio.to_thread(self.process.wait)
+        if self._receiver is not None:
+            await asyncio.sleep(0.05)  # let the last outputs reach their streams
+            self._receiver.cancel()
+        for stream in self._streams.values():
+            stream.put(EngineDead("the server is shutting down"))
+        self._inbox.close(linger=0)
+        self._outbox.close(linger=0)
+        self._ctx.term()
+        self._sync_ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)

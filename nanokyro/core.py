@@ -1,0 +1,378 @@
+"""The engine core: the model, pages and queues, and the step loop, pipelined with the device. Token ids in, token
+ids out: text (detokenisation, stop strings) is the caller's, in output.py.
+
+A step is pipelined with the device: schedule step n and launch it (model and sampling), then, while the GPU
+runs it, bring step n-1's tokens to the host, check their stops and report them. Step n's tokens stay on the
+device, where step n+1 reads them as input ids; on the host they are placeholders until then. A sequence that
+stops at step n-1 was already scheduled in step n: that extra token is dropped. Rows whose sampling reads the
+host's view of earlier tokens (grammars, penalties) wait for step n-1 before sampling.
+
+`EngineCore` runs in the offline `LLM`'s process; `run_core` runs it in a process of its own for the server,
+a busy loop with no asyncio that takes `ToCore` messages and answers with one `StepOutputs` per step.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import os
+import signal
+import traceback
+from dataclasses import dataclass, field
+
+import msgspec
+import torch
+
+from nanokyro.block_manager import BlockManager
+from nanokyro.config import EngineConfig
+from nanokyro.grammar import GrammarCompiler, accept_tokens
+from nanokyro.loader import load
+from nanokyro.radix_cache import RadixCache
+from nanokyro.request import (
+    AbortRequest, AddRequest, EngineStats, Failure, FromCore, Limits, LoadFailed, PromptError, Ready,
+    SamplingParams, SeqOutput, Shutdown, StepOutputs, TokenLogprob, ToCore, Unhealthy,
+)  # fmt: skip
+from nanokyro.runner import ModelRunner, num_kv_pages
+from nanokyro.sampler import PendingSample, SamplerOutput, make_generator
+from nanokyro.scheduler import Scheduler, Sequence, Status
+
+log = logging.getLogger("nanokyro")
+
+MAX_STEP_FAILURES = 3  # consecutive failed steps after which the core stops stepping and reports itself unhealthy
+
+
+@dataclass
+class _Step:
+    """A launched step: its sampled sequences, where each one's placeholder sits, and the tokens on their way;
+    once received on the host, the tokens, which rows are still live, and whether each grammar took its token."""
+
+    seqs: list[Sequence]
+    positions: list[int]
+    sample: PendingSample
+    out: SamplerOutput | None = None
+    live: list[int] = field(default_factory=list)
+    accepted: dict[int, bool] = field(default_factory=dict)
+
+
+class EngineCore:
+    """Owns the model, pages and queues; `step()` advances every scheduled sequence by one step."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        model, self.tokenizer, self.model_name = load(cfg)
+        self.model_name = cfg.served_model_name or self.model_name
+        mc = model.cfg
+        max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        device, dtype = cfg.torch_device(), cfg.torch_dtype()
+        self.num_pages = num_kv_pages(mc, cfg, device, dtype)
+        # A sequence longer than the whole cache could never be resumed after preempting itself.
+        self.max_model_len = min(max_model_len, self.num_pages * cfg.page_size)
+        if cfg.max_num_batched_tokens < cfg.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be at least max_num_seqs "
+                             f"({cfg.max_num_seqs}), or some running sequences would get no token each step")  # fmt: skip
+        self.vocab_size = mc.vocab_size
+        self.limits = Limits(self.max_model_len, mc.vocab_size, self.num_pages, cfg.page_size)
+        self.blocks = BlockManager(self.num_pages, cfg.page_size)
+        self.cache = RadixCache(self.blocks) if cfg.enable_prefix_caching else None
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs, self.cache)
+        self.runner = ModelRunner(model, cfg, self.num_pages)
+        self.eos_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, sorted(self.eos_ids))
+        self.requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
+        self._ids = itertools.count()
+        self._in_flight: _Step | None = None  # the launched step whose tokens have not reached the host yet
+
+    def ready(self) -> Ready:
+        """What the frontend learns at start-up."""
+        spec = self.tokenizer.spec() if self.tokenizer is not None else None
+        return Ready(self.model_name, self.limits, spec)
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise PromptError (or ValueError for a bad grammar) when the request can't be served."""
+        self.limits.validate(prompt_ids, params)
+        if params.structured is not None:
+            self.grammars.compile(params.structured)  # cached; a ValueError names what is wrong in it
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        self.validate(prompt_ids, params)
+        return self.enqueue(prompt_ids, params, request_id)
+
+    def enqueue(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request whose prompt is validated (and grammar compiled)."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise PromptError(f"request id {request_id!r} is already in use", param="request_id")
+        seqs = []
+        device = self.runner.device
+        max_len = min(len(prompt_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        for i in range(params.n):
+            gen = make_generator(params.seed + i, device) if params.seed is not None else None
+            seq = Sequence(request_id, i, list(prompt_ids), len(prompt_ids), params, max_len, gen,
+                           leader=seqs[0] if seqs else None)  # fmt: skip
+            if params.structured is not None:
+                seq.matcher = self.grammars.matcher(params.structured)  # one per completion
+            seqs.append(seq)
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str, index: int | None = None, reason: str = "abort", error: Failure | None = None
+              ) -> list[SeqOutput]:  # fmt: skip
+        """End a request's unfinished completions (or only completion `index`), freeing their pages."""
+        seqs = self.requests.get(request_id, [])
+        outs = []
+        for seq in seqs:
+            if seq.status is not Status.FINISHED and index in (None, seq.index):
+                self.scheduler.finish(seq, reason)
+                outs.append(self._output(seq, [], None, reason, error))
+        self._forget_if_done(request_id)
+        return outs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or self._in_flight is not None
+
+    def stats(self) -> EngineStats:
+        sched = self.scheduler
+        return EngineStats(len(sched.running), len(sched.waiting), self.blocks.num_used, self.blocks.num_pages,
+                           sched.num_preemptions, sched.prefix_queried_tokens, sched.prefix_hit_tokens)  # fmt: skip
+
+    # -- the step -------------------------------------------------------------------------------------------
+
+    def step(self) -> list[SeqOutput]:
+        """Launch the next step, and return what the one before it produced (with `overlap_schedule` off: what
+        this one produced)."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return self.finish_in_flight()
+        prev = self._in_flight
+        logits = self.runner.forward(batch, prev.sample.tokens if prev is not None else None)
+        if prev is not None and any(s.matcher is not None or s.params.penalised for s in batch.sampled):
+            self._receive(prev)  # masks and penalties read step n-1's tokens on the host; its stops can wait
+        sample = self.runner.sample(batch, logits)
+        sampled = self.scheduler.update(batch, [-(row + 1) for row in range(len(sample.tokens))])
+        self._in_flight = _Step(sampled, [s.num_tokens - 1 for s in sampled], sample)
+        outs = self._finish(prev) if prev is not None else []
+        return outs if self.cfg.overlap_schedule else outs + self.finish_in_flight()
+
+    def finish_in_flight(self) -> list[SeqOutput]:
+        """Wait for the launched step and return its outputs (the engine is then in step with the host)."""
+        step, self._in_flight = self._in_flight, None
+        return self._finish(step) if step is not None else []
+
+    def _receive(self, step: _Step) -> None:
+        """Bring a launched step's tokens to the host: in place of their placeholders, and into the grammars.
+        Sequences finished or aborted since the step was launched are skipped."""
+        if step.out is not None:
+            return
+        step.out = out = step.sample.result()
+        step.live = [i for i, seq in enumerate(step.seqs) if seq.status is not Status.FINISHED]
+        for i in step.live:
+            step.seqs[i].token_ids[step.positions[i]] = out.token_ids[i]
+        constrained = [i for i in step.live if step.seqs[i].matcher is not None]
+        step.accepted = dict(zip(constrained, accept_tokens([step.seqs[i].matcher for i in constrained],
+                                                            [out.token_ids[i] for i in constrained])))  # fmt: skip
+
+    def _finish(self, step: _Step) -> list[SeqOutput]:
+        """Receive a launched step's tokens and check their stops. A row whose handling raises fails its own
+        request only."""
+        self._receive(step)
+        out, outs = step.out, []
+        for i in step.live:
+            seq, token = step.seqs[i], out.token_ids[i]
+            if seq.status is Status.FINISHED:  # its request failed on an earlier row of this step
+                continue
+            try:
+                reason = self._stop_reason(seq, token, step.positions[i] + 1, step.accepted.get(i, True))
+                logprobs = None
+                if out.logprobs is not None and seq.params.logprobs is not None:
+                    top = out.top_logprobs[i] if out.top_logprobs is not None else []
+                    logprobs = [TokenLogprob(token, out.logprobs[i], top[: seq.params.logprobs])]
+            except Exception as e:
+                log.error("request %s failed: %s", seq.request_id, traceback.format_exc())
+                outs += self.abort(seq.request_id, reason="error",
+                                   error=Failure(500, f"request failed inside the engine: {e!r}"))  # fmt: skip
+                continue
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            outs.append(self._output(seq, [token], logprobs, reason))
+            if reason is not None:
+                self._forget_if_done(seq.request_id)
+        return outs
+
+    def _stop_reason(self, seq: Sequence, token: int, num_tokens: int, grammar_accepted: bool) -> str | None:
+        """Why `seq` ends at `token` (its num_tokens-th), if it does. Stop strings are the caller's to find."""
+        params = seq.params
+        if not grammar_accepted:  # its mask allowed only what the grammar accepts: a bug if it happens
+            log.error("request %s: the grammar rejected token %d", seq.request_id, token)
+            return "abort"
+        if (seq.matcher is not None and seq.matcher.is_terminated()) or token in params.stop_token_ids or (
+                token in self.eos_ids and not params.ignore_eos):  # fmt: skip
+            return "stop"  # the stop token (also the one that ends a grammar) is in token_ids, not in the text
+        return "length" if num_tokens >= seq.max_len else None
+
+    def _output(self, seq: Sequence, token_ids, logprobs, reason, error=None) -> SeqOutput:
+        queue_time = (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time
+        return SeqOutput(seq.request_id, seq.index, token_ids, logprobs, reason, seq.num_prompt_tokens,
+                         seq.num_cached_tokens or 0, queue_time, error)  # fmt: skip
+
+    def _forget_if_done(self, request_id: str) -> None:
+        seqs = self.requests.get(request_id)
+        if seqs is not None and all(s.status is Status.FINISHED for s in seqs):
+            del self.requests[request_id]
+
+    def fail_all(self, error: Failure | None = None) -> list[SeqOutput]:
+        """After an error inside a step: end every request, freeing its pages."""
+        self._in_flight = None
+        reason = "abort" if error is None else "error"
+        return [out for rid in list(self.requests) for out in self.abort(rid, reason=reason, error=error)]
+
+
+# -- the core in a process of its own ----------------------------------------------------------------------------
+
+
+def run_core(config: bytes, to_core: str, from_core: str) -> None:
+    """The core process: load the model, answer the handshake, then step until told to shut down (or until the
+    frontend that started it is gone). `config` is a msgpack EngineConfig; the addresses are ZMQ endpoints the
+    frontend has bound."""
+    import zmq
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+    # Ctrl-C and a supervisor's SIGTERM reach the whole process group: the frontend alone decides when to stop
+    # (it drains its streams first), and the core follows its Shutdown message, or its death.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    cfg = msgspec.msgpack.decode(config, type=EngineConfig)
+    if cfg.torch_device().type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Leave a core to the frontend: intra-op threads that spin while the frontend's thread holds their core
+        # make every step wait for the scheduler (64 tokens took 9 s instead of 0.2 s on 2 cores).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    ctx = zmq.Context()
+    inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow frontend
+    inbox.connect(to_core)
+    outbox.connect(from_core)
+    try:
+        try:
+            core = EngineCore(cfg)
+        except Exception as e:
+            log.error("loading the model failed: %s", traceback.format_exc())
+            outbox.send(msgspec.msgpack.encode(LoadFailed(f"{type(e).__name__}: {e}")))
+            return
+        outbox.send(msgspec.msgpack.encode(core.ready()))
+        CoreLoop(core, inbox, outbox).run()
+    finally:
+        outbox.close(linger=1000)  # the last messages (aborts at shutdown) still go out
+        inbox.close(linger=0)
+        ctx.term()
+
+
+class CoreLoop:
+    """The step loop of a core process: take messages, step while there is work, publish each step's outputs
+    (with what the messages produced: aborts, rejections) as one message.
+
+    A new request with a grammar is compiled on a thread (a large schema takes seconds) and queued when ready; a
+    bad one is answered with an "error" output that the frontend turns into a 400.
+    """
+
+    def __init__(self, core: EngineCore, inbox, outbox):
+        self.core, self.inbox, self.outbox = core, inbox, outbox
+        self.decoder = msgspec.msgpack.Decoder(ToCore)
+        self.encoder = msgspec.msgpack.Encoder()
+        self.outs: list[SeqOutput] = []  # to publish with the next step's
+        self.compiling: dict[str, tuple[concurrent.futures.Future, AddRequest]] = {}
+        self.compiler = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="nanokyro-grammar")
+        self.parent = os.getppid()
+        self.unhealthy: str | None = None
+        self.failures = 0  # consecutive failed steps
+        self.stopping = False
+
+    def run(self) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        idle_published = True
+        while not self.stopping and os.getppid() == self.parent:  # a frontend that died leaves no core behind
+            busy = self.core.has_work() and self.unhealthy is None
+            # Idle: wait for a message, waking now and then for compiled grammars and to look for the frontend.
+            if poller.poll(0 if busy else 5 if self.compiling else 1000):
+                self._take_messages()
+            self._queue_compiled()
+            if self.stopping:
+                break
+            stepped = self.core.has_work() and self.unhealthy is None
+            if stepped:
+                self.outs += self._step()
+            if self.outs or stepped or not idle_published:  # after the last step: the stats of an idle engine
+                self._send(StepOutputs(self.outs, self.core.stats()))
+                self.outs, idle_published = [], not stepped
+        self.compiler.shutdown(wait=False, cancel_futures=True)
+        self._send(StepOutputs(self.outs + self.core.fail_all(), self.core.stats()))  # the aborts of what is left
+
+    def _step(self) -> list[SeqOutput]:
+        try:
+            outs = self.core.step()
+            self.failures = 0
+            return outs
+        except Exception as e:
+            log.error("step failed: %s", traceback.format_exc())
+            self.failures += 1
+            device_error = isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e)
+            if device_error or self.failures >= MAX_STEP_FAILURES:
+                self.unhealthy = f"{self.failures} step(s) failed in a row, the last with {e!r}"
+                self._send(Unhealthy(self.unhealthy))
+            return self.core.fail_all(Failure(500, f"request failed inside the engine: {e!r}"))
+
+    def _take_messages(self) -> None:
+        import zmq
+
+        while True:
+            try:
+                msg = self.decoder.decode(self.inbox.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if isinstance(msg, AddRequest):
+                self._add(msg)
+            elif isinstance(msg, AbortRequest):
+                if msg.request_id in self.compiling:
+                    self.compiling.pop(msg.request_id)[0].cancel()
+                self.outs += self.core.abort(msg.request_id, msg.index)
+            elif isinstance(msg, Shutdown):
+                self.stopping = True
+
+    def _add(self, msg: AddRequest) -> None:
+        if self.unhealthy is not None:
+            return self._reject(msg, Failure(503, f"the engine is unhealthy: {self.unhealthy}"))
+        try:
+            self.core.limits.validate(msg.prompt_ids, msg.params)
+        except ValueError as e:
+            return self._reject(msg, Failure(400, str(e)))
+        if msg.params.structured is not None:
+            future = self.compiler.submit(self.core.grammars.compile, msg.params.structured)
+            self.compiling[msg.request_id] = (future, msg)
+        else:
+            self._enqueue(msg)
+
+    def _queue_compiled(self) -> None:
+        for rid, (future, msg) in list(self.compiling.items()):
+            if future.done():
+                del self.compiling[rid]
+                error = future.exception()
+                self._reject(msg, Failure(400, str(error))) if error is not None else self._enqueue(msg)
+
+    def _enqueue(self, msg: AddRequest) -> None:
+        try:
+            self.core.enqueue(msg.prompt_ids, msg.params, msg.request_id)
+        except Exception as e:
+            log.error("adding request %s failed: %s", msg.request_id, traceback.format_exc())
+            self._reject(msg, Failure(500, f"adding the request failed: {e!r}"))
+
+    def _reject(self, msg: AddRequest, error: Failure) -> None:
+        n = len(msg.prompt_ids)
+        self.outs += [SeqOutput(msg.request_id, i, [], None, "error", n, 0, 0.0, error) for i in range(msg.params.n)]
+
+    def _send(self, msg: FromCore) -> None:
+        self.outbox.send(self.encoder.encode(msg), copy=False)

@@ -1,0 +1,42 @@
+"""Engine cores with a fault built in, for the server's fault tests: each is a `core_entry` ("faults:NAME") that the
+server runs in its core process. The fault is patched into the real EngineCore there, then the real loop runs."""
+from __future__ import annotations
+
+from nanokyro import core
+
+POISON = 13  # a prompt that starts with this token id makes its request raise inside the core
+
+
+def request_raises(*args) -> None:
+    """Handling a poisoned request's tokens raises; every other request is unaffected."""
+    stop_reason = core.EngineCore._stop_reason
+
+    def poisoned(self, seq, *rest):
+        if seq.prompt_ids[0] == POISON:
+            raise RuntimeError("a bug that only this request hits")
+        return stop_reason(self, seq, *rest)
+
+    core.EngineCore._stop_reason = poisoned
+    core.run_core(*args)
+
+
+def step_fails_once(*args) -> None:
+    """The first step raises; the ones after it run."""
+    step = core.EngineCore.step
+
+    def fails_once(self):
+        core.EngineCore.step = step
+        raise RuntimeError("a bug in this step")
+
+    core.EngineCore.step = fails_once
+    core.run_core(*args)
+
+
+def steps_fail(*args) -> None:
+    """Every step raises: after a few in a row the core reports itself unhealthy."""
+
+    def fails(self):
+        raise RuntimeError("the device is gone")
+
+    core.EngineCore.step = fails
+    core.run_core(*args)
