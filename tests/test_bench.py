@@ -116,6 +116,7 @@ def assert_sane_level(level: dict, output_tokens: int) -> None:
         assert 0 < p["p50"] <= p["p90"] <= p["p99"], (metric, p)
         assert p["mean"] > 0
     assert level["ttft_ms"]["p50"] < level["e2el_ms"]["p50"] <= level["duration_s"] * 1e3
+    assert 0 < level["busiest_client_cpu"] < 2  # CPU seconds of one client process per second of the run
 
 
 def test_online_bench_through_serve_py_compares_with_offline(tiny_dir, tmp_path):

@@ -170,10 +170,12 @@ def take(next_index, n: int) -> int | None:
         return i
 
 
-async def run_level(conn, url: str, api_key: str, prompts, out_lens, plan: dict, next_index, done) -> list[dict]:
+async def run_level(conn, url: str, api_key: str, prompts, out_lens, plan: dict, next_index,
+                    done) -> tuple[list[dict], float]:  # fmt: skip
     """This process's share of one load level: `plan["concurrency"]` closed-loop clients taking prompts from the
     shared counter, or `plan["arrivals"]` [(prompt index, seconds after the start)]. Warms up, says "ready",
-    waits for the common start time, then returns a record per request it sent."""
+    waits for the common start time, then returns a record per request it sent and the CPU seconds it spent
+    sending them."""
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=0)  # no pool limit: one connection per open stream
@@ -186,7 +188,7 @@ async def run_level(conn, url: str, api_key: str, prompts, out_lens, plan: dict,
         conn.send(("ready", None))
         t0 = conn.recv()  # blocks the loop a moment, with nothing in flight
         await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
-        records = []
+        cpu0, records = time.process_time(), []
 
         async def one(i: int) -> None:
             record = await stream_request(session, url, plan["model"], prompts[i], out_lens[i])
@@ -207,7 +209,7 @@ async def run_level(conn, url: str, api_key: str, prompts, out_lens, plan: dict,
                 await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
                 tasks.append(asyncio.create_task(one(i)))
             await asyncio.gather(*tasks)
-    return records
+        return records, time.process_time() - cpu0
 
 
 def client_main(conn, url: str, api_key: str, prompts, out_lens, next_index, done) -> None:
@@ -215,8 +217,8 @@ def client_main(conn, url: str, api_key: str, prompts, out_lens, next_index, don
     ends it."""
     try:
         while (plan := conn.recv()) is not None:
-            records = asyncio.run(run_level(conn, url, api_key, prompts, out_lens, plan, next_index, done))
-            conn.send(("records", records))
+            result = asyncio.run(run_level(conn, url, api_key, prompts, out_lens, plan, next_index, done))
+            conn.send(("records", result))
     except Exception:  # noqa: BLE001 -- the parent raises it with the traceback
         conn.send(("error", traceback.format_exc()))
 
@@ -242,10 +244,11 @@ class ClientPool:
             self.procs.append(proc)
 
     def run(self, model: str, *, concurrency: int | None = None, request_rate: float | None = None,
-            seed: int = 0) -> tuple[list[dict], float]:  # fmt: skip
+            seed: int = 0) -> tuple[list[dict], float, float]:  # fmt: skip
         """Every prompt once, from `concurrency` closed-loop clients split over the processes, or at Poisson
-        arrivals of `request_rate`/s dealt round-robin. Returns the records by prompt index and the seconds from
-        the common start to the last answer."""
+        arrivals of `request_rate`/s dealt round-robin. Returns the records by prompt index, the seconds from the
+        common start to the last answer, and the busiest client process's CPU seconds: near the duration, the
+        client was the bottleneck."""
         n, p = self.num_prompts, len(self.conns)
         if concurrency is not None:
             shares = [concurrency // p + (k < concurrency % p) for k in range(p)]
@@ -262,14 +265,16 @@ class ClientPool:
         t0 = time.perf_counter() + 0.01
         for conn in conns:
             conn.send(t0)
-        records, pending = [], set(conns)
+        records, cpu, pending = [], [], set(conns)
         with tqdm(total=n, desc="requests", unit="req") as bar:
             while pending:
                 for conn in mp.connection.wait(pending, timeout=0.5):
-                    records += self._receive(conn, "records")
+                    got, cpu_s = self._receive(conn, "records")
+                    records += got
+                    cpu.append(cpu_s)
                     pending.discard(conn)
                 bar.update(self.done.value - bar.n)
-        return sorted(records, key=lambda r: r["index"]), max(r["end"] for r in records) - t0
+        return sorted(records, key=lambda r: r["index"]), max(r["end"] for r in records) - t0, max(cpu)
 
     def _receive(self, conn, kind: str):
         try:
@@ -337,7 +342,8 @@ def print_levels(levels: list[dict]) -> None:
     for lv in levels:
         print(f"{load_name(lv)}: {lv['completed']} completed, {lv['failed']} failed in {lv['duration_s']:.2f} s; "
               f"{lv['request_throughput']:.2f} req/s, output {lv['output_throughput']:.1f} tok/s, "
-              f"total {lv['total_token_throughput']:.1f} tok/s")  # fmt: skip
+              f"total {lv['total_token_throughput']:.1f} tok/s; busiest client process {lv['busiest_client_cpu']:.0%} "
+              "of a core")  # fmt: skip
         if "fraction_of_offline" in lv:
             print(f"  online output throughput is {lv['fraction_of_offline']:.1%} of offline "
                   f"({lv['output_throughput']:.1f} vs {lv['offline_output_throughput']:.1f} tok/s)")  # fmt: skip
@@ -384,7 +390,12 @@ def run_offline_reference(args, input_len, output_len) -> tuple[list, list, dict
     del llm
     gc.collect()
     if torch.cuda.is_available():
+        torch._dynamo.reset()  # compiled code can keep the model alive
+        gc.collect()
         torch.cuda.empty_cache()
+        if (left := torch.cuda.memory_allocated()) > 1 << 30:
+            print(f"the offline engine left {left / (1 << 30):.1f} GiB allocated: serve.py gets that much less",
+                  file=sys.stderr)  # fmt: skip
     offline = {"offline_elapsed_s": elapsed, "offline_output_throughput": sum(out_lens) / elapsed}
     print(f"offline: {len(prompts)} requests, {sum(out_lens)} output tokens in {elapsed:.2f} s: "
           f"{offline['offline_output_throughput']:.1f} output tok/s")  # fmt: skip
@@ -412,8 +423,8 @@ def run_online(args, input_len, output_len) -> dict:
         levels = []
         for load in loads:
             kw = {"concurrency": int(load)} if args.concurrency else {"request_rate": load, "seed": args.seed}
-            records, duration = pool.run(model, **kw)
-            level = {**kw, **summarize(records, duration, prompts)}
+            records, duration, client_cpu_s = pool.run(model, **kw)
+            level = {**kw, **summarize(records, duration, prompts), "busiest_client_cpu": client_cpu_s / duration}
             level.pop("seed", None)
             if offline:
                 level.update(offline_output_throughput=offline["offline_output_throughput"],
