@@ -222,9 +222,10 @@ def test_summary_uses_vllm_definitions_of_tpot_and_itl():
     assert s["ttft_ms"]["p50"] == pytest.approx(150) and s["e2el_ms"]["mean"] == pytest.approx(750)
 
 
-def test_serve_flags_give_serve_py_the_engine_options_of_the_offline_run():
+def test_serve_flags_give_serve_py_the_engine_options_of_the_offline_run(monkeypatch):
     from types import SimpleNamespace
 
+    monkeypatch.syspath_prepend(str(ROOT))
     import serve
     from nanokyro.benchmarks.online import serve_flags
     from nanokyro.benchmarks.workload import engine_options
