@@ -378,14 +378,13 @@ def plot_levels(levels: list[dict], path: str) -> None:
 # -- the run -------------------------------------------------------------------------------------------------
 
 
-def run_offline_reference(args, input_len, output_len) -> tuple[list, list, dict]:
-    """The workload and its offline throughput: all of it at once through nanokyro.LLM in this process, which
-    then lets go of the model and KV cache so that the server can have the memory."""
+def run_offline_reference(args, prompts, out_lens) -> dict:
+    """The workload's offline throughput: all of it at once through nanokyro.LLM in this process, which then lets
+    go of the model and KV cache so that the server can have the memory."""
     from nanokyro import LLM
     from nanokyro.benchmarks.offline import run_offline
 
     llm = LLM(args.model, **engine_options(args))
-    prompts, out_lens = make_workload(args.num_prompts, input_len, output_len, llm.engine.vocab_size, args.seed)
     elapsed = run_offline(llm, prompts, out_lens)
     del llm
     gc.collect()
@@ -396,20 +395,16 @@ def run_offline_reference(args, input_len, output_len) -> tuple[list, list, dict
         if (left := torch.cuda.memory_allocated()) > 1 << 30:
             print(f"the offline engine left {left / (1 << 30):.1f} GiB allocated: serve.py gets that much less",
                   file=sys.stderr)  # fmt: skip
-    offline = {"offline_elapsed_s": elapsed, "offline_output_throughput": sum(out_lens) / elapsed}
     print(f"offline: {len(prompts)} requests, {sum(out_lens)} output tokens in {elapsed:.2f} s: "
-          f"{offline['offline_output_throughput']:.1f} output tok/s")  # fmt: skip
-    return prompts, out_lens, offline
+          f"{sum(out_lens) / elapsed:.1f} output tok/s")  # fmt: skip
+    return {"offline_elapsed_s": elapsed, "offline_output_throughput": sum(out_lens) / elapsed}
 
 
 def run_online(args, input_len, output_len) -> dict:
     """The workload at each load level the command line names, against --serve-url or serve.py (--serve)."""
-    if args.serve:
-        prompts, out_lens, offline = run_offline_reference(args, input_len, output_len)
-    else:
-        vocab = hf_config(args.model)["vocab_size"]
-        prompts, out_lens = make_workload(args.num_prompts, input_len, output_len, vocab, args.seed)
-        offline = {}
+    vocab = hf_config(args.model)["vocab_size"]
+    prompts, out_lens = make_workload(args.num_prompts, input_len, output_len, vocab, args.seed)
+    offline = run_offline_reference(args, prompts, out_lens) if args.serve else {}
     server = ServeProcess(args.model, serve_flags(engine_options(args))) if args.serve else None
     url = server.url if server else args.serve_url.rstrip("/").removesuffix("/v1")
     loads = args.concurrency or args.request_rate
@@ -422,10 +417,9 @@ def run_online(args, input_len, output_len) -> dict:
         model = served_model(url, args.api_key)
         levels = []
         for load in loads:
-            kw = {"concurrency": int(load)} if args.concurrency else {"request_rate": load, "seed": args.seed}
-            records, duration, client_cpu_s = pool.run(model, **kw)
+            kw = {"concurrency": int(load)} if args.concurrency else {"request_rate": load}
+            records, duration, client_cpu_s = pool.run(model, **kw, seed=args.seed)
             level = {**kw, **summarize(records, duration, prompts), "busiest_client_cpu": client_cpu_s / duration}
-            level.pop("seed", None)
             if offline:
                 level.update(offline_output_throughput=offline["offline_output_throughput"],
                              fraction_of_offline=level["output_throughput"] / offline["offline_output_throughput"])
