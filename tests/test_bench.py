@@ -158,6 +158,15 @@ def test_online_bench_with_poisson_arrivals_loads_a_running_server(tiny_dir, tmp
     assert level["duration_s"] > last_arrival
 
 
+def test_serve_process_that_exits_before_it_is_ready_fails_clearly():
+    from nanokyro.benchmarks.online import ServeProcess
+
+    server = ServeProcess(None, ["--dtype", "float64"])  # serve.py rejects the flag and exits 2
+    with pytest.raises(RuntimeError, match="serve.py exited with code 2 before it was ready"):
+        server.wait_ready(timeout_s=60)
+    assert server.stop() == 2
+
+
 def test_sse_client_counts_each_event_of_a_read_that_carries_several():
     """Two token events in one network write are two arrivals ~0 ms apart; the count is the usage chunk's; an
     error event or a short stream is a failed request, not a crash."""
