@@ -10,12 +10,14 @@ time to first token of a cold and a cached long prefix; `--structured-fraction` 
 of the batch under a JSON schema against none; `--decode-idle` the wall and GPU-busy time of a decode step of the
 whole batch, and the fraction of the step the GPU sits idle.
 
-`--serve-url URL` (a running OpenAI-compatible server) or `--serve` (this engine, served in-process on a free
-local port) runs the same workload online: streamed /v1/completions requests with token-id prompts, from
-`--concurrency N` closed-loop clients or at `--request-rate R` Poisson arrivals per second. It reports p50/p90/p99
-time to first token, time between streamed chunks and end-to-end latency, request and output-token throughput,
-and the count of failed requests. Given comma lists (`--request-rate 1,2,4`), it runs each load level in turn,
-and `--plot PNG` draws latency against load (needs matplotlib: the `bench` extra).
+`--serve-url URL` (a running OpenAI-compatible server) or `--serve` (serve.py started here with the same engine
+options, on a free local port) runs the same workload online: streamed /v1/completions requests with token-id
+prompts, from `--concurrency N` closed-loop clients or at `--request-rate R` Poisson arrivals per second, sent by
+`--client-procs` client processes so that the client is not the bottleneck. It reports vLLM's metrics: TTFT,
+TPOT, ITL and E2EL at mean/p50/p90/p99, request, output and total token throughput, and failed requests.
+`--serve` first runs the workload offline in this process and prints online output throughput as a fraction of
+offline. Given comma lists (`--request-rate 1,2,4`), it runs each load level in turn, and `--plot PNG` draws
+latency against load. The online mode needs aiohttp, and the plot matplotlib: the `bench` extra.
 
 This file is the command line; what it measures lives in nanokyro/benchmarks/.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -77,12 +80,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokenizer", default=None, help="an HF tokenizer directory (e.g. for dummy weights)")
     online = ap.add_mutually_exclusive_group()
     online.add_argument("--serve-url", default=None, help="online: load this running server (e.g. http://host:3000)")
-    online.add_argument("--serve", action="store_true", help="online: serve this engine in-process and load it")
+    online.add_argument("--serve", action="store_true",
+                        help="online: run the workload offline, then serve.py with these engine options under load")
     load = ap.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=parse_levels, default=None,
                       help="online: N closed-loop clients (N or N1,N2,..)")
     load.add_argument("--request-rate", type=parse_levels, default=None,
                       help="online: Poisson arrivals, requests/s (R or R1,R2,..)")  # fmt: skip
+    ap.add_argument("--client-procs", type=int, default=min(8, os.cpu_count() or 1),
+                    help="online: client processes sending the load (default: min(8, CPUs))")
     ap.add_argument("--api-key", default="none", help="online: the server's API key, if it wants one")
     ap.add_argument("--plot", default=None, help="online: draw latency against the load levels to this PNG")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -91,6 +97,13 @@ def main(argv=None) -> dict:
         ap.error("the online mode needs --concurrency or --request-rate")
     if (args.concurrency or args.request_rate or args.plot) and not (args.serve or args.serve_url):
         ap.error("--concurrency, --request-rate and --plot need --serve or --serve-url")
+    if args.client_procs < 1:
+        ap.error("--client-procs must be at least 1")
+    if args.serve or args.serve_url:
+        try:
+            import aiohttp  # noqa: F401
+        except ImportError:
+            ap.error("the online mode needs aiohttp: pip install 'nanokyro[bench]'")
     if args.plot:
         try:
             import matplotlib  # noqa: F401

@@ -1,5 +1,6 @@
 """bench.py end to end on the CPU: a tiny model and workload, offline, batch-1 latency, prefix cache, structured
-output, decode idle time and online against its own server, JSON results; and the GPU-busy arithmetic of the
+output, decode idle time, JSON results; online against serve.py in a subprocess, with the offline reference, and
+against a running server; the SSE client and the online metrics' arithmetic; and the GPU-busy arithmetic of the
 decode-idle mode."""
 from __future__ import annotations
 
@@ -92,42 +93,159 @@ def test_gpu_busy_time_counts_overlapping_kernels_once_and_no_copies():
     assert kernel_busy_s([]) == 0
 
 
-ONLINE = ("--serve", "--num-prompts", "6", "--input-len", "5-20", "--output-len", "4-8")
+ONLINE = ("--num-prompts", "6", "--input-len", "5-20", "--output-len", "4-8", "--client-procs", "2")
 
 
-def assert_sane_level(level: dict) -> None:
-    assert level["completed"] == 6 and level["errors"] == 0 and level["first_error"] is None
-    assert level["request_throughput"] > 0 and level["output_tokens_per_s"] > 0
-    for metric in ("ttft_s", "tbt_s", "e2e_s"):
+def run_online_bench(tmp_path, *args) -> tuple[dict, str]:
+    """bench.py in the online mode: its JSON result and what it printed."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "bench.py", *args, "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def assert_sane_level(level: dict, output_tokens: int) -> None:
+    assert level["completed"] == 6 and level["failed"] == 0 and level["errors"] == []
+    assert level["total_output_tokens"] == output_tokens  # every requested token, counted from the usage chunks
+    assert level["request_throughput"] > 0
+    assert level["output_throughput"] * level["duration_s"] == pytest.approx(output_tokens)
+    assert level["total_token_throughput"] > level["output_throughput"]
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         p = level[metric]
         assert 0 < p["p50"] <= p["p90"] <= p["p99"], (metric, p)
-    assert level["ttft_s"]["p50"] < level["e2e_s"]["p50"] and level["e2e_s"]["p99"] <= level["duration_s"]
+        assert p["mean"] > 0
+    assert level["ttft_ms"]["p50"] < level["e2el_ms"]["p50"] <= level["duration_s"] * 1e3
+    assert 0 < level["busiest_client_cpu"] < 2  # CPU seconds of one client process per second of the run
 
 
-def test_online_bench_with_closed_loop_clients_completes_every_request(tiny_dir, tmp_path):
-    r = run_bench(tmp_path, "--model", tiny_dir, *ONLINE, "--concurrency", "3")
+def test_online_bench_through_serve_py_compares_with_offline(tiny_dir, tmp_path):
+    """The smoke test of the online benchmark: serve.py in a subprocess, two client processes reused for two
+    closed-loop levels (one with fewer clients than processes), the offline reference, the table and the plot."""
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "latency.png"
+    r, printed = run_online_bench(tmp_path, "--model", tiny_dir, "--serve", *ONLINE, "--concurrency", "1,3",
+                                  "--plot", str(png))  # fmt: skip
     assert r["mode"] == "online" and r["num_prompts"] == 6 and 6 * 4 <= r["output_tokens"] <= 6 * 8
-    [level] = r["levels"]
-    assert level["concurrency"] == 3
-    assert_sane_level(level)
-    # every requested token streamed back
-    assert level["output_tokens_per_s"] * level["duration_s"] == pytest.approx(r["output_tokens"])
+    assert r["client_procs"] == 2 and r["server_exit_code"] == 0
+    assert r["offline_output_throughput"] > 0
+    assert [lv["concurrency"] for lv in r["levels"]] == [1, 3]
+    for level in r["levels"]:
+        assert_sane_level(level, r["output_tokens"])
+        ratio = level["output_throughput"] / r["offline_output_throughput"]
+        assert level["fraction_of_offline"] == pytest.approx(ratio) and ratio > 0
+        assert f"online output throughput is {level['fraction_of_offline']:.1%} of offline" in printed
+    for name in ("TTFT", "TPOT", "ITL", "E2EL"):
+        assert printed.count(f"  {name} ") == 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_online_bench_with_poisson_arrivals_completes_every_request(tiny_dir, tmp_path):
-    r = run_bench(tmp_path, "--model", tiny_dir, *ONLINE, "--request-rate", "20")
+def test_online_bench_with_poisson_arrivals_loads_a_running_server(tiny_dir, tmp_path):
+    from nanokyro.benchmarks.online import ServeProcess
+
+    server = ServeProcess(tiny_dir, [])
+    try:
+        server.wait_ready(timeout_s=60)
+        r, printed = run_online_bench(tmp_path, "--model", tiny_dir, "--serve-url", server.url, *ONLINE,
+                                      "--request-rate", "20")  # fmt: skip
+    finally:
+        assert server.stop() == 0
+    assert "offline_output_throughput" not in r and "of offline" not in printed
     [level] = r["levels"]
     assert level["request_rate"] == 20
-    assert_sane_level(level)
+    assert_sane_level(level, r["output_tokens"])
     last_arrival = np.cumsum(np.random.default_rng(0).exponential(1 / 20, 6))[-1]  # bench's seeded arrivals
     assert level["duration_s"] > last_arrival
 
 
-def test_online_bench_plots_latency_against_each_load_level(tiny_dir, tmp_path):
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "latency.png"
-    r = run_bench(tmp_path, "--model", tiny_dir, *ONLINE, "--request-rate", "10,40", "--plot", str(png))
-    assert [lv["request_rate"] for lv in r["levels"]] == [10, 40]
-    for level in r["levels"]:
-        assert_sane_level(level)
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_serve_process_that_exits_before_it_is_ready_fails_clearly():
+    from nanokyro.benchmarks.online import ServeProcess
+
+    server = ServeProcess(None, ["--dtype", "float64"])  # serve.py rejects the flag and exits 2
+    with pytest.raises(RuntimeError, match="serve.py exited with code 2 before it was ready"):
+        server.wait_ready(timeout_s=60)
+    assert server.stop() == 2
+
+
+def test_sse_client_counts_each_event_of_a_read_that_carries_several():
+    """Two token events in one network write are two arrivals ~0 ms apart; the count is the usage chunk's; an
+    error event or a short stream is a failed request, not a crash."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from nanokyro.benchmarks.online import stream_request
+
+    token = b'data: {"choices": [{"index": 0, "text": "a"}], "usage": null}\n\n'
+    usage = b'data: {"choices": [], "usage": {"completion_tokens": 3}}\n\n'
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if body["max_tokens"] == 99:
+            await resp.write(token + b'data: {"error": {"message": "boom"}}\n\n')
+            return resp
+        await resp.write(token)
+        await asyncio.sleep(0.05)
+        await resp.write(token + token + usage + b"data: [DONE]\n\n")
+        return resp
+
+    async def main() -> list[dict]:
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            async with aiohttp.ClientSession() as session:
+                return [await stream_request(session, url, "m", [1, 2, 3], n) for n in (3, 4, 99)]
+        finally:
+            await runner.cleanup()
+
+    ok, short, failed = asyncio.run(main())
+    assert ok["tokens"] == 3 and len(ok["itl"]) == 2
+    assert ok["itl"][0] >= 0.04 and ok["itl"][1] < 0.01  # the sleep, then two events from one write
+    assert 0 < ok["ttft"] < ok["ttft"] + sum(ok["itl"]) <= ok["e2e"]
+    assert short["error"] == "RuntimeError: 3 of 4 tokens in the usage chunk, 3 events"
+    assert failed["error"] == "RuntimeError: error event: boom"
+
+
+def test_summary_uses_vllm_definitions_of_tpot_and_itl():
+    from nanokyro.benchmarks.online import summarize
+
+    records = [
+        {"index": 0, "start": 0.0, "end": 1.0, "ttft": 0.1, "e2e": 1.0, "tokens": 4, "itl": [0.2, 0.3, 0.4]},
+        {"index": 1, "start": 0.0, "end": 0.5, "ttft": 0.2, "e2e": 0.5, "tokens": 2, "itl": [0.3]},
+        {"index": 2, "start": 0.0, "end": 0.1, "error": "HTTP 500: no"},
+    ]  # fmt: skip
+    s = summarize(records, 2.0, prompts=[[1] * 10, [1] * 20, [1] * 30])
+    assert s["completed"] == 2 and s["failed"] == 1 and s["errors"] == ["HTTP 500: no"]
+    assert s["total_input_tokens"] == 30 and s["total_output_tokens"] == 6  # the failed request counts neither
+    assert s["request_throughput"] == 1.0 and s["output_throughput"] == 3.0 and s["total_token_throughput"] == 18.0
+    assert s["tpot_ms"]["mean"] == pytest.approx((300 + 300) / 2)  # (e2e - ttft) / (tokens - 1) per request
+    assert s["itl_ms"]["mean"] == pytest.approx(300) and s["itl_ms"]["p50"] == pytest.approx(300)  # every gap
+    assert s["ttft_ms"]["p50"] == pytest.approx(150) and s["e2el_ms"]["mean"] == pytest.approx(750)
+
+
+def test_serve_flags_give_serve_py_the_engine_options_of_the_offline_run(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    import serve
+    from nanokyro.benchmarks.online import serve_flags
+    from nanokyro.benchmarks.workload import engine_options
+
+    # bench.py's parsed options (its parser lives inside main)
+    args = SimpleNamespace(model="qwen3-0.6b", seed=3, enforce_eager=True, no_overlap_schedule=True, tokenizer="/t",
+                           dtype="bfloat16", max_num_seqs=64, max_num_batched_tokens=2048)  # fmt: skip
+    served = serve.parse_args(["--model", args.model, *serve_flags(engine_options(args))])
+    assert (served.dtype, served.max_num_seqs, served.max_num_batched_tokens) == ("bfloat16", 64, 2048)
+    assert served.load_format == "dummy" and served.enforce_eager and served.no_overlap_schedule
+    defaults = serve.parse_args(["--model", "/some/dir", *serve_flags(engine_options(SimpleNamespace(
+        model="/some/dir", seed=0, enforce_eager=False, no_overlap_schedule=False, tokenizer=None, dtype=None,
+        max_num_seqs=None, max_num_batched_tokens=None)))])  # fmt: skip
+    assert defaults == serve.parse_args(["--model", "/some/dir"])  # nothing asked for: serve.py's own defaults
