@@ -22,9 +22,8 @@ from typing import AsyncIterator
 from nanokyro.block_manager import BlockManager
 from nanokyro.config import EngineConfig
 from nanokyro.grammar import GrammarCompiler, accept_tokens
-from nanokyro.loader import load
 from nanokyro.radix_cache import RadixCache
-from nanokyro.runner import ModelRunner, num_kv_pages
+from nanokyro.runner import ModelRunner
 from nanokyro.sampler import PendingSample, SamplerOutput, SamplingParams, make_generator
 from nanokyro.scheduler import Scheduler, Sequence, Status
 from nanokyro.tokenizer import Detokenizer
@@ -114,21 +113,21 @@ class LLMEngine:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        model, self.tokenizer, self.model_name = load(cfg)
-        self.model_name = cfg.served_model_name or self.model_name
-        mc = model.cfg
-        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        device, dtype = cfg.torch_device(), cfg.torch_dtype()
-        self.num_pages = num_kv_pages(mc, cfg, device, dtype)
-        # A sequence longer than the whole cache could never be resumed after preempting itself.
-        self.max_model_len = min(self.max_model_len, self.num_pages * cfg.page_size)
         if cfg.max_num_batched_tokens < cfg.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be at least max_num_seqs "
                              f"({cfg.max_num_seqs}), or some running sequences would get no token each step")  # fmt: skip
+        # Loads the model (with tensor/pipeline parallelism: starts the other ranks) and sizes the KV cache.
+        self.runner = ModelRunner(cfg)
+        self.tokenizer = self.runner.tokenizer
+        self.model_name = cfg.served_model_name or self.runner.model_name
+        mc = self.runner.model_cfg
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.num_pages = self.runner.num_pages
+        # A sequence longer than the whole cache could never be resumed after preempting itself.
+        self.max_model_len = min(self.max_model_len, self.num_pages * cfg.page_size)
         self.blocks = BlockManager(self.num_pages, cfg.page_size)
         self.cache = RadixCache(self.blocks) if cfg.enable_prefix_caching else None
         self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs, self.cache)
-        self.runner = ModelRunner(model, cfg, self.num_pages)
         self.vocab_size = mc.vocab_size
         self.eos_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, sorted(self.eos_ids))
@@ -291,6 +290,10 @@ class LLMEngine:
         return Delta(seq.request_id, seq.index, text, token_ids, logprobs, reason, seq.num_prompt_tokens,
                      seq.num_cached_tokens or 0, (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time)  # fmt: skip
 
+    def close(self) -> None:
+        """Stop the other ranks' processes, if any."""
+        self.runner.close()
+
     def fail_all(self) -> list[str]:
         """After an error inside a step: end every request, freeing its pages. Returns their ids."""
         self._in_flight = None
@@ -334,6 +337,10 @@ class LLM:
         if bar is not None:
             bar.close()
         return list(outputs.values())
+
+    def close(self) -> None:
+        """Stop the other ranks' processes (tensor/pipeline parallelism); also done when the LLM is collected."""
+        self.engine.close()
 
     def chat(self, messages, params: SamplingParams | None = None, use_tqdm: bool = False):
         """One conversation (a list of messages) or a list of conversations."""
@@ -382,6 +389,7 @@ class AsyncEngine:
         self._commands.put(("wake", None))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+        self.engine.close()
 
     def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Tokenise and validate in the caller's thread, so bad requests fail before they are queued."""
