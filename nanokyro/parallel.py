@@ -95,17 +95,28 @@ def check(cfg: EngineConfig, model_cfg: ModelConfig) -> None:
             raise ValueError(f"{local} ranks on this node but only {torch.cuda.device_count()} GPUs")
 
 
-# -- collectives as custom ops, so torch.compile keeps a TP forward whole and CUDA graphs capture them ----------
+# -- collectives; as custom ops under torch.compile, so a TP forward stays one graph and CUDA graphs capture them -
 
 _process_groups: dict[int, dist.ProcessGroup] = {}
 _handles = itertools.count()
 
 
+def all_reduce(x: torch.Tensor, pg: dist.ProcessGroup) -> torch.Tensor:
+    out = x.clone()
+    dist.all_reduce(out, group=pg)
+    return out
+
+
+def all_gather(x: torch.Tensor, pg: dist.ProcessGroup, size: int) -> torch.Tensor:
+    """x [R, n] of each of `size` ranks -> [size * R, n], rank by rank."""
+    out = x.new_empty(size * x.shape[0], x.shape[1])
+    dist.all_gather_single(out, x.contiguous(), group=pg)
+    return out
+
+
 @torch.library.custom_op("nanokyro::all_reduce", mutates_args=())
 def _all_reduce(x: torch.Tensor, handle: int) -> torch.Tensor:
-    out = x.clone()
-    dist.all_reduce(out, group=_process_groups[handle])
-    return out
+    return all_reduce(x, _process_groups[handle])
 
 
 @_all_reduce.register_fake
@@ -115,10 +126,7 @@ def _(x, handle):
 
 @torch.library.custom_op("nanokyro::all_gather", mutates_args=())
 def _all_gather(x: torch.Tensor, handle: int, size: int) -> torch.Tensor:
-    """x [R, n] of each of `size` ranks -> [size * R, n], rank by rank."""
-    out = x.new_empty(size * x.shape[0], x.shape[1])
-    dist.all_gather_single(out, x.contiguous(), group=_process_groups[handle])
-    return out
+    return all_gather(x, _process_groups[handle], size)
 
 
 @_all_gather.register_fake
@@ -135,13 +143,19 @@ class Group:
         if pg is not None:
             _process_groups[self.handle] = pg
 
+    # Eager code calls torch.distributed directly: a custom op's first call costs seconds on the CPU.
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.nanokyro.all_reduce(x, self.handle)
+        if torch.compiler.is_compiling():
+            return torch.ops.nanokyro.all_reduce(x, self.handle)
+        return all_reduce(x, self.pg)
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, n] -> [R, size * n]: every rank's columns side by side, in rank order."""
         R, n = x.shape
-        out = torch.ops.nanokyro.all_gather(x, self.handle, self.size)  # [size * R, n]
+        if torch.compiler.is_compiling():
+            out = torch.ops.nanokyro.all_gather(x, self.handle, self.size)  # [size * R, n]
+        else:
+            out = all_gather(x, self.pg, self.size)
         return out.view(self.size, R, n).transpose(0, 1).reshape(R, self.size * n)
 
 
@@ -370,27 +384,35 @@ class Workers:
         for p in self.procs:
             p.start()
         self.closing = False
-        self.failure: str | None = None
+        self.dead: multiprocessing.Process | None = None  # the first that exited before close
         self._died = threading.Event()
         self._nccl = cfg.torch_device().type == "cuda"
         threading.Thread(target=self._watch, name="nanokyro-workers", daemon=True).start()
 
     def _watch(self) -> None:
+        """Wait on the processes' sentinels. Never reaps them (join, exitcode): two threads reaping one child
+        race, and the loser sees it alive for ever. The caller's thread reads the exit code."""
         sentinels = {p.sentinel: p for p in self.procs}
         while sentinels:
             for s in multiprocessing.connection.wait(list(sentinels)):
                 p = sentinels.pop(s)
-                p.join()
-                if self.closing:
-                    continue
-                if self.failure is None:
-                    self.failure = (f"worker {p.name} (pid {p.pid}) exited with code {p.exitcode}; the engine "
-                                    f"cannot step without it (its traceback, if any, is above)")  # fmt: skip
-                    log.error(self.failure)
+                if not self.closing and self.dead is None:
+                    self.dead = p
                     self._died.set()
                     if self._nccl:  # NCCL collectives would wait for their timeout: abort them now
                         with contextlib.suppress(Exception):
                             dist.distributed_c10d._abort_process_group()
+
+    @property
+    def failure(self) -> str | None:
+        p = self.dead
+        if p is None:
+            return None
+        p.join(1.0)
+        msg = (f"worker {p.name} (pid {p.pid}) exited with code {p.exitcode}; the engine cannot step without it "
+               f"(its traceback, if any, is above)")  # fmt: skip
+        log.error(msg)
+        return msg
 
     def wait_failure(self, timeout: float) -> str | None:
         """The failure once the watcher has seen it (a collective can fail a moment before the process exits)."""

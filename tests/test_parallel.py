@@ -1,0 +1,207 @@
+"""Tensor and pipeline parallelism on the CPU (gloo): every layout gives one process's greedy tokens and HF's
+logits, through chunked prefill, the prefix cache and preemption; checkpoints load sharded; a dead worker fails
+the engine at once with a clear error, and closing leaves no process."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import assert_no_leak, build_tiny_model
+from nanokyro import LLM, SamplingParams
+from nanokyro.config import EngineConfig, ModelConfig
+from nanokyro.loader import load
+from nanokyro.parallel import Group, Shard, WorkerError, check
+from nanokyro.runner import kv_bytes_per_page
+
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
+PAGES = 24  # per rank: room for about two of the longest sequences at once, so the scheduler preempts
+
+
+def random_prompts(lens, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 384) for _ in range(n)] for n in lens]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def model(request, tmp_path_factory):
+    """A tiny model with HF's greedy tokens for prompts that share prefixes, and HF itself."""
+    path = build_tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    base = random_prompts([150, 100, 40, 3], seed=5)
+    prompts = base + [base[0][:120] + [7, 8, 9], base[2] + [11] * 30]  # cached prefixes of the first and third
+    refs = [hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist() for p in prompts]
+    return path, hf, prompts, refs
+
+
+def make_llm(path, tp, pp, **kw):
+    shard = Shard(0, tp, 0, pp)  # every rank of these layouts holds the same number of layers and KV heads
+    page_bytes = kv_bytes_per_page(ModelConfig.from_dir(path), 16, torch.float32, shard)
+    opts = dict(dtype="float32", max_num_batched_tokens=24, max_num_seqs=8, kv_cache_memory=PAGES * page_bytes,
+                tensor_parallel_size=tp, pipeline_parallel_size=pp)  # fmt: skip
+    return LLM(path, **{**opts, **kw})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_gives_one_process_greedy_tokens_and_hf_logits(model, layout):
+    path, hf, prompts, refs = model
+    llm = make_llm(path, *LAYOUTS[layout])
+    try:
+        engine = llm.engine
+        assert engine.num_pages == PAGES
+        # Logits of a prefill step's sampled rows (each prompt's last token) against HF.
+        logit_prompts = random_prompts([5, 1, 12], seed=6)
+        for p in logit_prompts:
+            engine.add_request(p, SamplingParams(max_tokens=1))
+        batch = engine.scheduler.schedule()
+        assert batch.num_new == [5, 1, 12]
+        logits = engine.runner.forward(batch)
+        for row, p in zip(logits, logit_prompts):
+            torch.testing.assert_close(row, hf(torch.tensor([p])).logits[0, -1], atol=1e-4, rtol=1e-4)
+        engine.fail_all()
+        # Greedy tokens, with prompts chunked (24-token steps), prefixes cached, sequences preempted.
+        outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+        assert [o.token_ids for o in outs] == refs
+        assert engine.scheduler.num_preemptions > 0
+        assert engine.prefix_cache_hit_tokens > 0
+        assert_no_leak(llm)
+    finally:
+        llm.close()
+    assert not multiprocessing.active_children()
+
+
+def test_a_dead_worker_fails_the_engine_fast_and_close_leaves_no_process(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
+    workers = llm.engine.runner.parallel.workers.procs
+    try:
+        assert llm.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+        os.kill(workers[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=r"nanokyro-rank1 .* exited with code -9"):
+            llm.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0))
+        with pytest.raises(WorkerError, match="exited with code -9"):  # and every step after it, at once
+            llm.generate([5, 6], SamplingParams(max_tokens=4, temperature=0))
+        assert time.monotonic() - start < 5
+    finally:
+        llm.close()
+    assert not any(p.is_alive() for p in workers) and not multiprocessing.active_children()
+
+
+def test_layouts_the_model_or_machine_cannot_take_are_refused_before_anything_starts(llama_dir):
+    mc = ModelConfig.from_dir(llama_dir)  # 4 heads, 2 KV heads, 2 layers
+    for opts, message in [
+        (dict(tensor_parallel_size=3), "tensor_parallel_size 3 does not divide the model's 4 attention heads"),
+        (dict(pipeline_parallel_size=3), "pipeline_parallel_size 3 is deeper than the model's 2 layers"),
+        (dict(tensor_parallel_size=2, device="cuda"), "2 ranks on this node but only 0 GPUs"),
+    ]:
+        if "device" in opts and torch.cuda.is_available():
+            continue
+        with pytest.raises(ValueError, match=message):
+            check(EngineConfig(model=llama_dir, **opts), mc)
+    with pytest.raises(ValueError, match="does not divide"):
+        LLM(llama_dir, tensor_parallel_size=3)
+    assert not multiprocessing.active_children()
+
+
+# -- sharded loading, in one process: each rank's shard of the checkpoint, and nothing more --------------------
+
+
+def expected_shard(state: dict[str, torch.Tensor], mc: ModelConfig, shard: Shard) -> dict[str, torch.Tensor]:
+    """What each parameter of `shard` must hold, sliced by hand from the full HF tensors."""
+    tp, r, d = shard.tp_size, shard.tp_rank, mc.head_dim
+    hq, hkv = mc.num_heads // tp, max(1, mc.num_kv_heads // tp)
+    kv0 = r * mc.num_kv_heads // tp  # with fewer KV heads than ranks, rank r reads KV head r // (tp // kv)
+    inter = mc.intermediate_size // tp
+    rows = -(-mc.vocab_size // tp)
+
+    def vocab(w):
+        part = w[r * rows: (r + 1) * rows]
+        return torch.cat([part, part.new_zeros(rows - len(part), *w.shape[1:])])
+
+    want = {}
+    layers = shard.layers(mc.num_layers)
+    for local, i in enumerate(layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{local}."
+        q, k, v = (state[hf + f"self_attn.{n}_proj.weight"] for n in "qkv")
+        want[ours + "self_attn.qkv_proj.weight"] = torch.cat(
+            [q[r * hq * d: (r + 1) * hq * d], k[kv0 * d: (kv0 + hkv) * d], v[kv0 * d: (kv0 + hkv) * d]])
+        if mc.qkv_bias:
+            q, k, v = (state[hf + f"self_attn.{n}_proj.bias"] for n in "qkv")
+            want[ours + "self_attn.qkv_proj.bias"] = torch.cat(
+                [q[r * hq * d: (r + 1) * hq * d], k[kv0 * d: (kv0 + hkv) * d], v[kv0 * d: (kv0 + hkv) * d]])
+        o = state[hf + "self_attn.o_proj.weight"]
+        want[ours + "self_attn.o_proj.weight"] = o[:, r * hq * d: (r + 1) * hq * d]
+        gate, up = state[hf + "mlp.gate_proj.weight"], state[hf + "mlp.up_proj.weight"]
+        want[ours + "mlp.gate_up_proj.weight"] = torch.cat([gate[r * inter: (r + 1) * inter],
+                                                            up[r * inter: (r + 1) * inter]])  # fmt: skip
+        want[ours + "mlp.down_proj.weight"] = state[hf + "mlp.down_proj.weight"][:, r * inter: (r + 1) * inter]
+        for norm in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
+            if hf + norm + ".weight" in state:
+                want[ours + norm + ".weight"] = state[hf + norm + ".weight"]
+    if shard.first_stage:
+        want["embed_tokens.weight"] = vocab(state["model.embed_tokens.weight"])
+    if shard.last_stage:
+        want["norm.weight"] = state["model.norm.weight"]
+        if not (mc.tie_word_embeddings and shard.first_stage):
+            want["lm_head.weight"] = vocab(state.get("lm_head.weight", state["model.embed_tokens.weight"]))
+    return want
+
+
+def assert_shards_hold_their_slices(cfg: EngineConfig, mc: ModelConfig, state, tp: int, pp: int) -> None:
+    """Every rank's parameters are exactly its slices (hence of the shard's size, not the model's)."""
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            shard = Shard(tp_rank, tp, pp_rank, pp)
+            model = load(cfg, shard, Group(tp_rank, tp), torch.device("cpu"), with_tokenizer=False)[0]
+            params = dict(model.named_parameters())
+            want = expected_shard(state, mc, shard)
+            assert set(params) == set(want)
+            for name, w in want.items():
+                assert params[name].shape == w.shape and torch.equal(params[name], w), name
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", False), ("qwen2", True), ("qwen3", False)])
+def test_safetensors_checkpoint_loads_sharded(arch, tie, tmp_path):
+    path = build_tiny_model(arch, str(tmp_path), tie_word_embeddings=tie)
+    state = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    mc = ModelConfig.from_dir(path)
+    cfg = EngineConfig(model=path, dtype="float32")
+    assert_shards_hold_their_slices(cfg, mc, state, tp=2, pp=2)
+    assert_shards_hold_their_slices(cfg, mc, state, tp=4, pp=1)  # 2 KV heads over 4 ranks: each held twice
+
+
+def test_gguf_checkpoint_loads_sharded(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+    from test_gguf import gguf_name, llama_cpp_permute, train_byte_level_bpe, write_gguf
+
+    tokens, merges = train_byte_level_bpe()
+    hf_cfg = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    state = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().state_dict()
+    tensors = {}
+    for name, w in state.items():
+        w = w.numpy()
+        if "q_proj" in name or "k_proj" in name:
+            w = llama_cpp_permute(w, 4 if "q_proj" in name else 2)
+        tensors[gguf_name(name)] = (np.ascontiguousarray(w), Q.F32)  # F32: the shards compare exactly
+    path = write_gguf(tmp_path / "tiny.gguf", "llama", {
+        "llama.block_count": 2, "llama.embedding_length": 64, "llama.feed_forward_length": 128,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges, "tokenizer.ggml.eos_token_id": 2,
+    }, tensors)  # fmt: skip
+    cfg = EngineConfig(model=path, dtype="float32")
+    from nanokyro.loader import read_config
+
+    mc = read_config(cfg)
+    assert (mc.num_heads, mc.num_kv_heads, mc.num_layers) == (4, 2, 2)
+    assert_shards_hold_their_slices(cfg, mc, state, tp=2, pp=2)
+    assert_shards_hold_their_slices(cfg, mc, state, tp=4, pp=1)
