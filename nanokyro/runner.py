@@ -234,8 +234,6 @@ class ModelRunner:
         the host) reads that token from `prev_tokens`, that step's sampled tokens on the device. With more ranks,
         the plan goes to the others first (and the previous tokens to those that embed); a rank that died makes
         this raise parallel.WorkerError."""
-        if self._inputs_copied is not None:  # FlashInfer's plan() reuses a pinned buffer the last step copied from
-            self._inputs_copied.synchronize()
         bucket = self.graphs.bucket(batch) if self.graphs is not None else None
         plan = self.plan(batch, pad_to=bucket, token_rows=bucket is not None)
         if any(s.token_ids[-1] < 0 for s in batch.seqs):
@@ -251,6 +249,8 @@ class ModelRunner:
     def _execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
         """Every rank's part of a step: the logits of its sampled rows on rank 0 (and on every rank of the last
         stage), None on the ranks of earlier stages."""
+        if self._inputs_copied is not None:  # FlashInfer's plan() reuses a pinned buffer the last step copied from
+            self._inputs_copied.synchronize()
         input_ids, positions, meta, rows = self.load(plan)
         if plan.num_prev_tokens and self.shard.first_stage:
             lookup = prev_tokens[(-input_ids - 1).clamp_(min=0)].to(input_ids.dtype)
