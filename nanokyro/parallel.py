@@ -25,9 +25,9 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import socket
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -40,6 +40,7 @@ log = logging.getLogger("nanokyro.parallel")
 
 # Workers wait for the next plan as long as the server idles: the control group's collectives never time out.
 IDLE_TIMEOUT = datetime.timedelta(days=365)
+START_TIMEOUT = datetime.timedelta(minutes=5)  # for spawned workers to reach the rendezvous
 JOIN_TIMEOUT_S = 5.0
 
 
@@ -262,15 +263,17 @@ def _backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def _init(cfg: EngineConfig, rank: int, world_size: int, local_rank: int, init_method: str,
+def _init(cfg: EngineConfig, rank: int, world_size: int, local_rank: int, store: dist.Store | None = None,
           workers: Workers | None = None) -> Parallel:  # fmt: skip
-    """Join the world and build this rank's groups; every rank makes the same groups in the same order."""
+    """Join the world (through `store`, or torchrun's env://) and build this rank's groups; every rank makes the
+    same groups in the same order."""
     device = cfg.torch_device()
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = _backend(device)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=IDLE_TIMEOUT,
+    dist.init_process_group(backend, init_method=None if store else "env://", store=store, rank=rank,
+                            world_size=world_size, timeout=IDLE_TIMEOUT,
                             device_id=device if backend == "nccl" else None)  # fmt: skip
     tp_size = cfg.tensor_parallel_size
     stage, tp_rank = divmod(rank, tp_size)
@@ -312,13 +315,14 @@ def start(cfg: EngineConfig) -> Parallel:
         if rank > 0:
             serve_worker(cfg)
             sys.exit(0)
-        return _init(cfg, 0, world_size, int(os.environ.get("LOCAL_RANK", 0)), "env://")
+        return _init(cfg, 0, world_size, int(os.environ.get("LOCAL_RANK", 0)))
     threads = torch.get_num_threads()
     _share_cores(cfg, world_size)
-    port = _free_port()
-    workers = Workers(cfg, world_size, port, threads)
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=START_TIMEOUT, wait_for_workers=False)
+    workers = Workers(cfg, world_size, store.port, threads)
     try:
-        return _init(cfg, 0, world_size, 0, f"tcp://127.0.0.1:{port}", workers)
+        workers.wait_started(store)
+        return _init(cfg, 0, world_size, 0, store, workers)
     except BaseException:
         workers.close(timeout=0)
         raise
@@ -327,7 +331,7 @@ def start(cfg: EngineConfig) -> Parallel:
 def serve_worker(cfg: EngineConfig) -> None:
     """A torchrun rank > 0: load this rank's shard and run the steps rank 0 sends, until it stops."""
     rank = int(os.environ["RANK"])
-    par = _init(cfg, rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), "env://")
+    par = _init(cfg, rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     _serve(cfg, par)
 
 
@@ -348,12 +352,6 @@ def _share_cores(cfg: EngineConfig, world_size: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker_main(cfg_json: bytes, rank: int, world_size: int, port: int) -> None:
     """Entry point of a spawned worker process."""
     import msgspec
@@ -362,7 +360,9 @@ def _worker_main(cfg_json: bytes, rank: int, world_size: int, port: int) -> None
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
     _share_cores(cfg, world_size)
     try:
-        _serve(cfg, _init(cfg, rank, world_size, rank, f"tcp://127.0.0.1:{port}"))
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=START_TIMEOUT)
+        store.set(f"started/{rank}", "1")
+        _serve(cfg, _init(cfg, rank, world_size, rank, store))
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
@@ -413,6 +413,18 @@ class Workers:
                f"(its traceback, if any, is above)")  # fmt: skip
         log.error(msg)
         return msg
+
+    def wait_started(self, store: dist.TCPStore) -> None:
+        """Wait until every worker has reached the rendezvous store, watching them meanwhile: one that dies on
+        its way (an import error, say) fails the start at once, where joining the group would wait it out."""
+        keys = [f"started/{r}" for r in range(1, len(self.procs) + 1)]
+        deadline = time.monotonic() + START_TIMEOUT.total_seconds()
+        while not store.check(keys):
+            if self.dead is not None:
+                raise WorkerError(self.failure)
+            if time.monotonic() > deadline:
+                raise WorkerError(f"the workers did not start within {START_TIMEOUT}")
+            time.sleep(0.02)
 
     def wait_failure(self, timeout: float) -> str | None:
         """The failure once the watcher has seen it (a collective can fail a moment before the process exits)."""

@@ -23,7 +23,7 @@ from nanokyro import small_batch
 from nanokyro.attention import AttentionMetadata, FlashInferAttention, TorchAttention
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.loader import load
-from nanokyro.parallel import Parallel, Shard, start
+from nanokyro.parallel import Parallel, Shard, WorkerError, start
 from nanokyro.sampler import PendingSample, Sampler, SamplerOutput, SampleRow
 from nanokyro.scheduler import ScheduledBatch
 
@@ -124,8 +124,11 @@ class ModelRunner:
         self.parallel = par = start(cfg) if parallel is None else parallel
         try:
             self._build(cfg, par)
-        except BaseException:
+        except BaseException as e:
+            failure = par.workers.wait_failure(1.0) if par.workers is not None else None
             par.close(abort=True)
+            if failure is not None:  # a worker died while loading: that, not this rank's broken collective
+                raise WorkerError(failure) from e
             raise
         if self.is_driver and par.world_size > 1:  # no worker outlives an engine that was never closed
             weakref.finalize(self, par.close)

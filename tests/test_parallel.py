@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import random
 import signal
+import threading
 import time
 
 import numpy as np
@@ -92,6 +93,26 @@ def test_a_dead_worker_fails_the_engine_fast_and_close_leaves_no_process(llama_d
     finally:
         llm.close()
     assert not any(p.is_alive() for p in workers) and not multiprocessing.active_children()
+
+
+def test_a_worker_that_dies_while_starting_fails_the_start_fast(llama_dir):
+    result = {}
+
+    def start():
+        try:
+            result["llm"] = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
+        except Exception as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    while not (children := multiprocessing.active_children()):
+        time.sleep(0.01)
+    os.kill(children[0].pid, signal.SIGKILL)  # before it joins the group, or while it loads: either must fail fast
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert isinstance(result.get("error"), WorkerError) and "exited with code -9" in str(result["error"])
+    assert not multiprocessing.active_children()
 
 
 def test_layouts_the_model_or_machine_cannot_take_are_refused_before_anything_starts(llama_dir):
