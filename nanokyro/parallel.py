@@ -5,8 +5,9 @@ World = pp * tp ranks; rank = stage * tp + tp_rank. Rank 0 (stage 0, TP rank 0) 
 sampler. Every step it broadcasts the step's plan (msgspec bytes, as a uint8 tensor over a gloo group) to the
 other ranks, which run their shard of the same step: TP ranks all-reduce inside the layers (layers.py), a
 pipeline stage receives the hidden states and residual of the stage before and sends its own to the next, and
-the last stage sends the sampled rows' logits to rank 0. Rank 0 samples and broadcasts the tokens to the ranks
-of stage 0, whose next step may read them as input ids before they reach the host.
+the last stage sends the sampled rows' logits to rank 0. Rank 0 alone samples. A step whose input ids read the
+step before's tokens while they are still on their way to the host (placeholders) sends those tokens from rank 0
+to the other ranks of stage 0 right after its plan.
 
 Ranks start either as processes that rank 0 spawns (one node: `LLM(..., tensor_parallel_size=N)`), or all at once
 under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), where ranks > 0 serve until rank 0 stops.
@@ -186,9 +187,9 @@ class Parallel:
             raise WorkerError(self.failure)
         try:
             yield
-        except (RuntimeError, dist.DistError) as e:
+        except Exception as e:  # a collective failed, or this rank failed mid-step: the ranks are out of step
             dead = self.workers.wait_failure(1.0) if self.workers is not None else None
-            self.failure = dead or f"a collective with the other ranks failed: {e}"
+            self.failure = dead or f"a step failed part-way and left the ranks out of step: {e!r}"
             raise WorkerError(self.failure) from e
 
     # The plan: bytes, broadcast from rank 0 over the gloo control group (size first; -1 means stop).
@@ -259,10 +260,6 @@ class Parallel:
             dist.destroy_process_group()
 
 
-def _backend(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
 def _init(cfg: EngineConfig, rank: int, world_size: int, local_rank: int, store: dist.Store | None = None,
           workers: Workers | None = None) -> Parallel:  # fmt: skip
     """Join the world (through `store`, or torchrun's env://) and build this rank's groups; every rank makes the
@@ -271,7 +268,7 @@ def _init(cfg: EngineConfig, rank: int, world_size: int, local_rank: int, store:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    backend = _backend(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=None if store else "env://", store=store, rank=rank,
                             world_size=world_size, timeout=IDLE_TIMEOUT,
                             device_id=device if backend == "nccl" else None)  # fmt: skip

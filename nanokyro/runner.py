@@ -99,10 +99,6 @@ class StepPlan:
     bucket: int | None = None
     num_prev_tokens: int = 0
 
-    @property
-    def num_sampled(self) -> int:
-        return self.sizes[5]
-
     def encode(self) -> bytes:
         return msgspec.msgpack.encode(_WirePlan(self.host.numpy().tobytes(), self.sizes, self.q_lens, self.kv_lens,
                                                 self.bucket, self.num_prev_tokens))  # fmt: skip
