@@ -198,6 +198,23 @@ def test_safetensors_checkpoint_loads_sharded(arch, tie, tmp_path):
     assert_shards_hold_their_slices(cfg, mc, state, tp=4, pp=1)  # 2 KV heads over 4 ranks: each held twice
 
 
+def test_dummy_weights_are_shards_of_one_model():
+    """Every rank draws its dummy shard from the same full random model: TP changes nothing but the layout."""
+    from conftest import TINY
+    from nanokyro.loader import build_model, dummy_weights, load_weights, wanted
+
+    cpu, f32 = torch.device("cpu"), torch.float32
+    mc = ModelConfig.from_hf({**TINY, "model_type": "qwen2"})
+    state = {("" if n == "lm_head.weight" else "model.") + n: w
+             for n, w in dummy_weights(mc, 0, cpu, f32, lambda name: True)}  # fmt: skip
+    for shard in (Shard(1, 2, 1, 2), Shard(3, 4, 0, 1)):
+        model = build_model(mc, cpu, f32, shard, Group(shard.tp_rank, shard.tp_size))
+        load_weights(model, dummy_weights(mc, 0, cpu, f32, wanted(model)))
+        params = dict(model.named_parameters())
+        for name, w in expected_shard(state, mc, shard).items():
+            assert torch.equal(params[name], w), name
+
+
 def test_gguf_checkpoint_loads_sharded(tmp_path):
     from gguf import GGMLQuantizationType as Q
     from test_gguf import gguf_name, llama_cpp_permute, train_byte_level_bpe, write_gguf
