@@ -99,6 +99,31 @@ class StepPlan:
     bucket: int | None = None
     num_prev_tokens: int = 0
 
+    def split(self, n: int) -> list[StepPlan]:
+        """The step as up to n micro-batches of whole attention rows, cut where the tokens divide evenly; each
+        is a plan of its own (sampled rows in order), run by a pipeline's stages one after another."""
+        rows = len(self.q_lens)
+        ids, pos, pages, offsets, kv_idx, sampled, qo, kv_ptr, last_len = self.host.split(self.sizes)
+        qo_list = qo.tolist()
+        bounds = [0]
+        for k in range(1, n):  # cut k: the first row past the last cut that starts at or past k/n of the tokens
+            r = next((r for r in range(bounds[-1] + 1, rows) if qo_list[r] * n >= k * qo_list[-1]), rows)
+            if r == rows:
+                break
+            bounds.append(r)
+        bounds.append(rows)
+        if len(bounds) <= 2:
+            return [self]
+        plans = []
+        for r0, r1 in zip(bounds, bounds[1:]):
+            t0, t1, p0, p1 = qo_list[r0], qo_list[r1], int(kv_ptr[r0]), int(kv_ptr[r1])
+            mine = sampled[(sampled >= t0) & (sampled < t1)] - t0
+            parts = [ids[t0:t1], pos[t0:t1], pages[t0:t1], offsets[t0:t1], kv_idx[p0:p1], mine,
+                     qo[r0:r1 + 1] - t0, kv_ptr[r0:r1 + 1] - p0, last_len[r0:r1]]  # fmt: skip
+            plans.append(StepPlan(torch.cat(parts), [len(p) for p in parts], self.q_lens[r0:r1], self.kv_lens[r0:r1],
+                                  None, self.num_prev_tokens))  # fmt: skip
+        return plans
+
     def encode(self) -> bytes:
         return msgspec.msgpack.encode(_WirePlan(self.host.numpy().tobytes(), self.sizes, self.q_lens, self.kv_lens,
                                                 self.bucket, self.num_prev_tokens))  # fmt: skip
@@ -248,43 +273,63 @@ class ModelRunner:
     def _execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
         """Every rank's part of a step: the logits of its sampled rows on rank 0 (and on every rank of the last
         stage), None on the ranks of earlier stages."""
-        if self._inputs_copied is not None:  # FlashInfer's plan() reuses a pinned buffer the last step copied from
-            self._inputs_copied.synchronize()
-        input_ids, positions, meta, rows = self.load(plan)
-        if plan.num_prev_tokens and self.shard.first_stage:
-            lookup = prev_tokens[(-input_ids - 1).clamp_(min=0)].to(input_ids.dtype)
-            input_ids = torch.where(input_ids < 0, lookup, input_ids)
+        if self.shard.pp_size > 1:
+            return self._stage(plan, prev_tokens)
+        input_ids, positions, meta, rows = self._inputs(plan, prev_tokens)
         bucket = plan.bucket
         if bucket is not None:
             self.graphs.load(input_ids, positions, meta)
         else:
             self.attn.plan(meta)
-        if self.device.type == "cuda":
-            self._inputs_copied = torch.cuda.Event()
-            self._inputs_copied.record()
+        self._record_inputs_copied()
         if bucket is not None:
             return self.graphs.replay(bucket)[rows]  # padding rows are dropped here
-        if self.shard.pp_size > 1:
-            return self._stage(input_ids, positions, rows)
         if self.graphs is not None:
             hidden = self.graphs.hidden_states(input_ids, positions)
         else:
             hidden = self.model(input_ids, positions, self.attn)
         return self.model.compute_logits(hidden[rows])
 
-    def _stage(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
-        """A pipeline stage's part: hidden states and residual from the stage before (unless the first), the
-        stage's layers, and to the next stage; the last computes the logits and hands them to rank 0."""
+    def _inputs(self, plan: StepPlan, prev_tokens: torch.Tensor | None):
+        """The plan's tensors on the device, placeholder ids replaced by the previous step's tokens."""
+        if self._inputs_copied is not None:  # FlashInfer's plan() reuses a pinned buffer the last step copied from
+            self._inputs_copied.synchronize()
+        input_ids, positions, meta, rows = self.load(plan)
+        if plan.num_prev_tokens and self.shard.first_stage:
+            lookup = prev_tokens[(-input_ids - 1).clamp_(min=0)].to(input_ids.dtype)
+            input_ids = torch.where(input_ids < 0, lookup, input_ids)
+        return input_ids, positions, meta, rows
+
+    def _record_inputs_copied(self) -> None:
+        if self.device.type == "cuda":
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
+
+    def _stage(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """A pipeline stage's part of a step, as up to pp_size micro-batches in flight: for each, the hidden states
+        and residual from the stage before (unless the first), this stage's layers, and on to the next, so stage
+        s runs micro-batch i while stage s + 1 runs micro-batch i - 1. The last stage sends all the sampled rows'
+        logits to rank 0 at the end, in one message: one per micro-batch would wait on rank 0, still sending."""
         par, mc = self.parallel, self.model_cfg
-        before = None if self.shard.first_stage else par.recv_hidden(len(input_ids), mc.hidden_size, self.dtype)
-        out = self.model(input_ids, positions, self.attn, before)
+        logits = []
+        # Only steps with prompt tokens are cut: a decode-only step is bound by reading the weights, which each
+        # micro-batch would read again. (Not yet measured on GPUs.)
+        prefill = any(n > 1 for n in plan.q_lens)
+        for mb in plan.split(self.shard.pp_size) if prefill else [plan]:
+            input_ids, positions, meta, rows = self._inputs(mb, prev_tokens)
+            self.attn.plan(meta)
+            self._record_inputs_copied()
+            before = None if self.shard.first_stage else par.recv_hidden(len(input_ids), mc.hidden_size, self.dtype)
+            out = self.model(input_ids, positions, self.attn, before)
+            if self.shard.last_stage:
+                logits.append(self.model.compute_logits(out[rows]))
+            else:
+                par.send_hidden(*out)
+        num_sampled = plan.sizes[5]
         if not self.shard.last_stage:
-            par.send_hidden(*out)
-            if par.rank == 0 and len(rows):
-                return par.recv_logits(len(rows), mc.vocab_size, self.dtype)
-            return None
-        logits = self.model.compute_logits(out[rows])
-        if par.sends_logits and len(rows):
+            return par.recv_logits(num_sampled, mc.vocab_size, self.dtype) if par.rank == 0 and num_sampled else None
+        logits = torch.cat(logits)
+        if par.sends_logits and num_sampled:
             par.send_logits(logits)
         return logits
 

@@ -78,6 +78,34 @@ def test_layout_gives_one_process_greedy_tokens_and_hf_logits(model, layout):
     assert not multiprocessing.active_children()
 
 
+def test_a_step_split_into_micro_batches_gives_the_whole_steps_logits(llama_dir):
+    """What pipeline stages overlap: a step's attention rows cut into micro-batches, each run on its own."""
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, max_num_batched_tokens=64, max_num_seqs=8)
+    engine, runner = llm.engine, llm.engine.runner
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.step()
+    engine.finish_in_flight()  # a decode from now on
+    for p in random_prompts([30, 9, 2], seed=7):
+        engine.add_request(p, SamplingParams(max_tokens=2))
+    batch = engine.scheduler.schedule()
+    assert batch.num_new == [1, 30, 9, 2]
+    plan = runner.plan(batch)
+
+    def logits(plan):
+        input_ids, positions, meta, rows = runner.load(plan)
+        runner.attn.plan(meta)
+        return runner.model.compute_logits(runner.model(input_ids, positions, runner.attn)[rows])
+
+    with torch.inference_mode():
+        whole = logits(plan)
+        parts = plan.split(3)
+        assert [p.q_lens for p in parts] == [[1, 30], [9], [2]]  # 42 tokens: cut after 14 and 28 of them
+        torch.testing.assert_close(torch.cat([logits(p) for p in parts]), whole, atol=1e-5, rtol=1e-5)
+    assert plan.split(1) == [plan] and len(plan.split(8)) <= 4  # never more micro-batches than rows
+    engine.fail_all()
+    assert_no_leak(llm)
+
+
 def test_a_dead_worker_fails_the_engine_fast_and_close_leaves_no_process(llama_dir):
     llm = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
     workers = llm.engine.runner.parallel.workers.procs
