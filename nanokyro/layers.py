@@ -138,9 +138,10 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, tensor, shard_id=None):
-        n = max(0, min(self.rows, self.vocab_size - self.start))
+        n = max(0, min(self.rows, self.vocab_size - self.start))  # the last ranks' rows run past the vocab
         param[n:].zero_()
-        param[:n].copy_(tensor.narrow(0, self.start, n))
+        if n:
+            param[:n].copy_(tensor.narrow(0, self.start, n))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

@@ -195,8 +195,10 @@ def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]])
                 if target in _STAGE_PARAMS and model.shard.pp_size > 1:
                     continue  # another stage's
                 raise ValueError(f"unexpected tensor {name!r} in checkpoint")
-            loader = getattr(param, "weight_loader", None)
-            loader(param, tensor, shard_id) if loader is not None else param.copy_(tensor)
+            if hasattr(param, "weight_loader"):  # the linear layers and embeddings: this rank's shard of it
+                param.weight_loader(param, tensor, shard_id)
+            else:  # norms: whole on every rank
+                param.copy_(tensor)
             loaded.add(target)
     missing = [n for n in params if n not in loaded]
     if missing:
