@@ -85,7 +85,7 @@ def test_gemv_matches_fp32_matmul(rows, kind):
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_one_kernel_rms_norm_matches_the_model_norm(residual):
-    from nanokyro.model import RMSNorm
+    from nanokyro.layers import RMSNorm
     from nanokyro.small_batch import rms_norm
 
     gen = torch.Generator(DEVICE).manual_seed(0)
