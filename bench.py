@@ -90,6 +90,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--client-procs", type=int, default=min(8, os.cpu_count() or 1),
                     help="online: client processes sending the load (default: min(8, CPUs))")
     ap.add_argument("--api-key", default="none", help="online: the server's API key, if it wants one")
+    ap.add_argument("--openai-sdk", action="store_true",
+                    help="online: stream through the openai SDK (its own connection pool) instead of raw SSE")
     ap.add_argument("--plot", default=None, help="online: draw latency against the load levels to this PNG")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)

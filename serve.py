@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import sys
 
@@ -57,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="model name clients send and see in /v1/models; default: taken from the model")
     p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
                    help="dummy: random weights for an architecture name given as --model (e.g. qwen3-0.6b)")
+    p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
+                   help="ranks (GPUs) each layer is split over (default %(default)s)")
+    p.add_argument("--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size,
+                   help="pipeline stages the layers are split into (default %(default)s)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs or torch.compile")
     p.add_argument("--no-overlap-schedule", action="store_true",
                    help="run steps one at a time (by default the host handles a step's tokens while the next runs)")
@@ -69,7 +74,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
         served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager,
-        overlap_schedule=not args.no_overlap_schedule,
+        overlap_schedule=not args.no_overlap_schedule, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
     )  # fmt: skip
 
 
@@ -89,7 +95,13 @@ async def announce_when_ready(server: UvicornServer, url: str) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(engine_config(args), api_key=args.api_key, max_queue=args.max_queue)
+    cfg = engine_config(args)
+    if int(os.environ.get("RANK", 0)) > 0:  # a torchrun rank > 0: no HTTP, only this rank's shard of rank 0's steps
+        from nanokyro import parallel  # torch: only here, the frontend never loads it
+
+        return parallel.serve_worker(cfg)
+    # Rank 0 (or no torchrun): the HTTP frontend here; the engine core, rank 0 of the model, in its own process.
+    app = create_app(cfg, api_key=args.api_key, max_queue=args.max_queue)
     server = UvicornServer(app, host=args.host, port=args.port, grace_s=args.shutdown_grace,
                            keep_alive_s=args.timeout_keep_alive)  # fmt: skip
 

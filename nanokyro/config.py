@@ -87,12 +87,14 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     page_size: int = 16
-    kv_cache_memory: int | None = None  # bytes of KV cache; the default on CPU is 1 GiB
+    kv_cache_memory: int | None = None  # bytes of KV cache per rank; the default on CPU is 1 GiB
     gpu_memory_utilization: float = 0.9  # on CUDA, fraction of the GPU the engine may fill (weights + KV)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: no graphs, no torch.compile
     overlap_schedule: bool = True  # the host handles step n-1's tokens while the device runs step n
     attention_backend: str = "auto"  # "auto" | "torch" | "flashinfer"
+    tensor_parallel_size: int = 1  # ranks each layer is split over (heads, MLP features, vocab)
+    pipeline_parallel_size: int = 1  # stages the layers are split into
     seed: int = 0
     served_model_name: str | None = None
 

@@ -26,13 +26,12 @@ import torch
 from nanokyro.block_manager import BlockManager
 from nanokyro.config import EngineConfig
 from nanokyro.grammar import GrammarCompiler, accept_tokens
-from nanokyro.loader import load
 from nanokyro.radix_cache import RadixCache
 from nanokyro.request import (
     AbortRequest, AddRequest, EngineStats, Failure, FromCore, Limits, LoadFailed, PromptError, Ready,
     SamplingParams, SeqOutput, Shutdown, StepOutputs, TokenLogprob, ToCore, Unhealthy,
 )  # fmt: skip
-from nanokyro.runner import ModelRunner, num_kv_pages
+from nanokyro.runner import ModelRunner
 from nanokyro.sampler import PendingSample, SamplerOutput, make_generator
 from nanokyro.scheduler import Scheduler, Sequence, Status
 
@@ -59,23 +58,23 @@ class EngineCore:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        model, self.tokenizer, self.model_name = load(cfg)
-        self.model_name = cfg.served_model_name or self.model_name
-        mc = model.cfg
-        max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        device, dtype = cfg.torch_device(), cfg.torch_dtype()
-        self.num_pages = num_kv_pages(mc, cfg, device, dtype)
-        # A sequence longer than the whole cache could never be resumed after preempting itself.
-        self.max_model_len = min(max_model_len, self.num_pages * cfg.page_size)
         if cfg.max_num_batched_tokens < cfg.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be at least max_num_seqs "
                              f"({cfg.max_num_seqs}), or some running sequences would get no token each step")  # fmt: skip
+        # Loads the model (with tensor/pipeline parallelism: starts the other ranks) and sizes the KV cache.
+        self.runner = ModelRunner(cfg)
+        self.tokenizer = self.runner.tokenizer
+        self.model_name = cfg.served_model_name or self.runner.model_name
+        mc = self.runner.model_cfg
+        self.num_pages = self.runner.num_pages
+        # A sequence longer than the whole cache could never be resumed after preempting itself.
+        max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = min(max_model_len, self.num_pages * cfg.page_size)
         self.vocab_size = mc.vocab_size
         self.limits = Limits(self.max_model_len, mc.vocab_size, self.num_pages, cfg.page_size)
         self.blocks = BlockManager(self.num_pages, cfg.page_size)
         self.cache = RadixCache(self.blocks) if cfg.enable_prefix_caching else None
         self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs, self.cache)
-        self.runner = ModelRunner(model, cfg, self.num_pages)
         self.eos_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, sorted(self.eos_ids))
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
@@ -223,6 +222,10 @@ class EngineCore:
         if seqs is not None and all(s.status is Status.FINISHED for s in seqs):
             del self.requests[request_id]
 
+    def close(self) -> None:
+        """Stop the other ranks' processes, if any."""
+        self.runner.close()
+
     def fail_all(self, error: Failure | None = None) -> list[SeqOutput]:
         """After an error inside a step: end every request, freeing its pages."""
         self._in_flight = None
@@ -262,7 +265,10 @@ def run_core(config: bytes, to_core: str, from_core: str) -> None:
             outbox.send(msgspec.msgpack.encode(LoadFailed(f"{type(e).__name__}: {e}")))
             return
         outbox.send(msgspec.msgpack.encode(core.ready()))
-        CoreLoop(core, inbox, outbox).run()
+        try:
+            CoreLoop(core, inbox, outbox).run()
+        finally:
+            core.close()
     finally:
         outbox.close(linger=1000)  # the last messages (aborts at shutdown) still go out
         inbox.close(linger=0)

@@ -359,14 +359,16 @@ class GGUFModel:
     eos_token_ids: list[int]
     reader: GGUFReader = field(repr=False)
 
-    def load_weights(self, dtype: torch.dtype, device) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF parameter name, tensor of `dtype` on `device`) one at a time. Raw blocks move to the
-        device first, so on a GPU the dequantisation runs there."""
+    def load_weights(self, dtype: torch.dtype, device,
+                     wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+        """Yield (HF parameter name, tensor of `dtype` on `device`) one at a time, only those `wanted` (a pipeline
+        stage skips the other stages' layers). Raw blocks move to the device first, so on a GPU the
+        dequantisation runs there."""
         cfg = self.hf_config
         permute = cfg["model_type"] in ("llama", "mistral")
         heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
         for t in self.reader.tensors:
-            if t.name in _SKIP:
+            if t.name in _SKIP or (wanted is not None and not wanted(_hf_name(t.name))):
                 continue
             shape = tuple(reversed(t.shape.tolist()))  # GGUF lists dims fastest-first: [cols, rows]
             raw = torch.from_numpy(t.data).view(torch.uint8).to(device)

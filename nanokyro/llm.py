@@ -55,6 +55,10 @@ class LLM:
             bar.close()
         return list(results.values())
 
+    def close(self) -> None:
+        """Stop the other ranks' processes (tensor/pipeline parallelism); also done when the LLM is collected."""
+        self.engine.close()
+
     def chat(self, messages, params: SamplingParams | None = None, use_tqdm: bool = False):
         """One conversation (a list of messages) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages

@@ -1,7 +1,9 @@
 """Weights and tokenizer from a local HF directory, a hub id, a .gguf file, or random ("dummy") weights.
 
-Checkpoint tensors arrive under their HF names and are copied into the model's fused parameters
-(q/k/v -> qkv_proj, gate/up -> gate_up_proj) directly on the target device and dtype.
+Every source yields full checkpoint tensors under their HF names, one at a time; each goes to its parameter's
+`weight_loader` (layers.py), which copies this rank's shard of it (q/k/v into qkv_proj, gate/up into
+gate_up_proj, a slice of heads / features / vocab under tensor parallelism). A pipeline stage is not given the
+other stages' layers at all.
 """
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ import glob
 import json
 import os
 import re
-from typing import Iterator
+import zlib
+from typing import Callable, Iterator
 
 import torch
 
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.model import LlamaModel
+from nanokyro.parallel import SINGLE, Group, Shard
 from nanokyro.tokenizer import Tokenizer
 
 # Shapes of well-known models, for benchmarks on machines that have no weights (load_format="dummy").
@@ -38,6 +42,9 @@ DUMMY_ARCHITECTURES = {
 }  # fmt: skip
 
 _FUSED = re.compile(r"(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
+_SHARD_IDS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "gate_proj": 0, "up_proj": 1}
+_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.(.*)")
+_STAGE_PARAMS = {"embed_tokens.weight", "norm.weight", "lm_head.weight"}  # on the first or the last stage only
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -58,21 +65,40 @@ def resolve_model_path(model: str | None) -> str:
         raise FileNotFoundError(f"{model!r} is neither a local path nor a reachable hub model: {e}") from e
 
 
-def load(cfg: EngineConfig) -> tuple[LlamaModel, Tokenizer | None, str]:
-    """Build the model on the engine's device and dtype; return it with its tokenizer and served name."""
-    model, tokenizer, name = _load(cfg)
-    if cfg.tokenizer is not None:
+def read_config(cfg: EngineConfig) -> ModelConfig:
+    """The model's shape alone, before anything is loaded (the parallel layout is checked against it)."""
+    if cfg.load_format == "dummy":
+        return ModelConfig.from_hf(_dummy_architecture(cfg.model))
+    path = resolve_model_path(cfg.model)
+    if path.endswith(".gguf"):
+        from nanokyro.gguf import read_gguf
+
+        return ModelConfig.from_hf(read_gguf(path).hf_config)
+    return ModelConfig.from_dir(path)
+
+
+def load(cfg: EngineConfig, shard: Shard = Shard(), tp: Group = SINGLE, device: torch.device | None = None,
+         with_tokenizer: bool = True) -> tuple[LlamaModel, Tokenizer | None, str]:  # fmt: skip
+    """Build this rank's shard of the model on `device` (default: the engine's) and the engine's dtype; return
+    it with its tokenizer (unless not wanted: the other ranks) and served name."""
+    model, tokenizer, name = _load(cfg, shard, tp, device or cfg.torch_device(), with_tokenizer)
+    if cfg.tokenizer is not None and with_tokenizer:
         tokenizer = Tokenizer.from_dir(cfg.tokenizer, eos_token_ids=model.cfg.eos_token_ids)
     return model, tokenizer, name
 
 
-def _load(cfg: EngineConfig) -> tuple[LlamaModel, Tokenizer | None, str]:
-    device, dtype = cfg.torch_device(), cfg.torch_dtype()
+def _dummy_architecture(name: str | None) -> dict:
+    if name not in DUMMY_ARCHITECTURES:
+        raise ValueError(f"dummy weights need an architecture name: one of {sorted(DUMMY_ARCHITECTURES)}")
+    return DUMMY_ARCHITECTURES[name]
+
+
+def _load(cfg: EngineConfig, shard: Shard, tp: Group, device: torch.device,
+          with_tokenizer: bool) -> tuple[LlamaModel, Tokenizer | None, str]:  # fmt: skip
+    dtype = cfg.torch_dtype()
     if cfg.load_format == "dummy":
-        if cfg.model not in DUMMY_ARCHITECTURES:
-            raise ValueError(f"dummy weights need an architecture name: one of {sorted(DUMMY_ARCHITECTURES)}")
-        model = build_model(ModelConfig.from_hf(DUMMY_ARCHITECTURES[cfg.model]), device, dtype)
-        init_dummy_weights(model, cfg.seed)
+        model = build_model(ModelConfig.from_hf(_dummy_architecture(cfg.model)), device, dtype, shard, tp)
+        load_weights(model, dummy_weights(model.cfg, cfg.seed, device, dtype, wanted(model)))
         return model, None, cfg.model
     path = resolve_model_path(cfg.model)
     if path.endswith(".gguf"):
@@ -83,30 +109,43 @@ def _load(cfg: EngineConfig) -> tuple[LlamaModel, Tokenizer | None, str]:
         tokenizer = Tokenizer(
             gg.tokenizer, chat_template=gg.chat_template, bos_token=gg.bos_token, eos_token=gg.eos_token,
             eos_token_ids=gg.eos_token_ids, add_bos_token=gg.add_bos_token,
-        )  # fmt: skip
-        model = build_model(model_cfg, device, dtype)
-        load_weights(model, gg.load_weights(dtype, device))
+        ) if with_tokenizer else None  # fmt: skip
+        model = build_model(model_cfg, device, dtype, shard, tp)
+        load_weights(model, gg.load_weights(dtype, device, wanted(model)))
         name = DEFAULT_MODEL_NAME if cfg.model is None else os.path.basename(path).removesuffix(".gguf")
         return model, tokenizer, name
     model_cfg = ModelConfig.from_dir(path)
-    model = build_model(model_cfg, device, dtype)
-    load_weights(model, iter_safetensors(path, device, dtype))
-    tokenizer = Tokenizer.from_dir(path, eos_token_ids=model_cfg.eos_token_ids)
+    model = build_model(model_cfg, device, dtype, shard, tp)
+    load_weights(model, iter_safetensors(path, device, dtype, wanted(model)))
+    tokenizer = Tokenizer.from_dir(path, eos_token_ids=model_cfg.eos_token_ids) if with_tokenizer else None
     # A hub id is served under itself, as clients name it; a local directory under its own name.
     return model, tokenizer, os.path.basename(cfg.model.rstrip("/")) if os.path.exists(cfg.model) else cfg.model
 
 
-def build_model(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+def build_model(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype, shard: Shard = Shard(),
+                tp: Group = SINGLE) -> LlamaModel:  # fmt: skip
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return LlamaModel(model_cfg).eval().requires_grad_(False)
+            return LlamaModel(model_cfg, shard, tp).eval().requires_grad_(False)
     finally:
         torch.set_default_dtype(previous)
 
 
-def iter_safetensors(path: str, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def wanted(model: LlamaModel) -> Callable[[str], bool]:
+    """Whether a checkpoint tensor (HF name) has a place in this model's pipeline stage: layers of other stages
+    are never read."""
+
+    def want(name: str) -> bool:
+        m = _LAYER.match(name)
+        return m is None or int(m[1]) in model.layer_range
+
+    return want
+
+
+def iter_safetensors(path: str, device: torch.device, dtype: torch.dtype,
+                     wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     from safetensors import safe_open
 
     index = os.path.join(path, "model.safetensors.index.json")
@@ -121,46 +160,79 @@ def iter_safetensors(path: str, device: torch.device, dtype: torch.dtype) -> Ite
     for file in files:
         with safe_open(file, framework="pt", device=str(device)) as f:
             for name in f.keys():
-                yield name, f.get_tensor(name).to(dtype)
+                if wanted is None or wanted(name):
+                    yield name, f.get_tensor(name).to(dtype)
 
 
 @torch.no_grad()
 def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy HF-named tensors into the model, slicing q/k/v and gate/up into their fused parameters."""
+    """Hand each HF-named tensor to its parameter's weight_loader, which copies this rank's shard of it."""
     cfg = model.cfg
     params = dict(model.named_parameters())
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    offsets = {"q_proj": (0, q), "k_proj": (q, kv), "v_proj": (q + kv, kv),
-               "gate_proj": (0, cfg.intermediate_size), "up_proj": (cfg.intermediate_size, cfg.intermediate_size)}  # fmt: skip
+    first_layer = model.layer_range.start
     loaded = set()
     for name, tensor in tensors:
         name = name.removeprefix("model.")
         if (name == "lm_head.weight" and cfg.tie_word_embeddings) or "rotary_emb" in name:
             continue
-        m = _FUSED.match(name)
+        m = _LAYER.match(name)
         if m:
-            prefix, proj, kind = m.groups()
-            fused = "qkv_proj" if proj in ("q_proj", "k_proj", "v_proj") else "gate_up_proj"
-            target = f"{prefix}.{fused}.{kind}"
-            start, size = offsets[proj]
-            params[target][start : start + size].copy_(tensor)
+            if int(m[1]) not in model.layer_range:
+                continue
+            name = f"layers.{int(m[1]) - first_layer}.{m[2]}"
+        targets = [name]
+        if name == "embed_tokens.weight" and cfg.tie_word_embeddings and "lm_head.weight" in params:
+            targets.append("lm_head.weight")  # a tied head on a later pipeline stage than the embedding
+        for target in targets:
+            shard_id = None
+            m = _FUSED.match(target)
+            if m:
+                prefix, proj, kind = m.groups()
+                target = f"{prefix}.{'qkv_proj' if proj in ('q_proj', 'k_proj', 'v_proj') else 'gate_up_proj'}.{kind}"
+                shard_id = _SHARD_IDS[proj]
+            param = params.get(target)
+            if param is None:
+                if target in _STAGE_PARAMS and model.shard.pp_size > 1:
+                    continue  # another stage's
+                raise ValueError(f"unexpected tensor {name!r} in checkpoint")
+            if hasattr(param, "weight_loader"):  # the linear layers and embeddings: this rank's shard of it
+                param.weight_loader(param, tensor, shard_id)
+            else:  # norms: whole on every rank
+                param.copy_(tensor)
             loaded.add(target)
-            continue
-        if name not in params:
-            raise ValueError(f"unexpected tensor {name!r} in checkpoint")
-        params[name].copy_(tensor)
-        loaded.add(name)
     missing = [n for n in params if n not in loaded]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
 
-@torch.no_grad()
-def init_dummy_weights(model: LlamaModel, seed: int) -> None:
-    """Random weights with the scale of a trained model, so activations and logits stay finite."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
+def dummy_weights(cfg: ModelConfig, seed: int, device: torch.device, dtype: torch.dtype,
+                  wanted: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+    """Random HF-named tensors with the scale of a trained model, so activations and logits stay finite. Each is
+    drawn from a generator seeded by `seed` and its name: every rank's shards come from the same full model."""
+    h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    layer = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (cfg.num_heads * d, h), "self_attn.k_proj.weight": (cfg.num_kv_heads * d, h),
+        "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h), "self_attn.o_proj.weight": (h, cfg.num_heads * d),
+        "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter),
+    }  # fmt: skip
+    if cfg.qkv_bias:
+        layer |= {"self_attn.q_proj.bias": (cfg.num_heads * d,), "self_attn.k_proj.bias": (cfg.num_kv_heads * d,),
+                  "self_attn.v_proj.bias": (cfg.num_kv_heads * d,)}  # fmt: skip
+    if cfg.o_bias:
+        layer["self_attn.o_proj.bias"] = (h,)
+    if cfg.qk_norm:
+        layer |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
+    shapes |= {f"layers.{i}.{k}": v for i in range(cfg.num_layers) for k, v in layer.items()}
+    gen = torch.Generator(device=device)
+    for name, shape in shapes.items():
+        if not wanted(name):
+            continue
         if name.endswith("norm.weight"):
-            p.fill_(1.0)
+            yield name, torch.ones(shape, device=device, dtype=dtype)
         else:
-            p.normal_(0.0, 0.02, generator=gen)
+            gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            yield name, torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=gen)

@@ -1,8 +1,10 @@
 """One step on the device: build the flat batch and page tables, run the model, sample.
 
-The runner owns the KV cache allocation, the attention backend and, on CUDA, the decode CUDA graphs
-(`DecodeGraphs`; `enforce_eager` turns them off). Everything it builds per step is made on the host
-and crosses to the device in one copy.
+The runner owns the model (this rank's shard), the KV cache allocation, the attention backend and, on CUDA, the
+decode CUDA graphs (`DecodeGraphs`; `enforce_eager` turns them off). A step is first made into a `StepPlan`, a
+plain description of it (token ids, positions, page tables, sampled rows) built on the host, which crosses to
+the device in one copy. With more than one rank (parallel.py), rank 0's runner sends each plan to the others,
+whose runners (`serve`) run the same step on their shards; rank 0 alone samples.
 """
 from __future__ import annotations
 
@@ -10,14 +12,18 @@ import contextlib
 import itertools
 import logging
 import time
+import weakref
+from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 import torch
 
 from nanokyro import small_batch
 from nanokyro.attention import AttentionMetadata, FlashInferAttention, TorchAttention
 from nanokyro.config import EngineConfig, ModelConfig
-from nanokyro.model import LlamaModel
+from nanokyro.loader import load
+from nanokyro.parallel import Parallel, Shard, WorkerError, start
 from nanokyro.sampler import PendingSample, Sampler, SamplerOutput, SampleRow
 from nanokyro.scheduler import ScheduledBatch
 
@@ -26,12 +32,16 @@ log = logging.getLogger("nanokyro.runner")
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
-def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
-    return cfg.num_layers * 2 * page_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: torch.dtype, shard: Shard = Shard()) -> int:
+    """Bytes of one page over the layers of `shard`'s stage and its KV heads (the whole model by default)."""
+    layers = len(shard.layers(cfg.num_layers))
+    return layers * 2 * page_size * shard.num_kv_heads(cfg) * cfg.head_dim * dtype.itemsize
 
 
-def num_kv_pages(model_cfg: ModelConfig, cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> int:
-    """Pages that fit in `kv_cache_memory`, or on CUDA in what `gpu_memory_utilization` leaves after the weights."""
+def num_kv_pages(model_cfg: ModelConfig, cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 shard: Shard = Shard()) -> int:  # fmt: skip
+    """Pages that fit in `kv_cache_memory`, or on CUDA in what `gpu_memory_utilization` leaves after the weights,
+    on this rank."""
     budget = cfg.kv_cache_memory
     if budget is None and device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -43,19 +53,19 @@ def num_kv_pages(model_cfg: ModelConfig, cfg: EngineConfig, device: torch.device
         budget = int(total * cfg.gpu_memory_utilization) - used_by_others - torch.cuda.memory_allocated(device) - activations
     elif budget is None:
         budget = CPU_DEFAULT_KV_BYTES
-    pages = budget // kv_bytes_per_page(model_cfg, cfg.page_size, dtype)
+    pages = budget // kv_bytes_per_page(model_cfg, cfg.page_size, dtype, shard)
     if pages < 2:
         raise ValueError(f"KV cache budget of {budget} bytes holds fewer than 2 pages; raise kv_cache_memory")
     return int(pages)
 
 
-def make_attention_backend(name: str, kv_cache: torch.Tensor, cfg: ModelConfig):
+def make_attention_backend(name: str, kv_cache: torch.Tensor, num_heads: int, head_dim: int):
     if name == "auto":
         name = "flashinfer" if kv_cache.device.type == "cuda" else "torch"
     if name == "torch":
-        return TorchAttention(kv_cache, cfg.num_heads, cfg.head_dim)
+        return TorchAttention(kv_cache, num_heads, head_dim)
     if name == "flashinfer":  # imports flashinfer only now, so the CPU path never needs it
-        return FlashInferAttention(kv_cache, cfg.num_heads, cfg.head_dim)
+        return FlashInferAttention(kv_cache, num_heads, head_dim)
     raise ValueError(f"unknown attention backend {name!r} (auto, torch, flashinfer)")
 
 
@@ -66,28 +76,115 @@ SMALL_STEP_KV_TOKENS = 1 << 16
 GRAPH_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
 
 
+class _WirePlan(msgspec.Struct, array_like=True):
+    data: bytes
+    sizes: list[int]
+    q_lens: list[int]
+    kv_lens: list[int]
+    bucket: int | None
+    num_prev_tokens: int
+
+
+@dataclass
+class StepPlan:
+    """One step as plain data, the same for every rank: the int32 host buffer of its parts (input ids,
+    positions, slot pages, slot offsets, kv page indices, sampled rows, qo_indptr, kv_indptr, last page lengths)
+    and their sizes, each attention row's new and cached token counts, the CUDA-graph bucket it replays (or
+    None), and how many of the previous step's tokens its placeholder ids read (0: none)."""
+
+    host: torch.Tensor
+    sizes: list[int]
+    q_lens: list[int]
+    kv_lens: list[int]
+    bucket: int | None = None
+    num_prev_tokens: int = 0
+
+    def split(self, n: int) -> list[StepPlan]:
+        """The step as up to n micro-batches of whole attention rows, cut where the tokens divide evenly; each
+        is a plan of its own (sampled rows in order), run by a pipeline's stages one after another."""
+        rows = len(self.q_lens)
+        ids, pos, pages, offsets, kv_idx, sampled, qo, kv_ptr, last_len = self.host.split(self.sizes)
+        qo_list = qo.tolist()
+        bounds = [0]
+        for k in range(1, n):  # cut k: the first row past the last cut that starts at or past k/n of the tokens
+            r = next((r for r in range(bounds[-1] + 1, rows) if qo_list[r] * n >= k * qo_list[-1]), rows)
+            if r == rows:
+                break
+            bounds.append(r)
+        bounds.append(rows)
+        if len(bounds) <= 2:
+            return [self]
+        plans = []
+        for r0, r1 in zip(bounds, bounds[1:]):
+            t0, t1, p0, p1 = qo_list[r0], qo_list[r1], int(kv_ptr[r0]), int(kv_ptr[r1])
+            mine = sampled[(sampled >= t0) & (sampled < t1)] - t0
+            parts = [ids[t0:t1], pos[t0:t1], pages[t0:t1], offsets[t0:t1], kv_idx[p0:p1], mine,
+                     qo[r0:r1 + 1] - t0, kv_ptr[r0:r1 + 1] - p0, last_len[r0:r1]]  # fmt: skip
+            plans.append(StepPlan(torch.cat(parts), [len(p) for p in parts], self.q_lens[r0:r1], self.kv_lens[r0:r1],
+                                  None, self.num_prev_tokens))  # fmt: skip
+        return plans
+
+    def encode(self) -> bytes:
+        return msgspec.msgpack.encode(_WirePlan(self.host.numpy().tobytes(), self.sizes, self.q_lens, self.kv_lens,
+                                                self.bucket, self.num_prev_tokens))  # fmt: skip
+
+    @classmethod
+    def decode(cls, data: bytes) -> StepPlan:
+        w = msgspec.msgpack.decode(data, type=_WirePlan)
+        host = torch.frombuffer(bytearray(w.data), dtype=torch.int32)
+        return cls(host, w.sizes, w.q_lens, w.kv_lens, w.bucket, w.num_prev_tokens)
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cfg: EngineConfig, num_pages: int):
-        self.model, self.cfg = model, cfg
-        mc = model.cfg
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+    """Built with only the engine config on rank 0: it starts the other ranks (if any), loads this rank's shard
+    and sizes the KV cache to what every rank can hold. The other ranks build theirs from their `Parallel` and
+    `serve`. `close()` stops them."""
+
+    def __init__(self, cfg: EngineConfig, parallel: Parallel | None = None):
+        self.cfg, self.is_driver = cfg, parallel is None
+        self.parallel = par = start(cfg) if parallel is None else parallel
+        try:
+            self._build(cfg, par)
+        except BaseException as e:
+            failure = par.workers.wait_failure(1.0) if par.workers is not None else None
+            par.close(abort=True)
+            if failure is not None:  # a worker died while loading: that, not this rank's broken collective
+                raise WorkerError(failure) from e
+            raise
+        if self.is_driver and par.world_size > 1:  # no worker outlives an engine that was never closed
+            weakref.finalize(self, par.close)
+
+    def _build(self, cfg: EngineConfig, par: Parallel) -> None:
+        self.model, self.tokenizer, self.model_name = load(cfg, par.shard, par.tp, par.device, self.is_driver)
+        self.model_cfg = mc = self.model.cfg
+        self.shard = par.shard
+        self.device = par.device
+        self.dtype = cfg.torch_dtype()
         self.page_size = cfg.page_size
+        pages = num_kv_pages(mc, cfg, self.device, self.dtype, par.shard)
+        self.num_pages = par.min(pages) if par.world_size > 1 else pages
         # One page past the block manager's: padding rows of graph-replayed decodes write and read only it.
-        self.scratch_page = num_pages
+        self.scratch_page = self.num_pages
         self.kv_cache = torch.zeros(
-            mc.num_layers, num_pages + 1, 2, cfg.page_size, mc.num_kv_heads, mc.head_dim, dtype=self.dtype,
-            device=self.device,
+            len(self.model.layers), self.num_pages + 1, 2, cfg.page_size, par.shard.num_kv_heads(mc), mc.head_dim,
+            dtype=self.dtype, device=self.device,
         )  # fmt: skip
-        self.attn = make_attention_backend(cfg.attention_backend, self.kv_cache, mc)
+        self.attn = make_attention_backend(cfg.attention_backend, self.kv_cache, par.shard.num_heads(mc), mc.head_dim)
         self.sampler = Sampler()
         self._inputs_copied: torch.cuda.Event | None = None  # recorded once the last step's inputs are on the device
         self.graphs = None
-        if self.device.type == "cuda" and not cfg.enforce_eager and isinstance(self.attn, FlashInferAttention):
+        # Pipeline stages run eagerly for now: their sends and receives sit between the stages' graphs.
+        if (self.device.type == "cuda" and not cfg.enforce_eager and isinstance(self.attn, FlashInferAttention)
+                and par.shard.pp_size == 1):  # fmt: skip
             self.graphs = DecodeGraphs(self, cfg.max_num_seqs)
 
-    def prepare(self, batch: ScheduledBatch, pad_to: int | None = None, token_rows: bool = False):
-        """Host-side step inputs -> (input_ids, positions, AttentionMetadata, logits row indices) on the device.
+    def close(self) -> None:
+        """Stop the other ranks' processes (rank 0); a no-op with one rank, and when already closed."""
+        if self.is_driver:
+            self.parallel.close()
+
+    def plan(self, batch: ScheduledBatch, pad_to: int | None = None, token_rows: bool = False) -> StepPlan:
+        """The step's plain description, built on the host from the scheduled sequences.
 
         With `token_rows`, every new token is an attention row of its own, as in a decode: the token at position
         p reads its sequence's pages up to p. The step writes all its k/v before attention reads, so this is the
@@ -127,21 +224,30 @@ class ModelRunner:
             ids, pos, slot_pages, slot_offsets, kv_indices, sample_rows, qo_indptr,
             [0, *itertools.accumulate(page_counts)], [(n - 1) % ps + 1 for n in kv_lens],
         ]  # fmt: skip
-        # Everything as int32 in one pinned buffer: one async copy to the device, and the host views below
-        # (pinned too) give FlashInfer's plan() its CSR arrays without a sync.
+        # Everything as int32 in one buffer (pinned on CUDA): one async copy to the device, and its host views
+        # give FlashInfer's plan() its CSR arrays without a sync.
         flat_list = itertools.chain.from_iterable(parts)
         host = torch.from_numpy(np.fromiter(flat_list, dtype=np.int32, count=sum(map(len, parts))))
+        return StepPlan(host, [len(p) for p in parts], q_lens, kv_lens, pad_to if token_rows else None)
+
+    def load(self, plan: StepPlan):
+        """A plan's tensors on the device -> (input_ids, positions, AttentionMetadata, logits row indices)."""
+        host = plan.host
         if self.device.type == "cuda":
             host = host.pin_memory()
         flat = host.to(self.device, non_blocking=True)
-        sizes = [len(p) for p in parts]
+        sizes = plan.sizes
         input_ids, positions, pages, offsets, kv_idx, rows, *_ = flat.split(sizes)
         *_, qo_host, kv_ptr_host, last_len_host = host.split(sizes)
         meta = AttentionMetadata(
-            kv_indices=kv_idx, slot_pages=pages, slot_offsets=offsets, q_lens=q_lens, kv_lens=kv_lens,
+            kv_indices=kv_idx, slot_pages=pages, slot_offsets=offsets, q_lens=plan.q_lens, kv_lens=plan.kv_lens,
             qo_indptr=qo_host, kv_indptr=kv_ptr_host, kv_last_page_len=last_len_host,
         )  # fmt: skip
         return input_ids, positions, meta, rows
+
+    def prepare(self, batch: ScheduledBatch, pad_to: int | None = None, token_rows: bool = False):
+        """Host-side step inputs -> (input_ids, positions, AttentionMetadata, logits row indices) on the device."""
+        return self.load(self.plan(batch, pad_to, token_rows))
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,21 +255,33 @@ class ModelRunner:
         only for the previous step's inputs to have reached the device, not for its kernels.
 
         A sequence whose last token is still a placeholder (-(row + 1): row `row` of the step in flight, not yet on
-        the host) reads that token from `prev_tokens`, that step's sampled tokens on the device."""
-        if self._inputs_copied is not None:  # FlashInfer's plan() reuses a pinned buffer the last step copied from
-            self._inputs_copied.synchronize()
+        the host) reads that token from `prev_tokens`, that step's sampled tokens on the device. With more ranks,
+        the plan goes to the others first (and the previous tokens to those that embed); a rank that died makes
+        this raise parallel.WorkerError."""
         bucket = self.graphs.bucket(batch) if self.graphs is not None else None
-        input_ids, positions, meta, rows = self.prepare(batch, pad_to=bucket, token_rows=bucket is not None)
+        plan = self.plan(batch, pad_to=bucket, token_rows=bucket is not None)
         if any(s.token_ids[-1] < 0 for s in batch.seqs):
-            lookup = prev_tokens[(-input_ids - 1).clamp_(min=0)].to(input_ids.dtype)
-            input_ids = torch.where(input_ids < 0, lookup, input_ids)
+            plan.num_prev_tokens = len(prev_tokens)
+        if self.parallel.world_size == 1:
+            return self._execute(plan, prev_tokens)
+        with self.parallel.guard():
+            self.parallel.send_plan(plan.encode())
+            if plan.num_prev_tokens:
+                self.parallel.broadcast_tokens(prev_tokens)
+            return self._execute(plan, prev_tokens)
+
+    def _execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """Every rank's part of a step: the logits of its sampled rows on rank 0 (and on every rank of the last
+        stage), None on the ranks of earlier stages."""
+        if self.shard.pp_size > 1:
+            return self._stage(plan, prev_tokens)
+        input_ids, positions, meta, rows = self._inputs(plan, prev_tokens)
+        bucket = plan.bucket
         if bucket is not None:
             self.graphs.load(input_ids, positions, meta)
         else:
             self.attn.plan(meta)
-        if self.device.type == "cuda":
-            self._inputs_copied = torch.cuda.Event()
-            self._inputs_copied.record()
+        self._record_inputs_copied()
         if bucket is not None:
             return self.graphs.replay(bucket)[rows]  # padding rows are dropped here
         if self.graphs is not None:
@@ -171,6 +289,61 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.attn)
         return self.model.compute_logits(hidden[rows])
+
+    def _inputs(self, plan: StepPlan, prev_tokens: torch.Tensor | None):
+        """The plan's tensors on the device, placeholder ids replaced by the previous step's tokens."""
+        if self._inputs_copied is not None:  # FlashInfer's plan() reuses a pinned buffer the last step copied from
+            self._inputs_copied.synchronize()
+        input_ids, positions, meta, rows = self.load(plan)
+        if plan.num_prev_tokens and self.shard.first_stage:
+            lookup = prev_tokens[(-input_ids - 1).clamp_(min=0)].to(input_ids.dtype)
+            input_ids = torch.where(input_ids < 0, lookup, input_ids)
+        return input_ids, positions, meta, rows
+
+    def _record_inputs_copied(self) -> None:
+        if self.device.type == "cuda":
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
+
+    def _stage(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """A pipeline stage's part of a step, as up to pp_size micro-batches in flight: for each, the hidden states
+        and residual from the stage before (unless the first), this stage's layers, and on to the next, so stage
+        s runs micro-batch i while stage s + 1 runs micro-batch i - 1. The last stage sends all the sampled rows'
+        logits to rank 0 at the end, in one message: one per micro-batch would wait on rank 0, still sending."""
+        par, mc = self.parallel, self.model_cfg
+        logits = []
+        # Only steps with prompt tokens are cut: a decode-only step is bound by reading the weights, which each
+        # micro-batch would read again. (Not yet measured on GPUs.)
+        prefill = any(n > 1 for n in plan.q_lens)
+        for mb in plan.split(self.shard.pp_size) if prefill else [plan]:
+            input_ids, positions, meta, rows = self._inputs(mb, prev_tokens)
+            self.attn.plan(meta)
+            self._record_inputs_copied()
+            before = None if self.shard.first_stage else par.recv_hidden(len(input_ids), mc.hidden_size, self.dtype)
+            out = self.model(input_ids, positions, self.attn, before)
+            if self.shard.last_stage:
+                logits.append(self.model.compute_logits(out[rows]))
+            else:
+                par.send_hidden(*out)
+        num_sampled = plan.sizes[5]
+        if not self.shard.last_stage:
+            return par.recv_logits(num_sampled, mc.vocab_size, self.dtype) if par.rank == 0 and num_sampled else None
+        logits = torch.cat(logits)
+        if par.sends_logits and num_sampled:
+            par.send_logits(logits)
+        return logits
+
+    def serve(self) -> None:
+        """A rank other than 0: run each step rank 0 plans, until it sends the stop."""
+        par = self.parallel
+        while (data := par.recv_plan()) is not None:
+            plan = StepPlan.decode(data)
+            with torch.inference_mode():
+                prev_tokens = None
+                if plan.num_prev_tokens and self.shard.first_stage:
+                    prev_tokens = torch.empty(plan.num_prev_tokens, dtype=torch.long, device=self.device)
+                    par.broadcast_tokens(prev_tokens)
+                self._execute(plan, prev_tokens)
 
     @torch.inference_mode()
     def sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> PendingSample:

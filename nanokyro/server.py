@@ -473,15 +473,17 @@ class _Server:
 
     # -- the two endpoints
 
-    async def chat(self, request: Request) -> Response:
-        req: ChatCompletionRequest = await _strict(request, ChatCompletionRequest)
+    async def handle(self, request: Request, body_type: type, respond: Callable) -> Response:
+        """Decode the body strictly, admit the request (counted as waiting until generation takes it over), and
+        answer it with `respond` (chat or complete)."""
+        req = await _strict(request, body_type)
         client, admission = self.admit(req)
         try:
-            return await self._chat(req, request, client, admission)
+            return await respond(req, request, client, admission)
         finally:
             admission.started()  # a no-op once generation took it over
 
-    async def _chat(self, req: ChatCompletionRequest, request: Request, client: CoreClient, admission: _Admission):
+    async def chat(self, req: ChatCompletionRequest, request: Request, client: CoreClient, admission: _Admission):
         params = _chat_params(req)
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
@@ -520,15 +522,7 @@ class _Server:
             ChatChoice(i, AssistantMessage(c.text), logprobs(c.logprobs), c.finish_reason)
             for i, c in enumerate(choices)]))  # fmt: skip
 
-    async def complete(self, request: Request) -> Response:
-        req: CompletionRequest = await _strict(request, CompletionRequest)
-        client, admission = self.admit(req)
-        try:
-            return await self._complete(req, request, client, admission)
-        finally:
-            admission.started()
-
-    async def _complete(self, req: CompletionRequest, request: Request, client: CoreClient, admission: _Admission):
+    async def complete(self, req: CompletionRequest, request: Request, client: CoreClient, admission: _Admission):
         params = _completion_params(req)
         try:
             prompt_ids = [await self.encode(client, p, params) for p in _prompts(req.prompt)]
@@ -604,12 +598,12 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
     @post("/chat/completions", status_code=200, responses={200: ResponseSpec(
         ChatCompletion, description="The completion, or with stream: an SSE stream of chat.completion.chunk")})
     async def chat_completions(data: JSONBody[ChatCompletionRequest], request: Request) -> Response:
-        return await server.chat(request)
+        return await server.handle(request, ChatCompletionRequest, server.chat)
 
     @post("/completions", status_code=200, responses={200: ResponseSpec(
         Completion, description="The completion, or with stream: an SSE stream of text_completion chunks")})
     async def completions(data: JSONBody[CompletionRequest], request: Request) -> Response:
-        return await server.complete(request)
+        return await server.handle(request, CompletionRequest, server.complete)
 
     @get("/models")
     async def models() -> dict:

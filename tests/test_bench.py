@@ -141,16 +141,17 @@ def test_online_bench_through_serve_py_compares_with_offline(tiny_dir, tmp_path)
 
 
 def test_online_bench_with_poisson_arrivals_loads_a_running_server(tiny_dir, tmp_path):
+    """Also through the openai SDK's client instead of raw SSE: the same counts."""
     from nanokyro.benchmarks.online import ServeProcess
 
     server = ServeProcess(tiny_dir, [])
     try:
         server.wait_ready(timeout_s=60)
         r, printed = run_online_bench(tmp_path, "--model", tiny_dir, "--serve-url", server.url, *ONLINE,
-                                      "--request-rate", "20")  # fmt: skip
+                                      "--request-rate", "20", "--openai-sdk")  # fmt: skip
     finally:
         assert server.stop() == 0
-    assert "offline_output_throughput" not in r and "of offline" not in printed
+    assert r["openai_sdk"] and "offline_output_throughput" not in r and "of offline" not in printed
     [level] = r["levels"]
     assert level["request_rate"] == 20
     assert_sane_level(level, r["output_tokens"])

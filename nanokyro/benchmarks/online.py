@@ -160,6 +160,42 @@ async def stream_request(session, url: str, model: str, prompt: list[int], max_t
             "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]}  # fmt: skip
 
 
+async def stream_request_sdk(client, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
+    """The same record through the openai SDK (`--openai-sdk`): the client most users have, with its own
+    connection pool; heavier than raw SSE, so it measures the server less and the client more."""
+    start = time.perf_counter()
+    arrivals, tokens = [], 0
+    try:
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})  # fmt: skip
+        async for chunk in stream:
+            if chunk.choices:
+                arrivals.append(time.perf_counter())
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        end = time.perf_counter()
+        if tokens != max_tokens or not arrivals:
+            raise RuntimeError(f"{tokens} of {max_tokens} tokens in the usage chunk, {len(arrivals)} chunks")
+    except Exception as e:  # noqa: BLE001 -- a failed request is a measurement, not a crash
+        return {"start": start, "end": time.perf_counter(), "error": f"{type(e).__name__}: {e}"}
+    return {"start": start, "end": end, "ttft": arrivals[0] - start, "e2e": end - start, "tokens": tokens,
+            "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]}  # fmt: skip
+
+
+def _session(url: str, api_key: str, sdk: bool):
+    """What one client process sends its requests through: an aiohttp session, or an openai SDK client."""
+    if sdk:
+        import openai
+
+        return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=REQUEST_TIMEOUT_S)
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=0)  # no pool limit: one connection per open stream
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    return aiohttp.ClientSession(headers={"Authorization": f"Bearer {api_key}"}, connector=connector, timeout=timeout)
+
+
 def take(next_index, n: int) -> int | None:
     """The next prompt no client has taken (shared by every process), or None when all are taken."""
     with next_index.get_lock():
@@ -176,13 +212,9 @@ async def run_level(conn, url: str, api_key: str, prompts, out_lens, plan: dict,
     shared counter, or `plan["arrivals"]` [(prompt index, seconds after the start)]. Warms up, says "ready",
     waits for the common start time, then returns a record per request it sent and the CPU seconds it spent
     sending them."""
-    import aiohttp
-
-    connector = aiohttp.TCPConnector(limit=0)  # no pool limit: one connection per open stream
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    headers = {"Authorization": f"Bearer {api_key}"}
-    async with aiohttp.ClientSession(headers=headers, connector=connector, timeout=timeout) as session:
-        warm = await stream_request(session, url, plan["model"], WARMUP_PROMPT, 4)
+    request = stream_request_sdk if plan["sdk"] else stream_request
+    async with _session(url, api_key, plan["sdk"]) as session:
+        warm = await request(session, url, plan["model"], WARMUP_PROMPT, 4)
         if "error" in warm:
             raise RuntimeError(f"the warm-up request failed: {warm['error']}")
         conn.send(("ready", None))
@@ -191,7 +223,7 @@ async def run_level(conn, url: str, api_key: str, prompts, out_lens, plan: dict,
         cpu0, records = time.process_time(), []
 
         async def one(i: int) -> None:
-            record = await stream_request(session, url, plan["model"], prompts[i], out_lens[i])
+            record = await request(session, url, plan["model"], prompts[i], out_lens[i])
             records.append({"index": i, **record})
             with done.get_lock():
                 done.value += 1
@@ -244,7 +276,7 @@ class ClientPool:
             self.procs.append(proc)
 
     def run(self, model: str, *, concurrency: int | None = None, request_rate: float | None = None,
-            seed: int = 0) -> tuple[list[dict], float, float]:  # fmt: skip
+            seed: int = 0, sdk: bool = False) -> tuple[list[dict], float, float]:  # fmt: skip
         """Every prompt once, from `concurrency` closed-loop clients split over the processes, or at Poisson
         arrivals of `request_rate`/s dealt round-robin. Returns the records by prompt index, the seconds from the
         common start to the last answer, and the busiest client process's CPU seconds: near the duration, the
@@ -252,10 +284,11 @@ class ClientPool:
         n, p = self.num_prompts, len(self.conns)
         if concurrency is not None:
             shares = [concurrency // p + (k < concurrency % p) for k in range(p)]
-            plans = [{"model": model, "concurrency": c} for c in shares if c > 0]
+            plans = [{"model": model, "sdk": sdk, "concurrency": c} for c in shares if c > 0]
         else:
             arrivals = np.cumsum(np.random.default_rng(seed).exponential(1 / request_rate, n)).tolist()
-            plans = [{"model": model, "arrivals": [(i, arrivals[i]) for i in range(k, n, p)]} for k in range(min(p, n))]
+            plans = [{"model": model, "sdk": sdk, "arrivals": [(i, arrivals[i]) for i in range(k, n, p)]}
+                     for k in range(min(p, n))]  # fmt: skip
         self.next_index.value = self.done.value = 0
         conns = self.conns[: len(plans)]  # a level with fewer clients than processes leaves the rest idle
         for conn, plan in zip(conns, plans):
@@ -418,7 +451,7 @@ def run_online(args, input_len, output_len) -> dict:
         levels = []
         for load in loads:
             kw = {"concurrency": int(load)} if args.concurrency else {"request_rate": load}
-            records, duration, client_cpu_s = pool.run(model, **kw, seed=args.seed)
+            records, duration, client_cpu_s = pool.run(model, **kw, seed=args.seed, sdk=args.openai_sdk)
             level = {**kw, **summarize(records, duration, prompts), "busiest_client_cpu": client_cpu_s / duration}
             if offline:
                 level.update(offline_output_throughput=offline["offline_output_throughput"],
@@ -428,6 +461,6 @@ def run_online(args, input_len, output_len) -> dict:
         if pool:
             pool.close()
         exit_code = server.stop() if server else None
-    return {"mode": "online", "url": url, "model": model, "client_procs": procs, "num_prompts": len(prompts),
+    return {"mode": "online", "url": url, "model": model, "client_procs": procs, "openai_sdk": args.openai_sdk, "num_prompts": len(prompts),
             "input_tokens": sum(map(len, prompts)), "output_tokens": sum(out_lens), **offline,
             "levels": levels, **({"server_exit_code": exit_code} if server else {})}  # fmt: skip

@@ -1,0 +1,219 @@
+"""The model's layers that tensor parallelism, quantisation and LoRA share: linear layers of a few explicit kinds,
+the vocab-parallel embedding / LM head, RMSNorm and RoPE, and the one place that decides how a layer multiplies.
+
+Linear kinds, for a layer sharded over `tp` ranks (tp = 1: each is a plain linear layer):
+- `ReplicatedLinear`: every rank holds the whole weight.
+- `ColumnParallelLinear`: each rank holds a slice of the output features; no communication.
+- `RowParallelLinear`: each rank holds a slice of the input features and sums the partial outputs (all-reduce).
+- `QKVLinear`: q, k and v stacked, column-parallel by heads; KV heads are replicated when fewer than the ranks.
+- `GateUpLinear`: gate and up stacked, column-parallel, returning silu(gate) * up.
+Each parameter carries a `weight_loader(param, tensor, shard_id=None)` that copies its own shard out of a full
+checkpoint tensor (HF name; shard_id "q"/"k"/"v" or 0/1 for the stacked halves), so the loader never slices.
+
+How a layer multiplies is `matmul` / `gated_matmul` below: a dense matmul, or the Triton GEMV of small_batch.py
+in the one- and two-row decode graphs. Quantised layers will replace these. small_batch's switch is read here
+only, never in model.py.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanokyro import small_batch
+from nanokyro.parallel import Group
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias): the Triton GEMV in one- and two-row decode graphs, else F.linear."""
+    return small_batch.linear(x, weight, bias)
+
+
+def gated_matmul(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) for the stacked weight gate_up [2N, K]; one kernel in the small graphs."""
+    if small_batch.on(x):
+        return small_batch.silu_and_mul_linear(x, gate_up)
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class ReplicatedLinear(nn.Module):
+    """The whole [out, in] weight (and optional [out] bias) on every rank; the base of the sharded kinds."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: Group):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: torch.Tensor, tensor: torch.Tensor, shard_id=None) -> None:
+        param.copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(ReplicatedLinear):
+    """Output features split over the ranks: rank r holds rows [r * out/tp, (r + 1) * out/tp) of the weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: Group):
+        super().__init__(in_features, out_features // tp.size, bias, tp)
+
+    def weight_loader(self, param, tensor, shard_id=None):
+        n = param.shape[0]
+        param.copy_(tensor.narrow(0, self.tp.rank * n, n))
+
+
+class RowParallelLinear(ReplicatedLinear):
+    """Input features split over the ranks; the partial products are summed over them (the bias added once)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: Group):
+        super().__init__(in_features // tp.size, out_features, bias, tp)
+        self.reduce = tp.size > 1
+
+    def weight_loader(self, param, tensor, shard_id=None):
+        if param.dim() == 1:  # the bias is whole on every rank
+            return param.copy_(tensor)
+        n = param.shape[1]
+        param.copy_(tensor.narrow(1, self.tp.rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reduce:
+            return matmul(x, self.weight, self.bias)
+        y = self.tp.all_reduce(matmul(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class QKVLinear(ReplicatedLinear):
+    """q, k, v stacked: this rank's q heads, then its k heads, then its v heads. With fewer KV heads than ranks,
+    each KV head is held by tp / num_kv_heads ranks (those whose q heads read it)."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: Group):
+        self.num_heads = num_heads // tp.size
+        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        self.first_kv_head = tp.rank * num_kv_heads // tp.size
+        self.head_dim = head_dim
+        super().__init__(hidden, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias, tp)
+
+    def weight_loader(self, param, tensor, shard_id=None):
+        d, q, kv = self.head_dim, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            dst, src = param.narrow(0, 0, q), tensor.narrow(0, self.tp.rank * q, q)
+        else:
+            dst = param.narrow(0, q if shard_id == "k" else q + kv, kv)
+            src = tensor.narrow(0, self.first_kv_head * d, kv)
+        dst.copy_(src)
+
+
+class GateUpLinear(ColumnParallelLinear):
+    """gate and up stacked [gate shard; up shard], column-parallel; forward returns silu(gate) * up."""
+
+    def __init__(self, hidden: int, intermediate: int, tp: Group):
+        super().__init__(hidden, 2 * intermediate, False, tp)
+
+    def weight_loader(self, param, tensor, shard_id=None):
+        n = param.shape[0] // 2
+        param.narrow(0, shard_id * n, n).copy_(tensor.narrow(0, self.tp.rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gated_matmul(x, self.weight)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding, and as `logits` the LM head (tied or not): vocab rows split over the ranks, padded up to a
+    multiple of them. Embedding: each rank looks up the ids it holds, zeros elsewhere, all-reduce. Logits: each
+    rank its slice of the vocab, gathered."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: Group):
+        super().__init__()
+        self.tp, self.vocab_size = tp, vocab_size
+        self.rows = math.ceil(vocab_size / tp.size)
+        self.start = tp.rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden))
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param, tensor, shard_id=None):
+        n = max(0, min(self.rows, self.vocab_size - self.start))  # the last ranks' rows run past the vocab
+        param[n:].zero_()
+        if n:
+            param[:n].copy_(tensor.narrow(0, self.start, n))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.rows)
+        x = F.embedding(local.clamp(0, self.rows - 1), self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)
+        return self.tp.all_reduce(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [R, H] -> logits [R, vocab_size] on every rank."""
+        if self.tp.size == 1:
+            return matmul(hidden, self.weight)
+        return self.tp.all_gather(matmul(hidden, self.weight))[:, : self.vocab_size]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Normalise x; with `residual`, first add it and also return the sum as the next residual."""
+        if small_batch.on(x) and x.dim() == 2:  # one Triton kernel in one- and two-row decode graphs
+            return small_batch.rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+            residual = x
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = xf.to(x.dtype) * self.weight
+        return out if residual is None else (out, residual)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind is None:
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, blend in between.
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return torch.where(medium, blended, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style RoPE (rotate halves) from a cos/sin table indexed by position."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), rope_inv_freq(head_dim, theta, scaling))
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1).float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """Rotated q [T, H, D] and k [T, Hkv, D]."""
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
+        if small_batch.on(q):  # one- and two-row decode graphs: as views of one tensor, one kernel, not two
+            return self._rotate(torch.cat([q, k], 1), cos, sin).split([q.shape[1], k.shape[1]], 1)
+        # Elsewhere q stays contiguous for the attention kernel: doing this everywhere cost the offline recipe 5%.
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)

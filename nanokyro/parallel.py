@@ -1,0 +1,439 @@
+"""Tensor and pipeline parallelism on torch.distributed: which shard of the model a rank holds, the process
+groups and collectives, and the worker processes.
+
+World = pp * tp ranks; rank = stage * tp + tp_rank. Rank 0 (stage 0, TP rank 0) runs the scheduler and the
+sampler. Every step it broadcasts the step's plan (msgspec bytes, as a uint8 tensor over a gloo group) to the
+other ranks, which run their shard of the same step: TP ranks all-reduce inside the layers (layers.py), a
+pipeline stage receives the hidden states and residual of the stage before and sends its own to the next, and
+the last stage sends the sampled rows' logits to rank 0. Rank 0 alone samples. A step whose input ids read the
+step before's tokens while they are still on their way to the host (placeholders) sends those tokens from rank 0
+to the other ranks of stage 0 right after its plan.
+
+Ranks start either as processes that rank 0 spawns (one node: `LLM(..., tensor_parallel_size=N)`), or all at once
+under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), where ranks > 0 serve until rank 0 stops.
+Backends: NCCL on CUDA, gloo on CPU; the plan always travels over gloo (a CPU tensor).
+
+A worker that dies closes its sockets: gloo then fails rank 0's next collective at once, and a watcher thread on
+rank 0 names the worker and its exit code (and on NCCL aborts the groups, whose collectives would otherwise
+wait for their timeout). Every collective failure after that is a `WorkerError`.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanokyro.config import EngineConfig, ModelConfig
+
+log = logging.getLogger("nanokyro.parallel")
+
+# Workers wait for the next plan as long as the server idles: the control group's collectives never time out.
+IDLE_TIMEOUT = datetime.timedelta(days=365)
+START_TIMEOUT = datetime.timedelta(minutes=5)  # for spawned workers to reach the rendezvous
+JOIN_TIMEOUT_S = 5.0
+
+
+class WorkerError(RuntimeError):
+    """A rank other than this one died or failed: the engine cannot step any more."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The part of the model a rank holds: its TP slice of every layer of its pipeline stage."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+
+    def layers(self, num_layers: int) -> range:
+        """This stage's layers: contiguous, the first `num_layers % pp_size` stages one longer."""
+        base, extra = divmod(num_layers, self.pp_size)
+        start = self.pp_rank * base + min(self.pp_rank, extra)
+        return range(start, start + base + (self.pp_rank < extra))
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def num_heads(self, cfg: ModelConfig) -> int:
+        return cfg.num_heads // self.tp_size
+
+    def num_kv_heads(self, cfg: ModelConfig) -> int:
+        return max(1, cfg.num_kv_heads // self.tp_size)
+
+
+def check(cfg: EngineConfig, model_cfg: ModelConfig) -> None:
+    """Refuse, before any process starts, a layout the model or the machine cannot take."""
+    tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
+    if model_cfg.num_heads % tp:
+        raise ValueError(f"tensor_parallel_size {tp} does not divide the model's {model_cfg.num_heads} attention heads")
+    kv = model_cfg.num_kv_heads
+    if kv % tp and tp % kv:
+        raise ValueError(f"tensor_parallel_size {tp} and the model's {kv} KV heads: one must divide the other")
+    if model_cfg.intermediate_size % tp:
+        raise ValueError(f"tensor_parallel_size {tp} does not divide the MLP's {model_cfg.intermediate_size} features")
+    if pp > model_cfg.num_layers:
+        raise ValueError(f"pipeline_parallel_size {pp} is deeper than the model's {model_cfg.num_layers} layers")
+    if cfg.torch_device().type == "cuda":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", tp * pp))
+        if local > torch.cuda.device_count():
+            raise ValueError(f"{local} ranks on this node but only {torch.cuda.device_count()} GPUs")
+
+
+# -- collectives; as custom ops under torch.compile, so a TP forward stays one graph and CUDA graphs capture them -
+
+_process_groups: dict[int, dist.ProcessGroup] = {}
+_handles = itertools.count()
+
+
+def all_reduce(x: torch.Tensor, pg: dist.ProcessGroup) -> torch.Tensor:
+    out = x.clone()
+    dist.all_reduce(out, group=pg)
+    return out
+
+
+def all_gather(x: torch.Tensor, pg: dist.ProcessGroup, size: int) -> torch.Tensor:
+    """x [R, n] of each of `size` ranks -> [size * R, n], rank by rank."""
+    out = x.new_empty(size * x.shape[0], x.shape[1])
+    dist.all_gather_single(out, x.contiguous(), group=pg)
+    return out
+
+
+@torch.library.custom_op("nanokyro::all_reduce", mutates_args=())
+def _all_reduce(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return all_reduce(x, _process_groups[handle])
+
+
+@_all_reduce.register_fake
+def _(x, handle):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("nanokyro::all_gather", mutates_args=())
+def _all_gather(x: torch.Tensor, handle: int, size: int) -> torch.Tensor:
+    return all_gather(x, _process_groups[handle], size)
+
+
+@_all_gather.register_fake
+def _(x, handle, size):
+    return x.new_empty(size * x.shape[0], x.shape[1])
+
+
+class Group:
+    """The ranks that one layer is split over (this rank's TP group). Size 1: no process group, no collectives."""
+
+    def __init__(self, rank: int = 0, size: int = 1, pg: dist.ProcessGroup | None = None):
+        self.rank, self.size, self.pg = rank, size, pg
+        self.handle = next(_handles)
+        if pg is not None:
+            _process_groups[self.handle] = pg
+
+    # Eager code calls torch.distributed directly: a custom op's first call costs seconds on the CPU.
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.nanokyro.all_reduce(x, self.handle)
+        return all_reduce(x, self.pg)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [R, n] -> [R, size * n]: every rank's columns side by side, in rank order."""
+        R, n = x.shape
+        if torch.compiler.is_compiling():
+            out = torch.ops.nanokyro.all_gather(x, self.handle, self.size)  # [size * R, n]
+        else:
+            out = all_gather(x, self.pg, self.size)
+        return out.view(self.size, R, n).transpose(0, 1).reshape(R, self.size * n)
+
+
+SINGLE = Group()
+
+
+# -- this rank's place in the world --------------------------------------------------------------------------
+
+
+class Parallel:
+    """One rank's shard, device and groups, and what it sends to and receives from the others per step. On rank 0
+    of a world > 1 it also holds the spawned workers (None under torchrun)."""
+
+    def __init__(self, shard: Shard, device: torch.device, rank: int = 0, world_size: int = 1,
+                 tp: Group = SINGLE, control: dist.ProcessGroup | None = None, workers: Workers | None = None):  # fmt: skip
+        self.shard, self.device, self.rank, self.world_size = shard, device, rank, world_size
+        self.tp, self.control, self.workers = tp, control, workers
+        self.failure: str | None = None  # set once a collective failed: every later step fails at once
+        self.closed = False
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Turn a collective's failure into a WorkerError naming what died; refuse to run after one."""
+        if self.failure is None and self.workers is not None:
+            self.failure = self.workers.failure
+        if self.failure is not None:
+            raise WorkerError(self.failure)
+        try:
+            yield
+        except Exception as e:  # a collective failed, or this rank failed mid-step: the ranks are out of step
+            dead = self.workers.wait_failure(1.0) if self.workers is not None else None
+            self.failure = dead or f"a step failed part-way and left the ranks out of step: {e!r}"
+            raise WorkerError(self.failure) from e
+
+    # The plan: bytes, broadcast from rank 0 over the gloo control group (size first; -1 means stop).
+
+    def send_plan(self, data: bytes | None) -> None:
+        size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64)
+        dist.broadcast(size, 0, group=self.control)
+        if data is not None:
+            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=self.control)
+
+    def recv_plan(self) -> bytes | None:
+        size = torch.empty(1, dtype=torch.int64)
+        dist.broadcast(size, 0, group=self.control)
+        if size.item() < 0:
+            return None
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(data, 0, group=self.control)
+        return data.numpy().tobytes()
+
+    def min(self, value: int) -> int:
+        """The minimum of `value` over all ranks (the KV cache every rank can hold)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return int(t.item())
+
+    def broadcast_tokens(self, tokens: torch.Tensor) -> None:
+        """Rank 0's sampled tokens to the other ranks of stage 0 (in place on them), for their next input ids."""
+        if self.shard.tp_size > 1:
+            dist.broadcast(tokens, 0, group=self.tp.pg)
+
+    # Pipeline stages: the same TP rank of the next / previous stage; logits from the last stage to rank 0.
+
+    def send_hidden(self, x: torch.Tensor, residual: torch.Tensor) -> None:
+        dist.send(torch.stack([x, residual]).contiguous(), self.rank + self.shard.tp_size)
+
+    def recv_hidden(self, num_tokens: int, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        buf = torch.empty(2, num_tokens, hidden, dtype=dtype, device=self.device)
+        dist.recv(buf, self.rank - self.shard.tp_size)
+        return buf[0], buf[1]
+
+    @property
+    def sends_logits(self) -> bool:
+        """The rank that hands the logits to rank 0 in a pipeline: TP rank 0 of the last stage."""
+        return self.shard.pp_size > 1 and self.shard.last_stage and self.shard.tp_rank == 0
+
+    def send_logits(self, logits: torch.Tensor) -> None:
+        dist.send(logits.contiguous(), 0)
+
+    def recv_logits(self, rows: int, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = torch.empty(rows, vocab, dtype=dtype, device=self.device)
+        dist.recv(buf, self.world_size - self.shard.tp_size)
+        return buf
+
+    def close(self, abort: bool = False) -> None:
+        """Rank 0: stop the other ranks (a stop plan; with `abort`, e.g. mid start-up, kill the spawned ones at
+        once), wait for the spawned ones, leave no process behind. Idempotent."""
+        if self.world_size == 1 or self.closed:
+            return
+        self.closed = True
+        if self.workers is not None:
+            self.workers.closing = True  # their exits from now on are expected
+        if self.failure is None and not abort:
+            with contextlib.suppress(Exception):
+                self.send_plan(None)
+        if self.workers is not None:
+            self.workers.close(timeout=0 if abort else JOIN_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def _init(cfg: EngineConfig, rank: int, world_size: int, local_rank: int, store: dist.Store | None = None,
+          workers: Workers | None = None) -> Parallel:  # fmt: skip
+    """Join the world (through `store`, or torchrun's env://) and build this rank's groups; every rank makes the
+    same groups in the same order."""
+    device = cfg.torch_device()
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=None if store else "env://", store=store, rank=rank,
+                            world_size=world_size, timeout=IDLE_TIMEOUT,
+                            device_id=device if backend == "nccl" else None)  # fmt: skip
+    tp_size = cfg.tensor_parallel_size
+    stage, tp_rank = divmod(rank, tp_size)
+    tp_pg = None
+    for s in range(cfg.pipeline_parallel_size):
+        pg = dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) if tp_size > 1 else None
+        if s == stage:
+            tp_pg = pg
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if backend == "nccl" else dist.group.WORLD
+    shard = Shard(tp_rank, tp_size, stage, cfg.pipeline_parallel_size)
+    tp = Group(tp_rank, tp_size, tp_pg) if tp_size > 1 else SINGLE
+    return Parallel(shard, device, rank, world_size, tp, control, workers)
+
+
+def torchrun_rank() -> int | None:
+    """This process's rank when torchrun started it (RANK and WORLD_SIZE set), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"])
+    return None
+
+
+def start(cfg: EngineConfig) -> Parallel:
+    """Rank 0's start: check the layout, then start the other ranks (or, under torchrun, meet them). A torchrun
+    rank > 0 that gets here serves as a worker and exits when rank 0 stops."""
+    if cfg.tensor_parallel_size < 1 or cfg.pipeline_parallel_size < 1:
+        raise ValueError("tensor_parallel_size and pipeline_parallel_size must be at least 1")
+    world_size = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    if world_size == 1:
+        return Parallel(Shard(), cfg.torch_device())
+    from nanokyro.loader import read_config  # the loader builds models of layers that import this module
+
+    check(cfg, read_config(cfg))
+    rank = torchrun_rank()
+    if rank is not None:
+        if int(os.environ["WORLD_SIZE"]) != world_size:
+            raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} ranks; the layout needs {world_size} "
+                             f"(tensor_parallel_size {cfg.tensor_parallel_size} x pipeline_parallel_size "
+                             f"{cfg.pipeline_parallel_size})")  # fmt: skip
+        if rank > 0:
+            serve_worker(cfg)
+            sys.exit(0)
+        return _init(cfg, 0, world_size, int(os.environ.get("LOCAL_RANK", 0)))
+    threads = torch.get_num_threads()
+    _share_cores(cfg, world_size)
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=START_TIMEOUT, wait_for_workers=False)
+    workers = Workers(cfg, world_size, store.port, threads)
+    try:
+        workers.wait_started(store)
+        return _init(cfg, 0, world_size, 0, store, workers)
+    except BaseException:
+        workers.close(timeout=0)
+        raise
+
+
+def serve_worker(cfg: EngineConfig) -> None:
+    """A torchrun rank > 0: load this rank's shard and run the steps rank 0 sends, until it stops."""
+    rank = int(os.environ["RANK"])
+    par = _init(cfg, rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    _serve(cfg, par)
+
+
+def _serve(cfg: EngineConfig, par: Parallel) -> None:
+    from nanokyro.runner import ModelRunner  # the runner imports this module
+
+    runner = ModelRunner(cfg, parallel=par)
+    try:
+        runner.serve()
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def _share_cores(cfg: EngineConfig, world_size: int) -> None:
+    """On the CPU, the ranks of one node split its cores: more threads would spin against each other."""
+    if cfg.torch_device().type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
+def _worker_main(cfg_json: bytes, rank: int, world_size: int, port: int) -> None:
+    """Entry point of a spawned worker process."""
+    import msgspec
+
+    cfg = msgspec.json.decode(cfg_json, type=EngineConfig)
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
+    _share_cores(cfg, world_size)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=START_TIMEOUT)
+        store.set(f"started/{rank}", "1")
+        _serve(cfg, _init(cfg, rank, world_size, rank, store))
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # no atexit handlers: they could wait on the groups of a world that is gone
+    os._exit(0)
+
+
+class Workers:
+    """Rank 0's handle on the worker processes it spawned (ranks 1..world-1), and a thread that watches them."""
+
+    def __init__(self, cfg: EngineConfig, world_size: int, port: int, threads: int):
+        import msgspec
+
+        self.threads = threads  # rank 0's torch threads before it shared the cores, given back on close
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        cfg_json = msgspec.json.encode(cfg)
+        self.procs = [ctx.Process(target=_worker_main, args=(cfg_json, r, world_size, port), daemon=True,
+                                  name=f"nanokyro-rank{r}") for r in range(1, world_size)]  # fmt: skip
+        for p in self.procs:
+            p.start()
+        self.closing = False
+        self.dead: multiprocessing.Process | None = None  # the first that exited before close
+        self._died = threading.Event()
+        self._nccl = cfg.torch_device().type == "cuda"
+        threading.Thread(target=self._watch, name="nanokyro-workers", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Wait on the processes' sentinels. Never reaps them (join, exitcode): two threads reaping one child
+        race, and the loser sees it alive for ever. The caller's thread reads the exit code."""
+        sentinels = {p.sentinel: p for p in self.procs}
+        while sentinels:
+            for s in multiprocessing.connection.wait(list(sentinels)):
+                p = sentinels.pop(s)
+                if not self.closing and self.dead is None:
+                    self.dead = p
+                    self._died.set()
+                    if self._nccl:  # NCCL collectives would wait for their timeout: abort them now
+                        with contextlib.suppress(Exception):
+                            dist.distributed_c10d._abort_process_group()
+
+    @property
+    def failure(self) -> str | None:
+        p = self.dead
+        if p is None:
+            return None
+        p.join(1.0)
+        msg = (f"worker {p.name} (pid {p.pid}) exited with code {p.exitcode}; the engine cannot step without it "
+               f"(its traceback, if any, is above)")  # fmt: skip
+        log.error(msg)
+        return msg
+
+    def wait_started(self, store: dist.TCPStore) -> None:
+        """Wait until every worker has reached the rendezvous store, watching them meanwhile: one that dies on
+        its way (an import error, say) fails the start at once, where joining the group would wait it out."""
+        keys = [f"started/{r}" for r in range(1, len(self.procs) + 1)]
+        deadline = time.monotonic() + START_TIMEOUT.total_seconds()
+        while not store.check(keys):
+            if self.dead is not None:
+                raise WorkerError(self.failure)
+            if time.monotonic() > deadline:
+                raise WorkerError(f"the workers did not start within {START_TIMEOUT}")
+            time.sleep(0.02)
+
+    def wait_failure(self, timeout: float) -> str | None:
+        """The failure once the watcher has seen it (a collective can fail a moment before the process exits)."""
+        self._died.wait(timeout)
+        return self.failure
+
+    def close(self, timeout: float) -> None:
+        self.closing = True
+        torch.set_num_threads(self.threads)
+        for p in self.procs:
+            p.join(timeout)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join()

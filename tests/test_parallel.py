@@ -1,0 +1,297 @@
+"""Tensor and pipeline parallelism on the CPU (gloo): every layout gives one process's greedy tokens and HF's
+logits, through chunked prefill, the prefix cache and preemption; checkpoints load sharded; a dead worker fails
+the engine at once with a clear error, and closing leaves no process."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import assert_no_leak, build_tiny_model
+from nanokyro import LLM, SamplingParams
+from nanokyro.config import EngineConfig, ModelConfig
+from nanokyro.loader import load
+from nanokyro.parallel import Group, Shard, WorkerError, check
+from nanokyro.runner import kv_bytes_per_page
+
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
+PAGES = 24  # per rank: room for about two of the longest sequences at once, so the scheduler preempts
+
+
+def random_prompts(lens, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 384) for _ in range(n)] for n in lens]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def model(request, tmp_path_factory):
+    """A tiny model with HF's greedy tokens for prompts that share prefixes, and HF itself."""
+    path = build_tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    base = random_prompts([150, 100, 40, 3], seed=5)
+    prompts = base + [base[0][:120] + [7, 8, 9], base[2] + [11] * 30]  # cached prefixes of the first and third
+    refs = [hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist() for p in prompts]
+    return path, hf, prompts, refs
+
+
+def make_llm(path, tp, pp, **kw):
+    shard = Shard(0, tp, 0, pp)  # every rank of these layouts holds the same number of layers and KV heads
+    page_bytes = kv_bytes_per_page(ModelConfig.from_dir(path), 16, torch.float32, shard)
+    opts = dict(dtype="float32", max_num_batched_tokens=24, max_num_seqs=8, kv_cache_memory=PAGES * page_bytes,
+                tensor_parallel_size=tp, pipeline_parallel_size=pp)  # fmt: skip
+    return LLM(path, **{**opts, **kw})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_gives_one_process_greedy_tokens_and_hf_logits(model, layout):
+    path, hf, prompts, refs = model
+    llm = make_llm(path, *LAYOUTS[layout])
+    try:
+        engine = llm.engine
+        assert engine.num_pages == PAGES
+        # Logits of a prefill step's sampled rows (each prompt's last token) against HF.
+        logit_prompts = random_prompts([5, 1, 12], seed=6)
+        for p in logit_prompts:
+            engine.add_request(p, SamplingParams(max_tokens=1))
+        batch = engine.scheduler.schedule()
+        assert batch.num_new == [5, 1, 12]
+        logits = engine.runner.forward(batch)
+        for row, p in zip(logits, logit_prompts):
+            torch.testing.assert_close(row, hf(torch.tensor([p])).logits[0, -1], atol=1e-4, rtol=1e-4)
+        engine.fail_all()
+        # Greedy tokens, with prompts chunked (24-token steps), prefixes cached, sequences preempted.
+        outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+        assert [o.token_ids for o in outs] == refs
+        assert engine.scheduler.num_preemptions > 0
+        assert engine.stats().prefix_cache_hit_tokens > 0
+        assert_no_leak(llm)
+    finally:
+        llm.close()
+    assert not multiprocessing.active_children()
+
+
+def test_a_step_split_into_micro_batches_gives_the_whole_steps_logits(llama_dir):
+    """What pipeline stages overlap: a step's attention rows cut into micro-batches, each run on its own."""
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, max_num_batched_tokens=64, max_num_seqs=8)
+    engine, runner = llm.engine, llm.engine.runner
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.step()
+    engine.finish_in_flight()  # a decode from now on
+    for p in random_prompts([30, 9, 2], seed=7):
+        engine.add_request(p, SamplingParams(max_tokens=2))
+    batch = engine.scheduler.schedule()
+    assert batch.num_new == [1, 30, 9, 2]
+    plan = runner.plan(batch)
+
+    def logits(plan):
+        input_ids, positions, meta, rows = runner.load(plan)
+        runner.attn.plan(meta)
+        return runner.model.compute_logits(runner.model(input_ids, positions, runner.attn)[rows])
+
+    with torch.inference_mode():
+        whole = logits(plan)
+        parts = plan.split(3)
+        assert [p.q_lens for p in parts] == [[1, 30], [9], [2]]  # 42 tokens: cut after 14 and 28 of them
+        torch.testing.assert_close(torch.cat([logits(p) for p in parts]), whole, atol=1e-5, rtol=1e-5)
+    assert plan.split(1) == [plan] and len(plan.split(8)) <= 4  # never more micro-batches than rows
+    engine.fail_all()
+    assert_no_leak(llm)
+
+
+def test_a_dead_worker_fails_the_engine_fast_and_close_leaves_no_process(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
+    workers = llm.engine.runner.parallel.workers.procs
+    try:
+        assert llm.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+        os.kill(workers[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=r"nanokyro-rank1 .* exited with code -9"):
+            llm.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0))
+        with pytest.raises(WorkerError, match="exited with code -9"):  # and every step after it, at once
+            llm.generate([5, 6], SamplingParams(max_tokens=4, temperature=0))
+        assert time.monotonic() - start < 5
+    finally:
+        llm.close()
+    assert not any(p.is_alive() for p in workers) and not multiprocessing.active_children()
+
+
+def test_a_worker_that_dies_while_starting_fails_the_start_fast(llama_dir):
+    result = {}
+
+    def start():
+        try:
+            result["llm"] = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
+        except Exception as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    while not (children := multiprocessing.active_children()):
+        time.sleep(0.01)
+    os.kill(children[0].pid, signal.SIGKILL)  # before it joins the group, or while it loads: either must fail fast
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert isinstance(result.get("error"), WorkerError) and "exited with code -9" in str(result["error"])
+    assert not multiprocessing.active_children()
+
+
+def test_layouts_the_model_or_machine_cannot_take_are_refused_before_anything_starts(llama_dir):
+    mc = ModelConfig.from_dir(llama_dir)  # 4 heads, 2 KV heads, 2 layers
+    for opts, message in [
+        (dict(tensor_parallel_size=3), "tensor_parallel_size 3 does not divide the model's 4 attention heads"),
+        (dict(pipeline_parallel_size=3), "pipeline_parallel_size 3 is deeper than the model's 2 layers"),
+        (dict(tensor_parallel_size=2, device="cuda"), "2 ranks on this node but only 0 GPUs"),
+    ]:
+        if "device" in opts and torch.cuda.is_available():
+            continue
+        with pytest.raises(ValueError, match=message):
+            check(EngineConfig(model=llama_dir, **opts), mc)
+    with pytest.raises(ValueError, match="does not divide"):
+        LLM(llama_dir, tensor_parallel_size=3)
+    assert not multiprocessing.active_children()
+
+
+# -- sharded loading, in one process: each rank's shard of the checkpoint, and nothing more --------------------
+
+
+def expected_shard(state: dict[str, torch.Tensor], mc: ModelConfig, shard: Shard) -> dict[str, torch.Tensor]:
+    """What each parameter of `shard` must hold, sliced by hand from the full HF tensors."""
+    tp, r, d = shard.tp_size, shard.tp_rank, mc.head_dim
+    hq, hkv = mc.num_heads // tp, max(1, mc.num_kv_heads // tp)
+    kv0 = r * mc.num_kv_heads // tp  # with fewer KV heads than ranks, rank r reads KV head r // (tp // kv)
+    inter = mc.intermediate_size // tp
+    rows = -(-mc.vocab_size // tp)
+
+    def vocab(w):
+        part = w[r * rows: (r + 1) * rows]
+        return torch.cat([part, part.new_zeros(rows - len(part), *w.shape[1:])])
+
+    want = {}
+    layers = shard.layers(mc.num_layers)
+    for local, i in enumerate(layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{local}."
+        q, k, v = (state[hf + f"self_attn.{n}_proj.weight"] for n in "qkv")
+        want[ours + "self_attn.qkv_proj.weight"] = torch.cat(
+            [q[r * hq * d: (r + 1) * hq * d], k[kv0 * d: (kv0 + hkv) * d], v[kv0 * d: (kv0 + hkv) * d]])
+        if mc.qkv_bias:
+            q, k, v = (state[hf + f"self_attn.{n}_proj.bias"] for n in "qkv")
+            want[ours + "self_attn.qkv_proj.bias"] = torch.cat(
+                [q[r * hq * d: (r + 1) * hq * d], k[kv0 * d: (kv0 + hkv) * d], v[kv0 * d: (kv0 + hkv) * d]])
+        o = state[hf + "self_attn.o_proj.weight"]
+        want[ours + "self_attn.o_proj.weight"] = o[:, r * hq * d: (r + 1) * hq * d]
+        gate, up = state[hf + "mlp.gate_proj.weight"], state[hf + "mlp.up_proj.weight"]
+        want[ours + "mlp.gate_up_proj.weight"] = torch.cat([gate[r * inter: (r + 1) * inter],
+                                                            up[r * inter: (r + 1) * inter]])  # fmt: skip
+        want[ours + "mlp.down_proj.weight"] = state[hf + "mlp.down_proj.weight"][:, r * inter: (r + 1) * inter]
+        for norm in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
+            if hf + norm + ".weight" in state:
+                want[ours + norm + ".weight"] = state[hf + norm + ".weight"]
+    if shard.first_stage:
+        want["embed_tokens.weight"] = vocab(state["model.embed_tokens.weight"])
+    if shard.last_stage:
+        want["norm.weight"] = state["model.norm.weight"]
+        if not (mc.tie_word_embeddings and shard.first_stage):
+            want["lm_head.weight"] = vocab(state.get("lm_head.weight", state["model.embed_tokens.weight"]))
+    return want
+
+
+def assert_shards_hold_their_slices(cfg: EngineConfig, mc: ModelConfig, state, tp: int, pp: int) -> None:
+    """Every rank's parameters are exactly its slices (hence of the shard's size, not the model's)."""
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            shard = Shard(tp_rank, tp, pp_rank, pp)
+            model = load(cfg, shard, Group(tp_rank, tp), torch.device("cpu"), with_tokenizer=False)[0]
+            params = dict(model.named_parameters())
+            want = expected_shard(state, mc, shard)
+            assert set(params) == set(want)
+            for name, w in want.items():
+                assert params[name].shape == w.shape and torch.equal(params[name], w), name
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", False), ("qwen2", True), ("qwen3", False)])
+def test_safetensors_checkpoint_loads_sharded(arch, tie, tmp_path):
+    path = build_tiny_model(arch, str(tmp_path), tie_word_embeddings=tie)
+    state = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    mc = ModelConfig.from_dir(path)
+    cfg = EngineConfig(model=path, dtype="float32")
+    assert_shards_hold_their_slices(cfg, mc, state, tp=2, pp=2)
+    assert_shards_hold_their_slices(cfg, mc, state, tp=4, pp=1)  # 2 KV heads over 4 ranks: each held twice
+
+
+def test_dummy_weights_are_shards_of_one_model():
+    """Every rank draws its dummy shard from the same full random model: TP changes nothing but the layout."""
+    from conftest import TINY
+    from nanokyro.loader import build_model, dummy_weights, load_weights, wanted
+
+    cpu, f32 = torch.device("cpu"), torch.float32
+    mc = ModelConfig.from_hf({**TINY, "model_type": "qwen2"})
+    state = {("" if n == "lm_head.weight" else "model.") + n: w
+             for n, w in dummy_weights(mc, 0, cpu, f32, lambda name: True)}  # fmt: skip
+    for shard in (Shard(1, 2, 1, 2), Shard(3, 4, 0, 1)):
+        model = build_model(mc, cpu, f32, shard, Group(shard.tp_rank, shard.tp_size))
+        load_weights(model, dummy_weights(mc, 0, cpu, f32, wanted(model)))
+        params = dict(model.named_parameters())
+        for name, w in expected_shard(state, mc, shard).items():
+            assert torch.equal(params[name], w), name
+
+
+def test_gguf_checkpoint_loads_sharded(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+    from test_gguf import gguf_name, llama_cpp_permute, train_byte_level_bpe, write_gguf
+
+    tokens, merges = train_byte_level_bpe()
+    hf_cfg = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    state = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().state_dict()
+    tensors = {}
+    for name, w in state.items():
+        w = w.numpy()
+        if "q_proj" in name or "k_proj" in name:
+            w = llama_cpp_permute(w, 4 if "q_proj" in name else 2)
+        tensors[gguf_name(name)] = (np.ascontiguousarray(w), Q.F32)  # F32: the shards compare exactly
+    path = write_gguf(tmp_path / "tiny.gguf", "llama", {
+        "llama.block_count": 2, "llama.embedding_length": 64, "llama.feed_forward_length": 128,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges, "tokenizer.ggml.eos_token_id": 2,
+    }, tensors)  # fmt: skip
+    cfg = EngineConfig(model=path, dtype="float32")
+    from nanokyro.loader import read_config
+
+    mc = read_config(cfg)
+    assert (mc.num_heads, mc.num_kv_heads, mc.num_layers) == (4, 2, 2)
+    assert_shards_hold_their_slices(cfg, mc, state, tp=2, pp=2)
+    assert_shards_hold_their_slices(cfg, mc, state, tp=4, pp=1)
+
+
+def test_tp2_and_pp2_through_the_multi_process_server_give_one_process_tokens(llama_dir, hf_llama):
+    """The server's engine core (a process of its own) starting its own ranks: greedy text over HTTP equals HF's
+    tokens decoded, for a tensor-parallel and a pipeline-parallel core."""
+    from conftest import ServerThread
+    from nanokyro.server import create_app
+    from nanokyro.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(llama_dir)
+    prompts = random_prompts([150, 40, 3], seed=6)
+    refs = [hf_llama.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]  # fmt: skip
+    for tp, pp in ((2, 1), (1, 2)):
+        cfg = EngineConfig(model=llama_dir, dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=tp,
+                           pipeline_parallel_size=pp)  # fmt: skip
+        srv = ServerThread(create_app(cfg))
+        try:
+            client = srv.client(key="none")
+            for prompt, ref in zip(prompts, refs):
+                out = client.completions.create(model=srv.model, prompt=prompt, max_tokens=12, temperature=0)
+                assert out.choices[0].text == tok.decode(ref) and out.usage.completion_tokens == len(ref), (tp, pp)
+        finally:
+            srv.stop()
