@@ -194,14 +194,20 @@ class CoreClient:
     # -- what the core sends --------------------------------------------------------------------------------
 
     async def _receive(self) -> None:
-        while True:
-            msg = self._decoder.decode(await self._inbox.recv())
-            if isinstance(msg, StepOutputs):
-                self.stats = msg.stats
-                for out in msg.outputs:
-                    self._route(out)
-            elif isinstance(msg, Unhealthy):
-                self._fail(f"the engine is unhealthy: {msg.message}")
+        try:
+            while True:
+                msg = self._decoder.decode(await self._inbox.recv())
+                if isinstance(msg, StepOutputs):
+                    self.stats = msg.stats
+                    for out in msg.outputs:
+                        self._route(out)
+                elif isinstance(msg, Unhealthy):
+                    self._fail(f"the engine is unhealthy: {msg.message}")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # nothing would reach the streams any more: fail them rather than hang
+            log.exception("the frontend's receive loop failed")
+            self._fail(f"the frontend lost the engine core's messages: {e!r}")
 
     def _route(self, out: SeqOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -210,7 +216,12 @@ class CoreClient:
         if out.error is not None:
             stream.put(RequestFailed(out.error))
             return
-        delta, stopped = self._outputs.process(out)
+        try:
+            delta, stopped = self._outputs.process(out)
+        except Exception as e:  # detokenising this request failed: it fails alone
+            log.exception("request %s: processing its output failed", out.request_id)
+            stream.put(RequestFailed(Failure(500, f"processing the output failed: {e!r}")))
+            return
         if stopped:
             self._send(AbortRequest(out.request_id, out.index))
         if delta is not None:
