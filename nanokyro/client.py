@@ -10,9 +10,11 @@ Nothing here imports torch: the frontend process never loads it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,8 +87,9 @@ class CoreClient:
         self._inbox.bind(from_core)
         self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(FromCore)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this process imports
+        # A session (and process group) of its own: a kill reaches the ranks it starts too.
         self.process = subprocess.Popen([sys.executable, "-c", _CORE_MAIN, core_entry, to_core, from_core],
-                                        stdin=subprocess.PIPE, env=env)  # fmt: skip
+                                        stdin=subprocess.PIPE, env=env, start_new_session=True)  # fmt: skip
         self.process.stdin.write(msgspec.msgpack.encode(cfg))
         self.process.stdin.close()
         self.model_name = ""
@@ -156,27 +159,23 @@ class CoreClient:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = self._streams[request_id] = _Stream()
-        self._outputs.add(request_id, prompt_ids, params)
-        self._send(AddRequest(request_id, prompt_ids, params))
         finished = 0  # counted here, as the reader sees them: more may have arrived while it was away
         try:
+            self._outputs.add(request_id, prompt_ids, params)
+            self._send(AddRequest(request_id, prompt_ids, params))
             while finished < params.n:
                 items = await stream.take()
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                    finished += item.finish_reason is not None
-                yield items
+                deltas = [item for item in items if not isinstance(item, BaseException)]
+                finished += sum(d.finish_reason is not None for d in deltas)
+                if deltas:
+                    yield deltas
+                if len(deltas) < len(items) and finished < params.n:  # an error ends what has not finished
+                    raise next(item for item in items if isinstance(item, BaseException))
         finally:
             del self._streams[request_id]
             self._outputs.remove(request_id)
-            if finished < params.n and self.error is None:
+            if finished < params.n:
                 self._send(AbortRequest(request_id))  # the consumer went away: free the pages now
-
-    def abort(self, request_id: str) -> None:
-        """End a request from outside its stream (shutdown): its reader gets the "abort" finishes."""
-        if request_id in self._streams:
-            self._send(AbortRequest(request_id))
 
     def end_all(self, message: str) -> None:
         """End every open stream with an error, and abort its request in the core (a shutdown's grace is over)."""
@@ -189,7 +188,11 @@ class CoreClient:
         return len(self._streams)
 
     def _send(self, msg) -> None:
-        self._outbox.send(self._encoder.encode(msg), zmq.NOBLOCK, copy=False)
+        try:
+            self._outbox.send(self._encoder.encode(msg), zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # no core connected (gone, or not started yet): nothing to tell it
+            if not isinstance(msg, (AbortRequest, Shutdown)):
+                raise EngineDead(self.error or "the engine core is not connected") from None
 
     # -- what the core sends --------------------------------------------------------------------------------
 
@@ -245,16 +248,19 @@ class CoreClient:
     # -- shutdown -------------------------------------------------------------------------------------------
 
     async def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the core (its last message aborts what is left) and wait for its process; kill it if it hangs."""
+        """Stop the core (its last message aborts what is left) and wait for its process; kill it, and the ranks
+        it started, if it hangs, or if it has not finished loading (it reads no message before that)."""
         self._closing = True
-        if self.process.poll() is None:
-            self._send(Shutdown())
-            try:
+        try:
+            if self.process.poll() is None and self._receiver is not None:
+                self._send(Shutdown())
                 await asyncio.to_thread(self.process.wait, timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("the engine core did not stop in %.0f s: killing it", timeout_s)
-                self.process.kill()
-                await asyncio.to_thread(self.process.wait)
+        except subprocess.TimeoutExpired:
+            log.warning("the engine core did not stop in %.0f s: killing it", timeout_s)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # its own process group: the core and the ranks it started
+                os.killpg(self.process.pid, signal.SIGKILL)
+            await asyncio.to_thread(self.process.wait)
         if self._receiver is not None:
             await asyncio.sleep(0.05)  # let the last outputs reach their streams
             self._receiver.cancel()

@@ -5,7 +5,8 @@ A step is pipelined with the device: schedule step n and launch it (model and sa
 runs it, bring step n-1's tokens to the host, check their stops and report them. Step n's tokens stay on the
 device, where step n+1 reads them as input ids; on the host they are placeholders until then. A sequence that
 stops at step n-1 was already scheduled in step n: that extra token is dropped. Rows whose sampling reads the
-host's view of earlier tokens (grammars, penalties) wait for step n-1 before sampling.
+host's view of earlier tokens (grammars, penalties) wait for step n-1 before sampling, and a small step's first
+tokens are read before the next launch (time to first token at low load).
 
 `EngineCore` runs in the offline `LLM`'s process; `run_core` runs it in a process of its own for the server,
 a busy loop with no asyncio that takes `ToCore` messages and answers with one `StepOutputs` per step.
@@ -38,6 +39,7 @@ from nanokyro.scheduler import Scheduler, Sequence, Status
 log = logging.getLogger("nanokyro")
 
 MAX_STEP_FAILURES = 3  # consecutive failed steps after which the core stops stepping and reports itself unhealthy
+EAGER_FIRST_TOKEN_SEQS = 4  # a launched step of at most this many sequences has its first tokens read at once
 
 
 @dataclass
@@ -142,7 +144,9 @@ class EngineCore:
 
     def step(self) -> list[SeqOutput]:
         """Launch the next step, and return what the one before it produced (with `overlap_schedule` off: what
-        this one produced)."""
+        this one produced). A call that finds a small step with first tokens in flight only finishes that step."""
+        if self._first_tokens_in_flight():
+            return self.finish_in_flight()  # published now; the next call launches the next step
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return self.finish_in_flight()
@@ -155,6 +159,15 @@ class EngineCore:
         self._in_flight = _Step(sampled, [s.num_tokens - 1 for s in sampled], sample)
         outs = self._finish(prev) if prev is not None else []
         return outs if self.cfg.overlap_schedule else outs + self.finish_in_flight()
+
+    def _first_tokens_in_flight(self) -> bool:
+        """Whether the launched step holds a request's first token and is small. At low load the host, not the
+        device, is the slower side of a step: launching the next step before reporting that token would delay it
+        by the launch (1.7 ms of time to first token on qwen3-0.6b), so a step() returns it alone. A large batch
+        keeps the overlap: its steps are the device's to wait for."""
+        step = self._in_flight
+        return step is not None and len(step.seqs) <= EAGER_FIRST_TOKEN_SEQS and any(
+            pos == seq.num_prompt_tokens for seq, pos in zip(step.seqs, step.positions))  # fmt: skip
 
     def finish_in_flight(self) -> list[SeqOutput]:
         """Wait for the launched step and return its outputs (the engine is then in step with the host)."""

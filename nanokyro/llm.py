@@ -39,20 +39,26 @@ class LLM:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(p.n for p in params), desc="generate", unit="seq")
-        while self.engine.has_work():
-            for out in self.engine.step():
-                if out.error is not None:
-                    self.engine.fail_all()
-                    raise RuntimeError(f"request {out.request_id} failed: {out.error.message}")
-                delta, stopped = self.outputs.process(out)
-                if stopped:  # a stop string: the core need not run this completion any further
-                    self.engine.abort(out.request_id, out.index)
-                if delta is not None:
-                    results[out.request_id].add(delta)
-                    if bar is not None and delta.finish_reason:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            while self.engine.has_work():
+                for out in self.engine.step():
+                    if out.error is not None:
+                        raise RuntimeError(f"request {out.request_id} failed: {out.error.message}")
+                    delta, stopped = self.outputs.process(out)
+                    if stopped:  # a stop string: the core need not run this completion any further
+                        self.engine.abort(out.request_id, out.index)
+                    if delta is not None:
+                        results[out.request_id].add(delta)
+                        if bar is not None and delta.finish_reason:
+                            bar.update(1)
+        except BaseException:  # an error, or Ctrl-C: nothing of this call stays queued for the next one
+            self.engine.fail_all()
+            for rid in results:
+                self.outputs.remove(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return list(results.values())
 
     def close(self) -> None:

@@ -275,7 +275,8 @@ async def _unless_disconnected(request: Request, awaitable) -> Any:
     finally:
         gone.cancel()
         task.cancel()
-    if not task.done() or task.cancelled():
+        await asyncio.gather(task, return_exceptions=True)  # its cleanup (the abort) done before we go on
+    if task.cancelled():
         raise APIError(499, "the client disconnected")  # nobody is left to read this
     return task.result()
 
@@ -346,6 +347,7 @@ class _Server:
     async def shutdown(self) -> None:
         if self._load_task is not None:
             self._load_task.cancel()
+            await asyncio.gather(self._load_task, return_exceptions=True)  # a core still loading is killed
         if self._drain_task is not None:
             self._drain_task.cancel()
         if self.client is not None:
@@ -664,8 +666,11 @@ class UvicornServer(uvicorn.Server):
             self.should_exit = True
 
     def _drain_then_exit(self) -> None:
-        if self.app_server.draining:  # a second signal: stop now
-            self.force_exit = True
+        if self.app_server.draining:  # a second signal: end the streams now
+            if self.app_server.client is not None:
+                self.app_server.client.end_all("the server is shutting down")
+            self.should_exit = True
+            return
         self.app_server.begin_shutdown(self.grace_s)
         self.app_server._drain_task.add_done_callback(lambda _: setattr(self, "should_exit", True))
 

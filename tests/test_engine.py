@@ -190,6 +190,7 @@ def test_a_step_as_one_attention_row_per_token_gives_the_same_logits(llama_dir):
     engine, runner = llm.engine, llm.engine.runner
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True))
     engine.step()  # a decode from now on
+    engine.finish_in_flight()  # its first token on the host
     engine.add_request(random_prompts([70])[0], SamplingParams(max_tokens=2, ignore_eos=True))
     engine.step()  # 39 of the 70 prompt tokens
     engine.finish_in_flight()

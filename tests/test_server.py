@@ -3,6 +3,7 @@ openai SDK (and httpx where the SDK can't send the bad input); /metrics parsed b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -513,8 +514,12 @@ def test_streams_still_running_when_the_shutdown_grace_ends_get_an_error_event_a
 
 
 def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(c) for c in f.read().split()]
+    """The process's children, whichever of its threads started them."""
+    pids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/children") as f:
+            pids += [int(c) for c in f.read().split()]
+    return pids
 
 
 def start_serve_py(llama_dir, *extra) -> tuple[subprocess.Popen, int, threading.Timer]:
@@ -654,3 +659,27 @@ def test_the_server_gives_token_for_token_what_the_offline_llm_gives(served, cli
     offline = llm.generate(shared + " two", SamplingParams(max_tokens=8, temperature=0))[0]
     assert again.choices[0].text == offline.text
     assert engine_idle(served)
+
+
+def core_processes() -> list[int]:
+    """This process's engine cores (children started for a CoreClient)."""
+    pids = []
+    for pid in children(os.getpid()):
+        with contextlib.suppress(FileNotFoundError):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"nanokyro.core:run_core" in f.read():
+                    pids.append(pid)
+    return pids
+
+
+def test_stopping_a_server_while_its_model_loads_leaves_no_core_behind(llama_dir):
+    before = set(core_processes())
+    srv = ServerThread(make_app(llama_dir), wait_ready=False)
+    deadline = time.monotonic() + 5
+    while not (started := set(core_processes()) - before):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    [core] = started  # importing torch, loading: it reads no message yet
+    srv.stop()
+    assert not srv.thread.is_alive()
+    assert not os.path.exists(f"/proc/{core}"), "the loading core outlived its server"
