@@ -329,11 +329,12 @@ class _Server:
     def start_loading(self) -> None:
         self._load_task = asyncio.create_task(self._load())
 
-    def begin_shutdown(self, grace_s: float) -> None:
-        """Stop admitting; in-flight requests get grace_s to finish, then end with an error."""
-        if not self.draining:
+    def begin_shutdown(self, grace_s: float) -> asyncio.Task:
+        """Stop admitting; in-flight requests get grace_s to finish, then end with an error. Returns that drain."""
+        if self._drain_task is None:
             self.draining = True
             self._drain_task = asyncio.create_task(self._end_streams_after(grace_s))
+        return self._drain_task
 
     async def _end_streams_after(self, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
@@ -671,8 +672,7 @@ class UvicornServer(uvicorn.Server):
                 self.app_server.client.end_all("the server is shutting down")
             self.should_exit = True
             return
-        self.app_server.begin_shutdown(self.grace_s)
-        self.app_server._drain_task.add_done_callback(lambda _: setattr(self, "should_exit", True))
+        self.app_server.begin_shutdown(self.grace_s).add_done_callback(lambda _: setattr(self, "should_exit", True))
 
 
 def free_port() -> int:
@@ -699,10 +699,6 @@ class BackgroundServer:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError(f"the server at {self.url} did not start")
             time.sleep(0.01)
-
-    @property
-    def client_handle(self) -> CoreClient:
-        return self.app.state.server.client
 
     def stop(self) -> None:
         self.server.stop()
