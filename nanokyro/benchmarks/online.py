@@ -120,38 +120,14 @@ def served_model(url: str, api_key: str) -> str:
 # -- one client process --------------------------------------------------------------------------------------
 
 
-async def stream_request(session, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
-    """One streamed completion from the server at `url`, as a record: its send and end times, time to first
-    token, the gap before each later token, and its output tokens; `error` instead of the timings when it fails.
-
-    The SSE body is read line by line, however the bytes were split into network reads: each `data:` event with
-    choices is one token arrival (the server sends one per token; several that arrive together get gaps of ~0),
-    and the token count is the usage chunk's."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+async def timed(receive, max_tokens: int) -> dict:
+    """One streamed completion as a record: its send and end times, time to first token, the gap before each later
+    token, and its output tokens; `error` instead of the timings when it fails. `receive()` sends the request and
+    returns the arrival time of each token and the usage chunk's token count."""
     start = time.perf_counter()
-    arrivals, tokens, done = [], 0, False
     try:
-        async with session.post(f"{url}/v1/completions", json=body) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
-            async for line in resp.content:
-                if not line.startswith(b"data:"):
-                    continue  # the blank line that ends each event
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    raise RuntimeError(f"error event: {event['error'].get('message', event['error'])}")
-                if event.get("choices"):
-                    arrivals.append(time.perf_counter())
-                if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
+        arrivals, tokens = await receive()
         end = time.perf_counter()
-        if not done:
-            raise RuntimeError("the stream ended without [DONE]")
         if tokens != max_tokens or not arrivals:
             raise RuntimeError(f"{tokens} of {max_tokens} tokens in the usage chunk, {len(arrivals)} events")
     except Exception as e:  # noqa: BLE001 -- a failed request is a measurement, not a crash
@@ -160,12 +136,44 @@ async def stream_request(session, url: str, model: str, prompt: list[int], max_t
             "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]}  # fmt: skip
 
 
+async def stream_request(session, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed completion from the server at `url`, over raw SSE, as a `timed` record.
+
+    The SSE body is read line by line, however the bytes were split into network reads: each `data:` event with
+    choices is one token arrival (the server sends one per token; several that arrive together get gaps of ~0),
+    and the token count is the usage chunk's."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+    async def receive() -> tuple[list[float], int]:
+        arrivals, tokens = [], 0
+        async with session.post(f"{url}/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
+            async for line in resp.content:
+                if not line.startswith(b"data:"):
+                    continue  # the blank line that ends each event
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return arrivals, tokens
+                event = json.loads(data)
+                if "error" in event:
+                    raise RuntimeError(f"error event: {event['error'].get('message', event['error'])}")
+                if event.get("choices"):
+                    arrivals.append(time.perf_counter())
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+        raise RuntimeError("the stream ended without [DONE]")
+
+    return await timed(receive, max_tokens)
+
+
 async def stream_request_sdk(client, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
     """The same record through the openai SDK (`--openai-sdk`): the client most users have, with its own
     connection pool; heavier than raw SSE, so it measures the server less and the client more."""
-    start = time.perf_counter()
-    arrivals, tokens = [], 0
-    try:
+
+    async def receive() -> tuple[list[float], int]:
+        arrivals, tokens = [], 0
         stream = await client.completions.create(
             model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})  # fmt: skip
@@ -174,13 +182,9 @@ async def stream_request_sdk(client, url: str, model: str, prompt: list[int], ma
                 arrivals.append(time.perf_counter())
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
-        end = time.perf_counter()
-        if tokens != max_tokens or not arrivals:
-            raise RuntimeError(f"{tokens} of {max_tokens} tokens in the usage chunk, {len(arrivals)} chunks")
-    except Exception as e:  # noqa: BLE001 -- a failed request is a measurement, not a crash
-        return {"start": start, "end": time.perf_counter(), "error": f"{type(e).__name__}: {e}"}
-    return {"start": start, "end": end, "ttft": arrivals[0] - start, "e2e": end - start, "tokens": tokens,
-            "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]}  # fmt: skip
+        return arrivals, tokens
+
+    return await timed(receive, max_tokens)
 
 
 def _session(url: str, api_key: str, sdk: bool):
