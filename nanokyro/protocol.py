@@ -26,6 +26,7 @@ class Message(_Body):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
 
 
 class JSONSchemaFormat(_Body):
@@ -64,6 +65,11 @@ class SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    # Accepted and ignored: they change nothing in what is generated.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
     # Extensions beyond the OpenAI API.
     structured_outputs: StructuredOutputs | None = None
     top_k: int | None = None

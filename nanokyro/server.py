@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Annotated, Any, AsyncIterator, Callable
 
 import jinja2
 import msgspec
@@ -27,7 +27,7 @@ from litestar import Litestar, Request, Response, Router, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import JSONBody
+from litestar.params import JSONBody, PathParameter
 from litestar.response import Stream
 
 from nanokyro.client import CORE_ENTRY, CoreClient, EngineDead, RequestFailed
@@ -35,7 +35,8 @@ from nanokyro.config import EngineConfig
 from nanokyro.metrics import CONTENT_TYPE, Metrics, RequestStats
 from nanokyro.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    Completion, CompletionChoice, CompletionRequest, DeltaMessage, PromptTokensDetails, SamplingFields, Usage,
+    Completion, CompletionChoice, CompletionRequest, DeltaMessage, PromptTokensDetails, SamplingFields, StreamOptions,
+    Usage,
 )  # fmt: skip
 from nanokyro.request import Delta, PromptError, SamplingParams, StructuredOutput, TokenLogprob
 
@@ -440,13 +441,15 @@ class _Server:
         return await _unless_disconnected(request, work())
 
     async def stream(self, request: Request, jobs: list[_Job], request_id: str, admission: _Admission, opening: list,
-                     chunk: Callable[[int, Delta], Any], usage_chunk: Callable[[Usage], Any] | None) -> Stream:  # fmt: skip
+                     chunk: Callable[[int, Delta], Any], usage_chunk: Callable[[Usage], Any],
+                     options: StreamOptions | None) -> Stream:  # fmt: skip
         """An SSE response: `opening` chunks, one chunk per delta (chunk(choice index, delta)): each step's token,
         even one whose text is not out yet (mid-character, or a model without a tokenizer), the usage chunk if asked
-        for, then [DONE]. What arrived together is sent in one write. The response starts once the first tokens
-        are in, so a request the core refuses (an invalid grammar) is still an HTTP error; a later error ends the
-        stream with an error event and [DONE]."""
+        for (with continuous_usage_stats, the usage so far in every chunk too), then [DONE]. What arrived together
+        is sent in one write. The response starts once the first tokens are in, so a request the core refuses (an
+        invalid grammar) is still an HTTP error; a later error ends the stream with an error event and [DONE]."""
         usage = _Usage(jobs)
+        continuous = options is not None and options.continuous_usage_stats
         deltas = self.generate(jobs, request_id, admission)
         try:
             first = await _unless_disconnected(request, anext(deltas))  # a long wait in the queue, perhaps
@@ -455,16 +458,20 @@ class _Server:
             raise
 
         def body(batch) -> bytes:
+            chunks = []
             for k, d in batch:
                 usage.add(k, d)
-            return b"".join(_sse(chunk(jobs[k].first_index + d.index, d)) for k, d in batch)
+                chunks.append(c := chunk(jobs[k].first_index + d.index, d))
+                if continuous:
+                    c.usage = usage.body()
+            return b"".join(map(_sse, chunks))
 
         async def events() -> AsyncIterator[bytes]:
             try:
                 yield b"".join(_sse(c) for c in opening) + body(first)
                 async for batch in deltas:
                     yield body(batch)
-                if usage_chunk is not None:
+                if options is not None and options.include_usage:
                     yield _sse(usage_chunk(usage.body()))
                 yield b"data: [DONE]\n\n"
             except APIError as e:
@@ -518,8 +525,8 @@ class _Server:
 
             roles = [ChatCompletionChunk(**head, choices=[ChatChunkChoice(i, DeltaMessage("assistant", ""))])
                      for i in range(params.n)]  # fmt: skip
-            usage = _usage_chunk(req, lambda u: ChatCompletionChunk(**head, choices=[], usage=u))
-            return await self.stream(request, jobs, head["id"], admission, roles, chunk, usage)
+            usage = lambda u: ChatCompletionChunk(**head, choices=[], usage=u)  # noqa: E731
+            return await self.stream(request, jobs, head["id"], admission, roles, chunk, usage, req.stream_options)
         choices, usage = await self.collect(request, jobs, head["id"], admission)
         return Response(ChatCompletion(**head, usage=usage, choices=[
             ChatChoice(i, AssistantMessage(c.text), logprobs(c.logprobs), c.finish_reason)
@@ -544,8 +551,8 @@ class _Server:
             def chunk(i: int, d: Delta) -> Completion:
                 return Completion(**head, choices=[choice(i, d.text, d.logprobs, d.finish_reason)])
 
-            usage = _usage_chunk(req, lambda u: Completion(**head, choices=[], usage=u))
-            return await self.stream(request, jobs, head["id"], admission, [], chunk, usage)
+            usage = lambda u: Completion(**head, choices=[], usage=u)  # noqa: E731
+            return await self.stream(request, jobs, head["id"], admission, [], chunk, usage, req.stream_options)
         choices, usage = await self.collect(request, jobs, head["id"], admission)
         return Response(Completion(**head, usage=usage, choices=[
             choice(i, c.text, c.logprobs, c.finish_reason) for i, c in enumerate(choices)]))  # fmt: skip
@@ -580,10 +587,6 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]
         await asyncio.gather(*tasks, return_exceptions=True)  # each stream's own cleanup (its abort) has run
 
 
-def _usage_chunk(req: SamplingFields, make: Callable[[Usage], Any]) -> Callable[[Usage], Any] | None:
-    return make if req.stream_options is not None and req.stream_options.include_usage else None
-
-
 def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int = MAX_QUEUE,
                core_entry: str = CORE_ENTRY) -> Litestar:  # fmt: skip
     """The app serving the model `cfg` names. Its engine core starts in a process of its own with the app, and
@@ -608,12 +611,22 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
     async def completions(data: JSONBody[CompletionRequest], request: Request) -> Response:
         return await server.handle(request, CompletionRequest, server.complete)
 
+    def model_card() -> dict:
+        client = server.ready_client()
+        return {"id": client.model_name, "object": "model", "created": 0, "owned_by": "nanokyro",
+                "max_model_len": client.limits.max_model_len}
+
     @get("/models")
     async def models() -> dict:
-        client = server.ready_client()
-        model = {"id": client.model_name, "object": "model", "created": 0, "owned_by": "nanokyro",
-                 "max_model_len": client.limits.max_model_len}  # fmt: skip
-        return {"object": "list", "data": [model]}
+        return {"object": "list", "data": [model_card()]}
+
+    @get("/models/{model_id:path}")
+    async def model(model_id: Annotated[str, PathParameter()]) -> dict:
+        card = model_card()
+        if model_id.lstrip("/") != card["id"]:
+            raise APIError(404, f"the model {model_id.lstrip('/')!r} does not exist; this server serves {card['id']!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+        return card
 
     @get("/health")
     async def health() -> Response:
@@ -625,7 +638,7 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
         body = server.metrics.render() if server.metrics is not None else b""
         return Response(body, media_type=CONTENT_TYPE)
 
-    v1 = Router("/v1", route_handlers=[chat_completions, completions, models], guards=[check_key])
+    v1 = Router("/v1", route_handlers=[chat_completions, completions, models, model], guards=[check_key])
     return Litestar(
         route_handlers=[v1, health, metrics],
         on_startup=[server.start_loading],

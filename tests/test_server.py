@@ -683,3 +683,31 @@ def test_stopping_a_server_while_its_model_loads_leaves_no_core_behind(llama_dir
     srv.stop()
     assert not srv.thread.is_alive()
     assert not os.path.exists(f"/proc/{core}"), "the loading core outlived its server"
+
+
+def test_fields_clients_always_send_are_accepted_and_usage_can_come_with_every_chunk(served, client):
+    """guidellm sends stream_options.continuous_usage_stats; the openai SDK sends user, metadata, store."""
+    chat = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=4, user="u-1",
+                                          metadata={"k": "v"}, store=False, service_tier="auto",
+                                          extra_body={"ignore_eos": True})  # fmt: skip
+    assert chat.usage.completion_tokens == 4
+    out = client.completions.create(model=served.model, prompt="Hi", max_tokens=4, temperature=0, user="u-1",
+                                    extra_body={"ignore_eos": True})  # fmt: skip
+    chunks = list(client.completions.create(model=served.model, prompt="Hi", max_tokens=4, temperature=0, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True},
+                                            extra_body={"ignore_eos": True}))  # fmt: skip
+    assert [c.usage.completion_tokens for c in chunks] == [1, 2, 3, 4, 4]  # then the final usage-only chunk
+    assert chunks[-1].choices == [] and all(c.usage.prompt_tokens == out.usage.prompt_tokens for c in chunks)
+
+
+def test_one_model_by_id_and_a_metrics_content_type_with_one_charset(served, client):
+    import email.message
+
+    assert client.models.retrieve(served.model).id == served.model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-nope")
+    r = httpx.get(f"{served.url}/metrics")
+    header = email.message.Message()
+    header["content-type"] = r.headers["content-type"]
+    assert header.get_content_type() == "text/plain" and header.get_params()[1:] == [("version", "0.0.4"),
+                                                                                     ("charset", "utf-8")]
