@@ -182,8 +182,8 @@ def main(argv=None) -> dict:
         print(f"{num_prompts} requests, {sum(in_lens)} input + {sum(out_lens)} output tokens in {elapsed:.2f} s: "
               f"{result['output_tokens_per_s']:.0f} output tok/s, {result['total_tokens_per_s']:.0f} total tok/s")
         print(f"roofline: {floor['floor_s']:.2f} s (memory {floor['memory_s']:.2f} s for {floor['bytes'] / 1e9:.1f} GB "
-              f"at {machine['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; compute {floor['compute_s']:.2f} s for "
-              f"{floor['flops'] / 1e12:.1f} TFLOP at {machine['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s); "
+              f"at {machine['bandwidth_bytes_per_s'] / 1e12:.3g} TB/s; compute {floor['compute_s']:.2f} s for "
+              f"{floor['flops'] / 1e12:.1f} TFLOP at {machine['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s); "
               f"{result['fraction_of_roofline']:.1%} of roofline")  # fmt: skip
         if peer_s is not None:
             result.update(peer="hf", peer_elapsed_s=peer_s, peer_output_tokens_per_s=sum(out_lens) / peer_s,

@@ -88,7 +88,8 @@ def _field_in(message: str) -> str | None:
 def _http_error(request: Request, exc: HTTPException) -> Response:
     codes = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return _api_error(request, APIError(exc.status_code, exc.detail, kind, code=codes.get(exc.status_code)))
+    return _api_error(request, APIError(exc.status_code, exc.detail, kind, code=codes.get(exc.status_code),
+                                        headers=exc.headers))  # a 405's Allow  # fmt: skip
 
 
 def _not_utf8(request: Request, exc: UnicodeDecodeError) -> Response:

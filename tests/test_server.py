@@ -229,6 +229,12 @@ def test_each_bad_request_maps_to_its_sdk_error_and_the_next_request_succeeds(se
     assert engine_idle(served)
 
 
+def test_wrong_method_is_405_with_allow(served):
+    r = httpx.get(f"{served.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in r.headers["allow"]
+
+
 def test_oversized_body_is_413(served, client):
     r = raw_post(served, "/completions", b'{"model": "m", "prompt": "' + b"a" * MAX_BODY_BYTES + b'"}')
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
