@@ -16,7 +16,6 @@ import json
 import multiprocessing as mp
 import multiprocessing.connection
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from nanokyro.benchmarks.workload import engine_options, hf_config, make_workload
+from nanokyro.server import free_port
 
 REQUEST_TIMEOUT_S = 600.0  # one request, start to last byte; a longer one counts as failed
 STARTUP_TIMEOUT_S = 1800.0  # serve.py loading (and on a GPU compiling) the model
@@ -60,13 +60,6 @@ def serve_flags(opts: dict) -> list[str]:
         else:
             flags += [f"--{name.replace('_', '-')}", str(value)]
     return flags
-
-
-def free_port() -> int:
-    """A loopback port nobody is listening on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServeProcess:
