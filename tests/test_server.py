@@ -571,6 +571,96 @@ def test_serve_py_exits_non_zero_when_its_core_dies(llama_dir):
         assert proc.wait(timeout=30) == 1
 
 
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs_through_the_api(served, client):
+    import json
+    import re
+
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    out = client.chat.completions.create(model=served.model, messages=CHAT, response_format=fmt, max_tokens=80, seed=1)
+    jsonschema.validate(json.loads(out.choices[0].message.content), PERSON)
+    out = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=60, temperature=0,
+                                         response_format={"type": "json_object"})  # fmt: skip
+    assert isinstance(json.loads(out.choices[0].message.content), dict)
+    out = client.completions.create(model=served.model, prompt="Hi", max_tokens=20, stream=True,
+                                    extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}})  # fmt: skip
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", "".join(c.choices[0].text for c in out))
+    out = client.completions.create(model=served.model, prompt="Hi", max_tokens=20,
+                                    extra_body={"structured_outputs": {"choice": ["yes", "no"]}})  # fmt: skip
+    assert out.choices[0].text in ("yes", "no")
+
+
+@pytest.mark.parametrize("body,problem", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}},
+     "invalid json schema"),
+    ({"extra_body": {"structured_outputs": {"regex": "(unclosed"}}}, "invalid regex"),
+    ({"extra_body": {"structured_outputs": {"grammar": "root ::= undefined_rule"}}}, "invalid grammar"),
+    ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "exactly one of"),
+])  # fmt: skip
+def test_invalid_constraints_are_400_and_the_server_keeps_serving(served, client, body, problem):
+    with pytest.raises(openai.BadRequestError, match=problem):
+        client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=5, **body)
+    assert client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=2).choices[0].message
+    assert engine_idle(served)
+
+
+def test_the_server_gives_token_for_token_what_the_offline_llm_gives(served, client, llama_dir):
+    """Greedy requests through the multi-process server, streamed and whole, against `LLM` in this process: the
+    same tokens (their pieces, via logprobs), text and finish reasons, with n=2, a stop string, logprobs, a JSON
+    schema, and a prefix served from the cache."""
+    from nanokyro import LLM, SamplingParams, StructuredOutput
+
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, max_num_seqs=16)
+    tok = llm.tokenizer
+    prompt = "The quick brown fox jumps over the lazy dog. Paris is the capital of"
+    free = llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].text
+    stop = free[len(free) // 2: len(free) // 2 + 2]
+    assert stop.strip()
+    cases = [
+        (dict(max_tokens=24, ignore_eos=True), {}),
+        (dict(max_tokens=16, n=2), {}),
+        (dict(max_tokens=24, ignore_eos=True, stop=[stop]), {}),
+        (dict(max_tokens=40, structured=StructuredOutput(json=PERSON)), {"structured_outputs": {"json": PERSON}}),
+    ]
+    for fields, body in cases:
+        params = SamplingParams(temperature=0, logprobs=2, **fields)
+        want = llm.generate(prompt, params)[0]
+        api = dict(model=served.model, prompt=prompt, temperature=0, max_tokens=fields["max_tokens"],
+                   n=fields.get("n", 1), stop=fields.get("stop"),
+                   extra_body={"ignore_eos": fields.get("ignore_eos", False), **body})  # fmt: skip
+        whole = client.completions.create(**api, logprobs=2)
+        streamed = list(client.completions.create(**api, stream=True))
+        for choice, out in zip(whole.choices, want.outputs):
+            assert choice.text == out.text and choice.finish_reason == out.finish_reason, fields
+            pieces = [tok.decode([t], skip_special_tokens=False) for t in out.token_ids]
+            assert choice.logprobs.tokens == pieces[: len(choice.logprobs.tokens)], fields
+            assert choice.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in out.logprobs][:len(pieces)])
+            text = "".join(c.choices[0].text for c in streamed if c.choices[0].index == choice.index)
+            assert text == out.text, fields
+        assert whole.usage.completion_tokens == sum(len(o.token_ids) for o in want.outputs), fields
+
+    shared = tok.decode(list(range(40, 140)))  # a long prefix: its full pages are cached after the first request
+    first = client.completions.create(model=served.model, prompt=shared + " one", max_tokens=8, temperature=0)
+    again = client.completions.create(model=served.model, prompt=shared + " two", max_tokens=8, temperature=0)
+    assert first.choices and again.usage.prompt_tokens_details.cached_tokens >= 64
+    offline = llm.generate(shared + " two", SamplingParams(max_tokens=8, temperature=0))[0]
+    assert again.choices[0].text == offline.text
+    assert engine_idle(served)
+
+
 def core_processes() -> list[int]:
     """This process's engine cores (children started for a CoreClient)."""
     pids = []
