@@ -97,6 +97,9 @@ class EngineConfig:
     pipeline_parallel_size: int = 1  # stages the layers are split into
     seed: int = 0
     served_model_name: str | None = None
+    max_loras: int = 0  # LoRA adapters resident on the device at once (more may be registered); 0: LoRA off
+    max_lora_rank: int = 64  # the largest adapter rank accepted (the slot buffers' size)
+    lora_modules: dict[str, str] = field(default_factory=dict)  # adapter name -> PEFT directory, registered at start
 
     def torch_device(self):
         import torch  # here, not at the top: the server's frontend process reads this config without torch

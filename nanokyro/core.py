@@ -29,9 +29,11 @@ from nanokyro.config import EngineConfig
 from nanokyro.grammar import GrammarCompiler, accept_tokens
 from nanokyro.radix_cache import RadixCache
 from nanokyro.request import (
-    AbortRequest, AddRequest, EngineStats, Failure, FromCore, Limits, LoadFailed, PromptError, Ready,
-    SamplingParams, SeqOutput, Shutdown, StepOutputs, TokenLogprob, ToCore, Unhealthy,
+    AbortRequest, AdapterReply, AddRequest, EngineStats, Failure, FromCore, Limits, LoadAdapter, LoadFailed,
+    PromptError, Ready, SamplingParams, SeqOutput, Shutdown, StepOutputs, TokenLogprob, ToCore, Unhealthy,
+    UnknownAdapter, UnloadAdapter,
 )  # fmt: skip
+from nanokyro.lora import AdapterError, LoRARegistry
 from nanokyro.runner import ModelRunner
 from nanokyro.sampler import PendingSample, SamplerOutput, make_generator
 from nanokyro.scheduler import Scheduler, Sequence, Status
@@ -55,6 +57,10 @@ class _Step:
     accepted: dict[int, bool] = field(default_factory=dict)
 
 
+class AdapterInUse(RuntimeError):
+    """Unloading an adapter that unfinished requests use (the server answers 409; they are left alone)."""
+
+
 class EngineCore:
     """Owns the model, pages and queues; `step()` advances every scheduled sequence by one step."""
 
@@ -76,7 +82,15 @@ class EngineCore:
         self.limits = Limits(self.max_model_len, mc.vocab_size, self.num_pages, cfg.page_size)
         self.blocks = BlockManager(self.num_pages, cfg.page_size)
         self.cache = RadixCache(self.blocks) if cfg.enable_prefix_caching else None
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs, self.cache)
+        self.loras = None
+        if cfg.max_loras:
+            self.loras = LoRARegistry(cfg.max_loras, cfg.max_lora_rank, mc, host=self.runner.lora_host)
+            for name, path in cfg.lora_modules.items():
+                self.loras.register(name, path)
+        elif cfg.lora_modules:
+            raise ValueError("lora_modules needs max_loras >= 1 (adapters resident on the device at once)")
+        self.lora_requests: dict[str, int] = {}  # adapter name -> requests, since start
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs, self.cache, self.loras)
         self.eos_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, sorted(self.eos_ids))
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
@@ -86,13 +100,35 @@ class EngineCore:
     def ready(self) -> Ready:
         """What the frontend learns at start-up."""
         spec = self.tokenizer.spec() if self.tokenizer is not None else None
-        return Ready(self.model_name, self.limits, spec)
+        return Ready(self.model_name, self.limits, spec, self.adapters(), self.cfg.max_loras)
+
+    # -- LoRA adapters --------------------------------------------------------------------------------------
+
+    def adapters(self) -> list[str]:
+        return list(self.loras.entries) if self.loras is not None else []
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Register a PEFT LoRA directory under `name`; AdapterError (naming what is wrong) if it can't serve."""
+        if self.loras is None:
+            raise AdapterError("LoRA is off: start the engine with max_loras >= 1 (--max-loras)")
+        self.loras.register(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Forget an adapter. UnknownAdapter if it is not loaded; AdapterInUse while a request uses it."""
+        entry = self.loras.entries.get(name) if self.loras is not None else None
+        if entry is None:
+            raise UnknownAdapter(name)
+        if entry.num_requests:
+            raise AdapterInUse(f"the LoRA adapter {name!r} is in use by {entry.num_requests} unfinished request(s)")
+        self.loras.unregister(name)
 
     # -- requests -------------------------------------------------------------------------------------------
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise PromptError (or ValueError for a bad grammar) when the request can't be served."""
         self.limits.validate(prompt_ids, params)
+        if params.lora is not None and (self.loras is None or params.lora not in self.loras.entries):
+            raise UnknownAdapter(params.lora)
         if params.structured is not None:
             self.grammars.compile(params.structured)  # cached; a ValueError names what is wrong in it
 
@@ -107,11 +143,18 @@ class EngineCore:
             raise PromptError(f"request id {request_id!r} is already in use", param="request_id")
         seqs = []
         device = self.runner.device
+        lora = None
+        if params.lora is not None:
+            lora = self.loras.entries.get(params.lora)
+            if lora is None:  # unloaded since it was validated
+                raise UnknownAdapter(params.lora)
+            lora.num_requests += 1
+            self.lora_requests[lora.name] = self.lora_requests.get(lora.name, 0) + 1
         max_len = min(len(prompt_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
         for i in range(params.n):
             gen = make_generator(params.seed + i, device) if params.seed is not None else None
             seq = Sequence(request_id, i, list(prompt_ids), len(prompt_ids), params, max_len, gen,
-                           leader=seqs[0] if seqs else None)  # fmt: skip
+                           leader=seqs[0] if seqs else None, lora=lora)  # fmt: skip
             if params.structured is not None:
                 seq.matcher = self.grammars.matcher(params.structured)  # one per completion
             seqs.append(seq)
@@ -137,8 +180,11 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         sched = self.scheduler
+        loras = self.loras
         return EngineStats(len(sched.running), len(sched.waiting), self.blocks.num_used, self.blocks.num_pages,
-                           sched.num_preemptions, sched.prefix_queried_tokens, sched.prefix_hit_tokens)  # fmt: skip
+                           sched.num_preemptions, sched.prefix_queried_tokens, sched.prefix_hit_tokens,
+                           dict(self.lora_requests), loras.num_resident if loras else 0,
+                           loras.num_loads if loras else 0)  # fmt: skip
 
     # -- the step -------------------------------------------------------------------------------------------
 
@@ -151,7 +197,8 @@ class EngineCore:
         if not batch.seqs:
             return self.finish_in_flight()
         prev = self._in_flight
-        logits = self.runner.forward(batch, prev.sample.tokens if prev is not None else None)
+        loads = self.loras.take_loads() if self.loras is not None else []
+        logits = self.runner.forward(batch, prev.sample.tokens if prev is not None else None, loads)
         if prev is not None and any(s.matcher is not None or s.params.penalised for s in batch.sampled):
             self._receive(prev)  # masks and penalties read step n-1's tokens on the host; its stops can wait
         sample = self.runner.sample(batch, logits)
@@ -234,6 +281,8 @@ class EngineCore:
         seqs = self.requests.get(request_id)
         if seqs is not None and all(s.status is Status.FINISHED for s in seqs):
             del self.requests[request_id]
+            if seqs[0].lora is not None:
+                seqs[0].lora.num_requests -= 1
 
     def close(self) -> None:
         """Stop the other ranks' processes, if any."""
@@ -361,14 +410,37 @@ class CoreLoop:
                 self.outs += self.core.abort(msg.request_id, msg.index)
             elif isinstance(msg, Shutdown):
                 self.stopping = True
+            elif isinstance(msg, (LoadAdapter, UnloadAdapter)):
+                self._send(self._adapter(msg))
+
+    def _adapter(self, msg: LoadAdapter | UnloadAdapter) -> AdapterReply:
+        """Load or unload a LoRA adapter between steps; the reply carries the outcome as an HTTP status."""
+        try:
+            if isinstance(msg, LoadAdapter):
+                self.core.load_lora(msg.name, msg.path)
+            else:
+                self.core.unload_lora(msg.name)
+            status, message = 200, ""
+        except UnknownAdapter as e:
+            status, message = 404, str(e)
+        except AdapterInUse as e:
+            status, message = 409, str(e)
+        except AdapterError as e:
+            status, message = 400, str(e)
+        except Exception as e:
+            log.error("adapter %s failed: %s", msg.name, traceback.format_exc())
+            status, message = 500, f"{type(e).__name__}: {e}"
+        return AdapterReply(msg.reply_id, status, message, self.core.adapters())
 
     def _add(self, msg: AddRequest) -> None:
         if self.unhealthy is not None:
             return self._reject(msg, Failure(503, f"the engine is unhealthy: {self.unhealthy}"))
         try:
             self.core.limits.validate(msg.prompt_ids, msg.params)
+            if msg.params.lora is not None and msg.params.lora not in self.core.adapters():
+                raise UnknownAdapter(msg.params.lora)
         except ValueError as e:
-            return self._reject(msg, Failure(400, str(e)))
+            return self._reject(msg, Failure(getattr(e, "status", 400), str(e)))
         if msg.params.structured is not None:
             future = self.compiler.submit(self.core.grammars.compile, msg.params.structured)
             self.compiling[msg.request_id] = (future, msg)

@@ -10,6 +10,10 @@ Linear kinds, for a layer sharded over `tp` ranks (tp = 1: each is a plain linea
 Each parameter carries a `weight_loader(param, tensor, shard_id=None)` that copies its own shard out of a full
 checkpoint tensor (HF name; shard_id "q"/"k"/"v" or 0/1 for the stacked halves), so the loader never slices.
 
+A linear layer of a decoder layer may also hold LoRA adapters (`lora_a`, `lora_b`: slot buffers that lora.py
+attaches); `forward(x, lora)` then adds each token's adapter delta (`lora` [T]: its slot, -1 none) after the base
+output, before a row-parallel layer's all-reduce.
+
 How a layer multiplies is `matmul` / `gated_matmul` below: a dense matmul, or the Triton GEMV of small_batch.py
 in the one- and two-row decode graphs. Quantised layers will replace these. small_batch's switch is read here
 only, never in model.py.
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokyro import small_batch
+from nanokyro.lora import lora_delta
 from nanokyro.parallel import Group
 
 
@@ -54,8 +59,12 @@ class ReplicatedLinear(nn.Module):
     def weight_loader(self, param: torch.Tensor, tensor: torch.Tensor, shard_id=None) -> None:
         param.copy_(tensor)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
+        return self.add_lora(x, matmul(x, self.weight, self.bias), lora)
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor, lora: torch.Tensor | None) -> torch.Tensor:
+        """y plus the LoRA delta of each token's adapter (none without `lora`)."""
+        return y if lora is None else lora_delta(y, x, self.lora_a, self.lora_b, lora)
 
 
 class ColumnParallelLinear(ReplicatedLinear):
@@ -82,10 +91,10 @@ class RowParallelLinear(ReplicatedLinear):
         n = param.shape[1]
         param.copy_(tensor.narrow(1, self.tp.rank * n, n))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
         if not self.reduce:
-            return matmul(x, self.weight, self.bias)
-        y = self.tp.all_reduce(matmul(x, self.weight))
+            return self.add_lora(x, matmul(x, self.weight, self.bias), lora)
+        y = self.tp.all_reduce(self.add_lora(x, matmul(x, self.weight), lora))
         return y if self.bias is None else y + self.bias
 
 
@@ -120,8 +129,11 @@ class GateUpLinear(ColumnParallelLinear):
         n = param.shape[0] // 2
         param.narrow(0, shard_id * n, n).copy_(tensor.narrow(0, self.tp.rank * n, n))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gated_matmul(x, self.weight)
+    def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
+        if lora is None:
+            return gated_matmul(x, self.weight)
+        gate, up = self.add_lora(x, matmul(x, self.weight), lora).chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,6 +1,8 @@
 """Offline use: the engine core in the caller's process, no IPC. `LLM(model, **engine_options).generate(...)`."""
 from __future__ import annotations
 
+import msgspec
+
 from nanokyro.config import EngineConfig
 from nanokyro.core import EngineCore
 from nanokyro.output import OutputProcessor
@@ -20,12 +22,24 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False):
-        """prompts: a string, a list of token ids, or a list of either. Returns RequestOutputs in input order."""
+    def load_lora(self, name: str, path: str) -> None:
+        """Register a PEFT LoRA directory under `name` (the engine needs max_loras >= 1); lora.AdapterError names
+        what is wrong with one it can't serve."""
+        self.engine.load_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self.engine.unload_lora(name)
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False,
+                 lora: str | None = None):  # fmt: skip
+        """prompts: a string, a list of token ids, or a list of either. Returns RequestOutputs in input order.
+        lora: run every prompt under this adapter (or set SamplingParams.lora per prompt)."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
         params = params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
+        if lora is not None:
+            params = [msgspec.structs.replace(p, lora=lora) for p in params]
         prompts = [self.encode(p) for p in prompts]
         for prompt, p in zip(prompts, params):  # all or nothing: no request is queued if one is bad
             self.engine.validate(prompt, p)

@@ -31,8 +31,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, positions, x, rope: RotaryEmbedding, attn) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, positions, x, rope: RotaryEmbedding, attn, lora=None) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x, lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -40,7 +40,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
         out = attn(self.layer_idx, q, k, v)  # writes k, v into this layer's pages, returns [T, H, D]
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.o_proj(out.reshape(-1, self.q_size), lora)
 
 
 class MLP(nn.Module):
@@ -49,8 +49,8 @@ class MLP(nn.Module):
         self.gate_up_proj = GateUpLinear(cfg.hidden_size, cfg.intermediate_size, tp)  # silu(gate) * up
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
 
-    def forward(self, x):
-        return self.down_proj(self.gate_up_proj(x))
+    def forward(self, x, lora=None):
+        return self.down_proj(self.gate_up_proj(x, lora), lora)
 
 
 class DecoderLayer(nn.Module):
@@ -61,11 +61,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
 
-    def forward(self, positions, x, residual, rope, attn):
+    def forward(self, positions, x, residual, rope, attn, lora=None):
         x, residual = self.input_layernorm(x, residual) if residual is not None else (self.input_layernorm(x), x)
-        x = self.self_attn(positions, x, rope, attn)
+        x = self.self_attn(positions, x, rope, attn, lora)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -86,11 +86,12 @@ class LlamaModel(nn.Module):
             if not cfg.tie_word_embeddings or not shard.first_stage:  # tied: the last stage loads a copy
                 self.lm_head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, intermediate=None):
-        """attn(layer_idx, q, k, v) -> [T, H, D]: the step's attention backend, already planned."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, intermediate=None, lora=None):
+        """attn(layer_idx, q, k, v) -> [T, H, D]: the step's attention backend, already planned. lora [T]: each
+        token's adapter slot (-1: none), or None when no token has one (lora.py)."""
         x, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, self.rope, attn)
+            x, residual = layer(positions, x, residual, self.rope, attn, lora)
         if self.norm is None:
             return x, residual
         x, _ = self.norm(x, residual)

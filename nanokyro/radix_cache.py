@@ -1,5 +1,8 @@
 """Prefix cache: a radix tree over token ids whose nodes own KV pages, so shared prefixes are computed once.
 
+Sequences under different LoRA adapters never share KV: each adapter registration has a tree of its own (a
+root per `namespace`, 0 for the base model).
+
 Each edge is one full page of tokens (the tree is page-aligned: a partly filled page is never shared), and
 each node owns the page holding that chunk's KV. A node's page is only valid after its ancestors' pages, so
 a sequence that uses a node also holds every ancestor: it matched (or computed) the whole prefix.
@@ -35,6 +38,7 @@ class RadixCache:
     def __init__(self, blocks: BlockManager):
         self.blocks, self.page_size = blocks, blocks.page_size
         self.root = Node((), -1, None)
+        self._roots = {0: self.root}  # namespace (LoRA adapter key; 0: none) -> its tree's root
         self._node_of: dict[int, Node] = {}  # page -> the node that owns it
         self._clock = itertools.count(1)
         # The heap is lazy: an entry is (last_access when pushed, tiebreak, node), and entries for nodes that
@@ -53,9 +57,11 @@ class RadixCache:
         for i in range(start, num_pages):
             yield i, tuple(token_ids[i * ps : (i + 1) * ps])
 
-    def match(self, token_ids: list[int], num_tokens: int) -> tuple[list[int], Node]:
-        """Pages of the longest cached prefix of the first num_tokens tokens, and the deepest node matched."""
-        node, pages, now = self.root, [], next(self._clock)
+    def match(self, token_ids: list[int], num_tokens: int, namespace: int = 0) -> tuple[list[int], Node]:
+        """Pages of the longest cached prefix of the first num_tokens tokens in `namespace`'s tree, and the deepest
+        node matched."""
+        root = self._roots.get(namespace) or self._roots.setdefault(namespace, Node((), -1, None))
+        node, pages, now = root, [], next(self._clock)
         for _, key in self._chunks(token_ids, 0, num_tokens // self.page_size):
             child = node.children.get(key)
             if child is None:
@@ -110,7 +116,7 @@ class RadixCache:
 
     def _refresh(self, node: Node) -> None:
         """Put `node` in or take it out of the evictable set, after its children or its page's count changed."""
-        if node is self.root:
+        if node.parent is None:  # a root
             return
         if node.children or self.blocks.ref[node.page] > 0:
             self._evictable.discard(node)
@@ -127,7 +133,7 @@ class RadixCache:
             heapq.heapify(self._heap)
 
     def _nodes(self):
-        stack = list(self.root.children.values())
+        stack = [n for root in self._roots.values() for n in root.children.values()]
         while stack:
             node = stack.pop()
             stack.extend(node.children.values())

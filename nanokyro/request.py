@@ -62,6 +62,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the k most likely
     skip_special_tokens: bool = True
     structured: StructuredOutput | None = None  # constrained decoding: JSON schema, regex, grammar or choice
+    lora: str | None = None  # the LoRA adapter (its registered name) to run under; None: the base model
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -107,6 +108,15 @@ class PromptError(ValueError):
     def __init__(self, message: str, param: str = "prompt"):
         super().__init__(message)
         self.param = param
+
+
+class UnknownAdapter(PromptError):
+    """A request names a LoRA adapter that is not loaded. The server answers 404."""
+
+    status = 404
+
+    def __init__(self, name: str):
+        super().__init__(f"the LoRA adapter {name!r} is not loaded", param="model")
 
 
 class Limits(msgspec.Struct):
@@ -177,6 +187,9 @@ class EngineStats(msgspec.Struct):
     num_preemptions: int = 0
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
+    lora_requests: dict[str, int] = {}  # adapter name -> requests that used it, since start
+    loras_resident: int = 0  # adapters in a device slot now
+    lora_loads: int = 0  # adapters put into a device slot, since start
 
 
 # -- what the frontend makes of it ------------------------------------------------------------------------------
@@ -244,7 +257,20 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-ToCore = AddRequest | AbortRequest | Shutdown
+class LoadAdapter(msgspec.Struct, tag=True):
+    """Register a LoRA adapter (a PEFT directory) under a name; answered by an AdapterReply."""
+
+    reply_id: int
+    name: str
+    path: str
+
+
+class UnloadAdapter(msgspec.Struct, tag=True):
+    reply_id: int
+    name: str
+
+
+ToCore = AddRequest | AbortRequest | Shutdown | LoadAdapter | UnloadAdapter
 
 
 class Ready(msgspec.Struct, tag=True):
@@ -253,6 +279,8 @@ class Ready(msgspec.Struct, tag=True):
     model_name: str
     limits: Limits
     tokenizer: TokenizerSpec | None
+    adapters: list[str] = []  # the LoRA adapters registered at start
+    max_loras: int = 0  # 0: LoRA is off
 
 
 class LoadFailed(msgspec.Struct, tag=True):
@@ -270,4 +298,14 @@ class Unhealthy(msgspec.Struct, tag=True):
     message: str
 
 
-FromCore = Ready | LoadFailed | StepOutputs | Unhealthy
+class AdapterReply(msgspec.Struct, tag=True):
+    """The answer to LoadAdapter / UnloadAdapter: an HTTP status (200, 400 bad adapter, 404 unknown, 409 in use),
+    what went wrong, and the adapters registered after it."""
+
+    reply_id: int
+    status: int
+    message: str
+    adapters: list[str]
+
+
+FromCore = Ready | LoadFailed | StepOutputs | Unhealthy | AdapterReply

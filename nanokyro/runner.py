@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
@@ -23,6 +23,7 @@ from nanokyro import small_batch
 from nanokyro.attention import AttentionMetadata, FlashInferAttention, TorchAttention
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.loader import load
+from nanokyro.lora import AdapterSlots, read_adapter
 from nanokyro.parallel import Parallel, Shard, WorkerError, start
 from nanokyro.sampler import PendingSample, Sampler, SamplerOutput, SampleRow
 from nanokyro.scheduler import ScheduledBatch
@@ -83,14 +84,16 @@ class _WirePlan(msgspec.Struct, array_like=True):
     kv_lens: list[int]
     bucket: int | None
     num_prev_tokens: int
+    lora_loads: list[tuple[int, str]] = []
 
 
 @dataclass
 class StepPlan:
     """One step as plain data, the same for every rank: the int32 host buffer of its parts (input ids,
-    positions, slot pages, slot offsets, kv page indices, sampled rows, qo_indptr, kv_indptr, last page lengths)
-    and their sizes, each attention row's new and cached token counts, the CUDA-graph bucket it replays (or
-    None), and how many of the previous step's tokens its placeholder ids read (0: none)."""
+    positions, slot pages, slot offsets, kv page indices, sampled rows, each token's LoRA slot (empty: no
+    adapter in the step), qo_indptr, kv_indptr, last page lengths) and their sizes, each attention row's new and
+    cached token counts, the CUDA-graph bucket it replays (or None), how many of the previous step's tokens its
+    placeholder ids read (0: none), and the adapters to put in LoRA slots first, as (slot, path)."""
 
     host: torch.Tensor
     sizes: list[int]
@@ -98,12 +101,13 @@ class StepPlan:
     kv_lens: list[int]
     bucket: int | None = None
     num_prev_tokens: int = 0
+    lora_loads: list[tuple[int, str]] = field(default_factory=list)
 
     def split(self, n: int) -> list[StepPlan]:
         """The step as up to n micro-batches of whole attention rows, cut where the tokens divide evenly; each
         is a plan of its own (sampled rows in order), run by a pipeline's stages one after another."""
         rows = len(self.q_lens)
-        ids, pos, pages, offsets, kv_idx, sampled, qo, kv_ptr, last_len = self.host.split(self.sizes)
+        ids, pos, pages, offsets, kv_idx, sampled, lora, qo, kv_ptr, last_len = self.host.split(self.sizes)
         qo_list = qo.tolist()
         bounds = [0]
         for k in range(1, n):  # cut k: the first row past the last cut that starts at or past k/n of the tokens
@@ -118,21 +122,21 @@ class StepPlan:
         for r0, r1 in zip(bounds, bounds[1:]):
             t0, t1, p0, p1 = qo_list[r0], qo_list[r1], int(kv_ptr[r0]), int(kv_ptr[r1])
             mine = sampled[(sampled >= t0) & (sampled < t1)] - t0
-            parts = [ids[t0:t1], pos[t0:t1], pages[t0:t1], offsets[t0:t1], kv_idx[p0:p1], mine,
+            parts = [ids[t0:t1], pos[t0:t1], pages[t0:t1], offsets[t0:t1], kv_idx[p0:p1], mine, lora[t0:t1] if len(lora) else lora,
                      qo[r0:r1 + 1] - t0, kv_ptr[r0:r1 + 1] - p0, last_len[r0:r1]]  # fmt: skip
             plans.append(StepPlan(torch.cat(parts), [len(p) for p in parts], self.q_lens[r0:r1], self.kv_lens[r0:r1],
-                                  None, self.num_prev_tokens))  # fmt: skip
+                                  None, self.num_prev_tokens, self.lora_loads if not plans else []))  # fmt: skip
         return plans
 
     def encode(self) -> bytes:
         return msgspec.msgpack.encode(_WirePlan(self.host.numpy().tobytes(), self.sizes, self.q_lens, self.kv_lens,
-                                                self.bucket, self.num_prev_tokens))  # fmt: skip
+                                                self.bucket, self.num_prev_tokens, self.lora_loads))  # fmt: skip
 
     @classmethod
     def decode(cls, data: bytes) -> StepPlan:
         w = msgspec.msgpack.decode(data, type=_WirePlan)
         host = torch.frombuffer(bytearray(w.data), dtype=torch.int32)
-        return cls(host, w.sizes, w.q_lens, w.kv_lens, w.bucket, w.num_prev_tokens)
+        return cls(host, w.sizes, w.q_lens, w.kv_lens, w.bucket, w.num_prev_tokens, [tuple(x) for x in w.lora_loads])
 
 
 class ModelRunner:
@@ -157,6 +161,9 @@ class ModelRunner:
     def _build(self, cfg: EngineConfig, par: Parallel) -> None:
         self.model, self.tokenizer, self.model_name = load(cfg, par.shard, par.tp, par.device, self.is_driver)
         self.model_cfg = mc = self.model.cfg
+        # LoRA slot buffers before the KV cache is sized: they are weights too.
+        self.lora_slots = AdapterSlots(self.model, cfg.max_loras, cfg.max_lora_rank) if cfg.max_loras else None
+        self.lora_host = {}  # path -> Adapter read on the host (rank 0: by the core's registry at registration)
         self.shard = par.shard
         self.device = par.device
         self.dtype = cfg.torch_dtype()
@@ -193,7 +200,8 @@ class ModelRunner:
         """
         ps = self.page_size
         # Plain lists, not numpy per sequence: at 256 decodes a step, per-sequence array calls cost milliseconds.
-        ids, pos, slot_pages, slot_offsets, kv_indices = [], [], [], [], []
+        ids, pos, slot_pages, slot_offsets, kv_indices, lora = [], [], [], [], [], []
+        with_lora = any(s.lora is not None for s in batch.seqs)
         q_lens, kv_lens, page_counts, sample_rows = [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             start, end = seq.num_computed, seq.num_computed + n
@@ -202,6 +210,8 @@ class ModelRunner:
             pos += range(start, end)
             slot_pages += [pages[p // ps] for p in range(start, end)]
             slot_offsets += [p % ps for p in range(start, end)]
+            if with_lora:
+                lora += [seq.lora.slot if seq.lora is not None else -1] * n
             for kv_len in range(start + 1, end + 1) if token_rows else (end,):
                 used = (kv_len + ps - 1) // ps
                 kv_indices += pages[:used]
@@ -217,11 +227,12 @@ class ModelRunner:
             slot_offsets += [0] * pad
             kv_indices += [self.scratch_page] * pad
             q_lens += [1] * pad
+            lora += [-1] * pad if with_lora else []
             kv_lens += [1] * pad
             page_counts += [1] * pad
             qo_indptr += range(qo_indptr[-1] + 1, qo_indptr[-1] + pad + 1)
         parts = [
-            ids, pos, slot_pages, slot_offsets, kv_indices, sample_rows, qo_indptr,
+            ids, pos, slot_pages, slot_offsets, kv_indices, sample_rows, lora, qo_indptr,
             [0, *itertools.accumulate(page_counts)], [(n - 1) % ps + 1 for n in kv_lens],
         ]  # fmt: skip
         # Everything as int32 in one buffer (pinned on CUDA): one async copy to the device, and its host views
@@ -232,34 +243,40 @@ class ModelRunner:
 
     def load(self, plan: StepPlan):
         """A plan's tensors on the device -> (input_ids, positions, AttentionMetadata, logits row indices)."""
+        return self._load(plan)[:4]
+
+    def _load(self, plan: StepPlan):
+        """load's tensors, and each token's LoRA slot [T] (None: no adapter in the step)."""
         host = plan.host
         if self.device.type == "cuda":
             host = host.pin_memory()
         flat = host.to(self.device, non_blocking=True)
         sizes = plan.sizes
-        input_ids, positions, pages, offsets, kv_idx, rows, *_ = flat.split(sizes)
+        input_ids, positions, pages, offsets, kv_idx, rows, lora, *_ = flat.split(sizes)
         *_, qo_host, kv_ptr_host, last_len_host = host.split(sizes)
         meta = AttentionMetadata(
             kv_indices=kv_idx, slot_pages=pages, slot_offsets=offsets, q_lens=plan.q_lens, kv_lens=plan.kv_lens,
             qo_indptr=qo_host, kv_indptr=kv_ptr_host, kv_last_page_len=last_len_host,
         )  # fmt: skip
-        return input_ids, positions, meta, rows
+        return input_ids, positions, meta, rows, lora if len(lora) else None
 
     def prepare(self, batch: ScheduledBatch, pad_to: int | None = None, token_rows: bool = False):
         """Host-side step inputs -> (input_ids, positions, AttentionMetadata, logits row indices) on the device."""
         return self.load(self.plan(batch, pad_to, token_rows))
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None,
+                lora_loads: list[tuple[int, str]] = ()) -> torch.Tensor:  # fmt: skip
         """Launch the step's model pass; returns the logits of its sampled rows, on the device. The host waits
         only for the previous step's inputs to have reached the device, not for its kernels.
 
         A sequence whose last token is still a placeholder (-(row + 1): row `row` of the step in flight, not yet on
         the host) reads that token from `prev_tokens`, that step's sampled tokens on the device. With more ranks,
         the plan goes to the others first (and the previous tokens to those that embed); a rank that died makes
-        this raise parallel.WorkerError."""
+        this raise parallel.WorkerError. `lora_loads`: (slot, adapter path) to fill before the step, on every rank."""
         bucket = self.graphs.bucket(batch) if self.graphs is not None else None
         plan = self.plan(batch, pad_to=bucket, token_rows=bucket is not None)
+        plan.lora_loads = list(lora_loads)
         if any(s.token_ids[-1] < 0 for s in batch.seqs):
             plan.num_prev_tokens = len(prev_tokens)
         if self.parallel.world_size == 1:
@@ -273,32 +290,41 @@ class ModelRunner:
     def _execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
         """Every rank's part of a step: the logits of its sampled rows on rank 0 (and on every rank of the last
         stage), None on the ranks of earlier stages."""
+        self._load_loras(plan.lora_loads)
         if self.shard.pp_size > 1:
             return self._stage(plan, prev_tokens)
-        input_ids, positions, meta, rows = self._inputs(plan, prev_tokens)
+        input_ids, positions, meta, rows, lora = self._inputs(plan, prev_tokens)
         bucket = plan.bucket
         if bucket is not None:
-            self.graphs.load(input_ids, positions, meta)
+            self.graphs.load(input_ids, positions, meta, lora)
         else:
             self.attn.plan(meta)
         self._record_inputs_copied()
         if bucket is not None:
             return self.graphs.replay(bucket)[rows]  # padding rows are dropped here
         if self.graphs is not None:
-            hidden = self.graphs.hidden_states(input_ids, positions)
+            hidden = self.graphs.hidden_states(input_ids, positions, lora)
         else:
-            hidden = self.model(input_ids, positions, self.attn)
+            hidden = self.model(input_ids, positions, self.attn, lora=lora)
         return self.model.compute_logits(hidden[rows])
 
     def _inputs(self, plan: StepPlan, prev_tokens: torch.Tensor | None):
         """The plan's tensors on the device, placeholder ids replaced by the previous step's tokens."""
         if self._inputs_copied is not None:  # FlashInfer's plan() reuses a pinned buffer the last step copied from
             self._inputs_copied.synchronize()
-        input_ids, positions, meta, rows = self.load(plan)
+        input_ids, positions, meta, rows, lora = self._load(plan)
         if plan.num_prev_tokens and self.shard.first_stage:
             lookup = prev_tokens[(-input_ids - 1).clamp_(min=0)].to(input_ids.dtype)
             input_ids = torch.where(input_ids < 0, lookup, input_ids)
-        return input_ids, positions, meta, rows
+        return input_ids, positions, meta, rows, lora
+
+    def _load_loras(self, loads: list[tuple[int, str]]) -> None:
+        """Fill LoRA slots with adapters before the step that first uses them. The step before may still run on
+        the device with the old contents, but only for sequences of other slots (a slot is given up only when no
+        running sequence uses it), and the copies are ordered after it on the one stream."""
+        for slot, path in loads:
+            adapter = self.lora_host.get(path) or read_adapter(path, self.model_cfg, self.lora_slots.max_rank)
+            self.lora_slots.load(slot, adapter)
 
     def _record_inputs_copied(self) -> None:
         if self.device.type == "cuda":
@@ -316,11 +342,11 @@ class ModelRunner:
         # micro-batch would read again. (Not yet measured on GPUs.)
         prefill = any(n > 1 for n in plan.q_lens)
         for mb in plan.split(self.shard.pp_size) if prefill else [plan]:
-            input_ids, positions, meta, rows = self._inputs(mb, prev_tokens)
+            input_ids, positions, meta, rows, lora = self._inputs(mb, prev_tokens)
             self.attn.plan(meta)
             self._record_inputs_copied()
             before = None if self.shard.first_stage else par.recv_hidden(len(input_ids), mc.hidden_size, self.dtype)
-            out = self.model(input_ids, positions, self.attn, before)
+            out = self.model(input_ids, positions, self.attn, before, lora)
             if self.shard.last_stage:
                 logits.append(self.model.compute_logits(out[rows]))
             else:
@@ -373,6 +399,7 @@ class DecodeGraphs:
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int):
         self.model, self.attn = runner.model, runner.attn
+        self.with_lora = runner.lora_slots is not None  # then every graph takes each row's adapter slot
         self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
         self.attn.enable_graphs(self.buckets)
         # Only the transformer is compiled (dynamic token count): graphs replay it for decodes, and prefill and
@@ -382,6 +409,7 @@ class DecodeGraphs:
         with torch.inference_mode():  # like every step's inputs, so the compiled code's guards match both
             self.input_ids = torch.zeros(max_bs, dtype=torch.int32, device=device)  # [max_bs]
             self.positions = torch.zeros(max_bs, dtype=torch.int32, device=device)
+            self.lora = torch.full((max_bs,), -1, dtype=torch.int32, device=device) if self.with_lora else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab], written by each replay
         start = time.perf_counter()
@@ -390,24 +418,28 @@ class DecodeGraphs:
         log.info("CUDA graphs: compiled and captured %d buckets (1..%d) in %.1f s", len(self.buckets), max_bs,
                  self.startup_s)  # fmt: skip
 
-    def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions, self.attn.op)
+    def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, self.attn.op, lora=lora)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None
+                ) -> torch.Tensor:  # fmt: skip
         """Logits of every row; what each bucket's graph captures. Buckets of at most small_batch.MAX_ROWS rows run
         linear layers and norms as Triton kernels of their own, through a second compiled transformer
         (torch.compile guards on the switch; small_batch.py)."""
         with small_batch.enable() if input_ids.shape[0] <= small_batch.MAX_ROWS else contextlib.nullcontext():
-            return self.model.compute_logits(self.hidden(input_ids, positions))
+            return self.model.compute_logits(self.hidden(input_ids, positions, lora))
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None
+                      ) -> torch.Tensor:  # fmt: skip
         """The compiled transformer for a step that replays no graph (attention already planned)."""
         # Fresh tensors, as in capture (the step's inputs are views into one buffer, at varying offsets), marked
         # unbacked so every token count runs the same compiled code: no recompiles, no 0/1 specialisation.
         input_ids, positions = input_ids.clone(), positions.clone()
-        for t in (input_ids, positions):
-            torch._dynamo.decorators.mark_unbacked(t, 0)
-        return self.hidden(input_ids, positions)
+        lora = lora.clone() if lora is not None else None
+        for t in (input_ids, positions, lora):
+            if t is not None:
+                torch._dynamo.decorators.mark_unbacked(t, 0)
+        return self.hidden(input_ids, positions, lora)
 
     def bucket(self, batch: ScheduledBatch) -> int | None:
         """The bucket a step replays, or None. Decodes fit as they are; a step with prompt tokens fits as one row
@@ -421,11 +453,14 @@ class DecodeGraphs:
             return None
         return next(b for b in self.buckets if b >= rows)
 
-    def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> int:
+    def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+             lora: torch.Tensor | None = None) -> int:  # fmt: skip
         """Fill the static inputs and the attention plan of the bucket of this padded step; returns the bucket."""
         bs = input_ids.shape[0]
         self.input_ids[:bs].copy_(input_ids)
         self.positions[:bs].copy_(positions)
+        if self.with_lora:
+            self.lora[:bs].copy_(lora) if lora is not None else self.lora[:bs].fill_(-1)
         self.attn.plan(meta, graph_bucket=bs)
         return bs
 
@@ -440,7 +475,7 @@ class DecodeGraphs:
         for bs in reversed(self.buckets):
             # An all-padding batch: every row reads and writes only the scratch page.
             self.load(*runner.prepare(ScheduledBatch([], []), pad_to=bs)[:3])
-            args = (self.input_ids[:bs], self.positions[:bs])
+            args = (self.input_ids[:bs], self.positions[:bs]) + ((self.lora[:bs],) if self.with_lora else ())
             for t in args:  # one compile for every bucket: no 0/1 specialisation of the batch size
                 torch._dynamo.decorators.mark_unbacked(t, 0)
             self.forward(*args)  # compiles on the first bucket (and on the first small one); warms up the rest

@@ -42,6 +42,7 @@ class Sequence:
     matcher: GrammarMatcher | None = None  # structured output: advanced by the engine with each sampled token
     leader: Sequence | None = None  # n > 1: siblings borrow the leader's prompt pages once computed
     cache_node: object | None = None  # prefix cache: the deepest tree node of this sequence's pages
+    lora: object | None = None  # its LoRA adapter (lora.LoRAEntry: name, slot, prefix-cache key), None: the base
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose KV is in `pages`
@@ -93,8 +94,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int, cache=None):
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int, cache=None, loras=None):
         self.blocks, self.cache = blocks, cache
+        self.loras = loras  # lora.LoRARegistry: a sequence with an adapter is admitted once its adapter has a slot
         self.max_tokens, self.max_seqs = max_num_batched_tokens, max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
@@ -139,6 +141,9 @@ class Scheduler:
         computing = {self._next_page_key(s) for s in self.running} - {None}
         while self.waiting and len(self.running) < self.max_seqs and self._budget > 0:
             seq = self.waiting.popleft()
+            if seq.lora is not None and not self.loras.acquire(seq.lora, {s.lora for s in self.running}):
+                skipped.append(seq)  # every LoRA slot serves running sequences: wait for one to free up
+                continue
             self._share_prefix(seq)
             key = self._next_page_key(seq)
             if self._leader_computing(seq) or (key is not None and key in computing):
@@ -173,7 +178,7 @@ class Scheduler:
         Only whole pages are shared, and never the last token: it is recomputed to get the logits."""
         ps, limit = self.blocks.page_size, seq.num_tokens - 1
         if self.cache is not None:
-            pages, seq.cache_node = self.cache.match(seq.token_ids, limit)
+            pages, seq.cache_node = self.cache.match(seq.token_ids, limit, seq.lora.key if seq.lora else 0)
         elif seq.leader is not None and seq.leader.status is Status.RUNNING and not self._leader_computing(seq):
             pages = seq.leader.pages[: min(limit, seq.num_prompt_tokens) // ps]
         else:

@@ -1,0 +1,318 @@
+"""Multi-LoRA: PEFT adapters read and checked, their weights in fixed slots on every linear layer of the decoder,
+which adapter sits in which slot (LRU), and the batched delta a layer adds for its tokens' adapters.
+
+An adapter is a PEFT directory (adapter_config.json + adapter_model.safetensors) with LoRA on some of q/k/v/o/
+gate/up/down. `read_adapter` checks it against the model and returns its A and B matrices, the scaling
+(lora_alpha / r, or / sqrt(r) with rslora) folded into B.
+
+On the device, each of a layer's four linear layers (qkv_proj, o_proj, gate_up_proj, down_proj) holds two
+buffers of `max_loras` slots: `lora_a [S, n * R, in]` and `lora_b [S, out, n * R]`, with R = max_lora_rank and
+n the layer's stacked slices (3 for qkv, 2 for gate/up, else 1). Slice i's adapter uses the rank block
+[i * R, i * R + r) and only its own output rows, so one shrink and one expand apply all slices. The buffers
+never move, so the CUDA graphs read whatever the slots hold; `AdapterSlots.load` fills one through the layer's
+own weight loader, so it shards like the base weight under TP (column-parallel: B by output rows; row-parallel:
+A by input columns, the partial deltas summed by the layer's all-reduce).
+
+A step's adapters reach the layers as an argument, like the attention plan: `lora [T]` int32, each token's slot,
+-1 for the base model (`lora_delta`). On CUDA that is two Triton kernels (lora_kernels.py); elsewhere a torch
+reference that multiplies each adapter's tokens together.
+
+`LoRARegistry` (the engine core's, rank 0) knows the registered adapters by name and which is resident in which
+slot; the scheduler asks it for a slot before admitting a sequence, and a slot whose adapter no running sequence
+uses is given to another, least recently used first. A load is carried to every rank in the step plan.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+# PEFT module name -> (nanokyro's linear layer, slice within it, the weight loader's shard id)
+MODULES = {
+    "q_proj": ("qkv_proj", 0, "q"), "k_proj": ("qkv_proj", 1, "k"), "v_proj": ("qkv_proj", 2, "v"),
+    "o_proj": ("o_proj", 0, None), "gate_proj": ("gate_up_proj", 0, 0), "up_proj": ("gate_up_proj", 1, 1),
+    "down_proj": ("down_proj", 0, None),
+}  # fmt: skip
+# nanokyro's linear layer -> (its parent module in a DecoderLayer, slices, row-parallel)
+LAYERS = {"qkv_proj": ("self_attn", 3, False), "o_proj": ("self_attn", 1, True),
+          "gate_up_proj": ("mlp", 2, False), "down_proj": ("mlp", 1, True)}  # fmt: skip
+_KEY = re.compile(r"^base_model\.model\.(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+# Config fields whose non-default value changes what the adapter computes, in ways this engine does not.
+_REFUSED = {
+    "use_dora": "DoRA adapters are not supported",
+    "lora_bias": "LoRA bias is not supported",
+    "modules_to_save": "modules_to_save (fully trained extra modules) is not supported",
+    "trainable_token_indices": "trainable_token_indices (embedding updates) is not supported",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D-style weights) is not supported",
+    "layer_replication": "layer_replication is not supported",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
+}
+
+
+class AdapterError(ValueError):
+    """An adapter directory the engine cannot serve; the message names what is wrong. The server answers 400."""
+
+
+@dataclass
+class Adapter:
+    """An adapter's weights on the host: (layer index, PEFT module name) -> (A [r, in], B [out, r] * scaling)."""
+
+    path: str
+    rank: int
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _module_dims(cfg) -> dict[str, tuple[int, int]]:
+    """PEFT module -> (in_features, out_features) of the whole (unsharded) projection."""
+    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+
+
+def _pattern_value(patterns: dict, module_path: str, default):
+    """PEFT's rank_pattern / alpha_pattern: a key matches a module whose dotted name ends with it (as a regex)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?{key}$", module_path):
+            return value
+    return default
+
+
+def read_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise AdapterError(f"adapter path {path!r} is not a directory")
+    config_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise AdapterError(f"adapter directory {path!r} has no adapter_config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"adapter_config.json in {path!r} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter_config.json in {path!r} is not a JSON object")
+    return config
+
+
+def check_config(config: dict, max_rank: int) -> None:
+    """Raise AdapterError naming the first field the engine cannot honour."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"peft_type {config.get('peft_type')!r}: only LORA adapters are supported")
+    for name, why in _REFUSED.items():
+        if config.get(name):
+            raise AdapterError(f"{name}: {why}")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"bias {config['bias']!r}: only bias 'none' is supported (LoRA adapters train no biases)")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    for t in targets:
+        if any(s in t for s in ("embed_tokens", "lm_head", "wte")):
+            raise AdapterError(f"target_modules: embedding / LM head adapters ({t!r}) are not supported")
+    r = config.get("r")
+    if not isinstance(r, int) or r < 1:
+        raise AdapterError(f"r must be a positive integer, got {r!r}")
+    ranks = [r, *(config.get("rank_pattern") or {}).values()]
+    if max(ranks) > max_rank:
+        raise AdapterError(f"r: rank {max(ranks)} exceeds the engine's max_lora_rank ({max_rank})")
+
+
+def read_adapter(path: str, cfg, max_rank: int) -> Adapter:
+    """Read and check a PEFT LoRA directory against the model config `cfg`; raise AdapterError if it can't serve."""
+    from safetensors import safe_open
+
+    config = read_config(path)
+    check_config(config, max_rank)
+    weights_path = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights_path):
+        raise AdapterError(f"adapter directory {path!r} has no adapter_model.safetensors")
+    try:
+        with safe_open(weights_path, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise AdapterError(f"adapter_model.safetensors in {path!r} can't be read: {e}") from None
+    dims, pairs = _module_dims(cfg), {}
+    for key, t in tensors.items():
+        if "lora_embedding" in key or "embed_tokens" in key or "lm_head" in key:
+            raise AdapterError(f"target_modules: embedding / LM head adapters are not supported (tensor {key})")
+        m = _KEY.match(key)
+        if m is None or m.group(2) not in MODULES:
+            raise AdapterError(f"unexpected tensor {key!r} in adapter_model.safetensors (LoRA on q/k/v/o/gate/up/"
+                               "down_proj only)")  # fmt: skip
+        layer = int(m.group(1))
+        if layer >= cfg.num_layers:
+            raise AdapterError(f"tensor {key!r}: the model has {cfg.num_layers} layers")
+        pairs.setdefault((layer, m.group(2)), {})[m.group(3)] = t
+    if not pairs:
+        raise AdapterError(f"adapter_model.safetensors in {path!r} holds no LoRA weights")
+    weights, rank = {}, 0
+    for (layer, module), ab in sorted(pairs.items()):
+        name = f"model.layers.{layer}.{module}"
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{name}: lora_A and lora_B must both be present")
+        a, b = ab["A"].float(), ab["B"].float()
+        fan_in, fan_out = dims[module]
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r):
+            raise AdapterError(f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the model's "
+                               f"{fan_in} -> {fan_out} projection")  # fmt: skip
+        if r > max_rank:
+            raise AdapterError(f"r: {name} has rank {r}, over the engine's max_lora_rank ({max_rank})")
+        alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        weights[(layer, module)] = (a, b * scaling)
+        rank = max(rank, r)
+    return Adapter(path, rank, weights)
+
+
+# -- the slots on the device -----------------------------------------------------------------------------------
+
+
+def lora_layers(model):
+    """(layer index within this stage, global layer index, name, linear module) for every adapted linear layer."""
+    first = model.layer_range.start
+    for i, block in enumerate(model.layers):
+        for name, (parent, _, _) in LAYERS.items():
+            yield i, first + i, name, getattr(getattr(block, parent), name)
+
+
+class AdapterSlots:
+    """One rank's adapter buffers: `max_loras` slots on every adapted linear layer of its shard."""
+
+    def __init__(self, model, max_loras: int, max_rank: int):
+        self.model, self.max_loras, self.max_rank = model, max_loras, max_rank
+        for _, _, name, linear in lora_layers(model):
+            n = LAYERS[name][1]
+            out_features, in_features = linear.weight.shape
+            w = linear.weight
+            linear.register_buffer("lora_a", w.new_zeros(max_loras, n * max_rank, in_features), persistent=False)
+            linear.register_buffer("lora_b", w.new_zeros(max_loras, out_features, n * max_rank), persistent=False)
+
+    @torch.inference_mode()
+    def load(self, slot: int, adapter: Adapter) -> None:
+        """Put the adapter's weights (this rank's shard of them) in `slot`; modules it leaves out add nothing."""
+        R = self.max_rank
+        for _, layer_idx, name, linear in lora_layers(self.model):
+            row_parallel = LAYERS[name][2]
+            a_slot, b_slot = linear.lora_a[slot], linear.lora_b[slot]
+            a_slot.zero_()
+            b_slot.zero_()
+            for module, (target, i, shard_id) in MODULES.items():
+                if target != name or (layer_idx, module) not in adapter.weights:
+                    continue
+                a, b = adapter.weights[(layer_idx, module)]
+                r = a.shape[0]
+                a_pad, b_pad = a.new_zeros(R, a.shape[1]), b.new_zeros(b.shape[0], R)
+                a_pad[:r], b_pad[:, :r] = a, b
+                if row_parallel:  # A by input columns, as the weight; B whole
+                    linear.weight_loader(a_slot, a_pad.to(a_slot.dtype))
+                    b_slot.copy_(b_pad.to(b_slot.dtype))
+                else:  # A whole, in its slice's rank block; B's output rows as the weight's, in that block's columns
+                    a_slot[i * R : (i + 1) * R].copy_(a_pad.to(a_slot.dtype))
+                    linear.weight_loader(b_slot[:, i * R : (i + 1) * R], b_pad.to(b_slot.dtype), shard_id)
+
+
+# -- the batched delta ------------------------------------------------------------------------------------------
+
+
+def lora_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, lora: torch.Tensor
+               ) -> torch.Tensor:  # fmt: skip
+    """y [T, N] + each token's adapter applied to x [T, K]: (x @ A[s].T) @ B[s].T for s = lora[t] >= 0."""
+    if x.is_cuda:
+        return torch.ops.nanokyro.lora_expand(y, torch.ops.nanokyro.lora_shrink(x, lora_a, lora), lora_b, lora)
+    return lora_delta_reference(y, x, lora_a, lora_b, lora)
+
+
+def lora_delta_reference(y, x, lora_a, lora_b, lora):
+    """The torch reference: the tokens of each adapter in the batch multiplied together (segment-grouped)."""
+    out = y.clone()
+    for s in lora.unique().tolist():
+        if s < 0:
+            continue
+        rows = (lora == s).nonzero().squeeze(1)
+        xs = x.index_select(0, rows)
+        out.index_add_(0, rows, ((xs @ lora_a[s].T) @ lora_b[s].T).to(out.dtype))
+    return out
+
+
+if torch.cuda.is_available():  # registers the custom ops the CUDA path calls
+    from nanokyro import lora_kernels  # noqa: F401
+
+
+# -- which adapter is where (the engine core, rank 0) -------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class LoRAEntry:
+    """A registered adapter. `key` is unique per registration: the prefix cache's namespace for its KV."""
+
+    name: str
+    path: str
+    key: int
+    slot: int = -1  # its slot on the device, -1 while not resident
+    num_requests: int = 0  # unfinished sequences that use it
+
+
+@dataclass
+class LoRARegistry:
+    max_loras: int
+    max_rank: int
+    model_cfg: object
+    entries: dict[str, LoRAEntry] = field(default_factory=dict)
+    host: dict[str, Adapter] = field(default_factory=dict)  # path -> weights read at registration
+    num_loads: int = 0  # adapters put into a slot, since start
+    _slots: OrderedDict = field(default_factory=OrderedDict)  # slot -> entry, least recently used first
+    _pending: list[tuple[int, str]] = field(default_factory=list)  # (slot, path) to load before the next step
+    _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def register(self, name: str, path: str) -> LoRAEntry:
+        """Read and check the adapter (AdapterError if it can't be served) and add it under `name`."""
+        if not name or ":" in name:
+            raise AdapterError(f"lora_name {name!r}: a non-empty name without ':'")
+        if name in self.entries:
+            raise AdapterError(f"lora_name {name!r}: an adapter of that name is already loaded")
+        path = os.path.abspath(path)
+        self.host[path] = read_adapter(path, self.model_cfg, self.max_rank)
+        entry = self.entries[name] = LoRAEntry(name, path, next(self._keys))
+        return entry
+
+    def unregister(self, name: str) -> None:
+        """Forget an adapter no unfinished request uses (the caller checks); its slot is free for another."""
+        entry = self.entries.pop(name)
+        if entry.slot >= 0:
+            del self._slots[entry.slot]
+            self._pending = [(s, p) for s, p in self._pending if s != entry.slot]
+        if all(e.path != entry.path for e in self.entries.values()):
+            self.host.pop(entry.path, None)
+
+    def acquire(self, entry: LoRAEntry, busy: set) -> bool:
+        """Make `entry` resident for a sequence about to run: it is, or takes a free slot, or the least recently
+        used slot whose adapter is not in `busy` (the running sequences' entries). False if every slot is busy."""
+        if entry.slot >= 0:
+            self._slots.move_to_end(entry.slot)
+            return True
+        free = next((s for s in range(self.max_loras) if s not in self._slots), None)
+        if free is None:
+            free = next((s for s, e in self._slots.items() if e not in busy), None)
+            if free is None:
+                return False
+            self._slots.pop(free).slot = -1
+        entry.slot = free
+        self._slots[free] = entry
+        self._pending = [(s, p) for s, p in self._pending if s != free] + [(free, entry.path)]
+        self.num_loads += 1
+        return True
+
+    def take_loads(self) -> list[tuple[int, str]]:
+        """The slot loads the next step must do first, on every rank."""
+        loads, self._pending = self._pending, []
+        return loads
+
+    @property
+    def num_resident(self) -> int:
+        return len(self._slots)

@@ -1,0 +1,157 @@
+"""Multi-LoRA: PEFT adapters on tiny random models, mixed with the base model in one batch, against peft's
+PeftModel for each adapter alone; the prefix cache kept apart per adapter; slots swapped LRU; bad adapters refused."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+import transformers
+
+from conftest import build_tiny_model
+from nanokyro import LLM, SamplingParams
+from nanokyro.lora import AdapterError
+from nanokyro.request import UnknownAdapter
+
+# name -> LoraConfig options: different ranks, targets, alpha, rslora
+ADAPTERS = {
+    "qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "all": dict(r=8, lora_alpha=16, use_rslora=True,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "mlp": dict(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "up_proj", "down_proj"]),
+}  # fmt: skip
+
+
+def make_adapter(base_dir: str, out_dir: str, seed: int, **options) -> str:
+    import peft
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **options)).save_pretrained(out_dir)
+    return out_dir
+
+
+def peft_model(base_dir: str, adapter_dir: str | None):
+    import peft
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return (peft.PeftModel.from_pretrained(model, adapter_dir) if adapter_dir else model).eval()
+
+
+def random_prompts(lens, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 384) for _ in range(n)] for n in lens]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def lora_model(request, tmp_path_factory):
+    """A tiny model, three adapters made by peft, and each one's (and the base's) HF reference."""
+    root = tmp_path_factory.mktemp(f"lora-{request.param}")
+    base = build_tiny_model(request.param, str(root / "base"))
+    adapters = {name: make_adapter(base, str(root / name), i + 1, **opts) for i, (name, opts) in enumerate(ADAPTERS.items())}
+    refs = {name: peft_model(base, adapters.get(name)) for name in [None, *adapters]}
+    return base, adapters, refs
+
+
+def greedy(model, prompt, n):
+    with torch.no_grad():
+        return model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+
+
+def test_a_batch_mixing_base_and_three_adapters_gives_each_adapters_peft_tokens_and_logits(lora_model):
+    base, adapters, refs = lora_model
+    llm = LLM(base, dtype="float32", max_loras=3, max_num_batched_tokens=64, max_num_seqs=8, kv_cache_memory=4 << 20,
+              lora_modules=adapters)  # fmt: skip
+    engine = llm.engine
+    # Logits: one prefill step of four prompts under base, qv, all, mlp.
+    names = [None, "qv", "all", "mlp"]
+    prompts = random_prompts([5, 9, 3, 12], seed=1)
+    for p, name in zip(prompts, names):
+        engine.add_request(p, SamplingParams(max_tokens=1, lora=name))
+    batch = engine.scheduler.schedule()
+    assert batch.num_new == [len(p) for p in prompts]
+    logits = engine.runner.forward(batch, None, engine.loras.take_loads())
+    for row, p, name in zip(logits, prompts, names):
+        with torch.no_grad():
+            ref = refs[name](torch.tensor([p])).logits[0, -1]
+        torch.testing.assert_close(row, ref, atol=1e-4, rtol=1e-4)
+    engine.fail_all()
+    # Greedy tokens: every adapter (and the base) on the same prompt and on prompts of their own, chunked.
+    shared = random_prompts([20], seed=2)[0]
+    own = random_prompts([7, 30, 2, 15], seed=3)
+    jobs = [(shared, n) for n in names] + list(zip(own, names))
+    outs = llm.generate([p for p, _ in jobs], [SamplingParams(max_tokens=8, temperature=0, lora=n) for _, n in jobs])
+    for out, (p, name) in zip(outs, jobs):
+        assert out.token_ids == greedy(refs[name], p, 8), name
+    assert len({tuple(o.token_ids) for o in outs[:4]}) > 1  # the adapters do change the output
+    assert engine.blocks.all_free() and not engine.requests
+
+
+def test_prefix_cache_shares_kv_within_an_adapter_never_across(lora_model):
+    base, adapters, refs = lora_model
+    llm = LLM(base, dtype="float32", max_loras=2, kv_cache_memory=4 << 20, lora_modules=adapters)
+    prompt = random_prompts([40], seed=4)[0]
+    p = SamplingParams(max_tokens=4, temperature=0)
+    first = llm.generate(prompt, p, lora="qv")[0]
+    assert first.num_cached_tokens == 0
+    other = llm.generate(prompt, p, lora="all")[0]  # same prompt, another adapter: nothing shared
+    assert other.num_cached_tokens == 0 and other.token_ids == greedy(refs["all"], prompt, 4)
+    plain = llm.generate(prompt, p)[0]
+    assert plain.num_cached_tokens == 0 and plain.token_ids == greedy(refs[None], prompt, 4)
+    again = llm.generate(prompt, p, lora="qv")[0]  # same adapter: the cached pages
+    assert again.num_cached_tokens == 32 and again.token_ids == first.token_ids == greedy(refs["qv"], prompt, 4)
+
+
+def test_more_adapters_than_slots_are_swapped_in_lru_and_stay_exact(lora_model):
+    base, adapters, refs = lora_model
+    llm = LLM(base, dtype="float32", max_loras=1, kv_cache_memory=4 << 20)
+    for name, path in adapters.items():
+        llm.load_lora(name, path)
+    prompts = random_prompts([6, 11, 4, 8, 5], seed=5)
+    names = ["qv", "all", None, "mlp", "qv"]
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=6, temperature=0, lora=n) for n in names])
+    for out, p, name in zip(outs, prompts, names):
+        assert out.token_ids == greedy(refs[name], p, 6), name
+    stats = llm.engine.stats()
+    assert stats.loras_resident == 1 and stats.lora_loads >= 3
+    assert stats.lora_requests == {"qv": 2, "all": 1, "mlp": 1}
+
+
+def test_load_unload_and_bad_adapters_are_refused_with_the_field_named(lora_model, tmp_path):
+    base, adapters, refs = lora_model
+    llm = LLM(base, dtype="float32", max_loras=2, kv_cache_memory=4 << 20)
+    prompt = random_prompts([6], seed=6)[0]
+    with pytest.raises(UnknownAdapter):
+        llm.generate(prompt, SamplingParams(max_tokens=2), lora="qv")
+    llm.load_lora("qv", adapters["qv"])
+    with pytest.raises(AdapterError, match="already loaded"):
+        llm.load_lora("qv", adapters["all"])
+    assert llm.generate(prompt, SamplingParams(max_tokens=3, temperature=0), lora="qv")[0].token_ids == greedy(
+        refs["qv"], prompt, 3)
+    llm.unload_lora("qv")
+    with pytest.raises(UnknownAdapter):
+        llm.generate(prompt, SamplingParams(max_tokens=2), lora="qv")
+    llm.load_lora("qv", adapters["all"])  # the name again, another adapter: no stale weights, no stale KV
+    assert llm.generate(prompt, SamplingParams(max_tokens=3, temperature=0), lora="qv")[0].token_ids == greedy(
+        refs["all"], prompt, 3)
+
+    def variant(name, **changes):
+        path = tmp_path / name
+        path.mkdir()
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            os.link(os.path.join(adapters["qv"], f), path / f) if f != "adapter_config.json" else None
+        with open(os.path.join(adapters["qv"], "adapter_config.json")) as f:
+            cfg = json.load(f)
+        with open(path / "adapter_config.json", "w") as f:
+            json.dump({**cfg, **changes}, f)
+        return str(path)
+
+    for field, value in [("use_dora", True), ("bias", "all"), ("modules_to_save", ["lm_head"]),
+                         ("target_modules", ["embed_tokens"]), ("r", 128)]:  # fmt: skip
+        with pytest.raises(AdapterError, match=field):
+            llm.load_lora(field, variant(field, **{field: value}))
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        llm.load_lora("empty", str(tmp_path))
+    assert llm.engine.adapters() == ["qv"]
