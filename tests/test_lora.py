@@ -155,3 +155,21 @@ def test_load_unload_and_bad_adapters_are_refused_with_the_field_named(lora_mode
     with pytest.raises(AdapterError, match="adapter_config.json"):
         llm.load_lora("empty", str(tmp_path))
     assert llm.engine.adapters() == ["qv"]
+
+
+def test_tp2_on_gloo_gives_the_tokens_of_one_process(lora_model):
+    import multiprocessing
+
+    base, adapters, refs = lora_model
+    prompts = random_prompts([9, 14, 5, 20], seed=7)
+    names = [None, "qv", "all", "mlp"]
+    params = [SamplingParams(max_tokens=6, temperature=0, lora=n) for n in names]
+    llm = LLM(base, dtype="float32", max_loras=2, kv_cache_memory=4 << 20, max_num_batched_tokens=16,
+              max_num_seqs=4, tensor_parallel_size=2, lora_modules=adapters)  # fmt: skip
+    try:
+        outs = llm.generate(prompts, params)
+    finally:
+        llm.close()
+    for out, p, name in zip(outs, prompts, names):
+        assert out.token_ids == greedy(refs[name], p, 6), name
+    assert not multiprocessing.active_children()
