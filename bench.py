@@ -35,7 +35,7 @@ from nanokyro.benchmarks.offline import run_decode_idle, run_latency, run_offlin
 from nanokyro.benchmarks.online import plot_levels, print_levels, run_online
 from nanokyro.benchmarks.peer import run_hf_peer
 from nanokyro.benchmarks.workload import (engine_options, hf_config, make_workload, measure_machine, model_costs,
-                                         roofline)  # fmt: skip
+                                         roofline, write_random_adapters)  # fmt: skip
 from nanokyro.loader import DUMMY_ARCHITECTURES
 
 
@@ -78,6 +78,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--decode-idle", action="store_true",
                     help="decode at batch --num-prompts: wall and GPU-busy ms per step, the GPU's idle fraction")
     ap.add_argument("--tokenizer", default=None, help="an HF tokenizer directory (e.g. for dummy weights)")
+    ap.add_argument("--num-loras", type=int, default=None,
+                    help="multi-LoRA: make this many random adapters (all seven projections), spread the requests over "
+                         "them, and run the same workload on the base model first for the ratio")  # fmt: skip
+    ap.add_argument("--lora-rank", type=int, default=16, help="the random adapters' rank (with --num-loras)")
     online = ap.add_mutually_exclusive_group()
     online.add_argument("--serve-url", default=None, help="online: load this running server (e.g. http://host:3000)")
     online.add_argument("--serve", action="store_true",
@@ -166,6 +170,25 @@ def main(argv=None) -> dict:
             f", GPU busy {result['step_gpu_busy_ms']:.2f} ms: idle {result['gpu_idle_fraction']:.1%} of the step")
         print(f"decode step, batch {result['batch']}: {result['step_wall_ms']:.2f} ms wall{busy}; mean of "
               f"{result['steps']} steps, {result['running_at_end']} still running at the end")  # fmt: skip
+    elif args.num_loras:
+        import tempfile
+
+        root = tempfile.mkdtemp(prefix="nanokyro-loras-")  # kept: other ranks read adapters from it when swapped in
+        loras = write_random_adapters(llm, args.num_loras, args.lora_rank, root, args.seed)
+        if args.latency:
+            base_s = run_latency(llm, prompts[0], out_lens[0])
+            lora_s = run_latency(llm, prompts[0], out_lens[0], lora=loras[0])
+            result.update(base_tokens_per_s=1 / base_s, lora_tokens_per_s=1 / lora_s, lora_ratio=base_s / lora_s)
+            what = "batch-1 decode"
+        else:
+            base_s = run_offline(llm, prompts, out_lens)
+            lora_s = run_offline(llm, prompts, out_lens, loras)
+            result.update(base_tokens_per_s=sum(out_lens) / base_s, lora_tokens_per_s=sum(out_lens) / lora_s,
+                          lora_ratio=base_s / lora_s)  # fmt: skip
+            what = f"{num_prompts} requests"
+        print(f"{what}, {args.num_loras} rank-{args.lora_rank} adapters: {result['lora_tokens_per_s']:.1f} output "
+              f"tok/s with adapters vs {result['base_tokens_per_s']:.1f} base (same engine, no adapter): "
+              f"{result['lora_ratio']:.1%}")  # fmt: skip
     elif args.latency:
         step_s = run_latency(llm, prompts[0], out_lens[0])
         floor_s = (costs["weight_bytes"] + (in_lens[0] + out_lens[0] / 2) * costs["kv_bytes_per_token"]) / machine[

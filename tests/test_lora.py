@@ -173,3 +173,61 @@ def test_tp2_on_gloo_gives_the_tokens_of_one_process(lora_model):
     for out, p, name in zip(outs, prompts, names):
         assert out.token_ids == greedy(refs[name], p, 6), name
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("mode", [[], ["--latency"]])
+def test_bench_runs_the_workload_on_the_base_and_on_random_adapters(tmp_path, mode):
+    from test_bench import run_bench
+
+    base = build_tiny_model("llama", str(tmp_path / "base"))
+    r = run_bench(tmp_path, "--model", base, "--num-prompts", "6", "--input-len", "5-20", "--output-len", "4-8",
+                  "--num-loras", "3", "--lora-rank", "4", *mode)  # fmt: skip
+    assert r["base_tokens_per_s"] > 0 and r["lora_tokens_per_s"] > 0
+    assert r["lora_ratio"] == pytest.approx(r["lora_tokens_per_s"] / r["base_tokens_per_s"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_tokens", [1, 3, 16, 50, 700])
+@pytest.mark.parametrize("shape", [(4096, 48, 6144), (14336, 16, 4096), (64, 8, 128)])  # K, rank slots, N
+def test_triton_kernels_match_the_torch_reference(dtype, num_tokens, shape):
+    from nanokyro.lora import lora_delta, lora_delta_reference
+
+    K, R, N = shape
+    S = 4
+    g = torch.Generator(device="cuda").manual_seed(num_tokens)
+    x = torch.randn(num_tokens, K, device="cuda", generator=g).to(dtype)
+    a = (torch.randn(S, R, K, device="cuda", generator=g) / K**0.5).to(dtype)
+    b = (torch.randn(S, N, R, device="cuda", generator=g) * 0.1).to(dtype)
+    y = torch.randn(num_tokens, N, device="cuda", generator=g).to(dtype)
+    for pattern in ("segments", "rows"):  # prefill-like runs of one adapter; decode-like, each row its own
+        if pattern == "segments":
+            lora = torch.arange(num_tokens, device="cuda") * 5 // max(num_tokens, 1) - 1  # -1, 0, 1, 2, 3 in runs
+        else:
+            lora = torch.randint(-1, S, (num_tokens,), device="cuda", generator=g)
+        lora = lora.to(torch.int32)
+        got = lora_delta(y, x, a, b, lora)
+        ref = lora_delta_reference(y.float(), x.float(), a.float(), b.float(), lora)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_with_adapters_give_the_eager_tokens(tmp_path):
+    base = build_tiny_model("llama", str(tmp_path / "base"))
+    adapters = {name: make_adapter(base, str(tmp_path / name), i + 1, **opts) for i, (name, opts) in enumerate(ADAPTERS.items())}
+    prompts = random_prompts([9, 14, 5, 20, 3, 7], seed=8)
+    names = [None, "qv", "all", "mlp", "all", "qv"]
+    params = [SamplingParams(max_tokens=12, temperature=0, lora=n) for n in names]
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(base, dtype="bfloat16", max_loras=3, max_num_seqs=8, gpu_memory_utilization=0.3, enforce_eager=eager,
+                  lora_modules=adapters)  # fmt: skip
+        outs[eager] = [o.token_ids for o in llm.generate(prompts, params)]
+        if not eager:
+            assert llm.engine.runner.graphs is not None
+        del llm
+    assert outs[True] == outs[False]
+    assert len({tuple(t) for t in outs[True]}) > 1

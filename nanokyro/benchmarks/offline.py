@@ -15,10 +15,13 @@ from nanokyro import LLM, SamplingParams
 from nanokyro.benchmarks.workload import sync
 
 
-def run_offline(llm: LLM, prompts, out_lens) -> float:
-    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in out_lens]
+def run_offline(llm: LLM, prompts, out_lens, loras: list[str] | None = None) -> float:
+    """Seconds for the whole workload; with `loras`, request i runs under adapter loras[i % len(loras)]."""
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, lora=loras[i % len(loras)] if loras else None)
+              for i, n in enumerate(out_lens)]  # fmt: skip
     device = llm.engine.runner.device
-    llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2)  # warm-up (kernels, allocator)
+    # Warm-up (kernels, allocator, the compiled transformer with and without adapters).
+    llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True, lora=loras[0] if loras else None)] * 2)
     sync(device)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
@@ -29,13 +32,13 @@ def run_offline(llm: LLM, prompts, out_lens) -> float:
     return elapsed
 
 
-def run_latency(llm: LLM, prompt: list[int], out_len: int, trials: int = 3) -> float:
+def run_latency(llm: LLM, prompt: list[int], out_len: int, trials: int = 3, lora: str | None = None) -> float:
     """Seconds per decode step of one request (its prefill step excluded): the median of `trials` runs."""
     engine = llm.engine
-    llm.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    llm.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True, lora=lora))  # warm-up
 
     def one_run() -> float:
-        engine.add_request(prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True))
+        engine.add_request(prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True, lora=lora))
         engine.step()  # the prefill, which samples the first token
         sync(engine.runner.device)
         start = time.perf_counter()

@@ -53,7 +53,40 @@ def engine_options(args) -> dict:
     for name in ("dtype", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
+    if getattr(args, "num_loras", None):
+        opts.update(max_loras=args.num_loras, max_lora_rank=args.lora_rank)
     return opts
+
+
+def write_random_adapters(llm: LLM, num: int, rank: int, root: str, seed: int = 0) -> list[str]:
+    """`num` PEFT LoRA directories of rank `rank` on all seven projections of the engine's model, with random
+    weights (a delta of a few percent of each projection's output), registered as lora0, lora1, ..."""
+    from safetensors.torch import save_file
+
+    from nanokyro.lora import _module_dims
+
+    mc = llm.engine.runner.model_cfg
+    gen = torch.Generator().manual_seed(seed)
+    names = []
+    for i in range(num):
+        path = f"{root}/lora{i}"
+        tensors = {}
+        for layer in range(mc.num_layers):
+            for module, (fan_in, fan_out) in _module_dims(mc).items():
+                part = "self_attn" if module[0] in "qkvo" else "mlp"
+                key = f"base_model.model.model.layers.{layer}.{part}.{module}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
+                tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.01
+        import os
+
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, f"{path}/adapter_model.safetensors")
+        with open(f"{path}/adapter_config.json", "w") as f:
+            json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "bias": "none",
+                       "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}, f)  # fmt: skip
+        llm.load_lora(f"lora{i}", path)
+        names.append(f"lora{i}")
+    return names
 
 
 # -- the machine's two ceilings ------------------------------------------------------------------------------
