@@ -65,7 +65,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs or torch.compile")
     p.add_argument("--no-overlap-schedule", action="store_true",
                    help="run steps one at a time (by default the host handles a step's tokens while the next runs)")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH", type=parse_lora_module,
+                   help="LoRA adapters (PEFT directories) to serve from the start; a request picks one with its "
+                        "`model` field (NAME or BASE:NAME)")  # fmt: skip
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="LoRA adapters resident on the device at once (more may be loaded; they are swapped in LRU). "
+                        "Default: 4 with --lora-modules, else 0 (LoRA off; POST /v1/load_lora_adapter needs it on)")  # fmt: skip
+    p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank, help="the largest adapter rank accepted")
     return p.parse_args(argv)
+
+
+def parse_lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -75,7 +89,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
         served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager,
         overlap_schedule=not args.no_overlap_schedule, tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size, lora_modules=dict(args.lora_modules),
+        max_loras=args.max_loras if args.max_loras is not None else 4 if args.lora_modules else 0,
+        max_lora_rank=args.max_lora_rank,
     )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -28,8 +29,8 @@ import zmq.asyncio
 from nanokyro.config import EngineConfig
 from nanokyro.output import OutputProcessor
 from nanokyro.request import (
-    AbortRequest, AddRequest, Delta, EngineStats, Failure, FromCore, Limits, LoadFailed, Ready, SamplingParams,
-    SeqOutput, Shutdown, StepOutputs, Unhealthy,
+    AbortRequest, AdapterReply, AddRequest, Delta, EngineStats, Failure, FromCore, Limits, LoadAdapter, LoadFailed,
+    Ready, SamplingParams, SeqOutput, Shutdown, StepOutputs, Unhealthy, UnloadAdapter,
 )  # fmt: skip
 from nanokyro.tokenizer import Tokenizer
 
@@ -102,6 +103,10 @@ class CoreClient:
         self._outputs: OutputProcessor | None = None
         self._receiver: asyncio.Task | None = None
         self._closing = False
+        self.adapters: dict[str, str] = {}  # LoRA adapters the core serves: name -> path
+        self.max_loras = 0
+        self._replies: dict[int, asyncio.Future] = {}
+        self._reply_ids = itertools.count()
 
     @classmethod
     async def start(cls, cfg: EngineConfig, core_entry: str = CORE_ENTRY) -> CoreClient:
@@ -121,6 +126,7 @@ class CoreClient:
             await client.close()
             raise
         client.model_name, client.limits = ready.model_name, ready.limits
+        client.adapters, client.max_loras = dict(ready.adapters), ready.max_loras
         if ready.tokenizer is not None:  # a large vocabulary takes a moment to build: not on the event loop
             client.tokenizer = await asyncio.to_thread(Tokenizer.from_spec, ready.tokenizer)
         client._outputs = OutputProcessor(client.tokenizer)
@@ -177,6 +183,18 @@ class CoreClient:
             if finished < params.n:
                 self._send(AbortRequest(request_id))  # the consumer went away: free the pages now
 
+    async def change_adapter(self, name: str, path: str | None) -> AdapterReply:
+        """Load (with a path) or unload a LoRA adapter in the core, between its steps; returns its reply."""
+        if self.error is not None:
+            raise EngineDead(self.error)
+        reply_id = next(self._reply_ids)
+        future = self._replies[reply_id] = asyncio.get_running_loop().create_future()
+        try:
+            self._send(LoadAdapter(reply_id, name, path) if path is not None else UnloadAdapter(reply_id, name))
+            return await future
+        finally:
+            self._replies.pop(reply_id, None)
+
     def end_all(self, message: str) -> None:
         """End every open stream with an error, and abort its request in the core (a shutdown's grace is over)."""
         for request_id, stream in self._streams.items():
@@ -206,6 +224,11 @@ class CoreClient:
                         self._route(out)
                 elif isinstance(msg, Unhealthy):
                     self._fail(f"the engine is unhealthy: {msg.message}")
+                elif isinstance(msg, AdapterReply):
+                    self.adapters = dict(msg.adapters)
+                    future = self._replies.get(msg.reply_id)
+                    if future is not None and not future.done():
+                        future.set_result(msg)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # nothing would reach the streams any more: fail them rather than hang
@@ -244,6 +267,9 @@ class CoreClient:
             self.error = error
         for stream in self._streams.values():
             stream.put(EngineDead(self.error))
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(EngineDead(self.error))
 
     # -- shutdown -------------------------------------------------------------------------------------------
 

@@ -104,8 +104,9 @@ class EngineCore:
 
     # -- LoRA adapters --------------------------------------------------------------------------------------
 
-    def adapters(self) -> list[str]:
-        return list(self.loras.entries) if self.loras is not None else []
+    def adapters(self) -> dict[str, str]:
+        """The registered LoRA adapters: name -> path."""
+        return {e.name: e.path for e in self.loras.entries.values()} if self.loras is not None else {}
 
     def load_lora(self, name: str, path: str) -> None:
         """Register a PEFT LoRA directory under `name`; AdapterError (naming what is wrong) if it can't serve."""

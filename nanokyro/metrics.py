@@ -126,3 +126,13 @@ class _EngineCollector:
                      "prefix cache.", stats.prefix_cache_queried_tokens)  # fmt: skip
         yield family(CounterMetricFamily, "nanokyro_prefix_cache_hit_tokens", "Prompt tokens served from the prefix "
                      "cache.", stats.prefix_cache_hit_tokens)  # fmt: skip
+        if self.client.max_loras:
+            yield family(GaugeMetricFamily, "nanokyro_lora_adapters_resident", "LoRA adapters in a device slot.",
+                         stats.loras_resident)  # fmt: skip
+            yield family(CounterMetricFamily, "nanokyro_lora_adapter_loads", "LoRA adapters put into a device slot.",
+                         stats.lora_loads)  # fmt: skip
+            per = CounterMetricFamily("nanokyro_lora_requests", "Requests run under each LoRA adapter.",
+                                      labels=["model_name", "lora_name"])  # fmt: skip
+            for adapter, n in sorted(stats.lora_requests.items()):
+                per.add_metric([*name, adapter], n)
+            yield per

@@ -146,6 +146,18 @@ class ChatCompletionChunk(msgspec.Struct):
     object: str = "chat.completion.chunk"
 
 
+class LoadLoRAAdapterRequest(_Body):
+    """POST /v1/load_lora_adapter (vLLM's API): register a PEFT LoRA directory under a name."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    lora_name: str
+    lora_int_id: int | None = None  # vLLM's; ignored
+
+
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str

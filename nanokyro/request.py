@@ -279,7 +279,7 @@ class Ready(msgspec.Struct, tag=True):
     model_name: str
     limits: Limits
     tokenizer: TokenizerSpec | None
-    adapters: list[str] = []  # the LoRA adapters registered at start
+    adapters: dict[str, str] = {}  # the LoRA adapters registered at start: name -> path
     max_loras: int = 0  # 0: LoRA is off
 
 
@@ -305,7 +305,7 @@ class AdapterReply(msgspec.Struct, tag=True):
     reply_id: int
     status: int
     message: str
-    adapters: list[str]
+    adapters: dict[str, str]  # name -> path
 
 
 FromCore = Ready | LoadFailed | StepOutputs | Unhealthy | AdapterReply

@@ -35,8 +35,8 @@ from nanokyro.config import EngineConfig
 from nanokyro.metrics import CONTENT_TYPE, Metrics, RequestStats
 from nanokyro.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    Completion, CompletionChoice, CompletionRequest, DeltaMessage, PromptTokensDetails, SamplingFields, StreamOptions,
-    Usage,
+    Completion, CompletionChoice, CompletionRequest, DeltaMessage, LoadLoRAAdapterRequest, PromptTokensDetails,
+    SamplingFields, StreamOptions, UnloadLoRAAdapterRequest, Usage,
 )  # fmt: skip
 from nanokyro.request import Delta, PromptError, SamplingParams, StructuredOutput, TokenLogprob
 
@@ -112,6 +112,8 @@ def _engine_error(exc: BaseException) -> APIError:
     if isinstance(exc, RequestFailed):
         if exc.status == 400:
             return APIError(400, str(exc))
+        if exc.status == 404:  # a LoRA adapter unloaded while the request was on its way
+            return APIError(404, str(exc), param="model", code="model_not_found")
         if exc.status == 503:
             return _unavailable(str(exc), "engine_unhealthy")
     return APIError(500, str(exc), "server_error")
@@ -287,8 +289,8 @@ class _Admission:
     """A request counted against the waiting-queue limit from the moment it is admitted (before any await, so a
     burst can't slip past the check) until its first token, its end, or its failure."""
 
-    def __init__(self, server: _Server):
-        self.server = server
+    def __init__(self, server: _Server, lora: str | None = None):
+        self.server, self.lora = server, lora  # lora: the adapter the request's `model` names, if any
         server.num_unstarted += 1
 
     def started(self) -> None:
@@ -379,15 +381,48 @@ class _Server:
     def admit(self, req: SamplingFields) -> tuple[CoreClient, _Admission]:
         """The checks every generation request goes through before its own; counts it as waiting."""
         client = self.ready_client()
-        if req.model != client.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {client.model_name!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+        lora = self.lora_of(client, req.model)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         if self.num_unstarted >= self.max_queue:
             raise APIError(429, f"{self.num_unstarted} requests are already waiting (limit {self.max_queue})",
                            "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})  # fmt: skip
-        return client, _Admission(self)
+        return client, _Admission(self, lora)
+
+    def lora_of(self, client: CoreClient, model: str) -> str | None:
+        """The LoRA adapter a request's `model` names (the adapter's name, or `base:adapter`), None for the base
+        model; 404 for anything else."""
+        if model == client.model_name:
+            return None
+        name = model.removeprefix(f"{client.model_name}:")
+        if name in client.adapters:
+            return name
+        served = [client.model_name, *client.adapters]
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served}", param="model",
+                       code="model_not_found")  # fmt: skip
+
+    async def change_adapter(self, request: Request, load: bool) -> Response:
+        """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's API): done by the core between steps.
+        A bad adapter is a 400 naming what is wrong, an unknown one a 404, one that requests use a 409."""
+        client = self.ready_client()
+        if load:
+            req = await _strict(request, LoadLoRAAdapterRequest)
+            if not client.max_loras:
+                raise APIError(400, "LoRA is off: start the server with --max-loras N (or --lora-modules)")
+            if req.lora_name == client.model_name:
+                raise APIError(400, f"lora_name {req.lora_name!r} is the base model's name", param="lora_name")
+        else:
+            req = await _strict(request, UnloadLoRAAdapterRequest)
+        try:
+            reply = await client.change_adapter(req.lora_name, req.lora_path if load else None)
+        except EngineDead as e:
+            raise _engine_error(e) from None
+        if reply.status != 200:
+            param = "lora_path" if reply.status == 400 and "lora_name" not in reply.message else "lora_name"
+            code = {404: "model_not_found", 409: "adapter_in_use"}.get(reply.status)
+            raise APIError(reply.status, reply.message, param=param, code=code)
+        done = "added" if load else "removed"
+        return Response(f"Success: LoRA adapter '{req.lora_name}' {done} successfully.", media_type="text/plain")
 
     async def encode(self, client: CoreClient, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Prompt ids, tokenised on a worker thread (a long prompt must not stall other streams), and validated
@@ -495,7 +530,7 @@ class _Server:
             admission.started()  # a no-op once generation took it over
 
     async def chat(self, req: ChatCompletionRequest, request: Request, client: CoreClient, admission: _Admission):
-        params = _chat_params(req)
+        params = msgspec.structs.replace(_chat_params(req), lora=admission.lora)
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
         if client.tokenizer is None:
@@ -534,7 +569,7 @@ class _Server:
             for i, c in enumerate(choices)]))  # fmt: skip
 
     async def complete(self, req: CompletionRequest, request: Request, client: CoreClient, admission: _Admission):
-        params = _completion_params(req)
+        params = msgspec.structs.replace(_completion_params(req), lora=admission.lora)
         try:
             prompt_ids = [await self.encode(client, p, params) for p in _prompts(req.prompt)]
         except PromptError as e:
@@ -612,22 +647,34 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
     async def completions(data: JSONBody[CompletionRequest], request: Request) -> Response:
         return await server.handle(request, CompletionRequest, server.complete)
 
-    def model_card() -> dict:
+    def model_cards() -> list[dict]:
+        """The base model, then its LoRA adapters (vLLM's fields: `root` the adapter's path, `parent` the base)."""
         client = server.ready_client()
-        return {"id": client.model_name, "object": "model", "created": 0, "owned_by": "nanokyro",
-                "max_model_len": client.limits.max_model_len}
+        base = {"id": client.model_name, "object": "model", "created": 0, "owned_by": "nanokyro",
+                "max_model_len": client.limits.max_model_len}  # fmt: skip
+        return [base] + [{**base, "id": name, "root": path, "parent": client.model_name}
+                         for name, path in client.adapters.items()]  # fmt: skip
 
     @get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": model_cards()}
 
     @get("/models/{model_id:path}")
     async def model(model_id: Annotated[str, PathParameter()]) -> dict:
-        card = model_card()
-        if model_id.lstrip("/") != card["id"]:
-            raise APIError(404, f"the model {model_id.lstrip('/')!r} does not exist; this server serves {card['id']!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+        cards = model_cards()
+        card = next((c for c in cards if c["id"] == model_id.lstrip("/")), None)
+        if card is None:
+            raise APIError(404, f"the model {model_id.lstrip('/')!r} does not exist; this server serves "
+                           f"{[c['id'] for c in cards]}", param="model", code="model_not_found")  # fmt: skip
         return card
+
+    @post("/load_lora_adapter", status_code=200)
+    async def load_lora_adapter(data: JSONBody[LoadLoRAAdapterRequest], request: Request) -> Response:
+        return await server.change_adapter(request, load=True)
+
+    @post("/unload_lora_adapter", status_code=200)
+    async def unload_lora_adapter(data: JSONBody[UnloadLoRAAdapterRequest], request: Request) -> Response:
+        return await server.change_adapter(request, load=False)
 
     @get("/health")
     async def health() -> Response:
@@ -639,7 +686,8 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
         body = server.metrics.render() if server.metrics is not None else b""
         return Response(body, media_type=CONTENT_TYPE)
 
-    v1 = Router("/v1", route_handlers=[chat_completions, completions, models, model], guards=[check_key])
+    v1 = Router("/v1", route_handlers=[chat_completions, completions, models, model, load_lora_adapter,
+                                       unload_lora_adapter], guards=[check_key])  # fmt: skip
     return Litestar(
         route_handlers=[v1, health, metrics],
         on_startup=[server.start_loading],

@@ -154,7 +154,7 @@ def test_load_unload_and_bad_adapters_are_refused_with_the_field_named(lora_mode
             llm.load_lora(field, variant(field, **{field: value}))
     with pytest.raises(AdapterError, match="adapter_config.json"):
         llm.load_lora("empty", str(tmp_path))
-    assert llm.engine.adapters() == ["qv"]
+    assert list(llm.engine.adapters()) == ["qv"]
 
 
 def test_tp2_on_gloo_gives_the_tokens_of_one_process(lora_model):
@@ -245,3 +245,89 @@ def test_cuda_graph_replays_with_adapters_match_eager_and_peft_logits(tmp_path):
             ref = refs[name](torch.tensor([seq.token_ids])).logits[0, -1]
             assert rel_err(graphed[row].cpu(), ref) < 3e-2, name
         engine.fail_all()
+
+
+# -- over HTTP ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory):
+    from conftest import KEY, ServerThread
+    from nanokyro.config import EngineConfig
+    from nanokyro.server import create_app
+
+    root = tmp_path_factory.mktemp("lora-http")
+    base = build_tiny_model("llama", str(root / "base"))
+    adapters = {name: make_adapter(base, str(root / name), i + 1, **opts) for i, (name, opts) in enumerate(ADAPTERS.items())}
+    cfg = EngineConfig(model=base, dtype="float32", kv_cache_memory=16 << 20, max_num_seqs=8, max_loras=1,
+                       lora_modules={"qv": adapters["qv"]})  # fmt: skip
+    srv = ServerThread(create_app(cfg, api_key=KEY))
+    yield srv, base, adapters, root
+    srv.stop()
+
+
+def test_adapters_over_http_load_use_unload_reload_with_vllms_api(lora_server):
+    import httpx
+    import openai
+
+    from test_server import engine_idle, metrics
+
+    srv, base, adapters, root = lora_server
+    client, tok = srv.client(), srv.core.tokenizer
+    prompt = random_prompts([8], seed=10)[0]
+
+    def complete(model, **kw):
+        return client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0, **kw)
+
+    def change(path, body):
+        return client.post(path, body=body, cast_to=httpx.Response)
+
+    def expected(name):
+        return tok.decode(greedy(peft_model(base, adapters.get(name)), prompt, 6))
+
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {srv.model, "qv"} and cards["qv"].parent == srv.model and cards["qv"].root == adapters["qv"]
+    assert complete("qv").choices[0].text == complete(f"{srv.model}:qv").choices[0].text == expected("qv")
+    assert complete(srv.model).choices[0].text == expected(None)
+    with pytest.raises(openai.NotFoundError, match="all"):
+        complete("all")
+    # Load: a second adapter (one slot: swapped with the first, LRU), then bad ones, refused with the reason.
+    assert change("/load_lora_adapter", {"lora_name": "all", "lora_path": adapters["all"]}).status_code == 200
+    assert complete("all").choices[0].text == expected("all") and complete("qv").choices[0].text == expected("qv")
+    with pytest.raises(openai.BadRequestError, match="adapter_config.json"):
+        change("/load_lora_adapter", {"lora_name": "bad", "lora_path": str(root)})
+    dora = root / "dora"
+    dora.mkdir()
+    os.link(os.path.join(adapters["mlp"], "adapter_model.safetensors"), dora / "adapter_model.safetensors")
+    with open(os.path.join(adapters["mlp"], "adapter_config.json")) as f:
+        (dora / "adapter_config.json").write_text(json.dumps({**json.load(f), "use_dora": True}))
+    with pytest.raises(openai.BadRequestError, match="use_dora"):
+        change("/load_lora_adapter", {"lora_name": "dora", "lora_path": str(dora)})
+    with pytest.raises(openai.BadRequestError, match="lora_path"):
+        change("/load_lora_adapter", {"lora_name": "x"})
+    with pytest.raises(openai.AuthenticationError):
+        srv.client(key="wrong").post("/load_lora_adapter", body={"lora_name": "mlp", "lora_path": adapters["mlp"]},
+                                     cast_to=httpx.Response)  # fmt: skip
+    assert complete(srv.model).choices[0].text == expected(None)  # still serving
+    assert set(m.id for m in client.models.list().data) == {srv.model, "qv", "all"}
+    # Unload while a request uses it: 409, and the request goes on untouched.
+    stream = client.completions.create(model="all", prompt=prompt, max_tokens=200, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+    text = next(iter(stream)).choices[0].text
+    with pytest.raises(openai.ConflictError, match="in use"):
+        change("/unload_lora_adapter", {"lora_name": "all"})
+    text += "".join(c.choices[0].text for c in stream)
+    long = client.completions.create(model="all", prompt=prompt, max_tokens=200, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text  # fmt: skip
+    assert text == long
+    assert engine_idle(srv)
+    assert change("/unload_lora_adapter", {"lora_name": "all"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        complete("all")
+    with pytest.raises(openai.NotFoundError):
+        change("/unload_lora_adapter", {"lora_name": "all"})
+    assert change("/load_lora_adapter", {"lora_name": "all", "lora_path": adapters["mlp"]}).status_code == 200
+    assert complete("all").choices[0].text == expected("mlp")  # the name again, another adapter
+    m = metrics(srv.url)
+    assert m["nanokyro_lora_requests_total{lora_name=all}"] == 4 and m["nanokyro_lora_requests_total{lora_name=qv}"] == 3
+    assert m["nanokyro_lora_adapters_resident{}"] == 1 and m["nanokyro_lora_adapter_loads_total{}"] >= 4
