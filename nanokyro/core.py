@@ -108,11 +108,12 @@ class EngineCore:
         """The registered LoRA adapters: name -> path."""
         return {e.name: e.path for e in self.loras.entries.values()} if self.loras is not None else {}
 
-    def load_lora(self, name: str, path: str) -> None:
-        """Register a PEFT LoRA directory under `name`; AdapterError (naming what is wrong) if it can't serve."""
+    def load_lora(self, name: str, path: str, adapter=None) -> None:
+        """Register a PEFT LoRA directory under `name` (its weights read now, or given as lora.LoRARegistry.read
+        returned them); AdapterError (naming what is wrong) if it can't serve."""
         if self.loras is None:
             raise AdapterError("LoRA is off: start the engine with max_loras >= 1 (--max-loras)")
-        self.loras.register(name, path)
+        self.loras.register(name, path, adapter)
 
     def unload_lora(self, name: str) -> None:
         """Forget an adapter. UnknownAdapter if it is not loaded; AdapterInUse while a request uses it."""
@@ -352,6 +353,7 @@ class CoreLoop:
         self.encoder = msgspec.msgpack.Encoder()
         self.outs: list[SeqOutput] = []  # to publish with the next step's
         self.compiling: dict[str, tuple[concurrent.futures.Future, AddRequest]] = {}
+        self.reading: list[tuple[concurrent.futures.Future, LoadAdapter]] = []  # LoRA adapters read on a thread
         self.compiler = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="nanokyro-grammar")
         self.parent = os.getppid()
         self.unhealthy: str | None = None
@@ -367,9 +369,10 @@ class CoreLoop:
         while not self.stopping and os.getppid() == self.parent:  # a frontend that died leaves no core behind
             busy = self.core.has_work() and self.unhealthy is None
             # Idle: wait for a message, waking now and then for compiled grammars and to look for the frontend.
-            if poller.poll(0 if busy else 5 if self.compiling else 1000):
+            if poller.poll(0 if busy else 5 if self.compiling or self.reading else 1000):
                 self._take_messages()
             self._queue_compiled()
+            self._register_read()
             if self.stopping:
                 break
             stepped = self.core.has_work() and self.unhealthy is None
@@ -411,14 +414,25 @@ class CoreLoop:
                 self.outs += self.core.abort(msg.request_id, msg.index)
             elif isinstance(msg, Shutdown):
                 self.stopping = True
+            elif isinstance(msg, LoadAdapter) and self.core.loras is not None:
+                # Reading the file takes a while for a large model: on a thread, so the steps go on meanwhile.
+                self.reading.append((self.compiler.submit(self.core.loras.read, msg.path), msg))
             elif isinstance(msg, (LoadAdapter, UnloadAdapter)):
                 self._send(self._adapter(msg))
 
-    def _adapter(self, msg: LoadAdapter | UnloadAdapter) -> AdapterReply:
-        """Load or unload a LoRA adapter between steps; the reply carries the outcome as an HTTP status."""
+    def _register_read(self) -> None:
+        """Register the adapters whose files are read, in the order they were asked for, and reply."""
+        while self.reading and self.reading[0][0].done():
+            future, msg = self.reading.pop(0)
+            self._send(self._adapter(msg, future))
+
+    def _adapter(self, msg: LoadAdapter | UnloadAdapter, read: concurrent.futures.Future | None = None
+                 ) -> AdapterReply:  # fmt: skip
+        """Load (its file read by `read`) or unload a LoRA adapter between steps; the reply carries the outcome as
+        an HTTP status."""
         try:
             if isinstance(msg, LoadAdapter):
-                self.core.load_lora(msg.name, msg.path)
+                self.core.load_lora(msg.name, msg.path, read.result() if read is not None else None)
             else:
                 self.core.unload_lora(msg.name)
             status, message = 200, ""
@@ -458,6 +472,8 @@ class CoreLoop:
     def _enqueue(self, msg: AddRequest) -> None:
         try:
             self.core.enqueue(msg.prompt_ids, msg.params, msg.request_id)
+        except UnknownAdapter as e:  # unloaded while its grammar compiled
+            self._reject(msg, Failure(404, str(e)))
         except Exception as e:
             log.error("adding request %s failed: %s", msg.request_id, traceback.format_exc())
             self._reject(msg, Failure(500, f"adding the request failed: {e!r}"))

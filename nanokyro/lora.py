@@ -270,14 +270,22 @@ class LoRARegistry:
     _pending: list[tuple[int, str]] = field(default_factory=list)  # (slot, path) to load before the next step
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
 
-    def register(self, name: str, path: str) -> LoRAEntry:
-        """Read and check the adapter (AdapterError if it can't be served) and add it under `name`."""
+    def check_name(self, name: str) -> None:
         if not name or ":" in name:
             raise AdapterError(f"lora_name {name!r}: a non-empty name without ':'")
         if name in self.entries:
             raise AdapterError(f"lora_name {name!r}: an adapter of that name is already loaded")
-        path = os.path.abspath(path)
-        self.host[path] = read_adapter(path, self.model_cfg, self.max_rank)
+
+    def read(self, path: str) -> Adapter:
+        """Read and check an adapter directory (AdapterError if it can't be served); no state changes."""
+        return read_adapter(os.path.abspath(path), self.model_cfg, self.max_rank)
+
+    def register(self, name: str, path: str, adapter: Adapter | None = None) -> LoRAEntry:
+        """Add the adapter at `path` under `name` (read now unless given, as `read` returned it)."""
+        self.check_name(name)
+        adapter = adapter or self.read(path)
+        path = adapter.path
+        self.host[path] = adapter
         entry = self.entries[name] = LoRAEntry(name, path, next(self._keys))
         return entry
 

@@ -125,7 +125,7 @@ class StepPlan:
             parts = [ids[t0:t1], pos[t0:t1], pages[t0:t1], offsets[t0:t1], kv_idx[p0:p1], mine, lora[t0:t1] if len(lora) else lora,
                      qo[r0:r1 + 1] - t0, kv_ptr[r0:r1 + 1] - p0, last_len[r0:r1]]  # fmt: skip
             plans.append(StepPlan(torch.cat(parts), [len(p) for p in parts], self.q_lens[r0:r1], self.kv_lens[r0:r1],
-                                  None, self.num_prev_tokens, self.lora_loads if not plans else []))  # fmt: skip
+                                  None, self.num_prev_tokens))  # fmt: skip
         return plans
 
     def encode(self) -> bytes:

@@ -157,7 +157,8 @@ def test_load_unload_and_bad_adapters_are_refused_with_the_field_named(lora_mode
     assert list(llm.engine.adapters()) == ["qv"]
 
 
-def test_tp2_on_gloo_gives_the_tokens_of_one_process(lora_model):
+@pytest.mark.parametrize("layout", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_tp2_and_pp2_on_gloo_give_the_tokens_of_one_process(lora_model, layout):
     import multiprocessing
 
     base, adapters, refs = lora_model
@@ -165,7 +166,8 @@ def test_tp2_on_gloo_gives_the_tokens_of_one_process(lora_model):
     names = [None, "qv", "all", "mlp"]
     params = [SamplingParams(max_tokens=6, temperature=0, lora=n) for n in names]
     llm = LLM(base, dtype="float32", max_loras=2, kv_cache_memory=4 << 20, max_num_batched_tokens=16,
-              max_num_seqs=4, tensor_parallel_size=2, lora_modules=adapters)  # fmt: skip
+              max_num_seqs=4, tensor_parallel_size=layout[0], pipeline_parallel_size=layout[1],
+              lora_modules=adapters)  # fmt: skip
     try:
         outs = llm.generate(prompts, params)
     finally:
