@@ -122,7 +122,7 @@ class StepPlan:
         for r0, r1 in zip(bounds, bounds[1:]):
             t0, t1, p0, p1 = qo_list[r0], qo_list[r1], int(kv_ptr[r0]), int(kv_ptr[r1])
             mine = sampled[(sampled >= t0) & (sampled < t1)] - t0
-            parts = [ids[t0:t1], pos[t0:t1], pages[t0:t1], offsets[t0:t1], kv_idx[p0:p1], mine, lora[t0:t1] if len(lora) else lora,
+            parts = [ids[t0:t1], pos[t0:t1], pages[t0:t1], offsets[t0:t1], kv_idx[p0:p1], mine, lora[t0:t1],
                      qo[r0:r1 + 1] - t0, kv_ptr[r0:r1 + 1] - p0, last_len[r0:r1]]  # fmt: skip
             plans.append(StepPlan(torch.cat(parts), [len(p) for p in parts], self.q_lens[r0:r1], self.kv_lens[r0:r1],
                                   None, self.num_prev_tokens))  # fmt: skip
@@ -418,7 +418,8 @@ class DecodeGraphs:
         log.info("CUDA graphs: compiled and captured %d buckets (1..%d) in %.1f s", len(self.buckets), max_bs,
                  self.startup_s)  # fmt: skip
 
-    def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
+    def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None
+                ) -> torch.Tensor:  # fmt: skip
         return self.model(input_ids, positions, self.attn.op, lora=lora)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None

@@ -33,6 +33,11 @@ def make_adapter(base_dir: str, out_dir: str, seed: int, **options) -> str:
     return out_dir
 
 
+def make_adapters(base_dir: str, root) -> dict[str, str]:
+    return {name: make_adapter(base_dir, str(root / name), seed, **opts)
+            for seed, (name, opts) in enumerate(ADAPTERS.items(), 1)}  # fmt: skip
+
+
 def peft_model(base_dir: str, adapter_dir: str | None):
     import peft
 
@@ -50,7 +55,7 @@ def lora_model(request, tmp_path_factory):
     """A tiny model, three adapters made by peft, and each one's (and the base's) HF reference."""
     root = tmp_path_factory.mktemp(f"lora-{request.param}")
     base = build_tiny_model(request.param, str(root / "base"))
-    adapters = {name: make_adapter(base, str(root / name), i + 1, **opts) for i, (name, opts) in enumerate(ADAPTERS.items())}
+    adapters = make_adapters(base, root)
     refs = {name: peft_model(base, adapters.get(name)) for name in [None, *adapters]}
     return base, adapters, refs
 
@@ -224,7 +229,7 @@ def test_cuda_graph_replays_with_adapters_match_eager_and_peft_logits(tmp_path):
     # head_dim 128, as the GPU tests' other models: FlashInfer compiles one kernel variant for all of them.
     base = build_tiny_model("llama", str(tmp_path / "base"), hidden_size=256, num_attention_heads=4,
                             num_key_value_heads=2, head_dim=128)  # fmt: skip
-    adapters = {name: make_adapter(base, str(tmp_path / name), i + 1, **opts) for i, (name, opts) in enumerate(ADAPTERS.items())}
+    adapters = make_adapters(base, tmp_path)
     refs = {name: peft_model(base, adapters.get(name)) for name in [None, *adapters]}
     llm = LLM(base, dtype="bfloat16", max_loras=3, max_num_seqs=8, kv_cache_memory=1 << 28, lora_modules=adapters)
     engine, runner = llm.engine, llm.engine.runner
@@ -260,7 +265,7 @@ def lora_server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lora-http")
     base = build_tiny_model("llama", str(root / "base"))
-    adapters = {name: make_adapter(base, str(root / name), i + 1, **opts) for i, (name, opts) in enumerate(ADAPTERS.items())}
+    adapters = make_adapters(base, root)
     cfg = EngineConfig(model=base, dtype="float32", kv_cache_memory=16 << 20, max_num_seqs=8, max_loras=1,
                        lora_modules={"qv": adapters["qv"]})  # fmt: skip
     srv = ServerThread(create_app(cfg, api_key=KEY))
@@ -331,5 +336,6 @@ def test_adapters_over_http_load_use_unload_reload_with_vllms_api(lora_server):
     assert change("/load_lora_adapter", {"lora_name": "all", "lora_path": adapters["mlp"]}).status_code == 200
     assert complete("all").choices[0].text == expected("mlp")  # the name again, another adapter
     m = metrics(srv.url)
-    assert m["nanokyro_lora_requests_total{lora_name=all}"] == 4 and m["nanokyro_lora_requests_total{lora_name=qv}"] == 3
+    assert m["nanokyro_lora_requests_total{lora_name=all}"] == 4
+    assert m["nanokyro_lora_requests_total{lora_name=qv}"] == 3
     assert m["nanokyro_lora_adapters_resident{}"] == 1 and m["nanokyro_lora_adapter_loads_total{}"] >= 4

@@ -17,8 +17,9 @@ from nanokyro.benchmarks.workload import sync
 
 def run_offline(llm: LLM, prompts, out_lens, loras: list[str] | None = None) -> float:
     """Seconds for the whole workload; with `loras`, request i runs under adapter loras[i % len(loras)]."""
-    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, lora=loras[i % len(loras)] if loras else None)
-              for i, n in enumerate(out_lens)]  # fmt: skip
+    lora = (lambda i: loras[i % len(loras)]) if loras else (lambda i: None)  # noqa: E731
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, lora=lora(i))
+              for i, n in enumerate(out_lens)]
     device = llm.engine.runner.device
     # Warm-up (kernels, allocator, the compiled transformer with and without adapters).
     llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True, lora=loras[0] if loras else None)] * 2)

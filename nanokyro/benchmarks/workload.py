@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -77,13 +78,11 @@ def write_random_adapters(llm: LLM, num: int, rank: int, root: str, seed: int = 
                 key = f"base_model.model.model.layers.{layer}.{part}.{module}"
                 tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
                 tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.01
-        import os
-
         os.makedirs(path, exist_ok=True)
         save_file(tensors, f"{path}/adapter_model.safetensors")
         with open(f"{path}/adapter_config.json", "w") as f:
             json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "bias": "none",
-                       "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}, f)  # fmt: skip
+                       "target_modules": list(_module_dims(mc))}, f)  # fmt: skip
         llm.load_lora(f"lora{i}", path)
         names.append(f"lora{i}")
     return names
