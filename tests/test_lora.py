@@ -339,3 +339,39 @@ def test_adapters_over_http_load_use_unload_reload_with_vllms_api(lora_server):
     assert m["nanokyro_lora_requests_total{lora_name=all}"] == 4
     assert m["nanokyro_lora_requests_total{lora_name=qv}"] == 3
     assert m["nanokyro_lora_adapters_resident{}"] == 1 and m["nanokyro_lora_adapter_loads_total{}"] >= 4
+
+
+def test_an_adapter_on_a_gguf_base_gives_peft_tokens(tmp_path):
+    """The base from a GGUF file (llama.cpp's q/k row order, undone by the loader); the adapter made by peft on
+    the HF model the file was written from."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from test_gguf import gguf_name, llama_cpp_permute, train_byte_level_bpe, write_gguf
+
+    tokens, merges = train_byte_level_bpe()
+    hf_cfg = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, tie_word_embeddings=False,
+                                      initializer_range=0.2)  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).float()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    tensors = {}
+    for name, w in hf.state_dict().items():
+        w = w.numpy()
+        if "q_proj" in name or "k_proj" in name:
+            w = llama_cpp_permute(w, 4 if "q_proj" in name else 2)
+        tensors[gguf_name(name)] = (np.ascontiguousarray(w), Q.F32)
+    path = write_gguf(tmp_path / "tiny.gguf", "llama", {
+        "llama.block_count": 2, "llama.embedding_length": 64, "llama.feed_forward_length": 128,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges, "tokenizer.ggml.eos_token_id": 2,
+    }, tensors)  # fmt: skip
+    adapter = make_adapter(str(tmp_path / "hf"), str(tmp_path / "lora"), 12, **ADAPTERS["all"])
+    llm = LLM(path, dtype="float32", kv_cache_memory=4 << 20, max_loras=1, lora_modules={"all": adapter})
+    prompt = random_prompts([10], seed=12)[0]
+    out, base = llm.generate([prompt, prompt], [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, lora=n)
+                                                for n in ("all", None)])  # fmt: skip
+    ref = peft_model(str(tmp_path / "hf"), adapter).generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                                             eos_token_id=None)[0, len(prompt):].tolist()  # fmt: skip
+    assert out.token_ids == ref != base.token_ids
