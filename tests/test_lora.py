@@ -15,12 +15,13 @@ from nanokyro import LLM, SamplingParams
 from nanokyro.lora import AdapterError
 from nanokyro.request import UnknownAdapter
 
-# name -> LoraConfig options: different ranks, targets, alpha, rslora
+# name -> LoraConfig options: different ranks, targets, alpha, rslora, per-module rank and alpha
 ADAPTERS = {
     "qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "all": dict(r=8, lora_alpha=16, use_rslora=True,
                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "mlp": dict(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "up_proj", "down_proj"]),
+    "mlp": dict(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "up_proj", "down_proj"],
+                rank_pattern={"down_proj": 6}, alpha_pattern={"o_proj": 3}),
 }  # fmt: skip
 
 
