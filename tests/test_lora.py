@@ -223,7 +223,6 @@ def test_triton_kernels_match_the_torch_reference(dtype, num_tokens, shape):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@torch.inference_mode()
 def test_cuda_graph_replays_with_adapters_match_eager_and_peft_logits(tmp_path):
     """Decode batches mixing adapters and the base (8 rows padded; 1 row, the small-batch kernels) replayed as CUDA
     graphs give the eager forward's logits and peft's (fp32, CPU) within bf16 error."""
@@ -235,24 +234,30 @@ def test_cuda_graph_replays_with_adapters_match_eager_and_peft_logits(tmp_path):
     llm = LLM(base, dtype="bfloat16", max_loras=3, max_num_seqs=8, kv_cache_memory=1 << 28, lora_modules=adapters)
     engine, runner = llm.engine, llm.engine.runner
     assert runner.graphs is not None
-    rel_err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
     for names, bucket in ([[None, "qv", "all", "mlp", "all", "qv"], 8], [["all"], 1]):
-        for p, name in zip(random_prompts([5 + 3 * i for i in range(len(names))], seed=9), names):
-            engine.add_request(p, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True, lora=name))
-        engine.step()  # the prefills (the compiled transformer, with adapters)
-        engine.finish_in_flight()
-        batch = engine.scheduler.schedule()
-        assert batch.num_new == [1] * len(names)
-        input_ids, positions, meta, rows, lora = runner._load(runner.plan(batch, pad_to=bucket, token_rows=True))
-        graphed = runner.graphs.replay(runner.graphs.load(input_ids, positions, meta, lora))[rows].float()
-        input_ids, positions, meta, rows, lora = runner._load(runner.plan(batch))
-        runner.attn.plan(meta)
-        eager = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn, lora=lora)[rows]).float()
-        for row, seq, name in zip(range(len(names)), batch.seqs, names):
-            assert rel_err(graphed[row], eager[row]) < 2e-2, name
-            ref = refs[name](torch.tensor([seq.token_ids])).logits[0, -1]
-            assert rel_err(graphed[row].cpu(), ref) < 3e-2, name
-        engine.fail_all()
+        decode_against_eager_and_peft(engine, runner, refs, names, bucket)
+
+
+@torch.inference_mode()
+def decode_against_eager_and_peft(engine, runner, refs, names: list[str | None], bucket: int) -> None:
+    """One decode step of sequences under `names`, replayed in the bucket's graph and run eagerly."""
+    rel_err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+    for p, name in zip(random_prompts([5 + 3 * i for i in range(len(names))], seed=9), names):
+        engine.add_request(p, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True, lora=name))
+    engine.step()  # the prefills (the compiled transformer, with adapters)
+    engine.finish_in_flight()
+    batch = engine.scheduler.schedule()
+    assert batch.num_new == [1] * len(names)
+    input_ids, positions, meta, rows, lora = runner._load(runner.plan(batch, pad_to=bucket, token_rows=True))
+    graphed = runner.graphs.replay(runner.graphs.load(input_ids, positions, meta, lora))[rows].float()
+    input_ids, positions, meta, rows, lora = runner._load(runner.plan(batch))
+    runner.attn.plan(meta)
+    eager = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn, lora=lora)[rows]).float()
+    for row, seq, name in zip(range(len(names)), batch.seqs, names):
+        assert rel_err(graphed[row], eager[row]) < 2e-2, name
+        ref = refs[name](torch.tensor([seq.token_ids])).logits[0, -1]
+        assert rel_err(graphed[row].cpu(), ref) < 3e-2, name
+    engine.fail_all()
 
 
 # -- over HTTP ---------------------------------------------------------------------------------------------------

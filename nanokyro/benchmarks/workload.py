@@ -76,8 +76,9 @@ def write_random_adapters(llm: LLM, num: int, rank: int, root: str, seed: int = 
             for module, (fan_in, fan_out) in _module_dims(mc).items():
                 part = "self_attn" if module[0] in "qkvo" else "mlp"
                 key = f"base_model.model.model.layers.{layer}.{part}.{module}"
-                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
-                tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.01
+                a = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
+                b = torch.randn(fan_out, rank, generator=gen) * 0.01
+                tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a.bfloat16(), b.bfloat16()
         os.makedirs(path, exist_ok=True)
         save_file(tensors, f"{path}/adapter_model.safetensors")
         with open(f"{path}/adapter_config.json", "w") as f:
