@@ -79,8 +79,8 @@ class LLM:
         """Stop the other ranks' processes (tensor/pipeline parallelism); also done when the LLM is collected."""
         self.engine.close()
 
-    def chat(self, messages, params: SamplingParams | None = None, use_tqdm: bool = False):
+    def chat(self, messages, params: SamplingParams | None = None, use_tqdm: bool = False, lora: str | None = None):
         """One conversation (a list of messages) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.encode_chat(conv) for conv in conversations]
-        return self.generate(prompts, params, use_tqdm=use_tqdm)
+        return self.generate(prompts, params, use_tqdm=use_tqdm, lora=lora)
