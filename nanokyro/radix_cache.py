@@ -108,6 +108,8 @@ class RadixCache:
             del self._node_of[node.page]
             self.blocks.set_cached(node.page, False)
             freed += 1
+            if node.parent.parent is None and not node.parent.children and node.parent is not self.root:
+                self._roots = {k: r for k, r in self._roots.items() if r is not node.parent}  # an adapter's, emptied
             self._refresh(node.parent)  # with its last child gone, an idle parent is an evictable leaf
         return freed
 

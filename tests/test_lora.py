@@ -108,6 +108,8 @@ def test_prefix_cache_shares_kv_within_an_adapter_never_across(lora_model):
     assert plain.num_cached_tokens == 0 and plain.token_ids == greedy(refs[None], prompt, 4)
     again = llm.generate(prompt, p, lora="qv")[0]  # same adapter: the cached pages
     assert again.num_cached_tokens == 32 and again.token_ids == first.token_ids == greedy(refs["qv"], prompt, 4)
+    llm.engine.cache.clear()  # every tree emptied: the adapters' roots go too
+    assert list(llm.engine.cache._roots) == [0] and llm.engine.blocks.all_free()
 
 
 def test_more_adapters_than_slots_are_swapped_in_lru_and_stay_exact(lora_model):
