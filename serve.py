@@ -15,6 +15,7 @@ import re
 import sys
 
 from nanokyro.config import EngineConfig
+from nanokyro.tool_calls import FORMATS
 from nanokyro.server import KEEP_ALIVE_S, MAX_QUEUE, SHUTDOWN_GRACE_S, UvicornServer, create_app
 
 log = logging.getLogger("nanokyro")
@@ -63,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size,
                    help="pipeline stages the layers are split into (default %(default)s)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs or torch.compile")
+    p.add_argument("--tool-call-parser", choices=sorted(FORMATS),
+                   help="how the model writes tool calls (hermes: <tool_call> blocks; llama3_json: bare JSON objects); "
+                        "default: picked from the chat template")
     p.add_argument("--no-overlap-schedule", action="store_true",
                    help="run steps one at a time (by default the host handles a step's tokens while the next runs)")
     return p.parse_args(argv)
@@ -101,7 +105,7 @@ def main(argv=None) -> None:
 
         return parallel.serve_worker(cfg)
     # Rank 0 (or no torchrun): the HTTP frontend here; the engine core, rank 0 of the model, in its own process.
-    app = create_app(cfg, api_key=args.api_key, max_queue=args.max_queue)
+    app = create_app(cfg, api_key=args.api_key, max_queue=args.max_queue, tool_call_parser=args.tool_call_parser)
     server = UvicornServer(app, host=args.host, port=args.port, grace_s=args.shutdown_grace,
                            keep_alive_s=args.timeout_keep_alive)  # fmt: skip
 

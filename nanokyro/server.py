@@ -35,10 +35,12 @@ from nanokyro.config import EngineConfig
 from nanokyro.metrics import CONTENT_TYPE, Metrics, RequestStats
 from nanokyro.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    Completion, CompletionChoice, CompletionRequest, DeltaMessage, PromptTokensDetails, SamplingFields, StreamOptions,
-    Usage,
+    Completion, CompletionChoice, CompletionRequest, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall,
+    PromptTokensDetails, SamplingFields, StreamOptions, ToolCall, Usage,
 )  # fmt: skip
 from nanokyro.request import Delta, PromptError, SamplingParams, StructuredOutput, TokenLogprob
+from nanokyro.tool_calls import ToolCallParser, ToolUse
+from nanokyro.tool_calls import parse as parse_tool_calls
 
 log = logging.getLogger("nanokyro.server")
 
@@ -160,8 +162,18 @@ def _structured(req: SamplingFields) -> StructuredOutput | None:
         raise APIError(400, str(e), param="response_format" if so is None else "structured_outputs") from None
 
 
-def _sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                     tools: ToolUse | None = None) -> SamplingParams:  # fmt: skip
     structured = _structured(req)
+    if tools is not None and tools.calls_expected:
+        if structured is None:
+            try:
+                structured = StructuredOutput(grammar=tools.grammar())
+            except ValueError as e:
+                raise APIError(400, str(e).split(": ", 1)[1], param="tools") from None
+        elif tools.choice != "auto":  # "auto" leaves the client's own constraint in charge, calls parsed freely
+            raise APIError(400, f"tool_choice {tools.choice!r} constrains the output itself: it can't be combined "
+                           "with response_format or structured_outputs", param="tool_choice")  # fmt: skip
     if req.temperature is not None and req.temperature > 2:  # the OpenAI API's range; the engine takes any
         raise APIError(400, f"temperature must be in [0, 2], got {req.temperature}", param="temperature")
     try:
@@ -177,11 +189,34 @@ def _sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int 
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
 
-def _chat_params(req: ChatCompletionRequest) -> SamplingParams:
+def _chat_params(req: ChatCompletionRequest, tools: ToolUse | None) -> SamplingParams:
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
     logprobs = _default(req.top_logprobs, 0) if req.logprobs else None
-    return _sampling_params(req, _default(req.max_completion_tokens, req.max_tokens), logprobs)
+    return _sampling_params(req, _default(req.max_completion_tokens, req.max_tokens), logprobs, tools)
+
+
+def _tool_use(req: ChatCompletionRequest, format_name: str) -> ToolUse | None:
+    tools = msgspec.to_builtins(req.tools) if req.tools else None
+    choice = msgspec.to_builtins(req.tool_choice)
+    try:
+        return ToolUse.from_request(tools, choice, req.parallel_tool_calls, format_name)
+    except ValueError as e:
+        param, message = str(e).split(": ", 1)
+        raise APIError(400, message, param=param) from None
+
+
+def _tool_calls(calls: list[dict]) -> list[ToolCall]:
+    return [ToolCall(c["id"], "function", FunctionCall(**c["function"])) for c in calls]
+
+
+def _tool_call_deltas(calls: list[dict]) -> list[DeltaToolCall] | None:
+    # Each call goes out whole in one delta (OpenAI splits the arguments over many; clients concatenate either).
+    return [DeltaToolCall(c["index"], c["id"], "function", DeltaFunctionCall(**c["function"])) for c in calls] or None
+
+
+def _finish_reason(reason: str | None, num_calls: int) -> str | None:
+    return "tool_calls" if num_calls and reason == "stop" else reason
 
 
 def _completion_params(req: CompletionRequest) -> SamplingParams:
@@ -303,8 +338,10 @@ class _Admission:
 class _Server:
     """What the handlers share: the core client once started, the metrics, and the count of unstarted requests."""
 
-    def __init__(self, cfg: EngineConfig, api_key: str | None, max_queue: int, core_entry: str):
+    def __init__(self, cfg: EngineConfig, api_key: str | None, max_queue: int, core_entry: str,
+                 tool_call_parser: str | None):  # fmt: skip
         self.cfg, self.api_key, self.max_queue, self.core_entry = cfg, api_key, max_queue, core_entry
+        self.tool_call_parser = tool_call_parser  # None: the format the chat template suggests
         self.client: CoreClient | None = None
         self.metrics: Metrics | None = None
         self.num_unstarted = 0  # requests admitted but still waiting for their first token
@@ -495,18 +532,21 @@ class _Server:
             admission.started()  # a no-op once generation took it over
 
     async def chat(self, req: ChatCompletionRequest, request: Request, client: CoreClient, admission: _Admission):
-        params = _chat_params(req)
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
         if client.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template: use /v1/completions with token ids")
         for i, m in enumerate(req.messages):
-            if m.content is None:
+            if m.content is None and not (m.role == "assistant" and m.tool_calls):
                 raise APIError(400, f"messages[{i}] has no content", param="messages")
+        tools = _tool_use(req, self.tool_call_parser or client.tokenizer.tool_format)
+        params = await asyncio.to_thread(_chat_params, req, tools)  # a tool grammar takes a moment to build
         messages = [msgspec.to_builtins(m) for m in req.messages]
+        prompt_tools = tools.prompt_tools() if tools else None
         try:
-            self.check_length(sum(len(msgspec.json.encode(m["content"])) for m in messages))
-            prompt_ids = await asyncio.to_thread(client.tokenizer.encode_chat, messages)
+            self.check_length(len(msgspec.json.encode([messages, prompt_tools])))
+            prompt_ids = await asyncio.to_thread(client.tokenizer.encode_chat, messages, tools=prompt_tools,
+                                                 tool_format=tools.format.name if tools else None)  # fmt: skip
             client.limits.validate(prompt_ids, params)
         except PromptError as e:
             raise APIError(400, str(e), param="messages" if e.param == "prompt" else e.param) from None
@@ -514,24 +554,37 @@ class _Server:
             raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
         jobs = [_Job(prompt_ids, params, 0)]
         head = _head("chatcmpl", client)
+        parsing = tools is not None and tools.calls_expected
 
         def logprobs(lps):
             return _chat_logprobs(client, lps) if lps is not None else None
 
         if req.stream:
+            parsers = [ToolCallParser(tools.format) for _ in range(params.n)] if parsing else None
+
             def chunk(i: int, d: Delta) -> ChatCompletionChunk:
-                delta = DeltaMessage(content=d.text or None)
-                return ChatCompletionChunk(**head, choices=[ChatChunkChoice(i, delta, logprobs(d.logprobs),
-                                                                            d.finish_reason)])  # fmt: skip
+                text, calls, reason = d.text, [], d.finish_reason
+                if parsers:
+                    text, calls = parsers[i].feed(text)
+                    if reason is not None:
+                        more, last = parsers[i].finish()
+                        text, calls = text + more, calls + last
+                    reason = _finish_reason(reason, parsers[i].num_calls)
+                delta = DeltaMessage(content=text or None, tool_calls=_tool_call_deltas(calls))
+                return ChatCompletionChunk(**head, choices=[ChatChunkChoice(i, delta, logprobs(d.logprobs), reason)])
 
             roles = [ChatCompletionChunk(**head, choices=[ChatChunkChoice(i, DeltaMessage("assistant", ""))])
                      for i in range(params.n)]  # fmt: skip
             usage = lambda u: ChatCompletionChunk(**head, choices=[], usage=u)  # noqa: E731
             return await self.stream(request, jobs, head["id"], admission, roles, chunk, usage, req.stream_options)
         choices, usage = await self.collect(request, jobs, head["id"], admission)
-        return Response(ChatCompletion(**head, usage=usage, choices=[
-            ChatChoice(i, AssistantMessage(c.text), logprobs(c.logprobs), c.finish_reason)
-            for i, c in enumerate(choices)]))  # fmt: skip
+
+        answers = []
+        for i, c in enumerate(choices):
+            content, calls = parse_tool_calls(c.text, tools.format) if parsing else (c.text, [])
+            answers.append(ChatChoice(i, AssistantMessage(content, tool_calls=_tool_calls(calls) or None),
+                                      logprobs(c.logprobs), _finish_reason(c.finish_reason, len(calls))))
+        return Response(ChatCompletion(**head, usage=usage, choices=answers))
 
     async def complete(self, req: CompletionRequest, request: Request, client: CoreClient, admission: _Admission):
         params = _completion_params(req)
@@ -589,14 +642,15 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]
 
 
 def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int = MAX_QUEUE,
-               core_entry: str = CORE_ENTRY) -> Litestar:  # fmt: skip
+               core_entry: str = CORE_ENTRY, tool_call_parser: str | None = None) -> Litestar:  # fmt: skip
     """The app serving the model `cfg` names. Its engine core starts in a process of its own with the app, and
     /health answers 503 while the model loads.
 
     api_key: required as `Authorization: Bearer <key>` on /v1 routes. max_queue: answer 429 while this many requests
     wait for their first token. core_entry: "module:function" run in the core process (core.run_core).
+    tool_call_parser: the format tool calls are read in (tool_calls.FORMATS); default: picked from the chat template.
     """
-    server = _Server(cfg, api_key, max_queue, core_entry)
+    server = _Server(cfg, api_key, max_queue, core_entry, tool_call_parser)
 
     def check_key(connection, _) -> None:
         server.check_api_key(connection)
