@@ -37,7 +37,7 @@ class Message(_Body):
     tool_call_id: str | None = None  # a tool's result: the call it answers
 
 
-class FunctionDef(_Body):
+class FunctionDef(_Body, omit_defaults=True):  # fields left out stay out of the prompt the tools render into
     name: str
     description: str | None = None
     parameters: dict | None = None  # a JSON schema of the arguments object
