@@ -26,6 +26,7 @@ import uvicorn
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, PathParameter
 from litestar.response import Stream
@@ -33,6 +34,7 @@ from litestar.response import Stream
 from nanokyro.client import CORE_ENTRY, CoreClient, EngineDead, RequestFailed
 from nanokyro.config import EngineConfig
 from nanokyro.metrics import CONTENT_TYPE, Metrics, RequestStats
+from nanokyro.openapi import TITLE, VERSION, DocumentPlugin
 from nanokyro.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     Completion, CompletionChoice, CompletionRequest, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall,
@@ -686,7 +688,7 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
     @get("/health")
     async def health() -> Response:
         server.ready_client()
-        return Response(b"", status_code=200)
+        return Response(b"", status_code=200, media_type="text/plain")
 
     @get("/metrics")
     async def metrics() -> Response:
@@ -700,6 +702,8 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
         on_shutdown=[server.shutdown],
         state=State({"server": server}),  # serve.py and tests look at server.client
         request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=OpenAPIConfig(title=TITLE, version=VERSION, render_plugins=[DocumentPlugin(
+            lambda: server.client.model_name if server.client is not None else None, api_key is not None)]),
         logging_config=None,  # logging is the application's to configure (serve.py does)
         exception_handlers={APIError: _api_error, ValidationException: _validation_error, HTTPException: _http_error,
                             UnicodeDecodeError: _not_utf8, Exception: _internal_error},  # fmt: skip
