@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tool-call-parser", choices=sorted(FORMATS),
                    help="how the model writes tool calls (hermes: <tool_call> blocks; llama3_json: bare JSON objects); "
                         "default: picked from the chat template")
+    p.add_argument("--export-tokenizer", metavar="DIR",
+                   help="write the model's tokenizer (a GGUF's too) to DIR as an HF tokenizer directory and exit: "
+                        "for tools that count tokens offline (guidellm, aiperf, lm-eval)")
     p.add_argument("--no-overlap-schedule", action="store_true",
                    help="run steps one at a time (by default the host handles a step's tokens while the next runs)")
     return p.parse_args(argv)
@@ -100,6 +103,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = engine_config(args)
+    if args.export_tokenizer:
+        from nanokyro.loader import load_tokenizer  # torch: only here
+
+        load_tokenizer(args.model).save(args.export_tokenizer)
+        log.info("wrote the tokenizer of %s to %s", args.model or "the default model", args.export_tokenizer)
+        return
     if int(os.environ.get("RANK", 0)) > 0:  # a torchrun rank > 0: no HTTP, only this rank's shard of rank 0's steps
         from nanokyro import parallel  # torch: only here, the frontend never loads it
 

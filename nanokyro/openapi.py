@@ -56,6 +56,8 @@ ERRORS = {
     "/v1/completions": (400, 401, 404, 413, 429, 503),
     "/v1/models": (401, 503),
     "/v1/models/{model_id}": (401, 404, 503),
+    "/tokenize": (400, 401, 404, 413, 503),
+    "/detokenize": (400, 401, 404, 413, 503),
     "/health": (503,),
     "/metrics": (),
 }
@@ -85,6 +87,9 @@ def document(schema: dict, model_name: str | None, api_key: bool) -> dict:
     components["Error"] = ERROR
     for name in _request_structs() & components.keys():
         components[name]["additionalProperties"] = False
+    for name in ("TokenizeRequest", "DetokenizeRequest"):
+        if name in components and model_name is not None:
+            components[name]["properties"]["model"] = {"enum": [model_name, None]}
     for name in GENERATION:
         if name not in components:
             continue

@@ -127,6 +127,23 @@ class CompletionRequest(SamplingFields, kw_only=True):
     logprobs: int | None = None
 
 
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt, or messages rendered by the chat template (with tools, if given)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    tools: list[Tool] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt; a chat template writes its own
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body, kw_only=True):
+    model: str | None = None
+    tokens: list[int]
+
+
 # -- response bodies -------------------------------------------------------------------------------------------
 
 
@@ -211,3 +228,14 @@ class Completion(msgspec.Struct):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     object: str = "text_completion"
+
+
+class TokenizeResponse(msgspec.Struct, omit_defaults=True):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(msgspec.Struct):
+    prompt: str

@@ -38,7 +38,8 @@ from nanokyro.openapi import TITLE, VERSION, DocumentPlugin
 from nanokyro.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     Completion, CompletionChoice, CompletionRequest, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall,
-    PromptTokensDetails, SamplingFields, StreamOptions, ToolCall, Usage,
+    DetokenizeRequest, DetokenizeResponse, PromptTokensDetails, SamplingFields, StreamOptions, TokenizeRequest,
+    TokenizeResponse, ToolCall, Usage,
 )  # fmt: skip
 from nanokyro.request import Delta, PromptError, SamplingParams, StructuredOutput, TokenLogprob
 from nanokyro.tool_calls import ToolCallParser, ToolUse
@@ -235,6 +236,16 @@ def _prompts(prompt) -> list[str | list[int]]:
         return list(prompt)
     raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of such lists",
                    param="prompt")  # fmt: skip
+
+
+def _tokenize_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
+                   add_special_tokens: bool) -> list[int]:  # fmt: skip
+    """The ids the chat endpoint would give the model; with add_special_tokens, the rendered text encoded with
+    them (vLLM's option, which may double a BOS the template wrote)."""
+    if add_special_tokens:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt, tools=tools)
+        return tokenizer.encode(text, add_special_tokens=True)
+    return tokenizer.encode_chat(messages, add_generation_prompt, tools=tools)
 
 
 def _piece(client: CoreClient, token_id: int) -> str:
@@ -614,6 +625,47 @@ class _Server:
             choice(i, c.text, c.logprobs, c.finish_reason) for i, c in enumerate(choices)]))  # fmt: skip
 
 
+    # -- vLLM's tokenizer endpoints
+
+    def tokenizer_client(self, model: str | None) -> CoreClient:
+        client = self.ready_client()
+        if model is not None and model != client.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {client.model_name!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+        if client.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer (dummy weights)")
+        return client
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        client = self.tokenizer_client(req.model)
+        tokenizer = client.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        try:
+            if req.prompt is not None:
+                self.check_length(len(req.prompt))
+                ids = await asyncio.to_thread(tokenizer.encode, req.prompt, _default(req.add_special_tokens, True))
+            else:
+                messages = [msgspec.to_builtins(m) for m in req.messages]
+                tools = msgspec.to_builtins(req.tools) if req.tools else None
+                self.check_length(len(msgspec.json.encode([messages, tools])))
+                ids = await asyncio.to_thread(_tokenize_chat, tokenizer, messages, req.add_generation_prompt, tools,
+                                              bool(req.add_special_tokens))  # fmt: skip
+        except PromptError as e:
+            raise APIError(400, str(e), param="prompt" if req.prompt is not None else "messages") from None
+        except (ValueError, jinja2.TemplateError) as e:
+            raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+        strs = [tokenizer.tokenizer.id_to_token(i) for i in ids] if req.return_token_strs else None  # as vLLM
+        return TokenizeResponse(len(ids), client.limits.max_model_len, ids, strs)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        tokenizer = self.tokenizer_client(req.model).tokenizer
+        bad = [i for i in req.tokens if not 0 <= i < tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {tokenizer.vocab_size})",
+                           param="tokens")  # fmt: skip
+        return DetokenizeResponse(await asyncio.to_thread(tokenizer.decode, req.tokens, False))
+
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
     """Items of several async iterators as they come, as (iterator number, item); one iterator is read directly."""
     if len(streams) == 1:
@@ -668,6 +720,14 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
     async def completions(data: JSONBody[CompletionRequest], request: Request) -> Response:
         return await server.handle(request, CompletionRequest, server.complete)
 
+    @post("/tokenize", status_code=200)
+    async def tokenize(data: JSONBody[TokenizeRequest], request: Request) -> TokenizeResponse:
+        return await server.tokenize(await _strict(request, TokenizeRequest))
+
+    @post("/detokenize", status_code=200)
+    async def detokenize(data: JSONBody[DetokenizeRequest], request: Request) -> DetokenizeResponse:
+        return await server.detokenize(await _strict(request, DetokenizeRequest))
+
     def model_card() -> dict:
         client = server.ready_client()
         return {"id": client.model_name, "object": "model", "created": 0, "owned_by": "nanokyro",
@@ -696,8 +756,9 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
         return Response(body, media_type=CONTENT_TYPE)
 
     v1 = Router("/v1", route_handlers=[chat_completions, completions, models, model], guards=[check_key])
+    tokens = Router("/", route_handlers=[tokenize, detokenize], guards=[check_key])  # where vLLM serves them
     return Litestar(
-        route_handlers=[v1, health, metrics],
+        route_handlers=[v1, tokens, health, metrics],
         on_startup=[server.start_loading],
         on_shutdown=[server.shutdown],
         state=State({"server": server}),  # serve.py and tests look at server.client

@@ -98,6 +98,17 @@ class Tokenizer:
         return TokenizerSpec(self.tokenizer.to_str(), self.chat_template, self.bos_token, self.eos_token,
                              self.eos_token_ids, self.add_bos_token)  # fmt: skip
 
+    def save(self, path: str) -> None:
+        """Write an HF tokenizer directory (tokenizer.json, tokenizer_config.json with the chat template, and the EOS
+        ids in generation_config.json) that `from_dir` and transformers' AutoTokenizer load: how a GGUF model's
+        tokenizer reaches tools that count tokens offline (guidellm, aiperf, lm-eval)."""
+        os.makedirs(path, exist_ok=True)
+        self.tokenizer.save(os.path.join(path, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "chat_template": self.chat_template}  # fmt: skip
+        _write_json(os.path.join(path, "tokenizer_config.json"), {k: v for k, v in config.items() if v is not None})
+        _write_json(os.path.join(path, "generation_config.json"), {"eos_token_id": self.eos_token_ids})
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.add_bos_token is None:
             return self._encode(text, add_special_tokens)
@@ -280,5 +291,11 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
 def _unique(ids) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids))
+
