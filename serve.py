@@ -16,7 +16,8 @@ import sys
 
 from nanokyro.config import EngineConfig
 from nanokyro.tool_calls import FORMATS
-from nanokyro.server import KEEP_ALIVE_S, MAX_QUEUE, SHUTDOWN_GRACE_S, UvicornServer, create_app
+from nanokyro.server import MAX_QUEUE, create_app
+from nanokyro.uvicorn_server import KEEP_ALIVE_S, SHUTDOWN_GRACE_S, UvicornServer
 
 log = logging.getLogger("nanokyro")
 
