@@ -3,8 +3,10 @@ its own (client.py).
 
 Owns: turning a request (its bodies are in protocol.py; unknown fields and loosely typed values are a 400) into
 prompt ids and SamplingParams, off the event loop; streaming deltas as SSE chunks or collecting them into one answer;
-OpenAI-shaped errors; the waiting-queue limit; API-key checks; /health, /metrics; aborting a request the moment its
-client leaves; and the graceful shutdown (in-flight streams get a grace period, then end with an error event).
+OpenAI-shaped errors; the waiting-queue limit; API-key checks; /health, /metrics, vLLM's /tokenize and /detokenize;
+aborting a request the moment its client leaves; and the graceful shutdown (in-flight streams get a grace period,
+then end with an error event). Function calling's formats, grammars and parsing are tool_calls.py's; the OpenAPI
+document's corrections openapi.py's; running the app under uvicorn uvicorn_server.py's.
 """
 from __future__ import annotations
 
