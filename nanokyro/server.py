@@ -210,9 +210,9 @@ def _tool_calls(calls: list[dict]) -> list[ToolCall]:
     return [ToolCall(c["id"], "function", FunctionCall(**c["function"])) for c in calls]
 
 
-def _tool_call_deltas(calls: list[dict]) -> list[DeltaToolCall] | None:
-    # Each call goes out whole in one delta (OpenAI splits the arguments over many; clients concatenate either).
-    return [DeltaToolCall(c["index"], c["id"], "function", DeltaFunctionCall(**c["function"])) for c in calls] or None
+def _tool_call_deltas(deltas: list[dict]) -> list[DeltaToolCall] | None:
+    return [DeltaToolCall(d["index"], d.get("id"), d.get("type"), DeltaFunctionCall(**d["function"]))
+            for d in deltas] or None  # fmt: skip
 
 
 def _finish_reason(reason: str | None, num_calls: int) -> str | None:

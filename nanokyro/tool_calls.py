@@ -16,6 +16,7 @@ Llama-3.1's bare `{"name": .., "parameters": {..}}` objects. The format is picke
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -210,17 +211,25 @@ def _call_from(obj) -> dict | None:
     return {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}
 
 
+# The fixed start of a Hermes call, up to its arguments object: from here the arguments can stream.
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\{)')
+
+
 @dataclass
 class ToolCallParser:
-    """A completion's text, fed as it streams, as content and tool calls. feed() and finish() return
-    (content to emit, complete calls); a call is emitted whole once its text is complete. Text that looks like a
-    call but is not one (bad JSON, no name) is passed on as content."""
+    """A completion's text, fed as it streams, as content and tool-call deltas. feed() and finish() return
+    (content to emit, deltas); a delta is {"index", "id", "type", "function": {"name", "arguments"}} with only
+    what is new: a call's first delta names it, later ones carry pieces of its arguments, as OpenAI streams them.
+    A Hermes call streams its arguments as they are written (held back only where they could be the call's own
+    closing); a bare-JSON call comes whole once its object is complete. Text that looks like a call but is not
+    one (bad JSON, no name) is passed on as content."""
 
     format: ToolFormat
     num_calls: int = 0
     _buf: str = ""  # text held back: a possible start of a call, or a call still being written
     _in_call: bool = False
     _decided: bool = False  # bare-JSON formats: whether the text starts with a call (then it is calls only)
+    _streaming: dict | None = None  # the call whose arguments are streaming: index, where they start, chars sent
     _calls: list = field(default_factory=list)
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
@@ -231,14 +240,17 @@ class ToolCallParser:
     def finish(self) -> tuple[str, list[dict]]:
         if self.format.open:
             content = self._tagged()
-            if self._in_call:  # a call left open at the end (the model stopped before its closing tag)
-                call = _call(self._buf[len(self.format.open.strip()):].strip())
+            body = self._buf[len(self.format.open.strip()):]
+            if self._streaming is not None:  # cut off mid-call (by max_tokens): what was written is what there is
+                self._stream_arguments(body, final=True)
+            elif self._in_call:  # a call left open at the end (the model stopped before its closing tag)
+                call = _call(body.strip())
                 content += "" if call and self._add(call) else self._buf
             else:
                 content += self._buf
         else:
             content = self._bare(final=True)
-        self._buf = ""
+        self._buf, self._streaming = "", None
         return self._content(content), self._take_calls()
 
     def _tagged(self) -> str:
@@ -254,12 +266,35 @@ class ToolCallParser:
                     return content
                 content, self._buf, self._in_call = content + self._buf[:i], self._buf[i:], True
             j = self._buf.find(close)
+            body = self._buf[len(open_):j if j >= 0 else len(self._buf)]
+            if self._streaming is None and (head := _CALL_HEAD.match(body)):
+                self._calls.append({"index": self.num_calls, "id": new_call_id(), "type": "function",
+                                    "function": {"name": json.loads(head[1]), "arguments": ""}})  # fmt: skip
+                self._streaming = {"index": self.num_calls, "start": head.end(), "sent": 0}
+                self.num_calls += 1
             if j < 0:
+                if self._streaming is not None:
+                    self._stream_arguments(body, final=False)
                 return content
-            call = _call(self._buf[len(open_):j].strip())
-            if not (call and self._add(call)):
+            if self._streaming is not None:
+                self._stream_arguments(body, final=True)
+                self._streaming = None
+            elif not ((call := _call(body.strip())) and self._add(call)):
                 content += self._buf[:j + len(close)]
             self._buf, self._in_call = self._buf[j + len(close):], False
+
+    def _stream_arguments(self, body: str, final: bool) -> None:
+        """Send the arguments written since the last piece. The call's own closing brace (and, mid-stream, any
+        trailing brace or whitespace that may be it, or the start of the closing tag) is held back."""
+        args = body[self._streaming["start"]:].rstrip()
+        if final:
+            args = args.removesuffix("}").rstrip()
+        else:
+            args = args[:len(args) - _partial_suffix(args, self.format.close.strip())].rstrip("} \n\t\r")
+        piece = args[self._streaming["sent"]:]
+        if piece:
+            self._calls.append({"index": self._streaming["index"], "function": {"arguments": piece}})
+            self._streaming["sent"] = len(args)
 
     def _bare(self, final: bool) -> str:
         if not self._decided:
@@ -311,10 +346,21 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
+def merge(deltas: list[dict]) -> list[dict]:
+    """Tool-call deltas put together into whole calls, as a client does: fields by index, arguments appended."""
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        call = calls.setdefault(d["index"], {"index": d["index"], "function": {"name": "", "arguments": ""}})
+        call.update({k: d[k] for k in ("id", "type") if k in d})
+        call["function"]["name"] += d["function"].get("name") or ""
+        call["function"]["arguments"] += d["function"].get("arguments") or ""
+    return [calls[i] for i in sorted(calls)]
+
+
 def parse(text: str, fmt: ToolFormat) -> tuple[str | None, list[dict]]:
-    """A whole completion as (content or None, calls)."""
+    """A whole completion as (content or None, whole calls)."""
     parser = ToolCallParser(fmt)
-    content, calls = parser.feed(text)
+    content, deltas = parser.feed(text)
     more, last = parser.finish()
-    content = (content + more).strip() if calls or last else content + more
-    return content or None, calls + last
+    content = (content + more).strip() if parser.num_calls else content + more
+    return content or None, merge(deltas + last)

@@ -14,7 +14,7 @@ import pytest
 from nanokyro.config import EngineConfig
 from nanokyro.server import create_app
 from nanokyro.tokenizer import Tokenizer
-from nanokyro.tool_calls import FORMATS, ToolCallParser, parse
+from nanokyro.tool_calls import FORMATS, ToolCallParser, merge, parse
 from conftest import KEY, ServerThread
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -46,12 +46,13 @@ HERMES_TEXT = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {
 
 
 def streamed(text: str, fmt, piece: int) -> tuple[str, list[dict]]:
-    parser, content, calls = ToolCallParser(fmt), "", []
+    """The text fed `piece` characters at a time: all content, and the deltas put together into calls."""
+    parser, content, deltas = ToolCallParser(fmt), "", []
     for i in range(0, len(text), piece):
         c, k = parser.feed(text[i:i + piece])
-        content, calls = content + c, calls + k
+        content, deltas = content + c, deltas + k
     c, k = parser.finish()
-    return content + c, calls + k
+    return content + c, merge(deltas + k)
 
 
 def plain(calls: list[dict]) -> list[tuple[str, dict]]:
@@ -68,6 +69,17 @@ def test_hermes_calls_read_the_same_whole_and_streamed_in_any_pieces(piece):
     assert s_content.strip() == content and plain(s_calls) == plain(calls)
 
 
+def test_hermes_arguments_stream_in_pieces_that_add_up_to_the_call():
+    parser, deltas = ToolCallParser(FORMATS["hermes"]), []
+    for ch in HERMES_TEXT:
+        deltas += parser.feed(ch)[1]
+    deltas += parser.finish()[1]
+    first = [d for d in deltas if d["index"] == 0]
+    assert first[0]["function"] == {"name": "get_weather", "arguments": ""} and first[0]["id"].startswith("call_")
+    assert len(first) > 10 and all(set(d) == {"index", "function"} for d in first[1:])  # pieces: arguments only
+    assert "".join(d["function"]["arguments"] for d in first) == '{"city": "Paris", "unit": "celsius"}'
+
+
 def test_text_that_is_not_a_call_stays_content():
     fmt = FORMATS["hermes"]
     assert parse("a < b and <tool_call>not json</tool_call>", fmt) == ("a < b and <tool_call>not json</tool_call>", [])
@@ -75,6 +87,9 @@ def test_text_that_is_not_a_call_stays_content():
     # A call whose closing tag never came (the model stopped first) still counts if its JSON is whole.
     content, calls = parse('<tool_call>\n{"name": "get_time", "arguments": {"hours": 2, "exact": false}}', fmt)
     assert content is None and plain(calls) == [("get_time", {"hours": 2, "exact": False})]
+    # Nor if the name does not come first: then the call is read whole at its end.
+    content, calls = parse('<tool_call>\n{"arguments": {"hours": 3, "exact": true}, "name": "get_time"}\n</tool_call>', fmt)
+    assert content is None and plain(calls) == [("get_time", {"hours": 3, "exact": True})]
 
 
 @pytest.mark.parametrize("piece", [1, 1000])
@@ -188,9 +203,12 @@ def test_required_tool_choice_always_gives_calls_whose_arguments_validate(served
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert_valid_calls(choice.message.tool_calls)
 
-    content, calls, finish = collect_stream(client.chat.completions.create(
-        model=served.model, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, seed=seed, stream=True))
+    chunks = list(client.chat.completions.create(model=served.model, messages=ASK, tools=TOOLS,
+                                                 tool_choice="required", max_tokens=200, seed=seed, stream=True))
+    content, calls, finish = collect_stream(chunks)
     assert finish == "tool_calls" and content == ""
+    pieces = [d for c in chunks for ch in c.choices for d in ch.delta.tool_calls or [] if d.index == 0]
+    assert pieces[0].id and pieces[0].function.name and len(pieces) > 2  # the arguments came in pieces
     # Same seed, same tokens: the stream carries the same calls.
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
         (c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
