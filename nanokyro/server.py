@@ -36,8 +36,8 @@ from nanokyro.metrics import CONTENT_TYPE, Metrics, RequestStats
 from nanokyro.openapi import TITLE, VERSION, DocumentPlugin
 from nanokyro.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    Completion, CompletionChoice, CompletionRequest, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall,
-    DetokenizeRequest, DetokenizeResponse, PromptTokensDetails, SamplingFields, StreamOptions, TokenizeRequest,
+    Completion, CompletionChoice, CompletionRequest, DeltaFunctionCall, DeltaMessage, DeltaToolCall, DetokenizeRequest,
+    DetokenizeResponse, FunctionCall, PromptTokensDetails, SamplingFields, StreamOptions, TokenizeRequest,
     TokenizeResponse, ToolCall, Usage,
 )  # fmt: skip
 from nanokyro.request import Delta, PromptError, SamplingParams, StructuredOutput, TokenLogprob
@@ -621,7 +621,6 @@ class _Server:
         return Response(Completion(**head, usage=usage, choices=[
             choice(i, c.text, c.logprobs, c.finish_reason) for i, c in enumerate(choices)]))  # fmt: skip
 
-
     # -- vLLM's tokenizer endpoints
 
     def tokenizer_client(self, model: str | None) -> CoreClient:
@@ -663,6 +662,7 @@ class _Server:
                            param="tokens")  # fmt: skip
         return DetokenizeResponse(await asyncio.to_thread(tokenizer.decode, req.tokens, False))
 
+
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
     """Items of several async iterators as they come, as (iterator number, item); one iterator is read directly."""
     if len(streams) == 1:
@@ -697,7 +697,7 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
     """The app serving the model `cfg` names. Its engine core starts in a process of its own with the app, and
     /health answers 503 while the model loads.
 
-    api_key: required as `Authorization: Bearer <key>` on /v1 routes. max_queue: answer 429 while this many requests
+    api_key: required as `Authorization: Bearer <key>` on /v1 routes, /tokenize and /detokenize. max_queue: answer 429 while this many requests
     wait for their first token. core_entry: "module:function" run in the core process (core.run_core).
     tool_call_parser: the format tool calls are read in (tool_calls.FORMATS); default: picked from the chat template.
     """

@@ -20,7 +20,7 @@ def served(llama_dir):
     srv.stop()
 
 
-def test_schemathesis_finds_no_mismatch_between_document_and_server(served):
+def test_schemathesis_finds_no_mismatch_between_document_and_server(served, tmp_path):
     # Every check but positive_data_acceptance: whether a schema-valid request is served depends on what no schema
     # says (a prompt's token count against the context, token ids against the vocabulary, seed + n), so such
     # requests are a 400 with the reason. Bounded examples and a fixed seed keep this to seconds, reproducibly.
@@ -28,7 +28,7 @@ def test_schemathesis_finds_no_mismatch_between_document_and_server(served):
         sys.executable, "-m", "schemathesis.cli", "run", f"{served.url}/schema/openapi.json", "--checks", "all",
         "--exclude-checks", "positive_data_acceptance", "--phases", "examples,coverage,fuzzing",
         "--max-examples", "25", "--seed", "1", "--workers", "1", "--no-color",
-    ], capture_output=True, text=True, timeout=240)  # fmt: skip
+    ], capture_output=True, text=True, timeout=240, cwd=tmp_path)  # fmt: skip  (its cache directory goes there)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
 
 

@@ -300,5 +300,10 @@ def test_a_real_model_asked_for_the_weather_calls_the_weather_tool():
         args = json.loads(calls[0].function.arguments)
         jsonschema.validate(args, WEATHER)
         assert args["city"].lower() == "paris"
+        _, streamed_calls, finish = collect_stream(client.chat.completions.create(
+            model=srv.model, messages=ask, tools=TOOLS, tool_choice="required", max_tokens=60, temperature=0,
+            stream=True))  # fmt: skip
+        assert finish == "tool_calls" and [(c["name"], json.loads(c["arguments"])) for c in streamed_calls] == [
+            ("get_weather", args)]
     finally:
         srv.stop()
