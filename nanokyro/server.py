@@ -167,10 +167,7 @@ def _sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int 
     structured = _structured(req)
     if tools is not None and tools.calls_expected:
         if structured is None:
-            try:
-                structured = StructuredOutput(grammar=tools.grammar())
-            except ValueError as e:
-                raise APIError(400, str(e).split(": ", 1)[1], param="tools") from None
+            structured = StructuredOutput(structural_tag=tools.grammar())
         elif tools.choice != "auto":  # "auto" leaves the client's own constraint in charge, calls parsed freely
             raise APIError(400, f"tool_choice {tools.choice!r} constrains the output itself: it can't be combined "
                            "with response_format or structured_outputs", param="tool_choice")  # fmt: skip
@@ -550,7 +547,7 @@ class _Server:
             if m.content is None and not (m.role == "assistant" and m.tool_calls):
                 raise APIError(400, f"messages[{i}] has no content", param="messages")
         tools = _tool_use(req, self.tool_call_parser or client.tokenizer.tool_format)
-        params = await asyncio.to_thread(_chat_params, req, tools)  # a tool grammar takes a moment to build
+        params = _chat_params(req, tools)
         messages = [msgspec.to_builtins(m) for m in req.messages]
         prompt_tools = tools.prompt_tools() if tools else None
         try:

@@ -8,10 +8,10 @@ Llama-3.1's bare `{"name": .., "parameters": {..}}` objects. The format is picke
 - `prepare_messages` makes a conversation renderable: a template that takes `tools` gets the history with each
   call's arguments as an object; any other template gets the tools as a system message and the calls and their
   results as text in the format.
-- `tool_grammar` is the EBNF a tool_choice imposes (xgrammar structural tags over each function's JSON schema):
+- `ToolUse.grammar` is what a tool_choice imposes, as an xgrammar structural tag over the functions' schemas:
   "required" and a named function admit nothing but calls; "auto" admits any text, but once the model opens a call,
   the call must name a tool and its arguments must match that tool's schema.
-- `ToolCallParser` turns a completion's text, fed in pieces as it streams, into content and complete tool calls.
+- `ToolCallParser` turns a completion's text, fed in pieces as it streams, into content and tool-call deltas.
 """
 from __future__ import annotations
 
@@ -86,13 +86,12 @@ class ToolUse:
         return self.tools if self.choice != "none" else None
 
     def grammar(self) -> str | None:
-        """EBNF for what tool_choice allows the model to write (None: anything, for "none")."""
+        """What tool_choice allows the model to write, as an xgrammar structural tag (JSON text; the engine
+        compiles it, each schema compactly), or None for "none"."""
         if self.choice == "none":
             return None
-        import xgrammar as xgr  # the frontend needs it only for requests with tools
-
         chosen = [t["function"] for t in self.tools if self.choice in ("auto", "required", t["function"]["name"])]
-        tags = [_tag(self.format, f, xgr) for f in chosen]
+        tags = [_tag(self.format, f) for f in chosen]
         # A named function: exactly one call; required: one or more (one without parallel_tool_calls).
         once = not self.parallel or self.choice not in ("auto", "required")
         if self.choice == "auto":
@@ -102,21 +101,15 @@ class ToolUse:
         else:
             fmt = {"type": "tags_with_separator", "tags": tags, "separator": self.format.separator,
                    "at_least_one": True, "stop_after_first": once}  # fmt: skip
-        return str(xgr.Grammar.from_structural_tag(json.dumps({"type": "structural_tag", "format": fmt})))
+        return json.dumps({"type": "structural_tag", "format": fmt})
 
 
-def _tag(fmt: ToolFormat, function: dict, xgr) -> dict:
-    """One function's call as a structural tag: fixed text up to the arguments, which follow the schema compactly
-    (no free whitespace: a model may otherwise pad forever)."""
+def _tag(fmt: ToolFormat, function: dict) -> dict:
+    """One function's call as a structural tag: fixed text up to the arguments, which follow the schema. (The
+    engine leaves out properties the schema does not name, so what is written always validates.)"""
     schema = function.get("parameters") or {"type": "object"}
-    try:
-        # Strict: properties the schema does not name are left out (what is written still validates), so a model
-        # can't add keys until it runs out of tokens.
-        args = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
-    except RuntimeError as e:
-        raise ValueError(f"tools: the parameters of {function['name']!r} are not a usable JSON schema: {e}") from None
     begin, end = fmt.call_text(function["name"], "\0").split("\0")
-    return {"type": "tag", "begin": begin, "content": {"type": "grammar", "grammar": str(args)}, "end": end}
+    return {"type": "tag", "begin": begin, "content": {"type": "json_schema", "json_schema": schema}, "end": end}
 
 
 # -- the prompt --------------------------------------------------------------------------------------------------
