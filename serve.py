@@ -15,7 +15,9 @@ import re
 import sys
 
 from nanokyro.config import EngineConfig
-from nanokyro.server import KEEP_ALIVE_S, MAX_QUEUE, SHUTDOWN_GRACE_S, UvicornServer, create_app
+from nanokyro.tool_calls import FORMATS
+from nanokyro.server import MAX_QUEUE, create_app
+from nanokyro.uvicorn_server import KEEP_ALIVE_S, SHUTDOWN_GRACE_S, UvicornServer
 
 log = logging.getLogger("nanokyro")
 
@@ -63,6 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size,
                    help="pipeline stages the layers are split into (default %(default)s)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs or torch.compile")
+    p.add_argument("--tool-call-parser", choices=sorted(FORMATS),
+                   help="how the model writes tool calls (hermes: <tool_call> blocks; llama3_json: bare JSON objects); "
+                        "default: picked from the chat template")
+    p.add_argument("--export-tokenizer", metavar="DIR",
+                   help="write the model's tokenizer (a GGUF's too) to DIR as an HF tokenizer directory and exit: "
+                        "for tools that count tokens offline (guidellm, aiperf, lm-eval)")
     p.add_argument("--no-overlap-schedule", action="store_true",
                    help="run steps one at a time (by default the host handles a step's tokens while the next runs)")
     p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH", type=parse_lora_module,
@@ -112,12 +120,18 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = engine_config(args)
+    if args.export_tokenizer:
+        from nanokyro.loader import load_tokenizer  # torch: only here
+
+        load_tokenizer(args.model).save(args.export_tokenizer)
+        log.info("wrote the tokenizer of %s to %s", args.model or "the default model", args.export_tokenizer)
+        return
     if int(os.environ.get("RANK", 0)) > 0:  # a torchrun rank > 0: no HTTP, only this rank's shard of rank 0's steps
         from nanokyro import parallel  # torch: only here, the frontend never loads it
 
         return parallel.serve_worker(cfg)
     # Rank 0 (or no torchrun): the HTTP frontend here; the engine core, rank 0 of the model, in its own process.
-    app = create_app(cfg, api_key=args.api_key, max_queue=args.max_queue)
+    app = create_app(cfg, api_key=args.api_key, max_queue=args.max_queue, tool_call_parser=args.tool_call_parser)
     server = UvicornServer(app, host=args.host, port=args.port, grace_s=args.shutdown_grace,
                            keep_alive_s=args.timeout_keep_alive)  # fmt: skip
 

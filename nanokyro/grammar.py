@@ -9,6 +9,7 @@ once the matcher has accepted a stop token at the end of the grammar.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -40,6 +41,27 @@ def _schema_text(schema: dict | str) -> str:
     if not isinstance(schema, (dict, bool)):
         raise ValueError(f"invalid json schema: a schema is a JSON object, got {type(schema).__name__}")
     return json.dumps(schema)
+
+
+@functools.lru_cache(maxsize=256)  # the same tools come again and again; converting a schema takes milliseconds
+def _compact_schemas(structural_tag: str) -> str:
+    """The structural tag with each JSON schema inside it as its compact grammar, as JSON outputs are compiled."""
+    try:
+        tag = json.loads(structural_tag)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid structural tag: not valid JSON ({e})") from None
+
+    def compact(node):
+        if isinstance(node, list):
+            return [compact(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "json_schema" and "json_schema" in node:
+            schema = xgr.Grammar.from_json_schema(_schema_text(node["json_schema"]), any_whitespace=False)
+            return {"type": "grammar", "grammar": str(schema)}
+        return {k: compact(v) for k, v in node.items()}
+
+    return json.dumps(compact(tag))
 
 
 class GrammarCompiler:
@@ -82,10 +104,13 @@ class GrammarCompiler:
                 return compiler.compile_regex(spec.regex)
             if kind == "grammar":
                 return compiler.compile_grammar(spec.grammar)
+            if kind == "structural_tag":
+                return compiler.compile_structural_tag(_compact_schemas(spec.structural_tag))
             return compiler.compile_grammar(choice_grammar(spec.choice))
         except RuntimeError as e:  # xgrammar's parse errors: "[time] file.cc:line: what is wrong"
             reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e)).strip()
-            raise ValueError(f"invalid {'json schema' if kind == 'json' else kind}: {reason}") from None
+            what = {"json": "json schema", "structural_tag": "structural tag (of the tools' parameter schemas)"}
+            raise ValueError(f"invalid {what.get(kind, kind)}: {reason}") from None
 
     def matcher(self, spec: StructuredOutput) -> GrammarMatcher:
         return GrammarMatcher(self.compile(spec))

@@ -106,10 +106,7 @@ def _load(cfg: EngineConfig, shard: Shard, tp: Group, device: torch.device,
 
         gg = read_gguf(path)
         model_cfg = ModelConfig.from_hf(gg.hf_config)
-        tokenizer = Tokenizer(
-            gg.tokenizer, chat_template=gg.chat_template, bos_token=gg.bos_token, eos_token=gg.eos_token,
-            eos_token_ids=gg.eos_token_ids, add_bos_token=gg.add_bos_token,
-        ) if with_tokenizer else None  # fmt: skip
+        tokenizer = _gguf_tokenizer(gg) if with_tokenizer else None
         model = build_model(model_cfg, device, dtype, shard, tp)
         load_weights(model, gg.load_weights(dtype, device, wanted(model)))
         name = DEFAULT_MODEL_NAME if cfg.model is None else os.path.basename(path).removesuffix(".gguf")
@@ -120,6 +117,21 @@ def _load(cfg: EngineConfig, shard: Shard, tp: Group, device: torch.device,
     tokenizer = Tokenizer.from_dir(path, eos_token_ids=model_cfg.eos_token_ids) if with_tokenizer else None
     # A hub id is served under itself, as clients name it; a local directory under its own name.
     return model, tokenizer, os.path.basename(cfg.model.rstrip("/")) if os.path.exists(cfg.model) else cfg.model
+
+
+def _gguf_tokenizer(gg) -> Tokenizer:
+    return Tokenizer(gg.tokenizer, chat_template=gg.chat_template, bos_token=gg.bos_token, eos_token=gg.eos_token,
+                     eos_token_ids=gg.eos_token_ids, add_bos_token=gg.add_bos_token)  # fmt: skip
+
+
+def load_tokenizer(model: str | None) -> Tokenizer:
+    """A model's tokenizer alone (no weights): model as EngineConfig.model takes it."""
+    path = resolve_model_path(model)
+    if path.endswith(".gguf"):
+        from nanokyro.gguf import read_gguf
+
+        return _gguf_tokenizer(read_gguf(path))
+    return Tokenizer.from_dir(path, eos_token_ids=ModelConfig.from_dir(path).eos_token_ids)
 
 
 def build_model(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype, shard: Shard = Shard(),

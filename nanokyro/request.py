@@ -13,7 +13,7 @@ from nanokyro.tokenizer import TokenizerSpec
 
 MAX_N = 128  # completions per request: each is a sequence, so n is bounded like a batch
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
-KINDS = ("json", "regex", "grammar", "choice")
+KINDS = ("json", "regex", "grammar", "choice", "structural_tag")
 
 
 class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -23,21 +23,23 @@ class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     regex: str | None = None  # the whole output matches it
     grammar: str | None = None  # EBNF in llama.cpp's GBNF dialect, starting at the rule `root`
     choice: list[str] | None = None  # exactly one of these strings
+    structural_tag: str | None = None  # an xgrammar structural tag as JSON text (how tool_choice is enforced)
 
     def __post_init__(self):
         given = [k for k in KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
-            raise ValueError(f"structured output takes exactly one of json, regex, grammar, choice; got {given}")
+            raise ValueError(f"structured output takes exactly one of {', '.join(KINDS)}; got {given}")
         kind = given[0]
         ok = {
             "json": isinstance(self.json, (dict, str)) or self.json is True,
             "regex": isinstance(self.regex, str),
             "grammar": isinstance(self.grammar, str),
             "choice": isinstance(self.choice, list) and bool(self.choice) and all(isinstance(c, str) for c in self.choice),
+            "structural_tag": isinstance(self.structural_tag, str),
         }[kind]  # fmt: skip
         if not ok:
             want = {"json": "a schema (dict or JSON text) or True", "regex": "a string", "grammar": "a string",
-                    "choice": "a non-empty list of strings"}[kind]  # fmt: skip
+                    "choice": "a non-empty list of strings", "structural_tag": "JSON text"}[kind]  # fmt: skip
             raise ValueError(f"structured output {kind} must be {want}, got {getattr(self, kind)!r}")
 
     @property
@@ -61,7 +63,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the k most likely
     skip_special_tokens: bool = True
-    structured: StructuredOutput | None = None  # constrained decoding: JSON schema, regex, grammar or choice
+    structured: StructuredOutput | None = None  # constrained decoding: JSON schema, regex, grammar, choice, tags
     lora: str | None = None  # the LoRA adapter (its registered name) to run under; None: the base model
 
     def __post_init__(self):

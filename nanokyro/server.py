@@ -3,8 +3,10 @@ its own (client.py).
 
 Owns: turning a request (its bodies are in protocol.py; unknown fields and loosely typed values are a 400) into
 prompt ids and SamplingParams, off the event loop; streaming deltas as SSE chunks or collecting them into one answer;
-OpenAI-shaped errors; the waiting-queue limit; API-key checks; /health, /metrics; aborting a request the moment its
-client leaves; and the graceful shutdown (in-flight streams get a grace period, then end with an error event).
+OpenAI-shaped errors; the waiting-queue limit; API-key checks; /health, /metrics, vLLM's /tokenize and /detokenize;
+aborting a request the moment its client leaves; and the graceful shutdown (in-flight streams get a grace period,
+then end with an error event). Function calling's formats, grammars and parsing are tool_calls.py's; the OpenAPI
+document's corrections openapi.py's; running the app under uvicorn uvicorn_server.py's.
 """
 from __future__ import annotations
 
@@ -13,8 +15,6 @@ import itertools
 import logging
 import re
 import secrets
-import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,10 +22,10 @@ from typing import Annotated, Any, AsyncIterator, Callable
 
 import jinja2
 import msgspec
-import uvicorn
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, PathParameter
 from litestar.response import Stream
@@ -33,21 +33,23 @@ from litestar.response import Stream
 from nanokyro.client import CORE_ENTRY, CoreClient, EngineDead, RequestFailed
 from nanokyro.config import EngineConfig
 from nanokyro.metrics import CONTENT_TYPE, Metrics, RequestStats
+from nanokyro.openapi import TITLE, VERSION, DocumentPlugin
 from nanokyro.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    Completion, CompletionChoice, CompletionRequest, DeltaMessage, LoadLoRAAdapterRequest, PromptTokensDetails,
-    SamplingFields, StreamOptions, UnloadLoRAAdapterRequest, Usage,
+    Completion, CompletionChoice, CompletionRequest, DeltaFunctionCall, DeltaMessage, DeltaToolCall, DetokenizeRequest,
+    DetokenizeResponse, FunctionCall, LoadLoRAAdapterRequest, PromptTokensDetails, SamplingFields, StreamOptions,
+    TokenizeRequest, TokenizeResponse, ToolCall, UnloadLoRAAdapterRequest, Usage,
 )  # fmt: skip
 from nanokyro.request import Delta, PromptError, SamplingParams, StructuredOutput, TokenLogprob
+from nanokyro.tool_calls import ToolCallParser, ToolUse
+from nanokyro.tool_calls import parse as parse_tool_calls
+# Where uvicorn serves the app; re-exported here for the code that has always imported them from this module.
+from nanokyro.uvicorn_server import BackgroundServer, UvicornServer, free_port  # noqa: F401
 
 log = logging.getLogger("nanokyro.server")
 
 MAX_QUEUE = 1000  # default limit on requests waiting for their first token
 MAX_BODY_BYTES = 10 << 20
-SHUTDOWN_GRACE_S = 10.0  # on SIGINT/SIGTERM, in-flight requests get this long to finish before they are ended
-# Idle keep-alive connections live this long. It must outlast a client's lag behind its own stream: a client that
-# reuses a connection the server closed meanwhile fails (uvicorn's default of 5 s failed 117 of 512 requests).
-KEEP_ALIVE_S = 120.0
 
 # -- errors ----------------------------------------------------------------------------------------------------
 
@@ -162,8 +164,15 @@ def _structured(req: SamplingFields) -> StructuredOutput | None:
         raise APIError(400, str(e), param="response_format" if so is None else "structured_outputs") from None
 
 
-def _sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                     tools: ToolUse | None = None) -> SamplingParams:  # fmt: skip
     structured = _structured(req)
+    if tools is not None and tools.calls_expected:
+        if structured is None:
+            structured = StructuredOutput(structural_tag=tools.grammar())
+        elif tools.choice != "auto":  # "auto" leaves the client's own constraint in charge, calls parsed freely
+            raise APIError(400, f"tool_choice {tools.choice!r} constrains the output itself: it can't be combined "
+                           "with response_format or structured_outputs", param="tool_choice")  # fmt: skip
     if req.temperature is not None and req.temperature > 2:  # the OpenAI API's range; the engine takes any
         raise APIError(400, f"temperature must be in [0, 2], got {req.temperature}", param="temperature")
     try:
@@ -179,11 +188,34 @@ def _sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int 
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
 
-def _chat_params(req: ChatCompletionRequest) -> SamplingParams:
+def _chat_params(req: ChatCompletionRequest, tools: ToolUse | None) -> SamplingParams:
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
     logprobs = _default(req.top_logprobs, 0) if req.logprobs else None
-    return _sampling_params(req, _default(req.max_completion_tokens, req.max_tokens), logprobs)
+    return _sampling_params(req, _default(req.max_completion_tokens, req.max_tokens), logprobs, tools)
+
+
+def _tool_use(req: ChatCompletionRequest, format_name: str) -> ToolUse | None:
+    tools = msgspec.to_builtins(req.tools) if req.tools else None
+    choice = msgspec.to_builtins(req.tool_choice)
+    try:
+        return ToolUse.from_request(tools, choice, req.parallel_tool_calls, format_name)
+    except ValueError as e:
+        param, message = str(e).split(": ", 1)
+        raise APIError(400, message, param=param) from None
+
+
+def _tool_calls(calls: list[dict]) -> list[ToolCall]:
+    return [ToolCall(c["id"], "function", FunctionCall(**c["function"])) for c in calls]
+
+
+def _tool_call_deltas(deltas: list[dict]) -> list[DeltaToolCall] | None:
+    return [DeltaToolCall(d["index"], d.get("id"), d.get("type"), DeltaFunctionCall(**d["function"]))
+            for d in deltas] or None  # fmt: skip
+
+
+def _finish_reason(reason: str | None, num_calls: int) -> str | None:
+    return "tool_calls" if num_calls and reason == "stop" else reason
 
 
 def _completion_params(req: CompletionRequest) -> SamplingParams:
@@ -200,6 +232,16 @@ def _prompts(prompt) -> list[str | list[int]]:
         return list(prompt)
     raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of such lists",
                    param="prompt")  # fmt: skip
+
+
+def _tokenize_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
+                   add_special_tokens: bool) -> list[int]:  # fmt: skip
+    """The ids the chat endpoint would give the model; with add_special_tokens, the rendered text encoded with
+    them (vLLM's option, which may double a BOS the template wrote)."""
+    if add_special_tokens:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt, tools=tools)
+        return tokenizer.encode(text, add_special_tokens=True)
+    return tokenizer.encode_chat(messages, add_generation_prompt, tools=tools)
 
 
 def _piece(client: CoreClient, token_id: int) -> str:
@@ -305,8 +347,10 @@ class _Admission:
 class _Server:
     """What the handlers share: the core client once started, the metrics, and the count of unstarted requests."""
 
-    def __init__(self, cfg: EngineConfig, api_key: str | None, max_queue: int, core_entry: str):
+    def __init__(self, cfg: EngineConfig, api_key: str | None, max_queue: int, core_entry: str,
+                 tool_call_parser: str | None):  # fmt: skip
         self.cfg, self.api_key, self.max_queue, self.core_entry = cfg, api_key, max_queue, core_entry
+        self.tool_call_parser = tool_call_parser  # None: the format the chat template suggests
         self.client: CoreClient | None = None
         self.metrics: Metrics | None = None
         self.num_unstarted = 0  # requests admitted but still waiting for their first token
@@ -388,6 +432,13 @@ class _Server:
             raise APIError(429, f"{self.num_unstarted} requests are already waiting (limit {self.max_queue})",
                            "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})  # fmt: skip
         return client, _Admission(self, lora)
+
+    def model_names(self) -> list[str] | None:
+        """What a request's `model` may name: the served model, its adapters and `base:adapter` (None: loading)."""
+        client = self.client
+        if client is None:
+            return None
+        return [client.model_name, *client.adapters, *(f"{client.model_name}:{a}" for a in client.adapters)]
 
     def lora_of(self, client: CoreClient, model: str) -> str | None:
         """The LoRA adapter a request's `model` names (the adapter's name, or `base:adapter`), None for the base
@@ -530,18 +581,21 @@ class _Server:
             admission.started()  # a no-op once generation took it over
 
     async def chat(self, req: ChatCompletionRequest, request: Request, client: CoreClient, admission: _Admission):
-        params = msgspec.structs.replace(_chat_params(req), lora=admission.lora)
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
         if client.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template: use /v1/completions with token ids")
         for i, m in enumerate(req.messages):
-            if m.content is None:
+            if m.content is None and not (m.role == "assistant" and m.tool_calls):
                 raise APIError(400, f"messages[{i}] has no content", param="messages")
+        tools = _tool_use(req, self.tool_call_parser or client.tokenizer.tool_format)
+        params = msgspec.structs.replace(_chat_params(req, tools), lora=admission.lora)
         messages = [msgspec.to_builtins(m) for m in req.messages]
+        prompt_tools = tools.prompt_tools() if tools else None
         try:
-            self.check_length(sum(len(msgspec.json.encode(m["content"])) for m in messages))
-            prompt_ids = await asyncio.to_thread(client.tokenizer.encode_chat, messages)
+            self.check_length(len(msgspec.json.encode([messages, prompt_tools])))
+            prompt_ids = await asyncio.to_thread(client.tokenizer.encode_chat, messages, tools=prompt_tools,
+                                                 tool_format=tools.format.name if tools else None)  # fmt: skip
             client.limits.validate(prompt_ids, params)
         except PromptError as e:
             raise APIError(400, str(e), param="messages" if e.param == "prompt" else e.param) from None
@@ -549,24 +603,37 @@ class _Server:
             raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
         jobs = [_Job(prompt_ids, params, 0)]
         head = _head("chatcmpl", client)
+        parsing = tools is not None and tools.calls_expected
 
         def logprobs(lps):
             return _chat_logprobs(client, lps) if lps is not None else None
 
         if req.stream:
+            parsers = [ToolCallParser(tools.format) for _ in range(params.n)] if parsing else None
+
             def chunk(i: int, d: Delta) -> ChatCompletionChunk:
-                delta = DeltaMessage(content=d.text or None)
-                return ChatCompletionChunk(**head, choices=[ChatChunkChoice(i, delta, logprobs(d.logprobs),
-                                                                            d.finish_reason)])  # fmt: skip
+                text, calls, reason = d.text, [], d.finish_reason
+                if parsers:
+                    text, calls = parsers[i].feed(text)
+                    if reason is not None:
+                        more, last = parsers[i].finish()
+                        text, calls = text + more, calls + last
+                    reason = _finish_reason(reason, parsers[i].num_calls)
+                delta = DeltaMessage(content=text or None, tool_calls=_tool_call_deltas(calls))
+                return ChatCompletionChunk(**head, choices=[ChatChunkChoice(i, delta, logprobs(d.logprobs), reason)])
 
             roles = [ChatCompletionChunk(**head, choices=[ChatChunkChoice(i, DeltaMessage("assistant", ""))])
                      for i in range(params.n)]  # fmt: skip
             usage = lambda u: ChatCompletionChunk(**head, choices=[], usage=u)  # noqa: E731
             return await self.stream(request, jobs, head["id"], admission, roles, chunk, usage, req.stream_options)
         choices, usage = await self.collect(request, jobs, head["id"], admission)
-        return Response(ChatCompletion(**head, usage=usage, choices=[
-            ChatChoice(i, AssistantMessage(c.text), logprobs(c.logprobs), c.finish_reason)
-            for i, c in enumerate(choices)]))  # fmt: skip
+
+        answers = []
+        for i, c in enumerate(choices):
+            content, calls = parse_tool_calls(c.text, tools.format) if parsing else (c.text, [])
+            answers.append(ChatChoice(i, AssistantMessage(content, tool_calls=_tool_calls(calls) or None),
+                                      logprobs(c.logprobs), _finish_reason(c.finish_reason, len(calls))))
+        return Response(ChatCompletion(**head, usage=usage, choices=answers))
 
     async def complete(self, req: CompletionRequest, request: Request, client: CoreClient, admission: _Admission):
         params = msgspec.structs.replace(_completion_params(req), lora=admission.lora)
@@ -592,6 +659,47 @@ class _Server:
         choices, usage = await self.collect(request, jobs, head["id"], admission)
         return Response(Completion(**head, usage=usage, choices=[
             choice(i, c.text, c.logprobs, c.finish_reason) for i, c in enumerate(choices)]))  # fmt: skip
+
+    # -- vLLM's tokenizer endpoints
+
+    def tokenizer_client(self, model: str | None) -> CoreClient:
+        client = self.ready_client()
+        if model is not None and model != client.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {client.model_name!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+        if client.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer (dummy weights)")
+        return client
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        client = self.tokenizer_client(req.model)
+        tokenizer = client.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        try:
+            if req.prompt is not None:
+                self.check_length(len(req.prompt))
+                ids = await asyncio.to_thread(tokenizer.encode, req.prompt, _default(req.add_special_tokens, True))
+            else:
+                messages = [msgspec.to_builtins(m) for m in req.messages]
+                tools = msgspec.to_builtins(req.tools) if req.tools else None
+                self.check_length(len(msgspec.json.encode([messages, tools])))
+                ids = await asyncio.to_thread(_tokenize_chat, tokenizer, messages, req.add_generation_prompt, tools,
+                                              bool(req.add_special_tokens))  # fmt: skip
+        except PromptError as e:
+            raise APIError(400, str(e), param="prompt" if req.prompt is not None else "messages") from None
+        except (ValueError, jinja2.TemplateError) as e:
+            raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+        strs = [tokenizer.tokenizer.id_to_token(i) for i in ids] if req.return_token_strs else None  # as vLLM
+        return TokenizeResponse(len(ids), client.limits.max_model_len, ids, strs)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        tokenizer = self.tokenizer_client(req.model).tokenizer
+        bad = [i for i in req.tokens if not 0 <= i < tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {tokenizer.vocab_size})",
+                           param="tokens")  # fmt: skip
+        return DetokenizeResponse(await asyncio.to_thread(tokenizer.decode, req.tokens, False))
 
 
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
@@ -624,14 +732,15 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]
 
 
 def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int = MAX_QUEUE,
-               core_entry: str = CORE_ENTRY) -> Litestar:  # fmt: skip
+               core_entry: str = CORE_ENTRY, tool_call_parser: str | None = None) -> Litestar:  # fmt: skip
     """The app serving the model `cfg` names. Its engine core starts in a process of its own with the app, and
     /health answers 503 while the model loads.
 
-    api_key: required as `Authorization: Bearer <key>` on /v1 routes. max_queue: answer 429 while this many requests
+    api_key: required as `Authorization: Bearer <key>` on /v1 routes, /tokenize and /detokenize. max_queue: answer 429 while this many requests
     wait for their first token. core_entry: "module:function" run in the core process (core.run_core).
+    tool_call_parser: the format tool calls are read in (tool_calls.FORMATS); default: picked from the chat template.
     """
-    server = _Server(cfg, api_key, max_queue, core_entry)
+    server = _Server(cfg, api_key, max_queue, core_entry, tool_call_parser)
 
     def check_key(connection, _) -> None:
         server.check_api_key(connection)
@@ -646,6 +755,14 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
         Completion, description="The completion, or with stream: an SSE stream of text_completion chunks")})
     async def completions(data: JSONBody[CompletionRequest], request: Request) -> Response:
         return await server.handle(request, CompletionRequest, server.complete)
+
+    @post("/tokenize", status_code=200)
+    async def tokenize(data: JSONBody[TokenizeRequest], request: Request) -> TokenizeResponse:
+        return await server.tokenize(await _strict(request, TokenizeRequest))
+
+    @post("/detokenize", status_code=200)
+    async def detokenize(data: JSONBody[DetokenizeRequest], request: Request) -> DetokenizeResponse:
+        return await server.detokenize(await _strict(request, DetokenizeRequest))
 
     def model_cards() -> list[dict]:
         """The base model, then its LoRA adapters (vLLM's fields: `root` the adapter's path, `parent` the base)."""
@@ -679,7 +796,7 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
     @get("/health")
     async def health() -> Response:
         server.ready_client()
-        return Response(b"", status_code=200)
+        return Response(b"", status_code=200, media_type="text/plain")
 
     @get("/metrics")
     async def metrics() -> Response:
@@ -688,80 +805,16 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
 
     v1 = Router("/v1", route_handlers=[chat_completions, completions, models, model, load_lora_adapter,
                                        unload_lora_adapter], guards=[check_key])  # fmt: skip
+    tokens = Router("/", route_handlers=[tokenize, detokenize], guards=[check_key])  # where vLLM serves them
     return Litestar(
-        route_handlers=[v1, health, metrics],
+        route_handlers=[v1, tokens, health, metrics],
         on_startup=[server.start_loading],
         on_shutdown=[server.shutdown],
         state=State({"server": server}),  # serve.py and tests look at server.client
         request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=OpenAPIConfig(title=TITLE, version=VERSION, render_plugins=[DocumentPlugin(
+            server.model_names, api_key is not None)]),
         logging_config=None,  # logging is the application's to configure (serve.py does)
         exception_handlers={APIError: _api_error, ValidationException: _validation_error, HTTPException: _http_error,
                             UnicodeDecodeError: _not_utf8, Exception: _internal_error},  # fmt: skip
     )
-
-
-class UvicornServer(uvicorn.Server):
-    """uvicorn serving one of our apps: on SIGINT/SIGTERM (or `stop()`), the app first stops admitting and gives
-    its streams the grace period, ending the rest with an error event; then uvicorn closes, and the app stops the
-    engine core."""
-
-    def __init__(self, app: Litestar, host: str = "127.0.0.1", port: int = 0, grace_s: float = SHUTDOWN_GRACE_S,
-                 keep_alive_s: float = KEEP_ALIVE_S):  # fmt: skip
-        # uvicorn's own wait outlasts the grace: the app ends its streams first, with an error event each.
-        super().__init__(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=keep_alive_s,
-                                        timeout_graceful_shutdown=grace_s + 5))  # fmt: skip
-        self.app_server: _Server = app.state.server
-        self.grace_s = grace_s
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def serve(self, sockets=None) -> None:
-        self.loop = asyncio.get_running_loop()
-        await super().serve(sockets)
-
-    def handle_exit(self, sig, frame) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Begin the graceful shutdown; safe from any thread and from a signal handler."""
-        if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._drain_then_exit)
-        else:
-            self.should_exit = True
-
-    def _drain_then_exit(self) -> None:
-        if self.app_server.draining:  # a second signal: end the streams now
-            if self.app_server.client is not None:
-                self.app_server.client.end_all("the server is shutting down")
-            self.should_exit = True
-            return
-        self.app_server.begin_shutdown(self.grace_s).add_done_callback(lambda _: setattr(self, "should_exit", True))
-
-
-def free_port() -> int:
-    """A loopback port nobody is listening on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class BackgroundServer:
-    """An app served by uvicorn on a free loopback port, in a thread with its own event loop: how tests run a real
-    server (and its engine core process) beside their own code."""
-
-    def __init__(self, app: Litestar, start_timeout_s: float = 120.0, wait_ready: bool = True, **server_options):
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.app = app
-        self.server = UvicornServer(app, port=port, **server_options)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + start_timeout_s
-        state = app.state.server
-        while not self.server.started or (wait_ready and state.client is None and state.load_error is None):
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError(f"the server at {self.url} did not start")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.thread.join(timeout=30)

@@ -13,9 +13,12 @@ from datetime import datetime
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import msgspec
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from nanokyro.tool_calls import FORMATS, format_for_template, prepare_messages
 
 # Used when a model ships no chat template: plain ChatML.
 CHATML_TEMPLATE = (
@@ -62,7 +65,13 @@ class Tokenizer:
             add_bos_token if add_bos_token is not None
             else tokenizer.encode("", add_special_tokens=True).ids[:1] == [self.bos_token_id])
         self.chat_template = chat_template
-        self._template = _jinja_env().from_string(chat_template or CHATML_TEMPLATE)
+        env = _jinja_env()
+        self._template = env.from_string(chat_template or CHATML_TEMPLATE)
+        # A template that reads `tools` renders tool definitions, calls and results itself; others are given them
+        # as text (tool_calls.prepare_messages).
+        self.template_takes_tools = "tools" in jinja2.meta.find_undeclared_variables(
+            env.parse(chat_template or CHATML_TEMPLATE))
+        self.tool_format = format_for_template(chat_template)  # how this model writes tool calls
 
     @classmethod
     def from_dir(cls, path: str, eos_token_ids: list[int] = ()) -> "Tokenizer":
@@ -89,6 +98,17 @@ class Tokenizer:
         return TokenizerSpec(self.tokenizer.to_str(), self.chat_template, self.bos_token, self.eos_token,
                              self.eos_token_ids, self.add_bos_token)  # fmt: skip
 
+    def save(self, path: str) -> None:
+        """Write an HF tokenizer directory (tokenizer.json, tokenizer_config.json with the chat template, and the EOS
+        ids in generation_config.json) that `from_dir` and transformers' AutoTokenizer load: how a GGUF model's
+        tokenizer reaches tools that count tokens offline (guidellm, aiperf, lm-eval)."""
+        os.makedirs(path, exist_ok=True)
+        self.tokenizer.save(os.path.join(path, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "chat_template": self.chat_template}  # fmt: skip
+        _write_json(os.path.join(path, "tokenizer_config.json"), {k: v for k, v in config.items() if v is not None})
+        _write_json(os.path.join(path, "generation_config.json"), {"eos_token_id": self.eos_token_ids})
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.add_bos_token is None:
             return self._encode(text, add_special_tokens)
@@ -105,16 +125,23 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render a conversation to the prompt string. Extra kwargs (tools, enable_thinking, ...) reach the
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, tool_format: str | None = None, **kwargs) -> str:
+        """Render a conversation to the prompt string. tools: OpenAI function tools the model may call; assistant
+        tool_calls and role "tool" messages in the history render too, through the template where it knows them,
+        else as text in tool_format (default: the template's). Extra kwargs (enable_thinking, ...) reach the
         template as variables."""
-        return self._template.render(messages=[_plain_message(m) for m in messages],
-                                     add_generation_prompt=add_generation_prompt,
+        fmt = FORMATS[tool_format or self.tool_format]
+        messages = prepare_messages([_plain_message(m) for m in messages], tools, fmt, self.template_takes_tools)
+        if tools and self.template_takes_tools:
+            kwargs["tools"] = tools
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      **{"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **kwargs})
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         """Prompt ids for a conversation with exactly one BOS where the model wants one: most templates write the
-        BOS themselves (encoding with special tokens would double it), a few rely on the tokenizer to add it."""
+        BOS themselves (encoding with special tokens would double it), a few rely on the tokenizer to add it.
+        kwargs: as apply_chat_template's."""
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         ids = self._encode(text, add_special_tokens=False)
         if self._adds_bos and ids[:1] != [self.bos_token_id]:
@@ -264,5 +291,11 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
 def _unique(ids) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids))
+

@@ -529,12 +529,12 @@ def children(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def serve_py_streaming(llama_dir, max_tokens: int):
-    """`python serve.py` on a free port, ready (its one line says where it serves), with one stream that has
-    begun: yields the process, its engine core's pid and the stream. The process is killed at the end."""
+def serve_py_streaming(llama_dir, max_tokens: int, *options: str):
+    """`python serve.py [options]` on a free port, ready (its one line says where it serves), with one stream that
+    has begun: yields the process, its engine core's pid and the stream. The process is killed at the end."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "serve.py", "--model", llama_dir, "--port", str(port), "--dtype",
-                             "float32", "--kv-cache-memory", "16M", "--served-model-name", "tiny"],
+                             "float32", "--kv-cache-memory", "16M", "--served-model-name", "tiny", *options],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
     watchdog = threading.Timer(90, proc.kill)  # never hang the suite on a server that does not start
     watchdog.start()
@@ -561,6 +561,28 @@ def test_serve_py_finishes_streams_on_sigterm_and_leaves_no_process(llama_dir):
         assert chunks[-1].choices[0].finish_reason == "length"
         assert proc.wait(timeout=30) == 0
         assert not os.path.exists(f"/proc/{core}"), "the engine core outlived the server"
+
+
+def test_sigterm_with_requests_outlasting_the_grace_ends_each_with_an_openai_error(llama_dir):
+    with serve_py_streaming(llama_dir, 900, "--shutdown-grace", "0.5") as (proc, _, stream):
+        url = str(stream.response.url.copy_with(path="/v1/chat/completions"))
+        answer = {}
+
+        def whole():  # a non-streaming request, in flight when the signal comes
+            answer["r"] = httpx.post(url, timeout=60, json={"model": "tiny", "messages": CHAT, "max_tokens": 900,
+                                                            "ignore_eos": True})  # fmt: skip
+
+        asker = threading.Thread(target=whole)
+        asker.start()
+        time.sleep(1.0)  # the request is running
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIError, match="shutting down"):
+            list(stream)
+        asker.join(timeout=60)
+        r = answer["r"]
+        assert r.status_code == 503 and r.headers["content-type"].startswith("application/json"), r.text
+        assert "shutting down" in r.json()["error"]["message"] and r.json()["error"]["type"] == "service_unavailable"
+        assert proc.wait(timeout=30) == 0
 
 
 def test_serve_py_exits_non_zero_when_its_core_dies(llama_dir):
