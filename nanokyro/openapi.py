@@ -46,6 +46,7 @@ WHY = {
     400: "An invalid request: malformed JSON, an unknown field, a value out of range, a prompt too long",
     401: "A missing or wrong API key",
     404: "No such model, or no such route",
+    409: "The LoRA adapter is in use by unfinished requests",
     413: "The body is larger than the server accepts",
     429: "Too many requests are waiting for their first token; retry after the Retry-After header's seconds",
     503: "The model is loading, failed to load, its engine died, or the server is shutting down",
@@ -58,6 +59,8 @@ ERRORS = {
     "/v1/models/{model_id}": (401, 404, 503),
     "/tokenize": (400, 401, 404, 413, 503),
     "/detokenize": (400, 401, 404, 413, 503),
+    "/v1/load_lora_adapter": (400, 401, 404, 413, 503),
+    "/v1/unload_lora_adapter": (400, 401, 404, 409, 413, 503),
     "/health": (503,),
     "/metrics": (),
 }
@@ -128,6 +131,9 @@ def _responses(path: str, responses: dict, api_key: bool) -> None:
     elif path == "/health":
         ok["content"] = {"text/plain": {"schema": {"type": "string", "maxLength": 0}}}
         ok["description"] = "The model is loaded and the server is serving"
+    elif path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        ok["description"] = "The adapter was loaded (or unloaded)"
     elif path in ("/v1/chat/completions", "/v1/completions"):
         # With stream: true. Each event's data is one chunk as JSON (the 200 body's shape, its choices holding
         # deltas), an error body, or [DONE].

@@ -664,9 +664,8 @@ class _Server:
 
     def tokenizer_client(self, model: str | None) -> CoreClient:
         client = self.ready_client()
-        if model is not None and model != client.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {client.model_name!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+        if model is not None:
+            self.lora_of(client, model)  # an adapter shares the base model's tokenizer; anything else is a 404
         if client.tokenizer is None:
             raise APIError(400, "this model has no tokenizer (dummy weights)")
         return client
