@@ -1,0 +1,397 @@
+"""FP8 and 4-bit (AWQ) weights: the checkpoint formats, the layouts the linear layers hold, and their matmuls.
+
+Formats read (detected from config.json's `quantization_config`), and what each becomes in a layer:
+- HF `quant_method: "fp8"` with `weight_block_size` [128, 128] (Qwen3-FP8, DeepSeek): `weight` float8_e4m3fn
+  [out, in] and `weight_scale_inv` fp32 [ceil(out/128), ceil(in/128)], w = weight * scale of its block.
+- compressed-tensors `float-quantized` FP8 (FP8_DYNAMIC): `weight` fp8 [out, in], `weight_scale` [out, 1].
+- `quantization="fp8"` on a checkpoint of full-precision weights: per-output-channel scales computed at load.
+- AutoAWQ GEMM (`quant_method: "awq"`, version gemm): `qweight` int32 [in, out/8] (8 output features per int32 in
+  AWQ's nibble order 0 2 4 6 1 3 5 7), `qzeros` int32 [in/g, out/8] in the same order, `scales` [in/g, out];
+  w = (q - zero) * scale over groups of g input features.
+- compressed-tensors `pack-quantized` W4A16 (symmetric): `weight_packed` int32 [out, in/8] (input feature 8j + i
+  in bits 4i..4i+3, stored as value + 8), `weight_scale` [out, in/g]; w = (q - 8) * scale.
+- `quantization="awq"` on full-precision weights: round-to-nearest 4 bits, groups of 128, with zero points, in
+  the same layout (no activation-aware search: for benchmarks and dummy weights, not for quality).
+
+What a quantised layer holds, every tensor [out features, ...] so that tensor parallelism slices dim 0 for
+output features and dim 1 for input features (or groups of them) exactly as for a dense weight (layers.py):
+- FP8: `weight` fp8 [N, K] and `weight_scale` fp32 [N, K / gk] (gk = 128 for block-wise checkpoints; one column,
+  the same on every rank, for per-channel scales).
+- int4: `qweight` int32 [N, K/8] (input feature 8j + i in bits 4i..4i+3), `scales` and `zeros` [N, K/g] in the
+  model's dtype; w = (q - zero) * scale.
+
+How they multiply (`Fp8Method.matmul`, `Int4Method.matmul`, one custom op each so compiled graphs stay whole):
+- up to GEMV_MAX_ROWS rows on CUDA: a Triton GEMV/skinny GEMM that reads the packed weight once and dequantises
+  it in registers (activations stay in the model's dtype): decode is bound by reading the weights.
+- more rows, FP8 with per-channel scales: activations quantised per token (dynamic scales) and
+  `torch._scaled_mm` rowwise (the CPU runs the same op); block-wise scales and int4: dequantise the weight and
+  run the dense matmul.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's nibble i holds output feature AWQ_ORDER[i] of its 8
+GEMV_MAX_ROWS = 16
+METHODS = ("fp8", "awq")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What the checkpoint holds (`fmt`) and what the layers become (`method`: "fp8" or "awq" = int4)."""
+
+    method: str
+    fmt: str  # "online" | "fp8-block" | "ct-fp8" | "awq-gemm" | "ct-w4a16"
+    group_size: int = 128  # int4: input features per scale; fp8-block: the block's side
+    ignore: tuple[str, ...] = field(default_factory=tuple)  # HF module names (or re:patterns) left dense
+
+    def quantises(self, hf_module: str) -> bool:
+        for pattern in self.ignore:
+            if pattern.startswith("re:") and re.fullmatch(pattern[3:], hf_module):
+                return False
+            if hf_module == pattern or hf_module == f"model.{pattern}" or hf_module.endswith(f".{pattern}"):
+                return False
+        return True
+
+
+def quant_config(qc: dict | None, requested: str | None) -> QuantConfig | None:
+    """The quantisation of a model: its config.json's `quantization_config` (qc), or `requested` on
+    full-precision weights. A checkpoint's own format is used only if it is what was asked for (or nothing was)."""
+    if requested is not None and requested not in METHODS:
+        raise ValueError(f"quantization must be one of {METHODS} or None, not {requested!r}")
+    if not qc:
+        return None if requested is None else QuantConfig(requested, "online")
+    found = _checkpoint_format(qc)
+    if requested is not None and requested != found.method:
+        raise ValueError(f"the checkpoint is already quantised ({found.fmt}); it cannot be served as {requested!r}")
+    return found
+
+
+def _checkpoint_format(qc: dict) -> QuantConfig:
+    kind = qc.get("quant_method")
+    if kind == "fp8":
+        block = qc.get("weight_block_size")
+        if block is None or list(block) != [128, 128]:
+            raise ValueError(f"FP8 checkpoints need weight_block_size [128, 128], not {block}")
+        return QuantConfig("fp8", "fp8-block", 128, tuple(qc.get("modules_to_not_convert") or ()))
+    if kind == "awq":
+        if qc.get("bits", qc.get("w_bit")) != 4 or str(qc.get("version", "gemm")).lower() != "gemm":
+            raise ValueError(f"AWQ checkpoints must be 4-bit GEMM ('version': 'gemm'), not {qc}")
+        if not qc.get("zero_point", True):
+            raise ValueError("AWQ checkpoints without zero points are not supported")
+        return QuantConfig("awq", "awq-gemm", _group_size(qc.get("group_size", qc.get("q_group_size"))),
+                           tuple(qc.get("modules_to_not_convert") or ()))  # fmt: skip
+    if kind == "compressed-tensors":
+        groups = list((qc.get("config_groups") or {}).values())
+        if len(groups) != 1:
+            raise ValueError(f"compressed-tensors checkpoints with {len(groups)} config groups are not supported")
+        w, a = groups[0].get("weights") or {}, groups[0].get("input_activations")
+        ignore = tuple(qc.get("ignore") or ())
+        if qc.get("format") == "float-quantized" and w.get("type") == "float" and w.get("num_bits") == 8:
+            if w.get("strategy") != "channel" or (a is not None and not a.get("dynamic")):
+                raise ValueError("compressed-tensors FP8 must have per-channel weight scales and dynamic activation "
+                                 f"scales (FP8_DYNAMIC), not weights {w} activations {a}")  # fmt: skip
+            return QuantConfig("fp8", "ct-fp8", 0, ignore)
+        if qc.get("format") == "pack-quantized" and w.get("type") == "int" and w.get("num_bits") == 4:
+            if not w.get("symmetric", True) or w.get("strategy") != "group" or a is not None:
+                raise ValueError(f"compressed-tensors int4 must be symmetric, group-wise, weight-only (W4A16): {w}")
+            return QuantConfig("awq", "ct-w4a16", _group_size(w.get("group_size")), ignore)
+        raise ValueError(f"unsupported compressed-tensors format {qc.get('format')!r} with weights {w}")
+    raise ValueError(f"unsupported quantization_config quant_method {kind!r} (supported: fp8, awq, compressed-tensors)")
+
+
+def _group_size(g) -> int:
+    if g not in (32, 64, 128):
+        raise ValueError(f"4-bit group size must be 32, 64 or 128, not {g}")
+    return g
+
+
+# -- checkpoint tensors -> the layers' layout -----------------------------------------------------------------
+
+
+def checkpoint_tensors(qcfg: QuantConfig | None, tensors):
+    """Rename and re-lay a pre-quantised checkpoint's tensors of quantised linear layers into the [out, ...]
+    tensors the layers hold (module docstring); every other tensor passes through."""
+    for name, t in tensors:
+        module, _, suffix = name.rpartition(".")
+        if qcfg is None or qcfg.fmt == "online" or not _is_linear(module) or not qcfg.quantises(module):
+            yield name, t
+            continue
+        for new_suffix, tensor in _convert(qcfg, suffix, t):
+            yield f"{module}.{new_suffix}", tensor
+
+
+def _is_linear(module: str) -> bool:
+    return module.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _convert(qcfg: QuantConfig, suffix: str, t: torch.Tensor):
+    if suffix == "bias":
+        yield suffix, t
+    elif qcfg.fmt in ("fp8-block", "ct-fp8"):
+        if suffix == "weight":
+            yield "weight", t.to(FP8)
+        elif suffix == "weight_scale_inv":  # one row per output feature: rows past `out` are never read
+            yield "weight_scale", t.float().repeat_interleave(qcfg.group_size, 0)
+        elif suffix == "weight_scale":
+            yield "weight_scale", t.float().reshape(t.shape[0], 1)
+        elif suffix != "input_scale":  # dynamic activation scales: a static one, if present, is unused
+            raise ValueError(f"unexpected tensor {suffix!r} in an FP8 checkpoint")
+    elif qcfg.fmt == "awq-gemm":
+        if suffix == "qweight":  # [K, N/8] in AWQ's order -> [N, K/8] in order
+            yield "qweight", pack_rows(unpack_awq(t).t())
+        elif suffix == "qzeros":
+            yield "zeros", unpack_awq(t).t().contiguous()
+        elif suffix == "scales":
+            yield "scales", t.t().contiguous()
+        else:
+            raise ValueError(f"unexpected tensor {suffix!r} in an AWQ checkpoint")
+    elif qcfg.fmt == "ct-w4a16":
+        if suffix == "weight_packed":
+            yield "qweight", t.to(torch.int32)
+        elif suffix == "weight_scale":
+            yield "scales", t
+            yield "zeros", torch.full(t.shape, 8, dtype=t.dtype, device=t.device)  # symmetric: stored as q + 8
+        elif suffix != "weight_shape":
+            raise ValueError(f"unexpected tensor {suffix!r} in a compressed-tensors W4A16 checkpoint")
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """AWQ's int32 [R, C/8] -> the 4-bit values [R, C] (int32 0..15) in feature order."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [R, C/8, 8]: nibble i holds feature AWQ_ORDER[i]
+    order = torch.tensor(AWQ_ORDER, device=packed.device).argsort()
+    return nibbles[..., order].reshape(packed.shape[0], -1)
+
+
+def pack_rows(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values [N, K] (0..15) -> int32 [N, K/8], feature 8j + i in bits 4i..4i+3 of column j."""
+    n, k = q.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
+    return (q.to(torch.int32).reshape(n, k // 8, 8) << shifts).sum(-1, dtype=torch.int32)
+
+
+def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1)
+
+
+# -- the methods: what a quantised layer holds and how it multiplies ------------------------------------------
+
+
+def _param(layer: nn.Module, name: str, shape, dtype, device) -> None:
+    p = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+    p.weight_loader = layer.weight_loader
+    setattr(layer, name, p)
+
+
+class Fp8Method:
+    """FP8 weights: `weight` fp8 [N, K], `weight_scale` fp32 [N, K / block] or [N, 1]."""
+
+    def __init__(self, qcfg: QuantConfig):
+        self.block = qcfg.group_size if qcfg.fmt == "fp8-block" else 0
+
+    def create(self, layer: nn.Module) -> None:
+        (n, k), device = layer.weight.shape, layer.weight.device
+        del layer.weight
+        _param(layer, "weight", (n, k), FP8, device)
+        _param(layer, "weight_scale", (n, -(-k // self.block) if self.block else 1), torch.float32, device)
+
+    def quantise(self, layer: nn.Module) -> None:
+        """Full-precision `weight` -> fp8 with one scale per output feature (max |w| maps to FP8's max)."""
+        w = layer.weight.data.float()
+        scale = (w.abs().amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+        del layer.weight
+        layer.weight = nn.Parameter((w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def finish(self, layer: nn.Module) -> None:
+        pass
+
+    def dequantise(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        return dequantise_fp8(layer.weight, layer.weight_scale).to(dtype)
+
+    def matmul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False):
+        return torch.ops.nanokyro.fp8_linear(x, layer.weight, layer.weight_scale, bias, gated, not self.block)
+
+
+class Int4Method:
+    """4-bit weights: `qweight` int32 [N, K/8], `scales` and `zeros` [N, K/g]; w = (q - zero) * scale."""
+
+    def __init__(self, qcfg: QuantConfig):
+        self.group = qcfg.group_size
+
+    def create(self, layer: nn.Module) -> None:
+        (n, k), dtype, device = layer.weight.shape, layer.weight.dtype, layer.weight.device
+        if k % self.group:
+            raise ValueError(f"4-bit weights need input features ({k}) in whole groups of {self.group}")
+        del layer.weight
+        _param(layer, "qweight", (n, k // 8), torch.int32, device)
+        _param(layer, "scales", (n, k // self.group), dtype, device)
+        _param(layer, "zeros", (n, k // self.group), dtype, device)
+
+    def quantise(self, layer: nn.Module) -> None:
+        """Round to nearest, asymmetric: each group's [min, max] onto 0..15."""
+        w = layer.weight.data
+        n, k = w.shape
+        if k % self.group:
+            raise ValueError(f"4-bit weights need input features ({k}) in whole groups of {self.group}")
+        g = w.float().reshape(n, k // self.group, self.group)
+        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        zero = (-lo / scale).round().clamp(0, 15)
+        q = (g / scale[..., None] + zero[..., None]).round().clamp(0, 15).reshape(n, k)
+        del layer.weight
+        layer.qweight = nn.Parameter(pack_rows(q), requires_grad=False)
+        layer.scales = nn.Parameter(scale.to(w.dtype), requires_grad=False)
+        layer.zeros = nn.Parameter(zero.to(w.dtype), requires_grad=False)
+
+    def finish(self, layer: nn.Module) -> None:
+        pass
+
+    def dequantise(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        return dequantise_int4(layer.qweight, layer.scales, layer.zeros).to(dtype)
+
+    def matmul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False):
+        return torch.ops.nanokyro.int4_linear(x, layer.qweight, layer.scales, layer.zeros, bias, gated)
+
+
+def make_method(qcfg: QuantConfig):
+    return Fp8Method(qcfg) if qcfg.method == "fp8" else Int4Method(qcfg)
+
+
+def linear_layers(model: nn.Module, qcfg: QuantConfig):
+    """(layer, its HF module names) of the model's quantisable linear layers that the config quantises."""
+    from nanokyro.layers import GateUpLinear, QKVLinear, ReplicatedLinear
+
+    first = model.layer_range.start
+    for name, module in model.named_modules():
+        if not isinstance(module, ReplicatedLinear):
+            continue
+        # HF names count layers over the whole model, a pipeline stage from its first
+        prefix = re.sub(r"^layers\.(\d+)", lambda m: f"layers.{int(m[1]) + first}", name.rpartition(".")[0])
+        hf = [f"model.{prefix}.{p}" for p in (("q_proj", "k_proj", "v_proj") if isinstance(module, QKVLinear) else
+              ("gate_proj", "up_proj") if isinstance(module, GateUpLinear) else (name.rpartition(".")[2],))]  # fmt: skip
+        kept = [qcfg.quantises(h) for h in hf]
+        if any(kept) != all(kept):
+            raise ValueError(f"{hf} are fused into one layer: quantise all of them or none")
+        if all(kept):
+            yield module
+
+
+def prepare(model: nn.Module, qcfg: QuantConfig | None) -> None:
+    """Before loading: a pre-quantised checkpoint's layers get its parameters (full-precision ones keep theirs
+    until `finish`)."""
+    if qcfg is None:
+        return
+    for layer in linear_layers(model, qcfg):
+        layer.quant = make_method(qcfg)
+        if qcfg.fmt != "online":
+            layer.quant.create(layer)
+
+
+@torch.no_grad()
+def finish(model: nn.Module, qcfg: QuantConfig | None) -> None:
+    """After loading: quantise full-precision weights (`quantization=...` on a dense checkpoint)."""
+    if qcfg is None:
+        return
+    for layer in linear_layers(model, qcfg):
+        if qcfg.fmt == "online":
+            layer.quant.quantise(layer)
+        layer.quant.finish(layer)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# -- dequantisation (CPU, large batches, references) ----------------------------------------------------------
+
+
+def dequantise_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp8 [N, K] with scales [N, ceil(K / gk)] -> fp32 [N, K]."""
+    n, k = weight.shape
+    gk = -(-k // scale.shape[1])
+    return weight.float() * scale.repeat_interleave(gk, 1)[:, :k]
+
+
+def dequantise_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    q = unpack_rows(qweight).float()  # [N, K]
+    g = q.shape[1] // scales.shape[1]
+    return ((q.reshape(q.shape[0], -1, g) - zeros.float()[..., None]) * scales.float()[..., None]).reshape(q.shape)
+
+
+def quantise_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token activation scales: x [M, K] -> (fp8 [M, K], fp32 [M, 1])."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def _gate(y: torch.Tensor, gated: bool) -> torch.Tensor:
+    if not gated:
+        return y
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (weight * scale).T with x quantised per token: `torch._scaled_mm` rowwise, K and N padded to
+    multiples of 16 where they are not (CUDA needs it)."""
+    n, k = weight.shape
+    xq, xs = quantise_rows_fp8(x)
+    pk, pn = -k % 16, -n % 16
+    if pk or pn:
+        xq, weight, scale = F.pad(xq, (0, pk)), F.pad(weight, (0, pk, 0, pn)), F.pad(scale, (0, 0, 0, pn), value=1.0)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.t(), out_dtype=x.dtype)
+    return y[:, :n] if pn else y
+
+
+@torch.library.custom_op("nanokyro::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               gated: bool, w8a8: bool) -> torch.Tensor:  # fmt: skip
+    """x [M, K] @ w.T (+ bias) for fp8 w [N, K] with scales [N, K / gk]; `gated`: w stacks gate and up and the
+    result is silu(x @ gate.T) * (x @ up.T). `w8a8` (per-channel scales [N, 1]): from GEMV_MAX_ROWS rows up,
+    activations are quantised per token too."""
+    if x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS:
+        return _gemv(x, weight, scale, None, bias, gated)
+    if w8a8:
+        y = _scaled_mm_fp8(x, weight, scale)
+    else:  # block-wise scales: _scaled_mm's rowwise scaling cannot hold them
+        y = F.linear(x, dequantise_fp8(weight, scale).to(x.dtype))
+    return _gate(y if bias is None else y + bias, gated)
+
+
+@fp8_linear.register_fake
+def _(x, weight, scale, bias, gated, w8a8):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
+
+
+@torch.library.custom_op("nanokyro::int4_linear", mutates_args=())
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                bias: torch.Tensor | None, gated: bool) -> torch.Tensor:  # fmt: skip
+    """x [M, K] @ w.T (+ bias) for 4-bit w (qweight [N, K/8], scales and zeros [N, K/g])."""
+    if x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS:
+        return _gemv(x, qweight, scales, zeros, bias, gated)
+    y = F.linear(x, dequantise_int4(qweight, scales, zeros).to(x.dtype), bias)
+    return _gate(y, gated)
+
+
+@int4_linear.register_fake
+def _(x, qweight, scales, zeros, bias, gated):
+    return x.new_empty(x.shape[0], qweight.shape[0] // 2 if gated else qweight.shape[0])
+
+
+# -- Triton: the packed weight read once, dequantised in registers --------------------------------------------
+
+
+def _gemv(x, weight, scale, zeros, bias, gated):
+    raise NotImplementedError
