@@ -21,11 +21,12 @@ output features and dim 1 for input features (or groups of them) exactly as for 
   model's dtype; w = (q - zero) * scale.
 
 How they multiply (`Fp8Method.matmul`, `Int4Method.matmul`, one custom op each so compiled graphs stay whole):
-- up to GEMV_MAX_ROWS rows on CUDA: a Triton GEMV/skinny GEMM that reads the packed weight once and dequantises
-  it in registers (activations stay in the model's dtype): decode is bound by reading the weights.
-- more rows, FP8 with per-channel scales: activations quantised per token (dynamic scales) and
-  `torch._scaled_mm` rowwise (the CPU runs the same op); block-wise scales and int4: dequantise the weight and
-  run the dense matmul.
+- on CUDA, one Triton kernel (`_gemv`) that reads the packed weight once and dequantises it in registers, the
+  activations staying in the model's dtype: a GEMV for up to 4 rows (decode is bound by reading the weights),
+  tensor-core tiles above. FP8 with per-channel scales takes it up to GEMV_MAX_ROWS rows; from there its
+  activations are quantised per token (dynamic scales) and `torch._scaled_mm` rowwise multiplies (W8A8).
+- on the CPU: per-channel FP8 runs the same W8A8 `_scaled_mm`; block-wise FP8 and int4 dequantise the weight
+  and run the dense matmul.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ from torch import nn
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's nibble i holds output feature AWQ_ORDER[i] of its 8
-GEMV_MAX_ROWS = 16
+GEMV_MAX_ROWS = 16  # FP8 per-channel: the Triton kernel up to here, _scaled_mm above
+INT4_DEQUANT_ROWS = 1 << 62  # int4 on CUDA: the Triton kernel below this, dequantise + cuBLAS from here
 METHODS = ("fp8", "awq")
 
 
@@ -316,10 +318,16 @@ def weight_bytes(model: nn.Module) -> int:
 # -- dequantisation (CPU, large batches, references) ----------------------------------------------------------
 
 
+def fp8_group(k: int, columns: int) -> int:
+    """Input features per scale column of an fp8 weight with k of them: the block (128; the last one partial),
+    or all of them (per-channel, or a layer narrower than a block)."""
+    return 1 << (-(-k // columns) - 1).bit_length()
+
+
 def dequantise_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp8 [N, K] with scales [N, ceil(K / gk)] -> fp32 [N, K]."""
     n, k = weight.shape
-    gk = -(-k // scale.shape[1])
+    gk = fp8_group(k, scale.shape[1])
     return weight.float() * scale.repeat_interleave(gk, 1)[:, :k]
 
 
@@ -361,11 +369,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     """x [M, K] @ w.T (+ bias) for fp8 w [N, K] with scales [N, K / gk]; `gated`: w stacks gate and up and the
     result is silu(x @ gate.T) * (x @ up.T). `w8a8` (per-channel scales [N, 1]): from GEMV_MAX_ROWS rows up,
     activations are quantised per token too."""
-    if x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS:
+    if x.is_cuda and (x.shape[0] <= GEMV_MAX_ROWS or not w8a8):
         return _gemv(x, weight, scale, None, bias, gated)
     if w8a8:
         y = _scaled_mm_fp8(x, weight, scale)
-    else:  # block-wise scales: _scaled_mm's rowwise scaling cannot hold them
+    else:  # block-wise scales on the CPU: _scaled_mm's rowwise scaling cannot hold them
         y = F.linear(x, dequantise_fp8(weight, scale).to(x.dtype))
     return _gate(y if bias is None else y + bias, gated)
 
@@ -379,7 +387,7 @@ def _(x, weight, scale, bias, gated, w8a8):
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 bias: torch.Tensor | None, gated: bool) -> torch.Tensor:  # fmt: skip
     """x [M, K] @ w.T (+ bias) for 4-bit w (qweight [N, K/8], scales and zeros [N, K/g])."""
-    if x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS:
+    if x.is_cuda and x.shape[0] < INT4_DEQUANT_ROWS:
         return _gemv(x, qweight, scales, zeros, bias, gated)
     y = F.linear(x, dequantise_int4(qweight, scales, zeros).to(x.dtype), bias)
     return _gate(y, gated)
@@ -393,5 +401,140 @@ def _(x, qweight, scales, zeros, bias, gated):
 # -- Triton: the packed weight read once, dequantised in registers --------------------------------------------
 
 
-def _gemv(x, weight, scale, zeros, bias, gated):
-    raise NotImplementedError
+# (block_m, block_n, block_k, num_warps) by rows. Up to 4 rows: every program streams `block_n` weight rows,
+# `block_k` columns at a time, products summed in fp32 registers. More rows: tensor-core dots of `block_m` rows by
+# `block_n` features over one scale group (block_k = the group, or 128 with per-row scales) at a time.
+GEMV_CONFIG = {1: (1, 4, 2048, 4), 2: (2, 4, 1024, 4), 4: (4, 4, 512, 4), 16: (16, 32, 128, 4),
+               64: (64, 64, 128, 4), None: (128, 128, 128, 8)}  # fmt: skip
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
+          bias: torch.Tensor | None, gated: bool) -> torch.Tensor:  # fmt: skip
+    """x [M, K] against fp8 `weight` [N, K] (zeros None) or int4 `weight` [N, K/8] with `zeros`, both with
+    `scale` [N, groups]: one Triton kernel that dequantises the packed weight in registers."""
+    import triton
+
+    M, K = x.shape
+    int4 = zeros is not None
+    N = weight.shape[0] // 2 if gated else weight.shape[0]
+    per_row = not int4 and scale.shape[1] == 1
+    group = K if per_row else fp8_group(K, scale.shape[1]) if not int4 else K // scale.shape[1]
+    rows = next((r for r in GEMV_CONFIG if r is not None and r >= M), None)
+    block_m, block_n, block_k, num_warps = GEMV_CONFIG[rows]
+    use_dot = rows is None or rows > 4
+    if use_dot:
+        block_k = 128 if per_row else group
+    else:
+        block_k = min(block_k, triton.next_power_of_2(K)) if per_row else max(group, min(block_k, triton.next_power_of_2(K)))
+        block_n = block_n // 2 if gated and block_n > 1 else block_n
+    x = x if x.stride(1) == 1 else x.contiguous()
+    y = x.new_empty(M, N)
+    _qgemv_kernel()[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
+        x, weight, scale, zeros if int4 else scale, bias if bias is not None else scale, y, M, N, K,
+        x.stride(0), weight.stride(0), scale.stride(0), y.stride(0), int4=int4, per_row=per_row, group=group,
+        has_bias=bias is not None, gated=gated, use_dot=use_dot, block_m=block_m, block_n=block_n, block_k=block_k,
+        num_warps=num_warps, num_stages=3 if use_dot else 1,
+    )  # fmt: skip
+    return y
+
+
+def _qgemv_kernel():
+    return qgemv_kernel
+
+
+try:  # the kernels are compiled on first use; the CPU only ever runs them under TRITON_INTERPRET=1
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def load_weight(w_rows, k0, K, n_ok, int4: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):
+        """The [block_n, block_k] weight tile from column k0 as fp32 (int4: the raw 0..15 values)."""
+        if int4:
+            rp = k0 // 8 + tl.arange(0, block_k // 8)
+            q = tl.load(w_rows + rp[None, :], mask=n_ok[:, None] & (rp < K // 8)[None, :], other=0,
+                        eviction_policy="evict_first")  # fmt: skip
+            q = (q[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # feature 8j + i in bits 4i..
+            return tl.reshape(q, (block_n, block_k)).to(tl.float32)
+        rk = k0 + tl.arange(0, block_k)
+        w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0,
+                    eviction_policy="evict_first")  # fmt: skip
+        return w.to(tl.float32)
+
+    @triton.jit
+    def partial(x, w_rows, s_rows, z_rows, k0, K, n_ok, int4: tl.constexpr, per_row: tl.constexpr,
+                group: tl.constexpr, use_dot: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
+                block_k: tl.constexpr):  # fmt: skip
+        """x [block_m, block_k] (fp32, or x's dtype with use_dot) times this tile of weight rows -> [block_m,
+        block_n] fp32, scaled (unless per_row: the caller scales at the end)."""
+        w = load_weight(w_rows, k0, K, n_ok, int4, block_n, block_k)
+        if use_dot:  # block_k is one scale group (or any, per_row)
+            if not per_row:
+                g = k0 // group
+                s = tl.load(s_rows + g, mask=n_ok, other=0.0).to(tl.float32)
+                if int4:
+                    w = w - tl.load(z_rows + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                w = w * s[:, None]
+            return tl.dot(x, tl.trans(w.to(x.dtype)))
+        prod = x[:, None, :] * w[None, :, :]  # [block_m, block_n, block_k]
+        if per_row:
+            return tl.sum(prod, 2)
+        ng: tl.constexpr = block_k // group
+        dots = tl.sum(tl.reshape(prod, (block_m, block_n, ng, group)), 3)  # per group: [block_m, block_n, ng]
+        rg = k0 // group + tl.arange(0, ng)
+        g_ok = n_ok[:, None] & (rg < tl.cdiv(K, group))[None, :]
+        s = tl.load(s_rows + rg[None, :], mask=g_ok, other=0.0).to(tl.float32)  # [block_n, ng]
+        if int4:  # sum x (q - z) = sum x q - z sum x
+            z = tl.load(z_rows + rg[None, :], mask=g_ok, other=0.0).to(tl.float32)
+            xs = tl.sum(tl.reshape(x, (block_m, ng, group)), 2)  # [block_m, ng]
+            dots = dots - z[None, :, :] * xs[:, None, :]
+        return tl.sum(dots * s[None, :, :], 2)
+
+    @triton.jit
+    def qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_stride, s_stride, y_stride,
+                     int4: tl.constexpr, per_row: tl.constexpr, group: tl.constexpr, has_bias: tl.constexpr,
+                     gated: tl.constexpr, use_dot: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
+                     block_k: tl.constexpr):  # fmt: skip
+        """y = x @ w.T (+ b); `gated`: w is [gate; up], 2N rows, and y = silu(x @ gate.T) * (x @ up.T)."""
+        rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
+        rm = tl.program_id(1) * block_m + tl.arange(0, block_m)
+        n_ok, m_ok = rn < N, rm < M
+        w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride  # [block_n, 1]
+        s_rows = s_ptr + rn[:, None].to(tl.int64) * s_stride
+        z_rows = z_ptr + rn[:, None].to(tl.int64) * s_stride
+        s_vec = s_ptr + rn.to(tl.int64) * s_stride  # [block_n]: the dot path's one scale column per step
+        z_vec = z_ptr + rn.to(tl.int64) * s_stride
+        acc = tl.zeros((block_m, block_n), tl.float32)
+        up = tl.zeros((block_m, block_n), tl.float32)
+        for k0 in range(0, K, block_k):
+            rk = k0 + tl.arange(0, block_k)
+            x = tl.load(x_ptr + rm[:, None] * x_stride + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :],
+                        other=0.0)  # fmt: skip
+            if not use_dot:
+                x = x.to(tl.float32)
+            if use_dot and not per_row:  # one group per step: the scales are one column
+                acc += partial(x, w_rows, s_vec, z_vec, k0, K, n_ok, int4, per_row, group, use_dot, block_m, block_n,
+                               block_k)  # fmt: skip
+                if gated:
+                    up += partial(x, w_rows + N * w_stride, s_vec + N * s_stride, z_vec + N * s_stride, k0, K, n_ok,
+                                  int4, per_row, group, use_dot, block_m, block_n, block_k)  # fmt: skip
+            else:
+                acc += partial(x, w_rows, s_rows, z_rows, k0, K, n_ok, int4, per_row, group, use_dot, block_m,
+                               block_n, block_k)  # fmt: skip
+                if gated:
+                    up += partial(x, w_rows + N * w_stride, s_rows + N * s_stride, z_rows + N * s_stride, k0, K,
+                                  n_ok, int4, per_row, group, use_dot, block_m, block_n, block_k)  # fmt: skip
+        if per_row:
+            acc *= tl.load(s_ptr + rn * s_stride, mask=n_ok, other=0.0)[None, :]
+            if gated:
+                up *= tl.load(s_ptr + (N + rn) * s_stride, mask=n_ok, other=0.0)[None, :]
+        if has_bias:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if gated:  # rounded as the unfused ops round: gate and up to y's dtype first
+            gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_ptr + rm[:, None] * y_stride + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
