@@ -309,6 +309,8 @@ def finish(model: nn.Module, qcfg: QuantConfig | None) -> None:
         if qcfg.fmt == "online":
             layer.quant.quantise(layer)
         layer.quant.finish(layer)
+    if torch.cuda.is_available():  # the full-precision weights' memory back, for the KV cache to measure
+        torch.cuda.empty_cache()
 
 
 def weight_bytes(model: nn.Module) -> int:
