@@ -429,6 +429,7 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     else:
         block_k = min(block_k, triton.next_power_of_2(K)) if per_row else max(group, min(block_k, triton.next_power_of_2(K)))
         block_n = block_n // 2 if gated and block_n > 1 else block_n
+    group = block_k if per_row else group  # (unused with per-row scales)
     x = x if x.stride(1) == 1 else x.contiguous()
     y = x.new_empty(M, N)
     _qgemv_kernel()[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
@@ -476,24 +477,25 @@ if triton is not None:
         if use_dot:  # block_k is one scale group (or any, per_row)
             if not per_row:
                 g = k0 // group
-                s = tl.load(s_rows + g, mask=n_ok, other=0.0).to(tl.float32)
                 if int4:
                     w = w - tl.load(z_rows + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-                w = w * s[:, None]
-            return tl.dot(x, tl.trans(w.to(x.dtype)))
-        prod = x[:, None, :] * w[None, :, :]  # [block_m, block_n, block_k]
-        if per_row:
-            return tl.sum(prod, 2)
-        ng: tl.constexpr = block_k // group
-        dots = tl.sum(tl.reshape(prod, (block_m, block_n, ng, group)), 3)  # per group: [block_m, block_n, ng]
-        rg = k0 // group + tl.arange(0, ng)
-        g_ok = n_ok[:, None] & (rg < tl.cdiv(K, group))[None, :]
-        s = tl.load(s_rows + rg[None, :], mask=g_ok, other=0.0).to(tl.float32)  # [block_n, ng]
-        if int4:  # sum x (q - z) = sum x q - z sum x
-            z = tl.load(z_rows + rg[None, :], mask=g_ok, other=0.0).to(tl.float32)
-            xs = tl.sum(tl.reshape(x, (block_m, ng, group)), 2)  # [block_m, ng]
-            dots = dots - z[None, :, :] * xs[:, None, :]
-        return tl.sum(dots * s[None, :, :], 2)
+                w = w * tl.load(s_rows + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            out = tl.dot(x, tl.trans(w.to(x.dtype)))
+        elif per_row:
+            out = tl.sum(x[:, None, :] * w[None, :, :], 2)
+        else:
+            ng: tl.constexpr = block_k // group
+            prod = x[:, None, :] * w[None, :, :]  # [block_m, block_n, block_k]
+            dots = tl.sum(tl.reshape(prod, (block_m, block_n, ng, group)), 3)  # per group: [block_m, block_n, ng]
+            rg = k0 // group + tl.arange(0, ng)
+            g_ok = n_ok[:, None] & (rg < tl.cdiv(K, group))[None, :]
+            s = tl.load(s_rows + rg[None, :], mask=g_ok, other=0.0).to(tl.float32)  # [block_n, ng]
+            if int4:  # sum x (q - z) = sum x q - z sum x
+                z = tl.load(z_rows + rg[None, :], mask=g_ok, other=0.0).to(tl.float32)
+                xs = tl.sum(tl.reshape(x, (block_m, ng, group)), 2)  # [block_m, ng]
+                dots = dots - z[None, :, :] * xs[:, None, :]
+            out = tl.sum(dots * s[None, :, :], 2)
+        return out
 
     @triton.jit
     def qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_stride, s_stride, y_stride,
