@@ -42,7 +42,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's nibble i holds output feature AWQ_ORDER[i] of its 8
 GEMV_MAX_ROWS = 16  # FP8 per-channel: the Triton kernel up to here, _scaled_mm above
-INT4_DEQUANT_ROWS = 1 << 62  # int4 on CUDA: the Triton kernel below this, dequantise + cuBLAS from here
+INT4_DEQUANT_ROWS = 512  # int4 on CUDA: the Triton kernel below this, dequantise + cuBLAS from here
 METHODS = ("fp8", "awq")
 
 
@@ -391,7 +391,10 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     """x [M, K] @ w.T (+ bias) for 4-bit w (qweight [N, K/8], scales and zeros [N, K/g])."""
     if x.is_cuda and x.shape[0] < INT4_DEQUANT_ROWS:
         return _gemv(x, qweight, scales, zeros, bias, gated)
-    y = F.linear(x, dequantise_int4(qweight, scales, zeros).to(x.dtype), bias)
+    if x.is_cuda:
+        y = F.linear(x, dequantise_int4_cuda(qweight, scales, zeros, x.dtype), bias)
+    else:
+        y = F.linear(x, dequantise_int4(qweight, scales, zeros).to(x.dtype), bias)
     return _gate(y, gated)
 
 
@@ -403,11 +406,15 @@ def _(x, qweight, scales, zeros, bias, gated):
 # -- Triton: the packed weight read once, dequantised in registers --------------------------------------------
 
 
-# (block_m, block_n, block_k, num_warps) by rows. Up to 4 rows: every program streams `block_n` weight rows,
-# `block_k` columns at a time, products summed in fp32 registers. More rows: tensor-core dots of `block_m` rows by
-# `block_n` features over one scale group (block_k = the group, or 128 with per-row scales) at a time.
-GEMV_CONFIG = {1: (1, 4, 2048, 4), 2: (2, 4, 1024, 4), 4: (4, 4, 512, 4), 16: (16, 32, 128, 4),
-               64: (64, 64, 128, 4), None: (128, 128, 128, 8)}  # fmt: skip
+# (block_m, block_n, block_k, num_warps, dot) by rows, measured on the H200 (docs/PERFORMANCE.md). GEMV
+# (dot False): every program streams `block_n` weight rows, `block_k` input features at a time, products summed
+# in fp32 registers. Tiles (dot True): tensor-core dots of `block_m` rows by `block_n` features.
+GEMV_CONFIG = {
+    "fp8": {1: (1, 4, 2048, 4, False), 16: (16, 32, 128, 4, True), 64: (64, 64, 128, 4, True),
+            None: (128, 128, 128, 8, True)},
+    "int4": {1: (1, 4, 2048, 4, False), 4: (4, 4, 512, 4, False), 16: (16, 32, 256, 4, True),
+             64: (64, 64, 256, 4, True), None: (128, 128, 256, 8, True)},
+}  # fmt: skip
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
@@ -420,15 +427,15 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     int4 = zeros is not None
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     per_row = not int4 and scale.shape[1] == 1
-    group = K if per_row else fp8_group(K, scale.shape[1]) if not int4 else K // scale.shape[1]
-    rows = next((r for r in GEMV_CONFIG if r is not None and r >= M), None)
-    block_m, block_n, block_k, num_warps = GEMV_CONFIG[rows]
-    use_dot = rows is None or rows > 4
-    if use_dot:
-        block_k = 128 if per_row else group
-    else:
-        block_k = min(block_k, triton.next_power_of_2(K)) if per_row else max(group, min(block_k, triton.next_power_of_2(K)))
-        block_n = block_n // 2 if gated and block_n > 1 else block_n
+    group = K // scale.shape[1] if int4 else fp8_group(K, scale.shape[1])
+    configs = GEMV_CONFIG["int4" if int4 else "fp8"]
+    block_m, block_n, block_k, num_warps, use_dot = configs[next((r for r in configs if r and r >= M), None)]
+    if not int4 and not per_row:  # fp8 tiles step one scale block at a time
+        block_k = group if use_dot else max(group, min(block_k, triton.next_power_of_2(K)))
+    elif not use_dot:
+        block_k = max(min(block_k, triton.next_power_of_2(K)), 64)
+    if gated and not use_dot and block_n > 1:
+        block_n //= 2  # the same weight tile: half gate rows, half up rows
     group = block_k if per_row else group  # (unused with per-row scales)
     x = x if x.stride(1) == 1 else x.contiguous()
     y = x.new_empty(M, N)
@@ -439,6 +446,20 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
         num_warps=num_warps, num_stages=3 if use_dot else 1,
     )  # fmt: skip
     return y
+
+
+def dequantise_int4_cuda(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """dequantise_int4 as one Triton kernel: the packed weight read once, [N, K] written once in `dtype`."""
+    import triton
+
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    out = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    _dequant_int4_kernel[(triton.cdiv(n, 16), triton.cdiv(k // 8, 64))](
+        qweight, scales, zeros, out, n, k, qweight.stride(0), scales.stride(0), group=k // scales.shape[1],
+        block_n=16, block_p=64,
+    )  # fmt: skip
+    return out
 
 
 def _qgemv_kernel():
@@ -454,48 +475,50 @@ except ImportError:  # pragma: no cover
 if triton is not None:
 
     @triton.jit
-    def load_weight(w_rows, k0, K, n_ok, int4: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):
-        """The [block_n, block_k] weight tile from column k0 as fp32 (int4: the raw 0..15 values)."""
-        if int4:
-            rp = k0 // 8 + tl.arange(0, block_k // 8)
-            q = tl.load(w_rows + rp[None, :], mask=n_ok[:, None] & (rp < K // 8)[None, :], other=0,
-                        eviction_policy="evict_first")  # fmt: skip
-            q = (q[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # feature 8j + i in bits 4i..
-            return tl.reshape(q, (block_n, block_k)).to(tl.float32)
+    def partial(x, w_rows, s_rows, k0, K, n_ok, per_row: tl.constexpr, group: tl.constexpr, use_dot: tl.constexpr,
+                block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
+        """x [block_m, block_k] (fp32, or x's dtype with use_dot) times fp8 weight rows over input features
+        [k0, k0 + block_k) -> [block_m, block_n] fp32, scaled (unless per_row: the caller scales at the end)."""
         rk = k0 + tl.arange(0, block_k)
         w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0,
-                    eviction_policy="evict_first")  # fmt: skip
-        return w.to(tl.float32)
-
-    @triton.jit
-    def partial(x, w_rows, s_rows, z_rows, k0, K, n_ok, int4: tl.constexpr, per_row: tl.constexpr,
-                group: tl.constexpr, use_dot: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
-                block_k: tl.constexpr):  # fmt: skip
-        """x [block_m, block_k] (fp32, or x's dtype with use_dot) times this tile of weight rows -> [block_m,
-        block_n] fp32, scaled (unless per_row: the caller scales at the end)."""
-        w = load_weight(w_rows, k0, K, n_ok, int4, block_n, block_k)
-        if use_dot:  # block_k is one scale group (or any, per_row)
+                    eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+        if use_dot:  # block_k is one scale block (or any, per_row)
             if not per_row:
-                g = k0 // group
-                if int4:
-                    w = w - tl.load(z_rows + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-                w = w * tl.load(s_rows + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                w = w * tl.load(s_rows + k0 // group, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             out = tl.dot(x, tl.trans(w.to(x.dtype)))
         elif per_row:
             out = tl.sum(x[:, None, :] * w[None, :, :], 2)
         else:
             ng: tl.constexpr = block_k // group
             prod = x[:, None, :] * w[None, :, :]  # [block_m, block_n, block_k]
-            dots = tl.sum(tl.reshape(prod, (block_m, block_n, ng, group)), 3)  # per group: [block_m, block_n, ng]
+            dots = tl.sum(tl.reshape(prod, (block_m, block_n, ng, group)), 3)  # per block: [block_m, block_n, ng]
             rg = k0 // group + tl.arange(0, ng)
-            g_ok = n_ok[:, None] & (rg < tl.cdiv(K, group))[None, :]
-            s = tl.load(s_rows + rg[None, :], mask=g_ok, other=0.0).to(tl.float32)  # [block_n, ng]
-            if int4:  # sum x (q - z) = sum x q - z sum x
-                z = tl.load(z_rows + rg[None, :], mask=g_ok, other=0.0).to(tl.float32)
-                xs = tl.sum(tl.reshape(x, (block_m, ng, group)), 2)  # [block_m, ng]
-                dots = dots - z[None, :, :] * xs[:, None, :]
-            out = tl.sum(dots * s[None, :, :], 2)
+            s = tl.load(s_rows + rg[None, :], mask=n_ok[:, None] & (rg < tl.cdiv(K, group))[None, :], other=0.0)
+            out = tl.sum(dots * s.to(tl.float32)[None, :, :], 2)
         return out
+
+    @triton.jit
+    def partial_int4(x_ptr, x_stride, rm, m_ok, w_rows, s_rows, z_rows, k0, K, n_ok, group: tl.constexpr,
+                     use_dot: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
+        """x @ w.T over input features [k0, k0 + block_k) of int4 rows, fp32 [block_m, block_n]. Packed column j
+        holds features 8j..8j+7, so the tile is 8 strided slices: nibble i of every packed column against x's
+        features 8j + i (no reshape of the unpacked tile, which costs Triton a layout shuffle)."""
+        rp = k0 // 8 + tl.arange(0, block_k // 8)
+        p_ok = n_ok[:, None] & (rp < K // 8)[None, :]
+        p = tl.load(w_rows + rp[None, :], mask=p_ok, other=0, eviction_policy="evict_first")
+        gi = (rp * 8) // group  # each packed column lies in one group
+        s = tl.load(s_rows + gi[None, :], mask=p_ok, other=0.0).to(tl.float32)
+        zs = tl.load(z_rows + gi[None, :], mask=p_ok, other=0.0).to(tl.float32) * s
+        acc = tl.zeros((rm.shape[0], p.shape[0]), tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_ptr + rm[:, None] * x_stride + (rp * 8 + i)[None, :],
+                         mask=m_ok[:, None] & (rp < K // 8)[None, :], other=0.0)  # fmt: skip
+            wi = ((p >> (4 * i)) & 0xF).to(tl.float32) * s - zs  # (q - zero) * scale
+            if use_dot:
+                acc += tl.dot(xi, tl.trans(wi.to(xi.dtype)))
+            else:
+                acc += tl.sum(xi.to(tl.float32)[:, None, :] * wi[None, :, :], 2)
+        return acc
 
     @triton.jit
     def qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_stride, s_stride, y_stride,
@@ -509,28 +532,32 @@ if triton is not None:
         w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride  # [block_n, 1]
         s_rows = s_ptr + rn[:, None].to(tl.int64) * s_stride
         z_rows = z_ptr + rn[:, None].to(tl.int64) * s_stride
-        s_vec = s_ptr + rn.to(tl.int64) * s_stride  # [block_n]: the dot path's one scale column per step
-        z_vec = z_ptr + rn.to(tl.int64) * s_stride
+        s_vec = s_ptr + rn.to(tl.int64) * s_stride  # [block_n]: an fp8 tile's one scale column per step
         acc = tl.zeros((block_m, block_n), tl.float32)
         up = tl.zeros((block_m, block_n), tl.float32)
         for k0 in range(0, K, block_k):
-            rk = k0 + tl.arange(0, block_k)
-            x = tl.load(x_ptr + rm[:, None] * x_stride + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :],
-                        other=0.0)  # fmt: skip
-            if not use_dot:
-                x = x.to(tl.float32)
-            if use_dot and not per_row:  # one group per step: the scales are one column
-                acc += partial(x, w_rows, s_vec, z_vec, k0, K, n_ok, int4, per_row, group, use_dot, block_m, block_n,
-                               block_k)  # fmt: skip
+            if int4:
+                acc += partial_int4(x_ptr, x_stride, rm, m_ok, w_rows, s_rows, z_rows, k0, K, n_ok, group, use_dot,
+                                    block_k)  # fmt: skip
                 if gated:
-                    up += partial(x, w_rows + N * w_stride, s_vec + N * s_stride, z_vec + N * s_stride, k0, K, n_ok,
-                                  int4, per_row, group, use_dot, block_m, block_n, block_k)  # fmt: skip
+                    up += partial_int4(x_ptr, x_stride, rm, m_ok, w_rows + N * w_stride, s_rows + N * s_stride,
+                                       z_rows + N * s_stride, k0, K, n_ok, group, use_dot, block_k)  # fmt: skip
             else:
-                acc += partial(x, w_rows, s_rows, z_rows, k0, K, n_ok, int4, per_row, group, use_dot, block_m,
-                               block_n, block_k)  # fmt: skip
-                if gated:
-                    up += partial(x, w_rows + N * w_stride, s_rows + N * s_stride, z_rows + N * s_stride, k0, K,
-                                  n_ok, int4, per_row, group, use_dot, block_m, block_n, block_k)  # fmt: skip
+                rk = k0 + tl.arange(0, block_k)
+                x = tl.load(x_ptr + rm[:, None] * x_stride + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :],
+                            other=0.0)  # fmt: skip
+                if not use_dot:
+                    x = x.to(tl.float32)
+                if use_dot and not per_row:  # one block per step: the scales are one column
+                    acc += partial(x, w_rows, s_vec, k0, K, n_ok, per_row, group, use_dot, block_m, block_n, block_k)
+                    if gated:
+                        up += partial(x, w_rows + N * w_stride, s_vec + N * s_stride, k0, K, n_ok, per_row, group,
+                                      use_dot, block_m, block_n, block_k)  # fmt: skip
+                else:
+                    acc += partial(x, w_rows, s_rows, k0, K, n_ok, per_row, group, use_dot, block_m, block_n, block_k)
+                    if gated:
+                        up += partial(x, w_rows + N * w_stride, s_rows + N * s_stride, k0, K, n_ok, per_row, group,
+                                      use_dot, block_m, block_n, block_k)  # fmt: skip
         if per_row:
             acc *= tl.load(s_ptr + rn * s_stride, mask=n_ok, other=0.0)[None, :]
             if gated:
@@ -542,3 +569,19 @@ if triton is not None:
             acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + rm[:, None] * y_stride + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
+
+    @triton.jit
+    def _dequant_int4_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, q_stride, s_stride, group: tl.constexpr,
+                             block_n: tl.constexpr, block_p: tl.constexpr):  # fmt: skip
+        """out [N, K] = (q - zero) * scale for a [block_n, 8 * block_p] tile."""
+        rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
+        rp = tl.program_id(1) * block_p + tl.arange(0, block_p)
+        ok = (rn < N)[:, None] & (rp < K // 8)[None, :]
+        rows = rn[:, None].to(tl.int64)
+        p = tl.load(q_ptr + rows * q_stride + rp[None, :], mask=ok, other=0)
+        gi = (rp * 8) // group
+        s = tl.load(s_ptr + rows * s_stride + gi[None, :], mask=ok, other=0.0).to(tl.float32)
+        zs = tl.load(z_ptr + rows * s_stride + gi[None, :], mask=ok, other=0.0).to(tl.float32) * s
+        for i in tl.static_range(8):
+            w = ((p >> (4 * i)) & 0xF).to(tl.float32) * s - zs
+            tl.store(out_ptr + rows * K + (rp * 8 + i)[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)

@@ -348,7 +348,7 @@ def quantised_weight(fmt: str, n: int, k: int, gen: torch.Generator):
 
 
 @pytest.mark.parametrize("fmt", ["fp8-channel", "fp8-block", "int4-g128", "int4-g32"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 17, 200])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 17, 200, 600])
 def test_quantised_kernels_match_dequantised_matmul(fmt, rows):
     """The FP8 / int4 linear ops (Triton GEMV and tiles, `_scaled_mm` for per-channel FP8 from 17 rows) against an
     fp32 matmul with the dequantised weight; shapes with partial blocks, a stacked gate/up and a bias."""
