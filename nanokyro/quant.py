@@ -30,7 +30,6 @@ How they multiply (`Fp8Method.matmul`, `Int4Method.matmul`, one custom op each s
 """
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field
 
@@ -280,8 +279,11 @@ def linear_layers(model: nn.Module, qcfg: QuantConfig):
             continue
         # HF names count layers over the whole model, a pipeline stage from its first
         prefix = re.sub(r"^layers\.(\d+)", lambda m: f"layers.{int(m[1]) + first}", name.rpartition(".")[0])
-        hf = [f"model.{prefix}.{p}" for p in (("q_proj", "k_proj", "v_proj") if isinstance(module, QKVLinear) else
-              ("gate_proj", "up_proj") if isinstance(module, GateUpLinear) else (name.rpartition(".")[2],))]  # fmt: skip
+        if isinstance(module, QKVLinear):
+            parts = ("q_proj", "k_proj", "v_proj")
+        else:
+            parts = ("gate_proj", "up_proj") if isinstance(module, GateUpLinear) else (name.rpartition(".")[2],)
+        hf = [f"model.{prefix}.{p}" for p in parts]
         kept = [qcfg.quantises(h) for h in hf]
         if any(kept) != all(kept):
             raise ValueError(f"{hf} are fused into one layer: quantise all of them or none")
@@ -357,7 +359,7 @@ def _scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     """x [M, K] @ (weight * scale).T with x quantised per token: `torch._scaled_mm` rowwise, K and N padded to
     multiples of 16 where they are not (CUDA needs it)."""
     n, k = weight.shape
-    xq, xs = quantise_rows_fp8(x)
+    xq, xs = quantise_rows_fp8_cuda(x) if x.is_cuda else quantise_rows_fp8(x)
     pk, pn = -k % 16, -n % 16
     if pk or pn:
         xq, weight, scale = F.pad(xq, (0, pk)), F.pad(weight, (0, pk, 0, pn)), F.pad(scale, (0, 0, 0, pn), value=1.0)
@@ -439,13 +441,26 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     group = block_k if per_row else group  # (unused with per-row scales)
     x = x if x.stride(1) == 1 else x.contiguous()
     y = x.new_empty(M, N)
-    _qgemv_kernel()[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
+    qgemv_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
         x, weight, scale, zeros if int4 else scale, bias if bias is not None else scale, y, M, N, K,
         x.stride(0), weight.stride(0), scale.stride(0), y.stride(0), int4=int4, per_row=per_row, group=group,
         has_bias=bias is not None, gated=gated, use_dot=use_dot, block_m=block_m, block_n=block_n, block_k=block_k,
         num_warps=num_warps, num_stages=3 if use_dot else 1,
     )  # fmt: skip
     return y
+
+
+def quantise_rows_fp8_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantise_rows_fp8 as one Triton kernel (one program per row, the row in registers): torch's ops take a
+    pass over x each."""
+    import triton
+
+    m, k = x.shape
+    x = x if x.stride(1) == 1 else x.contiguous()
+    xq, scale = torch.empty(m, k, dtype=FP8, device=x.device), torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(k)
+    _quantise_rows_kernel[(m,)](x, xq, scale, k, x.stride(0), block=block, num_warps=min(max(block // 512, 1), 16))
+    return xq, scale
 
 
 def dequantise_int4_cuda(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -460,10 +475,6 @@ def dequantise_int4_cuda(qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
         block_n=16, block_p=64,
     )  # fmt: skip
     return out
-
-
-def _qgemv_kernel():
-    return qgemv_kernel
 
 
 try:  # the kernels are compiled on first use; the CPU only ever runs them under TRITON_INTERPRET=1
@@ -585,3 +596,14 @@ if triton is not None:
         for i in tl.static_range(8):
             w = ((p >> (4 * i)) & 0xF).to(tl.float32) * s - zs
             tl.store(out_ptr + rows * K + (rp * 8 + i)[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _quantise_rows_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, block: tl.constexpr):
+        """Row r of x -> fp8 with scale max|x| / 448 (as quantise_rows_fp8 rounds)."""
+        row = tl.program_id(0)
+        cols = tl.arange(0, block)
+        x = tl.load(x_ptr + row * x_stride + cols, mask=cols < K, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), 0) / 448.0, 1e-12)
+        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cols < K)
+        tl.store(s_ptr + row, scale)

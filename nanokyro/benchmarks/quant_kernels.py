@@ -46,8 +46,8 @@ def layer_ops(rows: int):
         ops["bf16"].append(lambda x=x, w=w, g=gated: quant._gate(F.linear(x, w), g))
         ops["fp8"].append(lambda x=x, w=wq, s=scale, g=gated: torch.ops.nanokyro.fp8_linear(x, w, s, None, g, True))
         ops["int4"].append(lambda x=x, w=qw, s=s, z=z, g=gated: quant._gemv(x, w, s, z, None, g))
-        ops["int4-dequant"].append(
-            lambda x=x, w=qw, s=s, z=z, g=gated: quant._gate(F.linear(x, quant.dequantise_int4_cuda(w, s, z, x.dtype)), g))
+        ops["int4-dequant"].append(lambda x=x, w=qw, s=s, z=z, g=gated: quant._gate(
+            F.linear(x, quant.dequantise_int4_cuda(w, s, z, x.dtype)), g))
         nbytes["bf16"] += w.numel() * 2
         nbytes["fp8"] += wq.numel() + scale.numel() * 4
         nbytes["int4"] += qw.numel() * 4 + s.numel() * 4
