@@ -435,7 +435,7 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     if not int4 and not per_row:  # fp8 tiles step one scale block at a time
         block_k = group if use_dot else max(group, min(block_k, triton.next_power_of_2(K)))
     elif not use_dot:
-        block_k = max(min(block_k, triton.next_power_of_2(K)), 64)
+        block_k = max(min(block_k, triton.next_power_of_2(K)), group if int4 else 64)
     if gated and not use_dot and block_n > 1:
         block_n //= 2  # the same weight tile: half gate rows, half up rows
     group = block_k if per_row else group  # (unused with per-row scales)
@@ -532,6 +532,29 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def partial_int4_row(x_ptr, w_ptr, s_rows, z_rows, rn, k0, K, w_stride, n_ok, group: tl.constexpr,
+                         block_k: tl.constexpr):  # fmt: skip
+        """One row's x @ w.T over input features [k0, k0 + block_k) of int4 rows -> [1, block_n] fp32, every tile
+        loaded in its natural shape (no gathers, no reshapes): packed [block_n, groups, group/8], x [groups,
+        group/8, 8], scales and zeros [block_n, groups]."""
+        g8: tl.constexpr = group // 8
+        ng: tl.constexpr = block_k // group
+        rg = k0 // group + tl.arange(0, ng)
+        pcol = rg[:, None] * g8 + tl.arange(0, g8)[None, :]  # [ng, g8] packed columns
+        p_ok = pcol < K // 8
+        w3 = w_ptr + rn[:, None, None].to(tl.int64) * w_stride + pcol[None, :, :]
+        p = tl.load(w3, mask=n_ok[:, None, None] & p_ok[None, :, :], other=0, eviction_policy="evict_first")
+        xk = pcol[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [ng, g8, 8]
+        x = tl.load(x_ptr + xk, mask=p_ok[:, :, None], other=0.0).to(tl.float32)
+        q = (p[:, :, :, None] >> (tl.arange(0, 8) * 4)[None, None, None, :]) & 0xF  # [block_n, ng, g8, 8]
+        dots = tl.sum(tl.sum(q.to(tl.float32) * x[None, :, :, :], 3), 2)  # [block_n, ng]: sum x q per group
+        xs = tl.sum(tl.sum(x, 2), 1)  # [ng]
+        g_ok = n_ok[:, None] & (rg < K // group)[None, :]
+        s = tl.load(s_rows + rg[None, :], mask=g_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_rows + rg[None, :], mask=g_ok, other=0.0).to(tl.float32)
+        return tl.sum((dots - z * xs[None, :]) * s, 1)[None, :]  # sum x (q - z) s
+
+    @triton.jit
     def qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_stride, s_stride, y_stride,
                      int4: tl.constexpr, per_row: tl.constexpr, group: tl.constexpr, has_bias: tl.constexpr,
                      gated: tl.constexpr, use_dot: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
@@ -547,7 +570,12 @@ if triton is not None:
         acc = tl.zeros((block_m, block_n), tl.float32)
         up = tl.zeros((block_m, block_n), tl.float32)
         for k0 in range(0, K, block_k):
-            if int4:
+            if int4 and block_m == 1:
+                acc += partial_int4_row(x_ptr, w_ptr, s_rows, z_rows, rn, k0, K, w_stride, n_ok, group, block_k)
+                if gated:
+                    up += partial_int4_row(x_ptr, w_ptr, s_rows + N * s_stride, z_rows + N * s_stride, rn + N, k0, K,
+                                           w_stride, n_ok, group, block_k)  # fmt: skip
+            elif int4:
                 acc += partial_int4(x_ptr, x_stride, rm, m_ok, w_rows, s_rows, z_rows, k0, K, n_ok, group, use_dot,
                                     block_k)  # fmt: skip
                 if gated:
