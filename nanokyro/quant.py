@@ -207,18 +207,14 @@ class Fp8Method:
         _param(layer, "weight_scale", (n, -(-k // self.block) if self.block else 1), torch.float32, device)
 
     def quantise(self, layer: nn.Module) -> None:
-        """Full-precision `weight` -> fp8 with one scale per output feature (max |w| maps to FP8's max)."""
+        """Full-precision `weight` -> fp8 with one scale per output feature (max |w| maps to FP8's max). Under
+        tensor parallelism each rank scales its own shard: a row-parallel layer's scales come from its slice of
+        the input features, so ranks > 1 round slightly differently from one rank."""
         w = layer.weight.data.float()
         scale = (w.abs().amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
         del layer.weight
         layer.weight = nn.Parameter((w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), requires_grad=False)
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
-
-    def finish(self, layer: nn.Module) -> None:
-        pass
-
-    def dequantise(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        return dequantise_fp8(layer.weight, layer.weight_scale).to(dtype)
 
     def matmul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False):
         return torch.ops.nanokyro.fp8_linear(x, layer.weight, layer.weight_scale, bias, gated, not self.block)
@@ -255,12 +251,6 @@ class Int4Method:
         layer.scales = nn.Parameter(scale.to(w.dtype), requires_grad=False)
         layer.zeros = nn.Parameter(zero.to(w.dtype), requires_grad=False)
 
-    def finish(self, layer: nn.Module) -> None:
-        pass
-
-    def dequantise(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        return dequantise_int4(layer.qweight, layer.scales, layer.zeros).to(dtype)
-
     def matmul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False):
         return torch.ops.nanokyro.int4_linear(x, layer.qweight, layer.scales, layer.zeros, bias, gated)
 
@@ -270,7 +260,7 @@ def make_method(qcfg: QuantConfig):
 
 
 def linear_layers(model: nn.Module, qcfg: QuantConfig):
-    """(layer, its HF module names) of the model's quantisable linear layers that the config quantises."""
+    """The model's linear layers that the config quantises (a fused layer: all of its HF modules or none)."""
     from nanokyro.layers import GateUpLinear, QKVLinear, ReplicatedLinear
 
     first = model.layer_range.start
@@ -307,10 +297,10 @@ def finish(model: nn.Module, qcfg: QuantConfig | None) -> None:
     """After loading: quantise full-precision weights (`quantization=...` on a dense checkpoint)."""
     if qcfg is None:
         return
+    if qcfg.fmt != "online":
+        return
     for layer in linear_layers(model, qcfg):
-        if qcfg.fmt == "online":
-            layer.quant.quantise(layer)
-        layer.quant.finish(layer)
+        layer.quant.quantise(layer)
     if torch.cuda.is_available():  # the full-precision weights' memory back, for the KV cache to measure
         torch.cuda.empty_cache()
 
