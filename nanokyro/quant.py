@@ -398,7 +398,8 @@ def _(x, qweight, scales, zeros, bias, gated):
 # -- Triton: the packed weight read once, dequantised in registers --------------------------------------------
 
 
-# (block_m, block_n, block_k, num_warps, dot) by rows, measured on the H200 (docs/PERFORMANCE.md). GEMV
+# (block_m, block_n, block_k, num_warps, dot) by rows (the H200 runs in docs/PERFORMANCE.md chose FP8's GEMV at
+# one row and tiles from two; the int4 settings are untuned). GEMV
 # (dot False): every program streams `block_n` weight rows, `block_k` input features at a time, products summed
 # in fp32 registers. Tiles (dot True): tensor-core dots of `block_m` rows by `block_n` features.
 GEMV_CONFIG = {

@@ -334,3 +334,49 @@ def test_bad_quantisation_requests_fail_clearly(base, tmp_path):
         quant_config({"quant_method": "fp8", "weight_block_size": [64, 64]}, None)
     with pytest.raises(ValueError, match="group size"):
         quant_config({"quant_method": "awq", "bits": 4, "group_size": 96, "version": "gemm"}, None)
+
+
+KERNEL_CHECK = """
+import torch, torch.nn.functional as F
+from nanokyro import quant
+torch.manual_seed(0)
+worst = 0.0
+for rows, fmt, gated, k in [(1, "channel", True, 320), (3, "block", False, 320), (9, "g32", True, 256),
+                            (1, "g64", True, 512), (3, "g128", False, 256), (40, "block", True, 256), (40, "g32", False, 256)]:
+    n = 24
+    w = torch.randn(2 * n if gated else n, k) * 0.05
+    x = torch.randn(rows, k)
+    if fmt == "channel":
+        s = w.abs().amax(1, keepdim=True) / 448
+        args = ((w / s).to(quant.FP8), s, None)
+    elif fmt == "block":
+        s = torch.rand(w.shape[0], -(-k // 128)) * 1e-3 + 1e-4
+        args = ((w / s.repeat_interleave(128, 1)[:, :k]).clamp(-448, 448).to(quant.FP8), s, None)
+    else:
+        g = int(fmt[1:])
+        args = (quant.pack_rows(torch.randint(0, 16, w.shape)), torch.rand(w.shape[0], k // g) * 0.01,
+                torch.randint(0, 16, (w.shape[0], k // g)).float())
+    deq = quant.dequantise_fp8(*args[:2]) if args[2] is None else quant.dequantise_int4(*args)
+    want = x @ deq.T
+    if gated:
+        want = F.silu(want[:, :n]) * want[:, n:]
+    got = quant._gemv(x, *args, None, gated)
+    worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+got = quant.dequantise_int4_cuda(*args, torch.float32)
+assert torch.allclose(got, quant.dequantise_int4(*args), rtol=1e-5, atol=1e-7), "dequantise kernel"
+print(worst)
+"""
+
+
+def test_triton_kernels_match_dequantised_matmul_in_the_interpreter():
+    """The CUDA kernels (GEMV at 1 row, 3 rows; tensor-core tiles at 9 and 40; fp8 per-channel and block-wise with
+    a partial block; int4 groups of 32, 64, 128; gated) run by Triton's interpreter on the CPU, against the
+    dequantised weight."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split()[-1]) < 1e-5
