@@ -309,15 +309,16 @@ def test_quantised_weights_take_the_bytes_the_format_promises(base):
         assert other + linear * per_weight < size < other + linear * per_weight * 1.2, (method, size)
 
 
-@pytest.mark.parametrize("fmt,group", [("awq", 32), ("fp8-block", 128)])
-def test_tensor_parallel_quantised_gives_one_process_tokens(base, tmp_path, fmt, group):
+@pytest.mark.parametrize("fmt,group,tp,pp", [("awq", 32, 2, 1), ("fp8-block", 128, 2, 1), ("awq", 64, 1, 2)])
+def test_parallel_quantised_gives_one_process_tokens(base, tmp_path, fmt, group, tp, pp):
     """Column-parallel layers shard output features of every tensor, row-parallel ones input features and their
-    groups (a group or block that two ranks share gives each the same scale)."""
+    groups (a group or block that two ranks share gives each the same scale); pipeline stages load their own
+    layers' quantised tensors."""
     path, _ = quantised_checkpoint(base, str(tmp_path / fmt), fmt, group)
     ps = prompts(6, seed=3)
     params = SamplingParams(max_tokens=10, temperature=0)
     one = [o.token_ids for o in make_llm(path).generate(ps, params)]
-    llm = make_llm(path, tensor_parallel_size=2)
+    llm = make_llm(path, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     try:
         assert [o.token_ids for o in llm.generate(ps, params)] == one
     finally:
