@@ -65,6 +65,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--output-len", type=parse_range, default=None, help="N or LO-HI (default 100-1024; latency 256)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--quantization", choices=["fp8", "awq"], default=None,
+                    help="quantise the weights at load (dummy weights: random ones, quantised)")
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
@@ -148,6 +150,8 @@ def main(argv=None) -> dict:
     in_lens = [len(p) for p in prompts]
     machine = measure_machine(device, dtype)
     costs = model_costs(llm)
+    print(f"weights: {costs['weight_bytes'] / 1e9:.3f} GB read per step"
+          + (f" ({engine.cfg.quantization})" if engine.cfg.quantization else ""))  # fmt: skip
     result = {
         "model": engine.model_name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."), "num_prompts": num_prompts, "input_tokens": sum(in_lens),

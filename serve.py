@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="model name clients send and see in /v1/models; default: taken from the model")
     p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
                    help="dummy: random weights for an architecture name given as --model (e.g. qwen3-0.6b)")
+    p.add_argument("--quantization", choices=["fp8", "awq"], default=None,
+                   help="quantise full-precision weights at load: fp8 (per-channel) or awq (4-bit, groups of 128); "
+                        "pre-quantised checkpoints (FP8, AWQ, compressed-tensors) are detected without it")
     p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
                    help="ranks (GPUs) each layer is split over (default %(default)s)")
     p.add_argument("--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size,
@@ -97,7 +100,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
         served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager,
         overlap_schedule=not args.no_overlap_schedule, tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size, lora_modules=dict(args.lora_modules),
+        pipeline_parallel_size=args.pipeline_parallel_size, quantization=args.quantization,
+        lora_modules=dict(args.lora_modules),
         max_loras=args.max_loras if args.max_loras is not None else 4 if args.lora_modules else 0,
         max_lora_rank=args.max_lora_rank,
     )  # fmt: skip

@@ -31,6 +31,7 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"  # the checkpoint's own dtype
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    quantization_config: dict | None = None  # config.json's, for pre-quantised checkpoints (quant.py)
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
@@ -68,6 +69,7 @@ class ModelConfig:
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").replace("torch.", ""),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+            quantization_config=cfg.get("quantization_config") or None,
         )
 
     @classmethod
@@ -82,6 +84,7 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" = bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # "auto" = cuda if available
     load_format: str = "auto"  # "auto" | "dummy"
+    quantization: str | None = None  # "fp8" | "awq": quantise full-precision weights at load (quant.py)
     tokenizer: str | None = None  # an HF tokenizer directory to use instead of the model's (e.g. with dummy weights)
     max_num_batched_tokens: int = 8192  # per-step token budget (decodes + prefill chunks)
     max_num_seqs: int = 256

@@ -9,14 +9,18 @@ Linear kinds, for a layer sharded over `tp` ranks (tp = 1: each is a plain linea
 - `GateUpLinear`: gate and up stacked, column-parallel, returning silu(gate) * up.
 Each parameter carries a `weight_loader(param, tensor, shard_id=None)` that copies its own shard out of a full
 checkpoint tensor (HF name; shard_id "q"/"k"/"v" or 0/1 for the stacked halves), so the loader never slices.
+Every parameter of a linear layer is [out features, ...]: dim 0 is sliced by output feature, dim 1 (input
+features, or groups or packs of them) by equal parts per rank, or copied whole where it has one column (a
+quantised layer's per-channel scales), so quantised layers (quant.py) shard through the same loaders.
 
 A linear layer of a decoder layer may also hold LoRA adapters (`lora_a`, `lora_b`: slot buffers that lora.py
 attaches); `forward(x, lora)` then adds each token's adapter delta (`lora` [T]: its slot, -1 none) after the base
 output, before a row-parallel layer's all-reduce.
 
-How a layer multiplies is `matmul` / `gated_matmul` below: a dense matmul, or the Triton GEMV of small_batch.py
-in the one- and two-row decode graphs. Quantised layers will replace these. small_batch's switch is read here
-only, never in model.py.
+How a layer multiplies is `ReplicatedLinear.multiply`: `matmul` / `gated_matmul` below (a dense matmul, or the
+Triton GEMV of small_batch.py in the one- and two-row decode graphs), or, for a quantised layer, its `quant`
+method (quant.py: FP8 or 4-bit weights and their kernels). small_batch's switch is read here only, never in
+model.py.
 """
 from __future__ import annotations
 
@@ -47,9 +51,12 @@ def gated_matmul(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
 class ReplicatedLinear(nn.Module):
     """The whole [out, in] weight (and optional [out] bias) on every rank; the base of the sharded kinds."""
 
+    quant = None  # quant.py's method for a quantised layer (it owns the weight's format and matmul); None: dense
+
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: Group):
         super().__init__()
         self.tp = tp
+        self.in_features, self.out_features = in_features, out_features  # this rank's
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         for p in (self.weight, self.bias):
@@ -57,10 +64,16 @@ class ReplicatedLinear(nn.Module):
                 p.weight_loader = self.weight_loader
 
     def weight_loader(self, param: torch.Tensor, tensor: torch.Tensor, shard_id=None) -> None:
-        param.copy_(tensor)
+        param.copy_(tensor.narrow(0, 0, param.shape[0]))  # (block-wise FP8 scales have rows past the last)
+
+    def multiply(self, x: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+        """x @ weight.T (+ bias); `gated`: silu(x @ gate.T) * (x @ up.T) of a stacked [gate; up] weight."""
+        if self.quant is not None:
+            return self.quant.matmul(self, x, bias, gated)
+        return gated_matmul(x, self.weight) if gated else matmul(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
-        return self.add_lora(x, matmul(x, self.weight, self.bias), lora)
+        return self.add_lora(x, self.multiply(x, self.bias), lora)
 
     def add_lora(self, x: torch.Tensor, y: torch.Tensor, lora: torch.Tensor | None) -> torch.Tensor:
         """y plus the LoRA delta of each token's adapter (none without `lora`)."""
@@ -88,13 +101,20 @@ class RowParallelLinear(ReplicatedLinear):
     def weight_loader(self, param, tensor, shard_id=None):
         if param.dim() == 1:  # the bias is whole on every rank
             return param.copy_(tensor)
+        tensor = tensor.narrow(0, 0, param.shape[0])  # (block-wise FP8 scales have rows past the last)
         n = param.shape[1]
+        if tensor.shape[1] == n:  # one column on every rank (per-channel scales), or one rank
+            return param.copy_(tensor)
+        if tensor.shape[1] != n * self.tp.size:
+            raise ValueError(f"a checkpoint tensor of shape {tuple(tensor.shape)} does not split into {self.tp.size} "
+                             f"equal parts of {n} along its input features (quantisation groups must not straddle "
+                             "ranks)")  # fmt: skip
         param.copy_(tensor.narrow(1, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
         if not self.reduce:
-            return self.add_lora(x, matmul(x, self.weight, self.bias), lora)
-        y = self.tp.all_reduce(self.add_lora(x, matmul(x, self.weight), lora))
+            return self.add_lora(x, self.multiply(x, self.bias), lora)
+        y = self.tp.all_reduce(self.add_lora(x, self.multiply(x), lora))
         return y if self.bias is None else y + self.bias
 
 
@@ -131,8 +151,8 @@ class GateUpLinear(ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
         if lora is None:
-            return gated_matmul(x, self.weight)
-        gate, up = self.add_lora(x, matmul(x, self.weight), lora).chunk(2, dim=-1)
+            return self.multiply(x, gated=True)
+        gate, up = self.add_lora(x, self.multiply(x), lora).chunk(2, dim=-1)
         return F.silu(gate) * up
 
 

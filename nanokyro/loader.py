@@ -3,7 +3,9 @@
 Every source yields full checkpoint tensors under their HF names, one at a time; each goes to its parameter's
 `weight_loader` (layers.py), which copies this rank's shard of it (q/k/v into qkv_proj, gate/up into
 gate_up_proj, a slice of heads / features / vocab under tensor parallelism). A pipeline stage is not given the
-other stages' layers at all.
+other stages' layers at all. Quantised models (quant.py): the layers get their quantised parameters before
+loading, a pre-quantised checkpoint's tensors are re-laid to match on the way in, and full-precision weights
+asked to be quantised are quantised once loaded.
 """
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ import re
 import zlib
 from typing import Callable, Iterator
 
+import logging
+
 import torch
 
+from nanokyro import quant
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.model import LlamaModel
 from nanokyro.parallel import SINGLE, Group, Shard
@@ -41,10 +46,11 @@ DUMMY_ARCHITECTURES = {
                                            original_max_position_embeddings=8192)),
 }  # fmt: skip
 
-_FUSED = re.compile(r"(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
+_FUSED = re.compile(r"(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(\w+)$")  # weight, bias, qweight, ...
 _SHARD_IDS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "gate_proj": 0, "up_proj": 1}
 _LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.(.*)")
 _STAGE_PARAMS = {"embed_tokens.weight", "norm.weight", "lm_head.weight"}  # on the first or the last stage only
+log = logging.getLogger("nanokyro")
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -82,6 +88,10 @@ def load(cfg: EngineConfig, shard: Shard = Shard(), tp: Group = SINGLE, device: 
     """Build this rank's shard of the model on `device` (default: the engine's) and the engine's dtype; return
     it with its tokenizer (unless not wanted: the other ranks) and served name."""
     model, tokenizer, name = _load(cfg, shard, tp, device or cfg.torch_device(), with_tokenizer)
+    qcfg = quant.quant_config(model.cfg.quantization_config, cfg.quantization)
+    if with_tokenizer:  # once, on rank 0: this rank's shard
+        log.info("weights: %.3f GB (%s)", quant.weight_bytes(model) / 1e9,
+                 "unquantised" if qcfg is None else f"{qcfg.method}, {qcfg.fmt}")  # fmt: skip
     if cfg.tokenizer is not None and with_tokenizer:
         tokenizer = Tokenizer.from_dir(cfg.tokenizer, eos_token_ids=model.cfg.eos_token_ids)
     return model, tokenizer, name
@@ -96,9 +106,9 @@ def _dummy_architecture(name: str | None) -> dict:
 def _load(cfg: EngineConfig, shard: Shard, tp: Group, device: torch.device,
           with_tokenizer: bool) -> tuple[LlamaModel, Tokenizer | None, str]:  # fmt: skip
     dtype = cfg.torch_dtype()
-    if cfg.load_format == "dummy":
+    if cfg.load_format == "dummy":  # quantised: the random weights, quantised at load
         model = build_model(ModelConfig.from_hf(_dummy_architecture(cfg.model)), device, dtype, shard, tp)
-        load_weights(model, dummy_weights(model.cfg, cfg.seed, device, dtype, wanted(model)))
+        load_weights(model, dummy_weights(model.cfg, cfg.seed, device, dtype, wanted(model)), cfg.quantization)
         return model, None, cfg.model
     path = resolve_model_path(cfg.model)
     if path.endswith(".gguf"):
@@ -108,12 +118,12 @@ def _load(cfg: EngineConfig, shard: Shard, tp: Group, device: torch.device,
         model_cfg = ModelConfig.from_hf(gg.hf_config)
         tokenizer = _gguf_tokenizer(gg) if with_tokenizer else None
         model = build_model(model_cfg, device, dtype, shard, tp)
-        load_weights(model, gg.load_weights(dtype, device, wanted(model)))
+        load_weights(model, gg.load_weights(dtype, device, wanted(model)), cfg.quantization)
         name = DEFAULT_MODEL_NAME if cfg.model is None else os.path.basename(path).removesuffix(".gguf")
         return model, tokenizer, name
     model_cfg = ModelConfig.from_dir(path)
     model = build_model(model_cfg, device, dtype, shard, tp)
-    load_weights(model, iter_safetensors(path, device, dtype, wanted(model)))
+    load_weights(model, iter_safetensors(path, device, dtype, wanted(model)), cfg.quantization)
     tokenizer = Tokenizer.from_dir(path, eos_token_ids=model_cfg.eos_token_ids) if with_tokenizer else None
     # A hub id is served under itself, as clients name it; a local directory under its own name.
     return model, tokenizer, os.path.basename(cfg.model.rstrip("/")) if os.path.exists(cfg.model) else cfg.model
@@ -173,12 +183,23 @@ def iter_safetensors(path: str, device: torch.device, dtype: torch.dtype,
         with safe_open(file, framework="pt", device=str(device)) as f:
             for name in f.keys():
                 if wanted is None or wanted(name):
-                    yield name, f.get_tensor(name).to(dtype)
+                    t = f.get_tensor(name)
+                    # Weights and biases to the engine's dtype; quantised tensors and their scales as they are.
+                    dense = name.endswith((".weight", ".bias")) and t.is_floating_point() and t.element_size() > 1
+                    yield name, t.to(dtype) if dense else t
 
 
 @torch.no_grad()
-def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Hand each HF-named tensor to its parameter's weight_loader, which copies this rank's shard of it."""
+def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], quantization: str | None = None):
+    """Hand each HF-named tensor to its parameter's weight_loader, which copies this rank's shard of it; with a
+    quantised checkpoint or `quantization` asked for, through quant.py before and after."""
+    qcfg = quant.quant_config(model.cfg.quantization_config, quantization)
+    quant.prepare(model, qcfg)
+    _load_tensors(model, quant.checkpoint_tensors(qcfg, tensors))
+    quant.finish(model, qcfg)
+
+
+def _load_tensors(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
     cfg = model.cfg
     params = dict(model.named_parameters())
     first_layer = model.layer_range.start

@@ -242,11 +242,12 @@ def test_serve_flags_give_serve_py_the_engine_options_of_the_offline_run(monkeyp
 
     # bench.py's parsed options (its parser lives inside main)
     args = SimpleNamespace(model="qwen3-0.6b", seed=3, enforce_eager=True, no_overlap_schedule=True, tokenizer="/t",
-                           dtype="bfloat16", max_num_seqs=64, max_num_batched_tokens=2048)  # fmt: skip
+                           dtype="bfloat16", max_num_seqs=64, max_num_batched_tokens=2048, quantization="fp8")  # fmt: skip
     served = serve.parse_args(["--model", args.model, *serve_flags(engine_options(args))])
     assert (served.dtype, served.max_num_seqs, served.max_num_batched_tokens) == ("bfloat16", 64, 2048)
+    assert served.quantization == "fp8" and serve.engine_config(served).quantization == "fp8"
     assert served.load_format == "dummy" and served.enforce_eager and served.no_overlap_schedule
     defaults = serve.parse_args(["--model", "/some/dir", *serve_flags(engine_options(SimpleNamespace(
         model="/some/dir", seed=0, enforce_eager=False, no_overlap_schedule=False, tokenizer=None, dtype=None,
-        max_num_seqs=None, max_num_batched_tokens=None)))])  # fmt: skip
+        max_num_seqs=None, max_num_batched_tokens=None, quantization=None)))])  # fmt: skip
     assert defaults == serve.parse_args(["--model", "/some/dir"])  # nothing asked for: serve.py's own defaults

@@ -51,7 +51,7 @@ def engine_options(args) -> dict:
                 tokenizer=args.tokenizer)
     if args.model in DUMMY_ARCHITECTURES:
         opts["load_format"] = "dummy"
-    for name in ("dtype", "max_num_seqs", "max_num_batched_tokens"):
+    for name in ("dtype", "max_num_seqs", "max_num_batched_tokens", "quantization"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     if getattr(args, "num_loras", None):
@@ -135,21 +135,21 @@ def measure_machine(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def model_costs(llm: LLM) -> dict:
-    """Bytes of weights one step reads, KV bytes per token, and matmul parameters per token and per logit row."""
+    """Bytes of weights one step reads (quantised layers at their packed size, scales included), KV bytes per
+    token, and matmul parameters per token and per logit row."""
     model = llm.engine.runner.model
     cfg = model.cfg
-    itemsize = next(model.parameters()).dtype.itemsize
-    total = sum(p.numel() for p in model.parameters())
+    itemsize = model.embed_tokens.weight.dtype.itemsize
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
     embed = model.embed_tokens.weight.numel()
     lm_head = embed  # tied or not, the vocab projection has the embedding's shape
-    norms = sum(p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
     # An untied embedding table is only gathered from (one row per token); every other weight is read.
-    read = total - (0 if cfg.tie_word_embeddings else embed)
-    per_token_matmul = total - embed - norms - (0 if cfg.tie_word_embeddings else lm_head)
+    read = total - (0 if cfg.tie_word_embeddings else embed * itemsize)
+    linear = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "multiply"))
     return {
-        "weight_bytes": read * itemsize,
+        "weight_bytes": read,
         "kv_bytes_per_token": cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize,
-        "matmul_params": per_token_matmul,
+        "matmul_params": linear,
         "lm_head_params": lm_head,
         "attn_flops_per_pair": 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim,  # QK^T + PV per (query, key)
     }
