@@ -184,14 +184,15 @@ def lora_layers(model):
 class AdapterSlots:
     """One rank's adapter buffers: `max_loras` slots on every adapted linear layer of its shard."""
 
-    def __init__(self, model, max_loras: int, max_rank: int):
+    def __init__(self, model, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
         self.model, self.max_loras, self.max_rank = model, max_loras, max_rank
         for _, _, name, linear in lora_layers(model):
             n = LAYERS[name][1]
-            out_features, in_features = linear.weight.shape
-            w = linear.weight
-            linear.register_buffer("lora_a", w.new_zeros(max_loras, n * max_rank, in_features), persistent=False)
-            linear.register_buffer("lora_b", w.new_zeros(max_loras, out_features, n * max_rank), persistent=False)
+            # This rank's shape, not the weight's: a quantised layer's weight is packed (quant.py).
+            out_features, in_features = linear.out_features, linear.in_features
+            zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+            linear.register_buffer("lora_a", zeros(max_loras, n * max_rank, in_features), persistent=False)
+            linear.register_buffer("lora_b", zeros(max_loras, out_features, n * max_rank), persistent=False)
 
     @torch.inference_mode()
     def load(self, slot: int, adapter: Adapter) -> None:

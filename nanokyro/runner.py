@@ -161,12 +161,13 @@ class ModelRunner:
     def _build(self, cfg: EngineConfig, par: Parallel) -> None:
         self.model, self.tokenizer, self.model_name = load(cfg, par.shard, par.tp, par.device, self.is_driver)
         self.model_cfg = mc = self.model.cfg
-        # LoRA slot buffers before the KV cache is sized: they are weights too.
-        self.lora_slots = AdapterSlots(self.model, cfg.max_loras, cfg.max_lora_rank) if cfg.max_loras else None
-        self.lora_host = {}  # path -> Adapter read on the host (rank 0: by the core's registry at registration)
         self.shard = par.shard
         self.device = par.device
         self.dtype = cfg.torch_dtype()
+        # LoRA slot buffers before the KV cache is sized: they are weights too.
+        self.lora_slots = (AdapterSlots(self.model, cfg.max_loras, cfg.max_lora_rank, self.dtype, self.device)
+                           if cfg.max_loras else None)  # fmt: skip
+        self.lora_host = {}  # path -> Adapter read on the host (rank 0: by the core's registry at registration)
         self.page_size = cfg.page_size
         pages = num_kv_pages(mc, cfg, self.device, self.dtype, par.shard)
         self.num_pages = par.min(pages) if par.world_size > 1 else pages

@@ -383,3 +383,21 @@ def test_an_adapter_on_a_gguf_base_gives_peft_tokens(tmp_path):
     ref = peft_model(str(tmp_path / "hf"), adapter).generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
                                                              eos_token_id=None)[0, len(prompt):].tolist()  # fmt: skip
     assert out.token_ids == ref != base.token_ids
+
+
+def test_an_adapter_on_an_awq_base_gives_peft_tokens_on_the_dequantised_model(tmp_path):
+    """LoRA over a quantised layer (quant.py: its weight packed, no dense `weight`): the adapter's delta is added
+    after the 4-bit matmul, as peft adds it after the dequantised model's."""
+    import peft
+    from test_quant import SHAPE, quantised_checkpoint, reference
+
+    base = build_tiny_model("llama", str(tmp_path / "base"), **SHAPE)
+    path, deq = quantised_checkpoint(base, str(tmp_path / "awq"), "awq", group=64)
+    adapter = make_adapter(base, str(tmp_path / "lora"), 5, **ADAPTERS["all"])
+    plain = reference(base, deq)
+    prompt = random_prompts([12], seed=5)[0]
+    without = greedy(plain, prompt, 8)
+    ref = peft.PeftModel.from_pretrained(plain, adapter).eval()
+    llm = LLM(path, dtype="float32", kv_cache_memory=4 << 20, max_loras=1, lora_modules={"all": adapter})
+    out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), lora="all")[0]
+    assert out.token_ids == greedy(ref, prompt, 8) != without
