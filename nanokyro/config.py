@@ -97,6 +97,28 @@ class EngineConfig:
     pipeline_parallel_size: int = 1  # stages the layers are split into
     seed: int = 0
     served_model_name: str | None = None
+    # Speculative decoding (spec_decode.py): a draft model (same tokenizer) or "ngram" prompt lookup proposes
+    # num_speculative_tokens tokens per step, verified by the model in one forward; only while at most
+    # speculative_max_batch sequences run (past that the device is busy enough without it).
+    speculative_model: str | None = None
+    speculative_method: str | None = None  # "draft" (the default with a speculative_model) | "ngram"
+    num_speculative_tokens: int = 4
+    speculative_max_batch: int = 16
+
+    def spec_method(self) -> str | None:
+        """The speculative proposer this config asks for (None: no speculation); a ValueError if inconsistent."""
+        method = self.speculative_method or ("draft" if self.speculative_model else None)
+        if method not in (None, "draft", "ngram"):
+            raise ValueError(f"speculative_method must be 'draft' or 'ngram', got {method!r}")
+        if method == "draft" and not self.speculative_model:
+            raise ValueError("speculative_method 'draft' needs a speculative_model")
+        if method == "ngram" and self.speculative_model:
+            raise ValueError("speculative_method 'ngram' takes no speculative_model")
+        if method is not None and not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if method is not None and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ValueError("speculative decoding runs on one rank only (tensor/pipeline parallel size 1)")
+        return method
 
     def torch_device(self):
         import torch  # here, not at the top: the server's frontend process reads this config without torch

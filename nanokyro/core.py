@@ -14,6 +14,7 @@ a busy loop with no asyncio that takes `ToCore` messages and answers with one `S
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import os
@@ -34,7 +35,8 @@ from nanokyro.request import (
 )  # fmt: skip
 from nanokyro.runner import ModelRunner
 from nanokyro.sampler import PendingSample, SamplerOutput, make_generator
-from nanokyro.scheduler import Scheduler, Sequence, Status
+from nanokyro.scheduler import ScheduledBatch, Scheduler, Sequence, Status
+from nanokyro.spec_decode import DraftModelProposer, NgramProposer, verify
 
 log = logging.getLogger("nanokyro")
 
@@ -63,8 +65,21 @@ class EngineCore:
         if cfg.max_num_batched_tokens < cfg.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be at least max_num_seqs "
                              f"({cfg.max_num_seqs}), or some running sequences would get no token each step")  # fmt: skip
-        # Loads the model (with tensor/pipeline parallelism: starts the other ranks) and sizes the KV cache.
-        self.runner = ModelRunner(cfg)
+        # Loads the model (with tensor/pipeline parallelism: starts the other ranks) and sizes the KV cache; a
+        # speculative draft model first, so that the target's sizing counts the draft's weights and its KV pages.
+        self.spec_method = cfg.spec_method()
+        draft = self._load_draft(cfg) if self.spec_method == "draft" else None
+        self.runner = ModelRunner(cfg, extra_page_bytes=draft.page_bytes if draft is not None else 0)
+        self.proposer = None
+        if draft is not None:
+            if draft.model_cfg.vocab_size != self.runner.model_cfg.vocab_size:
+                raise ValueError(f"the speculative model's vocabulary ({draft.model_cfg.vocab_size} tokens) is not the "
+                                 f"model's ({self.runner.model_cfg.vocab_size}): it needs the same tokenizer")  # fmt: skip
+            draft.allocate_kv(self.runner.num_pages)
+            self.proposer = DraftModelProposer(draft)
+        elif self.spec_method == "ngram":
+            self.proposer = NgramProposer()
+        self.spec_verify_steps = self.spec_draft_tokens = self.spec_accepted_tokens = 0
         self.tokenizer = self.runner.tokenizer
         self.model_name = cfg.served_model_name or self.runner.model_name
         mc = self.runner.model_cfg
@@ -82,6 +97,13 @@ class EngineCore:
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._ids = itertools.count()
         self._in_flight: _Step | None = None  # the launched step whose tokens have not reached the host yet
+
+    @staticmethod
+    def _load_draft(cfg: EngineConfig) -> ModelRunner:
+        """The draft model's runner, its KV cache not yet allocated."""
+        draft_cfg = dataclasses.replace(cfg, model=cfg.speculative_model, speculative_model=None,
+                                        speculative_method=None, served_model_name=None)  # fmt: skip
+        return ModelRunner(draft_cfg, num_pages=0)
 
     def ready(self) -> Ready:
         """What the frontend learns at start-up."""
@@ -138,7 +160,8 @@ class EngineCore:
     def stats(self) -> EngineStats:
         sched = self.scheduler
         return EngineStats(len(sched.running), len(sched.waiting), self.blocks.num_used, self.blocks.num_pages,
-                           sched.num_preemptions, sched.prefix_queried_tokens, sched.prefix_hit_tokens)  # fmt: skip
+                           sched.num_preemptions, sched.prefix_queried_tokens, sched.prefix_hit_tokens,
+                           self.spec_verify_steps, self.spec_draft_tokens, self.spec_accepted_tokens)  # fmt: skip
 
     # -- the step -------------------------------------------------------------------------------------------
 
@@ -147,6 +170,9 @@ class EngineCore:
         this one produced). A call that finds a small step with first tokens in flight only finishes that step."""
         if self._first_tokens_in_flight():
             return self.finish_in_flight()  # published now; the next call launches the next step
+        if self._speculating():
+            outs = self.finish_in_flight()  # un-overlapped: drafts are proposed from tokens on the host
+            return outs + self._speculative_step()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return self.finish_in_flight()
@@ -159,6 +185,86 @@ class EngineCore:
         self._in_flight = _Step(sampled, [s.num_tokens - 1 for s in sampled], sample)
         outs = self._finish(prev) if prev is not None else []
         return outs if self.cfg.overlap_schedule else outs + self.finish_in_flight()
+
+    # -- speculative decoding (spec_decode.py) ---------------------------------------------------------------
+
+    def _speculating(self) -> bool:
+        """Whether this step speculates: a proposer, a small running batch, and a sequence that may."""
+        running = self.scheduler.running
+        return (self.proposer is not None and 0 < len(running) <= self.cfg.speculative_max_batch
+                and any(self._may_speculate(s) for s in running))  # fmt: skip
+
+    @staticmethod
+    def _may_speculate(seq: Sequence) -> bool:
+        """A running decode that asks for speculation, without a grammar (its masks are made one token at a time,
+        so grammar rows decode plainly), with room for a draft and the token after it."""
+        return (seq.status is Status.RUNNING and seq.params.speculative and seq.matcher is None
+                and seq.num_tokens - seq.num_computed == 1 and seq.num_tokens + 1 < seq.max_len)  # fmt: skip
+
+    def _speculative_step(self) -> list[SeqOutput]:
+        """One un-overlapped step in which the speculating sequences verify their drafts (k + 1 rows each) and the
+        others decode or prefill as usual, all in one forward."""
+        k = self.cfg.num_speculative_tokens
+        reserved = {}
+        for seq in self.scheduler.running:
+            if self._may_speculate(seq):
+                drafts = self.proposer.reserve(seq, min(k, seq.max_len - seq.num_tokens - 1))
+                if drafts:
+                    seq.token_ids += drafts
+                    reserved[seq] = len(drafts)
+        batch = self.scheduler.schedule()
+        # The token budget may cut a sequence's drafts, or preemption all of them: drop what is not computed.
+        num_new = dict(zip(batch.seqs, batch.num_new))
+        for seq, num in reserved.items():
+            keep = max(num_new.get(seq, 0) - 1, 0)
+            del seq.token_ids[seq.num_tokens - (num - keep) :]
+            reserved[seq] = keep
+        batch.num_drafts = [reserved.get(s, 0) for s in batch.seqs]
+        batch.__post_init__()  # which sequences sample, now their drafts are settled
+        if not batch.seqs:
+            return []
+        spec = [(s, d) for s, d in zip(batch.seqs, batch.num_drafts) if d]
+        spec_seqs, num_drafts = [s for s, _ in spec], [d for _, d in spec]
+        draft_probs = self.proposer.fill(spec_seqs, num_drafts) if spec else None
+        logits = self.runner.forward(batch)
+        spec_rows, plain_rows, row = [], [], 0
+        for seq, d, samples in zip(batch.seqs, batch.num_drafts, batch.samples):
+            if samples:
+                (spec_rows if d else plain_rows).extend(range(row, row + d + 1))
+                row += d + 1
+        # The others: sampled, updated and finished as in a plain step, at once.
+        plain = ScheduledBatch([s for s, d in zip(batch.seqs, batch.num_drafts) if not d],
+                               [n for n, d in zip(batch.num_new, batch.num_drafts) if not d])  # fmt: skip
+        outs = []
+        if plain.seqs:
+            sample = self.runner.sample(plain, logits[plain_rows])
+            sampled = self.scheduler.update(plain, [-(r + 1) for r in range(len(sample.tokens))])
+            outs = self._finish(_Step(sampled, [s.num_tokens - 1 for s in sampled], sample))
+        if spec:
+            verified = verify(logits[spec_rows], spec_seqs, num_drafts, draft_probs)
+            for seq, num, v in zip(spec_seqs, num_drafts, verified):
+                outs.append(self._accept(seq, num, v))
+        return outs
+
+    def _accept(self, seq: Sequence, num_drafts: int, v) -> SeqOutput:
+        """Append a verified sequence's tokens up to the first that ends it, and report them."""
+        self.spec_verify_steps += 1
+        self.spec_draft_tokens += num_drafts
+        self.spec_accepted_tokens += v.num_accepted
+        start, reason, tokens = seq.num_tokens - num_drafts, None, v.tokens
+        for j, token in enumerate(tokens):
+            reason = self._stop_reason(seq, token, start + j + 1, True)
+            if reason is not None:
+                tokens = tokens[: j + 1]
+                break
+        self.scheduler.update_verified(seq, num_drafts, tokens, v.num_accepted)
+        logprobs = v.logprobs[: len(tokens)] if v.logprobs is not None else None
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        out = self._output(seq, tokens, logprobs, reason)
+        if reason is not None:
+            self._forget_if_done(seq.request_id)
+        return out
 
     def _first_tokens_in_flight(self) -> bool:
         """Whether the launched step holds a request's first token and is small. At low load the host, not the

@@ -62,6 +62,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the k most likely
     skip_special_tokens: bool = True
     structured: StructuredOutput | None = None  # constrained decoding: JSON schema, regex, grammar or choice
+    speculative: bool = True  # False: never speculate for this request (when the engine speculates at all)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -177,6 +178,9 @@ class EngineStats(msgspec.Struct):
     num_preemptions: int = 0
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
+    spec_verify_steps: int = 0  # sequence-steps that verified drafts (speculative decoding)
+    spec_draft_tokens: int = 0  # draft tokens proposed and verified
+    spec_accepted_tokens: int = 0  # of those, accepted
 
 
 # -- what the frontend makes of it ------------------------------------------------------------------------------
