@@ -62,6 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ranks (GPUs) each layer is split over (default %(default)s)")
     p.add_argument("--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size,
                    help="pipeline stages the layers are split into (default %(default)s)")
+    p.add_argument("--speculative-model", help="speculative decoding: a draft model with the same tokenizer")
+    p.add_argument("--speculative-method", choices=["draft", "ngram"],
+                   help="speculative decoding: draft (with --speculative-model) or ngram (prompt lookup)")
+    p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens,
+                   help="tokens proposed per speculative step (default %(default)s)")
+    p.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
+                   help="speculate only while at most this many sequences run (default %(default)s)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs or torch.compile")
     p.add_argument("--no-overlap-schedule", action="store_true",
                    help="run steps one at a time (by default the host handles a step's tokens while the next runs)")
@@ -75,7 +82,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
         served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager,
         overlap_schedule=not args.no_overlap_schedule, tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size, speculative_model=args.speculative_model,
+        speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
+        speculative_max_batch=args.speculative_max_batch,
     )  # fmt: skip
 
 
