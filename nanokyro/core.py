@@ -225,8 +225,9 @@ class EngineCore:
             return []
         spec = [(s, d) for s, d in zip(batch.seqs, batch.num_drafts) if d]
         spec_seqs, num_drafts = [s for s, _ in spec], [d for _, d in spec]
-        draft_probs = self.proposer.fill(spec_seqs, num_drafts) if spec else None
-        logits = self.runner.forward(batch)
+        drafts = self.proposer.fill(spec_seqs, num_drafts) if spec else None
+        on_device = drafts is not None and isinstance(drafts.tokens, torch.Tensor)
+        logits = self.runner.forward(batch, drafts.tokens if on_device else None)
         spec_rows, plain_rows, row = [], [], 0
         for seq, d, samples in zip(batch.seqs, batch.num_drafts, batch.samples):
             if samples:
@@ -241,7 +242,7 @@ class EngineCore:
             sampled = self.scheduler.update(plain, [-(r + 1) for r in range(len(sample.tokens))])
             outs = self._finish(_Step(sampled, [s.num_tokens - 1 for s in sampled], sample))
         if spec:
-            verified = verify(logits[spec_rows], spec_seqs, num_drafts, draft_probs)
+            verified = verify(logits[spec_rows], spec_seqs, num_drafts, drafts)
             for seq, num, v in zip(spec_seqs, num_drafts, verified):
                 outs.append(self._accept(seq, num, v))
         return outs

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nanokyro.request import TokenLogprob
 from nanokyro.sampler import SampleRow, apply_penalties, argmax, draw, probabilities
@@ -42,6 +43,15 @@ def _sample_row(seq: Sequence, num_tokens: int) -> SampleRow:
     return SampleRow(seq.params, *ids, seq.generator, None)
 
 
+@dataclass
+class Drafts:
+    """What `fill` proposed: the draft tokens [sum(num_drafts)] in sequence order (a list, or a tensor on the
+    device that the verify step's placeholder ids read), and their distributions q [same, vocab] (None: one-hot)."""
+
+    tokens: list[int] | torch.Tensor
+    probs: torch.Tensor | None = None
+
+
 class NgramProposer:
     """Prompt lookup: propose what followed the latest earlier occurrence of the last n tokens."""
 
@@ -51,8 +61,8 @@ class NgramProposer:
     def reserve(self, seq: Sequence, k: int) -> list[int]:
         return ngram_lookup(seq.token_ids, k, self.max_n, self.min_n)
 
-    def fill(self, seqs: list[Sequence], num_drafts: list[int]) -> None:
-        return None  # the drafts are final already, and one-hot
+    def fill(self, seqs: list[Sequence], num_drafts: list[int]) -> Drafts:
+        return Drafts([t for s, k in zip(seqs, num_drafts) for t in s.token_ids[s.num_tokens - k :]])  # one-hot
 
 
 def ngram_lookup(token_ids: list[int], k: int, max_n: int = 3, min_n: int = 1) -> list[int]:
@@ -92,9 +102,10 @@ class DraftModelProposer:
         return [0] * k  # slots: fill() writes the drafts once the scheduler has given them pages
 
     @torch.inference_mode()
-    def fill(self, seqs: list[Sequence], num_drafts: list[int]) -> torch.Tensor | None:
-        """Write each sequence's drafts into its last num_drafts token slots; returns the draft distributions
-        [sum(num_drafts), vocab] in sequence order (None when every row is greedy: one-hot)."""
+    def fill(self, seqs: list[Sequence], num_drafts: list[int]) -> Drafts:
+        """Draft each sequence's last num_drafts tokens. They stay on the device, where the verify step reads them:
+        the slots get placeholders -(i + 1) for row i of the drafts (real ids when a row is penalised, whose
+        penalties read them on the host)."""
         ends = [s.num_tokens - k for s, k in zip(seqs, num_drafts)]  # each sequence's real tokens
         greedy = all(s.params.greedy and not s.params.penalised for s in seqs)
         steps, qs, prev = [], [], None
@@ -104,33 +115,33 @@ class DraftModelProposer:
                 views = [_DraftView(seqs[i].token_ids[: ends[i]], seqs[i].num_draft_computed, seqs[i].pages)
                          for i in live]  # fmt: skip
             else:  # the token drafted last step, read on the device from row `row` of that step
-                row = {i: r for r, i in enumerate(steps[-1][0])}
+                row = {i: r for r, i in enumerate(steps[-1])}
                 views = [_DraftView([*seqs[i].token_ids[: ends[i] + j - 1], -(row[i] + 1)], ends[i] + j - 1,
                                     seqs[i].pages) for i in live]  # fmt: skip
             batch = ScheduledBatch(views, [v.num_tokens - v.num_computed for v in views])
             logits = self.runner.forward(batch, prev)
             if greedy:
-                tokens = argmax(logits.float())
+                prev = argmax(logits.float())
             else:
                 rows = [_sample_row(seqs[i], ends[i]) for i in live]
-                q = probabilities(logits, rows)
-                tokens = draw(q, rows)
-                qs.append(q)
-            steps.append((live, tokens))
-            prev = tokens
-        drafted = torch.cat([t for _, t in steps]).tolist()  # the one wait for the device
-        offsets, at = [], 0  # offsets[j][i]: sequence i's row among all passes' rows
-        for j, (live, _) in enumerate(steps):
-            offsets.append({})
-            for i in live:
-                seqs[i].token_ids[ends[i] + j] = drafted[at]
-                offsets[j][i], at = at, at + 1
+                qs.append(probabilities(logits, rows))
+                prev = draw(qs[-1], rows)
+            steps.append(live)
+            tokens = prev if j == 0 else torch.cat([tokens, prev])
+        # Pass j's rows are in `tokens` after the earlier passes'; reorder them into sequence order.
+        at, offsets = 0, []
+        for live in steps:
+            offsets.append({i: at + r for r, i in enumerate(live)})
+            at += len(live)
+        order = torch.tensor([offsets[j][i] for i, k in enumerate(num_drafts) for j in range(k)], device=tokens.device)
+        tokens = tokens[order]
+        values = tokens.tolist() if any(s.params.penalised for s in seqs) else None
+        at = 0
         for seq, end, k in zip(seqs, ends, num_drafts):
+            seq.token_ids[end:] = values[at : at + k] if values is not None else range(-at - 1, -at - k - 1, -1)
             seq.num_draft_computed = end + k - 1  # the last draft's KV is not written: nothing reads it yet
-        if greedy:
-            return None
-        order = [offsets[j][i] for i, k in enumerate(num_drafts) for j in range(k)]  # sequence i's passes in turn
-        return torch.cat(qs)[torch.tensor(order, device=qs[0].device)]
+            at += k
+        return Drafts(tokens, None if greedy else torch.cat(qs)[order])
 
 
 @dataclass
@@ -142,44 +153,49 @@ class Verified:
     logprobs: list[TokenLogprob] | None = None
 
 
-def verify(logits: torch.Tensor, seqs: list[Sequence], num_drafts: list[int],
-           draft_probs: torch.Tensor | None = None) -> list[Verified]:  # fmt: skip
-    """Accept or reject each sequence's drafts (the last num_drafts[i] of its token ids).
+def verify(logits: torch.Tensor, seqs: list[Sequence], num_drafts: list[int], drafts: Drafts) -> list[Verified]:
+    """Accept or reject each sequence's drafts (its last num_drafts[i] token slots).
 
     logits: [sum(num_drafts) + len(seqs), vocab], sequence i's k_i + 1 rows in order: row j scores the position
-    after its j-th draft (row 0: after its last real token). draft_probs: the drafts' q rows, in sequence order;
-    None: one-hot at each draft (n-gram, greedy drafts)."""
-    rows, drafts, is_draft = [], [], []
+    after its j-th draft (row 0: after its last real token)."""
+    rows, is_draft = [], []
     for seq, k in zip(seqs, num_drafts):
         end = seq.num_tokens - k
-        for j in range(k + 1):
-            rows.append(_sample_row(seq, end + j))
-            drafts.append(seq.token_ids[end + j] if j < k else 0)
-            is_draft.append(j < k)
+        rows += [_sample_row(seq, end + j) for j in range(k + 1)]
+        is_draft += [True] * k + [False]
+    device = logits.device
+    draft_rows = torch.tensor([r for r, x in enumerate(is_draft) if x], dtype=torch.long, device=device)
+    d = torch.zeros(len(rows), dtype=torch.long, device=device)  # each row's draft; 0 in the rows after the last
+    d[draft_rows] = torch.as_tensor(drafts.tokens, device=device)
     if all(r.params.greedy for r in rows):
         chosen = argmax(apply_penalties(logits.float(), rows) if any(r.params.penalised for r in rows) else logits)
-        chosen = chosen.tolist()
-        accept = [c == d for c, d in zip(chosen, drafts)]
-        resampled = chosen
+        host = torch.cat([chosen, d]).tolist()  # the one wait for the device
+        resampled, d_host = host[: len(rows)], host[len(rows) :]
+        accept = [c == x for c, x in zip(resampled, d_host)]
     else:
-        accept, resampled = _rejection_sample(probabilities(logits, rows), drafts, is_draft, rows, draft_probs)
+        q = torch.zeros(len(rows), logits.shape[-1], device=device)
+        if len(draft_rows):
+            q[draft_rows] = drafts.probs.float() if drafts.probs is not None else F.one_hot(
+                d[draft_rows], logits.shape[-1]).float()  # fmt: skip
+        accept, resampled = rejection_sample(probabilities(logits, rows), q, d, rows)
+        d_host = d.tolist()
     out, at = [], 0
     for seq, k in zip(seqs, num_drafts):
-        a = next((j for j in range(k) if not (accept[at + j] and is_draft[at + j])), k)
-        out.append(Verified(drafts[at : at + a] + [resampled[at + a]], a))
+        a = next((j for j in range(k) if not accept[at + j]), k)
+        out.append(Verified(d_host[at : at + a] + [resampled[at + a]], a))
         at += k + 1
     if any(s.params.logprobs is not None for s in seqs):
         _add_logprobs(out, logits, seqs, num_drafts)
     return out
 
 
-def rejection_sample(p: torch.Tensor, q: torch.Tensor, drafts: list[int], rows: list[SampleRow]
+def rejection_sample(p: torch.Tensor, q: torch.Tensor, drafts: list[int] | torch.Tensor, rows: list[SampleRow]
                      ) -> tuple[list[bool], list[int]]:  # fmt: skip
     """For each row: whether draft drafts[r] ~ q[r] is accepted under p[r], and the token drawn from the normalised
     residual max(0, p - q) (what the row emits if it rejects). A row with q = 0 (no draft) always "rejects"
     and draws from p: the token after the last accepted draft. p, q: [rows, vocab]."""
     device = p.device
-    d = torch.tensor(drafts, device=device)[:, None]
+    d = torch.as_tensor(drafts, device=device)[:, None]
     uniform = torch.empty(len(rows), device=device)
     if any(r.generator is None for r in rows):
         uniform.uniform_()
@@ -191,18 +207,6 @@ def rejection_sample(p: torch.Tensor, q: torch.Tensor, drafts: list[int], rows: 
     # p == q to rounding, where the draft was still rejected: the residual is all zeros; p is the right law.
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
     return accept.tolist(), draw(residual, rows).tolist()
-
-
-def _rejection_sample(p, drafts, is_draft, rows, draft_probs):
-    q = torch.zeros_like(p)
-    draft_rows = torch.tensor([r for r, x in enumerate(is_draft) if x], dtype=torch.long, device=p.device)
-    if len(draft_rows):
-        if draft_probs is None:
-            ids = torch.tensor([d for d, x in zip(drafts, is_draft) if x], device=p.device)
-            q[draft_rows, ids] = 1.0
-        else:
-            q[draft_rows] = draft_probs.float()
-    return rejection_sample(p, q, drafts, rows)
 
 
 def _add_logprobs(out: list[Verified], logits: torch.Tensor, seqs: list[Sequence], num_drafts: list[int]) -> None:
