@@ -174,6 +174,13 @@ def test_logprobs_penalties_and_stops_keep_their_meaning(llama_dir, draft_dir, n
                 for lw, lg in zip(w.logprobs, g.logprobs):
                     assert lg.token_id == lw.token_id and lg.logprob == pytest.approx(lw.logprob, abs=1e-4)
                     assert [t for t, _ in lg.top] == [t for t, _ in lw.top]
+    # A stop string inside a step's several tokens: the same text, and the tokens end where it ends.
+    text = plain.generate(prompts[1], GREEDY)[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if stop.strip():
+        params = Params(max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+        w, g = plain.generate(prompts[1], params)[0], spec.generate(prompts[1], params)[0]
+        assert (g.text, g.token_ids, g.finish_reason) == (w.text, w.token_ids, "stop")
     assert spec.engine.stats().spec_verify_steps > 0
     assert_no_leak(spec)
 
@@ -265,3 +272,28 @@ def test_greedy_speculation_on_a_real_pair_matches_plain_greedy():
         if "speculative_model" in kw:
             stats = llm.engine.stats()
             assert stats.spec_accepted_tokens > stats.spec_draft_tokens / 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_speculation_with_graphs_and_without():
+    """On the GPU: in fp32 through the torch backend (no graphs), greedy with a self-draft and with n-gram drafts
+    is greedy without; in bf16 through FlashInfer and the decode graphs, the model drafting for itself is
+    accepted nearly always (its drafts run one-token graphs, the verify step a k + 1-row one: bf16 rounding may
+    differ, rarely enough to flip a draft) and no page leaks."""
+    prompt = torch.randint(0, 151936, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = Params(max_tokens=48, temperature=0, ignore_eos=True)
+    opts = dict(load_format="dummy", kv_cache_memory=1 << 30, max_num_seqs=8)
+    eager = dict(opts, dtype="float32", attention_backend="torch", enforce_eager=True)
+    want = LLM("qwen3-0.6b", **eager).generate(prompt, params)[0].token_ids
+    for kw in (dict(speculative_model="qwen3-0.6b"), dict(speculative_method="ngram")):
+        llm = LLM("qwen3-0.6b", **eager, **kw)
+        assert llm.generate(prompt, params)[0].token_ids == want
+        assert_no_leak(llm)
+        del llm
+    llm = LLM("qwen3-0.6b", dtype="bfloat16", speculative_model="qwen3-0.6b", **opts)
+    assert llm.engine.runner.graphs is not None and llm.engine.proposer.runner.graphs is not None
+    llm.generate([prompt, prompt[:20]], params)
+    stats = llm.engine.stats()
+    assert stats.spec_accepted_tokens > 0.8 * stats.spec_draft_tokens
+    assert_no_leak(llm)
