@@ -87,7 +87,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     page_size: int = 16
-    kv_cache_memory: int | None = None  # bytes of KV cache per rank; the default on CPU is 1 GiB
+    kv_cache_memory: int | None = None  # bytes of KV cache per rank (a draft model's included); CPU default 1 GiB
     gpu_memory_utilization: float = 0.9  # on CUDA, fraction of the GPU the engine may fill (weights + KV)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: no graphs, no torch.compile
