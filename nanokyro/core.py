@@ -41,6 +41,7 @@ from nanokyro.spec_decode import DraftModelProposer, NgramProposer, verify
 log = logging.getLogger("nanokyro")
 
 MAX_STEP_FAILURES = 3  # consecutive failed steps after which the core stops stepping and reports itself unhealthy
+SPEC_MAX_BACKOFF = 16  # tokens a sequence whose drafts keep failing decodes plainly before it speculates again
 EAGER_FIRST_TOKEN_SEQS = 4  # a launched step of at most this many sequences has its first tokens read at once
 
 
@@ -199,7 +200,17 @@ class EngineCore:
         """A running decode that asks for speculation, without a grammar (its masks are made one token at a time,
         so grammar rows decode plainly), with room for a draft and the token after it."""
         return (seq.status is Status.RUNNING and seq.params.speculative and seq.matcher is None
-                and seq.num_tokens - seq.num_computed == 1 and seq.num_tokens + 1 < seq.max_len)  # fmt: skip
+                and seq.num_tokens - seq.num_computed == 1 and seq.num_tokens + 1 < seq.max_len
+                and seq.num_tokens >= seq.spec_resume_at)  # fmt: skip
+
+    @staticmethod
+    def _missed(seq: Sequence) -> None:
+        """A speculative step of `seq` gained nothing (no draft, or none accepted). From the second in a row, it
+        backs off: 2, 4, 8, then 16 tokens of plain, overlapped decoding before it tries again, so a sequence the
+        proposer cannot predict costs little."""
+        seq.spec_misses += 1
+        if seq.spec_misses >= 2:
+            seq.spec_resume_at = seq.num_tokens + min(1 << (seq.spec_misses - 1), SPEC_MAX_BACKOFF)
 
     def _speculative_step(self) -> list[SeqOutput]:
         """One un-overlapped step in which the speculating sequences verify their drafts (k + 1 rows each) and the
@@ -212,6 +223,8 @@ class EngineCore:
                 if drafts:
                     seq.token_ids += drafts
                     reserved[seq] = len(drafts)
+                else:
+                    self._missed(seq)
         batch = self.scheduler.schedule()
         # The token budget may cut a sequence's drafts, or preemption all of them: drop what is not computed.
         num_new = dict(zip(batch.seqs, batch.num_new))
@@ -259,6 +272,10 @@ class EngineCore:
                 tokens = tokens[: j + 1]
                 break
         self.scheduler.update_verified(seq, num_drafts, tokens, v.num_accepted)
+        if v.num_accepted:
+            seq.spec_misses = 0
+        else:
+            self._missed(seq)
         logprobs = v.logprobs[: len(tokens)] if v.logprobs is not None else None
         if reason is not None:
             self.scheduler.finish(seq, reason)

@@ -46,6 +46,8 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose KV is in `pages`
     num_draft_computed: int = 0  # speculative decoding: tokens whose draft-model KV is in `pages`
+    spec_misses: int = 0  # speculative steps in a row that accepted no draft (or found none)
+    spec_resume_at: int = 0  # after misses, the sequence decodes plainly until it has this many tokens
     pages: list[int] = field(default_factory=list)
     num_cached_tokens: int | None = None  # prompt tokens not computed at first admission
     finish_reason: str | None = None

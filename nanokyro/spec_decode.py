@@ -22,7 +22,9 @@ penalties mean what they mean without speculation; n-gram drafts are one-hot q.
 In the engine (core.py), a step with speculating rows runs un-overlapped: the step in flight is finished first,
 so every token is on the host when drafts are proposed, and the verify step's tokens are received before it
 returns. Speculation pays at small batch, where the device waits on the host least, so the engine speculates
-only while at most `speculative_max_batch` sequences run.
+only while at most `speculative_max_batch` sequences run. A sequence whose speculative steps gain nothing twice in
+a row (no draft found, none accepted) decodes plainly, overlapped, for 2, 4, 8, then 16 tokens before it tries
+again (core.py `_missed`).
 """
 from __future__ import annotations
 
