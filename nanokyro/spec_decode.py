@@ -19,7 +19,9 @@ with probability min(1, p(d) / q(d)); at the first rejection the token is drawn 
 and after k acceptances from p. p and q come from sampler.probabilities, so temperature, top-k/p, min-p and
 penalties mean what they mean without speculation; n-gram drafts are one-hot q.
 
-In the engine (core.py), a step with speculating rows runs un-overlapped: the step in flight is finished first,
+On CUDA both run through the decode graphs: each draft pass replays the draft runner's graph of its batch size,
+and the verify step the model's graph of (k + 1) x batch rows, one attention row per token (runner.plan's
+token_rows). In the engine (core.py), a step with speculating rows runs un-overlapped: the step in flight is finished first,
 so every token is on the host when drafts are proposed, and the verify step's tokens are received before it
 returns. Speculation pays at small batch, where the device waits on the host least, so the engine speculates
 only while at most `speculative_max_batch` sequences run. A sequence whose speculative steps gain nothing twice in

@@ -73,8 +73,8 @@ def test_greedy_with_speculation_is_transformers_greedy(llama_dir, draft_dir, re
     if mode == "mixed":  # half the requests do not speculate: both kinds of rows in one step
         params = [GREEDY if i % 2 else Params(max_tokens=MAX_TOKENS, temperature=0, speculative=False)
                   for i in range(len(prompts))]  # fmt: skip
-    if mode == "chunked":  # prompts split into chunks, and drafts cut by the budget
-        opts["max_num_batched_tokens"] = 24
+    if mode == "chunked":  # prompts split into chunks, and drafts cut by the budget (5 + 5 > 8)
+        opts["max_num_batched_tokens"] = 8
     if mode == "preempted":  # room for ~2 of the longest sequences: speculating ones get preempted and resume
         page = kv_bytes_per_page(ModelConfig.from_dir(llama_dir), 16, torch.float32)
         draft_page = kv_bytes_per_page(ModelConfig.from_dir(opts.get("speculative_model", llama_dir)), 16, torch.float32)
