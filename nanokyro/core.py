@@ -74,8 +74,8 @@ class EngineCore:
         self.proposer = None
         if draft is not None:
             if draft.model_cfg.vocab_size != self.runner.model_cfg.vocab_size:
-                raise ValueError(f"the speculative model's vocabulary ({draft.model_cfg.vocab_size} tokens) is not the "
-                                 f"model's ({self.runner.model_cfg.vocab_size}): it needs the same tokenizer")  # fmt: skip
+                raise ValueError(f"the speculative model's vocabulary ({draft.model_cfg.vocab_size} tokens) is not "
+                                 f"the model's ({self.runner.model_cfg.vocab_size}): it needs the same tokenizer")
             draft.allocate_kv(self.runner.num_pages)
             self.proposer = DraftModelProposer(draft)
         elif self.spec_method == "ngram":

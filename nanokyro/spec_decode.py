@@ -3,7 +3,7 @@ one forward, and `verify` keeps the longest prefix of the guesses the model agre
 
 Two proposers, with one interface: `reserve(seq, k)` gives the draft tokens to append before the step is scheduled
 (the scheduler then gives the sequence k + 1 new tokens and the pages for them), and `fill(seqs, num_drafts)`
-writes their final values once the pages exist, returning the draft's distributions (None: one-hot).
+makes them final once the pages exist, returning `Drafts`: the tokens and the draft's distributions (None: one-hot).
 - `NgramProposer` (prompt lookup): the tokens that followed the latest earlier occurrence of the sequence's last
   n tokens (n = 3, 2, 1). Free, on the host; good on code, edits and summaries that repeat their context.
 - `DraftModelProposer`: a smaller model with the same vocabulary, its own `ModelRunner` whose KV cache has the
@@ -21,12 +21,15 @@ penalties mean what they mean without speculation; n-gram drafts are one-hot q.
 
 On CUDA both run through the decode graphs: each draft pass replays the draft runner's graph of its batch size,
 and the verify step the model's graph of (k + 1) x batch rows, one attention row per token (runner.plan's
-token_rows). In the engine (core.py), a step with speculating rows runs un-overlapped: the step in flight is finished first,
-so every token is on the host when drafts are proposed, and the verify step's tokens are received before it
-returns. Speculation pays at small batch, where the device waits on the host least, so the engine speculates
-only while at most `speculative_max_batch` sequences run. A sequence whose speculative steps gain nothing twice in
-a row (no draft found, none accepted) decodes plainly, overlapped, for 2, 4, 8, then 16 tokens before it tries
-again (core.py `_missed`).
+token_rows).
+
+In the engine (core.py), a step with speculating rows runs un-overlapped: the step in flight is finished first, so
+every token is on the host when drafts are proposed, and the verify step's tokens are received before it returns
+(one wait for the device per step: the drafts reach the verify step on the device). Speculation pays at small
+batch, where the device waits on the host least, so the engine speculates only while at most
+`speculative_max_batch` sequences run. A sequence whose speculative steps gain nothing twice in a row (no draft
+found, none accepted) decodes plainly, overlapped, for 2, 4, 8, then 16 tokens before it tries again
+(core.py `_missed`).
 """
 from __future__ import annotations
 
@@ -112,7 +115,7 @@ class DraftModelProposer:
         penalties read them on the host)."""
         ends = [s.num_tokens - k for s, k in zip(seqs, num_drafts)]  # each sequence's real tokens
         greedy = all(s.params.greedy and not s.params.penalised for s in seqs)
-        steps, qs, prev = [], [], None
+        steps, passes, qs, prev = [], [], [], None
         for j in range(max(num_drafts)):
             live = [i for i, k in enumerate(num_drafts) if k > j]
             if j == 0:  # catch up on every token the draft has not seen, and draft the first
@@ -131,7 +134,8 @@ class DraftModelProposer:
                 qs.append(probabilities(logits, rows))
                 prev = draw(qs[-1], rows)
             steps.append(live)
-            tokens = prev if j == 0 else torch.cat([tokens, prev])
+            passes.append(prev)
+        tokens = torch.cat(passes)
         # Pass j's rows are in `tokens` after the earlier passes'; reorder them into sequence order.
         at, offsets = 0, []
         for live in steps:

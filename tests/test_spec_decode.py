@@ -77,7 +77,8 @@ def test_greedy_with_speculation_is_transformers_greedy(llama_dir, draft_dir, re
         opts["max_num_batched_tokens"] = 8
     if mode == "preempted":  # room for ~2 of the longest sequences: speculating ones get preempted and resume
         page = kv_bytes_per_page(ModelConfig.from_dir(llama_dir), 16, torch.float32)
-        draft_page = kv_bytes_per_page(ModelConfig.from_dir(opts.get("speculative_model", llama_dir)), 16, torch.float32)
+        draft_cfg = ModelConfig.from_dir(opts.get("speculative_model", llama_dir))
+        draft_page = kv_bytes_per_page(draft_cfg, 16, torch.float32)
         opts["kv_cache_memory"] = 18 * (page + (draft_page if "speculative_model" in opts else 0))
     llm = make_llm(llama_dir, **opts)
     if mode == "prefix_cached":  # the second time, prompts come from the cache (pages and tree from the first run)
@@ -212,9 +213,10 @@ def test_speculation_turns_off_for_large_batches_and_grammar_rows(llama_dir):
 
 
 def test_bad_speculative_options_are_refused(llama_dir, draft_dir, tmp_path):
-    for kw, msg in [(dict(speculative_method="medusa"), "speculative_method"),
-                    (dict(speculative_method="draft"), "needs a speculative_model"),
-                    (dict(speculative_method="ngram", num_speculative_tokens=0), "num_speculative_tokens")]:  # fmt: skip
+    bad = [(dict(speculative_method="medusa"), "speculative_method"),
+           (dict(speculative_method="draft"), "needs a speculative_model"),
+           (dict(speculative_method="ngram", num_speculative_tokens=0), "num_speculative_tokens")]
+    for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
             make_llm(llama_dir, **kw)
     other = build_tiny_model("llama", str(tmp_path / "other"), vocab_size=400)

@@ -91,7 +91,8 @@ def run_speculative(llm: LLM, prompt: list[int], out_len: int, batch_prompts: li
     plain_ids, spec_ids = base_runs[-1][2], runs[-1][2]
     steps, drafts, accepted = counts["spec_verify_steps"], counts["spec_draft_tokens"], counts["spec_accepted_tokens"]
     result = {
-        "method": engine.spec_method, "num_speculative_tokens": k, "prompt_tokens": len(prompt), "output_tokens": out_len,
+        "method": engine.spec_method, "num_speculative_tokens": k, "prompt_tokens": len(prompt),
+        "output_tokens": out_len,
         "plain_tokens_per_s": 1 / float(np.median(base)), "spec_tokens_per_s": 1 / float(np.median(spec)),
         "acceptance_rate": accepted / drafts if drafts else 0.0,
         "mean_accepted_length": (accepted / steps + 1) if steps else 1.0,
