@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
     spec.add_argument("--speculative-method", choices=["draft", "ngram"], default=None)
     spec.add_argument("--num-speculative-tokens", type=int, default=None)
     spec.add_argument("--speculative-max-batch", type=int, default=None)
+    spec.add_argument("--speculative-draft-vocab", type=int, default=None, help="the draft scores the first N ids")
     spec.add_argument("--speculative-batch", type=int, default=64, help="the batch compared with and without (0: none)")
     spec.add_argument("--prompt", default=None, help="the batch-1 prompt as text (default: random token ids)")
     ap.add_argument("--tokenizer", default=None, help="an HF tokenizer directory (e.g. for dummy weights)")

@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens proposed per speculative step (default %(default)s)")
     p.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
                    help="speculate only while at most this many sequences run (default %(default)s)")
+    p.add_argument("--speculative-draft-vocab", type=int, default=None,
+                   help="speculative decoding: the draft scores only the first N token ids (a cheaper draft)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs or torch.compile")
     p.add_argument("--no-overlap-schedule", action="store_true",
                    help="run steps one at a time (by default the host handles a step's tokens while the next runs)")
@@ -84,7 +86,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         overlap_schedule=not args.no_overlap_schedule, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, speculative_model=args.speculative_model,
         speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
-        speculative_max_batch=args.speculative_max_batch,
+        speculative_max_batch=args.speculative_max_batch, speculative_draft_vocab=args.speculative_draft_vocab,
     )  # fmt: skip
 
 

@@ -104,6 +104,9 @@ class EngineConfig:
     speculative_method: str | None = None  # "draft" (the default with a speculative_model) | "ngram"
     num_speculative_tokens: int = 4
     speculative_max_batch: int = 16
+    # A cheaper draft: its LM head over only the first N token ids (a BPE vocabulary's earliest merges, its most
+    # frequent tokens); the model still verifies over the whole vocabulary, so output stays lossless.
+    speculative_draft_vocab: int | None = None
 
     def spec_method(self) -> str | None:
         """The speculative proposer this config asks for (None: no speculation); a ValueError if inconsistent."""
@@ -116,6 +119,8 @@ class EngineConfig:
             raise ValueError("speculative_method 'ngram' takes no speculative_model")
         if method is not None and not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if self.speculative_draft_vocab is not None and (method != "draft" or self.speculative_draft_vocab < 1):
+            raise ValueError("speculative_draft_vocab takes a positive token count, with a speculative_model")
         if method is not None and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
             raise ValueError("speculative decoding runs on one rank only (tensor/pipeline parallel size 1)")
         return method

@@ -36,7 +36,7 @@ from nanokyro.request import (
 from nanokyro.runner import ModelRunner
 from nanokyro.sampler import PendingSample, SamplerOutput, make_generator
 from nanokyro.scheduler import ScheduledBatch, Scheduler, Sequence, Status
-from nanokyro.spec_decode import DraftModelProposer, NgramProposer, verify
+from nanokyro.spec_decode import DraftModelProposer, NgramProposer, shrink_lm_head, verify
 
 log = logging.getLogger("nanokyro")
 
@@ -76,6 +76,8 @@ class EngineCore:
             if draft.model_cfg.vocab_size != self.runner.model_cfg.vocab_size:
                 raise ValueError(f"the speculative model's vocabulary ({draft.model_cfg.vocab_size} tokens) is not "
                                  f"the model's ({self.runner.model_cfg.vocab_size}): it needs the same tokenizer")
+            if cfg.speculative_draft_vocab is not None:  # before the graphs capture the head
+                shrink_lm_head(draft.model, cfg.speculative_draft_vocab)
             draft.allocate_kv(self.runner.num_pages)
             self.proposer = DraftModelProposer(draft)
         elif self.spec_method == "ngram":

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nanokyro.layers import VocabParallelEmbedding
 from nanokyro.request import TokenLogprob
 from nanokyro.sampler import SampleRow, apply_penalties, argmax, draw, probabilities
 from nanokyro.scheduler import ScheduledBatch, Sequence
@@ -99,11 +100,24 @@ class _DraftView:
         return len(self.token_ids)
 
 
+def shrink_lm_head(model, num_tokens: int) -> None:
+    """Make `model` (a draft) score only its first num_tokens token ids: an LM head of those rows (a copy when the
+    head is the input embedding, which keeps every row). Its drafts are then never other tokens, and its q is 0
+    there; the model verifying them still scores the whole vocabulary."""
+    head = model.lm_head or model.embed_tokens
+    if not 0 < num_tokens <= head.vocab_size:
+        raise ValueError(f"speculative_draft_vocab must be in [1, {head.vocab_size}], got {num_tokens}")
+    small = VocabParallelEmbedding(num_tokens, head.weight.shape[1], head.tp)
+    small.weight = torch.nn.Parameter(head.weight[:num_tokens].clone(), requires_grad=False)
+    model.lm_head = small
+
+
 class DraftModelProposer:
     """Drafts from a smaller model run by its own ModelRunner over the target's page ids."""
 
     def __init__(self, runner):
         self.runner = runner
+        self.vocab_size = runner.model_cfg.vocab_size
 
     def reserve(self, seq: Sequence, k: int) -> list[int]:
         return [0] * k  # slots: fill() writes the drafts once the scheduler has given them pages
@@ -127,6 +141,8 @@ class DraftModelProposer:
                                     seqs[i].pages) for i in live]  # fmt: skip
             batch = ScheduledBatch(views, [v.num_tokens - v.num_computed for v in views])
             logits = self.runner.forward(batch, prev)
+            if logits.shape[-1] < self.vocab_size:  # a shrunk head: the rest of the vocabulary is never drafted
+                logits = F.pad(logits, (0, self.vocab_size - logits.shape[-1]), value=float("-inf"))
             if greedy:
                 prev = argmax(logits.float())
             else:

@@ -56,17 +56,20 @@ def make_llm(path, **kw):
 
 def proposer(name: str, llama_dir: str, draft_dir: str) -> dict:
     return {"ngram": dict(speculative_method="ngram"), "draft": dict(speculative_model=draft_dir),
-            "self": dict(speculative_model=llama_dir)}[name]  # fmt: skip
+            "self": dict(speculative_model=llama_dir),
+            "self_small_head": dict(speculative_model=llama_dir, speculative_draft_vocab=200)}[name]  # fmt: skip
 
 
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft", "self"])
+@pytest.mark.parametrize("name", ["ngram", "draft", "self", "self_small_head"])
 @pytest.mark.parametrize("mode", ["all_at_once", "mixed", "chunked", "preempted", "prefix_cached"])
 def test_greedy_with_speculation_is_transformers_greedy(llama_dir, draft_dir, reference, name, mode):
     """'self' drafts with the model itself (every draft accepted), 'draft' with a smaller random model (nearly
-    every one rejected), 'ngram' by prompt lookup: each gives HF's greedy output, token for token."""
+    every one rejected), 'ngram' by prompt lookup, 'self_small_head' with the model scoring only its first 200 of
+    384 token ids (its drafts are the model's except where the model's choice lies past them): each gives HF's
+    greedy output, token for token."""
     prompts, refs = reference
     opts = proposer(name, llama_dir, draft_dir)
     params = [GREEDY] * len(prompts)
@@ -216,12 +219,15 @@ def test_bad_speculative_options_are_refused(llama_dir, draft_dir, tmp_path):
     bad = [(dict(speculative_method="medusa"), "speculative_method"),
            (dict(speculative_method="draft"), "needs a speculative_model"),
            (dict(speculative_method="ngram", num_speculative_tokens=0), "num_speculative_tokens")]
+    bad.append((dict(speculative_method="ngram", speculative_draft_vocab=10), "speculative_draft_vocab"))
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
             make_llm(llama_dir, **kw)
     other = build_tiny_model("llama", str(tmp_path / "other"), vocab_size=400)
     with pytest.raises(ValueError, match="vocabulary"):
         make_llm(llama_dir, speculative_model=other)
+    with pytest.raises(ValueError, match=r"speculative_draft_vocab must be in \[1, 384\]"):
+        make_llm(llama_dir, speculative_model=draft_dir, speculative_draft_vocab=1000)
 
 
 def test_server_takes_speculative_false_and_shows_the_counters(llama_dir):

@@ -51,7 +51,7 @@ def engine_options(args) -> dict:
     if args.model in DUMMY_ARCHITECTURES:
         opts["load_format"] = "dummy"
     for name in ("dtype", "max_num_seqs", "max_num_batched_tokens", "speculative_model", "speculative_method",
-                 "num_speculative_tokens", "speculative_max_batch"):  # fmt: skip
+                 "num_speculative_tokens", "speculative_max_batch", "speculative_draft_vocab"):  # fmt: skip
         if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
     return opts
