@@ -8,7 +8,9 @@ the ratio to HF transformers' continuous batching on the same workload in the sa
 one request and compares its decode tokens/s with the weight-read roofline. `--prefix-cache` compares the
 time to first token of a cold and a cached long prefix; `--structured-fraction` the decode step time with part
 of the batch under a JSON schema against none; `--decode-idle` the wall and GPU-busy time of a decode step of the
-whole batch, and the fraction of the step the GPU sits idle.
+whole batch, and the fraction of the step the GPU sits idle. `--speculative-model PATH` or `--speculative-method
+ngram` measures speculative decoding (nanokyro/benchmarks/speculative.py): batch-1 tokens/s with and without it,
+acceptance, the verify and draft step costs against a decode step, and a batch of 64 with it allowed vs none.
 
 `--serve-url URL` (a running OpenAI-compatible server) or `--serve` (serve.py started here with the same engine
 options, on a free local port) runs the same workload online: streamed /v1/completions requests with token-id
@@ -34,6 +36,7 @@ from nanokyro import LLM
 from nanokyro.benchmarks.offline import run_decode_idle, run_latency, run_offline, run_prefix_cache, run_structured
 from nanokyro.benchmarks.online import plot_levels, print_levels, run_online
 from nanokyro.benchmarks.peer import run_hf_peer
+from nanokyro.benchmarks.speculative import print_speculative, run_speculative
 from nanokyro.benchmarks.workload import (engine_options, hf_config, make_workload, measure_machine, model_costs,
                                          roofline, write_random_adapters)  # fmt: skip
 from nanokyro.loader import DUMMY_ARCHITECTURES
@@ -79,6 +82,15 @@ def main(argv=None) -> dict:
                     help="decode step time with this fraction of --num-prompts requests JSON-schema constrained")
     ap.add_argument("--decode-idle", action="store_true",
                     help="decode at batch --num-prompts: wall and GPU-busy ms per step, the GPU's idle fraction")
+    spec = ap.add_argument_group("speculative decoding: batch-1 speed-up, acceptance and step costs, and a batch "
+                                 "(--speculative-batch) with speculation allowed vs none, in one engine")
+    spec.add_argument("--speculative-model", default=None, help="a draft model (same tokenizer; a dummy name too)")
+    spec.add_argument("--speculative-method", choices=["draft", "ngram"], default=None)
+    spec.add_argument("--num-speculative-tokens", type=int, default=None)
+    spec.add_argument("--speculative-max-batch", type=int, default=None)
+    spec.add_argument("--speculative-draft-vocab", type=int, default=None, help="the draft scores the first N ids")
+    spec.add_argument("--speculative-batch", type=int, default=64, help="the batch compared with and without (0: none)")
+    spec.add_argument("--prompt", default=None, help="the batch-1 prompt as text (default: random token ids)")
     ap.add_argument("--tokenizer", default=None, help="an HF tokenizer directory (e.g. for dummy weights)")
     ap.add_argument("--num-loras", type=int, default=None,
                     help="multi-LoRA: make this many random adapters (all seven projections), spread the requests over "
@@ -119,7 +131,11 @@ def main(argv=None) -> dict:
             ap.error("--plot needs matplotlib: pip install 'nanokyro[bench]'")
     input_len = args.input_len or ((128, 128) if args.latency else (100, 1024))
     output_len = args.output_len or ((256, 256) if args.latency else (100, 1024))
-    num_prompts = 1 if args.latency else args.num_prompts
+    speculative = bool(args.speculative_model or args.speculative_method)
+    if speculative:  # a batch-1 run, like --latency
+        input_len = args.input_len or (128, 128)
+        output_len = args.output_len or (256, 256)
+    num_prompts = 1 if args.latency or speculative else args.num_prompts
     if args.serve or args.serve_url:
         result = run_online(args, input_len, output_len)
         print(f"{result['model']} at {result['url']}: {result['num_prompts']} requests, {result['input_tokens']} "
@@ -193,6 +209,12 @@ def main(argv=None) -> dict:
         print(f"{what}, {args.num_loras} rank-{args.lora_rank} adapters: {result['lora_tokens_per_s']:.1f} output "
               f"tok/s with adapters vs {result['base_tokens_per_s']:.1f} base (same engine, no adapter): "
               f"{result['lora_ratio']:.1%}")  # fmt: skip
+    elif args.speculative_model or args.speculative_method:
+        prompt = llm.encode(args.prompt) if args.prompt else prompts[0]
+        batch = make_workload(args.speculative_batch, input_len, output_len, engine.vocab_size, args.seed)[0]
+        trials = 3 if device.type == "cuda" else 1
+        result.update(run_speculative(llm, prompt, out_lens[0], batch, out_lens[0], trials))
+        print_speculative(result)
     elif args.latency:
         step_s = run_latency(llm, prompts[0], out_lens[0])
         floor_s = (costs["weight_bytes"] + (in_lens[0] + out_lens[0] / 2) * costs["kv_bytes_per_token"]) / machine[

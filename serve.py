@@ -67,6 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ranks (GPUs) each layer is split over (default %(default)s)")
     p.add_argument("--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size,
                    help="pipeline stages the layers are split into (default %(default)s)")
+    p.add_argument("--speculative-model", help="speculative decoding: a draft model with the same tokenizer")
+    p.add_argument("--speculative-method", choices=["draft", "ngram"],
+                   help="speculative decoding: draft (with --speculative-model) or ngram (prompt lookup)")
+    p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens,
+                   help="tokens proposed per speculative step (default %(default)s)")
+    p.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
+                   help="speculate only while at most this many sequences run (default %(default)s)")
+    p.add_argument("--speculative-draft-vocab", type=int, default=None,
+                   help="speculative decoding: the draft scores only the first N token ids (a cheaper draft)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs or torch.compile")
     p.add_argument("--tool-call-parser", choices=sorted(FORMATS),
                    help="how the model writes tool calls (hermes: <tool_call> blocks; llama3_json: bare JSON objects); "
@@ -104,6 +113,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         lora_modules=dict(args.lora_modules),
         max_loras=args.max_loras if args.max_loras is not None else 4 if args.lora_modules else 0,
         max_lora_rank=args.max_lora_rank,
+        speculative_model=args.speculative_model, speculative_method=args.speculative_method,
+        num_speculative_tokens=args.num_speculative_tokens,
+        speculative_max_batch=args.speculative_max_batch, speculative_draft_vocab=args.speculative_draft_vocab,
     )  # fmt: skip
 
 

@@ -90,7 +90,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     page_size: int = 16
-    kv_cache_memory: int | None = None  # bytes of KV cache per rank; the default on CPU is 1 GiB
+    kv_cache_memory: int | None = None  # bytes of KV cache per rank (a draft model's included); CPU default 1 GiB
     gpu_memory_utilization: float = 0.9  # on CUDA, fraction of the GPU the engine may fill (weights + KV)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: no graphs, no torch.compile
@@ -103,6 +103,33 @@ class EngineConfig:
     max_loras: int = 0  # LoRA adapters resident on the device at once (more may be registered); 0: LoRA off
     max_lora_rank: int = 64  # the largest adapter rank accepted (the slot buffers' size)
     lora_modules: dict[str, str] = field(default_factory=dict)  # adapter name -> PEFT directory, registered at start
+    # Speculative decoding (spec_decode.py): a draft model (same tokenizer) or "ngram" prompt lookup proposes
+    # num_speculative_tokens tokens per step, verified by the model in one forward; only while at most
+    # speculative_max_batch sequences run (past that the device is busy enough without it).
+    speculative_model: str | None = None
+    speculative_method: str | None = None  # "draft" (the default with a speculative_model) | "ngram"
+    num_speculative_tokens: int = 4
+    speculative_max_batch: int = 16
+    # A cheaper draft: its LM head over only the first N token ids (a BPE vocabulary's earliest merges, its most
+    # frequent tokens); the model still verifies over the whole vocabulary, so output stays lossless.
+    speculative_draft_vocab: int | None = None
+
+    def spec_method(self) -> str | None:
+        """The speculative proposer this config asks for (None: no speculation); a ValueError if inconsistent."""
+        method = self.speculative_method or ("draft" if self.speculative_model else None)
+        if method not in (None, "draft", "ngram"):
+            raise ValueError(f"speculative_method must be 'draft' or 'ngram', got {method!r}")
+        if method == "draft" and not self.speculative_model:
+            raise ValueError("speculative_method 'draft' needs a speculative_model")
+        if method == "ngram" and self.speculative_model:
+            raise ValueError("speculative_method 'ngram' takes no speculative_model")
+        if method is not None and not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if self.speculative_draft_vocab is not None and (method != "draft" or self.speculative_draft_vocab < 1):
+            raise ValueError("speculative_draft_vocab takes a positive token count, with a speculative_model")
+        if method is not None and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ValueError("speculative decoding runs on one rank only (tensor/pipeline parallel size 1)")
+        return method
 
     def torch_device(self):
         import torch  # here, not at the top: the server's frontend process reads this config without torch

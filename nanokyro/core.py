@@ -14,6 +14,7 @@ a busy loop with no asyncio that takes `ToCore` messages and answers with one `S
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import os
@@ -36,11 +37,13 @@ from nanokyro.request import (
 from nanokyro.lora import AdapterError, LoRARegistry
 from nanokyro.runner import ModelRunner
 from nanokyro.sampler import PendingSample, SamplerOutput, make_generator
-from nanokyro.scheduler import Scheduler, Sequence, Status
+from nanokyro.scheduler import ScheduledBatch, Scheduler, Sequence, Status
+from nanokyro.spec_decode import DraftModelProposer, NgramProposer, shrink_lm_head, verify
 
 log = logging.getLogger("nanokyro")
 
 MAX_STEP_FAILURES = 3  # consecutive failed steps after which the core stops stepping and reports itself unhealthy
+SPEC_MAX_BACKOFF = 16  # tokens a sequence whose drafts keep failing decodes plainly before it speculates again
 EAGER_FIRST_TOKEN_SEQS = 4  # a launched step of at most this many sequences has its first tokens read at once
 
 
@@ -69,8 +72,23 @@ class EngineCore:
         if cfg.max_num_batched_tokens < cfg.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be at least max_num_seqs "
                              f"({cfg.max_num_seqs}), or some running sequences would get no token each step")  # fmt: skip
-        # Loads the model (with tensor/pipeline parallelism: starts the other ranks) and sizes the KV cache.
-        self.runner = ModelRunner(cfg)
+        # Loads the model (with tensor/pipeline parallelism: starts the other ranks) and sizes the KV cache; a
+        # speculative draft model first, so that the target's sizing counts the draft's weights and its KV pages.
+        self.spec_method = cfg.spec_method()
+        draft = self._load_draft(cfg) if self.spec_method == "draft" else None
+        self.runner = ModelRunner(cfg, extra_page_bytes=draft.page_bytes if draft is not None else 0)
+        self.proposer = None
+        if draft is not None:
+            if draft.model_cfg.vocab_size != self.runner.model_cfg.vocab_size:
+                raise ValueError(f"the speculative model's vocabulary ({draft.model_cfg.vocab_size} tokens) is not "
+                                 f"the model's ({self.runner.model_cfg.vocab_size}): it needs the same tokenizer")
+            if cfg.speculative_draft_vocab is not None:  # before the graphs capture the head
+                shrink_lm_head(draft.model, cfg.speculative_draft_vocab)
+            draft.allocate_kv(self.runner.num_pages)
+            self.proposer = DraftModelProposer(draft)
+        elif self.spec_method == "ngram":
+            self.proposer = NgramProposer()
+        self.spec_verify_steps = self.spec_draft_tokens = self.spec_accepted_tokens = 0
         self.tokenizer = self.runner.tokenizer
         self.model_name = cfg.served_model_name or self.runner.model_name
         mc = self.runner.model_cfg
@@ -96,6 +114,13 @@ class EngineCore:
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._ids = itertools.count()
         self._in_flight: _Step | None = None  # the launched step whose tokens have not reached the host yet
+
+    @staticmethod
+    def _load_draft(cfg: EngineConfig) -> ModelRunner:
+        """The draft model's runner, its KV cache not yet allocated."""
+        draft_cfg = dataclasses.replace(cfg, model=cfg.speculative_model, speculative_model=None,
+                                        speculative_method=None, served_model_name=None)  # fmt: skip
+        return ModelRunner(draft_cfg, num_pages=0)
 
     def ready(self) -> Ready:
         """What the frontend learns at start-up."""
@@ -186,7 +211,8 @@ class EngineCore:
         return EngineStats(len(sched.running), len(sched.waiting), self.blocks.num_used, self.blocks.num_pages,
                            sched.num_preemptions, sched.prefix_queried_tokens, sched.prefix_hit_tokens,
                            dict(self.lora_requests), loras.num_resident if loras else 0,
-                           loras.num_loads if loras else 0)  # fmt: skip
+                           loras.num_loads if loras else 0,
+                           self.spec_verify_steps, self.spec_draft_tokens, self.spec_accepted_tokens)  # fmt: skip
 
     # -- the step -------------------------------------------------------------------------------------------
 
@@ -195,6 +221,9 @@ class EngineCore:
         this one produced). A call that finds a small step with first tokens in flight only finishes that step."""
         if self._first_tokens_in_flight():
             return self.finish_in_flight()  # published now; the next call launches the next step
+        if self._speculating():
+            outs = self.finish_in_flight()  # un-overlapped: drafts are proposed from tokens on the host
+            return outs + self._speculative_step()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return self.finish_in_flight()
@@ -208,6 +237,103 @@ class EngineCore:
         self._in_flight = _Step(sampled, [s.num_tokens - 1 for s in sampled], sample)
         outs = self._finish(prev) if prev is not None else []
         return outs if self.cfg.overlap_schedule else outs + self.finish_in_flight()
+
+    # -- speculative decoding (spec_decode.py) ---------------------------------------------------------------
+
+    def _speculating(self) -> bool:
+        """Whether this step speculates: a proposer, a small running batch, and a sequence that may."""
+        running = self.scheduler.running
+        return (self.proposer is not None and 0 < len(running) <= self.cfg.speculative_max_batch
+                and any(self._may_speculate(s) for s in running))  # fmt: skip
+
+    @staticmethod
+    def _may_speculate(seq: Sequence) -> bool:
+        """A running decode that asks for speculation, without a grammar (its masks are made one token at a time,
+        so grammar rows decode plainly), with room for a draft and the token after it."""
+        return (seq.status is Status.RUNNING and seq.params.speculative and seq.matcher is None
+                and seq.num_tokens - seq.num_computed == 1 and seq.num_tokens + 1 < seq.max_len
+                and seq.num_tokens >= seq.spec_resume_at)  # fmt: skip
+
+    @staticmethod
+    def _missed(seq: Sequence) -> None:
+        """A speculative step of `seq` gained nothing (no draft, or none accepted). From the second in a row, it
+        backs off: 2, 4, 8, then 16 tokens of plain, overlapped decoding before it tries again, so a sequence the
+        proposer cannot predict costs little."""
+        seq.spec_misses += 1
+        if seq.spec_misses >= 2:
+            seq.spec_resume_at = seq.num_tokens + min(1 << (seq.spec_misses - 1), SPEC_MAX_BACKOFF)
+
+    def _speculative_step(self) -> list[SeqOutput]:
+        """One un-overlapped step in which the speculating sequences verify their drafts (k + 1 rows each) and the
+        others decode or prefill as usual, all in one forward."""
+        k = self.cfg.num_speculative_tokens
+        reserved = {}
+        for seq in self.scheduler.running:
+            if self._may_speculate(seq):
+                drafts = self.proposer.reserve(seq, min(k, seq.max_len - seq.num_tokens - 1))
+                if drafts:
+                    seq.token_ids += drafts
+                    reserved[seq] = len(drafts)
+                else:
+                    self._missed(seq)
+        batch = self.scheduler.schedule()
+        # The token budget may cut a sequence's drafts, or preemption all of them: drop what is not computed.
+        num_new = dict(zip(batch.seqs, batch.num_new))
+        for seq, num in reserved.items():
+            keep = max(num_new.get(seq, 0) - 1, 0)
+            del seq.token_ids[seq.num_tokens - (num - keep) :]
+            reserved[seq] = keep
+        batch.num_drafts = [reserved.get(s, 0) for s in batch.seqs]
+        batch.__post_init__()  # which sequences sample, now their drafts are settled
+        if not batch.seqs:
+            return []
+        spec = [(s, d) for s, d in zip(batch.seqs, batch.num_drafts) if d]
+        spec_seqs, num_drafts = [s for s, _ in spec], [d for _, d in spec]
+        drafts = self.proposer.fill(spec_seqs, num_drafts) if spec else None
+        on_device = drafts is not None and isinstance(drafts.tokens, torch.Tensor)
+        logits = self.runner.forward(batch, drafts.tokens if on_device else None)
+        spec_rows, plain_rows, row = [], [], 0
+        for seq, d, samples in zip(batch.seqs, batch.num_drafts, batch.samples):
+            if samples:
+                (spec_rows if d else plain_rows).extend(range(row, row + d + 1))
+                row += d + 1
+        # The others: sampled, updated and finished as in a plain step, at once.
+        plain = ScheduledBatch([s for s, d in zip(batch.seqs, batch.num_drafts) if not d],
+                               [n for n, d in zip(batch.num_new, batch.num_drafts) if not d])  # fmt: skip
+        outs = []
+        if plain.seqs:
+            sample = self.runner.sample(plain, logits[plain_rows])
+            sampled = self.scheduler.update(plain, [-(r + 1) for r in range(len(sample.tokens))])
+            outs = self._finish(_Step(sampled, [s.num_tokens - 1 for s in sampled], sample))
+        if spec:
+            verified = verify(logits[spec_rows], spec_seqs, num_drafts, drafts)
+            for seq, num, v in zip(spec_seqs, num_drafts, verified):
+                outs.append(self._accept(seq, num, v))
+        return outs
+
+    def _accept(self, seq: Sequence, num_drafts: int, v) -> SeqOutput:
+        """Append a verified sequence's tokens up to the first that ends it, and report them."""
+        self.spec_verify_steps += 1
+        self.spec_draft_tokens += num_drafts
+        self.spec_accepted_tokens += v.num_accepted
+        start, reason, tokens = seq.num_tokens - num_drafts, None, v.tokens
+        for j, token in enumerate(tokens):
+            reason = self._stop_reason(seq, token, start + j + 1, True)
+            if reason is not None:
+                tokens = tokens[: j + 1]
+                break
+        self.scheduler.update_verified(seq, num_drafts, tokens, v.num_accepted)
+        if v.num_accepted:
+            seq.spec_misses = 0
+        else:
+            self._missed(seq)
+        logprobs = v.logprobs[: len(tokens)] if v.logprobs is not None else None
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        out = self._output(seq, tokens, logprobs, reason)
+        if reason is not None:
+            self._forget_if_done(seq.request_id)
+        return out
 
     def _first_tokens_in_flight(self) -> bool:
         """Whether the launched step holds a request's first token and is small. At low load the host, not the

@@ -1,6 +1,6 @@
 """Prometheus metrics: per-request latencies and token counts fed by the server as each request streams, and
-engine state (running/waiting, KV-cache use, preemptions, prefix-cache tokens) from the last stats snapshot the
-engine core published, read at scrape time.
+engine state (running/waiting, KV-cache use, preemptions, prefix-cache tokens, speculative decoding's drafts)
+from the last stats snapshot the engine core published, read at scrape time.
 
 Every metric lives in the engine's own registry, is named `nanokyro_*` in base units (seconds, tokens, a 0..1
 ratio) and carries a `model_name` label.
@@ -136,3 +136,12 @@ class _EngineCollector:
             for adapter, n in sorted(stats.lora_requests.items()):
                 per.add_metric([*name, adapter], n)
             yield per
+        yield family(CounterMetricFamily, "nanokyro_spec_decode_num_drafts", "Speculative decoding: sequence-steps "
+                     "that verified drafts.", stats.spec_verify_steps)  # fmt: skip
+        yield family(CounterMetricFamily, "nanokyro_spec_decode_num_draft_tokens", "Speculative decoding: draft "
+                     "tokens proposed and verified.", stats.spec_draft_tokens)  # fmt: skip
+        yield family(CounterMetricFamily, "nanokyro_spec_decode_num_accepted_tokens", "Speculative decoding: draft "
+                     "tokens accepted.", stats.spec_accepted_tokens)  # fmt: skip
+        yield family(GaugeMetricFamily, "nanokyro_spec_decode_mean_accepted_length", "Speculative decoding: tokens "
+                     "per verify step (accepted drafts + 1), over the engine's life; 0 before any.",
+                     (stats.spec_accepted_tokens / stats.spec_verify_steps + 1) if stats.spec_verify_steps else 0.0)

@@ -43,7 +43,14 @@ class OutputProcessor:
         if detok is not None:
             # The token that ends a "stop" (EOS, a stop token, a grammar's end) or an "abort" is not text.
             text_ids = token_ids[:-1] if reason in ("stop", "abort") else token_ids
-            if text_ids:
+            if len(text_ids) > 1 and detok.stop:  # several tokens (speculative decoding): find the one that stops
+                for i, token in enumerate(text_ids):
+                    piece, stopped = detok.add([token])
+                    text += piece
+                    if stopped:
+                        token_ids = token_ids[: i + 1]  # the tokens after it are not part of the completion
+                        break
+            elif text_ids:
                 text, stopped = detok.add(text_ids)
             if stopped:
                 reason = "stop"

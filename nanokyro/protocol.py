@@ -110,6 +110,7 @@ class SamplingFields(_Body):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    speculative: bool = True  # False: this request never speculates (when the server speculates at all)
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):

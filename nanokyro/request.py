@@ -65,6 +65,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     structured: StructuredOutput | None = None  # constrained decoding: JSON schema, regex, grammar, choice, tags
     lora: str | None = None  # the LoRA adapter (its registered name) to run under; None: the base model
+    speculative: bool = True  # False: never speculate for this request (when the engine speculates at all)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -192,6 +193,9 @@ class EngineStats(msgspec.Struct):
     lora_requests: dict[str, int] = {}  # adapter name -> requests that used it, since start
     loras_resident: int = 0  # adapters in a device slot now
     lora_loads: int = 0  # adapters put into a device slot, since start
+    spec_verify_steps: int = 0  # sequence-steps that verified drafts (speculative decoding)
+    spec_draft_tokens: int = 0  # draft tokens proposed and verified
+    spec_accepted_tokens: int = 0  # of those, accepted
 
 
 # -- what the frontend makes of it ------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: torch.dtype, shar
 
 
 def num_kv_pages(model_cfg: ModelConfig, cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 shard: Shard = Shard()) -> int:  # fmt: skip
+                 shard: Shard = Shard(), extra_page_bytes: int = 0) -> int:  # fmt: skip
     """Pages that fit in `kv_cache_memory`, or on CUDA in what `gpu_memory_utilization` leaves after the weights,
     on this rank."""
     budget = cfg.kv_cache_memory
@@ -54,7 +54,7 @@ def num_kv_pages(model_cfg: ModelConfig, cfg: EngineConfig, device: torch.device
         budget = int(total * cfg.gpu_memory_utilization) - used_by_others - torch.cuda.memory_allocated(device) - activations
     elif budget is None:
         budget = CPU_DEFAULT_KV_BYTES
-    pages = budget // kv_bytes_per_page(model_cfg, cfg.page_size, dtype, shard)
+    pages = budget // (kv_bytes_per_page(model_cfg, cfg.page_size, dtype, shard) + extra_page_bytes)
     if pages < 2:
         raise ValueError(f"KV cache budget of {budget} bytes holds fewer than 2 pages; raise kv_cache_memory")
     return int(pages)
@@ -144,11 +144,15 @@ class ModelRunner:
     and sizes the KV cache to what every rank can hold. The other ranks build theirs from their `Parallel` and
     `serve`. `close()` stops them."""
 
-    def __init__(self, cfg: EngineConfig, parallel: Parallel | None = None):
+    def __init__(self, cfg: EngineConfig, parallel: Parallel | None = None, extra_page_bytes: int = 0,
+                 num_pages: int | None = None):  # fmt: skip
+        """extra_page_bytes: what one page costs elsewhere (a speculative draft model's KV cache of the same pages),
+        counted when sizing this one. num_pages: this many pages, not sized from memory; 0 defers the allocation
+        to `allocate_kv` (a draft model is loaded before its target sizes their caches)."""
         self.cfg, self.is_driver = cfg, parallel is None
         self.parallel = par = start(cfg) if parallel is None else parallel
         try:
-            self._build(cfg, par)
+            self._build(cfg, par, extra_page_bytes, num_pages)
         except BaseException as e:
             failure = par.workers.wait_failure(1.0) if par.workers is not None else None
             par.close(abort=True)
@@ -158,7 +162,7 @@ class ModelRunner:
         if self.is_driver and par.world_size > 1:  # no worker outlives an engine that was never closed
             weakref.finalize(self, par.close)
 
-    def _build(self, cfg: EngineConfig, par: Parallel) -> None:
+    def _build(self, cfg: EngineConfig, par: Parallel, extra_page_bytes: int, num_pages: int | None) -> None:
         self.model, self.tokenizer, self.model_name = load(cfg, par.shard, par.tp, par.device, self.is_driver)
         self.model_cfg = mc = self.model.cfg
         self.shard = par.shard
@@ -169,8 +173,17 @@ class ModelRunner:
                            if cfg.max_loras else None)  # fmt: skip
         self.lora_host = {}  # path -> Adapter read on the host (rank 0: by the core's registry at registration)
         self.page_size = cfg.page_size
-        pages = num_kv_pages(mc, cfg, self.device, self.dtype, par.shard)
-        self.num_pages = par.min(pages) if par.world_size > 1 else pages
+        self.page_bytes = kv_bytes_per_page(mc, cfg.page_size, self.dtype, par.shard)
+        if num_pages is None:
+            pages = num_kv_pages(mc, cfg, self.device, self.dtype, par.shard, extra_page_bytes)
+            num_pages = par.min(pages) if par.world_size > 1 else pages
+        if num_pages:
+            self.allocate_kv(num_pages)
+
+    def allocate_kv(self, num_pages: int) -> None:
+        """The KV cache of `num_pages` pages (and a scratch page), its attention backend, and the decode graphs."""
+        cfg, par, mc = self.cfg, self.parallel, self.model_cfg
+        self.num_pages = num_pages
         # One page past the block manager's: padding rows of graph-replayed decodes write and read only it.
         self.scratch_page = self.num_pages
         self.kv_cache = torch.zeros(
@@ -217,8 +230,8 @@ class ModelRunner:
                 used = (kv_len + ps - 1) // ps
                 kv_indices += pages[:used]
                 q_lens.append(kv_len - start if not token_rows else 1), kv_lens.append(kv_len), page_counts.append(used)
-            if batch.samples[i]:
-                sample_rows.append(len(ids) - 1)
+            if batch.samples[i]:  # the last token's row; with drafts, theirs and the one before them too
+                sample_rows += range(len(ids) - 1 - (batch.num_drafts[i] if batch.num_drafts else 0), len(ids))
         qo_indptr = [0, *itertools.accumulate(q_lens)]
         pad = (pad_to or len(q_lens)) - len(q_lens)
         if pad:

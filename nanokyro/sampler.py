@@ -178,14 +178,46 @@ def _sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return torch.where(greedy, argmax(logits), sampled)
 
 
-def _exponential_noise(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """The distribution each row samples from [num_rows, vocab] fp32: penalties, then temperature, top-k, top-p and
+    min-p; a greedy row is one-hot at its argmax. Speculative decoding's verification (spec_decode.py) compares
+    the model's and the draft's distributions made by this same processing."""
+    logits = logits.float()
+    if any(row.params.penalised for row in rows):
+        logits = apply_penalties(logits, rows)
+    params = [row.params for row in rows]
+    device = logits.device
+    probs = torch.zeros_like(logits)
+    if not all(p.greedy for p in params):
+        scaled = logits / _per_row([1.0 if p.greedy else p.temperature for p in params], device)[:, None]
+        if any(_filtered(p) for p in params if not p.greedy):
+            scaled = apply_top_k_top_p_min_p(
+                scaled,
+                _per_row([p.top_k for p in params], device, torch.long),
+                _per_row([p.top_p for p in params], device),
+                _per_row([p.min_p for p in params], device),
+            )
+        probs = scaled.softmax(dim=-1)
+    if any(p.greedy for p in params):
+        one_hot = torch.zeros_like(logits).scatter_(-1, argmax(logits)[:, None], 1.0)
+        probs = torch.where(_per_row([p.greedy for p in params], device, torch.bool)[:, None], one_hot, probs)
+    return probs
+
+
+def draw(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """One token per row of `probs` [num_rows, vocab] (not necessarily normalised), by the exponential race."""
+    return (probs / _exponential_noise(probs, rows, all_rows=True)).argmax(dim=-1)
+
+
+def _exponential_noise(probs: torch.Tensor, rows: list[SampleRow], all_rows: bool = False) -> torch.Tensor:
     """Exp(1) noise like probs: one batched draw for unseeded rows; each seeded row redraws its own from its
-    generator, so its tokens do not depend on its neighbours or its position in the batch."""
+    generator, so its tokens do not depend on its neighbours or its position in the batch (greedy rows too with
+    `all_rows`)."""
     noise = torch.empty_like(probs)
     if any(row.generator is None for row in rows):
         noise.exponential_()
     for i, row in enumerate(rows):
-        if row.generator is not None and not row.params.greedy:
+        if row.generator is not None and (all_rows or not row.params.greedy):
             noise[i].exponential_(generator=row.generator)
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)  # a draw of exactly 0 would make 0/0 = nan win
 

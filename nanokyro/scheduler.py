@@ -46,6 +46,9 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose KV is in `pages`
+    num_draft_computed: int = 0  # speculative decoding: tokens whose draft-model KV is in `pages`
+    spec_misses: int = 0  # speculative steps in a row that accepted no draft (or found none)
+    spec_resume_at: int = 0  # after misses, the sequence decodes plainly until it has this many tokens
     pages: list[int] = field(default_factory=list)
     num_cached_tokens: int | None = None  # prompt tokens not computed at first admission
     finish_reason: str | None = None
@@ -77,6 +80,8 @@ class Sequence:
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new: list[int]  # tokens each sequence computes this step
+    # speculative decoding: draft tokens at the end of each sequence's new tokens, all sampled (verified) rows
+    num_drafts: list[int] | None = None
     # samples[i]: sequence i reaches its last token this step, so it gets a next token. Fixed when the batch is
     # made: the runner's sampled rows and the placeholders update appends must agree, whatever changes between.
     samples: list[bool] = field(init=False)
@@ -246,7 +251,7 @@ class Scheduler:
 
     def _release_pages(self, seq: Sequence) -> None:
         self.blocks.release(seq.pages)  # pages the prefix cache holds stay there, evictable
-        seq.pages, seq.cache_node = [], None
+        seq.pages, seq.cache_node, seq.num_draft_computed = [], None, 0
 
     def update(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:
         """Advance each scheduled sequence past this step; append the sampled tokens (or their placeholders).
@@ -258,6 +263,22 @@ class Scheduler:
         for seq, token in zip(sampled, tokens):
             seq.token_ids.append(token)
         return sampled
+
+    def update_verified(self, seq: Sequence, num_drafts: int, tokens: list[int], num_accepted: int) -> None:
+        """After a verify step (spec_decode.py): the drafts, the last num_drafts token ids, give way to `tokens`
+        (the accepted drafts, then the model's own). Only the accepted drafts' KV is kept: num_computed is rewound
+        past the rejected ones, pages past the tokens are released, and only then are full pages cached, so a
+        rejected token never enters the prefix cache."""
+        end = seq.num_tokens - num_drafts
+        del seq.token_ids[end:]
+        seq.token_ids += tokens
+        seq.num_computed = end + min(num_accepted, len(tokens) - 1)  # the last token's KV is computed next step
+        seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed)
+        keep = self.blocks.pages_for(seq.num_tokens)
+        if len(seq.pages) > keep:
+            self.blocks.release(seq.pages[keep:])
+            del seq.pages[keep:]
+        self._cache_pages(seq)
 
     def _cache_pages(self, seq: Sequence) -> None:
         """Put the sequence's newly filled pages in the prefix cache: full pages whose tokens are all computed

@@ -182,7 +182,7 @@ def _sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int 
             repetition_penalty=_default(req.repetition_penalty, 1.0),
             presence_penalty=_default(req.presence_penalty, 0.0),
             frequency_penalty=_default(req.frequency_penalty, 0.0), seed=req.seed, stop=req.stop or [],
-            ignore_eos=req.ignore_eos, logprobs=logprobs, structured=structured,
+            ignore_eos=req.ignore_eos, logprobs=logprobs, structured=structured, speculative=req.speculative,
         )  # fmt: skip
     except ValueError as e:
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None

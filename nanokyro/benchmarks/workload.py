@@ -51,8 +51,10 @@ def engine_options(args) -> dict:
                 tokenizer=args.tokenizer)
     if args.model in DUMMY_ARCHITECTURES:
         opts["load_format"] = "dummy"
-    for name in ("dtype", "max_num_seqs", "max_num_batched_tokens", "quantization"):
-        if getattr(args, name) is not None:
+    for name in ("dtype", "max_num_seqs", "max_num_batched_tokens", "quantization", "speculative_model",
+                 "speculative_method", "num_speculative_tokens", "speculative_max_batch",
+                 "speculative_draft_vocab"):  # fmt: skip
+        if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
     if getattr(args, "num_loras", None):
         opts.update(max_loras=args.num_loras, max_lora_rank=args.lora_rank)
