@@ -119,7 +119,8 @@ class EngineCore:
     def _load_draft(cfg: EngineConfig) -> ModelRunner:
         """The draft model's runner, its KV cache not yet allocated."""
         draft_cfg = dataclasses.replace(cfg, model=cfg.speculative_model, speculative_model=None,
-                                        speculative_method=None, served_model_name=None)  # fmt: skip
+                                        speculative_method=None, served_model_name=None, max_loras=0,
+                                        lora_modules={})  # fmt: skip  (drafts propose without adapters)
         return ModelRunner(draft_cfg, num_pages=0)
 
     def ready(self) -> Ready:

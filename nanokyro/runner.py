@@ -215,7 +215,8 @@ class ModelRunner:
         ps = self.page_size
         # Plain lists, not numpy per sequence: at 256 decodes a step, per-sequence array calls cost milliseconds.
         ids, pos, slot_pages, slot_offsets, kv_indices, lora = [], [], [], [], [], []
-        with_lora = any(s.lora is not None for s in batch.seqs)
+        # (A speculative draft model holds no adapter slots: it drafts for every sequence with its base weights.)
+        with_lora = self.lora_slots is not None and any(s.lora is not None for s in batch.seqs)
         q_lens, kv_lens, page_counts, sample_rows = [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             start, end = seq.num_computed, seq.num_computed + n

@@ -401,3 +401,19 @@ def test_an_adapter_on_an_awq_base_gives_peft_tokens_on_the_dequantised_model(tm
     llm = LLM(path, dtype="float32", kv_cache_memory=4 << 20, max_loras=1, lora_modules={"all": adapter})
     out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), lora="all")[0]
     assert out.token_ids == greedy(ref, prompt, 8) != without
+
+
+@pytest.mark.parametrize("spec", [dict(speculative_method="ngram"), "self-draft"])
+def test_speculative_decoding_under_an_adapter_gives_peft_tokens(tmp_path, spec):
+    """Speculation verifies with the request's adapter (the draft model proposes from its base weights): greedy
+    output is still peft's, for an adapter row mixed with a base row."""
+    base = build_tiny_model("llama", str(tmp_path / "base"))
+    adapter = make_adapter(base, str(tmp_path / "lora"), 7, **ADAPTERS["all"])
+    spec = dict(speculative_model=base) if spec == "self-draft" else spec
+    prompt = random_prompts([9], seed=7)[0] * 3  # repeats itself: n-gram drafts get accepted too
+    refs = [greedy(peft_model(base, a), prompt, 16) for a in (adapter, None)]
+    llm = LLM(base, dtype="float32", kv_cache_memory=4 << 20, max_loras=1, lora_modules={"all": adapter}, **spec)
+    outs = llm.generate([prompt, prompt], [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, lora=n)
+                                           for n in ("all", None)])  # fmt: skip
+    assert [o.token_ids for o in outs] == refs
+    assert llm.engine.stats().spec_draft_tokens > 0
