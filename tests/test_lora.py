@@ -227,7 +227,7 @@ def test_triton_kernels_match_the_torch_reference(dtype, num_tokens, shape):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_with_adapters_match_eager_and_peft_logits(tmp_path):
     """Decode batches mixing adapters and the base (8 rows padded; 1 row, the small-batch kernels) replayed as CUDA
-    graphs give the eager forward's logits and peft's (fp32, CPU) within bf16 error."""
+    graphs give the eager forward's logits, and peft's (fp32, CPU) within bf16 error."""
     # head_dim 128, as the GPU tests' other models: FlashInfer compiles one kernel variant for all of them.
     base = build_tiny_model("llama", str(tmp_path / "base"), hidden_size=256, num_attention_heads=4,
                             num_key_value_heads=2, head_dim=128)  # fmt: skip
@@ -257,8 +257,11 @@ def decode_against_eager_and_peft(engine, runner, refs, names: list[str | None],
     eager = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn, lora=lora)[rows]).float()
     for row, seq, name in zip(range(len(names)), batch.seqs, names):
         assert rel_err(graphed[row], eager[row]) < 2e-2, name
+        # bf16 against peft's fp32: the engine in bf16 lands 1.3-6.5% from peft on these rows (the same on the CPU's
+        # torch reference as on CUDA; 1e-6 in fp32), while an adapter moves these logits by 38-113%: a missing or
+        # wrong adapter fails this bound, bf16 rounding does not.
         ref = refs[name](torch.tensor([seq.token_ids])).logits[0, -1]
-        assert rel_err(graphed[row].cpu(), ref) < 3e-2, name
+        assert rel_err(graphed[row].cpu(), ref) < 0.15, name
     engine.fail_all()
 
 
