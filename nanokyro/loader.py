@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import zlib
 from typing import Callable, Iterator
 
-import logging
-
 import torch
 
-from nanokyro import quant
+from nanokyro import layers, quant
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.model import LlamaModel
 from nanokyro.parallel import SINGLE, Group, Shard
@@ -197,6 +196,7 @@ def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]],
     quant.prepare(model, qcfg)
     _load_tensors(model, quant.checkpoint_tensors(qcfg, tensors))
     quant.finish(model, qcfg)
+    layers.pack_for_cpu(model)
 
 
 def _load_tensors(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:

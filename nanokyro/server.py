@@ -298,9 +298,10 @@ class _Usage:
                      PromptTokensDetails(sum(self.cached)))  # fmt: skip
 
 
-def _head(prefix: str, client: CoreClient) -> dict:
-    """The fields every response and chunk of one request share."""
-    return dict(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=client.model_name)
+def _head(prefix: str, model: str) -> dict:
+    """The fields every response and chunk of one request share; `model` as the request named it (the base model,
+    an adapter, or `base:adapter`)."""
+    return dict(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model)
 
 
 def _sse(obj) -> bytes:
@@ -602,7 +603,7 @@ class _Server:
         except (ValueError, jinja2.TemplateError) as e:
             raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
         jobs = [_Job(prompt_ids, params, 0)]
-        head = _head("chatcmpl", client)
+        head = _head("chatcmpl", req.model)
         parsing = tools is not None and tools.calls_expected
 
         def logprobs(lps):
@@ -642,7 +643,7 @@ class _Server:
         except PromptError as e:
             raise APIError(400, str(e), param=e.param) from None
         jobs = [_Job(ids, params, k * params.n) for k, ids in enumerate(prompt_ids)]
-        head = _head("cmpl", client)
+        head = _head("cmpl", req.model)
         offsets = [0] * (len(jobs) * params.n)  # where each choice's next text starts, for logprobs.text_offset
 
         def choice(i: int, text: str, lps, finish_reason) -> CompletionChoice:

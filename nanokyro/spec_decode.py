@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanokyro.layers import VocabParallelEmbedding
+from nanokyro.layers import VocabParallelEmbedding, pack_head
 from nanokyro.request import TokenLogprob
 from nanokyro.sampler import SampleRow, apply_penalties, argmax, draw, probabilities
 from nanokyro.scheduler import ScheduledBatch, Sequence
@@ -109,6 +109,7 @@ def shrink_lm_head(model, num_tokens: int) -> None:
         raise ValueError(f"speculative_draft_vocab must be in [1, {head.vocab_size}], got {num_tokens}")
     small = VocabParallelEmbedding(num_tokens, head.weight.shape[1], head.tp)
     small.weight = torch.nn.Parameter(head.weight[:num_tokens].clone(), requires_grad=False)
+    pack_head(small)
     model.lm_head = small
 
 

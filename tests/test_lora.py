@@ -306,6 +306,7 @@ def test_adapters_over_http_load_use_unload_reload_with_vllms_api(lora_server):
     cards = {m.id: m for m in client.models.list().data}
     assert set(cards) == {srv.model, "qv"} and cards["qv"].parent == srv.model and cards["qv"].root == adapters["qv"]
     assert complete("qv").choices[0].text == complete(f"{srv.model}:qv").choices[0].text == expected("qv")
+    assert complete("qv").model == "qv"  # a response names the model as the request did
     assert complete(srv.model).choices[0].text == expected(None)
     with pytest.raises(openai.NotFoundError, match="all"):
         complete("all")
@@ -348,7 +349,7 @@ def test_adapters_over_http_load_use_unload_reload_with_vllms_api(lora_server):
     assert complete("all").choices[0].text == expected("mlp")  # the name again, another adapter
     m = metrics(srv.url)
     assert m["nanokyro_lora_requests_total{lora_name=all}"] == 4
-    assert m["nanokyro_lora_requests_total{lora_name=qv}"] == 3
+    assert m["nanokyro_lora_requests_total{lora_name=qv}"] == 4
     assert m["nanokyro_lora_adapters_resident{}"] == 1 and m["nanokyro_lora_adapter_loads_total{}"] >= 4
 
 
