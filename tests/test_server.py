@@ -669,7 +669,9 @@ def test_the_server_gives_token_for_token_what_the_offline_llm_gives(served, cli
             assert choice.text == out.text and choice.finish_reason == out.finish_reason, fields
             pieces = [tok.decode([t], skip_special_tokens=False) for t in out.token_ids]
             assert choice.logprobs.tokens == pieces[: len(choice.logprobs.tokens)], fields
-            assert choice.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in out.logprobs][:len(pieces)])
+            # fp32 rounding apart: the core runs fewer CPU threads than this process, and oneDNN splits its sums by them
+            assert choice.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in out.logprobs][:len(pieces)],
+                                                                   rel=1e-5, abs=1e-6)  # fmt: skip
             text = "".join(c.choices[0].text for c in streamed if c.choices[0].index == choice.index)
             assert text == out.text, fields
         assert whole.usage.completion_tokens == sum(len(o.token_ids) for o in want.outputs), fields
