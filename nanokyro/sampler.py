@@ -156,9 +156,8 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     return logits.masked_fill(logits < cutoff, float("-inf"))
 
 
-def _sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """Tokens [num_rows] for a batch with at least one sampled row; greedy rows still take the argmax."""
-    params = [row.params for row in rows]
+def _tempered(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Logits divided by each row's temperature (1 for greedy rows), with top-k, top-p and min-p applied."""
     device = logits.device
     scaled = logits / _per_row([1.0 if p.greedy else p.temperature for p in params], device)[:, None]
     if any(_filtered(p) for p in params if not p.greedy):
@@ -168,7 +167,14 @@ def _sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
             _per_row([p.top_p for p in params], device),
             _per_row([p.min_p for p in params], device),
         )
-    probs = scaled.softmax(dim=-1)
+    return scaled
+
+
+def _sample(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Tokens [num_rows] for a batch with at least one sampled row; greedy rows still take the argmax."""
+    params = [row.params for row in rows]
+    device = logits.device
+    probs = _tempered(logits, params).softmax(dim=-1)
     # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability p_i, and the noise
     # can come from each request's own generator, unlike torch.multinomial over the whole batch.
     sampled = probs.div_(_exponential_noise(probs, rows)).argmax(dim=-1)
@@ -189,15 +195,7 @@ def probabilities(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     device = logits.device
     probs = torch.zeros_like(logits)
     if not all(p.greedy for p in params):
-        scaled = logits / _per_row([1.0 if p.greedy else p.temperature for p in params], device)[:, None]
-        if any(_filtered(p) for p in params if not p.greedy):
-            scaled = apply_top_k_top_p_min_p(
-                scaled,
-                _per_row([p.top_k for p in params], device, torch.long),
-                _per_row([p.top_p for p in params], device),
-                _per_row([p.min_p for p in params], device),
-            )
-        probs = scaled.softmax(dim=-1)
+        probs = _tempered(logits, params).softmax(dim=-1)
     if any(p.greedy for p in params):
         one_hot = torch.zeros_like(logits).scatter_(-1, argmax(logits)[:, None], 1.0)
         probs = torch.where(_per_row([p.greedy for p in params], device, torch.bool)[:, None], one_hot, probs)
