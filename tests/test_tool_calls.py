@@ -8,7 +8,6 @@ import os
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
 from nanokyro.config import EngineConfig
