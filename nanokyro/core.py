@@ -231,6 +231,8 @@ class EngineCore:
         prev = self._in_flight
         loads = self.loras.take_loads() if self.loras is not None else []
         logits = self.runner.forward(batch, prev.sample.tokens if prev is not None else None, loads)
+        if isinstance(self.proposer, DraftModelProposer) and len(batch.seqs) <= self.cfg.speculative_max_batch:
+            self.proposer.prefill(batch)  # the draft's prompt KV beside the model's, while it may speculate after
         if prev is not None and any(s.matcher is not None or s.params.penalised for s in batch.sampled):
             self._receive(prev)  # masks and penalties read step n-1's tokens on the host; its stops can wait
         sample = self.runner.sample(batch, logits)

@@ -311,3 +311,19 @@ def test_gpu_speculation_with_graphs_and_without():
     # wrong draft KV or page would accept next to nothing.
     assert stats.spec_accepted_tokens > 0.5 * stats.spec_draft_tokens
     assert_no_leak(llm)
+
+
+def test_the_draft_prefills_the_prompt_beside_the_model(llama_dir, draft_dir):
+    """The draft's KV of the prompt is computed in the model's prefill step (prompt time), not caught up in the
+    first speculative step (decode time); a request that opts out of speculation costs the draft nothing."""
+    llm = make_llm(llama_dir, speculative_model=draft_dir, overlap_schedule=False)
+    engine = llm.engine
+    first, second = random_prompts([40, 40], seed=11)
+    on = engine.add_request(first, SamplingParams(max_tokens=4, temperature=0))
+    off = engine.add_request(second, SamplingParams(max_tokens=4, temperature=0, speculative=False))
+    engine.step()  # both prompts in one step
+    (seq_on,), (seq_off,) = engine.requests[on], engine.requests[off]
+    assert seq_on.num_computed == seq_off.num_computed == 40
+    assert (seq_on.num_draft_computed, seq_off.num_draft_computed) == (40, 0)
+    engine.fail_all()
+    assert_no_leak(llm)
