@@ -54,7 +54,7 @@ def gated_matmul(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pack_for_cpu(model: nn.Module) -> None:
+def pack_for_cpu(model) -> None:
     """On the CPU, the fp32 weights of the dense linear layers and of the LM head in oneDNN's own blocked layout:
     MKL's sgemm behind F.linear is compute-bound at a few rows here, so a decode step (one row per sequence) and a
     speculative verify step (k + 1 rows) run 1.7-3x faster through oneDNN (docs/PERFORMANCE.md). The linear layers'
@@ -62,18 +62,19 @@ def pack_for_cpu(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, ReplicatedLinear) and m.quant is None and _packable(m.weight):
             m.weight = nn.Parameter(m.weight.detach().to_mkldnn(), requires_grad=False)
-    head = getattr(model, "lm_head", None) or getattr(model, "embed_tokens", None)
-    if getattr(model, "norm", None) is not None and head is not None:  # the last stage holds the head
-        pack_head(head)
+    if model.head is not None:  # the last stage
+        pack_head(model.head)
 
 
 def pack_head(head: VocabParallelEmbedding) -> None:
+    """The LM head's packed copy, for `logits` (the dense weight stays: a tied head also embeds)."""
     if _packable(head.weight):
         head.head_weight = head.weight.detach().to_mkldnn()
 
 
 def _packable(w: torch.Tensor) -> bool:
-    return w.device.type == "cpu" and w.dtype == torch.float32 and not w.is_mkldnn and torch.backends.mkldnn.is_available()
+    return (w.device.type == "cpu" and w.dtype == torch.float32 and not w.is_mkldnn
+            and torch.backends.mkldnn.is_available())  # fmt: skip
 
 
 class ReplicatedLinear(nn.Module):

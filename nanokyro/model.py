@@ -97,5 +97,10 @@ class LlamaModel(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
+    @property
+    def head(self) -> VocabParallelEmbedding | None:
+        """The LM head: its own, or the tied embedding; None on a stage other than the last."""
+        return (self.lm_head or self.embed_tokens) if self.norm is not None else None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return (self.lm_head or self.embed_tokens).logits(hidden)
+        return self.head.logits(hidden)

@@ -104,7 +104,7 @@ def shrink_lm_head(model, num_tokens: int) -> None:
     """Make `model` (a draft) score only its first num_tokens token ids: an LM head of those rows (a copy when the
     head is the input embedding, which keeps every row). Its drafts are then never other tokens, and its q is 0
     there; the model verifying them still scores the whole vocabulary."""
-    head = model.lm_head or model.embed_tokens
+    head = model.head
     if not 0 < num_tokens <= head.vocab_size:
         raise ValueError(f"speculative_draft_vocab must be in [1, {head.vocab_size}], got {num_tokens}")
     small = VocabParallelEmbedding(num_tokens, head.weight.shape[1], head.tp)
