@@ -131,7 +131,10 @@ class Scheduler:
         # New requests, in arrival order, while pages, budget and seats last. None after a preemption.
         if self.waiting and not self._preempted:
             self._admit(chosen)
-        return ScheduledBatch(list(chosen), list(chosen.values()))
+        seqs = list(chosen)
+        if self.loras is not None:  # one adapter's decodes side by side: the LoRA kernels read it once per block
+            seqs.sort(key=lambda s: (chosen[s] > 1, s.lora.slot if s.lora is not None else -1))
+        return ScheduledBatch(seqs, [chosen[s] for s in seqs])
 
     def _release_done(self) -> None:
         """A sequence that has sampled its last token (max_len) computes nothing more: its pages go back now,
