@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokyro import small_batch
-from nanokyro.lora import lora_delta
+from nanokyro.lora import lora_delta, lora_shrink
 from nanokyro.parallel import Group
 
 
@@ -95,18 +95,22 @@ class ReplicatedLinear(nn.Module):
     def weight_loader(self, param: torch.Tensor, tensor: torch.Tensor, shard_id=None) -> None:
         param.copy_(tensor.narrow(0, 0, param.shape[0]))  # (block-wise FP8 scales have rows past the last)
 
-    def multiply(self, x: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
-        """x @ weight.T (+ bias); `gated`: silu(x @ gate.T) * (x @ up.T) of a stacked [gate; up] weight."""
+    def multiply(self, x: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
+                 lora: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """x @ weight.T (+ bias) (+ the LoRA delta of each token's adapter, with `lora`: the tokens' slots);
+        `gated`: silu(x @ gate.T) * (x @ up.T) of a stacked [gate; up] weight, the deltas added before silu."""
+        if lora is not None:
+            if self.quant is None and small_batch.on(x):  # the GEMV adds the delta in its epilogue
+                s = lora_shrink(x, self.lora_a, lora)
+                return small_batch.lora_linear(x, self.weight, bias, gated, s, self.lora_b, lora)
+            y = lora_delta(self.multiply(x, bias), x, self.lora_a, self.lora_b, lora)
+            return F.silu(y[..., : y.shape[-1] // 2]) * y[..., y.shape[-1] // 2 :] if gated else y
         if self.quant is not None:
             return self.quant.matmul(self, x, bias, gated)
         return gated_matmul(x, self.weight) if gated else matmul(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
-        return self.add_lora(x, self.multiply(x, self.bias), lora)
-
-    def add_lora(self, x: torch.Tensor, y: torch.Tensor, lora: torch.Tensor | None) -> torch.Tensor:
-        """y plus the LoRA delta of each token's adapter (none without `lora`)."""
-        return y if lora is None else lora_delta(y, x, self.lora_a, self.lora_b, lora)
+        return self.multiply(x, self.bias, lora=lora)
 
 
 class ColumnParallelLinear(ReplicatedLinear):
@@ -142,8 +146,8 @@ class RowParallelLinear(ReplicatedLinear):
 
     def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
         if not self.reduce:
-            return self.add_lora(x, self.multiply(x, self.bias), lora)
-        y = self.tp.all_reduce(self.add_lora(x, self.multiply(x), lora))
+            return self.multiply(x, self.bias, lora=lora)
+        y = self.tp.all_reduce(self.multiply(x, lora=lora))
         return y if self.bias is None else y + self.bias
 
 
@@ -179,10 +183,7 @@ class GateUpLinear(ColumnParallelLinear):
         param.narrow(0, shard_id * n, n).copy_(tensor.narrow(0, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
-        if lora is None:
-            return self.multiply(x, gated=True)
-        gate, up = self.add_lora(x, self.multiply(x), lora).chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return self.multiply(x, gated=True, lora=lora)
 
 
 class VocabParallelEmbedding(nn.Module):

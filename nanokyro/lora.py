@@ -229,6 +229,12 @@ def lora_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     return lora_delta_reference(y, x, lora_a, lora_b, lora)
 
 
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+    """The first half of lora_delta on CUDA: the partial sums of x @ A[lora[t]].T (lora_kernels.lora_shrink), for
+    a kernel that adds the delta itself (small_batch.lora_linear)."""
+    return torch.ops.nanokyro.lora_shrink(x, lora_a, lora)
+
+
 def lora_delta_reference(y, x, lora_a, lora_b, lora):
     """The torch reference: the tokens of each adapter in the batch multiplied together (segment-grouped)."""
     out = y.clone()

@@ -53,6 +53,13 @@ def silu_and_mul_linear(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     return torch.ops.nanokyro.gemv(x, gate_up, None, gated=True)
 
 
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool, lora_s: torch.Tensor,
+                lora_b: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """`linear` (or, `gated`, `silu_and_mul_linear`) plus each row's LoRA delta lora_s.sum(0) @ lora_b[lora].T,
+    added in the GEMV's epilogue: the shrink's partial sums `lora_s` come from lora_kernels.lora_shrink."""
+    return torch.ops.nanokyro.gemv(x, weight, bias, gated, lora_s, lora_b, lora)
+
+
 def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     """RMSNorm.forward of x [T, N] as one kernel: rounds where it does (the sum and the normalised value to x's
     dtype, then times weight)."""
@@ -61,30 +68,41 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
 
 
 @torch.library.custom_op("nanokyro::gemv", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False,
+         lora_s: torch.Tensor | None = None, lora_b: torch.Tensor | None = None, lora: torch.Tensor | None = None
+         ) -> torch.Tensor:  # fmt: skip
     """x [M, K] @ weight [N, K].T (+ bias) for M ≤ MAX_ROWS. `gated`: weight stacks gate and up [2N, K], and
-    the result is silu(x @ gate.T) * (x @ up.T) [M, N], the MLP's activation fused into the GEMV."""
+    the result is silu(x @ gate.T) * (x @ up.T) [M, N], the MLP's activation fused into the GEMV. With `lora`
+    (each row's adapter slot, -1 none), each row also gets lora_s.sum(0)[m] @ lora_b[lora[m]].T, before the
+    activation (lora_s [splits, M, R] fp32, lora_b [slots, N or 2N, R])."""
     import triton
+
+    from nanokyro.lora_kernels import lora_expand
 
     M, K = x.shape
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     if M > MAX_ROWS or weight.stride(1) != 1:  # larger M: cuBLAS
         y = F.linear(x, weight, bias)
+        y = y if lora is None else lora_expand(y, lora_s, lora_b, lora)
         return F.silu(y[:, :N]) * y[:, N:] if gated else y
     x = x if x.stride(1) == 1 else x.contiguous()
     y = x.new_empty(M, N)
     block_n, block_k, num_warps = GEMV_CONFIG[M]
     block_n = block_n // 2 if gated else block_n  # the same weight tile: half gate rows, half up rows
+    R = lora_b.shape[2] if lora is not None else 1
     _gemv_kernel()[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
-        has_bias=bias is not None, gated=gated, block_m=triton.next_power_of_2(M), block_n=block_n,
-        block_k=min(block_k, triton.next_power_of_2(K)), num_warps=num_warps, num_stages=1,
+        *((lora_s, lora_b, lora, lora_s.shape[0], lora_b.stride(0), lora_b.stride(1)) if lora is not None
+          else (x, x, x, 0, 0, 0)), R,
+        has_bias=bias is not None, gated=gated, has_lora=lora is not None, block_m=triton.next_power_of_2(M),
+        block_n=block_n, block_k=min(block_k, triton.next_power_of_2(K)), block_r=triton.next_power_of_2(R),
+        num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     return y
 
 
 @gemv.register_fake
-def _(x, weight, bias, gated=False):
+def _(x, weight, bias, gated=False, lora_s=None, lora_b=None, lora=None):
     return x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
 
 
@@ -123,10 +141,12 @@ def _gemv_kernel():
     import triton.language as tl
 
     @triton.jit
-    def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_stride, y_stride, has_bias: tl.constexpr,
-                    gated: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
-        """y = x @ w.T (+ b); `gated`: w is [gate; up], 2N rows, and y = silu(x @ gate.T) * (x @ up.T), rounded
-        as the unfused ops round (gate and up to y's dtype first)."""
+    def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_stride, y_stride, s_ptr, lb_ptr, idx_ptr,
+                    SPLITS, lb_stride0, lb_stride1, R, has_bias: tl.constexpr, gated: tl.constexpr,
+                    has_lora: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr,
+                    block_r: tl.constexpr):  # fmt: skip
+        """y = x @ w.T (+ b) (+ each row's LoRA delta); `gated`: w is [gate; up], 2N rows, and y = silu(x @
+        gate.T) * (x @ up.T), rounded as the unfused ops round (gate and up to y's dtype first)."""
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
         rm = tl.arange(0, block_m)
         n_ok, m_ok = rn < N, rm < M
@@ -148,6 +168,20 @@ def _gemv_kernel():
                 up += tl.sum(x * u[None, :, :].to(tl.float32), 2)
         if has_bias:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if has_lora:  # s = the shrink's partial sums added up; each row's B rows gathered by its slot
+            idx = tl.load(idx_ptr + rm, mask=m_ok, other=-1)
+            rr = tl.arange(0, block_r)
+            s_ok = (idx >= 0)[:, None] & (rr < R)[None, :]
+            s = tl.zeros((block_m, block_r), tl.float32)
+            for split in range(SPLITS):
+                s += tl.load(s_ptr + split * M * R + rm[:, None] * R + rr[None, :], mask=s_ok, other=0.0)
+            b_rows = lb_ptr + tl.maximum(idx, 0)[:, None, None] * lb_stride0 + rn[None, :, None] * lb_stride1
+            b_ok = s_ok[:, None, :] & n_ok[None, :, None]
+            b = tl.load(b_rows + rr[None, None, :], mask=b_ok, other=0.0)
+            acc += tl.sum(s[:, None, :] * b.to(tl.float32), 2)
+            if gated:
+                b = tl.load(b_rows + N * lb_stride1 + rr[None, None, :], mask=b_ok, other=0.0)
+                up += tl.sum(s[:, None, :] * b.to(tl.float32), 2)
         if gated:
             gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
             acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
