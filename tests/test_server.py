@@ -535,12 +535,19 @@ def children(pid: int) -> list[int]:
     return pids
 
 
+# serve.py's main with the app's core_entry set to a fault of faults.py (tests/ on the path, so the core finds it).
+SERVE_WITH_FAULT = ("import functools, sys; sys.path.insert(0, sys.argv.pop(1)); import serve; "
+                    "serve.create_app = functools.partial(serve.create_app, core_entry=sys.argv.pop(1)); serve.main()")
+
+
 @contextlib.contextmanager
-def serve_py_streaming(llama_dir, max_tokens: int, *options: str):
+def serve_py_streaming(llama_dir, max_tokens: int, *options: str, core_entry: str | None = None):
     """`python serve.py [options]` on a free port, ready (its one line says where it serves), with one stream that
-    has begun: yields the process, its engine core's pid and the stream. The process is killed at the end."""
+    has begun: yields the process, its engine core's pid and the stream. The process is killed at the end.
+    core_entry: run serve.py's main with that engine core (a fault of faults.py)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "serve.py", "--model", llama_dir, "--port", str(port), "--dtype",
+    program = ["serve.py"] if core_entry is None else ["-c", SERVE_WITH_FAULT, os.path.join(ROOT, "tests"), core_entry]
+    proc = subprocess.Popen([sys.executable, *program, "--model", llama_dir, "--port", str(port), "--dtype",
                              "float32", "--kv-cache-memory", "16M", "--served-model-name", "tiny", *options],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
     watchdog = threading.Timer(90, proc.kill)  # never hang the suite on a server that does not start
@@ -595,9 +602,23 @@ def test_sigterm_with_requests_outlasting_the_grace_ends_each_with_an_openai_err
 def test_serve_py_exits_non_zero_when_its_core_dies(llama_dir):
     with serve_py_streaming(llama_dir, max_tokens=900) as (proc, core, stream):
         os.kill(core, signal.SIGKILL)
+        started = time.monotonic()
         with pytest.raises(openai.APIError, match="engine core process died"):
             list(stream)
         assert proc.wait(timeout=30) == 1
+        assert time.monotonic() - started < 5
+
+
+def test_serve_py_exits_non_zero_when_its_core_turns_unhealthy(llama_dir):
+    """A core whose device fails lives on but steps no more: the stream in flight ends with an error, and serve.py
+    shuts down (stopping the core) and exits 1 instead of answering 503 for ever."""
+    with serve_py_streaming(llama_dir, 900, core_entry="faults:device_lost_after_a_few_steps") as (proc, core, stream):
+        with pytest.raises(openai.APIError, match="unhealthy.*CUDA error"):
+            list(stream)
+        started = time.monotonic()
+        assert proc.wait(timeout=30) == 1
+        assert time.monotonic() - started < 5
+        assert not os.path.exists(f"/proc/{core}"), "the engine core outlived the server"
 
 
 PERSON = {
