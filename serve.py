@@ -3,7 +3,8 @@
 This process runs the HTTP frontend; the engine core (the model, scheduler and step loop) runs in a child process.
 The port opens at once and answers /health with 503 until the model is loaded; then one line says where it is
 served. SIGINT/SIGTERM stop new requests, give in-flight ones a grace period, end the rest with an error, stop the
-core and exit 0. If the core process dies, open streams fail at once and the server exits 1.
+core and exit 0. If the core process dies or reports itself unhealthy (its steps keep failing, or the device is
+lost), open streams fail at once, /health answers 503, and the server shuts down and exits 1.
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 async def announce_when_ready(server: UvicornServer, url: str) -> None:
     """Log the one ready line once the port is open and the model loaded; stop if the model failed to load, or
-    once the engine core dies."""
+    once the engine core dies or turns unhealthy (as vLLM's API server exits when its engine is dead)."""
     state = server.app_server
     while not (server.started and (state.client is not None or state.load_error is not None)):
         await asyncio.sleep(0.05)
@@ -129,6 +130,9 @@ async def announce_when_ready(server: UvicornServer, url: str) -> None:
         server.should_exit = True
         return
     state.client.on_dead.append(server.stop)
+    if not state.client.healthy:  # it failed before the callback was in place
+        server.stop()
+        return
     log.info("serving %s at %s/v1", state.client.model_name, url)
 
 

@@ -2,8 +2,9 @@
 
 `CoreClient` spawns the core process (core.run_core), learns the model's limits and tokenizer from its handshake,
 sends it requests and aborts, and turns its one message per step into each request's text deltas (output.py),
-all on the frontend's event loop. It watches the process: if the core dies, every open stream fails at once with
-`EngineDead`. Messages are msgspec structs (request.py) over two ZMQ PUSH/PULL sockets on ipc:// endpoints.
+all on the frontend's event loop. It watches the process: if the core dies or reports itself unhealthy, every open
+stream fails at once with `EngineDead`, and the `on_dead` callbacks run (serve.py's stops the server). Messages are
+msgspec structs (request.py) over two ZMQ PUSH/PULL sockets on ipc:// endpoints.
 
 Nothing here imports torch: the frontend process never loads it.
 """
@@ -98,7 +99,7 @@ class CoreClient:
         self.tokenizer: Tokenizer | None = None
         self.stats = EngineStats()
         self.error: str | None = None  # why the engine can't serve: set once, never cleared
-        self.on_dead: list[Callable[[], None]] = []  # called once if the core process dies
+        self.on_dead: list[Callable[[], None]] = []  # called once when the engine can no longer serve
         self._streams: dict[str, _Stream] = {}
         self._outputs: OutputProcessor | None = None
         self._receiver: asyncio.Task | None = None
@@ -257,12 +258,12 @@ class CoreClient:
         if self._closing:
             return
         self._fail(f"the engine core process died (exit code {self.process.returncode})")
-        for callback in self.on_dead:
-            callback()
 
     def _fail(self, error: str) -> None:
-        """The engine can no longer serve: every open stream ends with EngineDead, and new requests fail fast."""
-        if self.error is None:
+        """The engine can no longer serve (its process died, it reported itself unhealthy, or its messages are lost):
+        every open stream ends with EngineDead, new requests fail fast, and the on_dead callbacks run, once."""
+        first = self.error is None
+        if first:
             log.error("%s", error)
             self.error = error
         for stream in self._streams.values():
@@ -270,6 +271,9 @@ class CoreClient:
         for future in self._replies.values():
             if not future.done():
                 future.set_exception(EngineDead(self.error))
+        if first:  # after the streams have their error: a callback may begin a shutdown that drains them
+            for callback in self.on_dead:
+                callback()
 
     # -- shutdown -------------------------------------------------------------------------------------------
 

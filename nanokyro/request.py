@@ -7,6 +7,8 @@ the process boundary as msgpack, never pickle.
 """
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 from nanokyro.tokenizer import TokenizerSpec
@@ -79,6 +81,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
 
     def verify(self) -> None:
         """Raise ValueError naming the offending field; the server turns it into a 400."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):  # inf would pass the range checks below
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         checks = [
             (1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),

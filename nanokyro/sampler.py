@@ -41,7 +41,9 @@ class Sampler:
 
     Order: constrained rows' grammar masks; penalties; then greedy rows take the argmax; sampled rows go through
     temperature, top-k, top-p and min-p, and draw by the exponential race. Logprobs are of the raw model
-    distribution (after a grammar's mask), as vLLM reports them.
+    distribution (after a grammar's mask), as vLLM reports them. Whatever the parameters, the token drawn is one the
+    grammar allows: penalties and temperature keep allowed logits finite and masked ones -inf (`_bounded`), and each
+    filter keeps at least the row's best token.
     """
 
     def __init__(self):
@@ -92,6 +94,10 @@ def _filtered(p: SamplingParams) -> bool:
     return p.top_k > 0 or p.top_p < 1 or p.min_p > 0
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
 def _per_row(values: list, device, dtype=torch.float32) -> torch.Tensor:
     """One parameter of every row as a [num_rows] tensor on the logits' device."""
     # non_blocking: a blocking copy from the host waits for the whole stream, i.e. for the step in flight. From
@@ -107,16 +113,32 @@ def _token_index(token_lists: list[list[int]], device) -> tuple[torch.Tensor, to
     return row_idx.to(device, non_blocking=True), token_idx.to(device, non_blocking=True)  # as in _per_row
 
 
+def _factors(values: list[float], device) -> torch.Tensor:
+    """Positive divisors/multipliers (temperatures, repetition penalties) as fp32 [num_rows], kept inside fp32's
+    normal range: 1e-300 would round to 0 and 1e300 to inf, and 0 or inf times a logit can make NaN."""
+    return _per_row([min(max(v, FLOAT32_TINY), FLOAT32_MAX) for v in values], device)
+
+
+def _bounded(processed: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """`processed` (from `logits` by a penalty or temperature) with every token `logits` allows kept finite and
+    every token it masks (-inf: a grammar's, or a filter's) kept at -inf. An extreme penalty or temperature can
+    overflow an allowed logit to +-inf; left so, a row could have no allowed token left to draw (all -inf) or
+    several at +inf (softmax gives NaN), and the draw would land on a token the grammar forbids."""
+    return processed.clamp(-FLOAT32_MAX, FLOAT32_MAX).masked_fill_(logits == float("-inf"), float("-inf"))
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Repetition penalty (HF/CTRL) over prompt + output tokens, then presence and frequency penalties
-    (OpenAI) over output tokens. logits [num_rows, vocab] fp32; returns a new tensor."""
+    (OpenAI) over output tokens. logits [num_rows, vocab] fp32; returns a new tensor, whose masked (-inf) tokens
+    stay masked and whose others stay finite however large the penalties."""
     params = [row.params for row in rows]
+    before = logits
     if any(p.repetition_penalty != 1 for p in params):
         seen = torch.zeros_like(logits, dtype=torch.bool)
         rows_idx, tokens_idx = _token_index(
             [r.prompt_ids + r.output_ids if r.params.repetition_penalty != 1 else [] for r in rows], logits.device)
         seen[rows_idx, tokens_idx] = True
-        penalty = _per_row([p.repetition_penalty for p in params], logits.device)[:, None]
+        penalty = _factors([p.repetition_penalty for p in params], logits.device)[:, None]
         # Dividing a negative logit would raise it, so negatives are multiplied: both make the token less likely.
         logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     if any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params):
@@ -128,7 +150,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
         frequency = _per_row([p.frequency_penalty for p in params], logits.device)[:, None]
         presence = _per_row([p.presence_penalty for p in params], logits.device)[:, None]
         logits = logits - frequency * counts - presence * (counts > 0)
-    return logits
+    return _bounded(logits, before)
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -157,9 +179,12 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 
 
 def _tempered(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Logits divided by each row's temperature (1 for greedy rows), with top-k, top-p and min-p applied."""
+    """Logits divided by each row's temperature (1 for greedy rows), with top-k, top-p and min-p applied. Tokens
+    `logits` masks stay masked; every row keeps at least one of the others."""
     device = logits.device
-    scaled = logits / _per_row([1.0 if p.greedy else p.temperature for p in params], device)[:, None]
+    scaled = logits / _factors([1.0 if p.greedy else p.temperature for p in params], device)[:, None]
+    if any(p.penalised for p in params):  # penalties may leave logits near fp32's limit, which a division overflows
+        scaled = _bounded(scaled, logits)
     if any(_filtered(p) for p in params if not p.greedy):
         scaled = apply_top_k_top_p_min_p(
             scaled,

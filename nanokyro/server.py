@@ -1,19 +1,19 @@
 """The OpenAI-compatible HTTP API, as a Litestar app in the frontend process, over an engine core in a process of
 its own (client.py).
 
-Owns: turning a request (its bodies are in protocol.py; unknown fields and loosely typed values are a 400) into
-prompt ids and SamplingParams, off the event loop; streaming deltas as SSE chunks or collecting them into one answer;
-OpenAI-shaped errors; the waiting-queue limit; API-key checks; /health, /metrics, vLLM's /tokenize and /detokenize;
-aborting a request the moment its client leaves; and the graceful shutdown (in-flight streams get a grace period,
-then end with an error event). Function calling's formats, grammars and parsing are tool_calls.py's; the OpenAPI
-document's corrections openapi.py's; running the app under uvicorn uvicorn_server.py's.
+Owns: assembling the app; turning a request (its bodies are in protocol.py; unknown fields and loosely typed values
+are a 400) into prompt ids and SamplingParams, off the event loop; streaming deltas as SSE chunks or collecting them
+into one answer; the waiting-queue limit; API-key checks; /v1/models, /health, /metrics; aborting a request the
+moment its client leaves; and the graceful shutdown (in-flight streams get a grace period, then end with an error
+event). OpenAI-shaped errors and strict body decoding are api_errors.py's; vLLM's /tokenize and /detokenize
+tokenize_api.py's; its LoRA load/unload routes lora_api.py's; function calling's formats, grammars and parsing
+tool_calls.py's; the OpenAPI document's corrections openapi.py's; running the app under uvicorn uvicorn_server.py's.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-import re
 import secrets
 import time
 import uuid
@@ -24,21 +24,21 @@ import jinja2
 import msgspec
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, PathParameter
 from litestar.response import Stream
 
+from nanokyro import lora_api, tokenize_api
+from nanokyro.api_errors import EXCEPTION_HANDLERS, APIError, engine_error, strict, unavailable
 from nanokyro.client import CORE_ENTRY, CoreClient, EngineDead, RequestFailed
 from nanokyro.config import EngineConfig
 from nanokyro.metrics import CONTENT_TYPE, Metrics, RequestStats
 from nanokyro.openapi import TITLE, VERSION, DocumentPlugin
 from nanokyro.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    Completion, CompletionChoice, CompletionRequest, DeltaFunctionCall, DeltaMessage, DeltaToolCall, DetokenizeRequest,
-    DetokenizeResponse, FunctionCall, LoadLoRAAdapterRequest, PromptTokensDetails, SamplingFields, StreamOptions,
-    TokenizeRequest, TokenizeResponse, ToolCall, UnloadLoRAAdapterRequest, Usage,
+    Completion, CompletionChoice, CompletionRequest, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall,
+    PromptTokensDetails, SamplingFields, StreamOptions, ToolCall, Usage,
 )  # fmt: skip
 from nanokyro.request import Delta, PromptError, SamplingParams, StructuredOutput, TokenLogprob
 from nanokyro.tool_calls import ToolCallParser, ToolUse
@@ -50,84 +50,6 @@ log = logging.getLogger("nanokyro.server")
 
 MAX_QUEUE = 1000  # default limit on requests waiting for their first token
 MAX_BODY_BYTES = 10 << 20
-
-# -- errors ----------------------------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _api_error(_: Request, exc: APIError) -> Response:
-    return Response(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-def _validation_error(request: Request, exc: ValidationException) -> Response:
-    # Litestar puts msgspec's message ("Object contains unknown field `x`", "Expected `int`, got `str`") in extra,
-    # with the field as key, or "data" (the whole body) where msgspec names the field in the message.
-    extra = exc.extra[0] if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict) else {}
-    message, param = extra.get("message") or exc.detail, extra.get("key")
-    if param == "data":
-        param = _field_in(message)
-    if message == "'data'":  # no body at all
-        message = "the request needs a JSON object as its body"
-    return _api_error(request, APIError(400, message, param=param))
-
-
-def _field_in(message: str) -> str | None:
-    """The field a msgspec error names: "... at `$.messages[0].content`" or "unknown field `x`"."""
-    named = re.search(r"at `\$\.([A-Za-z_]+)", message) or re.search(r"field `([^`]+)`", message)
-    return named[1] if named else None
-
-
-def _http_error(request: Request, exc: HTTPException) -> Response:
-    codes = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}
-    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return _api_error(request, APIError(exc.status_code, exc.detail, kind, code=codes.get(exc.status_code),
-                                        headers=exc.headers))  # a 405's Allow  # fmt: skip
-
-
-def _not_utf8(request: Request, exc: UnicodeDecodeError) -> Response:
-    return _api_error(request, APIError(400, f"the body is not valid UTF-8: {exc.reason} at byte {exc.start}"))
-
-
-def _internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-    return _api_error(request, APIError(500, f"internal error: {exc!r}", "server_error"))
-
-
-def _unavailable(message: str, code: str) -> APIError:
-    return APIError(503, message, "service_unavailable", code=code)
-
-
-def _engine_error(exc: BaseException) -> APIError:
-    """An exception from a request's stream, as the error its client sees."""
-    if isinstance(exc, EngineDead):
-        return _unavailable(str(exc), "engine_dead")
-    if isinstance(exc, RequestFailed):
-        if exc.status == 400:
-            return APIError(400, str(exc))
-        if exc.status == 404:  # a LoRA adapter unloaded while the request was on its way
-            return APIError(404, str(exc), param="model", code="model_not_found")
-        if exc.status == 503:
-            return _unavailable(str(exc), "engine_unhealthy")
-    return APIError(500, str(exc), "server_error")
-
-
-async def _strict(request: Request, cls: type) -> Any:
-    """The body decoded without coercion: "10" is not an int, 1 is not a bool (Litestar's own decoding coerces)."""
-    try:
-        return msgspec.json.decode(await request.body(), type=cls)  # read already, when Litestar decoded `data`
-    except msgspec.ValidationError as e:
-        raise APIError(400, str(e), param=_field_in(str(e))) from None
-
 
 # -- requests to engine calls ----------------------------------------------------------------------------------
 
@@ -232,16 +154,6 @@ def _prompts(prompt) -> list[str | list[int]]:
         return list(prompt)
     raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of such lists",
                    param="prompt")  # fmt: skip
-
-
-def _tokenize_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
-                   add_special_tokens: bool) -> list[int]:  # fmt: skip
-    """The ids the chat endpoint would give the model; with add_special_tokens, the rendered text encoded with
-    them (vLLM's option, which may double a BOS the template wrote)."""
-    if add_special_tokens:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt, tools=tools)
-        return tokenizer.encode(text, add_special_tokens=True)
-    return tokenizer.encode_chat(messages, add_generation_prompt, tools=tools)
 
 
 def _piece(client: CoreClient, token_id: int) -> str:
@@ -415,12 +327,12 @@ class _Server:
     def ready_client(self) -> CoreClient:
         if self.client is None:
             if self.load_error is not None:
-                raise _unavailable(f"the model failed to load: {self.load_error}", "model_load_failed")
-            raise _unavailable("the model is loading", "model_loading")
+                raise unavailable(f"the model failed to load: {self.load_error}", "model_load_failed")
+            raise unavailable("the model is loading", "model_loading")
         if self.client.error is not None:
-            raise _unavailable(self.client.error, "engine_dead")
+            raise unavailable(self.client.error, "engine_dead")
         if self.draining:
-            raise _unavailable("the server is shutting down", "shutting_down")
+            raise unavailable("the server is shutting down", "shutting_down")
         return self.client
 
     def admit(self, req: SamplingFields) -> tuple[CoreClient, _Admission]:
@@ -453,29 +365,6 @@ class _Server:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {served}", param="model",
                        code="model_not_found")  # fmt: skip
 
-    async def change_adapter(self, request: Request, load: bool) -> Response:
-        """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's API): done by the core between steps.
-        A bad adapter is a 400 naming what is wrong, an unknown one a 404, one that requests use a 409."""
-        client = self.ready_client()
-        if load:
-            req = await _strict(request, LoadLoRAAdapterRequest)
-            if not client.max_loras:
-                raise APIError(400, "LoRA is off: start the server with --max-loras N (or --lora-modules)")
-            if req.lora_name == client.model_name:
-                raise APIError(400, f"lora_name {req.lora_name!r} is the base model's name", param="lora_name")
-        else:
-            req = await _strict(request, UnloadLoRAAdapterRequest)
-        try:
-            reply = await client.change_adapter(req.lora_name, req.lora_path if load else None)
-        except EngineDead as e:
-            raise _engine_error(e) from None
-        if reply.status != 200:
-            param = "lora_path" if reply.status == 400 and "lora_name" not in reply.message else "lora_name"
-            code = {404: "model_not_found", 409: "adapter_in_use"}.get(reply.status)
-            raise APIError(reply.status, reply.message, param=param, code=code)
-        done = "added" if load else "removed"
-        return Response(f"Success: LoRA adapter '{req.lora_name}' {done} successfully.", media_type="text/plain")
-
     async def encode(self, client: CoreClient, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Prompt ids, tokenised on a worker thread (a long prompt must not stall other streams), and validated
         against the limits the core gave at start-up."""
@@ -506,7 +395,7 @@ class _Server:
                 stats[k].add(batch)
                 yield [(k, d) for d in batch]
         except (EngineDead, RequestFailed) as e:
-            raise _engine_error(e) from None
+            raise engine_error(e) from None
         finally:
             admission.started()
             for s in streams:
@@ -574,7 +463,7 @@ class _Server:
     async def handle(self, request: Request, body_type: type, respond: Callable) -> Response:
         """Decode the body strictly, admit the request (counted as waiting until generation takes it over), and
         answer it with `respond` (chat or complete)."""
-        req = await _strict(request, body_type)
+        req = await strict(request, body_type)
         client, admission = self.admit(req)
         try:
             return await respond(req, request, client, admission)
@@ -661,47 +550,6 @@ class _Server:
         return Response(Completion(**head, usage=usage, choices=[
             choice(i, c.text, c.logprobs, c.finish_reason) for i, c in enumerate(choices)]))  # fmt: skip
 
-    # -- vLLM's tokenizer endpoints
-
-    def tokenizer_client(self, model: str | None) -> CoreClient:
-        client = self.ready_client()
-        if model is not None:
-            self.lora_of(client, model)  # an adapter shares the base model's tokenizer; anything else is a 404
-        if client.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer (dummy weights)")
-        return client
-
-    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
-        client = self.tokenizer_client(req.model)
-        tokenizer = client.tokenizer
-        if (req.prompt is None) == (req.messages is None):
-            raise APIError(400, "give either prompt or messages", param="prompt")
-        try:
-            if req.prompt is not None:
-                self.check_length(len(req.prompt))
-                ids = await asyncio.to_thread(tokenizer.encode, req.prompt, _default(req.add_special_tokens, True))
-            else:
-                messages = [msgspec.to_builtins(m) for m in req.messages]
-                tools = msgspec.to_builtins(req.tools) if req.tools else None
-                self.check_length(len(msgspec.json.encode([messages, tools])))
-                ids = await asyncio.to_thread(_tokenize_chat, tokenizer, messages, req.add_generation_prompt, tools,
-                                              bool(req.add_special_tokens))  # fmt: skip
-        except PromptError as e:
-            raise APIError(400, str(e), param="prompt" if req.prompt is not None else "messages") from None
-        except (ValueError, jinja2.TemplateError) as e:
-            raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
-        strs = [tokenizer.tokenizer.id_to_token(i) for i in ids] if req.return_token_strs else None  # as vLLM
-        return TokenizeResponse(len(ids), client.limits.max_model_len, ids, strs)
-
-    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
-        tokenizer = self.tokenizer_client(req.model).tokenizer
-        bad = [i for i in req.tokens if not 0 <= i < tokenizer.vocab_size]
-        if bad:
-            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {tokenizer.vocab_size})",
-                           param="tokens")  # fmt: skip
-        return DetokenizeResponse(await asyncio.to_thread(tokenizer.decode, req.tokens, False))
-
-
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
     """Items of several async iterators as they come, as (iterator number, item); one iterator is read directly."""
     if len(streams) == 1:
@@ -756,14 +604,6 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
     async def completions(data: JSONBody[CompletionRequest], request: Request) -> Response:
         return await server.handle(request, CompletionRequest, server.complete)
 
-    @post("/tokenize", status_code=200)
-    async def tokenize(data: JSONBody[TokenizeRequest], request: Request) -> TokenizeResponse:
-        return await server.tokenize(await _strict(request, TokenizeRequest))
-
-    @post("/detokenize", status_code=200)
-    async def detokenize(data: JSONBody[DetokenizeRequest], request: Request) -> DetokenizeResponse:
-        return await server.detokenize(await _strict(request, DetokenizeRequest))
-
     def model_cards() -> list[dict]:
         """The base model, then its LoRA adapters (vLLM's fields: `root` the adapter's path, `parent` the base)."""
         client = server.ready_client()
@@ -785,14 +625,6 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
                            f"{[c['id'] for c in cards]}", param="model", code="model_not_found")  # fmt: skip
         return card
 
-    @post("/load_lora_adapter", status_code=200)
-    async def load_lora_adapter(data: JSONBody[LoadLoRAAdapterRequest], request: Request) -> Response:
-        return await server.change_adapter(request, load=True)
-
-    @post("/unload_lora_adapter", status_code=200)
-    async def unload_lora_adapter(data: JSONBody[UnloadLoRAAdapterRequest], request: Request) -> Response:
-        return await server.change_adapter(request, load=False)
-
     @get("/health")
     async def health() -> Response:
         server.ready_client()
@@ -803,9 +635,9 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
         body = server.metrics.render() if server.metrics is not None else b""
         return Response(body, media_type=CONTENT_TYPE)
 
-    v1 = Router("/v1", route_handlers=[chat_completions, completions, models, model, load_lora_adapter,
-                                       unload_lora_adapter], guards=[check_key])  # fmt: skip
-    tokens = Router("/", route_handlers=[tokenize, detokenize], guards=[check_key])  # where vLLM serves them
+    v1 = Router("/v1", route_handlers=[chat_completions, completions, models, model, *lora_api.routes(server)],
+                guards=[check_key])  # fmt: skip
+    tokens = Router("/", route_handlers=tokenize_api.routes(server), guards=[check_key])  # where vLLM serves them
     return Litestar(
         route_handlers=[v1, tokens, health, metrics],
         on_startup=[server.start_loading],
@@ -815,6 +647,5 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
         openapi_config=OpenAPIConfig(title=TITLE, version=VERSION, render_plugins=[DocumentPlugin(
             server.model_names, api_key is not None)]),
         logging_config=None,  # logging is the application's to configure (serve.py does)
-        exception_handlers={APIError: _api_error, ValidationException: _validation_error, HTTPException: _http_error,
-                            UnicodeDecodeError: _not_utf8, Exception: _internal_error},  # fmt: skip
+        exception_handlers=EXCEPTION_HANDLERS,
     )

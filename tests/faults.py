@@ -40,3 +40,18 @@ def steps_fail(*args) -> None:
 
     core.EngineCore.step = fails
     core.run_core(*args)
+
+
+def device_lost_after_a_few_steps(*args) -> None:
+    """Steps run until the fifth, which fails as a lost GPU's does: a device error makes the core unhealthy at once,
+    while its process lives on."""
+    step, steps = core.EngineCore.step, [0]
+
+    def fails_later(self):
+        steps[0] += 1
+        if steps[0] >= 5:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return step(self)
+
+    core.EngineCore.step = fails_later
+    core.run_core(*args)

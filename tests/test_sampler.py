@@ -12,6 +12,7 @@ from nanokyro.sampler import (
     apply_penalties,
     apply_top_k_top_p_min_p,
     make_generator,
+    probabilities,
 )
 
 
@@ -238,6 +239,38 @@ def test_penalties_touch_only_the_rows_that_ask_for_them():
     rows = [row(output_ids=[0, 2], repetition_penalty=1.25), row(output_ids=[0, 1, 2]),
             row(output_ids=[1, 1], presence_penalty=1.0)]
     assert apply_penalties(logits, rows).tolist() == [[2.0, 1.0, -1.25], [2.0, 1.0, -1.0], [2.0, 0.0, -1.0]]
+
+
+# Parameters at the edges of what SamplingParams accepts: in fp32, 1e-300 rounds to 0 and 1e300 to inf.
+EXTREMES = [
+    dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300), dict(temperature=1e300),
+    dict(top_p=1e-300, repetition_penalty=1e300), dict(top_p=1e-300, repetition_penalty=1e-300),
+    dict(top_k=1, temperature=1e-5, repetition_penalty=1e-300), dict(min_p=1.0, repetition_penalty=1e-40),
+    dict(temperature=0, repetition_penalty=1e-300), dict(temperature=0, repetition_penalty=1e300),
+    dict(temperature=2, presence_penalty=-2, frequency_penalty=-2, repetition_penalty=1e-300),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("params", EXTREMES, ids=str)
+def test_extreme_parameters_only_ever_draw_tokens_a_mask_allows(params):
+    """Rows masked as a grammar masks them (-inf outside 1 to 34 allowed tokens), every token seen, so the penalty
+    reaches allowed and masked ones: whatever the parameters, each draw is an allowed token, and the distribution
+    speculative decoding verifies with is finite, sums to 1 and puts nothing on a masked token."""
+    torch.manual_seed(0)
+    vocab, sizes = 64, (1, 2, 3, 5, 8, 13, 21, 34)
+    allowed = [set(torch.randperm(vocab)[:k].tolist()) for k in sizes]
+    mask = torch.full((len(sizes), vocab), float("-inf"))
+    for i, tokens in enumerate(allowed):
+        mask[i, list(tokens)] = 0.0
+    logits = torch.randn(len(sizes), vocab) * 5 + mask  # positive and negative logits among the allowed
+    rows = [row(prompt_ids=range(vocab), output_ids=[i, i], seed=i, **params) for i in range(len(sizes))]
+    sampler = Sampler()
+    for _ in range(20):
+        tokens = sampler(logits.clone(), rows).token_ids
+        assert all(t in a for t, a in zip(tokens, allowed)), (tokens, params)
+    probs = probabilities(logits, rows)
+    assert torch.isfinite(probs).all() and (probs[mask.isinf()] == 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(len(sizes)))
 
 
 # --- logprobs ---------------------------------------------------------------------------------------------------

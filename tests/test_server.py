@@ -197,6 +197,11 @@ def bad_requests(served, client):
     yield "temperature above 2", openai.BadRequestError, lambda: chat(model=m, messages=CHAT, temperature=2.5)
     yield "max_tokens 0", openai.BadRequestError, lambda: chat(model=m, messages=CHAT, max_tokens=0)
     yield "top_p 0", openai.BadRequestError, lambda: client.completions.create(model=m, prompt="hi", top_p=0)
+    yield "top_p that underflows to 0", openai.BadRequestError, lambda: client.post(
+        "/completions", cast_to=object, content=b'{"model": "%s", "prompt": "hi", "top_p": 1e-400}' % m.encode(),
+        options={"headers": {"Content-Type": "application/json"}})  # fmt: skip
+    yield "repetition_penalty 0", openai.BadRequestError, lambda: client.completions.create(
+        model=m, prompt="hi", extra_body={"repetition_penalty": 0})
     yield "bad token id", openai.BadRequestError, lambda: client.completions.create(model=m, prompt=[1, 10**6])
     yield "context overflow", openai.BadRequestError, lambda: client.completions.create(
         model=m, prompt="hello " * 10, max_tokens=2000)
@@ -224,6 +229,8 @@ def test_each_bad_request_maps_to_its_sdk_error_and_the_next_request_succeeds(se
             assert body["message"] == "messages[0] has no content"
         if name == "not utf-8":
             assert "UTF-8" in body["message"]
+        if name in ("top_p that underflows to 0", "repetition_penalty 0"):
+            assert body["param"] == name.split()[0], (name, body)
         ok = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=2)
         assert ok.choices[0].finish_reason in ("stop", "length"), name
     assert engine_idle(served)
@@ -528,12 +535,19 @@ def children(pid: int) -> list[int]:
     return pids
 
 
+# serve.py's main with the app's core_entry set to a fault of faults.py (tests/ on the path, so the core finds it).
+SERVE_WITH_FAULT = ("import functools, sys; sys.path.insert(0, sys.argv.pop(1)); import serve; "
+                    "serve.create_app = functools.partial(serve.create_app, core_entry=sys.argv.pop(1)); serve.main()")
+
+
 @contextlib.contextmanager
-def serve_py_streaming(llama_dir, max_tokens: int, *options: str):
+def serve_py_streaming(llama_dir, max_tokens: int, *options: str, core_entry: str | None = None):
     """`python serve.py [options]` on a free port, ready (its one line says where it serves), with one stream that
-    has begun: yields the process, its engine core's pid and the stream. The process is killed at the end."""
+    has begun: yields the process, its engine core's pid and the stream. The process is killed at the end.
+    core_entry: run serve.py's main with that engine core (a fault of faults.py)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "serve.py", "--model", llama_dir, "--port", str(port), "--dtype",
+    program = ["serve.py"] if core_entry is None else ["-c", SERVE_WITH_FAULT, os.path.join(ROOT, "tests"), core_entry]
+    proc = subprocess.Popen([sys.executable, *program, "--model", llama_dir, "--port", str(port), "--dtype",
                              "float32", "--kv-cache-memory", "16M", "--served-model-name", "tiny", *options],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
     watchdog = threading.Timer(90, proc.kill)  # never hang the suite on a server that does not start
@@ -588,9 +602,23 @@ def test_sigterm_with_requests_outlasting_the_grace_ends_each_with_an_openai_err
 def test_serve_py_exits_non_zero_when_its_core_dies(llama_dir):
     with serve_py_streaming(llama_dir, max_tokens=900) as (proc, core, stream):
         os.kill(core, signal.SIGKILL)
+        started = time.monotonic()
         with pytest.raises(openai.APIError, match="engine core process died"):
             list(stream)
         assert proc.wait(timeout=30) == 1
+        assert time.monotonic() - started < 5
+
+
+def test_serve_py_exits_non_zero_when_its_core_turns_unhealthy(llama_dir):
+    """A core whose device fails lives on but steps no more: the stream in flight ends with an error, and serve.py
+    shuts down (stopping the core) and exits 1 instead of answering 503 for ever."""
+    with serve_py_streaming(llama_dir, 900, core_entry="faults:device_lost_after_a_few_steps") as (proc, core, stream):
+        with pytest.raises(openai.APIError, match="unhealthy.*CUDA error"):
+            list(stream)
+        started = time.monotonic()
+        assert proc.wait(timeout=30) == 1
+        assert time.monotonic() - started < 5
+        assert not os.path.exists(f"/proc/{core}"), "the engine core outlived the server"
 
 
 PERSON = {
@@ -636,6 +664,34 @@ def test_invalid_constraints_are_400_and_the_server_keeps_serving(served, client
     with pytest.raises(openai.BadRequestError, match=problem):
         client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=5, **body)
     assert client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=2).choices[0].message
+    assert engine_idle(served)
+
+
+@pytest.mark.parametrize("sampling", [
+    dict(top_p=1e-300), dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300),
+    dict(temperature=0, repetition_penalty=1e300), dict(temperature=0, repetition_penalty=1e-300),
+    dict(temperature=2, top_p=1e-300, repetition_penalty=1e300), dict(temperature=2, min_p=1, top_k=1,
+                                                                         repetition_penalty=1e-300),
+], ids=str)  # fmt: skip
+def test_extreme_valid_sampling_parameters_still_give_output_the_constraint_allows(served, client, sampling):
+    """Parameters at the edge of their ranges (1e-300 is 0 in fp32, 1e300 inf), where the penalised and filtered
+    distribution once left only tokens the grammar forbids: the request failed inside the core. Each is served, and
+    the output satisfies its JSON schema or regex."""
+    import re
+
+    import jsonschema
+
+    body = {"ignore_eos": True, **{k: v for k, v in sampling.items() if k in ("top_k", "min_p", "repetition_penalty")}}
+    openai_fields = {k: v for k, v in sampling.items() if k in ("temperature", "top_p")}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    out = client.chat.completions.create(model=served.model, messages=CHAT, response_format=fmt, max_tokens=100,
+                                         seed=3, extra_body=body, **openai_fields)  # fmt: skip
+    assert out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(out.choices[0].message.content), PERSON)
+    stream = client.completions.create(model=served.model, prompt="Hi", max_tokens=20, stream=True, seed=3,
+                                       extra_body={**body, "structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}},
+                                       **openai_fields)  # fmt: skip
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", "".join(c.choices[0].text for c in stream))
     assert engine_idle(served)
 
 

@@ -170,7 +170,9 @@ def test_logprobs_penalties_and_stops_keep_their_meaning(llama_dir, draft_dir, n
     free = plain.generate(prompts[1], GREEDY)[0].token_ids
     cases = [Params(max_tokens=16, temperature=0, logprobs=3, ignore_eos=True),
              Params(max_tokens=16, temperature=0, repetition_penalty=1.3, ignore_eos=True),
-             Params(max_tokens=16, temperature=0, stop_token_ids=[free[9]], ignore_eos=True)]  # fmt: skip
+             Params(max_tokens=16, temperature=0, stop_token_ids=[free[9]], ignore_eos=True),
+             Params(max_tokens=16, temperature=0, repetition_penalty=1e-300, ignore_eos=True),  # 0 in fp32
+             Params(max_tokens=16, temperature=0, repetition_penalty=1e300, ignore_eos=True)]  # inf in fp32  # fmt: skip
     for params in cases:
         want, got = plain.generate(prompts, params), spec.generate(prompts, params)
         for w, g in zip(want, got):
@@ -201,6 +203,13 @@ def test_seeded_sampling_with_speculation_is_reproducible_and_n_gt_1_works(llama
     stats = llm.engine.stats()
     # The draft is the model itself with the same processing: p == q, so every draft is accepted.
     assert stats.spec_accepted_tokens == stats.spec_draft_tokens > 0
+    # So too at the edges of the parameters' ranges (a penalty of 0 and a temperature of inf in fp32): p and q stay
+    # finite distributions, equal, and the drafts are all accepted still.
+    extreme = Params(n=3, max_tokens=20, temperature=1e300, top_p=1e-300, repetition_penalty=1e-300, seed=11,
+                     ignore_eos=True)  # fmt: skip
+    assert all(len(o.token_ids) == 20 for o in llm.generate(prompt, extreme)[0].outputs)
+    stats = llm.engine.stats()
+    assert stats.spec_accepted_tokens == stats.spec_draft_tokens
     assert_no_leak(llm)
 
 
