@@ -301,3 +301,65 @@ def test_tp2_and_pp2_through_the_multi_process_server_give_one_process_tokens(ll
                 assert out.choices[0].text == tok.decode(ref) and out.usage.completion_tokens == len(ref), (tp, pp)
         finally:
             srv.stop()
+
+
+def test_two_torchrun_nodes_on_one_host_serve_the_tokens_of_one_process(llama_dir, hf_llama):
+    """`torchrun` started twice, as two nodes of one rank each (node 0 serves HTTP, node 1 runs its TP shard),
+    answers with HF's greedy tokens; stopping node 0 stops node 1, and nothing is left running."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from nanokyro.tokenizer import Tokenizer
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    http_port, master_port = free_port(), free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+         str(rank), "--master-addr", "127.0.0.1", "--master-port", str(master_port), "serve.py", "--model", llama_dir,
+         "--dtype", "float32", "--tensor-parallel-size", "2", "--kv-cache-memory", str(16 << 20), "--host",
+         "127.0.0.1", "--port", str(http_port)],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+    ) for rank in (0, 1)]  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert all(n.poll() is None for n in nodes), "a node exited while starting"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the two nodes did not start serving"
+            time.sleep(0.5)
+        tok = Tokenizer.from_dir(llama_dir)
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        for prompt in random_prompts([40, 3], seed=7):
+            ref = hf_llama.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):]
+            out = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 10,
+                                                            "temperature": 0}, timeout=60).json()  # fmt: skip
+            assert out["choices"][0]["text"] == tok.decode(ref.tolist())
+        # Stop rank 0's serve.py (torchrun's child: torchrun itself exits 1 on a signal of its own).
+        with open(f"/proc/{nodes[0].pid}/task/{nodes[0].pid}/children") as f:
+            for pid in f.read().split():
+                os.kill(int(pid), signal.SIGINT)
+        for n in nodes:
+            n.wait(timeout=60)
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+                n.wait()
+    assert [n.returncode for n in nodes] == [0, 0]
+    time.sleep(1)
+    for n in nodes:  # no engine core or worker left behind in either node's process group
+        with pytest.raises(ProcessLookupError):
+            os.killpg(n.pid, 0)
