@@ -21,8 +21,8 @@ import functools
 import torch
 
 BLOCK_M = 16
-BLOCK_K = 256
-SPLIT_K = 256  # columns of x and A per shrink program (a multiple of BLOCK_K): one tile each
+BLOCK_K = 128
+SPLIT_K = 512  # columns of x and A per shrink program (a multiple of BLOCK_K)
 
 
 def num_splits(K: int) -> int:
@@ -47,8 +47,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, lora: torch.Tensor) -> to
     grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(R, block_r), num_splits(K))
     _shrink_kernel()[grid](
         x, lora_a, lora, s, T, K, R, x.stride(0), lora_a.stride(0), lora_a.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=min(BLOCK_K, triton.next_power_of_2(K)), SPLIT_K=SPLIT_K,
-        IEEE=x.dtype == torch.float32, num_warps=4,
+        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, IEEE=x.dtype == torch.float32,
+        num_warps=4,
     )  # fmt: skip
     return s
 
