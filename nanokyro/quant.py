@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -495,21 +496,36 @@ def _(x, packed, scales_zeros, group, bias, gated):
 # -- Triton: the packed weight read once, dequantised in registers --------------------------------------------
 
 
-# (block_m, block_n, block_k, num_warps, dot, num_stages, split_k) by rows (the H200 runs in docs/PERFORMANCE.md
-# chose FP8's GEMV at one row and tiles from two; the int4 settings are untuned). GEMV (dot False): every program
-# streams `block_n` weight rows, `block_k` input features at a time, products summed in fp32 registers; with
-# split_k > 1 (not gated) `split_k` programs share the rows' input features and fp32 partial sums are added after.
-# Tiles (dot True): tensor-core dots of `block_m` rows by `block_n` features.
+class GemvConfig(NamedTuple):
+    """A setting of the Triton kernel. GEMV (dot False): every program streams `block_n` weight rows, `block_k`
+    input features at a time, products summed in fp32 registers; `prefetch` (FP8 per-channel, one row) issues
+    the next tile's load before this tile's products. Tiles (dot True): tensor-core dots of `block_m` rows by
+    `block_n` features. With split_k > 1 (not gated) `split_k` programs share the rows' input features and their
+    fp32 partial sums are added after."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    dot: bool
+    num_stages: int = 1
+    split_k: int = 1
+    prefetch: bool = False
+
+
+C = GemvConfig
+# By rows (the H200 runs in docs/PERFORMANCE.md chose FP8's GEMV at one row and tiles from two; the int4 settings are
+# untuned: int4 on CUDA mostly takes tinygemm).
 GEMV_CONFIG = {
-    "fp8": {1: (1, 4, 2048, 4, False, 1, 1), 16: (16, 32, 128, 4, True, 3, 1), 64: (64, 64, 128, 4, True, 3, 1),
-            None: (128, 128, 128, 8, True, 3, 1)},
-    "int4": {1: (1, 4, 2048, 4, False, 1, 1), 4: (4, 4, 512, 4, False, 1, 1), 16: (16, 32, 256, 4, True, 3, 1),
-             64: (64, 64, 256, 4, True, 3, 1), None: (128, 128, 256, 8, True, 3, 1)},
+    "fp8": {1: C(1, 4, 2048, 4, False), 16: C(16, 32, 128, 4, True, 3), 64: C(64, 64, 128, 4, True, 3),
+            None: C(128, 128, 128, 8, True, 3)},
+    "int4": {1: C(1, 4, 2048, 4, False), 4: C(4, 4, 512, 4, False), 16: C(16, 32, 256, 4, True, 3),
+             64: C(64, 64, 256, 4, True, 3), None: C(128, 128, 256, 8, True, 3)},
 }  # fmt: skip
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
-          bias: torch.Tensor | None, gated: bool, config: tuple | None = None) -> torch.Tensor:  # fmt: skip
+          bias: torch.Tensor | None, gated: bool, config: GemvConfig | None = None) -> torch.Tensor:  # fmt: skip
     """x [M, K] against fp8 `weight` [N, K] (zeros None) or int4 `weight` [N, K/8] with `zeros`, both with
     `scale` [N, groups]: one Triton kernel that dequantises the packed weight in registers. `config` overrides
     GEMV_CONFIG's entry (the benchmark's sweep)."""
@@ -522,14 +538,15 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     group = K // scale.shape[1] if int4 else fp8_group(K, scale.shape[1])
     configs = GEMV_CONFIG["int4" if int4 else "fp8"]
     config = config or configs[next((r for r in configs if r and r >= M), None)]
-    block_m, block_n, block_k, num_warps, use_dot, num_stages, split = config
+    block_m, block_n, block_k, num_warps, use_dot, num_stages, split, prefetch = config
+    prefetch = prefetch and not int4 and per_row and block_m == 1 and not use_dot
     if not int4 and not per_row:  # fp8 tiles step one scale block at a time
         block_k = group if use_dot else max(group, min(block_k, triton.next_power_of_2(K)))
     elif not use_dot:
         block_k = max(min(block_k, triton.next_power_of_2(K)), group if int4 else 64)
     if gated and not use_dot and block_n > 1:
         block_n //= 2  # the same weight tile: half gate rows, half up rows
-    split = 1 if gated or use_dot else min(split, triton.cdiv(K, block_k))
+    split = 1 if gated else min(split, triton.cdiv(K, block_k))
     k_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k  # input features per split, whole blocks
     group = block_k if per_row else group  # (unused with per-row scales)
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -537,8 +554,8 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     qgemv_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m), triton.cdiv(K, k_split))](
         x, weight, scale, zeros if int4 else scale, bias if bias is not None and split == 1 else scale, y, M, N, K,
         k_split, x.stride(0), weight.stride(0), scale.stride(0), y.stride(0), int4=int4, per_row=per_row,
-        group=group, has_bias=bias is not None and split == 1, gated=gated, use_dot=use_dot, block_m=block_m,
-        block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+        group=group, has_bias=bias is not None and split == 1, gated=gated, use_dot=use_dot, prefetch=prefetch,
+        block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split == 1:
         return y
@@ -603,11 +620,13 @@ if triton is not None:
         """x [block_m, block_k] (fp32, or x's dtype with use_dot) times fp8 weight rows over input features
         [k0, k0 + block_k) -> [block_m, block_n] fp32, scaled (unless per_row: the caller scales at the end)."""
         rk = k0 + tl.arange(0, block_k)
-        w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)  # fmt: skip
-        if use_dot:  # block_k is one scale block (or any, per_row)
-            if not per_row:
-                w = w * tl.load(s_rows + k0 // group, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        wq = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0,
+                     eviction_policy="evict_first")  # fmt: skip
+        w = wq.to(tl.float32)
+        if use_dot and per_row:  # fp8 straight to x's dtype
+            out = tl.dot(x, tl.trans(wq.to(x.dtype)))
+        elif use_dot:  # block_k is one scale block
+            w = w * tl.load(s_rows + k0 // group, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             out = tl.dot(x, tl.trans(w.to(x.dtype)))
         elif per_row:
             out = tl.sum(x[:, None, :] * w[None, :, :], 2)
@@ -619,6 +638,24 @@ if triton is not None:
             s = tl.load(s_rows + rg[None, :], mask=n_ok[:, None] & (rg < tl.cdiv(K, group))[None, :], other=0.0)
             out = tl.sum(dots * s.to(tl.float32)[None, :, :], 2)
         return out
+
+    @triton.jit
+    def fp8_row_prefetched(x_ptr, w_rows, k_lo, k_hi, n_ok, block_n: tl.constexpr, block_k: tl.constexpr):
+        """One row's x @ w.T over input features [k_lo, k_hi) of fp8 rows, unscaled, fp32 [1, block_n]: the next
+        tile's load is issued before this tile's products, so two tiles per program are in flight."""
+        rk = k_lo + tl.arange(0, block_k)
+        w_next = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < k_hi)[None, :], other=0.0,
+                         eviction_policy="evict_first")  # fmt: skip
+        acc = tl.zeros((block_n,), tl.float32)
+        for k0 in range(k_lo, k_hi, block_k):
+            w = w_next
+            rk_next = k0 + block_k + tl.arange(0, block_k)
+            w_next = tl.load(w_rows + rk_next[None, :], mask=n_ok[:, None] & (rk_next < k_hi)[None, :], other=0.0,
+                             eviction_policy="evict_first")  # fmt: skip
+            rk = k0 + tl.arange(0, block_k)
+            x = tl.load(x_ptr + rk, mask=rk < k_hi, other=0.0).to(tl.float32)
+            acc += tl.sum(x[None, :] * w.to(tl.float32), 1)
+        return acc[None, :]
 
     @triton.jit
     def partial_int4(x_ptr, x_stride, rm, m_ok, w_rows, s_rows, z_rows, k0, K, n_ok, group: tl.constexpr,
@@ -669,8 +706,8 @@ if triton is not None:
     @triton.jit
     def qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, k_split, x_stride, w_stride, s_stride,
                      y_stride, int4: tl.constexpr, per_row: tl.constexpr, group: tl.constexpr,
-                     has_bias: tl.constexpr, gated: tl.constexpr, use_dot: tl.constexpr, block_m: tl.constexpr,
-                     block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
+                     has_bias: tl.constexpr, gated: tl.constexpr, use_dot: tl.constexpr, prefetch: tl.constexpr,
+                     block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
         """y = x @ w.T (+ b); `gated`: w is [gate; up], 2N rows, and y = silu(x @ gate.T) * (x @ up.T). Program
         (., ., s) sums input features [s k_split, (s + 1) k_split) into rows s M.. of y (one split: all of them)."""
         ks = tl.program_id(2)
@@ -683,7 +720,12 @@ if triton is not None:
         s_vec = s_ptr + rn.to(tl.int64) * s_stride  # [block_n]: an fp8 tile's one scale column per step
         acc = tl.zeros((block_m, block_n), tl.float32)
         up = tl.zeros((block_m, block_n), tl.float32)
-        for k0 in range(ks * k_split, tl.minimum(K, (ks + 1) * k_split), block_k):
+        k_lo, k_hi = ks * k_split, tl.minimum(K, (ks + 1) * k_split)
+        if prefetch:
+            acc += fp8_row_prefetched(x_ptr, w_rows, k_lo, k_hi, n_ok, block_n, block_k)
+            if gated:
+                up += fp8_row_prefetched(x_ptr, w_rows + N * w_stride, k_lo, k_hi, n_ok, block_n, block_k)
+        for k0 in range(k_lo, k_hi if not prefetch else k_lo, block_k):
             if int4 and block_m == 1:
                 acc += partial_int4_row(x_ptr, w_ptr, s_rows, z_rows, rn, k0, K, w_stride, n_ok, group, block_k)
                 if gated:

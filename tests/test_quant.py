@@ -398,8 +398,9 @@ w = torch.randn(24, 320) * 0.05
 s = w.abs().amax(1, keepdim=True) / 448
 x = torch.randn(1, 320)
 want = x @ quant.dequantise_fp8((w / s).to(quant.FP8), s).T
-got = quant._gemv(x, (w / s).to(quant.FP8), s, None, None, False, (1, 4, 64, 4, False, 1, 3))  # split-K
-worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+for config in [quant.GemvConfig(1, 4, 64, 4, False, split_k=3), quant.GemvConfig(1, 4, 64, 4, False, prefetch=True)]:
+    got = quant._gemv(x, (w / s).to(quant.FP8), s, None, None, False, config)
+    worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
 for inner in (4, 8):
     q = torch.randint(0, 16, (24, 512))
     packed, sz = quant.tinygemm_pack(q, inner), quant.tinygemm_scales_zeros(torch.rand(24, 8), torch.rand(24, 8) * 15)
@@ -412,7 +413,7 @@ print(worst)
 
 def test_triton_kernels_match_dequantised_matmul_in_the_interpreter():
     """The CUDA kernels (GEMV at 1 row, 3 rows; tensor-core tiles at 9 and 40; fp8 per-channel and block-wise with
-    a partial block; int4 groups of 32, 64, 128; gated; split-K; the tinygemm layout's dequantise kernel) run by Triton's
+    a partial block; int4 groups of 32, 64, 128; gated; split-K; prefetching; the tinygemm layout's dequantise kernel) run by Triton's
     interpreter on the CPU, against the dequantised weight."""
     import subprocess
     import sys

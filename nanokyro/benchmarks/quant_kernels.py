@@ -26,36 +26,40 @@ GROUP = 128
 DEVICE = "cuda"
 
 
-def fp8_configs(rows: int) -> list[tuple]:
-    """(block_m, block_n, block_k, num_warps, dot, num_stages, split_k) settings of quant._gemv to try."""
-    out = []
+def fp8_configs(rows: int) -> list[quant.GemvConfig]:
+    """Settings of quant._gemv to try for FP8 per-channel weights at `rows` rows."""
+    C, out = quant.GemvConfig, []
+    tiles = [C(16, bn, bk, w, True, st) for bn, bk, w, st in [(32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3),
+                                                              (64, 256, 4, 4), (128, 128, 8, 3), (32, 512, 4, 2),
+                                                              (16, 256, 4, 3), (64, 128, 4, 5)]]  # fmt: skip
     if rows == 1:
         for bn in (2, 4, 8, 16):
             for bk in (1024, 2048, 4096, 8192):
                 if 4096 <= bn * bk <= 65536:
-                    out += [(1, bn, bk, w, False, 1, 1) for w in (4, 8)]
-        for bn, bk, w in [(4, 2048, 4), (8, 2048, 4), (8, 4096, 8), (16, 1024, 4)]:
-            out += [(1, bn, bk, w, False, st, 1) for st in (2, 3)]
-        for bn, bk, w in [(4, 2048, 4), (8, 2048, 4), (8, 1024, 4)]:
-            out += [(1, bn, bk, w, False, 1, sk) for sk in (2, 4)]
+                    out += [C(1, bn, bk, w, False) for w in (4, 8)]
+        out += [C(1, bn, bk, w, False, prefetch=True) for bn, bk, w in [
+            (2, 2048, 4), (2, 4096, 4), (4, 1024, 4), (4, 2048, 4), (4, 2048, 8), (4, 4096, 8), (8, 512, 4),
+            (8, 1024, 4), (8, 2048, 8), (16, 512, 4)]]  # fmt: skip
+        out += [C(1, 4, 2048, 4, False, split_k=2), C(1, 4, 2048, 4, False, split_k=4),
+                C(1, 8, 1024, 4, False, split_k=2), C(1, 8, 1024, 4, False, split_k=4),
+                C(1, 4, 2048, 4, False, split_k=2, prefetch=True), C(1, 4, 1024, 4, False, split_k=2, prefetch=True)]
+        out += [tiles[1], tiles[2], tiles[2]._replace(split_k=2)]
     if rows in (2, 4):
-        out += [(rows, bn, bk, w, False, 1, 1) for bn in (4, 8) for bk in (1024, 2048) for w in (4, 8)]
-        out += [(rows, 4, 2048, 4, False, 1, 2)]
+        out += [C(rows, bn, bk, w, False) for bn in (4, 8) for bk in (1024, 2048) for w in (4, 8)]
+        out += [C(rows, 4, 2048, 4, False, split_k=2)]
     if 2 <= rows <= 16:
-        out += [(16, bn, bk, w, True, st, 1) for bn, bk, w, st in [(32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3),
-                                                                   (64, 256, 4, 4), (128, 128, 8, 3), (32, 512, 4, 2),
-                                                                   (16, 256, 4, 3), (64, 128, 4, 5)]]  # fmt: skip
+        out += tiles + [tiles[2]._replace(split_k=2)]
     if 32 <= rows <= 64:
-        out += [(bm, bn, 128, w, True, st, 1) for bm, bn, w, st in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
-                                                                    (32, 128, 4, 4)]]  # fmt: skip
+        out += [C(bm, bn, 128, w, True, st) for bm, bn, w, st in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
+                                                                 (32, 128, 4, 4)]]  # fmt: skip
     if rows >= 128:
-        out += [(128, 128, 128, 8, True, 3, 1), (128, 256, 64, 8, True, 3, 1)]
+        out += [C(128, 128, 128, 8, True, 3), C(128, 256, 64, 8, True, 3)]
     return out
 
 
-def label(config: tuple) -> str:
-    bm, bn, bk, w, dot, st, sk = config
-    return f"fp8 {'tile' if dot else 'gemv'} {bm}x{bn}x{bk} w{w} s{st}" + (f" k{sk}" if sk > 1 else "")
+def label(c: quant.GemvConfig) -> str:
+    return (f"fp8 {'tile' if c.dot else 'gemv'} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
+            + (f" k{c.split_k}" if c.split_k > 1 else "") + (" pf" if c.prefetch else ""))
 
 
 @functools.cache
