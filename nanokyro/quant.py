@@ -497,11 +497,11 @@ def _(x, packed, scales_zeros, group, bias, gated):
 
 
 class GemvConfig(NamedTuple):
-    """A setting of the Triton kernel. GEMV (dot False): every program streams `block_n` weight rows, `block_k`
+    """A setting of the Triton kernels. GEMV (dot False): every program streams `block_n` weight rows, `block_k`
     input features at a time, products summed in fp32 registers; `prefetch` (FP8 per-channel, one row) issues
-    the next tile's load before this tile's products. Tiles (dot True): tensor-core dots of `block_m` rows by
-    `block_n` features. With split_k > 1 (not gated) `split_k` programs share the rows' input features and their
-    fp32 partial sums are added after."""
+    the next tile's load before this tile's products (`reduce_once`: no cross-lane sum per step). Tiles (dot
+    True): tensor-core dots of `block_m` rows by `block_n` features. With split_k > 1 (not gated) `split_k`
+    programs share the rows' input features and their fp32 partial sums are added after."""
 
     block_m: int
     block_n: int
@@ -511,6 +511,9 @@ class GemvConfig(NamedTuple):
     num_stages: int = 1
     split_k: int = 1
     prefetch: bool = False
+    reduce_once: bool = False  # with prefetch: products summed elementwise over the steps, across lanes once
+    vec: int = 0  # > 0: FP8 per-channel, one row: fp8_row_kernel, weight loads of `vec` bytes per lane
+    x_2d: bool = False  # fp8_row_kernel: x loaded in the weight tile's shape (the same register layout)
 
 
 C = GemvConfig
@@ -538,7 +541,9 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     group = K // scale.shape[1] if int4 else fp8_group(K, scale.shape[1])
     configs = GEMV_CONFIG["int4" if int4 else "fp8"]
     config = config or configs[next((r for r in configs if r and r >= M), None)]
-    block_m, block_n, block_k, num_warps, use_dot, num_stages, split, prefetch = config
+    if config.vec and M == 1 and not int4 and per_row:
+        return _fp8_row(x, weight, scale, bias, gated, config)
+    block_m, block_n, block_k, num_warps, use_dot, num_stages, split, prefetch, reduce_once = config[:9]
     prefetch = prefetch and not int4 and per_row and block_m == 1 and not use_dot
     if not int4 and not per_row:  # fp8 tiles step one scale block at a time
         block_k = group if use_dot else max(group, min(block_k, triton.next_power_of_2(K)))
@@ -555,12 +560,31 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
         x, weight, scale, zeros if int4 else scale, bias if bias is not None and split == 1 else scale, y, M, N, K,
         k_split, x.stride(0), weight.stride(0), scale.stride(0), y.stride(0), int4=int4, per_row=per_row,
         group=group, has_bias=bias is not None and split == 1, gated=gated, use_dot=use_dot, prefetch=prefetch,
-        block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+        reduce_once=reduce_once, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     if split == 1:
         return y
     y = y.view(-1, M, N).sum(0)
     return (y if bias is None else y + bias).to(x.dtype)
+
+
+def _fp8_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, gated: bool,
+             config: GemvConfig) -> torch.Tensor:  # fmt: skip
+    """One row against fp8 `weight` [N, K] with per-row scales [N, 1]: fp8_row_kernel."""
+    import triton
+
+    K = x.shape[1]
+    N = weight.shape[0] // 2 if gated else weight.shape[0]
+    block_n = max(config.block_n // 2, 1) if gated else config.block_n
+    block_k = min(config.block_k, triton.next_power_of_2(K))
+    y = x.new_empty(1, N)
+    fp8_row_kernel[(triton.cdiv(N, block_n),)](
+        x, weight, scale, bias if bias is not None else scale, y, N, K, weight.stride(0), scale.stride(0),
+        has_bias=bias is not None, gated=gated, x_2d=config.x_2d, vec=config.vec, block_n=block_n, block_k=block_k,
+        num_warps=config.num_warps, num_stages=1,
+    )  # fmt: skip
+    return y
 
 
 def quantise_rows_fp8_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -640,13 +664,16 @@ if triton is not None:
         return out
 
     @triton.jit
-    def fp8_row_prefetched(x_ptr, w_rows, k_lo, k_hi, n_ok, block_n: tl.constexpr, block_k: tl.constexpr):
+    def fp8_row_prefetched(x_ptr, w_rows, k_lo, k_hi, n_ok, reduce_once: tl.constexpr, block_n: tl.constexpr,
+                           block_k: tl.constexpr):  # fmt: skip
         """One row's x @ w.T over input features [k_lo, k_hi) of fp8 rows, unscaled, fp32 [1, block_n]: the next
-        tile's load is issued before this tile's products, so two tiles per program are in flight."""
+        tile's load is issued before this tile's products, so two tiles per program are in flight. `reduce_once`:
+        products summed elementwise over the steps and across lanes at the end (no shuffles or barrier per step)."""
         rk = k_lo + tl.arange(0, block_k)
         w_next = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < k_hi)[None, :], other=0.0,
                          eviction_policy="evict_first")  # fmt: skip
         acc = tl.zeros((block_n,), tl.float32)
+        acc2 = tl.zeros((block_n, block_k), tl.float32)
         for k0 in range(k_lo, k_hi, block_k):
             w = w_next
             rk_next = k0 + block_k + tl.arange(0, block_k)
@@ -654,7 +681,12 @@ if triton is not None:
                              eviction_policy="evict_first")  # fmt: skip
             rk = k0 + tl.arange(0, block_k)
             x = tl.load(x_ptr + rk, mask=rk < k_hi, other=0.0).to(tl.float32)
-            acc += tl.sum(x[None, :] * w.to(tl.float32), 1)
+            if reduce_once:
+                acc2 += x[None, :] * w.to(tl.float32)
+            else:
+                acc += tl.sum(x[None, :] * w.to(tl.float32), 1)
+        if reduce_once:
+            acc = tl.sum(acc2, 1)
         return acc[None, :]
 
     @triton.jit
@@ -707,7 +739,8 @@ if triton is not None:
     def qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, k_split, x_stride, w_stride, s_stride,
                      y_stride, int4: tl.constexpr, per_row: tl.constexpr, group: tl.constexpr,
                      has_bias: tl.constexpr, gated: tl.constexpr, use_dot: tl.constexpr, prefetch: tl.constexpr,
-                     block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
+                     reduce_once: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
+                     block_k: tl.constexpr):  # fmt: skip
         """y = x @ w.T (+ b); `gated`: w is [gate; up], 2N rows, and y = silu(x @ gate.T) * (x @ up.T). Program
         (., ., s) sums input features [s k_split, (s + 1) k_split) into rows s M.. of y (one split: all of them)."""
         ks = tl.program_id(2)
@@ -722,9 +755,10 @@ if triton is not None:
         up = tl.zeros((block_m, block_n), tl.float32)
         k_lo, k_hi = ks * k_split, tl.minimum(K, (ks + 1) * k_split)
         if prefetch:
-            acc += fp8_row_prefetched(x_ptr, w_rows, k_lo, k_hi, n_ok, block_n, block_k)
+            acc += fp8_row_prefetched(x_ptr, w_rows, k_lo, k_hi, n_ok, reduce_once, block_n, block_k)
             if gated:
-                up += fp8_row_prefetched(x_ptr, w_rows + N * w_stride, k_lo, k_hi, n_ok, block_n, block_k)
+                up += fp8_row_prefetched(x_ptr, w_rows + N * w_stride, k_lo, k_hi, n_ok, reduce_once, block_n,
+                                         block_k)  # fmt: skip
         for k0 in range(k_lo, k_hi if not prefetch else k_lo, block_k):
             if int4 and block_m == 1:
                 acc += partial_int4_row(x_ptr, w_ptr, s_rows, z_rows, rn, k0, K, w_stride, n_ok, group, block_k)
@@ -764,6 +798,50 @@ if triton is not None:
             acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + (ks * M + rm[:, None]) * y_stride + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
+
+    @triton.jit
+    def fp8_rows_sum(x_ptr, w_rows, K, n_ok, x_2d: tl.constexpr, vec: tl.constexpr, block_n: tl.constexpr,
+                     block_k: tl.constexpr):  # fmt: skip
+        """sum over K of x * w for fp8 rows w_rows [block_n, 1] (pointers), fp32 [block_n]. Pointers advance by a
+        tile per step and the next tile's load is issued before this one's products; products are summed
+        elementwise and across lanes once at the end. Weight loads of `vec` bytes match x's 16-byte bf16 loads
+        (vec 8) so both sit in one register layout, with no shuffle through shared memory per step."""
+        cols = tl.max_contiguous(tl.arange(0, block_k), vec)[None, :]
+        w_ptrs = w_rows + cols
+        if x_2d:
+            x_ptrs = x_ptr + cols + tl.zeros((block_n, 1), tl.int32)
+        else:
+            x_ptrs = x_ptr + cols
+        w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (cols < K), other=0.0, eviction_policy="evict_first")
+        acc = tl.zeros((block_n, block_k), tl.float32)
+        for k0 in range(0, K, block_k):
+            w = w_next
+            w_ptrs += block_k
+            w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (cols < K - k0 - block_k), other=0.0,
+                             eviction_policy="evict_first")  # fmt: skip
+            x = tl.load(x_ptrs, mask=cols < K - k0, other=0.0).to(tl.float32)
+            x_ptrs += block_k
+            acc += x * w.to(tl.float32)
+        return tl.sum(acc, 1)
+
+    @triton.jit
+    def fp8_row_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, w_stride, s_stride, has_bias: tl.constexpr,
+                       gated: tl.constexpr, x_2d: tl.constexpr, vec: tl.constexpr, block_n: tl.constexpr,
+                       block_k: tl.constexpr):  # fmt: skip
+        """y [1, N] = x [1, K] @ (w * scale).T (+ b) for fp8 w with per-row scales; `gated` as qgemv_kernel."""
+        rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
+        n_ok = rn < N
+        w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride
+        acc = fp8_rows_sum(x_ptr, w_rows, K, n_ok, x_2d, vec, block_n, block_k)
+        acc *= tl.load(s_ptr + rn * s_stride, mask=n_ok, other=0.0)
+        if has_bias:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if gated:
+            up = fp8_rows_sum(x_ptr, w_rows + N * w_stride, K, n_ok, x_2d, vec, block_n, block_k)
+            up *= tl.load(s_ptr + (N + rn) * s_stride, mask=n_ok, other=0.0)
+            gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _dequant_int4_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, q_stride, s_stride, group: tl.constexpr,

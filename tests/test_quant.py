@@ -398,9 +398,17 @@ w = torch.randn(24, 320) * 0.05
 s = w.abs().amax(1, keepdim=True) / 448
 x = torch.randn(1, 320)
 want = x @ quant.dequantise_fp8((w / s).to(quant.FP8), s).T
-for config in [quant.GemvConfig(1, 4, 64, 4, False, split_k=3), quant.GemvConfig(1, 4, 64, 4, False, prefetch=True)]:
+for config in [quant.GemvConfig(1, 4, 64, 4, False, split_k=3), quant.GemvConfig(1, 4, 64, 4, False, prefetch=True),
+               quant.GemvConfig(1, 4, 64, 4, False, prefetch=True, reduce_once=True)]:
     got = quant._gemv(x, (w / s).to(quant.FP8), s, None, None, False, config)
     worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+b = torch.randn(12)
+for x_2d in (False, True):  # the one-row FP8 kernel, gated and with a bias
+    config = quant.GemvConfig(1, 4, 64, 4, False, vec=8, x_2d=x_2d)
+    got = quant._gemv(x, (w / s).to(quant.FP8), s, None, None, True, config)
+    worst = max(worst, ((got - F.silu(want[:, :12]) * want[:, 12:]).abs().max() / want.abs().max()).item())
+    got = quant._gemv(x, (w / s).to(quant.FP8)[:12], s[:12], None, b, False, config)
+    worst = max(worst, ((got - want[:, :12] - b).abs().max() / want.abs().max()).item())
 for inner in (4, 8):
     q = torch.randint(0, 16, (24, 512))
     packed, sz = quant.tinygemm_pack(q, inner), quant.tinygemm_scales_zeros(torch.rand(24, 8), torch.rand(24, 8) * 15)
@@ -413,8 +421,8 @@ print(worst)
 
 def test_triton_kernels_match_dequantised_matmul_in_the_interpreter():
     """The CUDA kernels (GEMV at 1 row, 3 rows; tensor-core tiles at 9 and 40; fp8 per-channel and block-wise with
-    a partial block; int4 groups of 32, 64, 128; gated; split-K; prefetching; the tinygemm layout's dequantise kernel) run by Triton's
-    interpreter on the CPU, against the dequantised weight."""
+    a partial block; int4 groups of 32, 64, 128; gated; split-K; prefetching; the one-row FP8 kernel; the
+    tinygemm layout's dequantise kernel) run by Triton's interpreter on the CPU, against the dequantised weight."""
     import subprocess
     import sys
 

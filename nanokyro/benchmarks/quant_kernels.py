@@ -40,6 +40,14 @@ def fp8_configs(rows: int) -> list[quant.GemvConfig]:
         out += [C(1, bn, bk, w, False, prefetch=True) for bn, bk, w in [
             (2, 2048, 4), (2, 4096, 4), (4, 1024, 4), (4, 2048, 4), (4, 2048, 8), (4, 4096, 8), (8, 512, 4),
             (8, 1024, 4), (8, 2048, 8), (16, 512, 4)]]  # fmt: skip
+        out += [C(1, bn, bk, w, False, prefetch=True, reduce_once=True) for bn, bk, w in [
+            (2, 1024, 4), (2, 2048, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (4, 2048, 8), (8, 512, 4),
+            (8, 1024, 8), (16, 256, 4), (16, 512, 8)]]  # fmt: skip
+        out += [C(1, bn, bk, w, False, vec=vec, x_2d=x_2d) for bn, bk, w, vec, x_2d in [
+            (4, 1024, 4, 8, True), (4, 512, 4, 8, True), (8, 512, 4, 8, True), (8, 1024, 8, 8, True),
+            (2, 2048, 4, 8, True), (2, 1024, 4, 8, True), (4, 1024, 8, 8, True), (8, 256, 4, 8, True),
+            (16, 256, 4, 8, True), (4, 2048, 8, 8, True), (4, 1024, 4, 16, True), (1, 4096, 4, 8, True),
+            (4, 1024, 4, 8, False), (8, 512, 4, 8, False), (2, 2048, 4, 8, False), (1, 2048, 4, 8, False)]]  # fmt: skip
         out += [C(1, 4, 2048, 4, False, split_k=2), C(1, 4, 2048, 4, False, split_k=4),
                 C(1, 8, 1024, 4, False, split_k=2), C(1, 8, 1024, 4, False, split_k=4),
                 C(1, 4, 2048, 4, False, split_k=2, prefetch=True), C(1, 4, 1024, 4, False, split_k=2, prefetch=True)]
@@ -59,7 +67,9 @@ def fp8_configs(rows: int) -> list[quant.GemvConfig]:
 
 def label(c: quant.GemvConfig) -> str:
     return (f"fp8 {'tile' if c.dot else 'gemv'} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
-            + (f" k{c.split_k}" if c.split_k > 1 else "") + (" pf" if c.prefetch else ""))
+            + (f" k{c.split_k}" if c.split_k > 1 else "") + (" pf" if c.prefetch else "")
+            + (" r1" if c.reduce_once else "")
+            + (f" row v{c.vec}" + (" x2d" if c.x_2d else "") if c.vec else ""))
 
 
 @functools.cache
@@ -95,15 +105,16 @@ def variants(rows: int) -> dict:
     int4_bytes = lambda d: d["qw"].numel() * 4 + d["s"].numel() * 4  # noqa: E731
     v = {"bf16 cuBLAS": (lambda d, x: g(F.linear(x, d["w"]), d["gated"]), lambda d: d["w"].numel() * 2)}
     if rows <= 2:
-        v["bf16 gemv (small_batch)"] = (lambda d, x: torch.ops.nanokyro.gemv(x, d["w"], None, d["gated"]), v["bf16 cuBLAS"][1])
+        v["bf16 gemv (small_batch)"] = (lambda d, x: torch.ops.nanokyro.gemv(x, d["w"], None, d["gated"]),
+                                        v["bf16 cuBLAS"][1])  # fmt: skip
     v["fp8 dispatch"] = (lambda d, x: torch.ops.nanokyro.fp8_linear(x, d["wq"], d["scale"], None, d["gated"], True),
                          fp8_bytes)  # fmt: skip
     v["fp8 _scaled_mm"] = (lambda d, x: g(quant._scaled_mm_fp8(x, d["wq"], d["scale"]), d["gated"]), fp8_bytes)
     for c in fp8_configs(rows):
         v[label(c)] = (lambda d, x, c=c: quant._gemv(x, d["wq"], d["scale"], None, None, d["gated"], c), fp8_bytes)
     for inner in (8, 4):
-        v[f"int4 tinygemm i{inner}"] = (lambda d, x, i=inner: g(torch._weight_int4pack_mm(x, d["tg"][i], GROUP, d["sz"]),
-                                                                d["gated"]), int4_bytes)  # fmt: skip
+        v[f"int4 tinygemm i{inner}"] = (
+            lambda d, x, i=inner: g(torch._weight_int4pack_mm(x, d["tg"][i], GROUP, d["sz"]), d["gated"]), int4_bytes)
     v["int4 dispatch"] = (lambda d, x: torch.ops.nanokyro.int4_tinygemm_linear(x, d["tg"][8], d["sz"], GROUP, None,
                                                                                d["gated"]), int4_bytes)  # fmt: skip
     v["int4 triton"] = (lambda d, x: quant._gemv(x, d["qw"], d["s"], d["z"], None, d["gated"]), int4_bytes)
@@ -169,14 +180,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
     ap.add_argument("--workers", type=int, default=12, help="processes compiling the Triton settings (0: none)")
+    ap.add_argument("--warm-only", action="store_true", help="only compile (e.g. while something else runs)")
     args = ap.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
     if args.workers:
-        warm_up(rows_list, args.workers)
+        try:
+            warm_up(rows_list, args.workers)
+        except Exception:  # noqa: BLE001 - the timing pass compiles what is missing
+            traceback.print_exc()
+    if args.warm_only:
+        print("compiled", flush=True)
+        return
     summary = []
     for rows in rows_list:
         xs, results = inputs(rows), []
-        print(f"\n## rows {rows}\n{'variant':<40} {'layer us':>9} {'TB/s':>6} " + " ".join(f"{s[0]:>8}" for s in SHAPES))
+        head = f"{'variant':<40} {'layer us':>9} {'TB/s':>6} " + " ".join(f"{s[0]:>8}" for s in SHAPES)
+        print(f"\n## rows {rows}\n{head}")
         for name, (fn, nbytes) in variants(rows).items():
             try:
                 times = [graph_time(lambda d=d, x=x: fn(d, x)) for d, x in zip(weights(), xs)]
