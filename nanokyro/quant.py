@@ -41,9 +41,11 @@ from torch import nn
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's nibble i holds output feature AWQ_ORDER[i] of its 8
-GEMV_MAX_ROWS = 16  # FP8 per-channel: the Triton kernel up to here, _scaled_mm above
+GEMV_MAX_ROWS = 16  # FP8 per-channel: the Triton kernel up to here, _scaled_mm above (docs/PERFORMANCE.md's sweep)
 INT4_DEQUANT_ROWS = 512  # int4 on CUDA: the Triton kernel below this, dequantise + cuBLAS from here
-TINYGEMM_MAX_ROWS = 16  # int4 in torch's tinygemm layout: `_weight_int4pack_mm` up to here, dequantise + cuBLAS above
+# int4 in torch's tinygemm layout: `_weight_int4pack_mm` up to here, dequantise + cuBLAS above (the sweep in
+# docs/PERFORMANCE.md: tinygemm's time grows with the rows, 1.5x the dequantise path's at 32)
+TINYGEMM_MAX_ROWS = 16
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 METHODS = ("fp8", "awq")
 
@@ -517,14 +519,30 @@ class GemvConfig(NamedTuple):
 
 
 C = GemvConfig
-# By rows (the H200 runs in docs/PERFORMANCE.md chose FP8's GEMV at one row and tiles from two; the int4 settings are
-# untuned: int4 on CUDA mostly takes tinygemm).
+# By rows, from the H200 sweep in docs/PERFORMANCE.md (`python -m nanokyro.benchmarks.quant_kernels`, llama-3.1-8b's
+# projections). FP8 per-channel at one and two rows takes a setting per kind of layer (gate/up; down, K > 8192; the
+# rest); block-wise FP8 keeps the one-row GEMV it was tested with; 3 to 16 rows take tensor-core tiles. The int4
+# settings are untuned: int4 on CUDA takes tinygemm wherever its layout applies.
+FP8_CHANNEL_CONFIG = {
+    1: {"gated": C(1, 16, 2048, 4, False), "long": C(1, 8, 1024, 4, False, prefetch=True),
+        None: C(1, 16, 512, 4, False, prefetch=True)},
+    2: {"gated": C(16, 32, 256, 4, True, 3), None: C(2, 8, 2048, 4, False)},
+}  # fmt: skip
 GEMV_CONFIG = {
-    "fp8": {1: C(1, 4, 2048, 4, False), 16: C(16, 32, 128, 4, True, 3), 64: C(64, 64, 128, 4, True, 3),
+    "fp8": {1: C(1, 4, 2048, 4, False), 16: C(16, 32, 256, 4, True, 3), 64: C(64, 64, 128, 4, True, 3),
             None: C(128, 128, 128, 8, True, 3)},
     "int4": {1: C(1, 4, 2048, 4, False), 4: C(4, 4, 512, 4, False), 16: C(16, 32, 256, 4, True, 3),
              64: C(64, 64, 256, 4, True, 3), None: C(128, 128, 256, 8, True, 3)},
 }  # fmt: skip
+
+
+def gemv_config(M: int, K: int, int4: bool, per_row: bool, gated: bool) -> GemvConfig:
+    """The setting for an [M, K] input (tables above)."""
+    if per_row and M in FP8_CHANNEL_CONFIG:
+        by_kind = FP8_CHANNEL_CONFIG[M]
+        return by_kind.get("gated" if gated else "long" if K > 8192 else None, by_kind[None])
+    configs = GEMV_CONFIG["int4" if int4 else "fp8"]
+    return configs[next((r for r in configs if r and r >= M), None)]
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
@@ -539,8 +557,7 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     per_row = not int4 and scale.shape[1] == 1
     group = K // scale.shape[1] if int4 else fp8_group(K, scale.shape[1])
-    configs = GEMV_CONFIG["int4" if int4 else "fp8"]
-    config = config or configs[next((r for r in configs if r and r >= M), None)]
+    config = config or gemv_config(M, K, int4, per_row, gated)
     if config.vec and M == 1 and not int4 and per_row:
         return _fp8_row(x, weight, scale, bias, gated, config)
     block_m, block_n, block_k, num_warps, use_dot, num_stages, split, prefetch, reduce_once = config[:9]
@@ -615,7 +632,7 @@ def dequantise_int4_cuda(qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
 
 
 def dequantise_tinygemm_cuda(packed: torch.Tensor, scales_zeros: torch.Tensor,
-                              block_n: int = 16, block_k: int = 256) -> torch.Tensor:  # fmt: skip
+                              block_n: int = 8, block_k: int = 512) -> torch.Tensor:  # fmt: skip
     """dequantise_tinygemm as one Triton kernel, to bf16: every output tile written contiguously, its packed
     words gathered (each word feeds 8 outputs of 8 rows: they come from L1)."""
     import triton

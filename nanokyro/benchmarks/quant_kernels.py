@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from nanokyro import quant, small_batch  # noqa: F401 - small_batch registers nanokyro::gemv
 
-SHAPES = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 28672, 4096, True),
-          ("down", 4096, 14336, False)]  # (name, N, K, gated)  # fmt: skip
+# (name, N, K, gated): gate/up's weight stacks 2N rows (gate and up, 14336 each) for an output of N
+SHAPES = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 14336, 4096, True),
+          ("down", 4096, 14336, False)]  # fmt: skip
 ROWS = [1, 2, 4, 8, 16, 32, 64, 256]
 GROUP = 128
 DEVICE = "cuda"
@@ -181,6 +182,7 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
     ap.add_argument("--workers", type=int, default=12, help="processes compiling the Triton settings (0: none)")
     ap.add_argument("--warm-only", action="store_true", help="only compile (e.g. while something else runs)")
+    ap.add_argument("--match", default="", help="comma-separated parts of the variants' names to time (all: '')")
     args = ap.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
     if args.workers:
@@ -197,6 +199,8 @@ def main() -> None:
         head = f"{'variant':<40} {'layer us':>9} {'TB/s':>6} " + " ".join(f"{s[0]:>8}" for s in SHAPES)
         print(f"\n## rows {rows}\n{head}")
         for name, (fn, nbytes) in variants(rows).items():
+            if args.match and not any(m in name for m in args.match.split(",")):
+                continue
             try:
                 times = [graph_time(lambda d=d, x=x: fn(d, x)) for d, x in zip(weights(), xs)]
             except Exception:  # noqa: BLE001 - one failing variant must not end the sweep
