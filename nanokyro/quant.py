@@ -18,13 +18,17 @@ output features and dim 1 for input features (or groups of them) exactly as for 
 - FP8: `weight` fp8 [N, K] and `weight_scale` fp32 [N, K / gk] (gk = 128 for block-wise checkpoints; one column,
   the same on every rank, for per-channel scales).
 - int4: `qweight` int32 [N, K/8] (input feature 8j + i in bits 4i..4i+3), `scales` and `zeros` [N, K/g] in the
-  model's dtype; w = (q - zero) * scale.
+  model's dtype; w = (q - zero) * scale. On CUDA, after loading, where torch's tinygemm kernel can take the layer:
+  `qweight` in its tile layout (int32 [N/8, K/(16 inner), 32, inner/2]) and `scales_zeros` [K/g, N, 2] instead.
 
 How they multiply (`Fp8Method.matmul`, `Int4Method.matmul`, one custom op each so compiled graphs stay whole):
-- on CUDA, one Triton kernel (`_gemv`) that reads the packed weight once and dequantises it in registers, the
-  activations staying in the model's dtype: a GEMV for up to 4 rows (decode is bound by reading the weights),
-  tensor-core tiles above. FP8 with per-channel scales takes it up to GEMV_MAX_ROWS rows; from there its
+- on CUDA, FP8: one Triton kernel (`_gemv`) that reads the packed weight once and dequantises it in registers,
+  the activations staying in the model's dtype: a GEMV for one or two rows (decode is bound by reading the
+  weights), tensor-core tiles above. With per-channel scales it runs up to GEMV_MAX_ROWS rows; from there the
   activations are quantised per token (dynamic scales) and `torch._scaled_mm` rowwise multiplies (W8A8).
+- on CUDA, int4 in the tinygemm layout: `torch._weight_int4pack_mm` up to TINYGEMM_MAX_ROWS rows, the weight
+  dequantised (one Triton kernel) + cuBLAS above; in the other layout the Triton kernel, dequantise + cuBLAS
+  from INT4_DEQUANT_ROWS. Settings and switch points come from the sweep in docs/PERFORMANCE.md.
 - on the CPU: per-channel FP8 runs the same W8A8 `_scaled_mm`; block-wise FP8 and int4 dequantise the weight
   and run the dense matmul.
 """
