@@ -374,6 +374,38 @@ def test_quantised_kernels_match_dequantised_matmul(fmt, rows):
         assert rel_err(got.float(), want) < (6e-2 if w8a8 else 1e-2), (n, k, kind)
 
 
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 200])
+def test_quantised_tinygemm_matches_dequantised_matmul(group, rows):
+    """int4 in torch's tinygemm layout: `_convert_weight_to_int4pack` gives what quant.tinygemm_pack computes from
+    the documented layout, and the op (tinygemm up to TINYGEMM_MAX_ROWS, the tile layout's dequantise kernel and
+    cuBLAS above) matches an fp32 matmul with the dequantised weight; a stacked gate/up and a bias."""
+    from nanokyro import quant
+
+    gen = torch.Generator(DEVICE).manual_seed(rows + group)
+    for n, k, kind in [(4096, 14336, "plain"), (6144, 4096, "bias"), (1000, 2048, "gated"), (64, 320, "plain")]:
+        if k % group:
+            continue
+        n_rows = 2 * n if kind == "gated" else n
+        q = torch.randint(0, 16, (n_rows, k), generator=gen, device=DEVICE, dtype=torch.int32)
+        scales = (torch.rand(n_rows, k // group, generator=gen, device=DEVICE) * 2 / k**0.5).bfloat16()
+        zeros = torch.randint(0, 16, scales.shape, generator=gen, device=DEVICE).bfloat16()
+        inner = quant.tinygemm_inner_k_tiles(n_rows, k, group, torch.bfloat16)
+        packed = torch.ops.aten._convert_weight_to_int4pack(quant.tinygemm_bytes(q), inner)
+        assert torch.equal(packed, quant.tinygemm_pack(q, inner)), (n, k)
+        sz = quant.tinygemm_scales_zeros(scales, zeros)
+        w = quant.dequantise_tinygemm(packed, sz)
+        assert (quant.dequantise_tinygemm_cuda(packed, sz).float() - w).abs().max() <= w.abs().max() / 128
+        x = torch.randn(rows, k, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+        b = torch.randn(n, generator=gen, device=DEVICE, dtype=torch.bfloat16) if kind == "bias" else None
+        want = x.float() @ w.T + (b.float() if b is not None else 0)
+        if kind == "gated":
+            want = torch.nn.functional.silu(want[:, :n]) * want[:, n:]
+        got = torch.ops.nanokyro.int4_tinygemm_linear(x, packed, sz, group, b, kind == "gated")
+        assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+        assert rel_err(got.float(), want) < 1e-2, (n, k, kind)
+
+
 @pytest.mark.parametrize("method", ["fp8", "awq"])
 def test_quantised_engine_graphs_match_eager(method):
     """A quantised model through the decode graphs and compiled steps gives the eager engine's greedy tokens (the

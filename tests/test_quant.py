@@ -214,6 +214,35 @@ def test_packed_values_read_as_documented():
     assert pack_ct(torch.tensor([list(range(-8, 0))])).item() == 0x76543210
 
 
+def test_tinygemm_layout_read_as_documented():
+    """torch's int4 tile layout (aten/src/ATen/native/cuda/int4mm.cu, innerKTiles 2): lane t of tile (0, 0) packs
+    bytes v[0..3] = in[t // 4][t % 4 + (0, 4, 8, 12)] of the uint8 [N, K/2] input (feature 2j in byte j's high
+    nibble) as v3.lo v2.lo v1.lo v0.lo v3.hi v2.hi v1.hi v0.hi, from the top nibble down."""
+    from nanokyro.quant import tinygemm_bytes, tinygemm_pack, tinygemm_unpack
+
+    q = torch.arange(32).remainder(16).repeat(8, 1)  # every row's features 0..31 hold k % 16
+    assert tinygemm_bytes(q)[1, :2].tolist() == [0x01, 0x23]
+    # lane 5: row 1, bytes 1 5 9 13 = 0x23 0xAB 0x23 0xAB -> nibbles B 3 B 3 A 2 A 2
+    assert tinygemm_pack(q, 2)[0, 0, 5, 0].item() == 0xB3B3A2A2 - 2**32
+    for inner in (2, 4, 8):
+        q = torch.randint(0, 16, (24, 512))
+        assert tinygemm_pack(q, inner).shape == (3, 512 // (16 * inner), 32, inner // 2)
+        assert torch.equal(tinygemm_unpack(tinygemm_pack(q, inner)), q)
+
+
+def test_tinygemm_scales_and_zeros_give_the_awq_weight():
+    """tinygemm dequantises (q - 8) * scale + zero; the repacked zeros make that AWQ's (q - zero) * scale."""
+    from nanokyro.quant import dequantise_int4, dequantise_tinygemm, pack_rows, tinygemm_pack, tinygemm_scales_zeros
+
+    q = torch.randint(0, 16, (16, 256))
+    scales, zeros = torch.rand(16, 4) / 16, torch.randint(0, 16, (16, 4)).float()
+    sz = tinygemm_scales_zeros(scales, zeros)
+    assert sz.shape == (4, 16, 2) and sz.dtype == torch.bfloat16
+    want = dequantise_int4(pack_rows(q), scales, zeros)
+    got = dequantise_tinygemm(tinygemm_pack(q, 8), sz)
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # scales and zeros rounded to bf16
+
+
 # -- checkpoints against transformers ---------------------------------------------------------------------------
 
 
@@ -365,14 +394,35 @@ for rows, fmt, gated, k in [(1, "channel", True, 320), (3, "block", False, 320),
     worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
 got = quant.dequantise_int4_cuda(*args, torch.float32)
 assert torch.allclose(got, quant.dequantise_int4(*args), rtol=1e-5, atol=1e-7), "dequantise kernel"
+w = torch.randn(24, 320) * 0.05
+s = w.abs().amax(1, keepdim=True) / 448
+x = torch.randn(1, 320)
+want = x @ quant.dequantise_fp8((w / s).to(quant.FP8), s).T
+for config in [quant.GemvConfig(1, 4, 64, 4, False, split_k=3), quant.GemvConfig(1, 4, 64, 4, False, prefetch=True),
+               quant.GemvConfig(1, 4, 64, 4, False, prefetch=True, reduce_once=True)]:
+    got = quant._gemv(x, (w / s).to(quant.FP8), s, None, None, False, config)
+    worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+b = torch.randn(12)
+for x_2d in (False, True):  # the one-row FP8 kernel, gated and with a bias
+    config = quant.GemvConfig(1, 4, 64, 4, False, vec=8, x_2d=x_2d)
+    got = quant._gemv(x, (w / s).to(quant.FP8), s, None, None, True, config)
+    worst = max(worst, ((got - F.silu(want[:, :12]) * want[:, 12:]).abs().max() / want.abs().max()).item())
+    got = quant._gemv(x, (w / s).to(quant.FP8)[:12], s[:12], None, b, False, config)
+    worst = max(worst, ((got - want[:, :12] - b).abs().max() / want.abs().max()).item())
+for inner in (4, 8):
+    q = torch.randint(0, 16, (24, 512))
+    packed, sz = quant.tinygemm_pack(q, inner), quant.tinygemm_scales_zeros(torch.rand(24, 8), torch.rand(24, 8) * 15)
+    want = quant.dequantise_tinygemm(packed, sz)
+    got = quant.dequantise_tinygemm_cuda(packed, sz, block_n=16, block_k=128).float()
+    assert ((got - want).abs() <= want.abs() / 128).all(), "tinygemm dequantise kernel"
 print(worst)
 """
 
 
 def test_triton_kernels_match_dequantised_matmul_in_the_interpreter():
     """The CUDA kernels (GEMV at 1 row, 3 rows; tensor-core tiles at 9 and 40; fp8 per-channel and block-wise with
-    a partial block; int4 groups of 32, 64, 128; gated) run by Triton's interpreter on the CPU, against the
-    dequantised weight."""
+    a partial block; int4 groups of 32, 64, 128; gated; split-K; prefetching; the one-row FP8 kernel; the
+    tinygemm layout's dequantise kernel) run by Triton's interpreter on the CPU, against the dequantised weight."""
     import subprocess
     import sys
 
