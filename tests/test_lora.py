@@ -2,6 +2,7 @@
 PeftModel for each adapter alone; the prefix cache kept apart per adapter; slots swapped LRU; bad adapters refused."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -127,6 +128,48 @@ def test_more_adapters_than_slots_are_swapped_in_lru_and_stay_exact(lora_model):
     assert stats.lora_requests == {"qv": 2, "all": 1, "mlp": 1}
 
 
+def test_an_adapter_loaded_mid_decode_leaves_the_running_requests_tokens_as_they_were(lora_model):
+    """A load beside the steps of running requests (on CUDA its copies overlap the step in flight): the base and
+    "qv" requests decoding meanwhile keep peft's tokens, and the new "mlp" request, in the slot that "all" (on
+    more modules, at a higher rank) held until the step before, gets peft's tokens too."""
+    base, adapters, refs = lora_model
+    llm = LLM(base, dtype="float32", max_loras=2, kv_cache_memory=4 << 20, lora_modules=adapters)
+    engine = llm.engine
+    prompts = random_prompts([7, 12, 5, 9], seed=8)
+    tokens = {}
+
+    def add(prompt, name, n):
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, lora=name))
+        tokens[rid] = []
+        return rid
+
+    running = {add(p, name, 12): (p, name) for p, name in zip(prompts, [None, "qv"])}
+    short = add(prompts[2], "all", 3)  # the other slot, given up when it finishes
+    while short in engine.requests:
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    slot, loads = engine.loras.entries["all"].slot, engine.loras.num_loads
+    assert all(0 < len(tokens[rid]) < 12 for rid in running)  # mid-decode
+    late = add(prompts[3], "mlp", 8)
+    while engine.has_work():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    assert engine.loras.num_loads == loads + 1 and engine.loras.entries["mlp"].slot == slot
+    for rid, (p, name) in running.items():
+        assert tokens[rid] == greedy_n(refs[name], p, 12), name
+    assert tokens[short] == greedy_n(refs["all"], prompts[2], 3)
+    assert tokens[late] == greedy_n(refs["mlp"], prompts[3], 8)
+
+
+def greedy_n(model, prompt, n):
+    """Exactly n greedy tokens, past an EOS too (as with ignore_eos: not masked, not stopping)."""
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), generation_config=config, max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
 def test_load_unload_and_bad_adapters_are_refused_with_the_field_named(lora_model, tmp_path):
     base, adapters, refs = lora_model
     llm = LLM(base, dtype="float32", max_loras=2, kv_cache_memory=4 << 20)
@@ -194,6 +237,10 @@ def test_bench_runs_the_workload_on_the_base_and_on_random_adapters(tmp_path, mo
                   "--num-loras", "3", "--lora-rank", "4", *mode)  # fmt: skip
     assert r["base_tokens_per_s"] > 0 and r["lora_tokens_per_s"] > 0
     assert r["lora_ratio"] == pytest.approx(r["lora_tokens_per_s"] / r["base_tokens_per_s"])
+    # The load-stall figure: gaps between the base streams' tokens, around a load and with the adapter resident.
+    assert r["stall_batch"] == 8 and r["base_step_ms"] > 0
+    assert r["load_gap_steps"] > 0 and r["resident_gap_steps"] > 0
+    assert r["load_stall_steps"] == pytest.approx(r["load_gap_steps"] - r["resident_gap_steps"])
 
 
 @pytest.mark.gpu
