@@ -218,7 +218,8 @@ def main(argv=None) -> dict:
         print(f"adapter load beside {result['stall_batch']} decoding streams: longest gap between their tokens "
               f"{result['load_gap_ms']:.2f} ms ({result['load_gap_steps']:.2f} steps of {result['base_step_ms']:.2f} "
               f"ms) vs {result['resident_gap_ms']:.2f} ms ({result['resident_gap_steps']:.2f} steps) with the "
-              f"adapter resident: the load stalls them {result['load_stall_steps']:.2f} steps")  # fmt: skip
+              f"adapter resident: the load stalls them {result['load_stall_steps']:.2f} steps; the adapter's tokens "
+              f"{'match' if result['load_tokens_match'] else 'DIFFER'} with the load and resident")  # fmt: skip
     elif args.speculative_model or args.speculative_method:
         prompt = llm.encode(args.prompt) if args.prompt else prompts[0]
         batch = make_workload(args.speculative_batch, input_len, output_len, engine.vocab_size, args.seed)[0]

@@ -241,6 +241,7 @@ def test_bench_runs_the_workload_on_the_base_and_on_random_adapters(tmp_path, mo
     assert r["stall_batch"] == 8 and r["base_step_ms"] > 0
     assert r["load_gap_steps"] > 0 and r["resident_gap_steps"] > 0
     assert r["load_stall_steps"] == pytest.approx(r["load_gap_steps"] - r["resident_gap_steps"])
+    assert r["load_tokens_match"]
 
 
 @pytest.mark.gpu
