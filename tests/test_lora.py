@@ -2,7 +2,6 @@
 PeftModel for each adapter alone; the prefix cache kept apart per adapter; slots swapped LRU; bad adapters refused."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -162,12 +161,13 @@ def test_an_adapter_loaded_mid_decode_leaves_the_running_requests_tokens_as_they
 
 
 def greedy_n(model, prompt, n):
-    """Exactly n greedy tokens, past an EOS too (as with ignore_eos: not masked, not stopping)."""
-    config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = None
+    """Exactly n greedy tokens, past an EOS too (as with ignore_eos: not masked, not stopping); generate() would
+    stop at the model's EOS."""
+    ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), generation_config=config, max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
 
 
 def test_load_unload_and_bad_adapters_are_refused_with_the_field_named(lora_model, tmp_path):
@@ -469,3 +469,28 @@ def test_speculative_decoding_under_an_adapter_gives_peft_tokens(tmp_path, spec)
                                            for n in ("all", None)])  # fmt: skip
     assert [o.token_ids for o in outs] == refs
     assert llm.engine.stats().spec_draft_tokens > 0
+
+
+def test_an_adapter_admitted_in_a_speculative_step_is_loaded_first(tmp_path):
+    """A request whose adapter is not resident, admitted while another request speculates (a step that verifies
+    drafts), has its adapter loaded in that step: peft's tokens."""
+    base = build_tiny_model("llama", str(tmp_path / "base"))
+    adapter = make_adapter(base, str(tmp_path / "lora"), 7, **ADAPTERS["all"])
+    prompt = random_prompts([9], seed=7)[0] * 3  # repeats itself: n-gram drafts
+    late_prompt = random_prompts([6], seed=9)[0]
+    llm = LLM(base, dtype="float32", kv_cache_memory=4 << 20, max_loras=1, lora_modules={"all": adapter},
+              speculative_method="ngram")  # fmt: skip
+    engine = llm.engine
+    tokens = {engine.add_request(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)): []}
+    while not engine._speculating():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    late = engine.add_request(late_prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, lora="all"))
+    tokens[late] = []
+    while engine.has_work():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    assert engine.stats().spec_draft_tokens > 0
+    first = next(iter(tokens))
+    assert tokens[first] == greedy_n(peft_model(base, None), prompt, 24)
+    assert tokens[late] == greedy_n(peft_model(base, adapter), late_prompt, 6)
