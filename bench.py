@@ -33,7 +33,8 @@ import time
 import torch
 
 from nanokyro import LLM
-from nanokyro.benchmarks.offline import run_decode_idle, run_latency, run_offline, run_prefix_cache, run_structured
+from nanokyro.benchmarks.offline import (run_decode_idle, run_latency, run_lora_load_stall, run_offline,
+                                         run_prefix_cache, run_structured)  # fmt: skip
 from nanokyro.benchmarks.online import plot_levels, print_levels, run_online
 from nanokyro.benchmarks.peer import run_hf_peer
 from nanokyro.benchmarks.speculative import print_speculative, run_speculative
@@ -96,6 +97,8 @@ def main(argv=None) -> dict:
                     help="multi-LoRA: make this many random adapters (all seven projections), spread the requests over "
                          "them, and run the same workload on the base model first for the ratio")  # fmt: skip
     ap.add_argument("--lora-rank", type=int, default=16, help="the random adapters' rank (with --num-loras)")
+    ap.add_argument("--lora-stall-batch", type=int, default=8,
+                    help="the base-model streams decoding while an adapter is loaded (with --num-loras)")
     online = ap.add_mutually_exclusive_group()
     online.add_argument("--serve-url", default=None, help="online: load this running server (e.g. http://host:3000)")
     online.add_argument("--serve", action="store_true",
@@ -209,6 +212,14 @@ def main(argv=None) -> dict:
         print(f"{what}, {args.num_loras} rank-{args.lora_rank} adapters: {result['lora_tokens_per_s']:.1f} output "
               f"tok/s with adapters vs {result['base_tokens_per_s']:.1f} base (same engine, no adapter): "
               f"{result['lora_ratio']:.1%}")  # fmt: skip
+        # One more adapter, registered but not resident (the slots hold the others): its load beside base streams.
+        stall_lora = write_random_adapters(llm, 1, args.lora_rank, root, args.seed + 1, first=args.num_loras)[0]
+        result.update(run_lora_load_stall(llm, stall_lora, batch=args.lora_stall_batch, seed=args.seed))
+        print(f"adapter load beside {result['stall_batch']} decoding streams: longest gap between their tokens "
+              f"{result['load_gap_ms']:.2f} ms ({result['load_gap_steps']:.2f} steps of {result['base_step_ms']:.2f} "
+              f"ms) vs {result['resident_gap_ms']:.2f} ms ({result['resident_gap_steps']:.2f} steps) with the "
+              f"adapter resident: the load stalls them {result['load_stall_steps']:.2f} steps; the adapter's tokens "
+              f"{'match' if result['load_tokens_match'] else 'DIFFER'} with the load and resident")  # fmt: skip
     elif args.speculative_model or args.speculative_method:
         prompt = llm.encode(args.prompt) if args.prompt else prompts[0]
         batch = make_workload(args.speculative_batch, input_len, output_len, engine.vocab_size, args.seed)[0]

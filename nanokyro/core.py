@@ -102,7 +102,8 @@ class EngineCore:
         self.cache = RadixCache(self.blocks) if cfg.enable_prefix_caching else None
         self.loras = None
         if cfg.max_loras:
-            self.loras = LoRARegistry(cfg.max_loras, cfg.max_lora_rank, mc, host=self.runner.lora_host)
+            self.loras = LoRARegistry(cfg.max_loras, cfg.max_lora_rank, mc, host=self.runner.lora_host,
+                                      stage=self.runner.lora_slots.stage)
             for name, path in cfg.lora_modules.items():
                 self.loras.register(name, path)
         elif cfg.lora_modules:
@@ -294,7 +295,8 @@ class EngineCore:
         spec_seqs, num_drafts = [s for s, _ in spec], [d for _, d in spec]
         drafts = self.proposer.fill(spec_seqs, num_drafts) if spec else None
         on_device = drafts is not None and isinstance(drafts.tokens, torch.Tensor)
-        logits = self.runner.forward(batch, drafts.tokens if on_device else None)
+        loads = self.loras.take_loads() if self.loras is not None else []  # a sequence admitted now may need one
+        logits = self.runner.forward(batch, drafts.tokens if on_device else None, loads)
         spec_rows, plain_rows, row = [], [], 0
         for seq, d, samples in zip(batch.seqs, batch.num_drafts, batch.samples):
             if samples:

@@ -9,9 +9,10 @@ On the device, each of a layer's four linear layers (qkv_proj, o_proj, gate_up_p
 buffers of `max_loras` slots: `lora_a [S, n * R, in]` and `lora_b [S, out, n * R]`, with R = max_lora_rank and
 n the layer's stacked slices (3 for qkv, 2 for gate/up, else 1). Slice i's adapter uses the rank block
 [i * R, i * R + r) and only its own output rows, so one shrink and one expand apply all slices. The buffers
-never move, so the CUDA graphs read whatever the slots hold; `AdapterSlots.load` fills one through the layer's
-own weight loader, so it shards like the base weight under TP (column-parallel: B by output rows; row-parallel:
-A by input columns, the partial deltas summed by the layer's all-reduce).
+never move, so the CUDA graphs read whatever the slots hold. An adapter is staged on the host when it is read
+(`AdapterSlots.stage`: the slot contents, through the layer's own weight loader, so they shard like the base
+weight under TP: column-parallel B by output rows, row-parallel A by input columns, the partial deltas summed by
+the layer's all-reduce); putting it in a slot is then a copy per buffer, beside the step in flight on CUDA.
 
 A step's adapters reach the layers as an argument, like the attention plan: `lora [T]` int32, each token's slot,
 -1 for the base model (`lora_delta`). On CUDA that is two Triton kernels (lora_kernels.py); elsewhere a torch
@@ -19,10 +20,12 @@ reference that multiplies each adapter's tokens together.
 
 `LoRARegistry` (the engine core's, rank 0) knows the registered adapters by name and which is resident in which
 slot; the scheduler asks it for a slot before admitting a sequence, and a slot whose adapter no running sequence
-uses is given to another, least recently used first. A load is carried to every rank in the step plan.
+uses is given to another, least recently used first. A load is carried to every rank in the step plan; the
+other ranks hear of a registration in the plan after it and stage their shards on a thread of their own.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -181,11 +184,27 @@ def lora_layers(model):
             yield i, first + i, name, getattr(getattr(block, parent), name)
 
 
+@dataclass
+class StagedAdapter:
+    """An adapter as one rank's slot contents, ready to copy in: for each adapted linear layer (`lora_layers`'
+    order), A [n * R, in] and B [out, n * R] of this rank's shard, in the slots' dtype, zeros where the adapter
+    leaves a module out. Views of one host buffer, pinned when the slots are on CUDA."""
+
+    path: str
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
 class AdapterSlots:
-    """One rank's adapter buffers: `max_loras` slots on every adapted linear layer of its shard."""
+    """One rank's adapter buffers: `max_loras` slots on every adapted linear layer of its shard.
+
+    An adapter is staged on the host when it is read (`stage`, off the step), and a load is then two copies per
+    layer. On CUDA they run on a stream of their own, beside the step in flight, and only the step that loads
+    waits for them: a load costs the steps around it the copy time that outlasts the step before, not the
+    padding, casting and pageable copies of ~100 MB on the host."""
 
     def __init__(self, model, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
-        self.model, self.max_loras, self.max_rank = model, max_loras, max_rank
+        self.model, self.max_loras, self.max_rank, self.dtype, self.device = model, max_loras, max_rank, dtype, device
+        self.buffers = []  # (lora_a, lora_b) of each adapted linear layer, in lora_layers' order
         for _, _, name, linear in lora_layers(model):
             n = LAYERS[name][1]
             # This rank's shape, not the weight's: a quantised layer's weight is packed (quant.py).
@@ -193,29 +212,87 @@ class AdapterSlots:
             zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
             linear.register_buffer("lora_a", zeros(max_loras, n * max_rank, in_features), persistent=False)
             linear.register_buffer("lora_b", zeros(max_loras, out_features, n * max_rank), persistent=False)
+            self.buffers.append((linear.lora_a, linear.lora_b))
+        cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if cuda else None  # the loads' copies
+        self._last_use: dict[int, torch.cuda.Event] = {}  # slot -> recorded after the last step that read it
+        self._prev_used: list[int] = []  # the slots the step before this one read
+        self._copying: list[tuple[torch.cuda.Event, StagedAdapter]] = []  # loads whose copies may still run
 
     @torch.inference_mode()
-    def load(self, slot: int, adapter: Adapter) -> None:
-        """Put the adapter's weights (this rank's shard of them) in `slot`; modules it leaves out add nothing."""
-        R = self.max_rank
-        for _, layer_idx, name, linear in lora_layers(self.model):
+    def stage(self, adapter: Adapter) -> StagedAdapter:
+        """The adapter's slot contents for this rank, on the host: what `load` copies. Thread-safe (it only reads
+        the layers' shapes and sharding), so the thread that reads the adapter stages it too."""
+        R, pin = self.max_rank, self.device.type == "cuda"
+        total = sum(a.numel() // a.shape[0] + b.numel() // b.shape[0] for a, b in self.buffers)
+        # Pinned memory through the caching host allocator, from this thread: on this rank's device's context.
+        with torch.cuda.device(self.device) if pin else contextlib.nullcontext():
+            flat = torch.zeros(total, dtype=self.dtype, pin_memory=pin)
+        layers, offset = [], 0
+        for (_, layer_idx, name, linear), (a_buf, b_buf) in zip(lora_layers(self.model), self.buffers):
+            views = []
+            for shape in (a_buf.shape[1:], b_buf.shape[1:]):
+                views.append(flat[offset : offset + shape.numel()].view(shape))
+                offset += shape.numel()
+            a_slot, b_slot = views
+            layers.append((a_slot, b_slot))
             row_parallel = LAYERS[name][2]
-            a_slot, b_slot = linear.lora_a[slot], linear.lora_b[slot]
-            a_slot.zero_()
-            b_slot.zero_()
             for module, (target, i, shard_id) in MODULES.items():
                 if target != name or (layer_idx, module) not in adapter.weights:
                     continue
                 a, b = adapter.weights[(layer_idx, module)]
                 r = a.shape[0]
-                a_pad, b_pad = a.new_zeros(R, a.shape[1]), b.new_zeros(b.shape[0], R)
-                a_pad[:r], b_pad[:, :r] = a, b
+                # The layer's own weight loader shards like the base weight (and casts): column-parallel B by
+                # output rows, row-parallel A by input columns.
                 if row_parallel:  # A by input columns, as the weight; B whole
-                    linear.weight_loader(a_slot, a_pad.to(a_slot.dtype))
-                    b_slot.copy_(b_pad.to(b_slot.dtype))
+                    linear.weight_loader(a_slot[:r], a)
+                    b_slot[:, :r].copy_(b)
                 else:  # A whole, in its slice's rank block; B's output rows as the weight's, in that block's columns
-                    a_slot[i * R : (i + 1) * R].copy_(a_pad.to(a_slot.dtype))
-                    linear.weight_loader(b_slot[:, i * R : (i + 1) * R], b_pad.to(b_slot.dtype), shard_id)
+                    a_slot[i * R : i * R + r].copy_(a)
+                    linear.weight_loader(b_slot[:, i * R : i * R + r], b, shard_id)
+        return StagedAdapter(adapter.path, layers)
+
+    @torch.inference_mode()
+    def before_step(self, loads: list[tuple[int, StagedAdapter]], used: list[int]) -> None:
+        """Put each staged adapter in its slot before the step that reads it; `used`: the slots this step reads
+        (needed on CUDA only).
+
+        Every step before this one is already queued. A slot that is loaded is not used by a running sequence
+        (LoRARegistry.acquire gives up only such a slot), but the step in flight may still read it: for a
+        sequence aborted, or finished by the token that step's predecessor sampled, since it was launched (its
+        output is dropped, yet its KV, written with those weights, may go to the prefix cache). So a load's
+        copies wait for the last step that read the slot (an event per step, usually long done), not for the
+        whole stream."""
+        if self.stream is not None and self._prev_used:
+            done = torch.cuda.Event()
+            done.record()
+            for slot in self._prev_used:
+                self._last_use[slot] = done
+        for slot, staged in loads:
+            self.load(slot, staged)
+        self._prev_used = used
+
+    def load(self, slot: int, staged: StagedAdapter) -> None:
+        """Copy a staged adapter into `slot` (on CUDA: queued on the side stream; the current stream, whose next
+        work is the step that reads the slot, waits for it)."""
+        if self.stream is None:
+            for (a_buf, b_buf), (a, b) in zip(self.buffers, staged.layers):
+                a_buf[slot].copy_(a)
+                b_buf[slot].copy_(b)
+            return
+        last = self._last_use.pop(slot, None)
+        if last is not None:
+            self.stream.wait_event(last)
+        with torch.cuda.stream(self.stream):
+            for (a_buf, b_buf), (a, b) in zip(self.buffers, staged.layers):
+                a_buf[slot].copy_(a, non_blocking=True)
+                b_buf[slot].copy_(b, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(self.stream)
+        torch.cuda.current_stream(self.device).wait_event(copied)
+        # The staged host memory must outlive the copies, even if the adapter is unregistered meanwhile (the
+        # caching host allocator also holds a pinned block until the copies that read it are done).
+        self._copying = [(e, s) for e, s in self._copying if not e.query()] + [(copied, staged)]
 
 
 # -- the batched delta ------------------------------------------------------------------------------------------
@@ -271,7 +348,8 @@ class LoRARegistry:
     max_rank: int
     model_cfg: object
     entries: dict[str, LoRAEntry] = field(default_factory=dict)
-    host: dict[str, Adapter] = field(default_factory=dict)  # path -> weights read at registration
+    host: dict[str, StagedAdapter] = field(default_factory=dict)  # path -> weights read at registration
+    stage: object = None  # AdapterSlots.stage of rank 0: `read` stages what it reads (None: keeps the Adapter)
     num_loads: int = 0  # adapters put into a slot, since start
     _slots: OrderedDict = field(default_factory=OrderedDict)  # slot -> entry, least recently used first
     _pending: list[tuple[int, str]] = field(default_factory=list)  # (slot, path) to load before the next step
@@ -283,11 +361,13 @@ class LoRARegistry:
         if name in self.entries:
             raise AdapterError(f"lora_name {name!r}: an adapter of that name is already loaded")
 
-    def read(self, path: str) -> Adapter:
-        """Read and check an adapter directory (AdapterError if it can't be served); no state changes."""
-        return read_adapter(os.path.abspath(path), self.model_cfg, self.max_rank)
+    def read(self, path: str) -> StagedAdapter:
+        """Read and check an adapter directory (AdapterError if it can't be served) and stage it for the device;
+        no state changes, so it runs on a thread while the steps go on."""
+        adapter = read_adapter(os.path.abspath(path), self.model_cfg, self.max_rank)
+        return self.stage(adapter) if self.stage is not None else adapter
 
-    def register(self, name: str, path: str, adapter: Adapter | None = None) -> LoRAEntry:
+    def register(self, name: str, path: str, adapter: StagedAdapter | None = None) -> LoRAEntry:
         """Add the adapter at `path` under `name` (read now unless given, as `read` returned it)."""
         self.check_name(name)
         adapter = adapter or self.read(path)

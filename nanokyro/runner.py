@@ -8,6 +8,7 @@ whose runners (`serve`) run the same step on their shards; rank 0 alone samples.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -85,6 +86,8 @@ class _WirePlan(msgspec.Struct, array_like=True):
     bucket: int | None
     num_prev_tokens: int
     lora_loads: list[tuple[int, str]] = []
+    lora_reads: list[str] = []
+    lora_drops: list[str] = []
 
 
 @dataclass
@@ -93,7 +96,8 @@ class StepPlan:
     positions, slot pages, slot offsets, kv page indices, sampled rows, each token's LoRA slot (empty: no
     adapter in the step), qo_indptr, kv_indptr, last page lengths) and their sizes, each attention row's new and
     cached token counts, the CUDA-graph bucket it replays (or None), how many of the previous step's tokens its
-    placeholder ids read (0: none), and the adapters to put in LoRA slots first, as (slot, path)."""
+    placeholder ids read (0: none), and the adapters to put in LoRA slots first, as (slot, path). With more ranks,
+    rank 0's plans also carry the adapters registered (to read and stage) and unregistered since its last plan."""
 
     host: torch.Tensor
     sizes: list[int]
@@ -102,6 +106,8 @@ class StepPlan:
     bucket: int | None = None
     num_prev_tokens: int = 0
     lora_loads: list[tuple[int, str]] = field(default_factory=list)
+    lora_reads: list[str] = field(default_factory=list)
+    lora_drops: list[str] = field(default_factory=list)
 
     def split(self, n: int) -> list[StepPlan]:
         """The step as up to n micro-batches of whole attention rows, cut where the tokens divide evenly; each
@@ -130,13 +136,15 @@ class StepPlan:
 
     def encode(self) -> bytes:
         return msgspec.msgpack.encode(_WirePlan(self.host.numpy().tobytes(), self.sizes, self.q_lens, self.kv_lens,
-                                                self.bucket, self.num_prev_tokens, self.lora_loads))  # fmt: skip
+                                                self.bucket, self.num_prev_tokens, self.lora_loads, self.lora_reads,
+                                                self.lora_drops))  # fmt: skip
 
     @classmethod
     def decode(cls, data: bytes) -> StepPlan:
         w = msgspec.msgpack.decode(data, type=_WirePlan)
         host = torch.frombuffer(bytearray(w.data), dtype=torch.int32)
-        return cls(host, w.sizes, w.q_lens, w.kv_lens, w.bucket, w.num_prev_tokens, [tuple(x) for x in w.lora_loads])
+        return cls(host, w.sizes, w.q_lens, w.kv_lens, w.bucket, w.num_prev_tokens, [tuple(x) for x in w.lora_loads],
+                   w.lora_reads, w.lora_drops)
 
 
 class ModelRunner:
@@ -171,7 +179,11 @@ class ModelRunner:
         # LoRA slot buffers before the KV cache is sized: they are weights too.
         self.lora_slots = (AdapterSlots(self.model, cfg.max_loras, cfg.max_lora_rank, self.dtype, self.device)
                            if cfg.max_loras else None)  # fmt: skip
-        self.lora_host = {}  # path -> Adapter read on the host (rank 0: by the core's registry at registration)
+        # path -> lora.StagedAdapter: on rank 0 the core's registry stages each adapter it registers; the other
+        # ranks stage theirs on `_lora_reader` when a plan says (a Future until done).
+        self.lora_host = {}
+        self._lora_told: dict = {}  # rank 0: lora_host as the other ranks last heard of it
+        self._lora_reader: concurrent.futures.ThreadPoolExecutor | None = None
         self.page_size = cfg.page_size
         self.page_bytes = kv_bytes_per_page(mc, cfg.page_size, self.dtype, par.shard)
         if num_pages is None:
@@ -292,6 +304,8 @@ class ModelRunner:
         bucket = self.graphs.bucket(batch) if self.graphs is not None else None
         plan = self.plan(batch, pad_to=bucket, token_rows=bucket is not None)
         plan.lora_loads = list(lora_loads)
+        if self.lora_slots is not None and self.parallel.world_size > 1:
+            plan.lora_reads, plan.lora_drops = self._lora_changes()
         if any(s.token_ids[-1] < 0 for s in batch.seqs):
             plan.num_prev_tokens = len(prev_tokens)
         if self.parallel.world_size == 1:
@@ -305,7 +319,7 @@ class ModelRunner:
     def _execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
         """Every rank's part of a step: the logits of its sampled rows on rank 0 (and on every rank of the last
         stage), None on the ranks of earlier stages."""
-        self._load_loras(plan.lora_loads)
+        self._load_loras(plan)
         if self.shard.pp_size > 1:
             return self._stage(plan, prev_tokens)
         input_ids, positions, meta, rows, lora = self._inputs(plan, prev_tokens)
@@ -333,13 +347,46 @@ class ModelRunner:
             input_ids = torch.where(input_ids < 0, lookup, input_ids)
         return input_ids, positions, meta, rows, lora
 
-    def _load_loras(self, loads: list[tuple[int, str]]) -> None:
-        """Fill LoRA slots with adapters before the step that first uses them. The step before may still run on
-        the device with the old contents, but only for sequences of other slots (a slot is given up only when no
-        running sequence uses it), and the copies are ordered after it on the one stream."""
-        for slot, path in loads:
-            adapter = self.lora_host.get(path) or read_adapter(path, self.model_cfg, self.lora_slots.max_rank)
-            self.lora_slots.load(slot, adapter)
+    def _load_loras(self, plan: StepPlan) -> None:
+        """Fill LoRA slots with staged adapters before the step that first uses them (AdapterSlots.before_step
+        says why that is safe beside the step in flight). The other ranks first start staging the adapters
+        registered since the last plan, and forget the unregistered."""
+        if self.lora_slots is None:
+            return
+        if not self.is_driver and (plan.lora_reads or plan.lora_drops):
+            for path in plan.lora_drops:
+                self.lora_host.pop(path, None)
+            if plan.lora_reads and self._lora_reader is None:
+                self._lora_reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nanokyro-lora")
+            for path in plan.lora_reads:
+                self.lora_host[path] = self._lora_reader.submit(self._read_lora, path)
+        loads = [(slot, self._staged_lora(path)) for slot, path in plan.lora_loads]
+        used = []
+        if self.device.type == "cuda" and plan.sizes[6]:  # each token's slot
+            used = [s for s in torch.unique(plan.host.split(plan.sizes)[6]).tolist() if s >= 0]
+        self.lora_slots.before_step(loads, used)
+
+    def _read_lora(self, path: str):
+        return self.lora_slots.stage(read_adapter(path, self.model_cfg, self.lora_slots.max_rank))
+
+    def _staged_lora(self, path: str):
+        """The staged adapter at `path`: waits for its reading if it is not done (a load in the plan right after
+        the registration), reads it now if this rank never heard of it."""
+        staged = self.lora_host.get(path)
+        if isinstance(staged, concurrent.futures.Future):
+            staged = self.lora_host[path] = staged.result()
+        return staged if staged is not None else self._read_lora(path)
+
+    def _lora_changes(self) -> tuple[list[str], list[str]]:
+        """Rank 0: the adapter paths registered and unregistered since the last plan sent (a path registered
+        again is both: its files are read again)."""
+        host, told = self.lora_host, self._lora_told
+        if len(host) == len(told) and all(host.get(p) is s for p, s in told.items()):
+            return [], []
+        drops = [p for p, s in told.items() if host.get(p) is not s]
+        reads = [p for p, s in host.items() if told.get(p) is not s]
+        self._lora_told = dict(host)
+        return reads, drops
 
     def _record_inputs_copied(self) -> None:
         if self.device.type == "cuda":

@@ -144,6 +144,49 @@ def test_more_adapters_than_slots_are_swapped_in_lru_and_stay_exact(lora_model):
     assert stats.lora_requests == {"qv": 2, "all": 1, "mlp": 1}
 
 
+def test_an_adapter_loaded_mid_decode_leaves_the_running_requests_tokens_as_they_were(lora_model):
+    """A load beside the steps of running requests (on CUDA its copies overlap the step in flight): the base and
+    "qv" requests decoding meanwhile keep peft's tokens, and the new "mlp" request, in the slot that "all" (on
+    more modules, at a higher rank) held until the step before, gets peft's tokens too."""
+    base, adapters, refs = lora_model
+    llm = LLM(base, dtype="float32", max_loras=2, kv_cache_memory=4 << 20, lora_modules=adapters)
+    engine = llm.engine
+    prompts = random_prompts([7, 12, 5, 9], seed=8)
+    tokens = {}
+
+    def add(prompt, name, n):
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, lora=name))
+        tokens[rid] = []
+        return rid
+
+    running = {add(p, name, 12): (p, name) for p, name in zip(prompts, [None, "qv"])}
+    short = add(prompts[2], "all", 3)  # the other slot, given up when it finishes
+    while short in engine.requests:
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    slot, loads = engine.loras.entries["all"].slot, engine.loras.num_loads
+    assert all(0 < len(tokens[rid]) < 12 for rid in running)  # mid-decode
+    late = add(prompts[3], "mlp", 8)
+    while engine.has_work():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    assert engine.loras.num_loads == loads + 1 and engine.loras.entries["mlp"].slot == slot
+    for rid, (p, name) in running.items():
+        assert tokens[rid] == greedy_n(refs[name], p, 12), name
+    assert tokens[short] == greedy_n(refs["all"], prompts[2], 3)
+    assert tokens[late] == greedy_n(refs["mlp"], prompts[3], 8)
+
+
+def greedy_n(model, prompt, n):
+    """Exactly n greedy tokens, past an EOS too (as with ignore_eos: not masked, not stopping); generate() would
+    stop at the model's EOS."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
 def test_load_unload_and_bad_adapters_are_refused_with_the_field_named(lora_model, tmp_path):
     base, adapters, refs = lora_model
     llm = LLM(base, dtype="float32", max_loras=2, kv_cache_memory=4 << 20)
@@ -211,6 +254,11 @@ def test_bench_runs_the_workload_on_the_base_and_on_random_adapters(tmp_path, mo
                   "--num-loras", "3", "--lora-rank", "4", *mode)  # fmt: skip
     assert r["base_tokens_per_s"] > 0 and r["lora_tokens_per_s"] > 0
     assert r["lora_ratio"] == pytest.approx(r["lora_tokens_per_s"] / r["base_tokens_per_s"])
+    # The load-stall figure: gaps between the base streams' tokens, around a load and with the adapter resident.
+    assert r["stall_batch"] == 8 and r["base_step_ms"] > 0
+    assert r["load_gap_steps"] > 0 and r["resident_gap_steps"] > 0
+    assert r["load_stall_steps"] == pytest.approx(r["load_gap_steps"] - r["resident_gap_steps"])
+    assert r["load_tokens_match"]
 
 
 @pytest.mark.gpu
@@ -439,3 +487,28 @@ def test_speculative_decoding_under_an_adapter_gives_peft_tokens(tmp_path, spec)
                                            for n in ("all", None)])  # fmt: skip
     assert [o.token_ids for o in outs] == refs
     assert llm.engine.stats().spec_draft_tokens > 0
+
+
+def test_an_adapter_admitted_in_a_speculative_step_is_loaded_first(tmp_path):
+    """A request whose adapter is not resident, admitted while another request speculates (a step that verifies
+    drafts), has its adapter loaded in that step: peft's tokens."""
+    base = build_tiny_model("llama", str(tmp_path / "base"))
+    adapter = make_adapter(base, str(tmp_path / "lora"), 7, **ADAPTERS["all"])
+    prompt = random_prompts([9], seed=7)[0] * 3  # repeats itself: n-gram drafts
+    late_prompt = random_prompts([6], seed=9)[0]
+    llm = LLM(base, dtype="float32", kv_cache_memory=4 << 20, max_loras=1, lora_modules={"all": adapter},
+              speculative_method="ngram")  # fmt: skip
+    engine = llm.engine
+    tokens = {engine.add_request(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)): []}
+    while not engine._speculating():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    late = engine.add_request(late_prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, lora="all"))
+    tokens[late] = []
+    while engine.has_work():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    assert engine.stats().spec_draft_tokens > 0
+    first = next(iter(tokens))
+    assert tokens[first] == greedy_n(peft_model(base, None), prompt, 24)
+    assert tokens[late] == greedy_n(peft_model(base, adapter), late_prompt, 6)

@@ -179,3 +179,62 @@ def kernel_busy_s(events) -> float:
             busy += end - max(start, covered_to)
             covered_to = end
     return busy / 1e6
+
+
+def run_lora_load_stall(llm: LLM, lora: str, batch: int = 8, warmup: int = 16, after: int = 12, seed: int = 0
+                        ) -> dict:  # fmt: skip
+    """How long loading an adapter holds up the streams decoding beside it, in steps of theirs.
+
+    `batch` base-model streams decode; after `warmup` steps a short request for `lora` (registered, not resident)
+    arrives, and the longest gap between consecutive tokens of the base streams over the next `after` steps is
+    taken against their median gap before it. The same request again, its adapter now resident, is the control:
+    its gap is the cost of a prefill row with an adapter in the step, without the load. The stall is the
+    difference, in steps (each run's gaps counted in its own median step). Both runs have the same prompts, so
+    the adapter's request must give the same tokens in both. A first run with a resident adapter (if any) warms
+    those steps' code paths up."""
+    engine = llm.engine
+    rng = np.random.default_rng(seed)
+    if engine.loras is None or lora not in engine.loras.entries:
+        raise ValueError(f"{lora!r} is not a registered adapter")
+    if engine.loras.entries[lora].slot >= 0:
+        raise ValueError(f"{lora!r} is resident already: nothing to load")
+    # The same prompts in every run: the adapter's tokens with the load must be those with it resident.
+    base_prompts = [rng.integers(0, engine.vocab_size, 32).tolist() for _ in range(batch)]
+    lora_prompt = rng.integers(0, engine.vocab_size, 16).tolist()
+
+    def longest_gap(lora: str) -> tuple[float, float, int, list[int]]:
+        """(median gap before the request, longest gap after it, adapter loads meanwhile, the request's tokens)."""
+        if engine.cache is not None:  # nothing cached from the run before: the same prefill work in each run
+            engine.cache.clear()
+        base = {engine.add_request(p, SamplingParams(max_tokens=warmup + after + 8, temperature=0, ignore_eos=True))
+                for p in base_prompts}  # fmt: skip
+        while engine.scheduler.waiting or any(s.num_computed < s.num_prompt_tokens for s in engine.scheduler.running):
+            engine.step()
+        sync(engine.runner.device)
+        times, loads, steps, late, tokens = [], engine.loras.num_loads, 0, None, []
+        while engine.has_work() and steps < warmup + after:
+            if steps == warmup:  # the gaps so far are the baseline
+                late = engine.add_request(lora_prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                                                                      lora=lora))  # fmt: skip
+            outs = engine.step()
+            tokens += [t for o in outs if o.request_id == late for t in o.token_ids]
+            if any(o.request_id in base and o.token_ids for o in outs):
+                times.append(time.perf_counter())
+                steps += 1
+        loads = engine.loras.num_loads - loads
+        engine.fail_all()
+        gaps = np.diff(times)
+        return float(np.median(gaps[: warmup - 1])), float(gaps[warmup - 1 :].max()), loads, tokens
+
+    resident = [e.name for e in engine.loras.entries.values() if e.slot >= 0]
+    if resident:
+        longest_gap(resident[0])  # warm-up
+    step_s, load_gap_s, loads, load_tokens = longest_gap(lora)  # the adapter is loaded
+    resident_step_s, resident_gap_s, resident_loads, resident_tokens = longest_gap(lora)  # the control: resident
+    assert loads == 1 and resident_loads == 0, "the first request loads the adapter, the second finds it resident"
+    return {"stall_batch": batch, "base_step_ms": step_s * 1e3, "load_gap_ms": load_gap_s * 1e3,
+            "resident_gap_ms": resident_gap_s * 1e3, "load_gap_steps": load_gap_s / step_s,
+            "resident_gap_steps": resident_gap_s / resident_step_s,
+            "load_stall_steps": load_gap_s / step_s - resident_gap_s / resident_step_s,
+            # False would mean the step that loads read the slot before its copies were done
+            "load_tokens_match": load_tokens == resident_tokens and len(load_tokens) == 4}  # fmt: skip

@@ -61,9 +61,9 @@ def engine_options(args) -> dict:
     return opts
 
 
-def write_random_adapters(llm: LLM, num: int, rank: int, root: str, seed: int = 0) -> list[str]:
+def write_random_adapters(llm: LLM, num: int, rank: int, root: str, seed: int = 0, first: int = 0) -> list[str]:
     """`num` PEFT LoRA directories of rank `rank` on all seven projections of the engine's model, with random
-    weights (a delta of a few percent of each projection's output), registered as lora0, lora1, ..."""
+    weights (a delta of a few percent of each projection's output), registered as lora{first}, lora{first + 1}..."""
     from safetensors.torch import save_file
 
     from nanokyro.lora import _module_dims
@@ -71,7 +71,7 @@ def write_random_adapters(llm: LLM, num: int, rank: int, root: str, seed: int = 
     mc = llm.engine.runner.model_cfg
     gen = torch.Generator().manual_seed(seed)
     names = []
-    for i in range(num):
+    for i in range(first, first + num):
         path = f"{root}/lora{i}"
         tensors = {}
         for layer in range(mc.num_layers):
