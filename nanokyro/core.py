@@ -286,7 +286,7 @@ class EngineCore:
                 if drafts:
                     seq.token_ids += drafts
                     reserved[seq] = len(drafts)
-                else:
+                elif seq not in grammar:  # a grammar's next forced text is found anew each step, for microseconds
                     self._missed(seq)
         batch = self.scheduler.schedule()
         # The token budget may cut a sequence's drafts, or preemption all of them: drop what is not computed.
