@@ -90,6 +90,8 @@ def main(argv=None) -> dict:
     spec.add_argument("--speculative-max-batch", type=int, default=None)
     spec.add_argument("--speculative-draft-vocab", type=int, default=None, help="the draft scores the first N ids")
     spec.add_argument("--speculative-batch", type=int, default=64, help="the batch compared with and without (0: none)")
+    spec.add_argument("--speculative-json", default=None, help="a JSON schema (text) constraining the batch-1 request: "
+                      "drafts of the text its grammar forces")  # fmt: skip
     spec.add_argument("--prompt", default=None, help="the batch-1 prompt as text (default: random token ids)")
     ap.add_argument("--tokenizer", default=None, help="an HF tokenizer directory (e.g. for dummy weights)")
     ap.add_argument("--num-loras", type=int, default=None,
@@ -213,7 +215,8 @@ def main(argv=None) -> dict:
         prompt = llm.encode(args.prompt) if args.prompt else prompts[0]
         batch = make_workload(args.speculative_batch, input_len, output_len, engine.vocab_size, args.seed)[0]
         trials = 3 if device.type == "cuda" else 1
-        result.update(run_speculative(llm, prompt, out_lens[0], batch, out_lens[0], trials))
+        schema = json.loads(args.speculative_json) if args.speculative_json else None
+        result.update(run_speculative(llm, prompt, out_lens[0], batch, out_lens[0], trials, schema))
         print_speculative(result)
     elif args.latency:
         step_s = run_latency(llm, prompts[0], out_lens[0])
