@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     spec = ap.add_argument_group("speculative decoding: batch-1 speed-up, acceptance and step costs, and a batch "
                                  "(--speculative-batch) with speculation allowed vs none, in one engine")
     spec.add_argument("--speculative-model", default=None, help="a draft model (same tokenizer; a dummy name too)")
-    spec.add_argument("--speculative-method", choices=["draft", "ngram"], default=None)
+    spec.add_argument("--speculative-method", choices=["draft", "ngram", "grammar"], default=None)
     spec.add_argument("--num-speculative-tokens", type=int, default=None)
     spec.add_argument("--speculative-max-batch", type=int, default=None)
     spec.add_argument("--speculative-draft-vocab", type=int, default=None, help="the draft scores the first N ids")

@@ -246,17 +246,17 @@ class EngineCore:
     # -- speculative decoding (spec_decode.py) ---------------------------------------------------------------
 
     def _speculating(self) -> bool:
-        """Whether this step speculates: a proposer, a small running batch, and a sequence that may."""
+        """Whether this step speculates: a speculative method, a small running batch, and a sequence that may."""
         running = self.scheduler.running
-        return (self.proposer is not None and 0 < len(running) <= self.cfg.speculative_max_batch
+        return (self.spec_method is not None and 0 < len(running) <= self.cfg.speculative_max_batch
                 and any(self._may_speculate(s) for s in running))  # fmt: skip
 
-    @staticmethod
-    def _may_speculate(seq: Sequence) -> bool:
+    def _may_speculate(self, seq: Sequence) -> bool:
         """A running decode that asks for speculation, with room for a draft and the token after it. A sequence
         under a grammar drafts what the grammar forces (with the n-gram proposer, its drafts after them), verified
-        under the grammar's masks (spec_decode.grammar_drafts)."""
+        under the grammar's masks (spec_decode.grammar_drafts); with the "grammar" method, only those speculate."""
         return (seq.status is Status.RUNNING and seq.params.speculative
+                and (seq.matcher is not None or self.proposer is not None)
                 and seq.num_tokens - seq.num_computed == 1 and seq.num_tokens + 1 < seq.max_len
                 and seq.num_tokens >= seq.spec_resume_at)  # fmt: skip
 

@@ -65,7 +65,8 @@ def make_llm(path, **kw):
 
 
 def proposer(name: str, llama_dir: str, draft_dir: str) -> dict:
-    return {"ngram": dict(speculative_method="ngram"), "draft": dict(speculative_model=draft_dir),
+    return {"ngram": dict(speculative_method="ngram"), "grammar": dict(speculative_method="grammar"),
+            "draft": dict(speculative_model=draft_dir),
             "self": dict(speculative_model=llama_dir),
             "self_small_head": dict(speculative_model=llama_dir, speculative_draft_vocab=200)}[name]  # fmt: skip
 
@@ -225,7 +226,8 @@ def test_speculation_turns_off_for_large_batches(llama_dir):
 def test_bad_speculative_options_are_refused(llama_dir, draft_dir, tmp_path):
     bad = [(dict(speculative_method="medusa"), "speculative_method"),
            (dict(speculative_method="draft"), "needs a speculative_model"),
-           (dict(speculative_method="ngram", num_speculative_tokens=0), "num_speculative_tokens")]
+           (dict(speculative_method="ngram", num_speculative_tokens=0), "num_speculative_tokens"),
+           (dict(speculative_method="grammar", speculative_model=draft_dir), "'grammar' takes no speculative_model")]
     bad.append((dict(speculative_method="ngram", speculative_draft_vocab=10), "speculative_draft_vocab"))
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
@@ -258,6 +260,7 @@ def test_server_takes_speculative_false_and_shows_the_counters(llama_dir):
         assert steps > 0 and drafts == accepted > 0  # the model drafting for itself
         mean = families["nanokyro_spec_decode_mean_accepted_length"].samples[0].value
         assert mean == pytest.approx(1 + accepted / steps)
+        assert families["nanokyro_spec_decode_num_forced_tokens"].samples[0].value == 0  # no grammar here
         with pytest.raises(openai_bad_request()):
             client.completions.create(model=srv.model, prompt=prompt, max_tokens=4, extra_body={"speculative": "x"})
     finally:
@@ -365,11 +368,12 @@ def hf_grammar_greedy(hf_model, model_dir: str, schema: dict, prompt: list[int],
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("name", ["ngram", "self", "draft"])
+@pytest.mark.parametrize("name", ["ngram", "self", "draft", "grammar"])
 def test_greedy_under_a_grammar_with_forced_drafts_is_transformers_greedy(llama_dir, draft_dir, hf_llama, reference,
                                                                            name):  # fmt: skip
     """Constrained rows draft the JSON keys and brackets their schema forces (n-gram drafts after them; with a
-    draft model, beside its drafts for the unconstrained rows of the same steps): greedy output is HF's under
+    draft model, beside its drafts for the unconstrained rows of the same steps; with the "grammar" method, the
+    only rows that speculate): greedy output is HF's under
     xgrammar's logits processor and the engine's own without speculation, token for token, and forced drafts were
     verified and accepted."""
     prompts, refs = reference
@@ -388,6 +392,8 @@ def test_greedy_under_a_grammar_with_forced_drafts_is_transformers_greedy(llama_
     assert stats.spec_forced_tokens > 0 and stats.spec_forced_accepted_tokens > stats.spec_forced_tokens / 2
     assert stats.spec_draft_tokens >= stats.spec_forced_tokens
     assert stats.spec_accepted_tokens >= stats.spec_forced_accepted_tokens
+    if name == "grammar":  # no proposer: every draft was forced
+        assert stats.spec_draft_tokens == stats.spec_forced_tokens
     assert_no_leak(llm)
 
 
