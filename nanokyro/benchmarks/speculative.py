@@ -118,6 +118,12 @@ def run_speculative(llm: LLM, prompt: list[int], out_len: int, batch_prompts: li
         result["draft_vs_target"] = draft_s / costs["decode_step_s"]
     result["predicted_speedup"] = result["mean_accepted_length"] * costs["decode_step_s"] / (
         costs["verify_step_s"] + k * draft_s)  # fmt: skip
+    if structured:  # only some steps verify (those where the grammar forced text): count the plain ones too
+        n = len(spec_ids) - 1  # tokens after the first
+        plain_steps = n - steps - accepted
+        result["tokens_per_step"] = n / (n - accepted)
+        result["predicted_speedup"] = n * costs["decode_step_s"] / (
+            steps * (costs["verify_step_s"] + k * draft_s) + plain_steps * costs["decode_step_s"])  # fmt: skip
     if batch_prompts:
         result.update(run_batch(llm, batch_prompts, batch_out_len))
     return result
@@ -152,7 +158,8 @@ def print_speculative(r: dict) -> None:
           f"greedy output the same as without for {r['same_greedy_tokens']} of {r['output_tokens']} tokens")
     if r["structured"]:
         print(f"under the JSON schema: {r['verify_steps']} verify steps, {r['draft_tokens']} drafts, of which "
-              f"{r['forced_draft_tokens']} forced by the grammar ({r['forced_accepted_tokens']} accepted)")
+              f"{r['forced_draft_tokens']} forced by the grammar ({r['forced_accepted_tokens']} accepted); "
+              f"{r['tokens_per_step']:.2f} tokens per step, verify or plain")  # fmt: skip
     line = (f"step costs: decode {r['decode_step_s'] * 1e3:.2f} ms, verify of {r['num_speculative_tokens'] + 1} "
             f"tokens {r['verify_step_s'] * 1e3:.2f} ms ({r['verify_vs_decode']:.2f}x)")
     if "draft_step_s" in r:
