@@ -19,6 +19,16 @@ with probability min(1, p(d) / q(d)); at the first rejection the token is drawn 
 and after k acceptances from p. p and q come from sampler.probabilities, so temperature, top-k/p, min-p and
 penalties mean what they mean without speculation; n-gram drafts are one-hot q.
 
+Under a grammar (structured outputs), a sequence drafts the text the grammar forces next, which xgrammar finds (its
+jump-forward string: a JSON key with its quotes, a closing bracket), tokenised as the model's tokenizer writes it,
+then the n-gram proposer's drafts after it; the draft model does not draft for it. `grammar.draft_bitmasks` cuts the
+drafts before the first token the grammar rejects, adds the tokens it allows alone (the stop token after the last
+bracket) and makes the grammar's mask of every row the verify step scores, by accepting the drafts into the matcher
+and rolling it back. `verify` applies those masks first, as the sampler does: the model's distribution is then the
+one it samples from without speculation, and a draft the grammar alone allows is accepted for sure. A forced text
+the model would split into other tokens is rejected like any wrong draft. With `speculative_method="grammar"` only
+such sequences speculate.
+
 On CUDA both run through the decode graphs: each draft pass replays the draft runner's graph of its batch size,
 and the verify step the model's graph of (k + 1) x batch rows, one attention row per token (runner.plan's
 token_rows).
