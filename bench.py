@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
     elif args.speculative_model or args.speculative_method:
         prompt = llm.encode(args.prompt) if args.prompt else prompts[0]
         batch = make_workload(args.speculative_batch, input_len, output_len, engine.vocab_size, args.seed)[0]
-        trials = 3 if device.type == "cuda" else 1
+        trials = 3 if device.type == "cuda" else 5 if args.speculative_json else 1  # a JSON object is short
         schema = json.loads(args.speculative_json) if args.speculative_json else None
         result.update(run_speculative(llm, prompt, out_lens[0], batch, out_lens[0], trials, schema))
         print_speculative(result)

@@ -91,8 +91,10 @@ def run_speculative(llm: LLM, prompt: list[int], out_len: int, batch_prompts: li
     k = engine.cfg.num_speculative_tokens
     llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up, both paths
     llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, speculative=False))
-    base_runs = [decode_seconds_per_token(llm, prompt, out_len, False, structured) for _ in range(trials)]
-    runs = [decode_seconds_per_token(llm, prompt, out_len, True, structured) for _ in range(trials)]
+    base_runs, runs = [], []
+    for _ in range(trials):  # alternating, so that a machine whose load drifts weighs on both alike
+        base_runs.append(decode_seconds_per_token(llm, prompt, out_len, False, structured))
+        runs.append(decode_seconds_per_token(llm, prompt, out_len, True, structured))
     base, spec = [r[0] for r in base_runs], [r[0] for r in runs]
     counts = runs[-1][1]
     plain_ids, spec_ids = base_runs[-1][2], runs[-1][2]
