@@ -368,26 +368,36 @@ def hf_grammar_greedy(hf_model, model_dir: str, schema: dict, prompt: list[int],
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("name", ["ngram", "self", "draft", "grammar"])
-def test_greedy_under_a_grammar_with_forced_drafts_is_transformers_greedy(llama_dir, draft_dir, hf_llama, reference,
-                                                                           name):  # fmt: skip
+@pytest.fixture(scope="module")
+def grammar_reference(llama_dir, hf_llama, reference):
+    prompts = reference[0][:3]
+    return prompts, [hf_grammar_greedy(hf_llama, llama_dir, RECORD, p, 64) for p in prompts]
+
+
+@pytest.mark.parametrize("name", ["ngram", "self", "draft", "grammar", "ngram_chunked"])
+def test_greedy_under_a_grammar_with_forced_drafts_is_transformers_greedy(llama_dir, draft_dir, reference,
+                                                                           grammar_reference, name):  # fmt: skip
     """Constrained rows draft the JSON keys and brackets their schema forces (n-gram drafts after them; with a
     draft model, beside its drafts for the unconstrained rows of the same steps; with the "grammar" method, the
-    only rows that speculate): greedy output is HF's under
-    xgrammar's logits processor and the engine's own without speculation, token for token, and forced drafts were
-    verified and accepted."""
+    only rows that speculate; chunked: drafts and their masks cut by the token budget): greedy output is HF's
+    under xgrammar's logits processor and the engine's own without speculation, token for token, with the same
+    logprobs (of the masked distribution), and forced drafts were verified and accepted."""
     prompts, refs = reference
-    constrained = prompts[:3]
-    grammar_refs = [hf_grammar_greedy(hf_llama, llama_dir, RECORD, p, 64) for p in constrained]
-    llm = make_llm(llama_dir, **proposer(name, llama_dir, draft_dir))
-    json_params = Params(max_tokens=64, temperature=0, structured=StructuredOutput(json=RECORD))
+    constrained, grammar_refs = grammar_reference
+    opts = proposer(name.removesuffix("_chunked"), llama_dir, draft_dir)
+    if name.endswith("_chunked"):
+        opts["max_num_batched_tokens"] = 8
+    llm = make_llm(llama_dir, **opts)
+    json_params = Params(max_tokens=64, temperature=0, logprobs=2, structured=StructuredOutput(json=RECORD))
     plain = llm.generate(constrained, msgspec.structs.replace(json_params, speculative=False))
     assert llm.engine.stats().spec_verify_steps == 0
     outs = llm.generate(constrained + prompts[3:], [json_params] * 3 + [GREEDY] * (len(prompts) - 3))
     assert [o.token_ids for o in outs[:3]] == grammar_refs == [o.token_ids for o in plain]
     assert [o.token_ids for o in outs[3:]] == refs[3:]
-    for out in outs[:3]:
+    for out, want in zip(outs[:3], plain):
         assert out.finish_reason == "stop" and set(json.loads(out.text)) == set(RECORD["properties"])
+        for lg, lw in zip(out.logprobs, want.logprobs):
+            assert lg.logprob == pytest.approx(lw.logprob, abs=1e-4) and [t for t, _ in lg.top] == [t for t, _ in lw.top]
     stats = llm.engine.stats()
     assert stats.spec_forced_tokens > 0 and stats.spec_forced_accepted_tokens > stats.spec_forced_tokens / 2
     assert stats.spec_draft_tokens >= stats.spec_forced_tokens
