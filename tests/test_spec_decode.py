@@ -397,7 +397,8 @@ def test_greedy_under_a_grammar_with_forced_drafts_is_transformers_greedy(llama_
     for out, want in zip(outs[:3], plain):
         assert out.finish_reason == "stop" and set(json.loads(out.text)) == set(RECORD["properties"])
         for lg, lw in zip(out.logprobs, want.logprobs):
-            assert lg.logprob == pytest.approx(lw.logprob, abs=1e-4) and [t for t, _ in lg.top] == [t for t, _ in lw.top]
+            assert lg.logprob == pytest.approx(lw.logprob, abs=1e-4)
+            assert [t for t, _ in lg.top] == [t for t, _ in lw.top]
     stats = llm.engine.stats()
     assert stats.spec_forced_tokens > 0 and stats.spec_forced_accepted_tokens > stats.spec_forced_tokens / 2
     assert stats.spec_draft_tokens >= stats.spec_forced_tokens

@@ -108,7 +108,8 @@ def run_speculative(llm: LLM, prompt: list[int], out_len: int, batch_prompts: li
         # Greedy output with and without speculation: the same tokens up to here (all of them on a CPU in fp32; in
         # bf16 the verify step's kernels round differently from a decode's, and a near-tie can flip).
         "same_greedy_tokens": next((i for i, (a, b) in enumerate(zip(plain_ids, spec_ids)) if a != b), len(plain_ids)),
-        "forced_draft_tokens": counts["spec_forced_tokens"], "forced_accepted_tokens": counts["spec_forced_accepted_tokens"],
+        "forced_draft_tokens": counts["spec_forced_tokens"],
+        "forced_accepted_tokens": counts["spec_forced_accepted_tokens"],
         "draft_tokens": drafts, "verify_steps": steps,
     }  # fmt: skip
     result["speedup"] = result["spec_tokens_per_s"] / result["plain_tokens_per_s"]
