@@ -495,3 +495,22 @@ def chi2_critical(dof: int) -> float:
     """The chi-square value exceeded with probability 0.1% (Wilson-Hilferty)."""
     z = 3.09
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def test_sampled_rows_under_a_grammar_beside_sampled_draft_model_rows(llama_dir):
+    """One step verifies a draft model's sampled drafts (their q from the draft) and constrained rows' forced
+    one-hot drafts together: the constrained outputs are valid objects of the schema, the forced drafts were
+    accepted, seeded runs repeat, and no page is left behind."""
+    llm = make_llm(llama_dir, speculative_model=llama_dir)
+    json_params = Params(max_tokens=64, temperature=1.0, seed=1, n=2, structured=StructuredOutput(json=RECORD))
+    free = Params(max_tokens=24, temperature=1.0, seed=2, ignore_eos=True)
+    prompts = random_prompts([5, 9, 14], seed=8)
+    runs = [llm.generate(prompts, [json_params, free, json_params]) for _ in range(2)]
+    assert [[c.token_ids for c in r.outputs] for r in runs[0]] == [[c.token_ids for c in r.outputs] for r in runs[1]]
+    for out in (runs[0][0], runs[0][2]):
+        for c in out.outputs:
+            record = json.loads(c.text)
+            assert record["color"] in ("red", "green", "blue") and 0 <= record["size"] <= 99
+    stats = llm.engine.stats()
+    assert stats.spec_forced_accepted_tokens > 0 and stats.spec_draft_tokens > stats.spec_forced_tokens
+    assert_no_leak(llm)
