@@ -514,3 +514,21 @@ def test_sampled_rows_under_a_grammar_beside_sampled_draft_model_rows(llama_dir)
     stats = llm.engine.stats()
     assert stats.spec_forced_accepted_tokens > 0 and stats.spec_draft_tokens > stats.spec_forced_tokens
     assert_no_leak(llm)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_forced_drafts_under_a_grammar(llama_dir):
+    """On the GPU (fp32, torch backend): constrained greedy output with forced drafts, with n-gram and with a
+    self-draft beside an unconstrained row, is the output without speculation; the masks reach the device."""
+    params = Params(max_tokens=64, temperature=0, structured=StructuredOutput(json=RECORD))
+    prompts = random_prompts([5, 17, 40], seed=3)
+    opts = dict(dtype="float32", attention_backend="torch", enforce_eager=True, kv_cache_memory=64 << 20,
+                max_num_seqs=8)  # fmt: skip
+    want = [o.token_ids for o in LLM(llama_dir, **opts).generate(prompts, params)]
+    for kw in (dict(speculative_method="ngram"), dict(speculative_model=llama_dir)):
+        llm = LLM(llama_dir, **opts, **kw)
+        outs = llm.generate(prompts + [prompts[0]], [params] * 3 + [GREEDY])
+        assert [o.token_ids for o in outs[:3]] == want
+        assert llm.engine.stats().spec_forced_accepted_tokens > 0
+        assert_no_leak(llm)
