@@ -86,11 +86,13 @@ def main(argv=None) -> dict:
     spec = ap.add_argument_group("speculative decoding: batch-1 speed-up, acceptance and step costs, and a batch "
                                  "(--speculative-batch) with speculation allowed vs none, in one engine")
     spec.add_argument("--speculative-model", default=None, help="a draft model (same tokenizer; a dummy name too)")
-    spec.add_argument("--speculative-method", choices=["draft", "ngram"], default=None)
+    spec.add_argument("--speculative-method", choices=["draft", "ngram", "grammar"], default=None)
     spec.add_argument("--num-speculative-tokens", type=int, default=None)
     spec.add_argument("--speculative-max-batch", type=int, default=None)
     spec.add_argument("--speculative-draft-vocab", type=int, default=None, help="the draft scores the first N ids")
     spec.add_argument("--speculative-batch", type=int, default=64, help="the batch compared with and without (0: none)")
+    spec.add_argument("--speculative-json", default=None, help="a JSON schema (text) constraining the batch-1 request: "
+                      "drafts of the text its grammar forces")  # fmt: skip
     spec.add_argument("--prompt", default=None, help="the batch-1 prompt as text (default: random token ids)")
     ap.add_argument("--tokenizer", default=None, help="an HF tokenizer directory (e.g. for dummy weights)")
     ap.add_argument("--num-loras", type=int, default=None,
@@ -223,8 +225,9 @@ def main(argv=None) -> dict:
     elif args.speculative_model or args.speculative_method:
         prompt = llm.encode(args.prompt) if args.prompt else prompts[0]
         batch = make_workload(args.speculative_batch, input_len, output_len, engine.vocab_size, args.seed)[0]
-        trials = 3 if device.type == "cuda" else 1
-        result.update(run_speculative(llm, prompt, out_lens[0], batch, out_lens[0], trials))
+        trials = 3 if device.type == "cuda" else 5 if args.speculative_json else 1  # a JSON object is short
+        schema = json.loads(args.speculative_json) if args.speculative_json else None
+        result.update(run_speculative(llm, prompt, out_lens[0], batch, out_lens[0], trials, schema))
         print_speculative(result)
     elif args.latency:
         step_s = run_latency(llm, prompts[0], out_lens[0])

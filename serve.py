@@ -69,8 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size,
                    help="pipeline stages the layers are split into (default %(default)s)")
     p.add_argument("--speculative-model", help="speculative decoding: a draft model with the same tokenizer")
-    p.add_argument("--speculative-method", choices=["draft", "ngram"],
-                   help="speculative decoding: draft (with --speculative-model) or ngram (prompt lookup)")
+    p.add_argument("--speculative-method", choices=["draft", "ngram", "grammar"],
+                   help="speculative decoding: draft (with --speculative-model), ngram (prompt lookup), or grammar "
+                        "(structured outputs only, drafting the text their grammar forces; the others do that too)")
     p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens,
                    help="tokens proposed per speculative step (default %(default)s)")
     p.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,

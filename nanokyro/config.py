@@ -107,7 +107,8 @@ class EngineConfig:
     # num_speculative_tokens tokens per step, verified by the model in one forward; only while at most
     # speculative_max_batch sequences run (past that the device is busy enough without it).
     speculative_model: str | None = None
-    speculative_method: str | None = None  # "draft" (the default with a speculative_model) | "ngram"
+    speculative_method: str | None = None  # "draft" (the default with a speculative_model) | "ngram" | "grammar"
+    # ("grammar": structured outputs alone speculate, drafting the text their grammar forces; also with the others)
     num_speculative_tokens: int = 4
     speculative_max_batch: int = 16
     # A cheaper draft: its LM head over only the first N token ids (a BPE vocabulary's earliest merges, its most
@@ -117,12 +118,12 @@ class EngineConfig:
     def spec_method(self) -> str | None:
         """The speculative proposer this config asks for (None: no speculation); a ValueError if inconsistent."""
         method = self.speculative_method or ("draft" if self.speculative_model else None)
-        if method not in (None, "draft", "ngram"):
-            raise ValueError(f"speculative_method must be 'draft' or 'ngram', got {method!r}")
+        if method not in (None, "draft", "ngram", "grammar"):
+            raise ValueError(f"speculative_method must be 'draft', 'ngram' or 'grammar', got {method!r}")
         if method == "draft" and not self.speculative_model:
             raise ValueError("speculative_method 'draft' needs a speculative_model")
-        if method == "ngram" and self.speculative_model:
-            raise ValueError("speculative_method 'ngram' takes no speculative_model")
+        if method in ("ngram", "grammar") and self.speculative_model:
+            raise ValueError(f"speculative_method {method!r} takes no speculative_model")
         if method is not None and not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
         if self.speculative_draft_vocab is not None and (method != "draft" or self.speculative_draft_vocab < 1):

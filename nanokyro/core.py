@@ -38,7 +38,7 @@ from nanokyro.lora import AdapterError, LoRARegistry
 from nanokyro.runner import ModelRunner
 from nanokyro.sampler import PendingSample, SamplerOutput, make_generator
 from nanokyro.scheduler import ScheduledBatch, Scheduler, Sequence, Status
-from nanokyro.spec_decode import DraftModelProposer, NgramProposer, shrink_lm_head, verify
+from nanokyro.spec_decode import DraftModelProposer, Drafts, NgramProposer, grammar_drafts, shrink_lm_head, verify
 
 log = logging.getLogger("nanokyro")
 
@@ -89,6 +89,7 @@ class EngineCore:
         elif self.spec_method == "ngram":
             self.proposer = NgramProposer()
         self.spec_verify_steps = self.spec_draft_tokens = self.spec_accepted_tokens = 0
+        self.spec_forced_tokens = self.spec_forced_accepted_tokens = 0  # drafts a grammar forced, and accepted
         self.tokenizer = self.runner.tokenizer
         self.model_name = cfg.served_model_name or self.runner.model_name
         mc = self.runner.model_cfg
@@ -214,7 +215,8 @@ class EngineCore:
                            sched.num_preemptions, sched.prefix_queried_tokens, sched.prefix_hit_tokens,
                            dict(self.lora_requests), loras.num_resident if loras else 0,
                            loras.num_loads if loras else 0,
-                           self.spec_verify_steps, self.spec_draft_tokens, self.spec_accepted_tokens)  # fmt: skip
+                           self.spec_verify_steps, self.spec_draft_tokens, self.spec_accepted_tokens,
+                           self.spec_forced_tokens, self.spec_forced_accepted_tokens)  # fmt: skip
 
     # -- the step -------------------------------------------------------------------------------------------
 
@@ -245,16 +247,17 @@ class EngineCore:
     # -- speculative decoding (spec_decode.py) ---------------------------------------------------------------
 
     def _speculating(self) -> bool:
-        """Whether this step speculates: a proposer, a small running batch, and a sequence that may."""
+        """Whether this step speculates: a speculative method, a small running batch, and a sequence that may."""
         running = self.scheduler.running
-        return (self.proposer is not None and 0 < len(running) <= self.cfg.speculative_max_batch
+        return (self.spec_method is not None and 0 < len(running) <= self.cfg.speculative_max_batch
                 and any(self._may_speculate(s) for s in running))  # fmt: skip
 
-    @staticmethod
-    def _may_speculate(seq: Sequence) -> bool:
-        """A running decode that asks for speculation, without a grammar (its masks are made one token at a time,
-        so grammar rows decode plainly), with room for a draft and the token after it."""
-        return (seq.status is Status.RUNNING and seq.params.speculative and seq.matcher is None
+    def _may_speculate(self, seq: Sequence) -> bool:
+        """A running decode that asks for speculation, with room for a draft and the token after it. A sequence
+        under a grammar drafts what the grammar forces (with the n-gram proposer, its drafts after them), verified
+        under the grammar's masks (spec_decode.grammar_drafts); with the "grammar" method, only those speculate."""
+        return (seq.status is Status.RUNNING and seq.params.speculative
+                and (seq.matcher is not None or self.proposer is not None)
                 and seq.num_tokens - seq.num_computed == 1 and seq.num_tokens + 1 < seq.max_len
                 and seq.num_tokens >= seq.spec_resume_at)  # fmt: skip
 
@@ -271,14 +274,20 @@ class EngineCore:
         """One un-overlapped step in which the speculating sequences verify their drafts (k + 1 rows each) and the
         others decode or prefill as usual, all in one forward."""
         k = self.cfg.num_speculative_tokens
-        reserved = {}
+        reserved, grammar = {}, {}
         for seq in self.scheduler.running:
             if self._may_speculate(seq):
-                drafts = self.proposer.reserve(seq, min(k, seq.max_len - seq.num_tokens - 1))
+                room = min(k, seq.max_len - seq.num_tokens - 1)
+                if seq.matcher is not None:
+                    ngram = self.proposer if isinstance(self.proposer, NgramProposer) else None
+                    grammar[seq] = grammar_drafts(seq, self.tokenizer, room, self.vocab_size, ngram)
+                    drafts = grammar[seq].tokens
+                else:
+                    drafts = self.proposer.reserve(seq, room)
                 if drafts:
                     seq.token_ids += drafts
                     reserved[seq] = len(drafts)
-                else:
+                elif seq not in grammar:  # a grammar's next forced text is found anew each step, for microseconds
                     self._missed(seq)
         batch = self.scheduler.schedule()
         # The token budget may cut a sequence's drafts, or preemption all of them: drop what is not computed.
@@ -291,17 +300,25 @@ class EngineCore:
         batch.__post_init__()  # which sequences sample, now their drafts are settled
         if not batch.seqs:
             return []
-        spec = [(s, d) for s, d in zip(batch.seqs, batch.num_drafts) if d]
-        spec_seqs, num_drafts = [s for s, _ in spec], [d for _, d in spec]
-        drafts = self.proposer.fill(spec_seqs, num_drafts) if spec else None
-        on_device = drafts is not None and isinstance(drafts.tokens, torch.Tensor)
-        loads = self.loras.take_loads() if self.loras is not None else []  # a sequence admitted now may need one
-        logits = self.runner.forward(batch, drafts.tokens if on_device else None, loads)
-        spec_rows, plain_rows, row = [], [], 0
+        rows, plain_rows, row = {}, [], 0
         for seq, d, samples in zip(batch.seqs, batch.num_drafts, batch.samples):
             if samples:
-                (spec_rows if d else plain_rows).extend(range(row, row + d + 1))
+                if d:
+                    rows[seq] = range(row, row + d + 1)
+                else:
+                    plain_rows.append(row)
                 row += d + 1
+        # Drafts of the draft model first (on the device, read through placeholders), then those on the host.
+        spec = [(s, d) for s, d in zip(batch.seqs, batch.num_drafts) if d]
+        model = isinstance(self.proposer, DraftModelProposer)
+        by_model = [(s, d) for s, d in spec if model and s not in grammar]
+        on_host = [(s, d) for s, d in spec if not model or s in grammar]
+        spec_seqs, num_drafts = [s for s, _ in by_model + on_host], [d for _, d in by_model + on_host]
+        drafts = self.proposer.fill(spec_seqs[: len(by_model)], num_drafts[: len(by_model)]) if by_model else Drafts([])
+        drafts = drafts.then([t for s, d in on_host for t in s.token_ids[s.num_tokens - d :]])
+        on_device = isinstance(drafts.tokens, torch.Tensor)
+        loads = self.loras.take_loads() if self.loras is not None else []  # a sequence admitted now may need one
+        logits = self.runner.forward(batch, drafts.tokens if on_device else None, loads)
         # The others: sampled, updated and finished as in a plain step, at once.
         plain = ScheduledBatch([s for s, d in zip(batch.seqs, batch.num_drafts) if not d],
                                [n for n, d in zip(batch.num_new, batch.num_drafts) if not d])  # fmt: skip
@@ -310,20 +327,26 @@ class EngineCore:
             sample = self.runner.sample(plain, logits[plain_rows])
             sampled = self.scheduler.update(plain, [-(r + 1) for r in range(len(sample.tokens))])
             outs = self._finish(_Step(sampled, [s.num_tokens - 1 for s in sampled], sample))
-        if spec:
-            verified = verify(logits[spec_rows], spec_seqs, num_drafts, drafts)
+        if spec_seqs:
+            spec_rows = [r for s in spec_seqs for r in rows[s]]
+            masks = [grammar[s].mask if s in grammar else None for s in spec_seqs]
+            verified = verify(logits[spec_rows], spec_seqs, num_drafts, drafts, masks)
             for seq, num, v in zip(spec_seqs, num_drafts, verified):
-                outs.append(self._accept(seq, num, v))
+                outs.append(self._accept(seq, num, v, grammar[seq].forced[:num] if seq in grammar else []))
         return outs
 
-    def _accept(self, seq: Sequence, num_drafts: int, v) -> SeqOutput:
-        """Append a verified sequence's tokens up to the first that ends it, and report them."""
+    def _accept(self, seq: Sequence, num_drafts: int, v, forced: list[bool]) -> SeqOutput:
+        """Append a verified sequence's tokens up to the first that ends it (advancing its grammar), and report
+        them. forced: which drafts its grammar forced."""
         self.spec_verify_steps += 1
         self.spec_draft_tokens += num_drafts
         self.spec_accepted_tokens += v.num_accepted
+        self.spec_forced_tokens += sum(forced)
+        self.spec_forced_accepted_tokens += sum(forced[: v.num_accepted])
         start, reason, tokens = seq.num_tokens - num_drafts, None, v.tokens
         for j, token in enumerate(tokens):
-            reason = self._stop_reason(seq, token, start + j + 1, True)
+            accepted = seq.matcher.accept_token(token) if seq.matcher is not None else True
+            reason = self._stop_reason(seq, token, start + j + 1, accepted)
             if reason is not None:
                 tokens = tokens[: j + 1]
                 break

@@ -6,6 +6,9 @@ schema never stalls other requests), raising ValueError that names what is wrong
 n sequences a matcher of its own; each step the sampler fills the constrained rows of one reusable bitmask and
 masks their logits; the engine advances each matcher with its sampled token and finishes the sequence ("stop")
 once the matcher has accepted a stop token at the end of the grammar.
+
+Speculative decoding (spec_decode.py) drafts what a grammar forces and verifies drafts under the grammar: `forced_text`
+and `draft_bitmasks` look ahead of a matcher and roll it back, so its state is what the accepted tokens made it.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import json
 import re
 import threading
 
+import numpy as np
 import torch
 import xgrammar as xgr
 from xgrammar import GrammarMatcher
@@ -147,3 +151,55 @@ class TokenBitmask:
             self._copied = torch.cuda.Event()
             self._copied.record()
         xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=vocab, indices=rows)
+
+
+def forced_text(matcher: GrammarMatcher) -> str:
+    """The longest text the grammar allows next and nothing else (a JSON key with its quotes, a closing bracket);
+    "" when the next character is free. Leaves the matcher as it is."""
+    return matcher.find_jump_forward_string()
+
+
+def only_allowed(row: torch.Tensor) -> int | None:
+    """The token a bitmask row [ceil(vocab / 32)] int32 allows, if it allows exactly one."""
+    words = row.numpy()
+    nonzero = np.flatnonzero(words)
+    if len(nonzero) != 1:
+        return None
+    word = int(words[nonzero[0]]) & 0xFFFFFFFF  # bit 31 makes the int32 negative
+    return int(nonzero[0]) * 32 + word.bit_length() - 1 if word & (word - 1) == 0 else None
+
+
+def draft_bitmasks(matcher: GrammarMatcher, drafts: list[int], k: int, vocab_size: int
+                   ) -> tuple[list[int], int, torch.Tensor]:  # fmt: skip
+    """The grammar's allowed tokens at each position a verify step scores for these drafts: row j of the mask
+    [len(kept) + 1, ceil(vocab / 32)] is the grammar's state after kept[:j]. Drafts stop before the first one the
+    grammar rejects. While there are fewer than k and the last position allows exactly one token, that token is
+    drafted too (the stop token after a finished JSON object, say). Returns (kept drafts and the forced ones after
+    them, how many were kept of `drafts`, the mask). The matcher is rolled back: its state is unchanged."""
+    mask = xgr.allocate_token_bitmask(k + 1, vocab_size)
+    tokens, kept = [], 0
+    for j in range(k + 1):
+        if matcher.is_terminated():  # after a stop token: nothing follows, and the row after it is never used
+            mask[j] = -1
+            break
+        matcher.fill_next_token_bitmask(mask, j)
+        if j == k:
+            break
+        if kept == j < len(drafts) and matcher.accept_token(drafts[j]):
+            tokens.append(drafts[j])
+            kept += 1
+            continue
+        token = only_allowed(mask[j])  # past the drafts, or in place of one the grammar rejected
+        if token is None or not matcher.accept_token(token):
+            break
+        tokens.append(token)
+    matcher.rollback(len(tokens))
+    return tokens, kept, mask[: len(tokens) + 1]
+
+
+def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> None:
+    """Mask logits[rows[i]] in place to the tokens mask[i] (host int32 [len(rows), ceil(vocab / 32)]) allows."""
+    full = torch.full((logits.shape[0], mask.shape[1]), -1, dtype=torch.int32)
+    full[rows] = mask
+    xgr.apply_token_bitmask_inplace(logits, full.to(logits.device, non_blocking=True), vocab_size=logits.shape[-1],
+                                    indices=rows)  # fmt: skip

@@ -142,6 +142,10 @@ class _EngineCollector:
                      "tokens proposed and verified.", stats.spec_draft_tokens)  # fmt: skip
         yield family(CounterMetricFamily, "nanokyro_spec_decode_num_accepted_tokens", "Speculative decoding: draft "
                      "tokens accepted.", stats.spec_accepted_tokens)  # fmt: skip
+        yield family(CounterMetricFamily, "nanokyro_spec_decode_num_forced_tokens", "Speculative decoding: draft "
+                     "tokens a structured output's grammar forced (of the draft tokens).", stats.spec_forced_tokens)
+        yield family(CounterMetricFamily, "nanokyro_spec_decode_num_forced_accepted_tokens", "Speculative decoding: "
+                     "forced draft tokens accepted.", stats.spec_forced_accepted_tokens)  # fmt: skip
         yield family(GaugeMetricFamily, "nanokyro_spec_decode_mean_accepted_length", "Speculative decoding: tokens "
                      "per verify step (accepted drafts + 1), over the engine's life; 0 before any.",
                      (stats.spec_accepted_tokens / stats.spec_verify_steps + 1) if stats.spec_verify_steps else 0.0)

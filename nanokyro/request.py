@@ -201,6 +201,8 @@ class EngineStats(msgspec.Struct):
     spec_verify_steps: int = 0  # sequence-steps that verified drafts (speculative decoding)
     spec_draft_tokens: int = 0  # draft tokens proposed and verified
     spec_accepted_tokens: int = 0  # of those, accepted
+    spec_forced_tokens: int = 0  # of the draft tokens, those a grammar forced (structured outputs)
+    spec_forced_accepted_tokens: int = 0  # of those, accepted
 
 
 # -- what the frontend makes of it ------------------------------------------------------------------------------

@@ -19,6 +19,16 @@ with probability min(1, p(d) / q(d)); at the first rejection the token is drawn 
 and after k acceptances from p. p and q come from sampler.probabilities, so temperature, top-k/p, min-p and
 penalties mean what they mean without speculation; n-gram drafts are one-hot q.
 
+Under a grammar (structured outputs), a sequence drafts the text the grammar forces next, which xgrammar finds (its
+jump-forward string: a JSON key with its quotes, a closing bracket), tokenised as the model's tokenizer writes it,
+then the n-gram proposer's drafts after it; the draft model does not draft for it. `grammar.draft_bitmasks` cuts the
+drafts before the first token the grammar rejects, adds the tokens it allows alone (the stop token after the last
+bracket) and makes the grammar's mask of every row the verify step scores, by accepting the drafts into the matcher
+and rolling it back. `verify` applies those masks first, as the sampler does: the model's distribution is then the
+one it samples from without speculation, and a draft the grammar alone allows is accepted for sure. A forced text
+the model would split into other tokens is rejected like any wrong draft. With `speculative_method="grammar"` only
+such sequences speculate.
+
 On CUDA both run through the decode graphs: each draft pass replays the draft runner's graph of its batch size,
 and the verify step the model's graph of (k + 1) x batch rows, one attention row per token (runner.plan's
 token_rows).
@@ -39,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nanokyro.grammar import apply_bitmask, draft_bitmasks, forced_text
 from nanokyro.layers import VocabParallelEmbedding, pack_head
 from nanokyro.request import TokenLogprob
 from nanokyro.sampler import SampleRow, apply_penalties, argmax, draw, probabilities
@@ -58,6 +69,18 @@ class Drafts:
 
     tokens: list[int] | torch.Tensor
     probs: torch.Tensor | None = None
+
+    def then(self, tokens: list[int]) -> Drafts:
+        """These drafts followed by one-hot ones on the host (constrained sequences' drafts, after a draft model's)."""
+        if not tokens:
+            return self
+        if not isinstance(self.tokens, torch.Tensor):
+            return Drafts(self.tokens + tokens, None)  # one-hot, as every list's
+        more = torch.tensor(tokens, device=self.tokens.device)
+        probs = self.probs
+        if probs is not None:
+            probs = torch.cat([probs, F.one_hot(more, probs.shape[-1]).to(probs.dtype)])
+        return Drafts(torch.cat([self.tokens, more]), probs)
 
 
 class NgramProposer:
@@ -85,6 +108,28 @@ def ngram_lookup(token_ids: list[int], k: int, max_n: int = 3, min_n: int = 1) -
             start = hits[-1] + n
             return ids[start : start + k].tolist()
     return []
+
+
+@dataclass
+class GrammarDrafts:
+    """A constrained sequence's drafts, and its grammar's mask of each position the verify step scores."""
+
+    tokens: list[int]
+    forced: list[bool]  # per token: the grammar forced it (else the n-gram proposer proposed it)
+    mask: torch.Tensor  # [len(tokens) + 1, ceil(vocab / 32)] int32, on the host
+
+
+def grammar_drafts(seq: Sequence, tokenizer, k: int, vocab_size: int, ngram: NgramProposer | None) -> GrammarDrafts:
+    """Drafts for a sequence under a grammar: first the text the grammar forces next, tokenised as the model's
+    tokenizer writes it (the model may split it otherwise: verification decides, as for any draft), then, with the
+    n-gram proposer, what followed the last n-gram; the grammar then cuts them before the first token it rejects
+    and adds the tokens it allows alone (grammar.draft_bitmasks). Costs microseconds, with no model."""
+    text = forced_text(seq.matcher)
+    forced = tokenizer.encode(text, add_special_tokens=False)[:k] if text else []
+    more = ngram_lookup(seq.token_ids + forced, k - len(forced), ngram.max_n, ngram.min_n) if ngram else []
+    tokens, kept, mask = draft_bitmasks(seq.matcher, forced + more, k, vocab_size)
+    flags = [j < len(forced) or j >= kept for j in range(len(tokens))]
+    return GrammarDrafts(tokens, flags, mask)
 
 
 @dataclass
@@ -196,11 +241,23 @@ class Verified:
     logprobs: list[TokenLogprob] | None = None
 
 
-def verify(logits: torch.Tensor, seqs: list[Sequence], num_drafts: list[int], drafts: Drafts) -> list[Verified]:
+def verify(logits: torch.Tensor, seqs: list[Sequence], num_drafts: list[int], drafts: Drafts,
+           masks: list[torch.Tensor | None] | None = None) -> list[Verified]:  # fmt: skip
     """Accept or reject each sequence's drafts (its last num_drafts[i] token slots).
 
     logits: [sum(num_drafts) + len(seqs), vocab], sequence i's k_i + 1 rows in order: row j scores the position
-    after its j-th draft (row 0: after its last real token)."""
+    after its j-th draft (row 0: after its last real token). masks[i]: a constrained sequence's grammar bitmask of
+    those rows (GrammarDrafts.mask), applied first, as the sampler applies it: the model's distribution is then
+    the one it samples from without speculation, and a draft the grammar alone allows is accepted for sure."""
+    if masks is not None and any(m is not None for m in masks):
+        logits = logits.to(torch.float32, copy=True)
+        masked, parts, at = [], [], 0
+        for mask, k in zip(masks, num_drafts):
+            if mask is not None:
+                masked += range(at, at + k + 1)
+                parts.append(mask[: k + 1])  # the budget may have cut the drafts it was made for
+            at += k + 1
+        apply_bitmask(logits, torch.cat(parts), masked)
     rows, is_draft = [], []
     for seq, k in zip(seqs, num_drafts):
         end = seq.num_tokens - k

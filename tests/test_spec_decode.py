@@ -1,26 +1,36 @@
 """Speculative decoding on the CPU: greedy output with a draft model or n-gram drafts is HF transformers' greedy
 output, however batched (mixed with rows that do not speculate, chunked, preempted, prefix-cached); the rejection
 sampler keeps the model's distribution; rejected drafts leave no page and no prefix-cache entry behind; sampling
-options keep their meaning; the server takes `"speculative": false` and shows the counters in /metrics."""
+options keep their meaning; the server takes `"speculative": false` and shows the counters in /metrics. Under a
+grammar (structured outputs) the text it forces is drafted and verified under its masks: greedy output is HF's with
+xgrammar's logits processor, sampling keeps the masked distribution, and probing leaves the matcher as it was."""
 from __future__ import annotations
 
 import gc
 import os
 import random
 
+import json
+import math
+
 import httpx
+import msgspec
 import pytest
 import torch
+import xgrammar as xgr
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import KEY, ServerThread, assert_no_leak, build_tiny_model
 from nanokyro import LLM, SamplingParams
 from nanokyro.config import EngineConfig, ModelConfig
+from nanokyro.grammar import draft_bitmasks, only_allowed
 from nanokyro.request import SamplingParams as Params
+from nanokyro.request import StructuredOutput
 from nanokyro.runner import kv_bytes_per_page
 from nanokyro.sampler import SampleRow
+from nanokyro.scheduler import Sequence
 from nanokyro.server import create_app
-from nanokyro.spec_decode import ngram_lookup, rejection_sample
+from nanokyro.spec_decode import Drafts, grammar_drafts, ngram_lookup, rejection_sample, verify
 
 PROMPT_LENS = [1, 3, 17, 40, 64, 100]
 MAX_TOKENS = 24
@@ -55,7 +65,8 @@ def make_llm(path, **kw):
 
 
 def proposer(name: str, llama_dir: str, draft_dir: str) -> dict:
-    return {"ngram": dict(speculative_method="ngram"), "draft": dict(speculative_model=draft_dir),
+    return {"ngram": dict(speculative_method="ngram"), "grammar": dict(speculative_method="grammar"),
+            "draft": dict(speculative_model=draft_dir),
             "self": dict(speculative_model=llama_dir),
             "self_small_head": dict(speculative_model=llama_dir, speculative_draft_vocab=200)}[name]  # fmt: skip
 
@@ -213,21 +224,19 @@ def test_seeded_sampling_with_speculation_is_reproducible_and_n_gt_1_works(llama
     assert_no_leak(llm)
 
 
-def test_speculation_turns_off_for_large_batches_and_grammar_rows(llama_dir):
+def test_speculation_turns_off_for_large_batches(llama_dir):
     llm = make_llm(llama_dir, speculative_method="ngram", speculative_max_batch=2)
     prompts = [[5, 6, 7, 5, 6, 7, 5, 6]] * 4
     llm.generate(prompts, Params(max_tokens=4, temperature=0, ignore_eos=True))
     assert llm.engine.stats().spec_verify_steps == 0  # four running > 2
-    structured = Params(max_tokens=8, temperature=0, structured={"choice": ["yes", "no"]})
-    llm.generate([5, 6, 7], structured)
-    assert llm.engine.stats().spec_verify_steps == 0
     assert_no_leak(llm)
 
 
 def test_bad_speculative_options_are_refused(llama_dir, draft_dir, tmp_path):
     bad = [(dict(speculative_method="medusa"), "speculative_method"),
            (dict(speculative_method="draft"), "needs a speculative_model"),
-           (dict(speculative_method="ngram", num_speculative_tokens=0), "num_speculative_tokens")]
+           (dict(speculative_method="ngram", num_speculative_tokens=0), "num_speculative_tokens"),
+           (dict(speculative_method="grammar", speculative_model=draft_dir), "'grammar' takes no speculative_model")]
     bad.append((dict(speculative_method="ngram", speculative_draft_vocab=10), "speculative_draft_vocab"))
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
@@ -260,6 +269,7 @@ def test_server_takes_speculative_false_and_shows_the_counters(llama_dir):
         assert steps > 0 and drafts == accepted > 0  # the model drafting for itself
         mean = families["nanokyro_spec_decode_mean_accepted_length"].samples[0].value
         assert mean == pytest.approx(1 + accepted / steps)
+        assert families["nanokyro_spec_decode_num_forced_tokens"].samples[0].value == 0  # no grammar here
         with pytest.raises(openai_bad_request()):
             client.completions.create(model=srv.model, prompt=prompt, max_tokens=4, extra_body={"speculative": "x"})
     finally:
@@ -336,3 +346,198 @@ def test_the_draft_prefills_the_prompt_beside_the_model(llama_dir, draft_dir):
     assert (seq_on.num_draft_computed, seq_off.num_draft_computed) == (40, 0)
     engine.fail_all()
     assert_no_leak(llm)
+
+
+# -- structured outputs: what the grammar forces, drafted for free ---------------------------------------------
+
+# Fixed keys (forced text) between free values that a random model finishes quickly.
+RECORD = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "size": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["color", "size", "tags", "ok"],
+}
+
+
+def hf_grammar_greedy(hf_model, model_dir: str, schema: dict, prompt: list[int], max_new: int) -> list[int]:
+    """transformers' greedy output under xgrammar's own logits processor, the schema compiled as nanokyro compiles
+    it (compact JSON) against the HF tokenizer."""
+    import transformers
+    from xgrammar.contrib.hf import LogitsProcessor
+
+    info = xgr.TokenizerInfo.from_huggingface(transformers.AutoTokenizer.from_pretrained(model_dir),
+                                              vocab_size=hf_model.config.vocab_size, stop_token_ids=[2])  # fmt: skip
+    grammar = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(schema), any_whitespace=False)
+    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, eos_token_id=2,
+                            logits_processor=[LogitsProcessor(grammar)])  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def grammar_reference(llama_dir, hf_llama, reference):
+    prompts = reference[0][:3]
+    return prompts, [hf_grammar_greedy(hf_llama, llama_dir, RECORD, p, 64) for p in prompts]
+
+
+@pytest.mark.parametrize("name", ["ngram", "self", "draft", "grammar", "ngram_chunked"])
+def test_greedy_under_a_grammar_with_forced_drafts_is_transformers_greedy(llama_dir, draft_dir, reference,
+                                                                           grammar_reference, name):  # fmt: skip
+    """Constrained rows draft the JSON keys and brackets their schema forces (n-gram drafts after them; with a
+    draft model, beside its drafts for the unconstrained rows of the same steps; with the "grammar" method, the
+    only rows that speculate; chunked: drafts and their masks cut by the token budget): greedy output is HF's
+    under xgrammar's logits processor and the engine's own without speculation, token for token, with the same
+    logprobs (of the masked distribution), and forced drafts were verified and accepted."""
+    prompts, refs = reference
+    constrained, grammar_refs = grammar_reference
+    opts = proposer(name.removesuffix("_chunked"), llama_dir, draft_dir)
+    if name.endswith("_chunked"):
+        opts["max_num_batched_tokens"] = 8
+    llm = make_llm(llama_dir, **opts)
+    json_params = Params(max_tokens=64, temperature=0, logprobs=2, structured=StructuredOutput(json=RECORD))
+    plain = llm.generate(constrained, msgspec.structs.replace(json_params, speculative=False))
+    assert llm.engine.stats().spec_verify_steps == 0
+    outs = llm.generate(constrained + prompts[3:], [json_params] * 3 + [GREEDY] * (len(prompts) - 3))
+    assert [o.token_ids for o in outs[:3]] == grammar_refs == [o.token_ids for o in plain]
+    assert [o.token_ids for o in outs[3:]] == refs[3:]
+    for out, want in zip(outs[:3], plain):
+        assert out.finish_reason == "stop" and set(json.loads(out.text)) == set(RECORD["properties"])
+        for lg, lw in zip(out.logprobs, want.logprobs):
+            assert lg.logprob == pytest.approx(lw.logprob, abs=1e-4)
+            assert [t for t, _ in lg.top] == [t for t, _ in lw.top]
+    stats = llm.engine.stats()
+    assert stats.spec_forced_tokens > 0 and stats.spec_forced_accepted_tokens > stats.spec_forced_tokens / 2
+    assert stats.spec_draft_tokens >= stats.spec_forced_tokens
+    assert stats.spec_accepted_tokens >= stats.spec_forced_accepted_tokens
+    if name == "grammar":  # no proposer: every draft was forced
+        assert stats.spec_draft_tokens == stats.spec_forced_tokens
+    assert_no_leak(llm)
+
+
+def mask_of(matcher, vocab: int) -> torch.Tensor:
+    row = xgr.allocate_token_bitmask(1, vocab)
+    matcher.fill_next_token_bitmask(row)
+    return row[0]
+
+
+def allowed_ids(mask_row: torch.Tensor, vocab: int) -> list[int]:
+    bits = (mask_row[:, None] >> torch.arange(32, dtype=torch.int32)) & 1  # bit b of word w: token 32 w + b
+    return bits.flatten()[:vocab].nonzero().flatten().tolist()
+
+
+def accepted(matcher, text: str, tokenizer):
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        assert matcher.accept_token(token)
+    return matcher
+
+
+def test_probing_a_grammar_leaves_its_matcher_unchanged(llama_dir):
+    """grammar_drafts looks ahead (accepting the forced text's tokens, filling each position's mask) and rolls
+    back: the matcher then allows what it allowed before, and each mask row is the state a matcher reaches by
+    accepting the drafts before it. A finished grammar allows its stop token alone: drafted with no proposal."""
+    llm = make_llm(llama_dir)
+    engine = llm.engine
+    tok, vocab = engine.tokenizer, engine.vocab_size
+    compiled = engine.grammars.compile(StructuredOutput(json=RECORD))
+    matcher = xgr.GrammarMatcher(compiled)
+    forced = matcher.find_jump_forward_string()
+    before = mask_of(matcher, vocab)
+    drafts = grammar_drafts(Sequence("r", 0, [5, 6, 7], 3, GREEDY, matcher=matcher), tok, 4, vocab, None)
+    assert forced.startswith('{"color"') and len(drafts.tokens) > 1 and all(drafts.forced)
+    assert forced.startswith(tok.decode(drafts.tokens))
+    assert torch.equal(mask_of(matcher, vocab), before) and matcher.find_jump_forward_string() == forced
+    replay = xgr.GrammarMatcher(compiled)
+    assert drafts.mask.shape[0] == len(drafts.tokens) + 1
+    for j, token in enumerate(drafts.tokens):
+        assert torch.equal(mask_of(replay, vocab), drafts.mask[j]) and replay.accept_token(token)
+    assert torch.equal(mask_of(replay, vocab), drafts.mask[-1])
+    done = accepted(xgr.GrammarMatcher(engine.grammars.compile(StructuredOutput(choice=["red"]))), "red", tok)
+    tokens, kept, mask = draft_bitmasks(done, [], 4, vocab)
+    assert kept == 0 and len(tokens) == 1 and tokens[0] in engine.eos_ids and mask.shape[0] == 2
+    assert only_allowed(mask[0]) == tokens[0] and allowed_ids(mask[0], vocab) == tokens
+    assert not done.is_terminated() and torch.equal(mask_of(done, vocab), mask[0])
+
+
+def test_sampling_under_a_grammar_keeps_the_masked_distribution(llama_dir):
+    """Verification masks each row as the sampler does. A draft the grammar alone allows is then accepted whatever
+    the model's logits and the draw (the masked distribution is one-hot on it); a draft among several allowed
+    tokens is accepted with the masked probability, and the emitted token is distributed as the masked softmax
+    (chi-square over the allowed tokens, 6000 seeded rows in one verify call)."""
+    llm = make_llm(llama_dir)
+    engine, tok, vocab = llm.engine, llm.tokenizer, llm.engine.vocab_size
+    params = Params(temperature=1.0)
+    gens = [torch.Generator().manual_seed(i) for i in range(6000)]
+    # Forced alone: the last letter of the only choice, then its stop token.
+    matcher = accepted(xgr.GrammarMatcher(engine.grammars.compile(StructuredOutput(choice=["red"]))), "re", tok)
+    tokens, _, mask = draft_bitmasks(matcher, [], 2, vocab)
+    assert len(tokens) == 2 and tokens[1] in engine.eos_ids and only_allowed(mask[0]) == tokens[0]
+    seqs = [Sequence("r", 0, [5, 6, *tokens], 2, params, generator=g) for g in gens[:200]]
+    logits = (torch.randn(200, 3, vocab) * 4).flatten(0, 1)
+    out = verify(logits, seqs, [2] * 200, Drafts(tokens * 200), [mask] * 200)
+    assert all(v.num_accepted == 2 and v.tokens[:2] == tokens for v in out)
+    # Several allowed: a draft among them, one-hot, against the masked model distribution.
+    choices = ["red", "rex", "ray", "rut", "rim"]
+    matcher = accepted(xgr.GrammarMatcher(engine.grammars.compile(StructuredOutput(choice=choices))), "r", tok)
+    allowed = allowed_ids(mask_of(matcher, vocab), vocab)
+    assert len(allowed) >= 5
+    draft = allowed[0]
+    _, _, mask = draft_bitmasks(matcher, [draft], 1, vocab)
+    torch.manual_seed(0)
+    row = torch.randn(vocab)
+    p = torch.softmax(row[allowed], dim=0).double()
+    n = len(gens)
+    seqs = [Sequence("r", 0, [5, 6, draft], 2, params, generator=g) for g in gens]
+    out = verify(torch.stack([row, torch.randn(vocab)]).repeat(n, 1), seqs, [1] * n, Drafts([draft] * n), [mask] * n)
+    emitted = torch.tensor([v.tokens[0] for v in out])
+    assert set(emitted.tolist()) <= set(allowed)
+    counts = torch.tensor([(emitted == t).sum().item() for t in allowed], dtype=torch.float64)
+    chi2 = ((counts - p * n) ** 2 / (p * n)).sum().item()
+    assert chi2 < chi2_critical(len(allowed) - 1), (counts / n, p)
+    rate = sum(v.num_accepted for v in out) / n
+    assert abs(rate - p[0].item()) < 4 * math.sqrt(p[0].item() * (1 - p[0].item()) / n)
+
+
+def chi2_critical(dof: int) -> float:
+    """The chi-square value exceeded with probability 0.1% (Wilson-Hilferty)."""
+    z = 3.09
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def test_sampled_rows_under_a_grammar_beside_sampled_draft_model_rows(llama_dir):
+    """One step verifies a draft model's sampled drafts (their q from the draft) and constrained rows' forced
+    one-hot drafts together: the constrained outputs are valid objects of the schema, the forced drafts were
+    accepted, seeded runs repeat, and no page is left behind."""
+    llm = make_llm(llama_dir, speculative_model=llama_dir)
+    json_params = Params(max_tokens=64, temperature=1.0, seed=1, n=2, structured=StructuredOutput(json=RECORD))
+    free = Params(max_tokens=24, temperature=1.0, seed=2, ignore_eos=True)
+    prompts = random_prompts([5, 9, 14], seed=8)
+    runs = [llm.generate(prompts, [json_params, free, json_params]) for _ in range(2)]
+    assert [[c.token_ids for c in r.outputs] for r in runs[0]] == [[c.token_ids for c in r.outputs] for r in runs[1]]
+    for out in (runs[0][0], runs[0][2]):
+        for c in out.outputs:
+            record = json.loads(c.text)
+            assert record["color"] in ("red", "green", "blue") and 0 <= record["size"] <= 99
+    stats = llm.engine.stats()
+    assert stats.spec_forced_accepted_tokens > 0 and stats.spec_draft_tokens > stats.spec_forced_tokens
+    assert_no_leak(llm)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_forced_drafts_under_a_grammar(llama_dir):
+    """On the GPU (fp32, torch backend): constrained greedy output with forced drafts, with n-gram and with a
+    self-draft beside an unconstrained row, is the output without speculation; the masks reach the device."""
+    params = Params(max_tokens=64, temperature=0, structured=StructuredOutput(json=RECORD))
+    prompts = random_prompts([5, 17, 40], seed=3)
+    opts = dict(dtype="float32", attention_backend="torch", enforce_eager=True, kv_cache_memory=64 << 20,
+                max_num_seqs=8)  # fmt: skip
+    want = [o.token_ids for o in LLM(llama_dir, **opts).generate(prompts, params)]
+    for kw in (dict(speculative_method="ngram"), dict(speculative_model=llama_dir)):
+        llm = LLM(llama_dir, **opts, **kw)
+        outs = llm.generate(prompts + [prompts[0]], [params] * 3 + [GREEDY])
+        assert [o.token_ids for o in outs[:3]] == want
+        assert llm.engine.stats().spec_forced_accepted_tokens > 0
+        assert_no_leak(llm)

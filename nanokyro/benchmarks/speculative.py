@@ -8,6 +8,9 @@ with and without speculation share the weights, the KV cache and the compiled gr
   predict with the measured accepted length: len * t_decode / (t_verify + k * t_draft);
 - a batch of N (default 64) with speculation allowed against none: at that size the engine does not speculate
   (speculative_max_batch), and this measures what that costs.
+
+With a JSON schema (`structured`), the batch-1 request is constrained by it: its drafts are the text the grammar
+forces (then the proposer's), and the drafts the grammar forced are counted apart.
 """
 from __future__ import annotations
 
@@ -16,20 +19,25 @@ import time
 import numpy as np
 import torch
 
-from nanokyro import LLM, SamplingParams
+from nanokyro import LLM, SamplingParams, StructuredOutput
 from nanokyro.benchmarks.workload import sync
 from nanokyro.scheduler import ScheduledBatch
 from nanokyro.spec_decode import DraftModelProposer, _DraftView
 
 
-def decode_seconds_per_token(llm: LLM, prompt: list[int], out_len: int, speculative: bool
-                             ) -> tuple[float, dict, list[int]]:  # fmt: skip
-    """Seconds per output token after the first (one request, greedy), the speculation counters it moved, and
-    its tokens."""
+COUNTERS = ("spec_verify_steps", "spec_draft_tokens", "spec_accepted_tokens", "spec_forced_tokens",
+            "spec_forced_accepted_tokens")  # fmt: skip
+
+
+def decode_seconds_per_token(llm: LLM, prompt: list[int], out_len: int, speculative: bool,
+                             structured: dict | None = None) -> tuple[float, dict, list[int]]:  # fmt: skip
+    """Seconds per output token after the first (one request, greedy; under a JSON schema, if given), the
+    speculation counters it moved, and its tokens."""
     engine = llm.engine
     before = engine.stats()
     engine.add_request(prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True,
-                                              speculative=speculative))  # fmt: skip
+                                              speculative=speculative,
+                                              structured=StructuredOutput(json=structured) if structured else None))
     tokens = []
     while not tokens:  # until the first token is on the host
         tokens += [t for out in engine.step() for t in out.token_ids]
@@ -40,8 +48,7 @@ def decode_seconds_per_token(llm: LLM, prompt: list[int], out_len: int, speculat
     sync(engine.runner.device)
     elapsed = time.perf_counter() - start
     after = engine.stats()
-    moved = {k: getattr(after, k) - getattr(before, k) for k in ("spec_verify_steps", "spec_draft_tokens",
-                                                                  "spec_accepted_tokens")}  # fmt: skip
+    moved = {k: getattr(after, k) - getattr(before, k) for k in COUNTERS}
     return elapsed / (len(tokens) - 1), moved, tokens
 
 
@@ -79,26 +86,31 @@ def step_costs(llm: LLM, prompt: list[int], k: int, reps: int = 20) -> dict:
 
 
 def run_speculative(llm: LLM, prompt: list[int], out_len: int, batch_prompts: list[list[int]], batch_out_len: int,
-                    trials: int = 3) -> dict:  # fmt: skip
+                    trials: int = 3, structured: dict | None = None) -> dict:  # fmt: skip
     engine = llm.engine
     k = engine.cfg.num_speculative_tokens
     llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up, both paths
     llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, speculative=False))
-    base_runs = [decode_seconds_per_token(llm, prompt, out_len, False) for _ in range(trials)]
-    runs = [decode_seconds_per_token(llm, prompt, out_len, True) for _ in range(trials)]
+    base_runs, runs = [], []
+    for _ in range(trials):  # alternating, so that a machine whose load drifts weighs on both alike
+        base_runs.append(decode_seconds_per_token(llm, prompt, out_len, False, structured))
+        runs.append(decode_seconds_per_token(llm, prompt, out_len, True, structured))
     base, spec = [r[0] for r in base_runs], [r[0] for r in runs]
     counts = runs[-1][1]
     plain_ids, spec_ids = base_runs[-1][2], runs[-1][2]
     steps, drafts, accepted = counts["spec_verify_steps"], counts["spec_draft_tokens"], counts["spec_accepted_tokens"]
     result = {
         "method": engine.spec_method, "num_speculative_tokens": k, "prompt_tokens": len(prompt),
-        "output_tokens": out_len,
+        "output_tokens": len(runs[-1][2]), "structured": structured is not None,
         "plain_tokens_per_s": 1 / float(np.median(base)), "spec_tokens_per_s": 1 / float(np.median(spec)),
         "acceptance_rate": accepted / drafts if drafts else 0.0,
         "mean_accepted_length": (accepted / steps + 1) if steps else 1.0,
         # Greedy output with and without speculation: the same tokens up to here (all of them on a CPU in fp32; in
         # bf16 the verify step's kernels round differently from a decode's, and a near-tie can flip).
         "same_greedy_tokens": next((i for i, (a, b) in enumerate(zip(plain_ids, spec_ids)) if a != b), len(plain_ids)),
+        "forced_draft_tokens": counts["spec_forced_tokens"],
+        "forced_accepted_tokens": counts["spec_forced_accepted_tokens"],
+        "draft_tokens": drafts, "verify_steps": steps,
     }  # fmt: skip
     result["speedup"] = result["spec_tokens_per_s"] / result["plain_tokens_per_s"]
     costs = step_costs(llm, prompt, k)
@@ -109,6 +121,12 @@ def run_speculative(llm: LLM, prompt: list[int], out_len: int, batch_prompts: li
         result["draft_vs_target"] = draft_s / costs["decode_step_s"]
     result["predicted_speedup"] = result["mean_accepted_length"] * costs["decode_step_s"] / (
         costs["verify_step_s"] + k * draft_s)  # fmt: skip
+    if structured:  # only some steps verify (those where the grammar forced text): count the plain ones too
+        n = len(spec_ids) - 1  # tokens after the first
+        plain_steps = n - steps - accepted
+        result["tokens_per_step"] = n / (n - accepted)
+        result["predicted_speedup"] = n * costs["decode_step_s"] / (
+            steps * (costs["verify_step_s"] + k * draft_s) + plain_steps * costs["decode_step_s"])  # fmt: skip
     if batch_prompts:
         result.update(run_batch(llm, batch_prompts, batch_out_len))
     return result
@@ -141,6 +159,10 @@ def print_speculative(r: dict) -> None:
           f"{r['predicted_speedup']:.2f}x)")  # fmt: skip
     print(f"acceptance {r['acceptance_rate']:.1%}, mean accepted length {r['mean_accepted_length']:.2f} tokens/step; "
           f"greedy output the same as without for {r['same_greedy_tokens']} of {r['output_tokens']} tokens")
+    if r["structured"]:
+        print(f"under the JSON schema: {r['verify_steps']} verify steps, {r['draft_tokens']} drafts, of which "
+              f"{r['forced_draft_tokens']} forced by the grammar ({r['forced_accepted_tokens']} accepted); "
+              f"{r['tokens_per_step']:.2f} tokens per step, verify or plain")  # fmt: skip
     line = (f"step costs: decode {r['decode_step_s'] * 1e3:.2f} ms, verify of {r['num_speculative_tokens'] + 1} "
             f"tokens {r['verify_step_s'] * 1e3:.2f} ms ({r['verify_vs_decode']:.2f}x)")
     if "draft_step_s" in r:
