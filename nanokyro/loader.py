@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from nanokyro import layers, quant
+from nanokyro import layers, quant, quant_formats
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.model import LlamaModel
 from nanokyro.parallel import SINGLE, Group, Shard
@@ -87,7 +87,7 @@ def load(cfg: EngineConfig, shard: Shard = Shard(), tp: Group = SINGLE, device: 
     """Build this rank's shard of the model on `device` (default: the engine's) and the engine's dtype; return
     it with its tokenizer (unless not wanted: the other ranks) and served name."""
     model, tokenizer, name = _load(cfg, shard, tp, device or cfg.torch_device(), with_tokenizer)
-    qcfg = quant.quant_config(model.cfg.quantization_config, cfg.quantization)
+    qcfg = quant_formats.quant_config(model.cfg.quantization_config, cfg.quantization)
     if with_tokenizer:  # once, on rank 0: this rank's shard
         log.info("weights: %.3f GB (%s)", quant.weight_bytes(model) / 1e9,
                  "unquantised" if qcfg is None else f"{qcfg.method}, {qcfg.fmt}")  # fmt: skip
@@ -191,10 +191,11 @@ def iter_safetensors(path: str, device: torch.device, dtype: torch.dtype,
 @torch.no_grad()
 def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], quantization: str | None = None):
     """Hand each HF-named tensor to its parameter's weight_loader, which copies this rank's shard of it; with a
-    quantised checkpoint or `quantization` asked for, through quant.py before and after."""
-    qcfg = quant.quant_config(model.cfg.quantization_config, quantization)
+    quantised checkpoint or `quantization` asked for, through quant.py before and after (quant_formats.py
+    re-lays the checkpoint's tensors on the way in)."""
+    qcfg = quant_formats.quant_config(model.cfg.quantization_config, quantization)
     quant.prepare(model, qcfg)
-    _load_tensors(model, quant.checkpoint_tensors(qcfg, tensors))
+    _load_tensors(model, quant_formats.checkpoint_tensors(qcfg, tensors))
     quant.finish(model, qcfg)
     layers.pack_for_cpu(model)
 

@@ -331,20 +331,20 @@ def test_two_gpus_match_one(graph_llm, tp, pp):
 
 def quantised_weight(fmt: str, n: int, k: int, gen: torch.Generator):
     """A random packed weight of `fmt` and its dequantised value [n, k] (fp32)."""
-    from nanokyro import quant
+    from nanokyro.quant_formats import FP8, dequantise_fp8, dequantise_int4, pack_rows
 
     if fmt.startswith("int4"):
         g = int(fmt.removeprefix("int4-g"))
         q = torch.randint(0, 16, (n, k), generator=gen, device=DEVICE, dtype=torch.int32)
         scales = (torch.rand(n, k // g, generator=gen, device=DEVICE) * 2 / k**0.5).bfloat16()
         zeros = torch.randint(0, 16, (n, k // g), generator=gen, device=DEVICE).bfloat16()
-        args = (quant.pack_rows(q), scales, zeros)
-        return args, quant.dequantise_int4(*args)
+        args = (pack_rows(q), scales, zeros)
+        return args, dequantise_int4(*args)
     w = torch.randn(n, k, generator=gen, device=DEVICE) / k**0.5
     cols = 1 if fmt == "fp8-channel" else -(-k // 128)
     scale = w.abs().amax(1, keepdim=True).expand(n, cols).contiguous() / 448
-    wq = (w / scale.repeat_interleave(128 if cols > 1 else k, 1)[:, :k]).to(quant.FP8)
-    return (wq, scale), quant.dequantise_fp8(wq, scale)
+    wq = (w / scale.repeat_interleave(128 if cols > 1 else k, 1)[:, :k]).to(FP8)
+    return (wq, scale), dequantise_fp8(wq, scale)
 
 
 @pytest.mark.parametrize("fmt", ["fp8-channel", "fp8-block", "int4-g128", "int4-g32"])
@@ -377,10 +377,13 @@ def test_quantised_kernels_match_dequantised_matmul(fmt, rows):
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 200])
 def test_quantised_tinygemm_matches_dequantised_matmul(group, rows):
-    """int4 in torch's tinygemm layout: `_convert_weight_to_int4pack` gives what quant.tinygemm_pack computes from
-    the documented layout, and the op (tinygemm up to TINYGEMM_MAX_ROWS, the tile layout's dequantise kernel and
-    cuBLAS above) matches an fp32 matmul with the dequantised weight; a stacked gate/up and a bias."""
-    from nanokyro import quant
+    """int4 in torch's tinygemm layout: `_convert_weight_to_int4pack` gives what quant_formats.tinygemm_pack
+    computes from the documented layout, and the op (tinygemm up to TINYGEMM_MAX_ROWS, the tile layout's dequantise
+    kernel and cuBLAS above) matches an fp32 matmul with the dequantised weight; a stacked gate/up and a bias."""
+    from nanokyro import quant  # noqa: F401 - registers nanokyro::int4_tinygemm_linear
+    from nanokyro.quant_formats import (dequantise_tinygemm, tinygemm_bytes, tinygemm_inner_k_tiles,
+                                        tinygemm_pack, tinygemm_scales_zeros)  # fmt: skip
+    from nanokyro.quant_triton import dequantise_tinygemm_cuda
 
     gen = torch.Generator(DEVICE).manual_seed(rows + group)
     for n, k, kind in [(4096, 14336, "plain"), (6144, 4096, "bias"), (1000, 2048, "gated"), (64, 320, "plain")]:
@@ -390,12 +393,12 @@ def test_quantised_tinygemm_matches_dequantised_matmul(group, rows):
         q = torch.randint(0, 16, (n_rows, k), generator=gen, device=DEVICE, dtype=torch.int32)
         scales = (torch.rand(n_rows, k // group, generator=gen, device=DEVICE) * 2 / k**0.5).bfloat16()
         zeros = torch.randint(0, 16, scales.shape, generator=gen, device=DEVICE).bfloat16()
-        inner = quant.tinygemm_inner_k_tiles(n_rows, k, group, torch.bfloat16)
-        packed = torch.ops.aten._convert_weight_to_int4pack(quant.tinygemm_bytes(q), inner)
-        assert torch.equal(packed, quant.tinygemm_pack(q, inner)), (n, k)
-        sz = quant.tinygemm_scales_zeros(scales, zeros)
-        w = quant.dequantise_tinygemm(packed, sz)
-        assert (quant.dequantise_tinygemm_cuda(packed, sz).float() - w).abs().max() <= w.abs().max() / 128
+        inner = tinygemm_inner_k_tiles(n_rows, k, group, torch.bfloat16)
+        packed = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(q), inner)
+        assert torch.equal(packed, tinygemm_pack(q, inner)), (n, k)
+        sz = tinygemm_scales_zeros(scales, zeros)
+        w = dequantise_tinygemm(packed, sz)
+        assert (dequantise_tinygemm_cuda(packed, sz).float() - w).abs().max() <= w.abs().max() / 128
         x = torch.randn(rows, k, generator=gen, device=DEVICE, dtype=torch.bfloat16)
         b = torch.randn(n, generator=gen, device=DEVICE, dtype=torch.bfloat16) if kind == "bias" else None
         want = x.float() @ w.T + (b.float() if b is not None else 0)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_tiny_model
 from nanokyro import LLM, SamplingParams
-from nanokyro.quant import FP8, quant_config, unpack_awq, unpack_rows
+from nanokyro.quant_formats import FP8, quant_config, unpack_awq, unpack_rows
 
 SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32)  # whole groups of 32..128 and FP8 blocks of 128
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -218,7 +218,7 @@ def test_tinygemm_layout_read_as_documented():
     """torch's int4 tile layout (aten/src/ATen/native/cuda/int4mm.cu, innerKTiles 2): lane t of tile (0, 0) packs
     bytes v[0..3] = in[t // 4][t % 4 + (0, 4, 8, 12)] of the uint8 [N, K/2] input (feature 2j in byte j's high
     nibble) as v3.lo v2.lo v1.lo v0.lo v3.hi v2.hi v1.hi v0.hi, from the top nibble down."""
-    from nanokyro.quant import tinygemm_bytes, tinygemm_pack, tinygemm_unpack
+    from nanokyro.quant_formats import tinygemm_bytes, tinygemm_pack, tinygemm_unpack
 
     q = torch.arange(32).remainder(16).repeat(8, 1)  # every row's features 0..31 hold k % 16
     assert tinygemm_bytes(q)[1, :2].tolist() == [0x01, 0x23]
@@ -232,7 +232,8 @@ def test_tinygemm_layout_read_as_documented():
 
 def test_tinygemm_scales_and_zeros_give_the_awq_weight():
     """tinygemm dequantises (q - 8) * scale + zero; the repacked zeros make that AWQ's (q - zero) * scale."""
-    from nanokyro.quant import dequantise_int4, dequantise_tinygemm, pack_rows, tinygemm_pack, tinygemm_scales_zeros
+    from nanokyro.quant_formats import (dequantise_int4, dequantise_tinygemm, pack_rows, tinygemm_pack,
+                                        tinygemm_scales_zeros)  # fmt: skip
 
     q = torch.randint(0, 16, (16, 256))
     scales, zeros = torch.rand(16, 4) / 16, torch.randint(0, 16, (16, 4)).float()
@@ -368,7 +369,7 @@ def test_bad_quantisation_requests_fail_clearly(base, tmp_path):
 
 KERNEL_CHECK = """
 import torch, torch.nn.functional as F
-from nanokyro import quant
+from nanokyro import quant_formats as qf, quant_triton as qt
 torch.manual_seed(0)
 worst = 0.0
 for rows, fmt, gated, k in [(1, "channel", True, 320), (3, "block", False, 320), (9, "g32", True, 256),
@@ -378,42 +379,42 @@ for rows, fmt, gated, k in [(1, "channel", True, 320), (3, "block", False, 320),
     x = torch.randn(rows, k)
     if fmt == "channel":
         s = w.abs().amax(1, keepdim=True) / 448
-        args = ((w / s).to(quant.FP8), s, None)
+        args = ((w / s).to(qf.FP8), s, None)
     elif fmt == "block":
         s = torch.rand(w.shape[0], -(-k // 128)) * 1e-3 + 1e-4
-        args = ((w / s.repeat_interleave(128, 1)[:, :k]).clamp(-448, 448).to(quant.FP8), s, None)
+        args = ((w / s.repeat_interleave(128, 1)[:, :k]).clamp(-448, 448).to(qf.FP8), s, None)
     else:
         g = int(fmt[1:])
-        args = (quant.pack_rows(torch.randint(0, 16, w.shape)), torch.rand(w.shape[0], k // g) * 0.01,
+        args = (qf.pack_rows(torch.randint(0, 16, w.shape)), torch.rand(w.shape[0], k // g) * 0.01,
                 torch.randint(0, 16, (w.shape[0], k // g)).float())
-    deq = quant.dequantise_fp8(*args[:2]) if args[2] is None else quant.dequantise_int4(*args)
+    deq = qf.dequantise_fp8(*args[:2]) if args[2] is None else qf.dequantise_int4(*args)
     want = x @ deq.T
     if gated:
         want = F.silu(want[:, :n]) * want[:, n:]
-    got = quant._gemv(x, *args, None, gated)
+    got = qt.qgemv(x, *args, None, gated)
     worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
-got = quant.dequantise_int4_cuda(*args, torch.float32)
-assert torch.allclose(got, quant.dequantise_int4(*args), rtol=1e-5, atol=1e-7), "dequantise kernel"
+got = qt.dequantise_int4_cuda(*args, torch.float32)
+assert torch.allclose(got, qf.dequantise_int4(*args), rtol=1e-5, atol=1e-7), "dequantise kernel"
 w = torch.randn(24, 320) * 0.05
 s = w.abs().amax(1, keepdim=True) / 448
 x = torch.randn(1, 320)
-want = x @ quant.dequantise_fp8((w / s).to(quant.FP8), s).T
-for config in [quant.GemvConfig(1, 4, 64, 4, False, split_k=3), quant.GemvConfig(1, 4, 64, 4, False, prefetch=True),
-               quant.GemvConfig(1, 4, 64, 4, False, prefetch=True, reduce_once=True)]:
-    got = quant._gemv(x, (w / s).to(quant.FP8), s, None, None, False, config)
+want = x @ qf.dequantise_fp8((w / s).to(qf.FP8), s).T
+for config in [qt.GemvConfig(1, 4, 64, 4, False, split_k=3), qt.GemvConfig(1, 4, 64, 4, False, prefetch=True),
+               qt.GemvConfig(1, 4, 64, 4, False, prefetch=True, reduce_once=True)]:
+    got = qt.qgemv(x, (w / s).to(qf.FP8), s, None, None, False, config)
     worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
 b = torch.randn(12)
 for x_2d in (False, True):  # the one-row FP8 kernel, gated and with a bias
-    config = quant.GemvConfig(1, 4, 64, 4, False, vec=8, x_2d=x_2d)
-    got = quant._gemv(x, (w / s).to(quant.FP8), s, None, None, True, config)
+    config = qt.GemvConfig(1, 4, 64, 4, False, vec=8, x_2d=x_2d)
+    got = qt.qgemv(x, (w / s).to(qf.FP8), s, None, None, True, config)
     worst = max(worst, ((got - F.silu(want[:, :12]) * want[:, 12:]).abs().max() / want.abs().max()).item())
-    got = quant._gemv(x, (w / s).to(quant.FP8)[:12], s[:12], None, b, False, config)
+    got = qt.qgemv(x, (w / s).to(qf.FP8)[:12], s[:12], None, b, False, config)
     worst = max(worst, ((got - want[:, :12] - b).abs().max() / want.abs().max()).item())
 for inner in (4, 8):
     q = torch.randint(0, 16, (24, 512))
-    packed, sz = quant.tinygemm_pack(q, inner), quant.tinygemm_scales_zeros(torch.rand(24, 8), torch.rand(24, 8) * 15)
-    want = quant.dequantise_tinygemm(packed, sz)
-    got = quant.dequantise_tinygemm_cuda(packed, sz, block_n=16, block_k=128).float()
+    packed, sz = qf.tinygemm_pack(q, inner), qf.tinygemm_scales_zeros(torch.rand(24, 8), torch.rand(24, 8) * 15)
+    want = qf.dequantise_tinygemm(packed, sz)
+    got = qt.dequantise_tinygemm_cuda(packed, sz, block_n=16, block_k=128).float()
     assert ((got - want).abs() <= want.abs() / 128).all(), "tinygemm dequantise kernel"
 print(worst)
 """

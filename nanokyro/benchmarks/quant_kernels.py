@@ -1,7 +1,7 @@
 """Sweep of the quantised linear kernels against bf16: llama-3.1-8b's qkv, o, gate/up and down projections of one
 layer, random weights, each shape's 20 calls replayed from a CUDA graph, for each row count. Every kernel and
 every FP8 GEMV setting tried is timed in one process; a variant that fails prints its error and the sweep goes
-on. The switch points (quant.GEMV_CONFIG, GEMV_MAX_ROWS, TINYGEMM_MAX_ROWS) are read from its output
+on. The switch points (quant_triton.GEMV_CONFIG, GEMV_MAX_ROWS, TINYGEMM_MAX_ROWS) are read from its output
 (docs/PERFORMANCE.md). `python -m nanokyro.benchmarks.quant_kernels [--rows 1,2,...]`.
 
 Triton compiles every setting on first use; a pool of processes compiles them first (into Triton's disk cache),
@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from nanokyro import quant, small_batch  # noqa: F401 - small_batch registers nanokyro::gemv
+from nanokyro.quant_formats import FP8, FP8_MAX, pack_rows, tinygemm_bytes, tinygemm_pack, tinygemm_scales_zeros
+from nanokyro.quant_triton import GemvConfig, dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv
 
 # (name, N, K, gated): gate/up's weight stacks 2N rows (gate and up, 14336 each) for an output of N
 SHAPES = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 14336, 4096, True),
@@ -27,9 +29,9 @@ GROUP = 128
 DEVICE = "cuda"
 
 
-def fp8_configs(rows: int) -> list[quant.GemvConfig]:
-    """Settings of quant._gemv to try for FP8 per-channel weights at `rows` rows."""
-    C, out = quant.GemvConfig, []
+def fp8_configs(rows: int) -> list[GemvConfig]:
+    """Settings of quant_triton.qgemv to try for FP8 per-channel weights at `rows` rows."""
+    C, out = GemvConfig, []
     tiles = [C(16, bn, bk, w, True, st) for bn, bk, w, st in [(32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3),
                                                               (64, 256, 4, 4), (128, 128, 8, 3), (32, 512, 4, 2),
                                                               (16, 256, 4, 3), (64, 128, 4, 5)]]  # fmt: skip
@@ -66,7 +68,7 @@ def fp8_configs(rows: int) -> list[quant.GemvConfig]:
     return out
 
 
-def label(c: quant.GemvConfig) -> str:
+def label(c: GemvConfig) -> str:
     return (f"fp8 {'tile' if c.dot else 'gemv'} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
             + (f" k{c.split_k}" if c.split_k > 1 else "") + (" pf" if c.prefetch else "")
             + (" r1" if c.reduce_once else "")
@@ -81,22 +83,22 @@ def weights() -> list[dict]:
     for name, n, k, gated in SHAPES:
         rows_n = n * 2 if gated else n
         w = torch.randn(rows_n, k, device=DEVICE, dtype=torch.bfloat16, generator=gen) / k**0.5
-        scale = (w.float().abs().amax(1, keepdim=True) / quant.FP8_MAX).clamp(min=1e-12)
+        scale = (w.float().abs().amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
         q = torch.randint(0, 16, (rows_n, k), device=DEVICE, dtype=torch.int32, generator=gen)
         s = (torch.rand(rows_n, k // GROUP, device=DEVICE, generator=gen) / 100).bfloat16()
         z = torch.full((rows_n, k // GROUP), 8.0, device=DEVICE).bfloat16()
-        sz = quant.tinygemm_scales_zeros(s, z)
+        sz = tinygemm_scales_zeros(s, z)
         tg = {i: tinygemm_weight(q, i) for i in (8, 4)}
-        out.append(dict(name=name, n=n, k=k, gated=gated, w=w, wq=(w.float() / scale).to(quant.FP8), scale=scale,
-                        qw=quant.pack_rows(q), s=s, z=z, sz=sz, tg=tg))  # fmt: skip
+        out.append(dict(name=name, n=n, k=k, gated=gated, w=w, wq=(w.float() / scale).to(FP8), scale=scale,
+                        qw=pack_rows(q), s=s, z=z, sz=sz, tg=tg))  # fmt: skip
         del q
     return out
 
 
 def tinygemm_weight(q: torch.Tensor, inner: int) -> torch.Tensor:
     if q.is_cuda:
-        return torch.ops.aten._convert_weight_to_int4pack(quant.tinygemm_bytes(q), inner)
-    return quant.tinygemm_pack(q, inner)  # a dry run on the CPU (TRITON_INTERPRET=1): the same layout
+        return torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(q), inner)
+    return tinygemm_pack(q, inner)  # a dry run on the CPU (TRITON_INTERPRET=1): the same layout
 
 
 def variants(rows: int) -> dict:
@@ -112,20 +114,20 @@ def variants(rows: int) -> dict:
                          fp8_bytes)  # fmt: skip
     v["fp8 _scaled_mm"] = (lambda d, x: g(quant._scaled_mm_fp8(x, d["wq"], d["scale"]), d["gated"]), fp8_bytes)
     for c in fp8_configs(rows):
-        v[label(c)] = (lambda d, x, c=c: quant._gemv(x, d["wq"], d["scale"], None, None, d["gated"], c), fp8_bytes)
+        v[label(c)] = (lambda d, x, c=c: qgemv(x, d["wq"], d["scale"], None, None, d["gated"], c), fp8_bytes)
     for inner in (8, 4):
         v[f"int4 tinygemm i{inner}"] = (
             lambda d, x, i=inner: g(torch._weight_int4pack_mm(x, d["tg"][i], GROUP, d["sz"]), d["gated"]), int4_bytes)
     v["int4 dispatch"] = (lambda d, x: torch.ops.nanokyro.int4_tinygemm_linear(x, d["tg"][8], d["sz"], GROUP, None,
                                                                                d["gated"]), int4_bytes)  # fmt: skip
-    v["int4 triton"] = (lambda d, x: quant._gemv(x, d["qw"], d["s"], d["z"], None, d["gated"]), int4_bytes)
+    v["int4 triton"] = (lambda d, x: qgemv(x, d["qw"], d["s"], d["z"], None, d["gated"]), int4_bytes)
     if rows >= 8:
-        v["int4 dequant + cuBLAS"] = (lambda d, x: g(F.linear(x, quant.dequantise_int4_cuda(d["qw"], d["s"], d["z"],
-                                                                                             x.dtype)), d["gated"]),
+        v["int4 dequant + cuBLAS"] = (lambda d, x: g(F.linear(x, dequantise_int4_cuda(d["qw"], d["s"], d["z"],
+                                                                                      x.dtype)), d["gated"]),
                                       int4_bytes)  # fmt: skip
         for bn, bk in [(16, 256), (8, 512), (32, 256), (16, 512), (32, 128)]:
             v[f"int4 tg-dequant {bn}x{bk} + cuBLAS"] = (
-                lambda d, x, bn=bn, bk=bk: g(F.linear(x, quant.dequantise_tinygemm_cuda(d["tg"][8], d["sz"], bn, bk)),
+                lambda d, x, bn=bn, bk=bk: g(F.linear(x, dequantise_tinygemm_cuda(d["tg"][8], d["sz"], bn, bk)),
                                              d["gated"]), int4_bytes)  # fmt: skip
     return v
 

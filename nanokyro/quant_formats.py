@@ -1,0 +1,256 @@
+"""FP8 and 4-bit (AWQ) weight formats: which quantisation a checkpoint's config.json declares, its tensors re-laid
+into the layout the linear layers hold (quant.py's docstring), the packed 4-bit layouts (the layers' rows, AWQ's,
+torch's tinygemm tiles) and the plain-torch dequantisation that the CPU runs and the kernels are tested against.
+
+Formats read (detected from config.json's `quantization_config`), and what each becomes in a layer:
+- HF `quant_method: "fp8"` with `weight_block_size` [128, 128] (Qwen3-FP8, DeepSeek): `weight` float8_e4m3fn
+  [out, in] and `weight_scale_inv` fp32 [ceil(out/128), ceil(in/128)], w = weight * scale of its block.
+- compressed-tensors `float-quantized` FP8 (FP8_DYNAMIC): `weight` fp8 [out, in], `weight_scale` [out, 1].
+- `quantization="fp8"` on a checkpoint of full-precision weights: per-output-channel scales computed at load.
+- AutoAWQ GEMM (`quant_method: "awq"`, version gemm): `qweight` int32 [in, out/8] (8 output features per int32 in
+  AWQ's nibble order 0 2 4 6 1 3 5 7), `qzeros` int32 [in/g, out/8] in the same order, `scales` [in/g, out];
+  w = (q - zero) * scale over groups of g input features.
+- compressed-tensors `pack-quantized` W4A16 (symmetric): `weight_packed` int32 [out, in/8] (input feature 8j + i
+  in bits 4i..4i+3, stored as value + 8), `weight_scale` [out, in/g]; w = (q - 8) * scale.
+- `quantization="awq"` on full-precision weights: round-to-nearest 4 bits, groups of 128, with zero points, in
+  the same layout (no activation-aware search: for benchmarks and dummy weights, not for quality).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's nibble i holds output feature AWQ_ORDER[i] of its 8
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+METHODS = ("fp8", "awq")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What the checkpoint holds (`fmt`) and what the layers become (`method`: "fp8" or "awq" = int4)."""
+
+    method: str
+    fmt: str  # "online" | "fp8-block" | "ct-fp8" | "awq-gemm" | "ct-w4a16"
+    group_size: int = 128  # int4: input features per scale; fp8-block: the block's side
+    ignore: tuple[str, ...] = field(default_factory=tuple)  # HF module names (or re:patterns) left dense
+
+    def quantises(self, hf_module: str) -> bool:
+        for pattern in self.ignore:
+            if pattern.startswith("re:") and re.fullmatch(pattern[3:], hf_module):
+                return False
+            if hf_module == pattern or hf_module == f"model.{pattern}" or hf_module.endswith(f".{pattern}"):
+                return False
+        return True
+
+
+def quant_config(qc: dict | None, requested: str | None) -> QuantConfig | None:
+    """The quantisation of a model: its config.json's `quantization_config` (qc), or `requested` on
+    full-precision weights. A checkpoint's own format is used only if it is what was asked for (or nothing was)."""
+    if requested is not None and requested not in METHODS:
+        raise ValueError(f"quantization must be one of {METHODS} or None, not {requested!r}")
+    if not qc:
+        return None if requested is None else QuantConfig(requested, "online")
+    found = _checkpoint_format(qc)
+    if requested is not None and requested != found.method:
+        raise ValueError(f"the checkpoint is already quantised ({found.fmt}); it cannot be served as {requested!r}")
+    return found
+
+
+def _checkpoint_format(qc: dict) -> QuantConfig:
+    kind = qc.get("quant_method")
+    if kind == "fp8":
+        block = qc.get("weight_block_size")
+        if block is None or list(block) != [128, 128]:
+            raise ValueError(f"FP8 checkpoints need weight_block_size [128, 128], not {block}")
+        return QuantConfig("fp8", "fp8-block", 128, tuple(qc.get("modules_to_not_convert") or ()))
+    if kind == "awq":
+        if qc.get("bits", qc.get("w_bit")) != 4 or str(qc.get("version", "gemm")).lower() != "gemm":
+            raise ValueError(f"AWQ checkpoints must be 4-bit GEMM ('version': 'gemm'), not {qc}")
+        if not qc.get("zero_point", True):
+            raise ValueError("AWQ checkpoints without zero points are not supported")
+        return QuantConfig("awq", "awq-gemm", _group_size(qc.get("group_size", qc.get("q_group_size"))),
+                           tuple(qc.get("modules_to_not_convert") or ()))  # fmt: skip
+    if kind == "compressed-tensors":
+        groups = list((qc.get("config_groups") or {}).values())
+        if len(groups) != 1:
+            raise ValueError(f"compressed-tensors checkpoints with {len(groups)} config groups are not supported")
+        w, a = groups[0].get("weights") or {}, groups[0].get("input_activations")
+        ignore = tuple(qc.get("ignore") or ())
+        if qc.get("format") == "float-quantized" and w.get("type") == "float" and w.get("num_bits") == 8:
+            if w.get("strategy") != "channel" or (a is not None and not a.get("dynamic")):
+                raise ValueError("compressed-tensors FP8 must have per-channel weight scales and dynamic activation "
+                                 f"scales (FP8_DYNAMIC), not weights {w} activations {a}")  # fmt: skip
+            return QuantConfig("fp8", "ct-fp8", 0, ignore)
+        if qc.get("format") == "pack-quantized" and w.get("type") == "int" and w.get("num_bits") == 4:
+            if not w.get("symmetric", True) or w.get("strategy") != "group" or a is not None:
+                raise ValueError(f"compressed-tensors int4 must be symmetric, group-wise, weight-only (W4A16): {w}")
+            return QuantConfig("awq", "ct-w4a16", _group_size(w.get("group_size")), ignore)
+        raise ValueError(f"unsupported compressed-tensors format {qc.get('format')!r} with weights {w}")
+    raise ValueError(f"unsupported quantization_config quant_method {kind!r} (supported: fp8, awq, compressed-tensors)")
+
+
+def _group_size(g) -> int:
+    if g not in (32, 64, 128):
+        raise ValueError(f"4-bit group size must be 32, 64 or 128, not {g}")
+    return g
+
+
+# -- checkpoint tensors -> the layers' layout -----------------------------------------------------------------
+
+
+def checkpoint_tensors(qcfg: QuantConfig | None, tensors):
+    """Rename and re-lay a pre-quantised checkpoint's tensors of quantised linear layers into the [out, ...]
+    tensors the layers hold (quant.py's docstring); every other tensor passes through."""
+    for name, t in tensors:
+        module, _, suffix = name.rpartition(".")
+        if qcfg is None or qcfg.fmt == "online" or not _is_linear(module) or not qcfg.quantises(module):
+            yield name, t
+            continue
+        for new_suffix, tensor in _convert(qcfg, suffix, t):
+            yield f"{module}.{new_suffix}", tensor
+
+
+def _is_linear(module: str) -> bool:
+    return module.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _convert(qcfg: QuantConfig, suffix: str, t: torch.Tensor):
+    if suffix == "bias":
+        yield suffix, t
+    elif qcfg.fmt in ("fp8-block", "ct-fp8"):
+        if suffix == "weight":
+            yield "weight", t.to(FP8)
+        elif suffix == "weight_scale_inv":  # one row per output feature: rows past `out` are never read
+            yield "weight_scale", t.float().repeat_interleave(qcfg.group_size, 0)
+        elif suffix == "weight_scale":
+            yield "weight_scale", t.float().reshape(t.shape[0], 1)
+        elif suffix != "input_scale":  # dynamic activation scales: a static one, if present, is unused
+            raise ValueError(f"unexpected tensor {suffix!r} in an FP8 checkpoint")
+    elif qcfg.fmt == "awq-gemm":
+        if suffix == "qweight":  # [K, N/8] in AWQ's order -> [N, K/8] in order
+            yield "qweight", pack_rows(unpack_awq(t).t())
+        elif suffix == "qzeros":
+            yield "zeros", unpack_awq(t).t().contiguous()
+        elif suffix == "scales":
+            yield "scales", t.t().contiguous()
+        else:
+            raise ValueError(f"unexpected tensor {suffix!r} in an AWQ checkpoint")
+    elif qcfg.fmt == "ct-w4a16":
+        if suffix == "weight_packed":
+            yield "qweight", t.to(torch.int32)
+        elif suffix == "weight_scale":
+            yield "scales", t
+            yield "zeros", torch.full(t.shape, 8, dtype=t.dtype, device=t.device)  # symmetric: stored as q + 8
+        elif suffix != "weight_shape":
+            raise ValueError(f"unexpected tensor {suffix!r} in a compressed-tensors W4A16 checkpoint")
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """AWQ's int32 [R, C/8] -> the 4-bit values [R, C] (int32 0..15) in feature order."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [R, C/8, 8]: nibble i holds feature AWQ_ORDER[i]
+    order = torch.tensor(AWQ_ORDER, device=packed.device).argsort()
+    return nibbles[..., order].reshape(packed.shape[0], -1)
+
+
+def pack_rows(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values [N, K] (0..15) -> int32 [N, K/8], feature 8j + i in bits 4i..4i+3 of column j."""
+    n, k = q.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
+    return (q.to(torch.int32).reshape(n, k // 8, 8) << shifts).sum(-1, dtype=torch.int32)
+
+
+def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1)
+
+
+# -- torch's tinygemm int4 layout (`torch._weight_int4pack_mm` on CUDA) ----------------------------------------
+#
+# `torch.ops.aten._convert_weight_to_int4pack(bytes, inner)` takes uint8 [N, K/2] (feature 2j in the high nibble
+# of byte j, 2j + 1 in the low one) and returns int32 [N/8, K/(16 inner), 32, inner/2]: the B operand of the
+# m16n8k16 tensor-core MMA, one 16-byte load per lane for inner = 8 (aten/src/ATen/native/cuda/int4mm.cu). Lane t
+# of tile (nt, ko) holds row 8 nt + t // 4; its word j, nibble 4 odd + 2 i2 + i1 (bits 4i..), holds feature
+# 16 inner ko + 32 j + 16 i2 + 8 i1 + 2 (t % 4) + odd. The kernel dequantises w = (q - 8) * scale + zero.
+
+
+def tinygemm_inner_k_tiles(n: int, k: int, group: int, dtype: torch.dtype) -> int | None:
+    """The k-tiles per lane load (8: 16 bytes; 4 where K is not in whole 128s) for an [n, k] int4 weight in
+    groups of `group` with `dtype` scales, or None where the tinygemm kernel cannot take it (it multiplies bf16)."""
+    if dtype != torch.bfloat16 or group not in TINYGEMM_GROUPS or n % 8:
+        return None
+    return 8 if k % 128 == 0 else 4 if k % 64 == 0 else None
+
+
+def tinygemm_bytes(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values [N, K] (0..15) -> uint8 [N, K/2], what `_convert_weight_to_int4pack` takes."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
+def tinygemm_scales_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """scales and zeros [N, K/g] of w = (q - zero) * scale -> bf16 [K/g, N, 2] for tinygemm's (q - 8) * scale +
+    zero: its zero is (8 - zero) * scale."""
+    s = scales.float()
+    return torch.stack([s, (8 - zeros.float()) * s], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+def tinygemm_pack(q: torch.Tensor, inner: int) -> torch.Tensor:
+    """4-bit values [N, K] -> the int32 tile layout above, in plain torch (what `_convert_weight_to_int4pack`
+    gives on CUDA; the tests compare the two)."""
+    n, k = q.shape
+    t = q.to(torch.int64).reshape(n // 8, 8, k // (16 * inner), inner // 2, 2, 2, 4, 2)  # nt tn ko j i2 i1 tk odd
+    nib = t.permute(0, 2, 1, 6, 3, 7, 4, 5).reshape(n // 8, k // (16 * inner), 32, inner // 2, 8)
+    words = (nib << torch.arange(0, 32, 4, device=q.device)).sum(-1)
+    return (words - (words >= 2**31).long() * 2**32).to(torch.int32)
+
+
+def tinygemm_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The int32 tile layout -> 4-bit values [N, K] (int32 0..15): tinygemm_pack's inverse."""
+    nt, ko, _, half = packed.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nib = (packed.unsqueeze(-1) >> shifts) & 0xF  # [nt, ko, 32, inner/2, 8]
+    nib = nib.reshape(nt, ko, 8, 4, half, 2, 2, 2)  # nt ko tn tk j odd i2 i1
+    return nib.permute(0, 2, 1, 4, 6, 7, 3, 5).reshape(nt * 8, ko * 32 * half)
+
+
+def dequantise_tinygemm(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """The tile layout and its [K/g, N, 2] scales and zeros -> fp32 [N, K] (the reference for the kernel)."""
+    q = tinygemm_unpack(packed).float()
+    n, k = q.shape
+    sz = scales_zeros.float().transpose(0, 1)  # [N, K/g, 2]
+    g = k // sz.shape[1]
+    return ((q.reshape(n, -1, g) - 8) * sz[..., :1] + sz[..., 1:]).reshape(n, k)
+
+
+# -- dequantisation (CPU, large batches, references) ----------------------------------------------------------
+
+
+def fp8_group(k: int, columns: int) -> int:
+    """Input features per scale column of an fp8 weight with k of them: the block (128; the last one partial),
+    or all of them (per-channel, or a layer narrower than a block)."""
+    return 1 << (-(-k // columns) - 1).bit_length()
+
+
+def dequantise_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp8 [N, K] with scales [N, ceil(K / gk)] -> fp32 [N, K]."""
+    n, k = weight.shape
+    gk = fp8_group(k, scale.shape[1])
+    return weight.float() * scale.repeat_interleave(gk, 1)[:, :k]
+
+
+def dequantise_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    q = unpack_rows(qweight).float()  # [N, K]
+    g = q.shape[1] // scales.shape[1]
+    return ((q.reshape(q.shape[0], -1, g) - zeros.float()[..., None]) * scales.float()[..., None]).reshape(q.shape)
+
+
+def quantise_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token activation scales: x [M, K] -> (fp8 [M, K], fp32 [M, 1])."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
