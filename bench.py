@@ -38,6 +38,7 @@ from nanokyro.benchmarks.offline import (run_decode_idle, run_latency, run_lora_
 from nanokyro.benchmarks.online import plot_levels, print_levels, run_online
 from nanokyro.benchmarks.peer import run_hf_peer
 from nanokyro.benchmarks.speculative import print_speculative, run_speculative
+from nanokyro.cli import add_engine_args
 from nanokyro.benchmarks.workload import (engine_options, hf_config, make_workload, measure_machine, model_costs,
                                          roofline, write_random_adapters)  # fmt: skip
 from nanokyro.loader import DUMMY_ARCHITECTURES
@@ -60,7 +61,7 @@ def parse_levels(text: str) -> list[float]:
     return levels
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="HF dir, .gguf, or a dummy architecture name "
                     f"({', '.join(DUMMY_ARCHITECTURES)}); default: the engine's default model")  # fmt: skip
@@ -68,13 +69,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--input-len", type=parse_range, default=None, help="N or LO-HI (default 100-1024; latency 128)")
     ap.add_argument("--output-len", type=parse_range, default=None, help="N or LO-HI (default 100-1024; latency 256)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--quantization", choices=["fp8", "awq"], default=None,
-                    help="quantise the weights at load (dummy weights: random ones, quantised)")
-    ap.add_argument("--max-num-seqs", type=int, default=None)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
-    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
-    ap.add_argument("--no-overlap-schedule", action="store_true", help="one step at a time: the host waits for each")
     ap.add_argument("--peer", choices=["hf"], default=None, help="also run HF transformers on the same workload")
     ap.add_argument("--latency", action="store_true", help="batch-1 decode tokens/s vs the weight-read roofline")
     ap.add_argument("--prefix-cache", action="store_true",
@@ -83,13 +77,9 @@ def main(argv=None) -> dict:
                     help="decode step time with this fraction of --num-prompts requests JSON-schema constrained")
     ap.add_argument("--decode-idle", action="store_true",
                     help="decode at batch --num-prompts: wall and GPU-busy ms per step, the GPU's idle fraction")
-    spec = ap.add_argument_group("speculative decoding: batch-1 speed-up, acceptance and step costs, and a batch "
-                                 "(--speculative-batch) with speculation allowed vs none, in one engine")
-    spec.add_argument("--speculative-model", default=None, help="a draft model (same tokenizer; a dummy name too)")
-    spec.add_argument("--speculative-method", choices=["draft", "ngram", "grammar"], default=None)
-    spec.add_argument("--num-speculative-tokens", type=int, default=None)
-    spec.add_argument("--speculative-max-batch", type=int, default=None)
-    spec.add_argument("--speculative-draft-vocab", type=int, default=None, help="the draft scores the first N ids")
+    spec = ap.add_argument_group("speculative runs (with --speculative-model or --speculative-method): batch-1 "
+                                 "speed-up, acceptance and step costs, and a batch (--speculative-batch) with "
+                                 "speculation allowed vs none, in one engine")  # fmt: skip
     spec.add_argument("--speculative-batch", type=int, default=64, help="the batch compared with and without (0: none)")
     spec.add_argument("--speculative-json", default=None, help="a JSON schema (text) constraining the batch-1 request: "
                       "drafts of the text its grammar forces")  # fmt: skip
@@ -117,6 +107,7 @@ def main(argv=None) -> dict:
                     help="online: stream through the openai SDK (its own connection pool) instead of raw SSE")
     ap.add_argument("--plot", default=None, help="online: draw latency against the load levels to this PNG")
     ap.add_argument("--json", default=None, help="write the results here")
+    add_engine_args(ap)  # the engine's flags, as serve.py's
     args = ap.parse_args(argv)
     if (args.serve or args.serve_url) and not (args.concurrency or args.request_rate):
         ap.error("the online mode needs --concurrency or --request-rate")
@@ -134,6 +125,11 @@ def main(argv=None) -> dict:
             import matplotlib  # noqa: F401
         except ImportError:
             ap.error("--plot needs matplotlib: pip install 'nanokyro[bench]'")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     input_len = args.input_len or ((128, 128) if args.latency else (100, 1024))
     output_len = args.output_len or ((256, 256) if args.latency else (100, 1024))
     speculative = bool(args.speculative_model or args.speculative_method)

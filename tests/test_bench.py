@@ -233,21 +233,27 @@ def test_summary_uses_vllm_definitions_of_tpot_and_itl():
 
 
 def test_serve_flags_give_serve_py_the_engine_options_of_the_offline_run(monkeypatch):
-    from types import SimpleNamespace
-
+    """bench.py --serve starts serve.py with the engine of the offline run: the same EngineConfig, seed and
+    tokenizer aside (serve.py takes neither); bench.py and serve.py share the engine's flags (cli.py)."""
     monkeypatch.syspath_prepend(str(ROOT))
+    import bench
     import serve
     from nanokyro.benchmarks.online import serve_flags
     from nanokyro.benchmarks.workload import engine_options
+    from nanokyro.config import EngineConfig
 
-    # bench.py's parsed options (its parser lives inside main)
-    args = SimpleNamespace(model="qwen3-0.6b", seed=3, enforce_eager=True, no_overlap_schedule=True, tokenizer="/t",
-                           dtype="bfloat16", max_num_seqs=64, max_num_batched_tokens=2048, quantization="fp8")  # fmt: skip
-    served = serve.parse_args(["--model", args.model, *serve_flags(engine_options(args))])
-    assert (served.dtype, served.max_num_seqs, served.max_num_batched_tokens) == ("bfloat16", 64, 2048)
-    assert served.quantization == "fp8" and serve.engine_config(served).quantization == "fp8"
-    assert served.load_format == "dummy" and served.enforce_eager and served.no_overlap_schedule
-    defaults = serve.parse_args(["--model", "/some/dir", *serve_flags(engine_options(SimpleNamespace(
-        model="/some/dir", seed=0, enforce_eager=False, no_overlap_schedule=False, tokenizer=None, dtype=None,
-        max_num_seqs=None, max_num_batched_tokens=None, quantization=None)))])  # fmt: skip
-    assert defaults == serve.parse_args(["--model", "/some/dir"])  # nothing asked for: serve.py's own defaults
+    args = bench.parse_args(["--model", "qwen3-0.6b", "--seed", "3", "--enforce-eager", "--no-overlap-schedule",
+                             "--tokenizer", "/t", "--dtype", "bfloat16", "--max-num-seqs", "64",
+                             "--max-num-batched-tokens", "2048", "--quantization", "fp8", "--tensor-parallel-size", "2",
+                             "--speculative-method", "ngram", "--num-speculative-tokens", "6", "--kv-cache-memory",
+                             "512M", "--num-loras", "3", "--lora-rank", "8"])  # fmt: skip
+    opts = engine_options(args)
+    served = serve.engine_config(serve.parse_args(["--model", args.model, *serve_flags(opts)]))
+    del opts["seed"], opts["tokenizer"]
+    assert served == EngineConfig(model=args.model, **opts)
+    assert (served.load_format, served.tensor_parallel_size, served.max_loras, served.max_lora_rank) == ("dummy", 2, 3, 8)
+    assert served.kv_cache_memory == 512 << 20 and not served.overlap_schedule and served.enforce_eager
+    # Nothing asked for: serve.py's own defaults.
+    defaults = bench.parse_args(["--model", "/some/dir"])
+    assert serve.parse_args(["--model", "/some/dir", *serve_flags(engine_options(defaults))]) == serve.parse_args(
+        ["--model", "/some/dir"])  # fmt: skip

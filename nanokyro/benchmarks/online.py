@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nanokyro.cli import engine_flags
 from nanokyro.benchmarks.workload import engine_options, hf_config, make_workload
 from nanokyro.server import free_port
 
@@ -49,17 +50,7 @@ def serve_flags(opts: dict) -> list[str]:
     """serve.py's flags for the LLM options bench.py builds (`engine_options`): the same engine, served.
 
     serve.py takes no seed or tokenizer: the workload is token ids and greedy, so neither changes what is timed."""
-    flags = []
-    for name, value in opts.items():
-        if name in ("seed", "tokenizer") or value is None:
-            continue
-        if name == "overlap_schedule":
-            flags += [] if value else ["--no-overlap-schedule"]
-        elif name == "enforce_eager":
-            flags += ["--enforce-eager"] if value else []
-        else:
-            flags += [f"--{name.replace('_', '-')}", str(value)]
-    return flags
+    return engine_flags({k: v for k, v in opts.items() if k not in ("seed", "tokenizer")})
 
 
 class ServeProcess:

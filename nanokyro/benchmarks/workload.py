@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from nanokyro import LLM
+from nanokyro.cli import engine_kwargs
 from nanokyro.loader import DUMMY_ARCHITECTURES
 
 
@@ -46,16 +47,11 @@ def hf_config(model: str | None) -> dict:
 
 
 def engine_options(args) -> dict:
-    """The LLM keyword arguments that the command line's engine options ask for."""
-    opts = dict(seed=args.seed, enforce_eager=args.enforce_eager, overlap_schedule=not args.no_overlap_schedule,
-                tokenizer=args.tokenizer)
+    """The LLM keyword arguments bench.py's command line asks for: the engine's flags (cli.py), the seed and
+    tokenizer, dummy weights for an architecture name, and slots for --num-loras' adapters."""
+    opts = dict(engine_kwargs(args), seed=args.seed, tokenizer=args.tokenizer)
     if args.model in DUMMY_ARCHITECTURES:
         opts["load_format"] = "dummy"
-    for name in ("dtype", "max_num_seqs", "max_num_batched_tokens", "quantization", "speculative_model",
-                 "speculative_method", "num_speculative_tokens", "speculative_max_batch",
-                 "speculative_draft_vocab"):  # fmt: skip
-        if getattr(args, name, None) is not None:
-            opts[name] = getattr(args, name)
     if getattr(args, "num_loras", None):
         opts.update(max_loras=args.num_loras, max_lora_rank=args.lora_rank)
     return opts
