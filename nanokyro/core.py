@@ -27,7 +27,7 @@ import torch
 
 from nanokyro.block_manager import BlockManager
 from nanokyro.config import EngineConfig
-from nanokyro.grammar import GrammarCompiler, accept_tokens
+from nanokyro.grammar import GrammarCompiler, accept_tokens, forced_text
 from nanokyro.radix_cache import RadixCache
 from nanokyro.request import (
     AbortRequest, AdapterReply, AddRequest, EngineStats, Failure, FromCore, Limits, LoadAdapter, LoadFailed,
@@ -253,13 +253,17 @@ class EngineCore:
                 and any(self._may_speculate(s) for s in running))  # fmt: skip
 
     def _may_speculate(self, seq: Sequence) -> bool:
-        """A running decode that asks for speculation, with room for a draft and the token after it. A sequence
-        under a grammar drafts what the grammar forces (with the n-gram proposer, its drafts after them), verified
-        under the grammar's masks (spec_decode.grammar_drafts); with the "grammar" method, only those speculate."""
-        return (seq.status is Status.RUNNING and seq.params.speculative
-                and (seq.matcher is not None or self.proposer is not None)
-                and seq.num_tokens - seq.num_computed == 1 and seq.num_tokens + 1 < seq.max_len
-                and seq.num_tokens >= seq.spec_resume_at)  # fmt: skip
+        """A running decode that asks for speculation, with room for a draft and the token after it, and not
+        backing off. A sequence under a grammar drafts what the grammar forces (with the n-gram proposer, its drafts
+        after them), verified under the grammar's masks (spec_decode.grammar_drafts): it speculates when the grammar
+        forces text now (found in microseconds) or the n-gram proposer may draft; with the "grammar" method, only
+        those sequences speculate."""
+        if not (seq.status is Status.RUNNING and seq.params.speculative and seq.num_tokens - seq.num_computed == 1
+                and seq.num_tokens + 1 < seq.max_len and seq.num_tokens >= seq.spec_resume_at):  # fmt: skip
+            return False
+        if seq.matcher is None:
+            return self.proposer is not None
+        return isinstance(self.proposer, NgramProposer) or bool(forced_text(seq.matcher))
 
     @staticmethod
     def _missed(seq: Sequence) -> None:
@@ -287,7 +291,7 @@ class EngineCore:
                 if drafts:
                     seq.token_ids += drafts
                     reserved[seq] = len(drafts)
-                elif seq not in grammar:  # a grammar's next forced text is found anew each step, for microseconds
+                else:
                     self._missed(seq)
         batch = self.scheduler.schedule()
         # The token budget may cut a sequence's drafts, or preemption all of them: drop what is not computed.
@@ -445,8 +449,10 @@ class EngineCore:
         self.runner.close()
 
     def fail_all(self, error: Failure | None = None) -> list[SeqOutput]:
-        """After an error inside a step: end every request, freeing its pages."""
+        """End every request, freeing its pages: after an error inside a step (`error`), or to drop all work."""
         self._in_flight = None
+        if error is not None and self.loras is not None:  # the failed step's adapter loads may not have run
+            self.loras.forget_slots()
         reason = "abort" if error is None else "error"
         return [out for rid in list(self.requests) for out in self.abort(rid, reason=reason, error=error)]
 

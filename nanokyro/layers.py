@@ -14,8 +14,9 @@ features, or groups or packs of them) by equal parts per rank, or copied whole w
 quantised layer's per-channel scales), so quantised layers (quant.py) shard through the same loaders.
 
 A linear layer of a decoder layer may also hold LoRA adapters (`lora_a`, `lora_b`: slot buffers that lora.py
-attaches); `forward(x, lora)` then adds each token's adapter delta (`lora` [T]: its slot, -1 none) after the base
-output, before a row-parallel layer's all-reduce.
+attaches); `forward(x, lora)` then adds each token's adapter delta (`lora` [T]: its slot, -1 none) to the base
+output, before gate/up's activation and before a row-parallel layer's all-reduce (`multiply`; in the one- and
+two-row decode graphs inside the GEMV).
 
 How a layer multiplies is `ReplicatedLinear.multiply`: `matmul` / `gated_matmul` below (a dense matmul, or the
 Triton GEMV of small_batch.py in the one- and two-row decode graphs), or, for a quantised layer, its `quant`

@@ -6,7 +6,7 @@ import msgspec
 from nanokyro.config import EngineConfig
 from nanokyro.core import EngineCore
 from nanokyro.output import OutputProcessor
-from nanokyro.request import CompletionOutput, PromptError, RequestOutput, SamplingParams
+from nanokyro.request import CompletionOutput, Failure, PromptError, RequestOutput, SamplingParams
 
 
 class LLM:
@@ -65,8 +65,8 @@ class LLM:
                         results[out.request_id].add(delta)
                         if bar is not None and delta.finish_reason:
                             bar.update(1)
-        except BaseException:  # an error, or Ctrl-C: nothing of this call stays queued for the next one
-            self.engine.fail_all()
+        except BaseException as e:  # an error, or Ctrl-C: nothing of this call stays queued for the next one
+            self.engine.fail_all(Failure(500, repr(e)))
             for rid in results:
                 self.outputs.remove(rid)
             raise

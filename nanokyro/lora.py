@@ -15,8 +15,10 @@ weight under TP: column-parallel B by output rows, row-parallel A by input colum
 the layer's all-reduce); putting it in a slot is then a copy per buffer, beside the step in flight on CUDA.
 
 A step's adapters reach the layers as an argument, like the attention plan: `lora [T]` int32, each token's slot,
--1 for the base model (`lora_delta`). On CUDA that is two Triton kernels (lora_kernels.py); elsewhere a torch
-reference that multiplies each adapter's tokens together.
+-1 for the base model (`lora_delta`). On CUDA that is two Triton kernels (lora_kernels.py: a shrink that splits K,
+an expand that adds its partial sums up), or, in the one- and two-row decode graphs, the shrink and the Triton
+GEMV of the base layer adding the delta in its epilogue (small_batch.lora_linear); elsewhere a torch reference that
+multiplies each adapter's tokens together.
 
 `LoRARegistry` (the engine core's, rank 0) knows the registered adapters by name and which is resident in which
 slot; the scheduler asks it for a slot before admitting a sequence, and a slot whose adapter no running sequence
@@ -347,9 +349,9 @@ class LoRARegistry:
     max_loras: int
     max_rank: int
     model_cfg: object
+    stage: object  # AdapterSlots.stage of rank 0: `read` stages what it reads for the device
     entries: dict[str, LoRAEntry] = field(default_factory=dict)
     host: dict[str, StagedAdapter] = field(default_factory=dict)  # path -> weights read at registration
-    stage: object = None  # AdapterSlots.stage of rank 0: `read` stages what it reads (None: keeps the Adapter)
     num_loads: int = 0  # adapters put into a slot, since start
     _slots: OrderedDict = field(default_factory=OrderedDict)  # slot -> entry, least recently used first
     _pending: list[tuple[int, str]] = field(default_factory=list)  # (slot, path) to load before the next step
@@ -365,7 +367,7 @@ class LoRARegistry:
         """Read and check an adapter directory (AdapterError if it can't be served) and stage it for the device;
         no state changes, so it runs on a thread while the steps go on."""
         adapter = read_adapter(os.path.abspath(path), self.model_cfg, self.max_rank)
-        return self.stage(adapter) if self.stage is not None else adapter
+        return self.stage(adapter)
 
     def register(self, name: str, path: str, adapter: StagedAdapter | None = None) -> LoRAEntry:
         """Add the adapter at `path` under `name` (read now unless given, as `read` returned it)."""
@@ -407,6 +409,14 @@ class LoRARegistry:
         """The slot loads the next step must do first, on every rank."""
         loads, self._pending = self._pending, []
         return loads
+
+    def forget_slots(self) -> None:
+        """After a step that failed: its loads may not have run, so no slot's contents are known. Every adapter
+        is loaded again when next used (no sequence runs: the engine failed them all)."""
+        for entry in self._slots.values():
+            entry.slot = -1
+        self._slots.clear()
+        self._pending = []
 
     @property
     def num_resident(self) -> int:

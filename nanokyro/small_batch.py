@@ -6,7 +6,8 @@ H100; the GEMV below, one program per few output features reading their rows onc
 2.5-3.2 TB/s on the same shapes (docs/PERFORMANCE.md). From four rows up cuBLAS is faster. What is left of the
 step is ~14 small kernels per layer, and the norms are two of them each as torch.compile writes them.
 
-The model's layers call `linear` and `rms_norm`. They are the plain torch ops unless `enable()` is on, which the
+The model's layers call `linear` and `rms_norm` (and, for a layer with LoRA adapters, `lora_linear`: the GEMV
+adds each row's adapter delta in its epilogue, before the MLP's activation). They are the plain torch ops unless `enable()` is on, which the
 CUDA-graph runner turns on while it traces and captures the graphs of buckets of at most `MAX_ROWS` rows.
 torch.compile guards on the switch, so those buckets get a compiled forward of their own and every other step
 keeps cuBLAS and inductor's kernels. The kernels sit behind custom ops, so the compiled graph stays whole; their
@@ -89,12 +90,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated
     y = x.new_empty(M, N)
     block_n, block_k, num_warps = GEMV_CONFIG[M]
     block_n = block_n // 2 if gated else block_n  # the same weight tile: half gate rows, half up rows
-    R = lora_b.shape[2] if lora is not None else 1
+    has_lora = lora is not None
+    if has_lora:
+        splits, R, b_stride0, b_stride1 = lora_s.shape[0], lora_b.shape[2], lora_b.stride(0), lora_b.stride(1)
+    else:  # the kernel's LoRA pointers go unused: any tensor will do
+        lora_s = lora_b = lora = x
+        splits, R, b_stride0, b_stride1 = 0, 1, 0, 0
     _gemv_kernel()[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
-        *((lora_s, lora_b, lora, lora_s.shape[0], lora_b.stride(0), lora_b.stride(1)) if lora is not None
-          else (x, x, x, 0, 0, 0)), R,
-        has_bias=bias is not None, gated=gated, has_lora=lora is not None, block_m=triton.next_power_of_2(M),
+        lora_s, lora_b, lora, splits, b_stride0, b_stride1, R,
+        has_bias=bias is not None, gated=gated, has_lora=has_lora, block_m=triton.next_power_of_2(M),
         block_n=block_n, block_k=min(block_k, triton.next_power_of_2(K)), block_r=triton.next_power_of_2(R),
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip

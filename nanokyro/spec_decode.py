@@ -76,7 +76,7 @@ class Drafts:
             return self
         if not isinstance(self.tokens, torch.Tensor):
             return Drafts(self.tokens + tokens, None)  # one-hot, as every list's
-        more = torch.tensor(tokens, device=self.tokens.device)
+        more = torch.tensor(tokens).to(self.tokens.device, non_blocking=True)  # not waiting for the draft passes
         probs = self.probs
         if probs is not None:
             probs = torch.cat([probs, F.one_hot(more, probs.shape[-1]).to(probs.dtype)])
@@ -172,8 +172,8 @@ class DraftModelProposer:
     def prefill(self, batch: ScheduledBatch) -> None:
         """The draft's KV of the prompt chunks in a step of the model, computed beside them: otherwise a sequence's
         first speculative step catches up on its whole prompt, which lands in decode time (about 1 s of a 64-token
-        run on the CPU pair). Only for sequences that may speculate (no grammar, not opted out); the catch-up in
-        `fill` still covers the rest (a cached prefix, a preempted sequence)."""
+        run on the CPU pair). Only for sequences the draft model drafts for (no grammar, not opted out); the
+        catch-up in `fill` still covers the rest (a cached prefix, a preempted sequence)."""
         views, ends = [], []
         for seq, n in zip(batch.seqs, batch.num_new):
             end = seq.num_computed + n

@@ -13,7 +13,7 @@ import transformers
 from conftest import build_tiny_model
 from nanokyro import LLM, SamplingParams
 from nanokyro.lora import AdapterError
-from nanokyro.request import UnknownAdapter
+from nanokyro.request import Failure, UnknownAdapter
 
 # name -> LoraConfig options: different ranks, targets, alpha, rslora, per-module rank and alpha
 ADAPTERS = {
@@ -512,3 +512,18 @@ def test_an_adapter_admitted_in_a_speculative_step_is_loaded_first(tmp_path):
     first = next(iter(tokens))
     assert tokens[first] == greedy_n(peft_model(base, None), prompt, 24)
     assert tokens[late] == greedy_n(peft_model(base, adapter), late_prompt, 6)
+
+
+def test_a_failed_step_forgets_what_the_slots_hold_so_the_next_use_loads_again(lora_model):
+    """A step that fails after taking its adapter loads may not have run them: the engine then loads the adapter
+    again rather than trusting the slot, and the request gets peft's tokens."""
+    base, adapters, refs = lora_model
+    llm = LLM(base, dtype="float32", max_loras=1, kv_cache_memory=4 << 20, lora_modules={"qv": adapters["qv"]})
+    engine, prompt = llm.engine, random_prompts([6], seed=5)[0]
+    engine.add_request(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, lora="qv"))
+    batch = engine.scheduler.schedule()
+    assert engine.loras.take_loads() == [(0, engine.loras.entries["qv"].path)]  # handed to a step that then fails
+    engine.fail_all(Failure(500, "the step failed"))
+    assert batch.seqs and engine.loras.entries["qv"].slot == -1
+    out = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, lora="qv"))[0]
+    assert out.token_ids == greedy(refs["qv"], prompt, 4)
