@@ -253,17 +253,19 @@ class EngineCore:
                 and any(self._may_speculate(s) for s in running))  # fmt: skip
 
     def _may_speculate(self, seq: Sequence) -> bool:
-        """A running decode that asks for speculation, with room for a draft and the token after it, and not
-        backing off. A sequence under a grammar drafts what the grammar forces (with the n-gram proposer, its drafts
-        after them), verified under the grammar's masks (spec_decode.grammar_drafts): it speculates when the grammar
-        forces text now (found in microseconds) or the n-gram proposer may draft; with the "grammar" method, only
-        those sequences speculate."""
+        """A running decode that asks for speculation, with room for a draft and the token after it. A sequence
+        under a grammar drafts what the grammar forces (with the n-gram proposer, its drafts after them), verified
+        under the grammar's masks (spec_decode.grammar_drafts): it speculates whenever the grammar forces text (found
+        in microseconds; with a step in flight, from the state before its token, so the text may turn out to be
+        that token), else as any sequence does, while its proposer is not backing off; with the "grammar" method,
+        only sequences under a grammar speculate."""
         if not (seq.status is Status.RUNNING and seq.params.speculative and seq.num_tokens - seq.num_computed == 1
-                and seq.num_tokens + 1 < seq.max_len and seq.num_tokens >= seq.spec_resume_at):  # fmt: skip
+                and seq.num_tokens + 1 < seq.max_len):  # fmt: skip
             return False
-        if seq.matcher is None:
-            return self.proposer is not None
-        return isinstance(self.proposer, NgramProposer) or bool(forced_text(seq.matcher))
+        if seq.matcher is not None and forced_text(seq.matcher):
+            return True
+        proposes = isinstance(self.proposer, NgramProposer) if seq.matcher is not None else self.proposer is not None
+        return proposes and seq.num_tokens >= seq.spec_resume_at
 
     @staticmethod
     def _missed(seq: Sequence) -> None:
