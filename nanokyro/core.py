@@ -276,25 +276,43 @@ class EngineCore:
         if seq.spec_misses >= 2:
             seq.spec_resume_at = seq.num_tokens + min(1 << (seq.spec_misses - 1), SPEC_MAX_BACKOFF)
 
-    def _speculative_step(self) -> list[SeqOutput]:
-        """One un-overlapped step in which the speculating sequences verify their drafts (k + 1 rows each) and the
-        others decode or prefill as usual, all in one forward."""
+    def _propose(self) -> tuple[dict, dict]:
+        """Each sequence that may speculate reserves its drafts at its end: {seq: how many}, and {seq: its
+        GrammarDrafts} for those under a grammar. A sequence with none counts a miss."""
         k = self.cfg.num_speculative_tokens
         reserved, grammar = {}, {}
         for seq in self.scheduler.running:
-            if self._may_speculate(seq):
-                room = min(k, seq.max_len - seq.num_tokens - 1)
-                if seq.matcher is not None:
-                    ngram = self.proposer if isinstance(self.proposer, NgramProposer) else None
-                    grammar[seq] = grammar_drafts(seq, self.tokenizer, room, self.vocab_size, ngram)
-                    drafts = grammar[seq].tokens
-                else:
-                    drafts = self.proposer.reserve(seq, room)
-                if drafts:
-                    seq.token_ids += drafts
-                    reserved[seq] = len(drafts)
-                else:
-                    self._missed(seq)
+            if not self._may_speculate(seq):
+                continue
+            room = min(k, seq.max_len - seq.num_tokens - 1)
+            if seq.matcher is not None:
+                ngram = self.proposer if isinstance(self.proposer, NgramProposer) else None
+                grammar[seq] = grammar_drafts(seq, self.tokenizer, room, self.vocab_size, ngram)
+                drafts = grammar[seq].tokens
+            else:
+                drafts = self.proposer.reserve(seq, room)
+            if drafts:
+                seq.token_ids += drafts
+                reserved[seq] = len(drafts)
+            else:
+                self._missed(seq)
+        return reserved, grammar
+
+    def _drafts(self, batch: ScheduledBatch, grammar: dict) -> tuple[list[Sequence], list[int], Drafts]:
+        """The step's speculating sequences, their draft counts and their drafts, in verification order: the draft
+        model's first (on the device, read through placeholders), then those on the host (n-gram, a grammar's)."""
+        spec = [(s, d) for s, d in zip(batch.seqs, batch.num_drafts) if d]
+        by_draft_model = isinstance(self.proposer, DraftModelProposer)
+        by_model = [(s, d) for s, d in spec if by_draft_model and s not in grammar]
+        on_host = [(s, d) for s, d in spec if not by_draft_model or s in grammar]
+        seqs, num_drafts = [s for s, _ in by_model + on_host], [d for _, d in by_model + on_host]
+        drafts = self.proposer.fill(seqs[: len(by_model)], num_drafts[: len(by_model)]) if by_model else Drafts([])
+        return seqs, num_drafts, drafts.then([t for s, d in on_host for t in s.token_ids[s.num_tokens - d :]])
+
+    def _speculative_step(self) -> list[SeqOutput]:
+        """One un-overlapped step in which the speculating sequences verify their drafts (k + 1 rows each) and the
+        others decode or prefill as usual, all in one forward."""
+        reserved, grammar = self._propose()
         batch = self.scheduler.schedule()
         # The token budget may cut a sequence's drafts, or preemption all of them: drop what is not computed.
         num_new = dict(zip(batch.seqs, batch.num_new))
@@ -314,14 +332,7 @@ class EngineCore:
                 else:
                     plain_rows.append(row)
                 row += d + 1
-        # Drafts of the draft model first (on the device, read through placeholders), then those on the host.
-        spec = [(s, d) for s, d in zip(batch.seqs, batch.num_drafts) if d]
-        model = isinstance(self.proposer, DraftModelProposer)
-        by_model = [(s, d) for s, d in spec if model and s not in grammar]
-        on_host = [(s, d) for s, d in spec if not model or s in grammar]
-        spec_seqs, num_drafts = [s for s, _ in by_model + on_host], [d for _, d in by_model + on_host]
-        drafts = self.proposer.fill(spec_seqs[: len(by_model)], num_drafts[: len(by_model)]) if by_model else Drafts([])
-        drafts = drafts.then([t for s, d in on_host for t in s.token_ids[s.num_tokens - d :]])
+        spec_seqs, num_drafts, drafts = self._drafts(batch, grammar)
         on_device = isinstance(drafts.tokens, torch.Tensor)
         loads = self.loras.take_loads() if self.loras is not None else []  # a sequence admitted now may need one
         logits = self.runner.forward(batch, drafts.tokens if on_device else None, loads)
