@@ -38,9 +38,9 @@ from nanokyro.benchmarks.offline import (run_decode_idle, run_latency, run_lora_
 from nanokyro.benchmarks.online import plot_levels, print_levels, run_online
 from nanokyro.benchmarks.peer import run_hf_peer
 from nanokyro.benchmarks.speculative import print_speculative, run_speculative
-from nanokyro.cli import add_engine_args
 from nanokyro.benchmarks.workload import (engine_options, hf_config, make_workload, measure_machine, model_costs,
                                          roofline, write_random_adapters)  # fmt: skip
+from nanokyro.cli import add_engine_args
 from nanokyro.loader import DUMMY_ARCHITECTURES
 
 

@@ -50,8 +50,7 @@ def gated_matmul(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T) for the stacked weight gate_up [2N, K]; one kernel in the small graphs."""
     if small_batch.on(x):
         return small_batch.silu_and_mul_linear(x, gate_up)
-    gate, up = matmul(x, gate_up).chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return small_batch.silu_and_mul(matmul(x, gate_up))
 
 
 @torch.no_grad()
@@ -105,7 +104,7 @@ class ReplicatedLinear(nn.Module):
                 s = lora_shrink(x, self.lora_a, lora)
                 return small_batch.lora_linear(x, self.weight, bias, gated, s, self.lora_b, lora)
             y = lora_delta(self.multiply(x, bias), x, self.lora_a, self.lora_b, lora)
-            return F.silu(y[..., : y.shape[-1] // 2]) * y[..., y.shape[-1] // 2 :] if gated else y
+            return small_batch.silu_and_mul(y) if gated else y
         if self.quant is not None:
             return self.quant.matmul(self, x, bias, gated)
         return gated_matmul(x, self.weight) if gated else matmul(x, self.weight, bias)

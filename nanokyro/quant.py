@@ -33,6 +33,7 @@ from nanokyro.quant_formats import (FP8, FP8_MAX, QuantConfig, dequantise_fp8, d
                                     quantise_rows_fp8, tinygemm_bytes, tinygemm_inner_k_tiles,
                                     tinygemm_scales_zeros, unpack_rows)  # fmt: skip
 from nanokyro.quant_triton import dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv, quantise_rows_fp8_cuda
+from nanokyro.small_batch import silu_and_mul
 
 GEMV_MAX_ROWS = 16  # FP8 per-channel: the Triton kernel up to here, _scaled_mm above (docs/PERFORMANCE.md's sweep)
 INT4_DEQUANT_ROWS = 512  # int4 on CUDA: the Triton kernel below this, dequantise + cuBLAS from here
@@ -188,10 +189,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def _gate(y: torch.Tensor, gated: bool) -> torch.Tensor:
-    if not gated:
-        return y
-    gate, up = y.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return silu_and_mul(y) if gated else y
 
 
 def _scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

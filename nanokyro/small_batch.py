@@ -49,6 +49,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.nanokyro.gemv(x, weight, bias) if on(x) else F.linear(x, weight, bias)
 
 
+def silu_and_mul(y: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation of a stacked [gate | up] output [..., 2N]: silu(gate) * up [..., N]."""
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def silu_and_mul_linear(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T) for the stacked weight gate_up [2N, K], as one kernel."""
     return torch.ops.nanokyro.gemv(x, gate_up, None, gated=True)
@@ -85,7 +91,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated
     if M > MAX_ROWS or weight.stride(1) != 1:  # larger M: cuBLAS
         y = F.linear(x, weight, bias)
         y = y if lora is None else lora_expand(y, lora_s, lora_b, lora)
-        return F.silu(y[:, :N]) * y[:, N:] if gated else y
+        return silu_and_mul(y) if gated else y
     x = x if x.stride(1) == 1 else x.contiguous()
     y = x.new_empty(M, N)
     block_n, block_k, num_warps = GEMV_CONFIG[M]

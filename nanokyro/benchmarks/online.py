@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanokyro.cli import engine_flags
 from nanokyro.benchmarks.workload import engine_options, hf_config, make_workload
+from nanokyro.cli import engine_flags
 from nanokyro.server import free_port
 
 REQUEST_TIMEOUT_S = 600.0  # one request, start to last byte; a longer one counts as failed
