@@ -43,6 +43,11 @@ DUMMY_ARCHITECTURES = {
                          rope_theta=500000, max_position_embeddings=131072, tie_word_embeddings=False,
                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                            original_max_position_embeddings=8192)),
+    "llama-3.1-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                          num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
+                          rope_theta=500000, max_position_embeddings=131072, tie_word_embeddings=False,
+                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                            original_max_position_embeddings=8192)),
 }  # fmt: skip
 
 _FUSED = re.compile(r"(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(\w+)$")  # weight, bias, qweight, ...

@@ -134,9 +134,11 @@ def measure_machine(device: torch.device, dtype: torch.dtype) -> dict:
 
 def model_costs(llm: LLM) -> dict:
     """Bytes of weights one step reads (quantised layers at their packed size, scales included), KV bytes per
-    token, and matmul parameters per token and per logit row."""
+    token, and matmul parameters per token and per logit row: of rank 0's shard (its TP slice of its pipeline
+    stage), so that over one GPU's ceilings they bound a layout whose ranks share the work evenly."""
     model = llm.engine.runner.model
-    cfg = model.cfg
+    cfg, shard = model.cfg, model.shard
+    layers, kv_heads, heads = len(model.layers), shard.num_kv_heads(cfg), shard.num_heads(cfg)
     itemsize = model.embed_tokens.weight.dtype.itemsize
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     embed = model.embed_tokens.weight.numel()
@@ -146,10 +148,10 @@ def model_costs(llm: LLM) -> dict:
     linear = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "multiply"))
     return {
         "weight_bytes": read,
-        "kv_bytes_per_token": cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize,
+        "kv_bytes_per_token": layers * 2 * kv_heads * cfg.head_dim * itemsize,
         "matmul_params": linear,
         "lm_head_params": lm_head,
-        "attn_flops_per_pair": 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim,  # QK^T + PV per (query, key)
+        "attn_flops_per_pair": 4 * layers * heads * cfg.head_dim,  # QK^T + PV per (query, key)
     }
 
 
