@@ -62,8 +62,9 @@ def num_kv_pages(model_cfg: ModelConfig, cfg: EngineConfig, device: torch.device
 
 
 def make_attention_backend(name: str, kv_cache: torch.Tensor, num_heads: int, head_dim: int):
-    if name == "auto":
-        name = "flashinfer" if kv_cache.device.type == "cuda" else "torch"
+    if name == "auto":  # FlashInfer's kernels take half precision only
+        half = kv_cache.dtype in (torch.float16, torch.bfloat16)
+        name = "flashinfer" if kv_cache.device.type == "cuda" and half else "torch"
     if name == "torch":
         return TorchAttention(kv_cache, num_heads, head_dim)
     if name == "flashinfer":  # imports flashinfer only now, so the CPU path never needs it
@@ -213,8 +214,18 @@ class ModelRunner:
 
     def close(self) -> None:
         """Stop the other ranks' processes (rank 0); a no-op with one rank, and when already closed."""
+        if self.parallel.world_size > 1:
+            self.release_graphs()
         if self.is_driver:
             self.parallel.close()
+
+    def release_graphs(self) -> None:
+        """Drop the decode graphs. Before the process groups go: a graph that captured an NCCL collective keeps
+        its communicator from being destroyed, and destroying it then waits for ever (pytorch/pytorch#115388)."""
+        if self.graphs is not None:
+            for graph in self.graphs.graphs.values():
+                graph.reset()
+            self.graphs = None
 
     def plan(self, batch: ScheduledBatch, pad_to: int | None = None, token_rows: bool = False) -> StepPlan:
         """The step's plain description, built on the host from the scheduled sequences.

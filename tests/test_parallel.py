@@ -65,7 +65,7 @@ def test_layout_gives_one_process_greedy_tokens_and_hf_logits(model, layout):
         assert batch.num_new == [5, 1, 12]
         logits = engine.runner.forward(batch)
         for row, p in zip(logits, logit_prompts):
-            torch.testing.assert_close(row, hf(torch.tensor([p])).logits[0, -1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(row.cpu(), hf(torch.tensor([p])).logits[0, -1], atol=1e-4, rtol=1e-4)
         engine.fail_all()
         # Greedy tokens, with prompts chunked (24-token steps), prefixes cached, sequences preempted.
         outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
@@ -319,6 +319,9 @@ def test_two_torchrun_nodes_on_one_host_serve_the_tokens_of_one_process(llama_di
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
+    def gpu(rank: int) -> dict:  # on a host with GPUs, each "node" sees one of its own (NCCL takes one rank a GPU)
+        return {"CUDA_VISIBLE_DEVICES": str(rank)} if torch.cuda.device_count() >= 2 else {}
+
     http_port, master_port = free_port(), free_port()
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
@@ -326,7 +329,7 @@ def test_two_torchrun_nodes_on_one_host_serve_the_tokens_of_one_process(llama_di
          "--dtype", "float32", "--tensor-parallel-size", "2", "--kv-cache-memory", str(16 << 20), "--host",
          "127.0.0.1", "--port", str(http_port)],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+        stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1", **gpu(rank)}, start_new_session=True,
     ) for rank in (0, 1)]  # fmt: skip
     try:
         url = f"http://127.0.0.1:{http_port}"
@@ -363,3 +366,53 @@ def test_two_torchrun_nodes_on_one_host_serve_the_tokens_of_one_process(llama_di
     for n in nodes:  # no engine core or worker left behind in either node's process group
         with pytest.raises(ProcessLookupError):
             os.killpg(n.pid, 0)
+
+
+def _all_reduce_worker(rank: int, port: int) -> None:
+    """One of two ranks: Group.all_reduce (symmetric memory for small messages, NCCL past SYMM_BYTES) equals NCCL's
+    all-reduce at every size, eagerly and replayed in a CUDA graph with new inputs."""
+    import torch.distributed as dist
+
+    from nanokyro.parallel import SYMM_BYTES
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0)
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=2, device_id=device)
+    group = Group(rank, 2, dist.group.WORLD, device)
+    assert group.symm is not None, "no symmetric memory between the two GPUs"
+    for rows in (1, 16, 64, SYMM_BYTES // (4096 * 2) + 1):  # one-shot, two-shot, NCCL
+        gen = torch.Generator(device).manual_seed(rank)
+        x = torch.randn(rows, 4096, dtype=torch.bfloat16, device=device, generator=gen)
+        ref = x.clone()
+        dist.all_reduce(ref)
+        torch.testing.assert_close(group.all_reduce(x), ref)
+        graph, static = torch.cuda.CUDAGraph(), torch.zeros_like(x)
+        group.all_reduce(static)  # warm-up outside the capture
+        with torch.cuda.graph(graph):
+            out = group.all_reduce(static)
+        static.copy_(x * 2)
+        graph.replay()
+        torch.testing.assert_close(out, ref * 2)
+        graph.reset()  # before the group goes: a live graph holding an NCCL collective would keep it (#115388)
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_all_reduce_through_symmetric_memory_equals_nccl_on_two_gpus():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_all_reduce_worker, args=(rank, port), daemon=True) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        p.kill()
+    assert codes == [0, 0]
