@@ -3,6 +3,7 @@ logits, through chunked prefill, the prefix cache and preemption; checkpoints lo
 the engine at once with a clear error, and closing leaves no process."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
@@ -416,3 +417,23 @@ def test_all_reduce_through_symmetric_memory_equals_nccl_on_two_gpus():
     for p in procs:
         p.kill()
     assert codes == [0, 0]
+
+
+def test_layout_agreement_counts_each_differing_reference_token_once(llama_dir, tmp_path):
+    """The teacher-forced agreement benchmark: TP=2 on gloo agrees with one process on every token (fp32), and
+    a token planted last in two prompts' references counts once each (planted earlier, it would change the
+    context of every reference token after it)."""
+    from nanokyro.benchmarks import layout_agreement
+
+    ref = tmp_path / "ref.json"
+    common = ["--model", llama_dir, "--dtype", "float32", "--num-prompts", "3", "--output-len", "8",
+              "--kv-cache-memory", str(16 << 20)]  # fmt: skip
+    layout_agreement.main(common + ["--write", str(ref)])
+    tokens = json.loads(ref.read_text())
+    assert layout_agreement.main(common + ["--read", str(ref), "--tensor-parallel-size", "2"])["agreement"] == 1.0
+    for i in (0, 2):
+        tokens[i][-1] = (tokens[i][-1] + 1) % 384
+    ref.write_text(json.dumps(tokens))
+    result = layout_agreement.main(common + ["--read", str(ref)])
+    assert (result["flips"], result["tokens"]) == (2, 24)
+    assert not multiprocessing.active_children()
