@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     spec.add_argument("--speculative-json", default=None, help="a JSON schema (text) constraining the batch-1 request: "
                       "drafts of the text its grammar forces")  # fmt: skip
     spec.add_argument("--prompt", default=None, help="the batch-1 prompt as text (default: random token ids)")
+    spec.add_argument("--plain-engine", action="store_true", help="compare with a second engine built without "
+                      "speculation (on the CPU its weights are laid out for one row), not with speculation turned "
+                      "off in the same engine")  # fmt: skip
     ap.add_argument("--tokenizer", default=None, help="an HF tokenizer directory (e.g. for dummy weights)")
     ap.add_argument("--num-loras", type=int, default=None,
                     help="multi-LoRA: make this many random adapters (all seven projections), spread the requests over "
@@ -223,7 +226,11 @@ def main(argv=None) -> dict:
         batch = make_workload(args.speculative_batch, input_len, output_len, engine.vocab_size, args.seed)[0]
         trials = 3 if device.type == "cuda" else 5 if args.speculative_json else 1  # a JSON object is short
         schema = json.loads(args.speculative_json) if args.speculative_json else None
-        result.update(run_speculative(llm, prompt, out_lens[0], batch, out_lens[0], trials, schema))
+        plain = None
+        if args.plain_engine:
+            plain = LLM(args.model, **{**engine_options(args), "speculative_model": None,
+                                       "speculative_method": None, "speculative_draft_vocab": None})  # fmt: skip
+        result.update(run_speculative(llm, prompt, out_lens[0], batch, out_lens[0], trials, schema, plain))
         print_speculative(result)
     elif args.latency:
         step_s = run_latency(llm, prompts[0], out_lens[0])

@@ -40,9 +40,8 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight.T (+ bias): the Triton GEMV in one- and two-row decode graphs, oneDNN for a weight that
     `pack_for_cpu` packed, else F.linear."""
     if weight.is_mkldnn:
-        y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).to_mkldnn(), weight, None).to_dense()
-        y = y.view(*x.shape[:-1], y.shape[-1])
-        return y if bias is None else y + bias
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+        return y.view(*x.shape[:-1], y.shape[-1])
     return small_batch.linear(x, weight, bias)
 
 
@@ -54,22 +53,24 @@ def gated_matmul(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pack_for_cpu(model) -> None:
-    """On the CPU, the fp32 weights of the dense linear layers and of the LM head in oneDNN's own blocked layout:
-    MKL's sgemm behind F.linear is compute-bound at a few rows here, so a decode step (one row per sequence) and a
-    speculative verify step (k + 1 rows) run 1.7-3x faster through oneDNN (docs/PERFORMANCE.md). The linear layers'
-    weights are replaced; the LM head gets a packed copy (`head_weight`), as a tied one still embeds."""
+def pack_for_cpu(model, rows: int = 1) -> None:
+    """On the CPU, the fp32 weights of the dense linear layers and of the LM head in oneDNN's own blocked layout,
+    chosen for products of `rows` rows: MKL's sgemm behind F.linear is compute-bound at a few rows here, so a
+    decode step (one row per sequence) and a speculative verify step (k + 1 rows) run 1.7-3x faster through oneDNN,
+    and a layout blocked for k + 1 rows makes the verify 1.5x faster again (docs/PERFORMANCE.md). The linear
+    layers' weights are replaced; the LM head gets a packed copy (`head_weight`), as a tied one still embeds."""
     for m in model.modules():
         if isinstance(m, ReplicatedLinear) and m.quant is None and _packable(m.weight):
-            m.weight = nn.Parameter(m.weight.detach().to_mkldnn(), requires_grad=False)
+            m.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows),
+                                    requires_grad=False)  # fmt: skip
     if model.head is not None:  # the last stage
-        pack_head(model.head)
+        pack_head(model.head, rows)
 
 
-def pack_head(head: VocabParallelEmbedding) -> None:
+def pack_head(head: VocabParallelEmbedding, rows: int = 1) -> None:
     """The LM head's packed copy, for `logits` (the dense weight stays: a tied head also embeds)."""
     if _packable(head.weight):
-        head.head_weight = head.weight.detach().to_mkldnn()
+        head.head_weight = torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), rows)
 
 
 def _packable(w: torch.Tensor) -> bool:

@@ -110,9 +110,11 @@ def _dummy_architecture(name: str | None) -> dict:
 def _load(cfg: EngineConfig, shard: Shard, tp: Group, device: torch.device,
           with_tokenizer: bool) -> tuple[LlamaModel, Tokenizer | None, str]:  # fmt: skip
     dtype = cfg.torch_dtype()
+    speculates = cfg.speculative_model is not None or cfg.speculative_method is not None  # (a draft's config: no)
+    rows = cfg.num_speculative_tokens + 1 if speculates else 1  # a verify step's rows (pack_for_cpu)
     if cfg.load_format == "dummy":  # quantised: the random weights, quantised at load
         model = build_model(ModelConfig.from_hf(_dummy_architecture(cfg.model)), device, dtype, shard, tp)
-        load_weights(model, dummy_weights(model.cfg, cfg.seed, device, dtype, wanted(model)), cfg.quantization)
+        load_weights(model, dummy_weights(model.cfg, cfg.seed, device, dtype, wanted(model)), cfg.quantization, rows)
         return model, None, cfg.model
     path = resolve_model_path(cfg.model)
     if path.endswith(".gguf"):
@@ -122,12 +124,12 @@ def _load(cfg: EngineConfig, shard: Shard, tp: Group, device: torch.device,
         model_cfg = ModelConfig.from_hf(gg.hf_config)
         tokenizer = _gguf_tokenizer(gg) if with_tokenizer else None
         model = build_model(model_cfg, device, dtype, shard, tp)
-        load_weights(model, gg.load_weights(dtype, device, wanted(model)), cfg.quantization)
+        load_weights(model, gg.load_weights(dtype, device, wanted(model)), cfg.quantization, rows)
         name = DEFAULT_MODEL_NAME if cfg.model is None else os.path.basename(path).removesuffix(".gguf")
         return model, tokenizer, name
     model_cfg = ModelConfig.from_dir(path)
     model = build_model(model_cfg, device, dtype, shard, tp)
-    load_weights(model, iter_safetensors(path, device, dtype, wanted(model)), cfg.quantization)
+    load_weights(model, iter_safetensors(path, device, dtype, wanted(model)), cfg.quantization, rows)
     tokenizer = Tokenizer.from_dir(path, eos_token_ids=model_cfg.eos_token_ids) if with_tokenizer else None
     # A hub id is served under itself, as clients name it; a local directory under its own name.
     return model, tokenizer, os.path.basename(cfg.model.rstrip("/")) if os.path.exists(cfg.model) else cfg.model
@@ -194,15 +196,17 @@ def iter_safetensors(path: str, device: torch.device, dtype: torch.dtype,
 
 
 @torch.no_grad()
-def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], quantization: str | None = None):
+def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], quantization: str | None = None,
+                 rows: int = 1):  # fmt: skip
     """Hand each HF-named tensor to its parameter's weight_loader, which copies this rank's shard of it; with a
     quantised checkpoint or `quantization` asked for, through quant.py before and after (quant_formats.py
-    re-lays the checkpoint's tensors on the way in)."""
+    re-lays the checkpoint's tensors on the way in). On the CPU, weights are then laid out for products of `rows`
+    rows (layers.pack_for_cpu)."""
     qcfg = quant_formats.quant_config(model.cfg.quantization_config, quantization)
     quant.prepare(model, qcfg)
     _load_tensors(model, quant_formats.checkpoint_tensors(qcfg, tensors))
     quant.finish(model, qcfg)
-    layers.pack_for_cpu(model)
+    layers.pack_for_cpu(model, rows)
 
 
 def _load_tensors(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:

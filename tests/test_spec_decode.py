@@ -541,3 +541,16 @@ def test_gpu_forced_drafts_under_a_grammar(llama_dir):
         assert [o.token_ids for o in outs[:3]] == want
         assert llm.engine.stats().spec_forced_accepted_tokens > 0
         assert_no_leak(llm)
+
+
+def test_bench_compares_speculation_with_an_engine_built_without_it(llama_dir):
+    """bench.py --plain-engine: the baseline is a second engine without speculation (its CPU weights laid out
+    for one row, the speculating one's for k + 1), and both give the same greedy tokens."""
+    from nanokyro.benchmarks.speculative import run_speculative
+
+    opts = dict(dtype="float32", kv_cache_memory=16 << 20)
+    spec = LLM(llama_dir, speculative_model=llama_dir, num_speculative_tokens=3, **opts)  # drafts itself
+    plain = LLM(llama_dir, **opts)
+    r = run_speculative(spec, [5, 6, 7, 8] * 8, 16, [], 0, trials=1, plain=plain)
+    assert r["baseline"] == "a plain engine" and r["same_greedy_tokens"] == r["output_tokens"] == 16
+    assert r["verify_steps"] > 0 and r["acceptance_rate"] == 1.0
