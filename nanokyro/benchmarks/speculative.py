@@ -1,5 +1,6 @@
 """Speculative decoding, measured in one engine: its `speculative=False` requests are the baseline, so the runs
-with and without speculation share the weights, the KV cache and the compiled graphs.
+with and without speculation share the weights, the KV cache and the compiled graphs. Or, given `plain`, against
+an engine built without speculation (on the CPU, whose weights are laid out for one row rather than a verify's).
 
 - batch 1, greedy: decode tokens/s with and without speculation, the acceptance rate and the mean accepted length
   (tokens per verify step: accepted drafts + 1);
@@ -91,12 +92,12 @@ def run_speculative(llm: LLM, prompt: list[int], out_len: int, batch_prompts: li
     `plain`, an engine built without it (on the CPU its weights are laid out for one row, not for a verify's)."""
     engine = llm.engine
     k = engine.cfg.num_speculative_tokens
-    base = plain or llm
+    without = plain or llm
     llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up, both paths
-    base.generate(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, speculative=False))
+    without.generate(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, speculative=False))
     base_runs, runs = [], []
     for _ in range(trials):  # alternating, so that a machine whose load drifts weighs on both alike
-        base_runs.append(decode_seconds_per_token(base, prompt, out_len, False, structured))
+        base_runs.append(decode_seconds_per_token(without, prompt, out_len, False, structured))
         runs.append(decode_seconds_per_token(llm, prompt, out_len, True, structured))
     base, spec = [r[0] for r in base_runs], [r[0] for r in runs]
     counts = runs[-1][1]
