@@ -261,6 +261,46 @@ def test_bench_runs_the_workload_on_the_base_and_on_random_adapters(tmp_path, mo
     assert r["load_tokens_match"]
 
 
+KERNEL_CHECK = """
+import torch
+from nanokyro import lora_kernels, small_batch
+from nanokyro.lora import lora_delta_reference
+
+torch.manual_seed(0)
+worst = 0.0
+for T, K, R, N in [(1, 4096, 48, 96), (2, 1000, 16, 64), (3, 512, 8, 40)]:  # K in whole splits and not
+    x, a = torch.randn(T, K), torch.randn(3, R, K) / K**0.5
+    b, y = torch.randn(3, N, R) * 0.1, torch.randn(T, N)
+    lora = torch.tensor([1, -1, 2][:T], dtype=torch.int32)
+    ref = lora_delta_reference(y, x, a, b, lora)
+    for split in (lora_kernels.SPLIT_K, lora_kernels.SPLIT_K_DECODE):
+        s = lora_kernels.lora_shrink(x, a, lora, split)
+        assert s.shape[0] == lora_kernels.num_splits(K, split)
+        worst = max(worst, (lora_kernels.lora_expand(y, s, b, lora) - ref).abs().max().item())
+for T, K, N, gated in [(1, 1000, 24, False), (2, 600, 20, True)]:  # the decode graphs' GEMV with the delta
+    x, w = torch.randn(T, K), torch.randn(2 * N if gated else N, K) / K**0.5
+    a, b = torch.randn(3, 16, K) / K**0.5, torch.randn(3, w.shape[0], 16) * 0.1
+    lora = torch.tensor([2, 0][:T], dtype=torch.int32)
+    got = small_batch.gemv(x, w, None, gated, lora_kernels.lora_shrink(x, a, lora, lora_kernels.SPLIT_K_DECODE), b, lora)
+    full = lora_delta_reference(x @ w.T, x, a, b, lora)
+    worst = max(worst, (got - (small_batch.silu_and_mul(full) if gated else full)).abs().max().item())
+print(worst)
+"""
+
+
+def test_triton_kernels_match_the_torch_reference_in_the_interpreter():
+    """The CUDA kernels (shrink with the prefill and the decode graphs' K split, expand, the GEMV that adds the
+    delta in its epilogue, gated or not) run by Triton's interpreter on the CPU, against the torch reference."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split()[-1]) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
