@@ -213,6 +213,7 @@ class Parallel:
         self.tp, self.control, self.workers = tp, control, workers
         self.failure: str | None = None  # set once a collective failed: every later step fails at once
         self.closed = False
+        self._plans_sent: list[tuple[dist.Work, torch.Tensor]] = []  # rank 0: plan broadcasts not yet taken
 
     @contextlib.contextmanager
     def guard(self):
@@ -231,10 +232,17 @@ class Parallel:
     # The plan: bytes, broadcast from rank 0 over the gloo control group (size first; -1 means stop).
 
     def send_plan(self, data: bytes | None) -> None:
-        size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64)
-        dist.broadcast(size, 0, group=self.control)
+        """Rank 0 does not wait for the others to take the plan (gloo's send waits for the receiver): in a
+        pipeline they are still busy with the steps before it. The stop (None) is waited for."""
+        self._plans_sent = [(w, t) for w, t in self._plans_sent if not w.is_completed()]
+        tensors = [torch.tensor([-1 if data is None else len(data)], dtype=torch.int64)]
         if data is not None:
-            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=self.control)
+            tensors.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        for t in tensors:  # the tensors stay referenced until sent
+            self._plans_sent.append((dist.broadcast(t, 0, group=self.control, async_op=True), t))
+        if data is None:
+            for work, _ in self._plans_sent:
+                work.wait()
 
     def recv_plan(self) -> bytes | None:
         size = torch.empty(1, dtype=torch.int64)
@@ -274,10 +282,11 @@ class Parallel:
     def send_logits(self, logits: torch.Tensor) -> None:
         dist.send(logits.contiguous(), 0)
 
-    def recv_logits(self, rows: int, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    def recv_logits(self, rows: int, vocab: int, dtype: torch.dtype) -> PendingLogits:
+        """Post the receive of a step's logits from the last stage, at once: the last stage sends each step's in
+        order, and with the receive posted it never waits on rank 0, which is busy launching the next step."""
         buf = torch.empty(rows, vocab, dtype=dtype, device=self.device)
-        dist.recv(buf, self.world_size - self.shard.tp_size)
-        return buf
+        return PendingLogits(buf, dist.irecv(buf, self.world_size - self.shard.tp_size), self)
 
     def close(self, abort: bool = False) -> None:
         """Rank 0: stop the other ranks (a stop plan; with `abort`, e.g. mid start-up, kill the spawned ones at
@@ -293,6 +302,21 @@ class Parallel:
         if self.workers is not None:
             self.workers.close(timeout=0 if abort else JOIN_TIMEOUT_S)
         destroy_groups()
+
+
+@dataclass
+class PendingLogits:
+    """A pipeline step's logits on their way from the last stage to rank 0."""
+
+    buf: torch.Tensor
+    work: dist.Work
+    parallel: Parallel
+
+    def wait(self) -> torch.Tensor:
+        """The logits: on gloo once received; on NCCL the current stream waits for them, not the host."""
+        with self.parallel.guard():
+            self.work.wait()
+        return self.buf
 
 
 def _init(cfg: EngineConfig, rank: int, world_size: int, local_rank: int, store: dist.Store | None = None,

@@ -25,7 +25,7 @@ from nanokyro.attention import AttentionMetadata, FlashInferAttention, TorchAtte
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.loader import load
 from nanokyro.lora import AdapterSlots, read_adapter
-from nanokyro.parallel import Parallel, Shard, WorkerError, start
+from nanokyro.parallel import Parallel, PendingLogits, Shard, WorkerError, start
 from nanokyro.sampler import PendingSample, Sampler, SamplerOutput, SampleRow
 from nanokyro.scheduler import ScheduledBatch
 
@@ -304,9 +304,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None,
-                lora_loads: list[tuple[int, str]] = ()) -> torch.Tensor:  # fmt: skip
+                lora_loads: list[tuple[int, str]] = (), wait: bool = True) -> torch.Tensor | PendingLogits:  # fmt: skip
         """Launch the step's model pass; returns the logits of its sampled rows, on the device. The host waits
-        only for the previous step's inputs to have reached the device, not for its kernels.
+        only for the previous step's inputs to have reached the device, not for its kernels. In a pipeline,
+        without `wait`, rank 0 returns once its stage is launched: the logits are a PendingLogits (or None when
+        the step samples no row), received from the last stage when waited for.
 
         A sequence whose last token is still a placeholder (-(row + 1): row `row` of the step in flight, not yet on
         the host) reads that token from `prev_tokens`, that step's sampled tokens on the device. With more ranks,
@@ -325,11 +327,12 @@ class ModelRunner:
             self.parallel.send_plan(plan.encode())
             if plan.num_prev_tokens:
                 self.parallel.broadcast_tokens(prev_tokens)
-            return self._execute(plan, prev_tokens)
+            logits = self._execute(plan, prev_tokens)
+        return logits.wait() if wait and isinstance(logits, PendingLogits) else logits
 
-    def _execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
-        """Every rank's part of a step: the logits of its sampled rows on rank 0 (and on every rank of the last
-        stage), None on the ranks of earlier stages."""
+    def _execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | PendingLogits | None:
+        """Every rank's part of a step: the logits of its sampled rows on rank 0 (on their way there from the last
+        stage in a pipeline; and on every rank of the last stage), None on the ranks of earlier stages."""
         self._load_loras(plan)
         if self.shard.pp_size > 1:
             return self._stage(plan, prev_tokens)
@@ -404,11 +407,12 @@ class ModelRunner:
             self._inputs_copied = torch.cuda.Event()
             self._inputs_copied.record()
 
-    def _stage(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
+    def _stage(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | PendingLogits | None:
         """A pipeline stage's part of a step, as up to pp_size micro-batches in flight: for each, the hidden states
         and residual from the stage before (unless the first), this stage's layers, and on to the next, so stage
         s runs micro-batch i while stage s + 1 runs micro-batch i - 1. The last stage sends all the sampled rows'
-        logits to rank 0 at the end, in one message: one per micro-batch would wait on rank 0, still sending."""
+        logits to rank 0 at the end, in one message: one per micro-batch would wait on rank 0, still sending.
+        Rank 0 returns with the receive of those logits posted, free to launch the next step (core.py)."""
         par, mc = self.parallel, self.model_cfg
         logits = []
         # Only steps with prompt tokens are cut: a decode-only step is bound by reading the weights, which each
@@ -444,18 +448,23 @@ class ModelRunner:
                     par.broadcast_tokens(prev_tokens)
                 self._execute(plan, prev_tokens)
 
-    @torch.inference_mode()
     def sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> PendingSample:
-        """Launch sampling for the batch's sampled rows. A grammar that the previous step's token terminated (its
-        sequence ends when that step is finished, and this token is dropped) is left out: it has no next mask."""
-        sampled = batch.sampled
-        if not sampled:
-            return PendingSample.empty(self.device)
+        """Launch sampling for the batch's sampled rows."""
+        return self.draw(logits, self.sample_rows(batch))
+
+    def sample_rows(self, batch: ScheduledBatch) -> list[SampleRow]:
+        """What the sampler needs of each sampled row, read now (before the step's placeholders are appended). A
+        grammar that the previous step's token terminated (its sequence ends when that step is finished, and this
+        token is dropped) is left out: it has no next mask."""
         live = lambda m: m is not None and not m.is_terminated()  # noqa: E731
         # Token lists are copied only where a penalty reads them: for every row of every step that costs ms.
-        rows = [SampleRow(s.params, *((s.prompt_ids, s.output_ids) if s.params.penalised else ([], [])), s.generator,
-                          s.matcher if live(s.matcher) else None) for s in sampled]  # fmt: skip
-        return self.sampler.sample(logits, rows)
+        return [SampleRow(s.params, *((s.prompt_ids, s.output_ids) if s.params.penalised else ([], [])), s.generator,
+                          s.matcher if live(s.matcher) else None) for s in batch.sampled]  # fmt: skip
+
+    @torch.inference_mode()
+    def draw(self, logits: torch.Tensor | None, rows: list[SampleRow]) -> PendingSample:
+        """Launch sampling of `rows` from their logits."""
+        return self.sampler.sample(logits, rows) if rows else PendingSample.empty(self.device)
 
     def run(self, batch: ScheduledBatch) -> SamplerOutput:
         """One whole step, synchronously: what the engine's pipelined step does, for tests and tools."""
