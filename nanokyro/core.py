@@ -6,7 +6,8 @@ runs it, bring step n-1's tokens to the host, check their stops and report them.
 device, where step n+1 reads them as input ids; on the host they are placeholders until then. A sequence that
 stops at step n-1 was already scheduled in step n: that extra token is dropped. Rows whose sampling reads the
 host's view of earlier tokens (grammars, penalties) wait for step n-1 before sampling, and a small step's first
-tokens are read before the next launch (time to first token at low load).
+tokens are read before the next launch (time to first token at low load). With pipeline parallelism the steps
+in flight are instead one per stage, over disjoint sequences (`_pipelined_step`).
 
 `EngineCore` runs in the offline `LLM`'s process; `run_core` runs it in a process of its own for the server,
 a busy loop with no asyncio that takes `ToCore` messages and answers with one `StepOutputs` per step.
@@ -281,10 +282,11 @@ class EngineCore:
         if not batch.seqs:
             return False
         loads = self.loras.take_loads() if self.loras is not None else []
-        logits = self.runner.forward(batch, None, loads, wait=False)
         rows = self.runner.sample_rows(batch)  # before the placeholders: penalties read the tokens so far
-        sampled = sched.update(batch, [-(row + 1) for row in range(len(rows))])
-        self._launched.append(_Step(sampled, [s.num_tokens - 1 for s in sampled], None, logits=logits, rows=rows))
+        step = _Step([], [], None, logits=self.runner.forward(batch, None, loads, wait=False), rows=rows)
+        self._launched.append(step)  # at once: whatever fails next, its logits are the next that rank 0 receives
+        step.seqs = sched.update(batch, [-(row + 1) for row in range(len(rows))])
+        step.positions = [s.num_tokens - 1 for s in step.seqs]
         return True
 
     def _finish_launched(self) -> list[SeqOutput]:

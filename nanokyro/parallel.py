@@ -5,7 +5,10 @@ World = pp * tp ranks; rank = stage * tp + tp_rank. Rank 0 (stage 0, TP rank 0) 
 sampler. Every step it broadcasts the step's plan (msgspec bytes, as a uint8 tensor over a gloo group) to the
 other ranks, which run their shard of the same step: TP ranks all-reduce inside the layers (layers.py), a
 pipeline stage receives the hidden states and residual of the stage before and sends its own to the next, and
-the last stage sends the sampled rows' logits to rank 0. Rank 0 alone samples. On CUDA, an all-reduce of at most
+the last stage sends the sampled rows' logits to rank 0. Rank 0 alone samples. In a pipeline, rank 0 neither
+waits for the others to take a plan nor for a step's logits before it launches the next step (core.py keeps a
+step per stage in flight): every rank runs the plans in the order sent, and each pair of ranks sends and receives
+its hidden states and logits in that order, so every send meets its receive. On CUDA, an all-reduce of at most
 SYMM_BYTES (a decode step's) goes through symmetric memory, one kernel that reads the other GPUs' buffers over
 NVLink; larger ones, and every other collective, through NCCL. A step whose input ids read the
 step before's tokens while they are still on their way to the host (placeholders) sends those tokens from rank 0
