@@ -269,13 +269,16 @@ class Parallel:
 
     # Pipeline stages: the same TP rank of the next / previous stage; logits from the last stage to rank 0.
 
-    def send_hidden(self, x: torch.Tensor, residual: torch.Tensor) -> None:
-        dist.send(torch.stack([x, residual]).contiguous(), self.rank + self.shard.tp_size)
+    def send_hidden(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+        """The hidden states and residual [T, hidden] to the next stage (or both stacked already, [2, T, hidden])."""
+        dist.send((x if residual is None else torch.stack([x, residual])).contiguous(), self.rank + self.shard.tp_size)
 
-    def recv_hidden(self, num_tokens: int, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        buf = torch.empty(2, num_tokens, hidden, dtype=dtype, device=self.device)
+    def recv_hidden(self, num_tokens: int, hidden: int, dtype: torch.dtype, into: torch.Tensor | None = None
+                    ) -> torch.Tensor:  # fmt: skip
+        """The stage before's hidden states and residual, stacked [2, T, hidden]: received into `into` if given."""
+        buf = torch.empty(2, num_tokens, hidden, dtype=dtype, device=self.device) if into is None else into
         dist.recv(buf, self.rank - self.shard.tp_size)
-        return buf[0], buf[1]
+        return buf
 
     @property
     def sends_logits(self) -> bool:
