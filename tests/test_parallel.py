@@ -171,36 +171,38 @@ def test_pipelined_steps_give_one_process_outputs_for_every_kind_of_request(llam
         SamplingParams(max_tokens=20, temperature=1.0, top_k=20, seed=5, n=2, ignore_eos=True),
         SamplingParams(max_tokens=28, temperature=0.8, seed=2, repetition_penalty=1.3, frequency_penalty=0.5),
         SamplingParams(max_tokens=1, temperature=0),
-        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop_token_ids=[]),
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
         SamplingParams(max_tokens=20, temperature=0.7, seed=3, structured=StructuredOutput(regex="[a-z]{3,6}[0-9]{2}")),
     ]
 
-    def run(pp: int, params=params):
+    def engine(pp: int) -> LLM:
         page_bytes = kv_bytes_per_page(ModelConfig.from_dir(llama_dir), 16, torch.float32, Shard(0, 1, 0, pp))
-        llm = make_llm(llama_dir, 1, pp, max_num_batched_tokens=64, kv_cache_memory=16 * page_bytes)
-        try:
-            outs = llm.generate(prompts, params)
-            assert_no_leak(llm)
-            logprobs = [o.logprobs for r in outs for o in r.outputs if o.logprobs is not None]
-            return ([[(o.token_ids, o.text, o.finish_reason) for o in r.outputs] for r in outs], logprobs,
-                    llm.engine.scheduler.num_preemptions)  # fmt: skip
-        finally:
-            llm.close()
+        return make_llm(llama_dir, 1, pp, max_num_batched_tokens=64, kv_cache_memory=16 * page_bytes)
 
-    one, one_logprobs, _ = run(1)
-    assert one[6][0][2] == "stop" and re.fullmatch("[a-z]{3,6}[0-9]{2}", one[6][0][1])
-    piped, piped_logprobs, preemptions = run(2)
-    assert piped == one and preemptions > 0
-    for a, b in zip(one_logprobs, piped_logprobs):
-        assert [t.token_id for t in a] == [t.token_id for t in b]
-        np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b], atol=1e-4)
-    # Stop on the greedy sequence's 5th token, and another at a piece of its text.
-    stopped = list(params)
-    stopped[0] = msgspec.structs.replace(params[0], stop_token_ids=[one[0][0][0][4]])
-    stopped[5] = msgspec.structs.replace(params[5], stop=[one[5][0][1][4:6]])
-    one_stopped = run(1, stopped)[0]
-    assert one_stopped[0][0][2] == "stop" and one_stopped[5][0][2] == "stop"
-    assert run(2, stopped)[0] == one_stopped
+    def run(llm: LLM, params: list[SamplingParams]):
+        outs = llm.generate(prompts, params)
+        assert_no_leak(llm)
+        logprobs = [o.logprobs for r in outs for o in r.outputs if o.logprobs is not None]
+        return [[(o.token_ids, o.text, o.finish_reason) for o in r.outputs] for r in outs], logprobs
+
+    one_llm, piped_llm = engine(1), engine(2)
+    try:
+        (one, one_logprobs), (piped, piped_logprobs) = run(one_llm, params), run(piped_llm, params)
+        assert one[6][0][2] == "stop" and re.fullmatch("[a-z]{3,6}[0-9]{2}", one[6][0][1])
+        assert piped == one and piped_llm.engine.scheduler.num_preemptions > 0
+        for a, b in zip(one_logprobs, piped_logprobs):
+            assert [t.token_id for t in a] == [t.token_id for t in b]
+            np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b], atol=1e-4)
+        # Stop on the greedy sequence's 5th token, and another at a piece of its text.
+        stopped = list(params)
+        stopped[0] = msgspec.structs.replace(params[0], stop_token_ids=[one[0][0][0][4]])
+        stopped[5] = msgspec.structs.replace(params[5], stop=[one[5][0][1][4:6]])
+        one_stopped = run(one_llm, stopped)[0]
+        assert one_stopped[0][0][2] == "stop" and one_stopped[5][0][2] == "stop"
+        assert run(piped_llm, stopped)[0] == one_stopped
+    finally:
+        one_llm.close()
+        piped_llm.close()
 
 
 def test_a_worker_that_dies_while_starting_fails_the_start_fast(llama_dir):
