@@ -159,6 +159,31 @@ def test_a_pipeline_keeps_a_step_per_stage_in_flight_over_disjoint_sequences(lla
         llm.close()
 
 
+def test_three_stages_keep_three_steps_in_flight_and_give_hf_tokens(tmp_path):
+    """PP=3 (a middle stage that receives and sends hidden states): three steps in flight, HF's tokens."""
+    path = build_tiny_model("llama", str(tmp_path), num_hidden_layers=3)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = random_prompts([90, 40, 3, 9, 20], seed=1)
+    refs = [hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]  # fmt: skip
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=24, max_num_seqs=8, kv_cache_memory=4 << 20,
+              pipeline_parallel_size=3)  # fmt: skip
+    engine = llm.engine
+    depths, finish = [], engine._finish_launched
+
+    def observed_finish():
+        depths.append(len(engine._launched))
+        return finish()
+
+    engine._finish_launched = observed_finish
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))] == refs
+        assert max(depths) == 3
+        assert_no_leak(llm)
+    finally:
+        llm.close()
+
+
 def test_pipelined_steps_give_one_process_outputs_for_every_kind_of_request(llama_dir):
     """Seeded sampling, penalties, n > 1, logprobs, a grammar, stop strings and stop tokens, and max_tokens give
     the same outputs through PP=2's pipelined steps as in one process, also when sequences are preempted."""
