@@ -124,8 +124,9 @@ class EngineCore:
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._ids = itertools.count()
         self._in_flight: _Step | None = None  # the launched step whose tokens have not reached the host yet
-        # Pipeline parallelism: up to pp_size launched steps over disjoint sequences, oldest first (_pipelined_step).
-        self.pipeline_depth = cfg.pipeline_parallel_size
+        # Pipeline parallelism: up to pp_size launched steps over disjoint sequences, oldest first (_pipelined_step);
+        # without overlap, one step at a time, each finished before the next is launched.
+        self.pipeline_depth = cfg.pipeline_parallel_size if cfg.overlap_schedule else 1
         self._launched: collections.deque[_Step] = collections.deque()
 
     @staticmethod

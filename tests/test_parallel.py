@@ -159,6 +159,26 @@ def test_a_pipeline_keeps_a_step_per_stage_in_flight_over_disjoint_sequences(lla
         llm.close()
 
 
+def test_a_pipeline_without_overlap_runs_one_step_at_a_time(llama_dir, hf_llama):
+    """overlap_schedule=False: each step is finished before the next is launched (the baseline of the pipelined
+    schedule, on the same build), with HF's tokens."""
+    prompts = random_prompts([40, 3, 17], seed=8)
+    refs = [hf_llama.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]  # fmt: skip
+    llm = make_llm(llama_dir, 1, 2, overlap_schedule=False)
+    try:
+        engine = llm.engine
+        ids = [engine.add_request(p, SamplingParams(max_tokens=6, temperature=0)) for p in prompts]
+        outs = {rid: [] for rid in ids}
+        while engine.has_work():
+            for out in engine.step():
+                outs[out.request_id] += out.token_ids
+            assert not engine._launched and engine._in_flight is None
+        assert [outs[rid] for rid in ids] == refs
+    finally:
+        llm.close()
+
+
 def test_three_stages_keep_three_steps_in_flight_and_give_hf_tokens(tmp_path):
     """PP=3 (a middle stage that receives and sends hidden states): three steps in flight, HF's tokens."""
     path = build_tiny_model("llama", str(tmp_path), num_hidden_layers=3)
