@@ -94,7 +94,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # on CUDA, fraction of the GPU the engine may fill (weights + KV)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: no graphs, no torch.compile
-    overlap_schedule: bool = True  # the host handles step n-1's tokens while the device runs step n
+    overlap_schedule: bool = True  # the host handles step n-1's tokens while the device runs step n (PP: one per stage)
     attention_backend: str = "auto"  # "auto" | "torch" | "flashinfer"
     tensor_parallel_size: int = 1  # ranks each layer is split over (heads, MLP features, vocab)
     pipeline_parallel_size: int = 1  # stages the layers are split into

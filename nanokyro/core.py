@@ -6,14 +6,17 @@ runs it, bring step n-1's tokens to the host, check their stops and report them.
 device, where step n+1 reads them as input ids; on the host they are placeholders until then. A sequence that
 stops at step n-1 was already scheduled in step n: that extra token is dropped. Rows whose sampling reads the
 host's view of earlier tokens (grammars, penalties) wait for step n-1 before sampling, and a small step's first
-tokens are read before the next launch (time to first token at low load).
+tokens are read before the next launch (time to first token at low load). With pipeline parallelism the steps
+in flight are instead one per stage, over disjoint sequences (`_pipelined_step`).
 
 `EngineCore` runs in the offline `LLM`'s process; `run_core` runs it in a process of its own for the server,
 a busy loop with no asyncio that takes `ToCore` messages and answers with one `StepOutputs` per step.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -35,8 +38,9 @@ from nanokyro.request import (
     UnknownAdapter, UnloadAdapter,
 )  # fmt: skip
 from nanokyro.lora import AdapterError, LoRARegistry
+from nanokyro.parallel import PendingLogits
 from nanokyro.runner import ModelRunner
-from nanokyro.sampler import PendingSample, SamplerOutput, make_generator
+from nanokyro.sampler import PendingSample, SampleRow, SamplerOutput, make_generator
 from nanokyro.scheduler import ScheduledBatch, Scheduler, Sequence, Status
 from nanokyro.spec_decode import DraftModelProposer, Drafts, NgramProposer, grammar_drafts, shrink_lm_head, verify
 
@@ -50,14 +54,18 @@ EAGER_FIRST_TOKEN_SEQS = 4  # a launched step of at most this many sequences has
 @dataclass
 class _Step:
     """A launched step: its sampled sequences, where each one's placeholder sits, and the tokens on their way;
-    once received on the host, the tokens, which rows are still live, and whether each grammar took its token."""
+    once received on the host, the tokens, which rows are still live, and whether each grammar took its token.
+    A pipeline's step is sampled only when it is finished: until then `sample` is None, and `logits` and `rows`
+    are what it samples from."""
 
     seqs: list[Sequence]
     positions: list[int]
-    sample: PendingSample
+    sample: PendingSample | None
     out: SamplerOutput | None = None
     live: list[int] = field(default_factory=list)
     accepted: dict[int, bool] = field(default_factory=dict)
+    logits: PendingLogits | torch.Tensor | None = None
+    rows: list[SampleRow] = field(default_factory=list)
 
 
 class AdapterInUse(RuntimeError):
@@ -116,6 +124,10 @@ class EngineCore:
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._ids = itertools.count()
         self._in_flight: _Step | None = None  # the launched step whose tokens have not reached the host yet
+        # Pipeline parallelism: up to pp_size launched steps over disjoint sequences, oldest first (_pipelined_step);
+        # without overlap, one step at a time, each finished before the next is launched.
+        self.pipeline_depth = cfg.pipeline_parallel_size if cfg.overlap_schedule else 1
+        self._launched: collections.deque[_Step] = collections.deque()
 
     @staticmethod
     def _load_draft(cfg: EngineConfig) -> ModelRunner:
@@ -206,7 +218,7 @@ class EngineCore:
         return outs
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None
+        return self.scheduler.has_work() or self._in_flight is not None or bool(self._launched)
 
     def stats(self) -> EngineStats:
         sched = self.scheduler
@@ -223,6 +235,8 @@ class EngineCore:
     def step(self) -> list[SeqOutput]:
         """Launch the next step, and return what the one before it produced (with `overlap_schedule` off: what
         this one produced). A call that finds a small step with first tokens in flight only finishes that step."""
+        if self.pipeline_depth > 1:
+            return self._pipelined_step()
         if self._first_tokens_in_flight():
             return self.finish_in_flight()  # published now; the next call launches the next step
         if self._speculating():
@@ -243,6 +257,45 @@ class EngineCore:
         self._in_flight = _Step(sampled, [s.num_tokens - 1 for s in sampled], sample)
         outs = self._finish(prev) if prev is not None else []
         return outs if self.cfg.overlap_schedule else outs + self.finish_in_flight()
+
+    # -- pipeline parallelism: a step per stage in flight -----------------------------------------------------
+
+    def _pipelined_step(self) -> list[SeqOutput]:
+        """With pp_size stages: launch steps until pp_size are in flight or no sequence is free to run, then
+        sample and finish the oldest. Rank 0's runner returns once stage 0's part of a step is launched, so stage 0
+        runs step n + 1 while the last stage runs step n, and only then does the host wait for step n's logits.
+        A step samples no sequence that a step in flight samples (its next input id is not known yet): the
+        running sequences take turns, split evenly between the steps, and new ones join any step. The placeholder
+        tokens that the overlapped schedule reads on the device (step) are not needed: a sequence's tokens are
+        all on the host when it is scheduled. A prompt's chunks that sample nothing may follow each other in
+        consecutive steps: each stage runs the steps in order, so a chunk's KV is written before the next reads
+        it."""
+        while len(self._launched) < self.pipeline_depth and self._launch():
+            pass
+        return self._finish_launched() if self._launched else []
+
+    def _launch(self) -> bool:
+        """Schedule a step of the sequences no step in flight samples, and launch it; False if there was none."""
+        sched = self.scheduler
+        busy = {seq for step in self._launched for seq in step.seqs}
+        share = -(-min(self.cfg.max_num_seqs, len(sched.running) + len(sched.waiting)) // self.pipeline_depth)
+        batch = sched.schedule(busy, share)
+        if not batch.seqs:
+            return False
+        loads = self.loras.take_loads() if self.loras is not None else []
+        rows = self.runner.sample_rows(batch)  # before the placeholders: penalties read the tokens so far
+        step = _Step([], [], None, logits=self.runner.forward(batch, None, loads, wait=False), rows=rows)
+        self._launched.append(step)  # at once: whatever fails next, its logits are the next that rank 0 receives
+        step.seqs = sched.update(batch, [-(row + 1) for row in range(len(rows))])
+        step.positions = [s.num_tokens - 1 for s in step.seqs]
+        return True
+
+    def _finish_launched(self) -> list[SeqOutput]:
+        """Sample the oldest pipelined step once its logits are here, and finish it."""
+        step = self._launched.popleft()
+        logits = step.logits.wait() if isinstance(step.logits, PendingLogits) else step.logits
+        step.sample, step.logits = self.runner.draw(logits, step.rows), None
+        return self._finish(step)
 
     # -- speculative decoding (spec_decode.py) ---------------------------------------------------------------
 
@@ -390,9 +443,12 @@ class EngineCore:
             pos == seq.num_prompt_tokens for seq, pos in zip(step.seqs, step.positions))  # fmt: skip
 
     def finish_in_flight(self) -> list[SeqOutput]:
-        """Wait for the launched step and return its outputs (the engine is then in step with the host)."""
+        """Wait for the launched step(s) and return their outputs (the engine is then in step with the host)."""
         step, self._in_flight = self._in_flight, None
-        return self._finish(step) if step is not None else []
+        outs = self._finish(step) if step is not None else []
+        while self._launched:
+            outs += self._finish_launched()
+        return outs
 
     def _receive(self, step: _Step) -> None:
         """Bring a launched step's tokens to the host: in place of their placeholders, and into the grammars.
@@ -464,6 +520,11 @@ class EngineCore:
     def fail_all(self, error: Failure | None = None) -> list[SeqOutput]:
         """End every request, freeing its pages: after an error inside a step (`error`), or to drop all work."""
         self._in_flight = None
+        while self._launched:  # the logits on their way are taken, so that the next step's are the next received
+            logits = self._launched.popleft().logits
+            if isinstance(logits, PendingLogits):
+                with contextlib.suppress(Exception):  # a dead worker: the world is broken anyway
+                    logits.wait()
         if error is not None and self.loras is not None:  # the failed step's adapter loads may not have run
             self.loras.forget_slots()
         reason = "abort" if error is None else "error"

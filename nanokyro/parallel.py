@@ -5,7 +5,10 @@ World = pp * tp ranks; rank = stage * tp + tp_rank. Rank 0 (stage 0, TP rank 0) 
 sampler. Every step it broadcasts the step's plan (msgspec bytes, as a uint8 tensor over a gloo group) to the
 other ranks, which run their shard of the same step: TP ranks all-reduce inside the layers (layers.py), a
 pipeline stage receives the hidden states and residual of the stage before and sends its own to the next, and
-the last stage sends the sampled rows' logits to rank 0. Rank 0 alone samples. On CUDA, an all-reduce of at most
+the last stage sends the sampled rows' logits to rank 0. Rank 0 alone samples. In a pipeline, rank 0 neither
+waits for the others to take a plan nor for a step's logits before it launches the next step (core.py keeps a
+step per stage in flight): every rank runs the plans in the order sent, and each pair of ranks sends and receives
+its hidden states and logits in that order, so every send meets its receive. On CUDA, an all-reduce of at most
 SYMM_BYTES (a decode step's) goes through symmetric memory, one kernel that reads the other GPUs' buffers over
 NVLink; larger ones, and every other collective, through NCCL. A step whose input ids read the
 step before's tokens while they are still on their way to the host (placeholders) sends those tokens from rank 0
@@ -213,6 +216,7 @@ class Parallel:
         self.tp, self.control, self.workers = tp, control, workers
         self.failure: str | None = None  # set once a collective failed: every later step fails at once
         self.closed = False
+        self._plans_sent: list[tuple[dist.Work, torch.Tensor]] = []  # rank 0: plan broadcasts not yet taken
 
     @contextlib.contextmanager
     def guard(self):
@@ -231,10 +235,17 @@ class Parallel:
     # The plan: bytes, broadcast from rank 0 over the gloo control group (size first; -1 means stop).
 
     def send_plan(self, data: bytes | None) -> None:
-        size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64)
-        dist.broadcast(size, 0, group=self.control)
+        """Rank 0 does not wait for the others to take the plan (gloo's send waits for the receiver): in a
+        pipeline they are still busy with the steps before it. The stop (None) is waited for."""
+        self._plans_sent = [(w, t) for w, t in self._plans_sent if not w.is_completed()]
+        tensors = [torch.tensor([-1 if data is None else len(data)], dtype=torch.int64)]
         if data is not None:
-            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=self.control)
+            tensors.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        for t in tensors:  # the tensors stay referenced until sent
+            self._plans_sent.append((dist.broadcast(t, 0, group=self.control, async_op=True), t))
+        if data is None:
+            for work, _ in self._plans_sent:
+                work.wait()
 
     def recv_plan(self) -> bytes | None:
         size = torch.empty(1, dtype=torch.int64)
@@ -258,13 +269,16 @@ class Parallel:
 
     # Pipeline stages: the same TP rank of the next / previous stage; logits from the last stage to rank 0.
 
-    def send_hidden(self, x: torch.Tensor, residual: torch.Tensor) -> None:
-        dist.send(torch.stack([x, residual]).contiguous(), self.rank + self.shard.tp_size)
+    def send_hidden(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+        """The hidden states and residual [T, hidden] to the next stage (or both stacked already, [2, T, hidden])."""
+        dist.send((x if residual is None else torch.stack([x, residual])).contiguous(), self.rank + self.shard.tp_size)
 
-    def recv_hidden(self, num_tokens: int, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        buf = torch.empty(2, num_tokens, hidden, dtype=dtype, device=self.device)
+    def recv_hidden(self, num_tokens: int, hidden: int, dtype: torch.dtype, into: torch.Tensor | None = None
+                    ) -> torch.Tensor:  # fmt: skip
+        """The stage before's hidden states and residual, stacked [2, T, hidden]: received into `into` if given."""
+        buf = torch.empty(2, num_tokens, hidden, dtype=dtype, device=self.device) if into is None else into
         dist.recv(buf, self.rank - self.shard.tp_size)
-        return buf[0], buf[1]
+        return buf
 
     @property
     def sends_logits(self) -> bool:
@@ -274,10 +288,11 @@ class Parallel:
     def send_logits(self, logits: torch.Tensor) -> None:
         dist.send(logits.contiguous(), 0)
 
-    def recv_logits(self, rows: int, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    def recv_logits(self, rows: int, vocab: int, dtype: torch.dtype) -> PendingLogits:
+        """Post the receive of a step's logits from the last stage, at once: the last stage sends each step's in
+        order, and with the receive posted it never waits on rank 0, which is busy launching the next step."""
         buf = torch.empty(rows, vocab, dtype=dtype, device=self.device)
-        dist.recv(buf, self.world_size - self.shard.tp_size)
-        return buf
+        return PendingLogits(buf, dist.irecv(buf, self.world_size - self.shard.tp_size), self)
 
     def close(self, abort: bool = False) -> None:
         """Rank 0: stop the other ranks (a stop plan; with `abort`, e.g. mid start-up, kill the spawned ones at
@@ -293,6 +308,21 @@ class Parallel:
         if self.workers is not None:
             self.workers.close(timeout=0 if abort else JOIN_TIMEOUT_S)
         destroy_groups()
+
+
+@dataclass
+class PendingLogits:
+    """A pipeline step's logits on their way from the last stage to rank 0."""
+
+    buf: torch.Tensor
+    work: dist.Work
+    parallel: Parallel
+
+    def wait(self) -> torch.Tensor:
+        """The logits: on gloo once received; on NCCL the current stream waits for them, not the host."""
+        with self.parallel.guard():
+            self.work.wait()
+        return self.buf
 
 
 def _init(cfg: EngineConfig, rank: int, world_size: int, local_rank: int, store: dist.Store | None = None,

@@ -25,7 +25,7 @@ from nanokyro.attention import AttentionMetadata, FlashInferAttention, TorchAtte
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.loader import load
 from nanokyro.lora import AdapterSlots, read_adapter
-from nanokyro.parallel import Parallel, Shard, WorkerError, start
+from nanokyro.parallel import Parallel, PendingLogits, Shard, WorkerError, start
 from nanokyro.sampler import PendingSample, Sampler, SamplerOutput, SampleRow
 from nanokyro.scheduler import ScheduledBatch
 
@@ -207,9 +207,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self._inputs_copied: torch.cuda.Event | None = None  # recorded once the last step's inputs are on the device
         self.graphs = None
-        # Pipeline stages run eagerly for now: their sends and receives sit between the stages' graphs.
-        if (self.device.type == "cuda" and not cfg.enforce_eager and isinstance(self.attn, FlashInferAttention)
-                and par.shard.pp_size == 1):  # fmt: skip
+        if self.device.type == "cuda" and not cfg.enforce_eager and isinstance(self.attn, FlashInferAttention):
             self.graphs = DecodeGraphs(self, cfg.max_num_seqs)
 
     def close(self) -> None:
@@ -304,9 +302,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None,
-                lora_loads: list[tuple[int, str]] = ()) -> torch.Tensor:  # fmt: skip
+                lora_loads: list[tuple[int, str]] = (), wait: bool = True) -> torch.Tensor | PendingLogits:  # fmt: skip
         """Launch the step's model pass; returns the logits of its sampled rows, on the device. The host waits
-        only for the previous step's inputs to have reached the device, not for its kernels.
+        only for the previous step's inputs to have reached the device, not for its kernels. In a pipeline,
+        without `wait`, rank 0 returns once its stage is launched: the logits are a PendingLogits (or None when
+        the step samples no row), received from the last stage when waited for.
 
         A sequence whose last token is still a placeholder (-(row + 1): row `row` of the step in flight, not yet on
         the host) reads that token from `prev_tokens`, that step's sampled tokens on the device. With more ranks,
@@ -325,11 +325,12 @@ class ModelRunner:
             self.parallel.send_plan(plan.encode())
             if plan.num_prev_tokens:
                 self.parallel.broadcast_tokens(prev_tokens)
-            return self._execute(plan, prev_tokens)
+            logits = self._execute(plan, prev_tokens)
+        return logits.wait() if wait and isinstance(logits, PendingLogits) else logits
 
-    def _execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
-        """Every rank's part of a step: the logits of its sampled rows on rank 0 (and on every rank of the last
-        stage), None on the ranks of earlier stages."""
+    def _execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | PendingLogits | None:
+        """Every rank's part of a step: the logits of its sampled rows on rank 0 (on their way there from the last
+        stage in a pipeline; and on every rank of the last stage), None on the ranks of earlier stages."""
         self._load_loras(plan)
         if self.shard.pp_size > 1:
             return self._stage(plan, prev_tokens)
@@ -404,22 +405,41 @@ class ModelRunner:
             self._inputs_copied = torch.cuda.Event()
             self._inputs_copied.record()
 
-    def _stage(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
+    def _stage(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | PendingLogits | None:
         """A pipeline stage's part of a step, as up to pp_size micro-batches in flight: for each, the hidden states
         and residual from the stage before (unless the first), this stage's layers, and on to the next, so stage
         s runs micro-batch i while stage s + 1 runs micro-batch i - 1. The last stage sends all the sampled rows'
-        logits to rank 0 at the end, in one message: one per micro-batch would wait on rank 0, still sending."""
+        logits to rank 0 at the end, in one message: one per micro-batch would wait on rank 0, still sending.
+        Rank 0 returns with the receive of those logits posted, free to launch the next step (core.py)."""
         par, mc = self.parallel, self.model_cfg
         logits = []
         # Only steps with prompt tokens are cut: a decode-only step is bound by reading the weights, which each
         # micro-batch would read again. (Not yet measured on GPUs.)
         prefill = any(n > 1 for n in plan.q_lens)
+        graphs = self.graphs
         for mb in plan.split(self.shard.pp_size) if prefill else [plan]:
             input_ids, positions, meta, rows, lora = self._inputs(mb, prev_tokens)
-            self.attn.plan(meta)
+            bucket = mb.bucket  # a decode graph to replay: received in, and sent from, its static buffers
+            if bucket is not None:
+                graphs.load(input_ids, positions, meta, lora)
+            else:
+                self.attn.plan(meta)
             self._record_inputs_copied()
-            before = None if self.shard.first_stage else par.recv_hidden(len(input_ids), mc.hidden_size, self.dtype)
-            out = self.model(input_ids, positions, self.attn, before, lora)
+            before = None  # [2, T, hidden]: the stage before's hidden states and residual
+            if not self.shard.first_stage:
+                into = graphs.received(bucket) if bucket is not None else None
+                before = par.recv_hidden(len(input_ids), mc.hidden_size, self.dtype, into)
+            if bucket is not None:
+                out = graphs.replay(bucket)  # every row's logits, or its [2, bucket, hidden] for the next stage
+                if self.shard.last_stage:
+                    logits.append(out[rows])
+                else:
+                    par.send_hidden(out)
+                continue
+            if graphs is not None:
+                out = graphs.hidden_states(input_ids, positions, lora, before)
+            else:
+                out = self.model(input_ids, positions, self.attn, before, lora)
             if self.shard.last_stage:
                 logits.append(self.model.compute_logits(out[rows]))
             else:
@@ -444,18 +464,23 @@ class ModelRunner:
                     par.broadcast_tokens(prev_tokens)
                 self._execute(plan, prev_tokens)
 
-    @torch.inference_mode()
     def sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> PendingSample:
-        """Launch sampling for the batch's sampled rows. A grammar that the previous step's token terminated (its
-        sequence ends when that step is finished, and this token is dropped) is left out: it has no next mask."""
-        sampled = batch.sampled
-        if not sampled:
-            return PendingSample.empty(self.device)
+        """Launch sampling for the batch's sampled rows."""
+        return self.draw(logits, self.sample_rows(batch))
+
+    def sample_rows(self, batch: ScheduledBatch) -> list[SampleRow]:
+        """What the sampler needs of each sampled row, read now (before the step's placeholders are appended). A
+        grammar that the previous step's token terminated (its sequence ends when that step is finished, and this
+        token is dropped) is left out: it has no next mask."""
         live = lambda m: m is not None and not m.is_terminated()  # noqa: E731
         # Token lists are copied only where a penalty reads them: for every row of every step that costs ms.
-        rows = [SampleRow(s.params, *((s.prompt_ids, s.output_ids) if s.params.penalised else ([], [])), s.generator,
-                          s.matcher if live(s.matcher) else None) for s in sampled]  # fmt: skip
-        return self.sampler.sample(logits, rows)
+        return [SampleRow(s.params, *((s.prompt_ids, s.output_ids) if s.params.penalised else ([], [])), s.generator,
+                          s.matcher if live(s.matcher) else None) for s in batch.sampled]  # fmt: skip
+
+    @torch.inference_mode()
+    def draw(self, logits: torch.Tensor | None, rows: list[SampleRow]) -> PendingSample:
+        """Launch sampling of `rows` from their logits."""
+        return self.sampler.sample(logits, rows) if rows else PendingSample.empty(self.device)
 
     def run(self, batch: ScheduledBatch) -> SamplerOutput:
         """One whole step, synchronously: what the engine's pipelined step does, for tests and tools."""
@@ -468,10 +493,17 @@ class DecodeGraphs:
     captured once per batch-size bucket, largest first, all in one memory pool. Steps that replay no graph
     (prefill, mixed) run the same compiled transformer; the one- and two-row buckets have their own, with GEMV
     linear layers and one-kernel norms (small_batch.py). A step copies its inputs into the static buffers, plans
-    the bucket's FlashInfer wrapper (its fixed buffers) and replays."""
+    the bucket's FlashInfer wrapper (its fixed buffers) and replays.
+
+    A pipeline stage's graphs run its layers: a stage after the first reads the hidden states and residual that
+    the stage before sends, received into a static buffer (`received`), in place of embedding the input ids; a
+    stage before the last outputs its own, stacked [2, bucket, hidden], the buffer sent to the next stage (the
+    send is waited for on the stream before the next replay rewrites it). The sends and receives stay outside
+    the graphs."""
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int):
         self.model, self.attn = runner.model, runner.attn
+        self.first_stage, self.last_stage = runner.shard.first_stage, runner.shard.last_stage
         self.with_lora = runner.lora_slots is not None  # then every graph takes each row's adapter slot
         self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
         self.attn.enable_graphs(self.buckets)
@@ -483,29 +515,39 @@ class DecodeGraphs:
             self.input_ids = torch.zeros(max_bs, dtype=torch.int32, device=device)  # [max_bs]
             self.positions = torch.zeros(max_bs, dtype=torch.int32, device=device)
             self.lora = torch.full((max_bs,), -1, dtype=torch.int32, device=device) if self.with_lora else None
+            # A stage after the first: what the stage before sends, [2, bucket, hidden] at the start (received()).
+            hidden = runner.model_cfg.hidden_size
+            self._received = (None if self.first_stage else
+                              torch.zeros(2 * max_bs * hidden, dtype=runner.dtype, device=device))  # fmt: skip
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab], written by each replay
+        # bucket -> [bucket, vocab] (a stage before the last: [2, bucket, hidden]), written by each replay
+        self.logits: dict[int, torch.Tensor] = {}
         start = time.perf_counter()
         self.capture(runner)
         self.startup_s = time.perf_counter() - start  # compiles (and FlashInfer's JIT, if not cached) + captures
         log.info("CUDA graphs: compiled and captured %d buckets (1..%d) in %.1f s", len(self.buckets), max_bs,
                  self.startup_s)  # fmt: skip
 
-    def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None
-                ) -> torch.Tensor:  # fmt: skip
-        return self.model(input_ids, positions, self.attn.op, lora=lora)
+    def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None,
+                received: torch.Tensor | None = None):  # fmt: skip
+        """The stage's layers: final hidden states [T, hidden] on the last stage, else (hidden, residual)."""
+        before = (received[0], received[1]) if received is not None else None
+        return self.model(input_ids, positions, self.attn.op, before, lora)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None
-                ) -> torch.Tensor:  # fmt: skip
-        """Logits of every row; what each bucket's graph captures. Buckets of at most small_batch.MAX_ROWS rows run
-        linear layers and norms as Triton kernels of their own, through a second compiled transformer
-        (torch.compile guards on the switch; small_batch.py)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None,
+                received: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Logits of every row (a stage before the last: its hidden states and residual, [2, T, hidden]); what
+        each bucket's graph captures. Buckets of at most small_batch.MAX_ROWS rows run linear layers and norms as
+        Triton kernels of their own, through a second compiled transformer (torch.compile guards on the switch;
+        small_batch.py)."""
         with small_batch.enable() if input_ids.shape[0] <= small_batch.MAX_ROWS else contextlib.nullcontext():
-            return self.model.compute_logits(self.hidden(input_ids, positions, lora))
+            out = self.hidden(input_ids, positions, lora, received)
+            return self.model.compute_logits(out) if self.last_stage else torch.stack(out)
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None
-                      ) -> torch.Tensor:  # fmt: skip
-        """The compiled transformer for a step that replays no graph (attention already planned)."""
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None,
+                      received: torch.Tensor | None = None):  # fmt: skip
+        """The compiled transformer for a step that replays no graph (attention already planned); `received`: a
+        later stage's input [2, T, hidden]."""
         # Fresh tensors, as in capture (the step's inputs are views into one buffer, at varying offsets), marked
         # unbacked so every token count runs the same compiled code: no recompiles, no 0/1 specialisation.
         input_ids, positions = input_ids.clone(), positions.clone()
@@ -513,7 +555,14 @@ class DecodeGraphs:
         for t in (input_ids, positions, lora):
             if t is not None:
                 torch._dynamo.decorators.mark_unbacked(t, 0)
-        return self.hidden(input_ids, positions, lora)
+        if received is not None:
+            torch._dynamo.decorators.mark_unbacked(received, 1)
+        return self.hidden(input_ids, positions, lora, received)
+
+    def received(self, bucket: int) -> torch.Tensor:
+        """A later stage's static input of `bucket` rows, [2, bucket, hidden]: the receive writes it, the graph
+        reads it. A view from the buffer's start, so every bucket's input has the same layout as a fresh tensor."""
+        return self._received[: self._received.numel() // self.buckets[-1] * bucket].view(2, bucket, -1)
 
     def bucket(self, batch: ScheduledBatch) -> int | None:
         """The bucket a step replays, or None. Decodes fit as they are; a step with prompt tokens fits as one row
@@ -549,9 +598,13 @@ class DecodeGraphs:
         for bs in reversed(self.buckets):
             # An all-padding batch: every row reads and writes only the scratch page.
             self.load(*runner.prepare(ScheduledBatch([], []), pad_to=bs)[:3])
-            args = (self.input_ids[:bs], self.positions[:bs]) + ((self.lora[:bs],) if self.with_lora else ())
-            for t in args:  # one compile for every bucket: no 0/1 specialisation of the batch size
-                torch._dynamo.decorators.mark_unbacked(t, 0)
+            args = (self.input_ids[:bs], self.positions[:bs], self.lora[:bs] if self.with_lora else None,
+                    self.received(bs) if not self.first_stage else None)  # fmt: skip
+            for t in args[:3]:  # one compile for every bucket: no 0/1 specialisation of the batch size
+                if t is not None:
+                    torch._dynamo.decorators.mark_unbacked(t, 0)
+            if args[3] is not None:
+                torch._dynamo.decorators.mark_unbacked(args[3], 1)
             self.forward(*args)  # compiles on the first bucket (and on the first small one); warms up the rest
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()

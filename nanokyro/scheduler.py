@@ -115,14 +115,20 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, busy: set[Sequence] | frozenset = frozenset(), max_step_seqs: int | None = None
+                 ) -> ScheduledBatch:  # fmt: skip
+        """busy: sequences left out of this step (a pipeline's steps in flight sample them); max_step_seqs: at most
+        this many sequences in the step (max_num_seqs still bounds the running ones over all steps)."""
         chosen: dict[Sequence, int] = {}
         self._preempted, self._budget = False, self.max_tokens
+        self._busy, self._step_seqs = busy, max_step_seqs or self.max_seqs
         self._release_done()
         # Running sequences: decodes first, then prompt chunks, each oldest first. One that has sampled its last
         # token (max_len) only waits for that token to reach the host and finish it.
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1):
             if seq.status is not Status.RUNNING or self._budget == 0 or seq.num_tokens >= seq.max_len:
+                continue
+            if seq in busy or len(chosen) >= self._step_seqs:
                 continue
             n = min(seq.num_tokens - seq.num_computed, self._budget)
             if self._grow_or_preempt(seq, n, chosen):
@@ -147,8 +153,12 @@ class Scheduler:
     def _admit(self, chosen: dict[Sequence, int]) -> None:
         skipped = []
         computing = {self._next_page_key(s) for s in self.running} - {None}
-        while self.waiting and len(self.running) < self.max_seqs and self._budget > 0:
+        while (self.waiting and len(self.running) < self.max_seqs and self._budget > 0
+               and len(chosen) < self._step_seqs):  # fmt: skip
             seq = self.waiting.popleft()
+            if seq in self._busy:  # preempted while a step in flight samples it: its last token is not known yet
+                skipped.append(seq)
+                continue
             if seq.lora is not None and not self.loras.acquire(seq.lora, {s.lora for s in self.running}):
                 skipped.append(seq)  # every LoRA slot serves running sequences: wait for one to free up
                 continue

@@ -307,9 +307,9 @@ def test_constrained_decoding_on_cuda(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_two_gpus_match_one(graph_llm, tp, pp):
-    """TP=2 (NCCL all-reduces inside the compiled forward and the decode graphs) and PP=2 (eager stages): the
-    first step's logits match one GPU's within bf16 tolerance, and the greedy tokens agree (summing in another
-    order could flip a near-tie, which these prompts do not have)."""
+    """TP=2 (NCCL all-reduces inside the compiled forward and the decode graphs) and PP=2 (each stage's decode
+    graphs, a step per stage in flight): each prompt's first logits match one GPU's within bf16 tolerance, and the
+    greedy tokens agree (summing in another order could flip a near-tie, which these prompts do not have)."""
     prompts = torch.randint(0, 151936, (4, 40), generator=torch.Generator().manual_seed(5)).tolist()
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     runs = []
@@ -318,15 +318,43 @@ def test_two_gpus_match_one(graph_llm, tp, pp):
         llm.engine.cache.clear()
         sampler = llm.engine.runner.sampler
         seen = record_logits(llm)
-        runs.append(([o.token_ids for o in llm.generate(prompts, params)], seen[0].float()))
+        outs = llm.generate(prompts, params)
+        # The prompts' first tokens: one step, or with PP=2 two steps of two prompts each, in arrival order.
+        runs.append(([o.token_ids for o in outs], torch.cat(seen)[: len(prompts)].float()))
         llm.engine.runner.sampler = sampler
         if llm is not graph_llm:
-            assert (llm.engine.runner.graphs is not None) == (pp == 1)
+            assert llm.engine.runner.graphs is not None
             llm.close()
     (one, one_logits), (two, two_logits) = runs
     assert rel_err(two_logits, one_logits) < 2e-2
     assert two == one
     free_cuda()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_pipeline_stage_graphs_give_eager_stages_logits():
+    """PP=2 with each stage's decode graphs (the stage before's hidden states received into a static buffer, the
+    next stage's sent from one) gives every step's logits of PP=2 run eagerly, within bf16 tolerance, and the same
+    greedy tokens; the same steps in both, two in flight at a time."""
+    prompts = torch.randint(0, 151936, (4, 40), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    runs = []
+    for eager in (True, False):
+        llm = qwen3(pipeline_parallel_size=2, enforce_eager=eager)
+        try:
+            assert (llm.engine.runner.graphs is None) == eager
+            seen = record_logits(llm)
+            runs.append(([o.token_ids for o in llm.generate(prompts, params)], [t.float() for t in seen]))
+        finally:
+            llm.close()
+        del llm
+        free_cuda()
+    (eager_tokens, eager_logits), (graph_tokens, graph_logits) = runs
+    assert [t.shape for t in graph_logits] == [t.shape for t in eager_logits]
+    assert len(graph_logits) >= 2 * params.max_tokens  # two steps of two sequences per token
+    for graphed, eager in zip(graph_logits, eager_logits):
+        assert rel_err(graphed, eager) < 2e-2
+    assert graph_tokens == eager_tokens
 
 
 def quantised_weight(fmt: str, n: int, k: int, gen: torch.Generator):

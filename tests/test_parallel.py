@@ -7,10 +7,12 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import signal
 import threading
 import time
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -107,8 +109,10 @@ def test_a_step_split_into_micro_batches_gives_the_whole_steps_logits(llama_dir)
     assert_no_leak(llm)
 
 
-def test_a_dead_worker_fails_the_engine_fast_and_close_leaves_no_process(llama_dir):
-    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_a_dead_worker_fails_the_engine_fast_and_close_leaves_no_process(llama_dir, layout):
+    tp, pp = LAYOUTS[layout]
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     workers = llm.engine.runner.parallel.workers.procs
     try:
         assert llm.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
@@ -122,6 +126,128 @@ def test_a_dead_worker_fails_the_engine_fast_and_close_leaves_no_process(llama_d
     finally:
         llm.close()
     assert not any(p.is_alive() for p in workers) and not multiprocessing.active_children()
+
+
+def test_a_pipeline_keeps_a_step_per_stage_in_flight_over_disjoint_sequences(llama_dir, hf_llama):
+    """PP=2: rank 0 launches step n + 1 before it waits for step n's logits, so two steps are in flight, and no
+    sequence is sampled by both (its next input id is not known until the older one is finished); the tokens are
+    still HF's, with prompts chunked (24-token steps), prefixes cached and sequences preempted."""
+    base = random_prompts([150, 100, 40, 3, 60, 9], seed=5)
+    prompts = base + [base[0][:120] + [7, 8, 9], base[2] + [11] * 30]  # cached prefixes of the first and third
+    refs = [hf_llama.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]  # fmt: skip
+    llm = make_llm(llama_dir, 1, 2)
+    engine = llm.engine
+    in_flight = []  # the sampled sequences of each launched step, whenever the oldest is about to be finished
+    finish = engine._finish_launched
+
+    def observed_finish():
+        in_flight.append([set(step.seqs) for step in engine._launched])
+        return finish()
+
+    engine._finish_launched = observed_finish
+    try:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+        assert [o.token_ids for o in outs] == refs
+        both = [steps for steps in in_flight if len(steps) == 2]
+        assert len(both) >= 10 and all(not (a & b) for a, b in both)
+        assert any(len(a) >= 2 and len(b) >= 2 for a, b in both)  # the running batch split between the steps
+        assert max(map(len, in_flight)) == 2
+        assert engine.scheduler.num_preemptions > 0 and engine.stats().prefix_cache_hit_tokens > 0
+        assert_no_leak(llm)
+    finally:
+        llm.close()
+
+
+def test_a_pipeline_without_overlap_runs_one_step_at_a_time(llama_dir, hf_llama):
+    """overlap_schedule=False: each step is finished before the next is launched (the baseline of the pipelined
+    schedule, on the same build), with HF's tokens."""
+    prompts = random_prompts([40, 3, 17], seed=8)
+    refs = [hf_llama.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]  # fmt: skip
+    llm = make_llm(llama_dir, 1, 2, overlap_schedule=False)
+    try:
+        engine = llm.engine
+        ids = [engine.add_request(p, SamplingParams(max_tokens=6, temperature=0)) for p in prompts]
+        outs = {rid: [] for rid in ids}
+        while engine.has_work():
+            for out in engine.step():
+                outs[out.request_id] += out.token_ids
+            assert not engine._launched and engine._in_flight is None
+        assert [outs[rid] for rid in ids] == refs
+    finally:
+        llm.close()
+
+
+def test_three_stages_keep_three_steps_in_flight_and_give_hf_tokens(tmp_path):
+    """PP=3 (a middle stage that receives and sends hidden states): three steps in flight, HF's tokens."""
+    path = build_tiny_model("llama", str(tmp_path), num_hidden_layers=3)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = random_prompts([90, 40, 3, 9, 20], seed=1)
+    refs = [hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]  # fmt: skip
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=24, max_num_seqs=8, kv_cache_memory=4 << 20,
+              pipeline_parallel_size=3)  # fmt: skip
+    engine = llm.engine
+    depths, finish = [], engine._finish_launched
+
+    def observed_finish():
+        depths.append(len(engine._launched))
+        return finish()
+
+    engine._finish_launched = observed_finish
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))] == refs
+        assert max(depths) == 3
+        assert_no_leak(llm)
+    finally:
+        llm.close()
+
+
+def test_pipelined_steps_give_one_process_outputs_for_every_kind_of_request(llama_dir):
+    """Seeded sampling, penalties, n > 1, logprobs, a grammar, stop strings and stop tokens, and max_tokens give
+    the same outputs through PP=2's pipelined steps as in one process, also when sequences are preempted."""
+    from nanokyro.request import StructuredOutput
+
+    prompts = random_prompts([3, 40, 90, 17, 150, 5, 30], seed=3)
+    params = [
+        SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=25, temperature=0.9, seed=11, logprobs=2),
+        SamplingParams(max_tokens=20, temperature=1.0, top_k=20, seed=5, n=2, ignore_eos=True),
+        SamplingParams(max_tokens=28, temperature=0.8, seed=2, repetition_penalty=1.3, frequency_penalty=0.5),
+        SamplingParams(max_tokens=1, temperature=0),
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=0.7, seed=3, structured=StructuredOutput(regex="[a-z]{3,6}[0-9]{2}")),
+    ]
+
+    def engine(pp: int) -> LLM:
+        page_bytes = kv_bytes_per_page(ModelConfig.from_dir(llama_dir), 16, torch.float32, Shard(0, 1, 0, pp))
+        return make_llm(llama_dir, 1, pp, max_num_batched_tokens=64, kv_cache_memory=16 * page_bytes)
+
+    def run(llm: LLM, params: list[SamplingParams]):
+        outs = llm.generate(prompts, params)
+        assert_no_leak(llm)
+        logprobs = [o.logprobs for r in outs for o in r.outputs if o.logprobs is not None]
+        return [[(o.token_ids, o.text, o.finish_reason) for o in r.outputs] for r in outs], logprobs
+
+    one_llm, piped_llm = engine(1), engine(2)
+    try:
+        (one, one_logprobs), (piped, piped_logprobs) = run(one_llm, params), run(piped_llm, params)
+        assert one[6][0][2] == "stop" and re.fullmatch("[a-z]{3,6}[0-9]{2}", one[6][0][1])
+        assert piped == one and piped_llm.engine.scheduler.num_preemptions > 0
+        for a, b in zip(one_logprobs, piped_logprobs):
+            assert [t.token_id for t in a] == [t.token_id for t in b]
+            np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b], atol=1e-4)
+        # Stop on the greedy sequence's 5th token, and another at a piece of its text.
+        stopped = list(params)
+        stopped[0] = msgspec.structs.replace(params[0], stop_token_ids=[one[0][0][0][4]])
+        stopped[5] = msgspec.structs.replace(params[5], stop=[one[5][0][1][4:6]])
+        one_stopped = run(one_llm, stopped)[0]
+        assert one_stopped[0][0][2] == "stop" and one_stopped[5][0][2] == "stop"
+        assert run(piped_llm, stopped)[0] == one_stopped
+    finally:
+        one_llm.close()
+        piped_llm.close()
 
 
 def test_a_worker_that_dies_while_starting_fails_the_start_fast(llama_dir):
