@@ -304,57 +304,62 @@ def test_constrained_decoding_on_cuda(tmp_path):
 
 
 
+def assert_greedy_runs_agree(a, b, tol: float = 0.05) -> None:
+    """Two greedy runs of the same prompts (with top-5 logprobs) agree: at every position the tokens both runs
+    list get the same logprobs within `tol`, and the same token is chosen, until a position where the two
+    choices are a near-tie in both runs (bf16 sums in another order flip ties; the dummy models' logits are
+    nearly flat, so ties are common). After such a flip the sequence's inputs differ, and it is compared no
+    further. A wrong hidden state or KV moves the logprobs far more than `tol`."""
+    for oa, ob in zip(a, b):
+        assert len(oa.logprobs) == len(ob.logprobs) > 0
+        for la, lb in zip(oa.logprobs, ob.logprobs):
+            da, db = dict(la.top), dict(lb.top)
+            common = da.keys() & db.keys()
+            assert common and max(abs(da[t] - db[t]) for t in common) < tol
+            if la.token_id != lb.token_id:
+                assert da[la.token_id] - da.get(lb.token_id, float("-inf")) < tol
+                assert db[lb.token_id] - db.get(la.token_id, float("-inf")) < tol
+                break
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_two_gpus_match_one(graph_llm, tp, pp):
     """TP=2 (NCCL all-reduces inside the compiled forward and the decode graphs) and PP=2 (each stage's decode
-    graphs, a step per stage in flight): each prompt's first logits match one GPU's within bf16 tolerance, and the
-    greedy tokens agree (summing in another order could flip a near-tie, which these prompts do not have)."""
+    graphs, a step per stage in flight): each prompt's greedy tokens and top logprobs match one GPU's, up to
+    near-ties flipped by bf16 sums in another order."""
     prompts = torch.randint(0, 151936, (4, 40), generator=torch.Generator().manual_seed(5)).tolist()
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    runs = []
-    for llm in (graph_llm, None):
-        llm = llm or qwen3(tensor_parallel_size=tp, pipeline_parallel_size=pp)
-        llm.engine.cache.clear()
-        sampler = llm.engine.runner.sampler
-        seen = record_logits(llm)
-        outs = llm.generate(prompts, params)
-        # The prompts' first tokens: one step, or with PP=2 two steps of two prompts each, in arrival order.
-        runs.append(([o.token_ids for o in outs], torch.cat(seen)[: len(prompts)].float()))
-        llm.engine.runner.sampler = sampler
-        if llm is not graph_llm:
-            assert llm.engine.runner.graphs is not None
-            llm.close()
-    (one, one_logits), (two, two_logits) = runs
-    assert rel_err(two_logits, one_logits) < 2e-2
-    assert two == one
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=5)
+    graph_llm.engine.cache.clear()
+    one = graph_llm.generate(prompts, params)
+    llm = qwen3(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    try:
+        assert llm.engine.runner.graphs is not None
+        two = llm.generate(prompts, params)
+    finally:
+        llm.close()
+    assert_greedy_runs_agree(one, two)
     free_cuda()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_pipeline_stage_graphs_give_eager_stages_logits():
     """PP=2 with each stage's decode graphs (the stage before's hidden states received into a static buffer, the
-    next stage's sent from one) gives every step's logits of PP=2 run eagerly, within bf16 tolerance, and the same
-    greedy tokens; the same steps in both, two in flight at a time."""
+    next stage's sent from one) gives the greedy tokens and top logprobs of PP=2 run eagerly, up to bf16
+    near-ties; two steps in flight at a time in both."""
     prompts = torch.randint(0, 151936, (4, 40), generator=torch.Generator().manual_seed(5)).tolist()
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=5)
     runs = []
     for eager in (True, False):
         llm = qwen3(pipeline_parallel_size=2, enforce_eager=eager)
         try:
             assert (llm.engine.runner.graphs is None) == eager
-            seen = record_logits(llm)
-            runs.append(([o.token_ids for o in llm.generate(prompts, params)], [t.float() for t in seen]))
+            runs.append(llm.generate(prompts, params))
         finally:
             llm.close()
         del llm
         free_cuda()
-    (eager_tokens, eager_logits), (graph_tokens, graph_logits) = runs
-    assert [t.shape for t in graph_logits] == [t.shape for t in eager_logits]
-    assert len(graph_logits) >= 2 * params.max_tokens  # two steps of two sequences per token
-    for graphed, eager in zip(graph_logits, eager_logits):
-        assert rel_err(graphed, eager) < 2e-2
-    assert graph_tokens == eager_tokens
+    assert_greedy_runs_agree(*runs)
 
 
 def quantised_weight(fmt: str, n: int, k: int, gen: torch.Generator):
