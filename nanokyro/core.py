@@ -262,17 +262,27 @@ class EngineCore:
 
     def _pipelined_step(self) -> list[SeqOutput]:
         """With pp_size stages: launch steps until pp_size are in flight or no sequence is free to run, then
-        sample and finish the oldest. Rank 0's runner returns once stage 0's part of a step is launched, so stage 0
-        runs step n + 1 while the last stage runs step n, and only then does the host wait for step n's logits.
+        sample the oldest and bring its tokens to the host, launch its sequences again, and only then check their
+        stops and report them (as the overlapped schedule does, a sequence that stopped is dropped from the step
+        just launched). Rank 0's runner returns once stage 0's part of a step is launched, so stage 0 runs step
+        n + 1 while the last stage runs step n, and only then does the host wait for step n's logits.
+
         A step samples no sequence that a step in flight samples (its next input id is not known yet): the
         running sequences take turns, split evenly between the steps, and new ones join any step. The placeholder
         tokens that the overlapped schedule reads on the device (step) are not needed: a sequence's tokens are
         all on the host when it is scheduled. A prompt's chunks that sample nothing may follow each other in
         consecutive steps: each stage runs the steps in order, so a chunk's KV is written before the next reads
         it."""
+        self._fill_pipeline()
+        if not self._launched:
+            return []
+        step = self._receive_launched()
+        self._fill_pipeline()
+        return self._finish(step)
+
+    def _fill_pipeline(self) -> None:
         while len(self._launched) < self.pipeline_depth and self._launch():
             pass
-        return self._finish_launched() if self._launched else []
 
     def _launch(self) -> bool:
         """Schedule a step of the sequences no step in flight samples, and launch it; False if there was none."""
@@ -290,12 +300,13 @@ class EngineCore:
         step.positions = [s.num_tokens - 1 for s in step.seqs]
         return True
 
-    def _finish_launched(self) -> list[SeqOutput]:
-        """Sample the oldest pipelined step once its logits are here, and finish it."""
+    def _receive_launched(self) -> _Step:
+        """Sample the oldest pipelined step once its logits are here, and bring its tokens to the host."""
         step = self._launched.popleft()
         logits = step.logits.wait() if isinstance(step.logits, PendingLogits) else step.logits
         step.sample, step.logits = self.runner.draw(logits, step.rows), None
-        return self._finish(step)
+        self._receive(step)
+        return step
 
     # -- speculative decoding (spec_decode.py) ---------------------------------------------------------------
 
@@ -447,7 +458,7 @@ class EngineCore:
         step, self._in_flight = self._in_flight, None
         outs = self._finish(step) if step is not None else []
         while self._launched:
-            outs += self._finish_launched()
+            outs += self._finish(self._receive_launched())
         return outs
 
     def _receive(self, step: _Step) -> None:

@@ -138,14 +138,14 @@ def test_a_pipeline_keeps_a_step_per_stage_in_flight_over_disjoint_sequences(lla
             for p in prompts]  # fmt: skip
     llm = make_llm(llama_dir, 1, 2)
     engine = llm.engine
-    in_flight = []  # the sampled sequences of each launched step, whenever the oldest is about to be finished
-    finish = engine._finish_launched
+    in_flight = []  # the sampled sequences of each launched step, whenever the oldest is about to be received
+    receive = engine._receive_launched
 
-    def observed_finish():
+    def observed_receive():
         in_flight.append([set(step.seqs) for step in engine._launched])
-        return finish()
+        return receive()
 
-    engine._finish_launched = observed_finish
+    engine._receive_launched = observed_receive
     try:
         outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
         assert [o.token_ids for o in outs] == refs
@@ -189,13 +189,13 @@ def test_three_stages_keep_three_steps_in_flight_and_give_hf_tokens(tmp_path):
     llm = LLM(path, dtype="float32", max_num_batched_tokens=24, max_num_seqs=8, kv_cache_memory=4 << 20,
               pipeline_parallel_size=3)  # fmt: skip
     engine = llm.engine
-    depths, finish = [], engine._finish_launched
+    depths, receive = [], engine._receive_launched
 
-    def observed_finish():
+    def observed_receive():
         depths.append(len(engine._launched))
-        return finish()
+        return receive()
 
-    engine._finish_launched = observed_finish
+    engine._receive_launched = observed_receive
     try:
         assert [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))] == refs
         assert max(depths) == 3
