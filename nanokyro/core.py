@@ -262,29 +262,38 @@ class EngineCore:
 
     def _pipelined_step(self) -> list[SeqOutput]:
         """With pp_size stages: launch steps until pp_size are in flight or no sequence is free to run, then
-        sample the oldest and bring its tokens to the host, launch its sequences again, and only then check their
-        stops and report them (as the overlapped schedule does, a sequence that stopped is dropped from the step
-        just launched). Rank 0's runner returns once stage 0's part of a step is launched, so stage 0 runs step
-        n + 1 while the last stage runs step n, and only then does the host wait for step n's logits.
+        sample the oldest, launch its sequences again at once, and only then bring its tokens to the host, check
+        their stops and report them. Rank 0's runner returns once stage 0's part of a step is launched, so stage 0
+        runs step n + 1 while the last stage runs step n; rank 0 samples step n on its device and stage 0 reads
+        those tokens there as the next step's input ids (placeholders, as in the overlapped schedule), so the
+        host's handling of step n overlaps the stages' work instead of holding stage 0 up. As there, a sequence
+        that stopped at step n was already launched again: that extra token is dropped, and rows whose sampling
+        reads the host's view of earlier tokens (grammars, penalties) wait for step n's tokens first.
 
         A step samples no sequence that a step in flight samples (its next input id is not known yet): the
-        running sequences take turns, split evenly between the steps, and new ones join any step. The placeholder
-        tokens that the overlapped schedule reads on the device (step) are not needed: a sequence's tokens are
-        all on the host when it is scheduled. A prompt's chunks that sample nothing may follow each other in
-        consecutive steps: each stage runs the steps in order, so a chunk's KV is written before the next reads
-        it."""
+        running sequences take turns, split evenly between the steps, and new ones join any step. A prompt's
+        chunks that sample nothing may follow each other in consecutive steps: each stage runs the steps in
+        order, so a chunk's KV is written before the next reads it."""
         self._fill_pipeline()
         if not self._launched:
             return []
-        step = self._receive_launched()
-        self._fill_pipeline()
+        step = self._sample_oldest()
+        self._fill_pipeline(step)
         return self._finish(step)
 
-    def _fill_pipeline(self) -> None:
-        while len(self._launched) < self.pipeline_depth and self._launch():
+    def _sample_oldest(self) -> _Step:
+        """Take the oldest pipelined step off the queue and launch its sampling once its logits are here."""
+        step = self._launched.popleft()
+        logits = step.logits.wait() if isinstance(step.logits, PendingLogits) else step.logits
+        step.sample, step.logits = self.runner.draw(logits, step.rows), None
+        return step
+
+    def _fill_pipeline(self, prev: _Step | None = None) -> None:
+        """Launch steps until pp_size are in flight; `prev`: the step just sampled, its tokens still on the device."""
+        while len(self._launched) < self.pipeline_depth and self._launch(prev):
             pass
 
-    def _launch(self) -> bool:
+    def _launch(self, prev: _Step | None) -> bool:
         """Schedule a step of the sequences no step in flight samples, and launch it; False if there was none."""
         sched = self.scheduler
         busy = {seq for step in self._launched for seq in step.seqs}
@@ -292,21 +301,16 @@ class EngineCore:
         batch = sched.schedule(busy, share)
         if not batch.seqs:
             return False
+        if prev is not None and any(s.matcher is not None or s.params.penalised for s in batch.sampled):
+            self._receive(prev)  # masks and penalties read its tokens on the host
         loads = self.loras.take_loads() if self.loras is not None else []
-        rows = self.runner.sample_rows(batch)  # before the placeholders: penalties read the tokens so far
-        step = _Step([], [], None, logits=self.runner.forward(batch, None, loads, wait=False), rows=rows)
+        rows = self.runner.sample_rows(batch)  # before this step's placeholders: penalties read the tokens so far
+        prev_tokens = prev.sample.tokens if prev is not None else None
+        step = _Step([], [], None, logits=self.runner.forward(batch, prev_tokens, loads, wait=False), rows=rows)
         self._launched.append(step)  # at once: whatever fails next, its logits are the next that rank 0 receives
         step.seqs = sched.update(batch, [-(row + 1) for row in range(len(rows))])
         step.positions = [s.num_tokens - 1 for s in step.seqs]
         return True
-
-    def _receive_launched(self) -> _Step:
-        """Sample the oldest pipelined step once its logits are here, and bring its tokens to the host."""
-        step = self._launched.popleft()
-        logits = step.logits.wait() if isinstance(step.logits, PendingLogits) else step.logits
-        step.sample, step.logits = self.runner.draw(logits, step.rows), None
-        self._receive(step)
-        return step
 
     # -- speculative decoding (spec_decode.py) ---------------------------------------------------------------
 
@@ -458,7 +462,7 @@ class EngineCore:
         step, self._in_flight = self._in_flight, None
         outs = self._finish(step) if step is not None else []
         while self._launched:
-            outs += self._finish(self._receive_launched())
+            outs += self._finish(self._sample_oldest())
         return outs
 
     def _receive(self, step: _Step) -> None:

@@ -139,16 +139,24 @@ def test_a_pipeline_keeps_a_step_per_stage_in_flight_over_disjoint_sequences(lla
     llm = make_llm(llama_dir, 1, 2)
     engine = llm.engine
     in_flight = []  # the sampled sequences of each launched step, whenever the oldest is about to be received
-    receive = engine._receive_launched
+    receive = engine._sample_oldest
 
     def observed_receive():
         in_flight.append([set(step.seqs) for step in engine._launched])
         return receive()
 
-    engine._receive_launched = observed_receive
+    engine._sample_oldest = observed_receive
+    forward, from_device = engine.runner.forward, []  # steps whose input ids read sampled tokens on the device
+
+    def observed_forward(batch, prev_tokens=None, *args, **kw):
+        from_device.append(prev_tokens is not None and any(s.token_ids[-1] < 0 for s in batch.seqs))
+        return forward(batch, prev_tokens, *args, **kw)
+
+    engine.runner.forward = observed_forward
     try:
         outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
         assert [o.token_ids for o in outs] == refs
+        assert sum(from_device) >= 10  # a sequence goes again before its last token reaches the host
         both = [steps for steps in in_flight if len(steps) == 2]
         assert len(both) >= 10 and all(not (a & b) for a, b in both)
         assert any(len(a) >= 2 and len(b) >= 2 for a, b in both)  # the running batch split between the steps
@@ -189,13 +197,13 @@ def test_three_stages_keep_three_steps_in_flight_and_give_hf_tokens(tmp_path):
     llm = LLM(path, dtype="float32", max_num_batched_tokens=24, max_num_seqs=8, kv_cache_memory=4 << 20,
               pipeline_parallel_size=3)  # fmt: skip
     engine = llm.engine
-    depths, receive = [], engine._receive_launched
+    depths, receive = [], engine._sample_oldest
 
     def observed_receive():
         depths.append(len(engine._launched))
         return receive()
 
-    engine._receive_launched = observed_receive
+    engine._sample_oldest = observed_receive
     try:
         assert [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))] == refs
         assert max(depths) == 3
