@@ -310,11 +310,8 @@ def lora_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
     """The first half of lora_delta on CUDA: the partial sums of x @ A[lora[t]].T (lora_kernels.lora_shrink), for
-    a kernel that adds the delta itself (small_batch.lora_linear): in a one- or two-row decode graph, one tile per
-    program."""
-    from nanokyro.lora_kernels import SPLIT_K_DECODE
-
-    return torch.ops.nanokyro.lora_shrink(x, lora_a, lora, SPLIT_K_DECODE)
+    a kernel that adds the delta itself (small_batch.lora_linear)."""
+    return torch.ops.nanokyro.lora_shrink(x, lora_a, lora)
 
 
 def lora_delta_reference(y, x, lora_a, lora_b, lora):

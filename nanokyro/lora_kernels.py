@@ -10,8 +10,7 @@ count, so it goes into the CUDA graphs with the slots as an input.
 
 The shrink also splits K: at decode a block is one to a few tokens, and the rank is 16 to 192 rows, so without
 the split a handful of programs would each stream thousands of columns of A one tile after another (latency-bound:
-8 to 112 dependent loads). Each split writes its partial sums; the expand adds them up as it reads s. In the one-
-and two-row decode graphs (SPLIT_K_DECODE) each program loads a single tile: the launch is then one load deep.
+8 to 112 dependent loads). Each split writes its partial sums; the expand adds them up as it reads s.
 
 The ops are custom ops (opaque to torch.compile, with fake implementations for tracing).
 """
@@ -24,41 +23,39 @@ import torch
 BLOCK_M = 16
 BLOCK_K = 128
 SPLIT_K = 512  # columns of x and A per shrink program (a multiple of BLOCK_K)
-SPLIT_K_DECODE = 256  # the same in the one- and two-row decode graphs: one BLOCK_K-wide tile per program
 
 
-def num_splits(K: int, split_k: int = SPLIT_K) -> int:
+def num_splits(K: int) -> int:
     """How many partial sums the shrink writes for K input features (from K alone: shapes stay static)."""
-    return -(-K // split_k)
+    return -(-K // SPLIT_K)
 
 
 @torch.library.custom_op("nanokyro::lora_shrink", mutates_args=())
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, lora: torch.Tensor, split_k: int = SPLIT_K) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
     """x [T, K], lora_a [S, R, K], lora [T] -> partial sums s [splits, T, R] fp32 (zero for tokens without an
-    adapter), each over `split_k` columns; x @ A[slot].T is their sum over the first dimension."""
+    adapter); x @ A[slot].T is their sum over the first dimension."""
     import triton
 
     T, K = x.shape
     R = lora_a.shape[1]
     x = x if x.stride(1) == 1 else x.contiguous()
-    s = torch.empty(num_splits(K, split_k), T, R, dtype=torch.float32, device=x.device)
+    s = torch.empty(num_splits(K), T, R, dtype=torch.float32, device=x.device)
     if T == 0:
         return s
     # Few tokens: 16 rank rows per program, for the most programs streaming A at once. Many: x read fewer times.
     block_r = 16 if T <= 4 * BLOCK_M else min(64, max(16, triton.next_power_of_2(R)))
-    grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(R, block_r), num_splits(K, split_k))
+    grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(R, block_r), num_splits(K))
     _shrink_kernel()[grid](
         x, lora_a, lora, s, T, K, R, x.stride(0), lora_a.stride(0), lora_a.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=split_k if split_k == SPLIT_K_DECODE else BLOCK_K,
-        SPLIT_K=split_k, IEEE=x.dtype == torch.float32,
+        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, IEEE=x.dtype == torch.float32,
         num_warps=4,
     )  # fmt: skip
     return s
 
 
 @lora_shrink.register_fake
-def _(x, lora_a, lora, split_k=SPLIT_K):
-    return x.new_empty(num_splits(x.shape[1], split_k), x.shape[0], lora_a.shape[1], dtype=torch.float32)
+def _(x, lora_a, lora):
+    return x.new_empty(num_splits(x.shape[1]), x.shape[0], lora_a.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("nanokyro::lora_expand", mutates_args=())

@@ -272,16 +272,15 @@ for T, K, R, N in [(1, 4096, 48, 96), (2, 1000, 16, 64), (3, 512, 8, 40)]:  # K 
     x, a = torch.randn(T, K), torch.randn(3, R, K) / K**0.5
     b, y = torch.randn(3, N, R) * 0.1, torch.randn(T, N)
     lora = torch.tensor([1, -1, 2][:T], dtype=torch.int32)
+    s = lora_kernels.lora_shrink(x, a, lora)
+    assert s.shape[0] == lora_kernels.num_splits(K)
     ref = lora_delta_reference(y, x, a, b, lora)
-    for split in (lora_kernels.SPLIT_K, lora_kernels.SPLIT_K_DECODE):
-        s = lora_kernels.lora_shrink(x, a, lora, split)
-        assert s.shape[0] == lora_kernels.num_splits(K, split)
-        worst = max(worst, (lora_kernels.lora_expand(y, s, b, lora) - ref).abs().max().item())
+    worst = max(worst, (lora_kernels.lora_expand(y, s, b, lora) - ref).abs().max().item())
 for T, K, N, gated in [(1, 1000, 24, False), (2, 600, 20, True)]:  # the decode graphs' GEMV with the delta
     x, w = torch.randn(T, K), torch.randn(2 * N if gated else N, K) / K**0.5
     a, b = torch.randn(3, 16, K) / K**0.5, torch.randn(3, w.shape[0], 16) * 0.1
     lora = torch.tensor([2, 0][:T], dtype=torch.int32)
-    got = small_batch.gemv(x, w, None, gated, lora_kernels.lora_shrink(x, a, lora, lora_kernels.SPLIT_K_DECODE), b, lora)
+    got = small_batch.gemv(x, w, None, gated, lora_kernels.lora_shrink(x, a, lora), b, lora)
     full = lora_delta_reference(x @ w.T, x, a, b, lora)
     worst = max(worst, (got - (small_batch.silu_and_mul(full) if gated else full)).abs().max().item())
 print(worst)
@@ -289,8 +288,8 @@ print(worst)
 
 
 def test_triton_kernels_match_the_torch_reference_in_the_interpreter():
-    """The CUDA kernels (shrink with the prefill and the decode graphs' K split, expand, the GEMV that adds the
-    delta in its epilogue, gated or not) run by Triton's interpreter on the CPU, against the torch reference."""
+    """The CUDA kernels (shrink, split over K; expand; the decode graphs' GEMV that adds the delta in its
+    epilogue, gated or not) run by Triton's interpreter on the CPU, against the torch reference."""
     import subprocess
     import sys
 
