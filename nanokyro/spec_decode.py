@@ -156,7 +156,10 @@ def shrink_lm_head(model, num_tokens: int, quantization: str | None = None) -> N
         raise ValueError(f"speculative_draft_vocab must be in [1, {head.vocab_size}], got {num_tokens}")
     small = VocabParallelEmbedding(num_tokens, head.weight.shape[1], head.tp)
     small.weight = torch.nn.Parameter(head.weight[:num_tokens].clone(), requires_grad=False)
-    int8_head(small) if quantization == "int8" else pack_head(small)
+    if quantization == "int8":
+        int8_head(small)
+    else:
+        pack_head(small)
     model.lm_head = small
 
 
