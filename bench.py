@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     spec.add_argument("--speculative-batch", type=int, default=64, help="the batch compared with and without (0: none)")
     spec.add_argument("--speculative-json", default=None, help="a JSON schema (text) constraining the batch-1 request: "
                       "drafts of the text its grammar forces")  # fmt: skip
+    spec.add_argument("--speculative-trials", type=int, default=None, help="batch-1 runs with and without, "
+                      "alternating (default: 3 on CUDA, 5 with --speculative-json, else 1)")  # fmt: skip
     spec.add_argument("--prompt", default=None, help="the batch-1 prompt as text (default: random token ids)")
     spec.add_argument("--plain-engine", action="store_true", help="compare with a second engine built without "
                       "speculation (on the CPU its weights are laid out for one row), not with speculation turned "
@@ -224,12 +226,13 @@ def main(argv=None) -> dict:
     elif args.speculative_model or args.speculative_method:
         prompt = llm.encode(args.prompt) if args.prompt else prompts[0]
         batch = make_workload(args.speculative_batch, input_len, output_len, engine.vocab_size, args.seed)[0]
-        trials = 3 if device.type == "cuda" else 5 if args.speculative_json else 1  # a JSON object is short
+        trials = args.speculative_trials or (3 if device.type == "cuda" else 5 if args.speculative_json else 1)
         schema = json.loads(args.speculative_json) if args.speculative_json else None
         plain = None
         if args.plain_engine:
             plain = LLM(args.model, **{**engine_options(args), "speculative_model": None,
-                                       "speculative_method": None, "speculative_draft_vocab": None})  # fmt: skip
+                                       "speculative_method": None, "speculative_draft_vocab": None,
+                                       "speculative_draft_quantization": None})  # fmt: skip
         result.update(run_speculative(llm, prompt, out_lens[0], batch, out_lens[0], trials, schema, plain))
         print_speculative(result)
     elif args.latency:

@@ -63,6 +63,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                       help="speculate only while at most this many sequences run (default %(default)s)")
     spec.add_argument("--speculative-draft-vocab", type=int, default=d.speculative_draft_vocab,
                       help="the draft scores only the first N token ids (a cheaper draft)")
+    spec.add_argument("--speculative-draft-quantization", choices=["int8"], default=d.speculative_draft_quantization,
+                      help="CPU: the draft's weights in int8 (fbgemm; a cheaper draft, output unchanged)")
     lora = p.add_argument_group("multi-LoRA")
     lora.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH", type=parse_lora_module,
                       help="LoRA adapters (PEFT directories) to serve from the start; a request picks one with its "
@@ -84,7 +86,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager, overlap_schedule=not args.no_overlap_schedule,
         speculative_model=args.speculative_model, speculative_method=args.speculative_method,
         num_speculative_tokens=args.num_speculative_tokens, speculative_max_batch=args.speculative_max_batch,
-        speculative_draft_vocab=args.speculative_draft_vocab, lora_modules=dict(args.lora_modules),
+        speculative_draft_vocab=args.speculative_draft_vocab,
+        speculative_draft_quantization=args.speculative_draft_quantization, lora_modules=dict(args.lora_modules),
         max_loras=args.max_loras if args.max_loras is not None else 4 if args.lora_modules else 0,
         max_lora_rank=args.max_lora_rank,
     )  # fmt: skip

@@ -114,6 +114,9 @@ class EngineConfig:
     # A cheaper draft: its LM head over only the first N token ids (a BPE vocabulary's earliest merges, its most
     # frequent tokens); the model still verifies over the whole vocabulary, so output stays lossless.
     speculative_draft_vocab: int | None = None
+    # A cheaper draft on the CPU: "int8" quantises the draft's linear layers and LM head at load (quant.py: fbgemm,
+    # per-channel weights, dynamic activations); the model verifies in full precision, so output stays lossless.
+    speculative_draft_quantization: str | None = None
 
     def spec_method(self) -> str | None:
         """The speculative proposer this config asks for (None: no speculation); a ValueError if inconsistent."""
@@ -128,6 +131,14 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
         if self.speculative_draft_vocab is not None and (method != "draft" or self.speculative_draft_vocab < 1):
             raise ValueError("speculative_draft_vocab takes a positive token count, with a speculative_model")
+        if self.speculative_draft_quantization is not None:
+            if self.speculative_draft_quantization != "int8" or method != "draft":
+                raise ValueError("speculative_draft_quantization takes 'int8', with a speculative_model, not "
+                                 f"{self.speculative_draft_quantization!r}")  # fmt: skip
+            if self.torch_device().type != "cpu":
+                raise ValueError("speculative_draft_quantization 'int8' runs on the CPU only (fbgemm's kernels)")
+        if self.quantization == "int8":
+            raise ValueError("quantization 'int8' is for a speculative draft: speculative_draft_quantization='int8'")
         if method is not None and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
             raise ValueError("speculative decoding runs on one rank only (tensor/pipeline parallel size 1)")
         return method

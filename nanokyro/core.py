@@ -91,7 +91,7 @@ class EngineCore:
                 raise ValueError(f"the speculative model's vocabulary ({draft.model_cfg.vocab_size} tokens) is not "
                                  f"the model's ({self.runner.model_cfg.vocab_size}): it needs the same tokenizer")
             if cfg.speculative_draft_vocab is not None:  # before the graphs capture the head
-                shrink_lm_head(draft.model, cfg.speculative_draft_vocab)
+                shrink_lm_head(draft.model, cfg.speculative_draft_vocab, cfg.speculative_draft_quantization)
             draft.allocate_kv(self.runner.num_pages)
             self.proposer = DraftModelProposer(draft)
         elif self.spec_method == "ngram":
@@ -134,7 +134,9 @@ class EngineCore:
         """The draft model's runner, its KV cache not yet allocated."""
         draft_cfg = dataclasses.replace(cfg, model=cfg.speculative_model, speculative_model=None,
                                         speculative_method=None, served_model_name=None, max_loras=0,
-                                        lora_modules={})  # fmt: skip  (drafts propose without adapters)
+                                        lora_modules={},  # drafts propose without adapters
+                                        quantization=cfg.speculative_draft_quantization or cfg.quantization,
+                                        speculative_draft_quantization=None)  # fmt: skip
         return ModelRunner(draft_cfg, num_pages=0)
 
     def ready(self) -> Ready:

@@ -31,14 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanokyro import small_batch
+from nanokyro import quant, small_batch
 from nanokyro.lora import lora_delta, lora_shrink
 from nanokyro.parallel import Group
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias): the Triton GEMV in one- and two-row decode graphs, oneDNN for a weight that
-    `pack_for_cpu` packed, else F.linear."""
+    `pack_for_cpu` packed, fbgemm for an int8 one (quant.int8_pack: a CPU draft's LM head), else F.linear."""
+    if isinstance(weight, torch.ScriptObject):
+        return quant.int8_linear(x, weight, bias)
     if weight.is_mkldnn:
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -199,7 +201,8 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp.rank * self.rows
         self.weight = nn.Parameter(torch.empty(self.rows, hidden))
         self.weight.weight_loader = self.weight_loader
-        self.head_weight: torch.Tensor | None = None  # the weight as the LM head multiplies it (pack_for_cpu)
+        # the weight as the LM head multiplies it (pack_for_cpu; int8: quant.int8_head)
+        self.head_weight: torch.Tensor | torch.ScriptObject | None = None
 
     def weight_loader(self, param, tensor, shard_id=None):
         n = max(0, min(self.rows, self.vocab_size - self.start))  # the last ranks' rows run past the vocab

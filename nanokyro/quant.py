@@ -1,5 +1,5 @@
-"""FP8 and 4-bit (AWQ) quantised linear layers: what a layer holds, how it multiplies, and which kernel takes
-how many rows. The checkpoint formats, their conversion and the packed layouts are quant_formats.py's; the
+"""FP8, 4-bit (AWQ) and CPU int8 quantised linear layers: what a layer holds, how it multiplies, and which kernel
+takes how many rows. The checkpoint formats, their conversion and the packed layouts are quant_formats.py's; the
 Triton kernels are quant_triton.py's.
 
 What a quantised layer holds, every tensor [out features, ...] so that tensor parallelism slices dim 0 for
@@ -9,6 +9,9 @@ output features and dim 1 for input features (or groups of them) exactly as for 
 - int4: `qweight` int32 [N, K/8] (input feature 8j + i in bits 4i..4i+3), `scales` and `zeros` [N, K/g] in the
   model's dtype; w = (q - zero) * scale. On CUDA, after loading, where torch's tinygemm kernel can take the layer:
   `qweight` in its tile layout (int32 [N/8, K/(16 inner), 32, inner/2]) and `scales_zeros` [K/g, N, 2] instead.
+- int8 (the CPU only; a speculative draft's, `speculative_draft_quantization="int8"`): `int8_weight`, fbgemm's
+  packed weight (torch.ops.quantized.linear_prepack) of symmetric int8 with one scale per output feature, in
+  place of `weight`. The LM head gets one too (`head_weight`): it is over a quarter of a small model's bytes.
 
 How they multiply (`Fp8Method.matmul`, `Int4Method.matmul`, one custom op each so compiled graphs stay whole):
 - on CUDA, FP8: one Triton kernel (`qgemv`) that reads the packed weight once and dequantises it in registers,
@@ -19,11 +22,15 @@ How they multiply (`Fp8Method.matmul`, `Int4Method.matmul`, one custom op each s
   dequantised (one Triton kernel) + cuBLAS above; in the other layout the Triton kernel, dequantise + cuBLAS
   from INT4_DEQUANT_ROWS. Settings and switch points come from the sweep in docs/PERFORMANCE.md.
 - on the CPU: per-channel FP8 runs the same W8A8 `_scaled_mm`; block-wise FP8 and int4 dequantise the weight
-  and run the dense matmul.
+  and run the dense matmul. int8: fbgemm's dynamic W8A8 (`linear_dynamic`): the activations quantised at run time,
+  one scale over the rows (per token at batch 1), products summed in int32. A decode step on the CPU is bound by
+  reading the weights, which int8 makes 4x fewer bytes than fp32 (docs/PERFORMANCE.md). torch has deprecated
+  quantised tensors (the prepack's input); the kernel itself is fbgemm's.
 """
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -129,8 +136,22 @@ class Int4Method:
         return torch.ops.nanokyro.int4_linear(x, layer.qweight, layer.scales, layer.zeros, bias, gated)
 
 
+class Int8Method:
+    """int8 weights on the CPU: `int8_weight`, fbgemm's packed weight (per-output-channel scales), for `weight`."""
+
+    def __init__(self, qcfg: QuantConfig):
+        pass
+
+    def quantise(self, layer: nn.Module) -> None:
+        layer.int8_weight = int8_pack(layer.weight.data)
+        del layer.weight
+
+    def matmul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False):
+        return _gate(int8_linear(x, layer.int8_weight, bias), gated)
+
+
 def make_method(qcfg: QuantConfig):
-    return Fp8Method(qcfg) if qcfg.method == "fp8" else Int4Method(qcfg)
+    return {"fp8": Fp8Method, "awq": Int4Method, "int8": Int8Method}[qcfg.method](qcfg)
 
 
 def linear_layers(model: nn.Module, qcfg: QuantConfig):
@@ -177,12 +198,42 @@ def finish(model: nn.Module, qcfg: QuantConfig | None) -> None:
             layer.quant.quantise(layer)
         if isinstance(layer.quant, Int4Method):
             layer.quant.repack(layer)
+    if qcfg.method == "int8" and model.head is not None:
+        int8_head(model.head)
     if torch.cuda.is_available():  # the full-precision weights' memory back, for the KV cache to measure
         torch.cuda.empty_cache()
 
 
 def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def int8_head(head: nn.Module) -> None:
+    """The LM head's int8 copy (`head_weight`, which layers.matmul multiplies); the fp32 weight stays, as a tied
+    head also embeds."""
+    head.head_weight = int8_pack(head.weight.data)
+
+
+def int8_pack(w: torch.Tensor) -> torch.ScriptObject:
+    """w [N, K] -> fbgemm's packed int8 weight: round to nearest, one symmetric scale per output feature."""
+    if w.device.type != "cpu":
+        raise ValueError("int8 weights run on the CPU only (fbgemm's kernels)")
+    w = w.float()
+    scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+    q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    with warnings.catch_warnings():  # torch's deprecation of quantised tensors, the prepack's input format
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def int8_linear(x: torch.Tensor, packed: torch.ScriptObject, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ w.T (+ bias) for an int8 weight from `int8_pack`, x quantised to int8 on the fly (one scale
+    over its rows). reduce_range: 7-bit activations, as AVX2 without VNNI sums pairs of u8 x s8 products in int16,
+    which full-range ones could saturate."""
+    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), packed, True)
+    y = y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    return y if bias is None else y + bias
 
 
 # -- the ops: dispatch by row count ---------------------------------------------------------------------------

@@ -14,6 +14,8 @@ Formats read (detected from config.json's `quantization_config`), and what each 
   in bits 4i..4i+3, stored as value + 8), `weight_scale` [out, in/g]; w = (q - 8) * scale.
 - `quantization="awq"` on full-precision weights: round-to-nearest 4 bits, groups of 128, with zero points, in
   the same layout (no activation-aware search: for benchmarks and dummy weights, not for quality).
+- `quantization="int8"` on full-precision weights (the CPU; a speculative draft's): round-to-nearest symmetric
+  int8 with per-output-channel scales, packed for fbgemm (quant.py).
 """
 from __future__ import annotations
 
@@ -26,12 +28,12 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's nibble i holds output feature AWQ_ORDER[i] of its 8
 TINYGEMM_GROUPS = (32, 64, 128, 256)
-METHODS = ("fp8", "awq")
+METHODS = ("fp8", "awq", "int8")  # int8: online only, on the CPU (a speculative draft's; quant.py)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What the checkpoint holds (`fmt`) and what the layers become (`method`: "fp8" or "awq" = int4)."""
+    """What the checkpoint holds (`fmt`) and what the layers become (`method`: "fp8", "awq" = int4, or "int8")."""
 
     method: str
     fmt: str  # "online" | "fp8-block" | "ct-fp8" | "awq-gemm" | "ct-w4a16"

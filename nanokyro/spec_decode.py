@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from nanokyro.grammar import apply_bitmask, draft_bitmasks, forced_text
 from nanokyro.layers import VocabParallelEmbedding, pack_head
+from nanokyro.quant import int8_head
 from nanokyro.request import TokenLogprob
 from nanokyro.sampler import SampleRow, apply_penalties, argmax, draw, probabilities
 from nanokyro.scheduler import ScheduledBatch, Sequence
@@ -145,16 +146,20 @@ class _DraftView:
         return len(self.token_ids)
 
 
-def shrink_lm_head(model, num_tokens: int) -> None:
+def shrink_lm_head(model, num_tokens: int, quantization: str | None = None) -> None:
     """Make `model` (a draft) score only its first num_tokens token ids: an LM head of those rows (a copy when the
-    head is the input embedding, which keeps every row). Its drafts are then never other tokens, and its q is 0
-    there; the model verifying them still scores the whole vocabulary."""
+    head is the input embedding, which keeps every row), in int8 with `quantization` "int8" as the rest of the
+    draft. Its drafts are then never other tokens, and its q is 0 there; the model verifying them still scores the
+    whole vocabulary."""
     head = model.head
     if not 0 < num_tokens <= head.vocab_size:
         raise ValueError(f"speculative_draft_vocab must be in [1, {head.vocab_size}], got {num_tokens}")
     small = VocabParallelEmbedding(num_tokens, head.weight.shape[1], head.tp)
     small.weight = torch.nn.Parameter(head.weight[:num_tokens].clone(), requires_grad=False)
-    pack_head(small)
+    if quantization == "int8":
+        int8_head(small)
+    else:
+        pack_head(small)
     model.lm_head = small
 
 

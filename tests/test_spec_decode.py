@@ -68,19 +68,23 @@ def proposer(name: str, llama_dir: str, draft_dir: str) -> dict:
     return {"ngram": dict(speculative_method="ngram"), "grammar": dict(speculative_method="grammar"),
             "draft": dict(speculative_model=draft_dir),
             "self": dict(speculative_model=llama_dir),
-            "self_small_head": dict(speculative_model=llama_dir, speculative_draft_vocab=200)}[name]  # fmt: skip
+            "self_small_head": dict(speculative_model=llama_dir, speculative_draft_vocab=200),
+            "self_int8": dict(speculative_model=llama_dir, speculative_draft_quantization="int8"),
+            "self_int8_small_head": dict(speculative_model=llama_dir, speculative_draft_quantization="int8",
+                                         speculative_draft_vocab=200)}[name]  # fmt: skip
 
 
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft", "self", "self_small_head"])
+@pytest.mark.parametrize("name", ["ngram", "draft", "self", "self_small_head", "self_int8", "self_int8_small_head"])
 @pytest.mark.parametrize("mode", ["all_at_once", "mixed", "chunked", "preempted", "prefix_cached"])
 def test_greedy_with_speculation_is_transformers_greedy(llama_dir, draft_dir, reference, name, mode):
     """'self' drafts with the model itself (every draft accepted), 'draft' with a smaller random model (nearly
     every one rejected), 'ngram' by prompt lookup, 'self_small_head' with the model scoring only its first 200 of
-    384 token ids (its drafts are the model's except where the model's choice lies past them): each gives HF's
-    greedy output, token for token."""
+    384 token ids (its drafts are the model's except where the model's choice lies past them), 'self_int8' with
+    the model's weights in int8 (and its head cut, in '_small_head'): each gives HF's greedy output, token for
+    token."""
     prompts, refs = reference
     opts = proposer(name, llama_dir, draft_dir)
     params = [GREEDY] * len(prompts)
@@ -104,6 +108,9 @@ def test_greedy_with_speculation_is_transformers_greedy(llama_dir, draft_dir, re
     assert stats.spec_verify_steps > 0 and stats.spec_draft_tokens > 0
     if name == "self":
         assert stats.spec_accepted_tokens == stats.spec_draft_tokens
+    if name == "self_int8":  # a random model's logits are near-flat, so int8 rounding flips about half of its
+        # choices here (52% accepted with all prompts at once); a broken int8 matmul would be near chance (1 / 384)
+        assert stats.spec_accepted_tokens >= 0.3 * stats.spec_draft_tokens
     if mode == "preempted":
         assert stats.num_preemptions > 0
     if mode == "prefix_cached":
@@ -238,6 +245,9 @@ def test_bad_speculative_options_are_refused(llama_dir, draft_dir, tmp_path):
            (dict(speculative_method="ngram", num_speculative_tokens=0), "num_speculative_tokens"),
            (dict(speculative_method="grammar", speculative_model=draft_dir), "'grammar' takes no speculative_model")]
     bad.append((dict(speculative_method="ngram", speculative_draft_vocab=10), "speculative_draft_vocab"))
+    bad += [(dict(speculative_model=draft_dir, speculative_draft_quantization="int4"), "takes 'int8'"),
+            (dict(speculative_method="ngram", speculative_draft_quantization="int8"), "with a speculative_model"),
+            (dict(quantization="int8"), "speculative_draft_quantization='int8'")]
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
             make_llm(llama_dir, **kw)
@@ -246,6 +256,10 @@ def test_bad_speculative_options_are_refused(llama_dir, draft_dir, tmp_path):
         make_llm(llama_dir, speculative_model=other)
     with pytest.raises(ValueError, match=r"speculative_draft_vocab must be in \[1, 384\]"):
         make_llm(llama_dir, speculative_model=draft_dir, speculative_draft_vocab=1000)
+    cuda = EngineConfig(model=llama_dir, device="cuda", speculative_model=draft_dir,
+                        speculative_draft_quantization="int8")  # fmt: skip
+    with pytest.raises(ValueError, match="CPU only"):  # checked before anything is loaded
+        cuda.spec_method()
 
 
 def test_server_takes_speculative_false_and_shows_the_counters(llama_dir):

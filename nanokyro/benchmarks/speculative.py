@@ -108,6 +108,7 @@ def run_speculative(llm: LLM, prompt: list[int], out_len: int, batch_prompts: li
         "baseline": "a plain engine" if plain is not None else "speculation off",
         "output_tokens": len(runs[-1][2]), "structured": structured is not None,
         "plain_tokens_per_s": 1 / float(np.median(base)), "spec_tokens_per_s": 1 / float(np.median(spec)),
+        "trial_speedups": [b / s for b, s in zip(base, spec)],  # each trial's, for the spread
         "acceptance_rate": accepted / drafts if drafts else 0.0,
         "mean_accepted_length": (accepted / steps + 1) if steps else 1.0,
         # Greedy output with and without speculation: the same tokens up to here (all of them on a CPU in fp32; in
@@ -162,6 +163,8 @@ def print_speculative(r: dict) -> None:
           f"{r['prompt_tokens']}-token prompt, {r['output_tokens']} tokens: {r['spec_tokens_per_s']:.2f} tok/s vs "
           f"{r['plain_tokens_per_s']:.2f} with {r['baseline']}: {r['speedup']:.2f}x (predicted from step costs "
           f"{r['predicted_speedup']:.2f}x)")  # fmt: skip
+    if len(r["trial_speedups"]) > 1:
+        print("speed-up per trial (alternating): " + ", ".join(f"{x:.2f}x" for x in r["trial_speedups"]))
     print(f"acceptance {r['acceptance_rate']:.1%}, mean accepted length {r['mean_accepted_length']:.2f} tokens/step; "
           f"greedy output the same as without for {r['same_greedy_tokens']} of {r['output_tokens']} tokens")
     if r["structured"]:
