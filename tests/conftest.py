@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from nanokyro import SamplingParams
 from nanokyro.server import BackgroundServer
 
 torch.set_num_threads(2)
@@ -94,10 +95,21 @@ def hf_default_model():
     ).eval()
 
 
+def mixed_params() -> list:
+    """One request of each kind the schedule must keep intact: greedy, seeded sampling with logprobs, n > 1 with
+    top-k, penalties, a single token, greedy past EOS."""
+    return [
+        SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=25, temperature=0.9, seed=11, logprobs=2),
+        SamplingParams(max_tokens=20, temperature=1.0, top_k=20, seed=5, n=2, ignore_eos=True),
+        SamplingParams(max_tokens=28, temperature=0.8, seed=2, repetition_penalty=1.3, frequency_penalty=0.5),
+        SamplingParams(max_tokens=1, temperature=0),
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+    ]
+
+
 def assert_logits_match(llm, hf_model, prompts: list[list[int]], tol: float) -> None:
     """All prompts in one flat forward (one step, no padding) give HF's logits at every position."""
-    from nanokyro import SamplingParams
-
     engine, runner = llm.engine, llm.engine.runner
     for p in prompts:
         engine.add_request(p, SamplingParams(max_tokens=1))

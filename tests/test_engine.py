@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import assert_logits_match, assert_no_leak
+from conftest import assert_logits_match, assert_no_leak, mixed_params
 from nanokyro import LLM, SamplingParams
 from nanokyro.request import PromptError
 
@@ -285,14 +285,7 @@ def test_overlapped_steps_give_what_serial_steps_give(llama_dir):
     from nanokyro.runner import kv_bytes_per_page
 
     prompts = random_prompts([3, 40, 90, 17, 150, 5], seed=3)
-    params = [
-        SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
-        SamplingParams(max_tokens=25, temperature=0.9, seed=11, logprobs=2),
-        SamplingParams(max_tokens=20, temperature=1.0, top_k=20, seed=5, n=2, ignore_eos=True),
-        SamplingParams(max_tokens=28, temperature=0.8, seed=2, repetition_penalty=1.3, frequency_penalty=0.5),
-        SamplingParams(max_tokens=1, temperature=0),
-        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
-    ]
+    params = mixed_params()
     page_bytes = kv_bytes_per_page(ModelConfig.from_dir(llama_dir), 16, torch.float32)
 
     def run(overlap: bool, stops: list[int] | None = None, pages: int = 64):

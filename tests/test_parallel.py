@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import assert_no_leak, build_tiny_model
+from conftest import assert_no_leak, build_tiny_model, mixed_params
 from nanokyro import LLM, SamplingParams
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.loader import load
@@ -218,15 +218,8 @@ def test_pipelined_steps_give_one_process_outputs_for_every_kind_of_request(llam
     from nanokyro.request import StructuredOutput
 
     prompts = random_prompts([3, 40, 90, 17, 150, 5, 30], seed=3)
-    params = [
-        SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
-        SamplingParams(max_tokens=25, temperature=0.9, seed=11, logprobs=2),
-        SamplingParams(max_tokens=20, temperature=1.0, top_k=20, seed=5, n=2, ignore_eos=True),
-        SamplingParams(max_tokens=28, temperature=0.8, seed=2, repetition_penalty=1.3, frequency_penalty=0.5),
-        SamplingParams(max_tokens=1, temperature=0),
-        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
-        SamplingParams(max_tokens=20, temperature=0.7, seed=3, structured=StructuredOutput(regex="[a-z]{3,6}[0-9]{2}")),
-    ]
+    regex = StructuredOutput(regex="[a-z]{3,6}[0-9]{2}")
+    params = [*mixed_params(), SamplingParams(max_tokens=20, temperature=0.7, seed=3, structured=regex)]
 
     def engine(pp: int) -> LLM:
         page_bytes = kv_bytes_per_page(ModelConfig.from_dir(llama_dir), 16, torch.float32, Shard(0, 1, 0, pp))
