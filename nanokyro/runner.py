@@ -334,13 +334,8 @@ class ModelRunner:
         self._load_loras(plan)
         if self.shard.pp_size > 1:
             return self._stage(plan, prev_tokens)
-        input_ids, positions, meta, rows, lora = self._inputs(plan, prev_tokens)
+        input_ids, positions, rows, lora = self._prepare(plan, prev_tokens)
         bucket = plan.bucket
-        if bucket is not None:
-            self.graphs.load(input_ids, positions, meta, lora)
-        else:
-            self.attn.plan(meta)
-        self._record_inputs_copied()
         if bucket is not None:
             return self.graphs.replay(bucket)[rows]  # padding rows are dropped here
         if self.graphs is not None:
@@ -349,15 +344,22 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, self.attn, lora=lora)
         return self.model.compute_logits(hidden[rows])
 
-    def _inputs(self, plan: StepPlan, prev_tokens: torch.Tensor | None):
-        """The plan's tensors on the device, placeholder ids replaced by the previous step's tokens."""
+    def _prepare(self, plan: StepPlan, prev_tokens: torch.Tensor | None):
+        """The plan's tensors on the device, placeholder ids replaced by the previous step's tokens, and its
+        attention planned (into its bucket's graph buffers if it replays one) -> (input_ids, positions, logits row
+        indices, each token's LoRA slot)."""
         if self._inputs_copied is not None:  # FlashInfer's plan() reuses a pinned buffer the last step copied from
             self._inputs_copied.synchronize()
         input_ids, positions, meta, rows, lora = self._load(plan)
         if plan.num_prev_tokens and self.shard.first_stage:
             lookup = prev_tokens[(-input_ids - 1).clamp_(min=0)].to(input_ids.dtype)
             input_ids = torch.where(input_ids < 0, lookup, input_ids)
-        return input_ids, positions, meta, rows, lora
+        if plan.bucket is not None:
+            self.graphs.load(input_ids, positions, meta, lora)
+        else:
+            self.attn.plan(meta)
+        self._record_inputs_copied()
+        return input_ids, positions, rows, lora
 
     def _load_loras(self, plan: StepPlan) -> None:
         """Fill LoRA slots with staged adapters before the step that first uses them (AdapterSlots.before_step
@@ -418,13 +420,8 @@ class ModelRunner:
         prefill = any(n > 1 for n in plan.q_lens)
         graphs = self.graphs
         for mb in plan.split(self.shard.pp_size) if prefill else [plan]:
-            input_ids, positions, meta, rows, lora = self._inputs(mb, prev_tokens)
+            input_ids, positions, rows, lora = self._prepare(mb, prev_tokens)
             bucket = mb.bucket  # a decode graph to replay: received in, and sent from, its static buffers
-            if bucket is not None:
-                graphs.load(input_ids, positions, meta, lora)
-            else:
-                self.attn.plan(meta)
-            self._record_inputs_copied()
             before = None  # [2, T, hidden]: the stage before's hidden states and residual
             if not self.shard.first_stage:
                 into = graphs.received(bucket) if bucket is not None else None
@@ -552,12 +549,19 @@ class DecodeGraphs:
         # unbacked so every token count runs the same compiled code: no recompiles, no 0/1 specialisation.
         input_ids, positions = input_ids.clone(), positions.clone()
         lora = lora.clone() if lora is not None else None
+        self._mark_unbacked(input_ids, positions, lora, received)
+        return self.hidden(input_ids, positions, lora, received)
+
+    @staticmethod
+    def _mark_unbacked(input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None,
+                       received: torch.Tensor | None) -> None:  # fmt: skip
+        """Mark the token dimension of the transformer's inputs unbacked: one compile for every token count, no
+        0/1 specialisation."""
         for t in (input_ids, positions, lora):
             if t is not None:
                 torch._dynamo.decorators.mark_unbacked(t, 0)
-        if received is not None:
+        if received is not None:  # [2, T, hidden]
             torch._dynamo.decorators.mark_unbacked(received, 1)
-        return self.hidden(input_ids, positions, lora, received)
 
     def received(self, bucket: int) -> torch.Tensor:
         """A later stage's static input of `bucket` rows, [2, bucket, hidden]: the receive writes it, the graph
@@ -600,11 +604,7 @@ class DecodeGraphs:
             self.load(*runner.prepare(ScheduledBatch([], []), pad_to=bs)[:3])
             args = (self.input_ids[:bs], self.positions[:bs], self.lora[:bs] if self.with_lora else None,
                     self.received(bs) if not self.first_stage else None)  # fmt: skip
-            for t in args[:3]:  # one compile for every bucket: no 0/1 specialisation of the batch size
-                if t is not None:
-                    torch._dynamo.decorators.mark_unbacked(t, 0)
-            if args[3] is not None:
-                torch._dynamo.decorators.mark_unbacked(args[3], 1)
+            self._mark_unbacked(*args)  # one compile for every bucket
             self.forward(*args)  # compiles on the first bucket (and on the first small one); warms up the rest
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
