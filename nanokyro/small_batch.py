@@ -107,6 +107,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated
         lora_s, lora_b, lora, splits, b_stride0, b_stride1, R,
         has_bias=bias is not None, gated=gated, has_lora=has_lora, block_m=triton.next_power_of_2(M),
         block_n=block_n, block_k=min(block_k, triton.next_power_of_2(K)), block_r=triton.next_power_of_2(R),
+        block_s=triton.next_power_of_2(max(splits, 1)),
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     return y
@@ -155,7 +156,7 @@ def _gemv_kernel():
     def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_stride, y_stride, s_ptr, lb_ptr, idx_ptr,
                     SPLITS, lb_stride0, lb_stride1, R, has_bias: tl.constexpr, gated: tl.constexpr,
                     has_lora: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr,
-                    block_r: tl.constexpr):  # fmt: skip
+                    block_r: tl.constexpr, block_s: tl.constexpr):  # fmt: skip
         """y = x @ w.T (+ b) (+ each row's LoRA delta); `gated`: w is [gate; up], 2N rows, and y = silu(x @
         gate.T) * (x @ up.T), rounded as the unfused ops round (gate and up to y's dtype first)."""
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
@@ -164,6 +165,21 @@ def _gemv_kernel():
         w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride  # [block_n, 1]
         acc = tl.zeros((block_m, block_n), tl.float32)
         up = tl.zeros((block_m, block_n), tl.float32)
+        if has_lora:  # s = the shrink's partial sums added up (one load); each row's B rows gathered by its slot
+            idx = tl.load(idx_ptr + rm, mask=m_ok, other=-1)
+            rr, sp = tl.arange(0, block_r), tl.arange(0, block_s)
+            s_ok = (idx >= 0)[:, None] & (rr < R)[None, :]
+            parts = tl.load(s_ptr + sp[:, None, None] * M * R + rm[None, :, None] * R + rr[None, None, :],
+                            mask=(sp < SPLITS)[:, None, None] & s_ok[None, :, :], other=0.0)  # fmt: skip
+            s = tl.sum(parts, 0)
+            b_rows = lb_ptr + tl.maximum(idx, 0)[:, None, None] * lb_stride0 + rn[None, :, None] * lb_stride1
+            b_ok = s_ok[:, None, :] & n_ok[None, :, None]
+            b = tl.load(b_rows + rr[None, None, :], mask=b_ok, other=0.0)
+            delta = tl.sum(s[:, None, :] * b.to(tl.float32), 2)
+            delta_up = delta
+            if gated:
+                b = tl.load(b_rows + N * lb_stride1 + rr[None, None, :], mask=b_ok, other=0.0)
+                delta_up = tl.sum(s[:, None, :] * b.to(tl.float32), 2)
         for k0 in range(0, K, block_k):
             rk = k0 + tl.arange(0, block_k)
             k_ok = rk < K
@@ -179,20 +195,10 @@ def _gemv_kernel():
                 up += tl.sum(x * u[None, :, :].to(tl.float32), 2)
         if has_bias:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if has_lora:  # s = the shrink's partial sums added up; each row's B rows gathered by its slot
-            idx = tl.load(idx_ptr + rm, mask=m_ok, other=-1)
-            rr = tl.arange(0, block_r)
-            s_ok = (idx >= 0)[:, None] & (rr < R)[None, :]
-            s = tl.zeros((block_m, block_r), tl.float32)
-            for split in range(SPLITS):
-                s += tl.load(s_ptr + split * M * R + rm[:, None] * R + rr[None, :], mask=s_ok, other=0.0)
-            b_rows = lb_ptr + tl.maximum(idx, 0)[:, None, None] * lb_stride0 + rn[None, :, None] * lb_stride1
-            b_ok = s_ok[:, None, :] & n_ok[None, :, None]
-            b = tl.load(b_rows + rr[None, None, :], mask=b_ok, other=0.0)
-            acc += tl.sum(s[:, None, :] * b.to(tl.float32), 2)
+        if has_lora:  # the delta, loaded before the weights stream: its latency hides behind theirs
+            acc += delta
             if gated:
-                b = tl.load(b_rows + N * lb_stride1 + rr[None, None, :], mask=b_ok, other=0.0)
-                up += tl.sum(s[:, None, :] * b.to(tl.float32), 2)
+                up += delta_up
         if gated:
             gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
             acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)

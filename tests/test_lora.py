@@ -276,7 +276,7 @@ for T, K, R, N in [(1, 4096, 48, 96), (2, 1000, 16, 64), (3, 512, 8, 40)]:  # K 
     assert s.shape[0] == lora_kernels.num_splits(K)
     ref = lora_delta_reference(y, x, a, b, lora)
     worst = max(worst, (lora_kernels.lora_expand(y, s, b, lora) - ref).abs().max().item())
-for T, K, N, gated in [(1, 1000, 24, False), (2, 600, 20, True)]:  # the decode graphs' GEMV with the delta
+for T, K, N, gated in [(1, 5000, 24, False), (2, 600, 20, True)]:  # the decode graphs' GEMV with the delta
     x, w = torch.randn(T, K), torch.randn(2 * N if gated else N, K) / K**0.5
     a, b = torch.randn(3, 16, K) / K**0.5, torch.randn(3, w.shape[0], 16) * 0.1
     lora = torch.tensor([2, 0][:T], dtype=torch.int32)
