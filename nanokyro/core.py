@@ -39,7 +39,7 @@ from nanokyro.request import (
 )  # fmt: skip
 from nanokyro.lora import AdapterError, LoRARegistry
 from nanokyro.parallel import PendingLogits
-from nanokyro.runner import ModelRunner
+from nanokyro.runner import ModelRunner, StepPlan
 from nanokyro.sampler import PendingSample, SampleRow, SamplerOutput, make_generator
 from nanokyro.scheduler import ScheduledBatch, Scheduler, Sequence, Status
 from nanokyro.spec_decode import DraftModelProposer, Drafts, NgramProposer, grammar_drafts, shrink_lm_head, verify
@@ -66,6 +66,17 @@ class _Step:
     accepted: dict[int, bool] = field(default_factory=dict)
     logits: PendingLogits | torch.Tensor | None = None
     rows: list[SampleRow] = field(default_factory=list)
+
+
+@dataclass
+class _Scheduled:
+    """A pipeline's step, scheduled and (unless its sampling waits for the step before's tokens on the host)
+    planned, not launched yet."""
+
+    batch: ScheduledBatch
+    loads: list[tuple[int, str]]
+    rows: list[SampleRow] = field(default_factory=list)
+    plan: StepPlan | None = None
 
 
 class AdapterInUse(RuntimeError):
@@ -268,9 +279,11 @@ class EngineCore:
         their stops and report them. Rank 0's runner returns once stage 0's part of a step is launched, so stage 0
         runs step n + 1 while the last stage runs step n; rank 0 samples step n on its device and stage 0 reads
         those tokens there as the next step's input ids (placeholders, as in the overlapped schedule), so the
-        host's handling of step n overlaps the stages' work instead of holding stage 0 up. As there, a sequence
-        that stopped at step n was already launched again: that extra token is dropped, and rows whose sampling
-        reads the host's view of earlier tokens (grammars, penalties) wait for step n's tokens first.
+        host's handling of step n overlaps the stages' work instead of holding stage 0 up. The step that takes
+        step n's sequences next is scheduled and planned before step n's logits arrive: when they do, stage 0 has
+        finished step n + 1, and waits only for the sampling and the launch. As in the overlapped schedule, a
+        sequence that stopped at step n was already launched again: that extra token is dropped, and rows whose
+        sampling reads the host's view of earlier tokens (grammars, penalties) wait for step n's tokens first.
 
         A step samples no sequence that a step in flight samples (its next input id is not known yet): the
         running sequences take turns, split evenly between the steps, and new ones join any step. A prompt's
@@ -279,7 +292,10 @@ class EngineCore:
         self._fill_pipeline()
         if not self._launched:
             return []
+        ahead = self._schedule(self._launched[0])  # while the oldest's logits are on their way
         step = self._sample_oldest()
+        if ahead is not None:
+            self._launch(ahead, step)
         self._fill_pipeline(step)
         return self._finish(step)
 
@@ -292,27 +308,40 @@ class EngineCore:
 
     def _fill_pipeline(self, prev: _Step | None = None) -> None:
         """Launch steps until pp_size are in flight; `prev`: the step just sampled, its tokens still on the device."""
-        while len(self._launched) < self.pipeline_depth and self._launch(prev):
-            pass
+        while len(self._launched) < self.pipeline_depth and (ahead := self._schedule(prev)) is not None:
+            self._launch(ahead, prev)
 
-    def _launch(self, prev: _Step | None) -> bool:
-        """Schedule a step of the sequences no step in flight samples, and launch it; False if there was none."""
+    def _schedule(self, prev: _Step | None) -> _Scheduled | None:
+        """Schedule a step of the sequences that no other step in flight samples, and plan it; None if there was
+        none. `prev`: the step sampled just before this one launches (by then, if not yet), whose sequences may go
+        again reading its tokens on the device. A step whose sampling reads the host's view of those tokens
+        (grammars, penalties) is planned at its launch, once they are there."""
         sched = self.scheduler
-        busy = {seq for step in self._launched for seq in step.seqs}
+        busy = {seq for step in self._launched if step is not prev for seq in step.seqs}
         share = -(-min(self.cfg.max_num_seqs, len(sched.running) + len(sched.waiting)) // self.pipeline_depth)
         batch = sched.schedule(busy, share)
         if not batch.seqs:
-            return False
-        if prev is not None and any(s.matcher is not None or s.params.penalised for s in batch.sampled):
+            return None
+        ahead = _Scheduled(batch, self.loras.take_loads() if self.loras is not None else [])
+        if prev is None or not any(s.matcher is not None or s.params.penalised for s in batch.sampled):
+            self._plan(ahead, prev)
+        return ahead
+
+    def _plan(self, ahead: _Scheduled, prev: _Step | None) -> None:
+        # The rows before this step's placeholders are appended: penalties read the tokens so far.
+        ahead.rows = self.runner.sample_rows(ahead.batch)
+        ahead.plan = self.runner.plan_step(ahead.batch, ahead.loads, len(prev.rows) if prev is not None else 0)
+
+    def _launch(self, ahead: _Scheduled, prev: _Step | None) -> None:
+        """Launch a scheduled step; its sequences' placeholders read `prev`'s tokens, sampled by now, on the device."""
+        if ahead.plan is None:
             self._receive(prev)  # masks and penalties read its tokens on the host
-        loads = self.loras.take_loads() if self.loras is not None else []
-        rows = self.runner.sample_rows(batch)  # before this step's placeholders: penalties read the tokens so far
+            self._plan(ahead, prev)
         prev_tokens = prev.sample.tokens if prev is not None else None
-        step = _Step([], [], None, logits=self.runner.forward(batch, prev_tokens, loads, wait=False), rows=rows)
+        step = _Step([], [], None, logits=self.runner.launch(ahead.plan, prev_tokens, wait=False), rows=ahead.rows)
         self._launched.append(step)  # at once: whatever fails next, its logits are the next that rank 0 receives
-        step.seqs = sched.update(batch, [-(row + 1) for row in range(len(rows))])
+        step.seqs = self.scheduler.update(ahead.batch, [-(row + 1) for row in range(len(ahead.rows))])
         step.positions = [s.num_tokens - 1 for s in step.seqs]
-        return True
 
     # -- speculative decoding (spec_decode.py) ---------------------------------------------------------------
 

@@ -303,22 +303,36 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None,
                 lora_loads: list[tuple[int, str]] = (), wait: bool = True) -> torch.Tensor | PendingLogits:  # fmt: skip
-        """Launch the step's model pass; returns the logits of its sampled rows, on the device. The host waits
-        only for the previous step's inputs to have reached the device, not for its kernels. In a pipeline,
-        without `wait`, rank 0 returns once its stage is launched: the logits are a PendingLogits (or None when
-        the step samples no row), received from the last stage when waited for.
+        """Launch the step's model pass; returns the logits of its sampled rows, on the device (plan_step, then
+        launch)."""
+        plan = self.plan_step(batch, lora_loads, len(prev_tokens) if prev_tokens is not None else 0)
+        return self.launch(plan, prev_tokens, wait)
 
-        A sequence whose last token is still a placeholder (-(row + 1): row `row` of the step in flight, not yet on
-        the host) reads that token from `prev_tokens`, that step's sampled tokens on the device. With more ranks,
-        the plan goes to the others first (and the previous tokens to those that embed); a rank that died makes
-        this raise parallel.WorkerError. `lora_loads`: (slot, adapter path) to fill before the step, on every rank."""
+    def plan_step(self, batch: ScheduledBatch, lora_loads: list[tuple[int, str]] = (),
+                  num_prev_tokens: int = 0) -> StepPlan:  # fmt: skip
+        """forward's host half: the step's plan, padded to its decode graph's bucket if it replays one.
+        `lora_loads`: (slot, adapter path) to fill before the step, on every rank. `num_prev_tokens`: how many
+        tokens the step in flight samples, which this step's placeholders read (launch's `prev_tokens`)."""
         bucket = self.graphs.bucket(batch) if self.graphs is not None else None
         plan = self.plan(batch, pad_to=bucket, token_rows=bucket is not None)
         plan.lora_loads = list(lora_loads)
         if self.lora_slots is not None and self.parallel.world_size > 1:
             plan.lora_reads, plan.lora_drops = self._lora_changes()
         if any(s.token_ids[-1] < 0 for s in batch.seqs):
-            plan.num_prev_tokens = len(prev_tokens)
+            plan.num_prev_tokens = num_prev_tokens
+        return plan
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, prev_tokens: torch.Tensor | None = None,
+               wait: bool = True) -> torch.Tensor | PendingLogits:  # fmt: skip
+        """Launch a planned step. The host waits only for the previous step's inputs to have reached the device,
+        not for its kernels. In a pipeline, without `wait`, rank 0 returns once its stage is launched: the logits
+        are a PendingLogits (or None when the step samples no row), received from the last stage when waited for.
+
+        A sequence whose last token is still a placeholder (-(row + 1): row `row` of the step in flight, not yet on
+        the host) reads that token from `prev_tokens`, that step's sampled tokens on the device. With more ranks,
+        the plan goes to the others first (and the previous tokens to those that embed); a rank that died makes
+        this raise parallel.WorkerError."""
         if self.parallel.world_size == 1:
             return self._execute(plan, prev_tokens)
         with self.parallel.guard():

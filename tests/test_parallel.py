@@ -130,33 +130,39 @@ def test_a_dead_worker_fails_the_engine_fast_and_close_leaves_no_process(llama_d
 
 def test_a_pipeline_keeps_a_step_per_stage_in_flight_over_disjoint_sequences(llama_dir, hf_llama):
     """PP=2: rank 0 launches step n + 1 before it waits for step n's logits, so two steps are in flight, and no
-    sequence is sampled by both (its next input id is not known until the older one is finished); the tokens are
-    still HF's, with prompts chunked (24-token steps), prefixes cached and sequences preempted."""
+    sequence is sampled by both (its next input id is not known until the older one is finished); the step that
+    takes step n's sequences next is planned before step n is sampled; the tokens are still HF's, with prompts
+    chunked (24-token steps), prefixes cached and sequences preempted."""
     base = random_prompts([150, 100, 40, 3, 60, 9], seed=5)
     prompts = base + [base[0][:120] + [7, 8, 9], base[2] + [11] * 30]  # cached prefixes of the first and third
     refs = [hf_llama.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
             for p in prompts]  # fmt: skip
     llm = make_llm(llama_dir, 1, 2)
-    engine = llm.engine
+    engine, runner = llm.engine, llm.engine.runner
     in_flight = []  # the sampled sequences of each launched step, whenever the oldest is about to be received
-    receive = engine._sample_oldest
+    events, from_device = [], []  # p(lan), s(ample), l(aunch); launches whose input ids read tokens on the device
+    receive, plan_step, launch = engine._sample_oldest, runner.plan_step, runner.launch
 
     def observed_receive():
         in_flight.append([set(step.seqs) for step in engine._launched])
+        events.append("s")
         return receive()
 
-    engine._sample_oldest = observed_receive
-    forward, from_device = engine.runner.forward, []  # steps whose input ids read sampled tokens on the device
+    def observed_plan(*args, **kw):
+        events.append("p")
+        return plan_step(*args, **kw)
 
-    def observed_forward(batch, prev_tokens=None, *args, **kw):
-        from_device.append(prev_tokens is not None and any(s.token_ids[-1] < 0 for s in batch.seqs))
-        return forward(batch, prev_tokens, *args, **kw)
+    def observed_launch(plan, prev_tokens=None, *args, **kw):
+        events.append("l")
+        from_device.append(prev_tokens is not None and plan.num_prev_tokens > 0)
+        return launch(plan, prev_tokens, *args, **kw)
 
-    engine.runner.forward = observed_forward
+    engine._sample_oldest, runner.plan_step, runner.launch = observed_receive, observed_plan, observed_launch
     try:
         outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
         assert [o.token_ids for o in outs] == refs
         assert sum(from_device) >= 10  # a sequence goes again before its last token reaches the host
+        assert "".join(events).count("psl") >= 10  # planned while the oldest's logits were on their way
         both = [steps for steps in in_flight if len(steps) == 2]
         assert len(both) >= 10 and all(not (a & b) for a, b in both)
         assert any(len(a) >= 2 and len(b) >= 2 for a, b in both)  # the running batch split between the steps
