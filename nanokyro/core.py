@@ -313,9 +313,9 @@ class EngineCore:
 
     def _schedule(self, prev: _Step | None) -> _Scheduled | None:
         """Schedule a step of the sequences that no other step in flight samples, and plan it; None if there was
-        none. `prev`: the step sampled just before this one launches (by then, if not yet), whose sequences may go
-        again reading its tokens on the device. A step whose sampling reads the host's view of those tokens
-        (grammars, penalties) is planned at its launch, once they are there."""
+        none. `prev`: the step that is sampled before this one launches (it may still be in flight now); its
+        sequences may go again, reading its tokens on the device. A step whose sampling reads the host's view of
+        those tokens (grammars, penalties) is planned at its launch, once they are there."""
         sched = self.scheduler
         busy = {seq for step in self._launched if step is not prev for seq in step.seqs}
         share = -(-min(self.cfg.max_num_seqs, len(sched.running) + len(sched.waiting)) // self.pipeline_depth)
