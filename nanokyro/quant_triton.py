@@ -30,6 +30,10 @@ class GemvConfig(NamedTuple):
     reduce_once: bool = False  # with prefetch: products summed elementwise over the steps, across lanes once
     vec: int = 0  # > 0: FP8 per-channel, one row: fp8_row_kernel, weight loads of `vec` bytes per lane
     x_2d: bool = False  # fp8_row_kernel: x loaded in the weight tile's shape (the same register layout)
+    # Tiles, FP8 per-channel: the dot in f16 (x clamped to f16's range), not x's dtype. fp8 to f16 is one
+    # instruction per two values on sm_89+; to bf16 Triton adds one more per value (two, through fp32, in older
+    # versions).
+    f16: bool = False
 
 
 C = GemvConfig
@@ -75,6 +79,7 @@ def qgemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     if config.vec and M == 1 and not int4 and per_row:
         return _fp8_row(x, weight, scale, bias, gated, config)
     block_m, block_n, block_k, num_warps, use_dot, num_stages, split, prefetch, reduce_once = config[:9]
+    f16 = config.f16 and use_dot and per_row and not int4
     prefetch = prefetch and not int4 and per_row and block_m == 1 and not use_dot
     if not int4 and not per_row:  # fp8 tiles step one scale block at a time
         block_k = group if use_dot else max(group, min(block_k, triton.next_power_of_2(K)))
@@ -91,7 +96,7 @@ def qgemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
         x, weight, scale, zeros if int4 else scale, bias if bias is not None and split == 1 else scale, y, M, N, K,
         k_split, x.stride(0), weight.stride(0), scale.stride(0), y.stride(0), int4=int4, per_row=per_row,
         group=group, has_bias=bias is not None and split == 1, gated=gated, use_dot=use_dot, prefetch=prefetch,
-        reduce_once=reduce_once, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
+        reduce_once=reduce_once, f16=f16, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
     if split == 1:
@@ -270,7 +275,7 @@ if triton is not None:
     def qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, k_split, x_stride, w_stride, s_stride,
                      y_stride, int4: tl.constexpr, per_row: tl.constexpr, group: tl.constexpr,
                      has_bias: tl.constexpr, gated: tl.constexpr, use_dot: tl.constexpr, prefetch: tl.constexpr,
-                     reduce_once: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
+                     reduce_once: tl.constexpr, f16: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
                      block_k: tl.constexpr):  # fmt: skip
         """y = x @ w.T (+ b); `gated`: w is [gate; up], 2N rows, and y = silu(x @ gate.T) * (x @ up.T). Program
         (., ., s) sums input features [s k_split, (s + 1) k_split) into rows s M.. of y (one split: all of them)."""
@@ -308,6 +313,8 @@ if triton is not None:
                             other=0.0)  # fmt: skip
                 if not use_dot:
                     x = x.to(tl.float32)
+                elif f16:  # partial() then takes the weight to f16 as well
+                    x = tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
                 if use_dot and not per_row:  # one block per step: the scales are one column
                     acc += partial(x, w_rows, s_vec, k0, K, n_ok, per_row, group, use_dot, block_m, block_n, block_k)
                     if gated:

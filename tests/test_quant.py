@@ -410,6 +410,17 @@ for x_2d in (False, True):  # the one-row FP8 kernel, gated and with a bias
     worst = max(worst, ((got - F.silu(want[:, :12]) * want[:, 12:]).abs().max() / want.abs().max()).item())
     got = qt.qgemv(x, (w / s).to(qf.FP8)[:12], s[:12], None, b, False, config)
     worst = max(worst, ((got - want[:, :12] - b).abs().max() / want.abs().max()).item())
+worst_f16 = 0.0
+for rows, gated, split in [(1, False, 1), (1, False, 3), (5, True, 1)]:  # the tiles' dot in f16
+    x = torch.randn(rows, 320)
+    wg = torch.randn(24, 320) * 0.05
+    sg = wg.abs().amax(1, keepdim=True) / 448
+    want = x @ qf.dequantise_fp8((wg / sg).to(qf.FP8), sg).T
+    want = F.silu(want[:, :12]) * want[:, 12:] if gated else want
+    config = qt.GemvConfig(16, 16, 64, 4, True, 1, split_k=split, f16=True)
+    got = qt.qgemv(x, (wg / sg).to(qf.FP8), sg, None, None, gated, config)
+    worst_f16 = max(worst_f16, ((got - want).abs().max() / want.abs().max()).item())
+assert worst_f16 < 2e-3, worst_f16  # x rounded to f16: 11 significant bits
 for inner in (4, 8):
     q = torch.randint(0, 16, (24, 512))
     packed, sz = qf.tinygemm_pack(q, inner), qf.tinygemm_scales_zeros(torch.rand(24, 8), torch.rand(24, 8) * 15)
@@ -423,7 +434,7 @@ print(worst)
 def test_triton_kernels_match_dequantised_matmul_in_the_interpreter():
     """The CUDA kernels (GEMV at 1 row, 3 rows; tensor-core tiles at 9 and 40; fp8 per-channel and block-wise with
     a partial block; int4 groups of 32, 64, 128; gated; split-K; prefetching; the one-row FP8 kernel; the
-    tinygemm layout's dequantise kernel) run by Triton's interpreter on the CPU, against the dequantised weight."""
+    tinygemm layout's dequantise kernel; the tiles' dot in f16) run by Triton's interpreter on the CPU, against the dequantised weight."""
     import subprocess
     import sys
 

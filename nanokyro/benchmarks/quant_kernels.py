@@ -60,6 +60,9 @@ def fp8_configs(rows: int) -> list[GemvConfig]:
         out += [C(rows, 4, 2048, 4, False, split_k=2)]
     if 2 <= rows <= 16:
         out += tiles + [tiles[2]._replace(split_k=2)]
+    if rows <= 16:  # the tiles' dot in f16 (fp8 to f16 in one instruction per two values); more programs at one row
+        out += [t._replace(f16=True) for t in tiles]
+        out += [tiles[i]._replace(f16=True, split_k=k) for i in (0, 1, 2) for k in (2, 4)]
     if 32 <= rows <= 64:
         out += [C(bm, bn, 128, w, True, st) for bm, bn, w, st in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
                                                                  (32, 128, 4, 4)]]  # fmt: skip
@@ -71,7 +74,7 @@ def fp8_configs(rows: int) -> list[GemvConfig]:
 def label(c: GemvConfig) -> str:
     return (f"fp8 {'tile' if c.dot else 'gemv'} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
             + (f" k{c.split_k}" if c.split_k > 1 else "") + (" pf" if c.prefetch else "")
-            + (" r1" if c.reduce_once else "")
+            + (" r1" if c.reduce_once else "") + (" f16" if c.f16 else "")
             + (f" row v{c.vec}" + (" x2d" if c.x_2d else "") if c.vec else ""))
 
 
