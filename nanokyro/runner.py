@@ -316,8 +316,6 @@ class ModelRunner:
         bucket = self.graphs.bucket(batch) if self.graphs is not None else None
         plan = self.plan(batch, pad_to=bucket, token_rows=bucket is not None)
         plan.lora_loads = list(lora_loads)
-        if self.lora_slots is not None and self.parallel.world_size > 1:
-            plan.lora_reads, plan.lora_drops = self._lora_changes()
         if any(s.token_ids[-1] < 0 for s in batch.seqs):
             plan.num_prev_tokens = num_prev_tokens
         return plan
@@ -335,6 +333,8 @@ class ModelRunner:
         this raise parallel.WorkerError."""
         if self.parallel.world_size == 1:
             return self._execute(plan, prev_tokens)
+        if self.lora_slots is not None:  # here, not when planned: a plan may be dropped (a step failing first)
+            plan.lora_reads, plan.lora_drops = self._lora_changes()
         with self.parallel.guard():
             self.parallel.send_plan(plan.encode())
             if plan.num_prev_tokens:

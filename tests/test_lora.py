@@ -245,6 +245,45 @@ def test_tp2_and_pp2_on_gloo_give_the_tokens_of_one_process(lora_model, layout):
     assert not multiprocessing.active_children()
 
 
+def test_an_adapter_reloaded_at_its_path_reaches_every_stage_when_the_step_planned_with_it_fails(tmp_path):
+    """PP=2 plans a step before the one in flight is sampled. An adapter unloaded and loaded again at the same
+    path (new files) is announced to the other stage with the plan that is sent: when sampling fails after that
+    plan was built, the next step still tells the other stage, which reads the new files (peft's tokens)."""
+    import shutil
+
+    base = build_tiny_model("llama", str(tmp_path / "base"))
+    old = make_adapter(base, str(tmp_path / "old"), 1, **ADAPTERS["all"])
+    new = make_adapter(base, str(tmp_path / "new"), 7, **ADAPTERS["all"])
+    path, prompt = tmp_path / "a", random_prompts([9], seed=3)[0]
+    shutil.copytree(old, path)
+    llm = LLM(base, dtype="float32", max_loras=2, kv_cache_memory=4 << 20, max_num_batched_tokens=32,
+              max_num_seqs=8, pipeline_parallel_size=2, lora_modules={"a": str(path)})  # fmt: skip
+    engine, params = llm.engine, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, lora="a")
+    try:
+        assert llm.generate([prompt], params)[0].token_ids == greedy(peft_model(base, old), prompt, 8)
+        for p in random_prompts([5, 6, 7, 8], seed=1):  # base requests keep two steps in flight
+            engine.add_request(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+        while len(engine._launched) < 2:
+            engine.step()
+        llm.unload_lora("a")
+        shutil.rmtree(path)
+        shutil.copytree(new, path)
+        llm.load_lora("a", str(path))
+        sample_oldest = engine._sample_oldest
+
+        def failing():
+            engine._sample_oldest = sample_oldest
+            raise RuntimeError("sampling failed")
+
+        engine._sample_oldest = failing
+        with pytest.raises(RuntimeError, match="sampling failed"):
+            engine.step()  # after planning the next step, whose plan announced the reload
+        engine.fail_all(Failure(500, "sampling failed"))  # what the core's loop does with a failed step
+        assert llm.generate([prompt], params)[0].token_ids == greedy(peft_model(base, new), prompt, 8)
+    finally:
+        llm.close()
+
+
 @pytest.mark.parametrize("mode", [[], ["--latency"]])
 def test_bench_runs_the_workload_on_the_base_and_on_random_adapters(tmp_path, mode):
     from test_bench import run_bench
