@@ -1,9 +1,10 @@
 """Paged attention: the step's page-table metadata, the KV write, and the backends that read it.
 
 KV cache: one tensor `[num_layers, num_pages, 2, page_size, num_kv_heads, head_dim]`; layer l's view
-`kv[l]` is FlashInfer's NHD paged layout (`[:, 0]` keys, `[:, 1]` values). The step's metadata is in
-FlashInfer's CSR form (qo_indptr, kv_indptr/kv_indices/kv_last_page_len), so both backends plan from the
-same tensors. The torch backend runs anywhere and is the reference the FlashInfer backend is tested against.
+`kv[l]` is FlashInfer's NHD paged layout (`[:, 0]` keys, `[:, 1]` values), in the model's dtype or in float8
+e4m3 (`kv_cache_dtype="fp8"`, scale 1: k and v clamped to +-448 and rounded as they are written). The step's
+metadata is in FlashInfer's CSR form (qo_indptr, kv_indptr/kv_indices/kv_last_page_len), so both backends plan
+from the same tensors. The torch backend runs anywhere and is the reference the FlashInfer backend is tested against.
 
 FlashInfer is imported only when its backend is built (CUDA), so the CPU path never needs it. Its attention is
 also a `torch.library` custom op (`nanokyro::flashinfer_attention`), so `torch.compile` keeps a decode forward
@@ -39,10 +40,28 @@ class AttentionMetadata:
         return all(n == 1 for n in self.q_lens)
 
 
+FP8_KV_MAX = 448.0  # float8 e4m3's largest value: an fp8 cache (scale 1) holds k and v clamped to it
+
+
 def write_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor) -> None:
     """Store the new tokens' k, v [T, Hkv, D] into one layer's paged cache kv [P, 2, page_size, Hkv, D]."""
+    k, v = stored(k, kv.dtype), stored(v, kv.dtype)
+    kv, k, v = bytes_of(kv), bytes_of(k), bytes_of(v)
     kv[pages, 0, offsets] = k
     kv[pages, 1, offsets] = v
+
+
+def bytes_of(x: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor as its bytes (torch's indexing kernels are not built for fp8 on every device); others as
+    they are."""
+    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
+
+
+def stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """k or v as a cache of `dtype` holds it (fp8: clamped to its range, then rounded)."""
+    if dtype == torch.float8_e4m3fn:
+        return x.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(dtype)
+    return x.to(dtype)
 
 
 def triton_write_kv():
@@ -55,20 +74,26 @@ def triton_write_kv():
 
     @triton.jit
     def kernel(k_ptr, v_ptr, kv_ptr, pages_ptr, offsets_ptr, k_stride, v_stride, page_stride, half_stride,
-               slot_stride, row: tl.constexpr, block: tl.constexpr):  # fmt: skip
+               slot_stride, row: tl.constexpr, block: tl.constexpr, fp8: tl.constexpr):  # fmt: skip
         t = tl.program_id(0)
         page = tl.load(pages_ptr + t).to(tl.int64)  # page * page_stride overflows int32 in a large cache
         slot = kv_ptr + page * page_stride + tl.load(offsets_ptr + t).to(tl.int64) * slot_stride
         cols = tl.arange(0, block)
         mask = cols < row
-        tl.store(slot + cols, tl.load(k_ptr + t * k_stride + cols, mask=mask), mask=mask)
-        tl.store(slot + half_stride + cols, tl.load(v_ptr + t * v_stride + cols, mask=mask), mask=mask)
+        k = tl.load(k_ptr + t * k_stride + cols, mask=mask)
+        v = tl.load(v_ptr + t * v_stride + cols, mask=mask)
+        if fp8:  # clamped to float8 e4m3's range, as `stored` does
+            k = tl.minimum(tl.maximum(k.to(tl.float32), -448.0), 448.0)
+            v = tl.minimum(tl.maximum(v.to(tl.float32), -448.0), 448.0)
+        tl.store(slot + cols, k.to(kv_ptr.dtype.element_ty), mask=mask)
+        tl.store(slot + half_stride + cols, v.to(kv_ptr.dtype.element_ty), mask=mask)
 
     def write(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor) -> None:
         T, Hkv, D = k.shape
         k, v = (x if x.stride(2) == 1 and x.stride(1) == D else x.contiguous() for x in (k, v))  # rows whole
         kernel[(T,)](k, v, kv, pages, offsets, k.stride(0), v.stride(0), kv.stride(0), kv.stride(1), kv.stride(2),
-                     row=Hkv * D, block=triton.next_power_of_2(Hkv * D))  # fmt: skip
+                     row=Hkv * D, block=triton.next_power_of_2(Hkv * D),
+                     fp8=kv.dtype == torch.float8_e4m3fn)  # fmt: skip
 
     return write
 
@@ -112,8 +137,9 @@ class TorchAttention:
         write_kv(kv, k, v, *self.slots)
         B, H = self.page_table.shape[0], self.num_heads
         Hkv, D = k.shape[1], k.shape[2]
-        keys = kv[self.page_table, 0].reshape(B, -1, Hkv, D).transpose(1, 2)  # [B, Hkv, max_kv, D]
-        values = kv[self.page_table, 1].reshape(B, -1, Hkv, D).transpose(1, 2)
+        cache = bytes_of(kv)
+        keys = cache[self.page_table, 0].view(kv.dtype).to(q.dtype).reshape(B, -1, Hkv, D).transpose(1, 2)
+        values = cache[self.page_table, 1].view(kv.dtype).to(q.dtype).reshape(B, -1, Hkv, D).transpose(1, 2)
         q_pad = q.new_zeros(B, self.max_q, H, D)
         q_pad[self.seq_of_token, self.row_of_token] = q
         out = F.scaled_dot_product_attention(
@@ -146,11 +172,12 @@ class FlashInferAttention:
     """FlashInfer paged attention: the decode wrapper for all-decode steps, the prefill wrapper (causal) for
     prefill and mixed steps, and per batch-size bucket a decode wrapper with fixed buffers for CUDA graphs."""
 
-    def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int):
+    def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int, dtype: torch.dtype):
         import flashinfer
 
         self.flashinfer = flashinfer
-        self.kv_cache = kv_cache  # [L, P, 2, page_size, Hkv, D]
+        self.kv_cache = kv_cache  # [L, P, 2, page_size, Hkv, D], in the queries' `dtype` or fp8 (scale 1)
+        self.dtype = dtype
         self.num_heads, self.head_dim = num_heads, head_dim
         self.num_kv_heads, self.page_size = kv_cache.shape[4], kv_cache.shape[3]
         device = kv_cache.device
@@ -192,9 +219,8 @@ class FlashInferAttention:
     def plan(self, meta: AttentionMetadata, graph_bucket: int | None = None) -> None:
         """Plan the step on the host. With `graph_bucket`, meta is a decode batch padded to that bucket and the
         plan goes into the fixed buffers that the bucket's captured graph reads."""
-        dtype = self.kv_cache.dtype
         kw = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads, page_size=self.page_size,
-                  q_data_type=dtype, kv_data_type=dtype)  # fmt: skip
+                  q_data_type=self.dtype, kv_data_type=self.kv_cache.dtype)  # fmt: skip
         pages = (meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len)
         if graph_bucket is not None:
             self.wrapper = self.graph_decode[graph_bucket]

@@ -37,6 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="CUDA: fraction of GPU memory to fill with weights and KV cache (default %(default)s)")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=d.kv_cache_memory,
                    help="KV-cache size in bytes (512M, 4G); the CPU default is 1 GiB, CUDA sizes it from free memory")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default=d.kv_cache_dtype,
+                   help="fp8: keys and values in float8 e4m3 (scale 1), twice the tokens in the same memory")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len,
                    help="longest prompt + completion in tokens; default: the model's own limit")
     p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
@@ -81,7 +83,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
-        max_model_len=args.max_model_len, load_format=args.load_format, quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len, load_format=args.load_format,
+        quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         enforce_eager=args.enforce_eager, overlap_schedule=not args.no_overlap_schedule,
         speculative_model=args.speculative_model, speculative_method=args.speculative_method,

@@ -61,14 +61,15 @@ def num_kv_pages(model_cfg: ModelConfig, cfg: EngineConfig, device: torch.device
     return int(pages)
 
 
-def make_attention_backend(name: str, kv_cache: torch.Tensor, num_heads: int, head_dim: int):
+def make_attention_backend(name: str, kv_cache: torch.Tensor, num_heads: int, head_dim: int, dtype: torch.dtype):
+    """`dtype`: the queries' (the model's); the cache may hold fp8."""
     if name == "auto":  # FlashInfer's kernels take half precision only
-        half = kv_cache.dtype in (torch.float16, torch.bfloat16)
+        half = dtype in (torch.float16, torch.bfloat16)
         name = "flashinfer" if kv_cache.device.type == "cuda" and half else "torch"
     if name == "torch":
         return TorchAttention(kv_cache, num_heads, head_dim)
     if name == "flashinfer":  # imports flashinfer only now, so the CPU path never needs it
-        return FlashInferAttention(kv_cache, num_heads, head_dim)
+        return FlashInferAttention(kv_cache, num_heads, head_dim, dtype)
     raise ValueError(f"unknown attention backend {name!r} (auto, torch, flashinfer)")
 
 
@@ -186,9 +187,10 @@ class ModelRunner:
         self._lora_told: dict = {}  # rank 0: lora_host as the other ranks last heard of it
         self._lora_reader: concurrent.futures.ThreadPoolExecutor | None = None
         self.page_size = cfg.page_size
-        self.page_bytes = kv_bytes_per_page(mc, cfg.page_size, self.dtype, par.shard)
+        self.kv_dtype = cfg.kv_torch_dtype()
+        self.page_bytes = kv_bytes_per_page(mc, cfg.page_size, self.kv_dtype, par.shard)
         if num_pages is None:
-            pages = num_kv_pages(mc, cfg, self.device, self.dtype, par.shard, extra_page_bytes)
+            pages = num_kv_pages(mc, cfg, self.device, self.kv_dtype, par.shard, extra_page_bytes)
             num_pages = par.min(pages) if par.world_size > 1 else pages
         if num_pages:
             self.allocate_kv(num_pages)
@@ -201,9 +203,12 @@ class ModelRunner:
         self.scratch_page = self.num_pages
         self.kv_cache = torch.zeros(
             len(self.model.layers), self.num_pages + 1, 2, cfg.page_size, par.shard.num_kv_heads(mc), mc.head_dim,
-            dtype=self.dtype, device=self.device,
+            dtype=self.kv_dtype, device=self.device,
         )  # fmt: skip
-        self.attn = make_attention_backend(cfg.attention_backend, self.kv_cache, par.shard.num_heads(mc), mc.head_dim)
+        log.info("KV cache: %d pages of %d tokens in %s, %.2f GB", num_pages, cfg.page_size,
+                 str(self.kv_dtype).removeprefix("torch."), self.kv_cache.nbytes / 1e9)  # fmt: skip
+        self.attn = make_attention_backend(cfg.attention_backend, self.kv_cache, par.shard.num_heads(mc), mc.head_dim,
+                                           self.dtype)  # fmt: skip
         self.sampler = Sampler()
         self._inputs_copied: torch.cuda.Event | None = None  # recorded once the last step's inputs are on the device
         self.graphs = None

@@ -35,6 +35,50 @@ def test_logits_match_transformers(tiny_model_dir):
     assert_no_leak(llm)
 
 
+class Fp8KVCache(transformers.DynamicCache):
+    """HF's cache with every key and value rounded to float8 e4m3 (clamped to +-448) as it is stored: attention
+    then reads what nanokyro's fp8 KV cache holds."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        fp8 = lambda x: x.clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)  # noqa: E731
+        return super().update(fp8(key_states), fp8(value_states), layer_idx, *args, **kwargs)
+
+
+class HFWithFp8KV:
+    def __init__(self, hf):
+        self.hf = hf
+
+    def __call__(self, input_ids):
+        return self.hf(input_ids, cache=Fp8KVCache(config=self.hf.config), use_cache=True)
+
+
+def test_an_fp8_kv_cache_gives_hf_logits_and_tokens_with_keys_and_values_rounded_to_fp8(tiny_model_dir):
+    """kv_cache_dtype="fp8": keys and values stored as float8 e4m3 with a scale of 1, a quarter of fp32's bytes.
+    Against HF with its cache rounded the same way: the logits of a batch of prompts in one step, and greedy
+    tokens through chunked prefill and decode steps. The rounding moves HF's own logits by far more than the
+    tolerance, so a cache that was not fp8 would fail."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    fp8 = make_llm(tiny_model_dir, kv_cache_dtype="fp8", enable_prefix_caching=False)
+    plain = make_llm(tiny_model_dir)
+    assert fp8.engine.runner.kv_cache.dtype == torch.float8_e4m3fn
+    assert fp8.engine.runner.num_pages == 4 * plain.engine.runner.num_pages  # the same 16 MiB
+    prompts = random_prompts([5, 40, 1, 77], seed=3)
+    with torch.no_grad():
+        moved = max((HFWithFp8KV(hf)(torch.tensor([p])).logits - hf(torch.tensor([p])).logits).abs().max().item()
+                    for p in prompts)  # fmt: skip
+    assert moved > 0.1
+    assert_logits_match(fp8, HFWithFp8KV(hf), prompts, tol=1e-3)
+    with torch.no_grad():
+        refs = [hf.generate(torch.tensor([p]), cache=Fp8KVCache(config=hf.config), max_new_tokens=12,
+                            do_sample=False)[0, len(p):].tolist() for p in prompts]  # fmt: skip
+    chunked = make_llm(tiny_model_dir, kv_cache_dtype="fp8", max_num_batched_tokens=24)
+    outs = chunked.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == refs
+    assert_no_leak(chunked)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto' or 'fp8'"):
+        make_llm(tiny_model_dir, kv_cache_dtype="int8")
+
+
 @pytest.fixture(scope="module")
 def reference_greedy(llama_dir, hf_llama):
     prompts = random_prompts(PROMPT_LENS, seed=1)

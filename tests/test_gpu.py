@@ -45,20 +45,22 @@ def make_meta(seq_pages: list[list[int]], q_lens: list[int], kv_lens: list[int])
     )  # fmt: skip
 
 
-def test_triton_kv_write_equals_indexing():
-    """The CUDA KV write kernel stores exactly what indexing stores, from strided k/v views as the model passes."""
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+def test_triton_kv_write_equals_indexing(kv_dtype):
+    """The CUDA KV write kernel stores exactly what indexing stores, from strided k/v views as the model passes;
+    into an fp8 cache, rounded and clamped as attention.stored does (some k past fp8's 448)."""
     from nanokyro.attention import triton_write_kv, write_kv
 
     gen = torch.Generator(DEVICE).manual_seed(0)
-    cache = torch.randn(12, 2, PAGE, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16)
-    qkv = torch.randn(7, (H + 2 * HKV) * D, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+    cache = torch.randn(12, 2, PAGE, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16).to(kv_dtype)
+    qkv = torch.randn(7, (H + 2 * HKV) * D, generator=gen, device=DEVICE, dtype=torch.bfloat16) * 100
     k, v = (x.view(7, HKV, D) for x in qkv[:, H * D :].split(HKV * D, dim=-1))  # strided views, like the model's
     pages = torch.tensor([3, 3, 7, 0, 11, 11, 5], dtype=torch.int32, device=DEVICE)
     offsets = torch.tensor([0, 15, 4, 9, 1, 2, 15], dtype=torch.int32, device=DEVICE)
     want, got = cache.clone(), cache.clone()
     write_kv(want, k, v, pages, offsets)
     triton_write_kv()(got, k, v, pages, offsets)
-    assert torch.equal(got, want)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3])
@@ -110,11 +112,15 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("case", CASES)
-def test_flashinfer_matches_torch_attention(case):
+def test_flashinfer_matches_torch_attention(case, kv_dtype):
+    """bf16 queries against a bf16 cache, and against an fp8 one (kv_cache_dtype="fp8": both backends read the
+    same fp8 values; the Triton KV write rounds k and v as attention.stored does)."""
     seq_pages, q_lens, kv_lens = CASES[case]
     gen = torch.Generator(DEVICE).manual_seed(0)
     cache = torch.randn(2, 12, 2, PAGE, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16)  # [L, P, 2, ...]
+    cache = cache.to(kv_dtype)
     T = sum(q_lens)
     q = torch.randn(T, H, D, generator=gen, device=DEVICE, dtype=torch.bfloat16)
     k, v = (torch.randn(T, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
@@ -122,14 +128,14 @@ def test_flashinfer_matches_torch_attention(case):
     outs, caches = [], []
     for backend in (TorchAttention, FlashInferAttention):
         kv = cache.clone()
-        attn = backend(kv, H, D)
+        attn = TorchAttention(kv, H, D) if backend is TorchAttention else backend(kv, H, D, torch.bfloat16)
         attn.plan(meta)
         outs.append(attn(1, q, k, v))
         caches.append(kv)
     ref, out = outs
     assert out.shape == ref.shape == (T, H, D)
     assert rel_err(out, ref) < 1e-2
-    assert torch.equal(caches[0], caches[1])  # the same slots written with the same values
+    assert torch.equal(caches[0].view(torch.uint8), caches[1].view(torch.uint8))  # the same slots, same values
 
 
 def free_cuda() -> None:
@@ -320,6 +326,23 @@ def assert_greedy_runs_agree(a, b, tol: float = 0.05) -> None:
                 assert da[la.token_id] - da.get(lb.token_id, float("-inf")) < tol
                 assert db[lb.token_id] - db.get(la.token_id, float("-inf")) < tol
                 break
+
+
+def test_fp8_kv_cache_with_graphs_matches_the_torch_backend_reading_it():
+    """kv_cache_dtype="fp8" on CUDA: FlashInfer reading fp8 pages (decode graphs, the Triton KV write rounding k
+    and v) gives the greedy tokens and top logprobs of the torch backend reading the same kind of cache."""
+    prompts = torch.randint(0, 151936, (4, 40), generator=torch.Generator().manual_seed(7)).tolist()
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=5)
+    runs = []
+    for backend in ("flashinfer", "torch"):
+        free_cuda()
+        llm = qwen3(kv_cache_dtype="fp8", attention_backend=backend)
+        assert llm.engine.runner.kv_cache.dtype == torch.float8_e4m3fn
+        assert (llm.engine.runner.graphs is not None) == (backend == "flashinfer")
+        runs.append(llm.generate(prompts, params))
+        del llm
+    free_cuda()
+    assert_greedy_runs_agree(*runs)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

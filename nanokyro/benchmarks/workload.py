@@ -148,7 +148,7 @@ def model_costs(llm: LLM) -> dict:
     linear = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "multiply"))
     return {
         "weight_bytes": read,
-        "kv_bytes_per_token": layers * 2 * kv_heads * cfg.head_dim * itemsize,
+        "kv_bytes_per_token": layers * 2 * kv_heads * cfg.head_dim * llm.engine.runner.kv_cache.dtype.itemsize,
         "matmul_params": linear,
         "lm_head_params": lm_head,
         "attn_flops_per_pair": 4 * layers * heads * cfg.head_dim,  # QK^T + PV per (query, key)
