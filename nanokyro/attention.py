@@ -188,7 +188,9 @@ class FlashInferAttention:
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=True, backend=FLASHINFER_BACKEND
         )
-        self.write_kv = triton_write_kv()
+        # Triton stores fp8 from compute capability 8.9 (Ada, Hopper) up; before that, indexing writes the bytes.
+        fp8_stores = kv_cache.dtype != torch.float8_e4m3fn or torch.cuda.get_device_capability(device) >= (8, 9)
+        self.write_kv = triton_write_kv() if fp8_stores else write_kv
         self.graph_decode: dict[int, object] = {}  # bucket -> wrapper whose buffers a CUDA graph reads
         self.wrapper, self.slots = None, None
         self.handle = next(_handles)

@@ -94,6 +94,7 @@ class EngineCore:
         # Loads the model (with tensor/pipeline parallelism: starts the other ranks) and sizes the KV cache; a
         # speculative draft model first, so that the target's sizing counts the draft's weights and its KV pages.
         self.spec_method = cfg.spec_method()
+        cfg.kv_torch_dtype()  # a bad kv_cache_dtype is refused before any weights load
         draft = self._load_draft(cfg) if self.spec_method == "draft" else None
         self.runner = ModelRunner(cfg, extra_page_bytes=draft.page_bytes if draft is not None else 0)
         self.proposer = None

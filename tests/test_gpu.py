@@ -54,6 +54,7 @@ def test_triton_kv_write_equals_indexing(kv_dtype):
     gen = torch.Generator(DEVICE).manual_seed(0)
     cache = torch.randn(12, 2, PAGE, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16).to(kv_dtype)
     qkv = torch.randn(7, (H + 2 * HKV) * D, generator=gen, device=DEVICE, dtype=torch.bfloat16) * 100
+    qkv[0, H * D : H * D + 4], qkv[1, -4:] = 1000, -1000  # past fp8's range in k and in v
     k, v = (x.view(7, HKV, D) for x in qkv[:, H * D :].split(HKV * D, dim=-1))  # strided views, like the model's
     pages = torch.tensor([3, 3, 7, 0, 11, 11, 5], dtype=torch.int32, device=DEVICE)
     offsets = torch.tensor([0, 15, 4, 9, 1, 2, 15], dtype=torch.int32, device=DEVICE)
