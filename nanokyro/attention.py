@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanokyro.quant_formats import FP8, FP8_MAX
+
 
 @dataclass
 class AttentionMetadata:
@@ -40,9 +42,6 @@ class AttentionMetadata:
         return all(n == 1 for n in self.q_lens)
 
 
-FP8_KV_MAX = 448.0  # float8 e4m3's largest value: an fp8 cache (scale 1) holds k and v clamped to it
-
-
 def write_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor) -> None:
     """Store the new tokens' k, v [T, Hkv, D] into one layer's paged cache kv [P, 2, page_size, Hkv, D]."""
     k, v = stored(k, kv.dtype), stored(v, kv.dtype)
@@ -54,13 +53,13 @@ def write_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Te
 def bytes_of(x: torch.Tensor) -> torch.Tensor:
     """An fp8 tensor as its bytes (torch's indexing kernels are not built for fp8 on every device); others as
     they are."""
-    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
+    return x.view(torch.uint8) if x.dtype == FP8 else x
 
 
 def stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """k or v as a cache of `dtype` holds it (fp8: clamped to its range, then rounded)."""
-    if dtype == torch.float8_e4m3fn:
-        return x.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(dtype)
+    if dtype == FP8:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(dtype)
     return x.to(dtype)
 
 
@@ -74,7 +73,7 @@ def triton_write_kv():
 
     @triton.jit
     def kernel(k_ptr, v_ptr, kv_ptr, pages_ptr, offsets_ptr, k_stride, v_stride, page_stride, half_stride,
-               slot_stride, row: tl.constexpr, block: tl.constexpr, fp8: tl.constexpr):  # fmt: skip
+               slot_stride, row: tl.constexpr, block: tl.constexpr, clamp: tl.constexpr):  # fmt: skip
         t = tl.program_id(0)
         page = tl.load(pages_ptr + t).to(tl.int64)  # page * page_stride overflows int32 in a large cache
         slot = kv_ptr + page * page_stride + tl.load(offsets_ptr + t).to(tl.int64) * slot_stride
@@ -82,9 +81,9 @@ def triton_write_kv():
         mask = cols < row
         k = tl.load(k_ptr + t * k_stride + cols, mask=mask)
         v = tl.load(v_ptr + t * v_stride + cols, mask=mask)
-        if fp8:  # clamped to float8 e4m3's range, as `stored` does
-            k = tl.minimum(tl.maximum(k.to(tl.float32), -448.0), 448.0)
-            v = tl.minimum(tl.maximum(v.to(tl.float32), -448.0), 448.0)
+        if clamp:  # an fp8 cache: to its range, as `stored` does
+            k = tl.minimum(tl.maximum(k.to(tl.float32), -clamp), clamp)
+            v = tl.minimum(tl.maximum(v.to(tl.float32), -clamp), clamp)
         tl.store(slot + cols, k.to(kv_ptr.dtype.element_ty), mask=mask)
         tl.store(slot + half_stride + cols, v.to(kv_ptr.dtype.element_ty), mask=mask)
 
@@ -93,7 +92,7 @@ def triton_write_kv():
         k, v = (x if x.stride(2) == 1 and x.stride(1) == D else x.contiguous() for x in (k, v))  # rows whole
         kernel[(T,)](k, v, kv, pages, offsets, k.stride(0), v.stride(0), kv.stride(0), kv.stride(1), kv.stride(2),
                      row=Hkv * D, block=triton.next_power_of_2(Hkv * D),
-                     fp8=kv.dtype == torch.float8_e4m3fn)  # fmt: skip
+                     clamp=FP8_MAX if kv.dtype == FP8 else 0.0)  # fmt: skip
 
     return write
 
@@ -189,7 +188,7 @@ class FlashInferAttention:
             self.workspace, "NHD", use_tensor_cores=True, backend=FLASHINFER_BACKEND
         )
         # Triton stores fp8 from compute capability 8.9 (Ada, Hopper) up; before that, indexing writes the bytes.
-        fp8_stores = kv_cache.dtype != torch.float8_e4m3fn or torch.cuda.get_device_capability(device) >= (8, 9)
+        fp8_stores = kv_cache.dtype != FP8 or torch.cuda.get_device_capability(device) >= (8, 9)
         self.write_kv = triton_write_kv() if fp8_stores else write_kv
         self.graph_decode: dict[int, object] = {}  # bucket -> wrapper whose buffers a CUDA graph reads
         self.wrapper, self.slots = None, None
