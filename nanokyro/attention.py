@@ -81,7 +81,7 @@ def triton_write_kv():
         mask = cols < row
         k = tl.load(k_ptr + t * k_stride + cols, mask=mask)
         v = tl.load(v_ptr + t * v_stride + cols, mask=mask)
-        if clamp:  # an fp8 cache: to its range, as `stored` does
+        if clamp > 0:  # an fp8 cache: to its range, as `stored` does (a float constexpr is no `if` condition)
             k = tl.minimum(tl.maximum(k.to(tl.float32), -clamp), clamp)
             v = tl.minimum(tl.maximum(v.to(tl.float32), -clamp), clamp)
         tl.store(slot + cols, k.to(kv_ptr.dtype.element_ty), mask=mask)
