@@ -30,7 +30,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "float16", "bfloat16"],
                    help="activation and KV dtype; auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
-                   help="most sequences in one running batch (default %(default)s)")
+                   help="most sequences in one step; with --pipeline-parallel-size P, P steps of this many run at once "
+                        "(default %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="per-step token budget shared by decodes and prefill chunks (default %(default)s)")
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,

@@ -87,7 +87,7 @@ class EngineConfig:
     quantization: str | None = None  # "fp8" | "awq": quantise full-precision weights at load (quant.py)
     tokenizer: str | None = None  # an HF tokenizer directory to use instead of the model's (e.g. with dummy weights)
     max_num_batched_tokens: int = 8192  # per-step token budget (decodes + prefill chunks)
-    max_num_seqs: int = 256
+    max_num_seqs: int = 256  # sequences in one step; with pipeline parallelism in each of the pp steps in flight
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     page_size: int = 16
     kv_cache_memory: int | None = None  # bytes of KV cache per rank (a draft model's included); CPU default 1 GiB

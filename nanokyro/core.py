@@ -130,15 +130,17 @@ class EngineCore:
         elif cfg.lora_modules:
             raise ValueError("lora_modules needs max_loras >= 1 (adapters resident on the device at once)")
         self.lora_requests: dict[str, int] = {}  # adapter name -> requests, since start
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs, self.cache, self.loras)
+        # Pipeline parallelism: up to pp_size launched steps over disjoint sequences, oldest first (_pipelined_step);
+        # without overlap, one step at a time, each finished before the next is launched.
+        self.pipeline_depth = cfg.pipeline_parallel_size if cfg.overlap_schedule else 1
+        # max_num_seqs bounds a step; a pipeline's pp_size steps in flight run that many each (vLLM's virtual engines)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_batched_tokens, cfg.max_num_seqs * self.pipeline_depth,
+                                   self.cache, self.loras)  # fmt: skip
         self.eos_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, sorted(self.eos_ids))
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._ids = itertools.count()
         self._in_flight: _Step | None = None  # the launched step whose tokens have not reached the host yet
-        # Pipeline parallelism: up to pp_size launched steps over disjoint sequences, oldest first (_pipelined_step);
-        # without overlap, one step at a time, each finished before the next is launched.
-        self.pipeline_depth = cfg.pipeline_parallel_size if cfg.overlap_schedule else 1
         self._launched: collections.deque[_Step] = collections.deque()
 
     @staticmethod
@@ -319,7 +321,8 @@ class EngineCore:
         those tokens (grammars, penalties) is planned at its launch, once they are there."""
         sched = self.scheduler
         busy = {seq for step in self._launched if step is not prev for seq in step.seqs}
-        share = -(-min(self.cfg.max_num_seqs, len(sched.running) + len(sched.waiting)) // self.pipeline_depth)
+        share = min(self.cfg.max_num_seqs,
+                    -(-min(sched.max_seqs, len(sched.running) + len(sched.waiting)) // self.pipeline_depth))
         batch = sched.schedule(busy, share)
         if not batch.seqs:
             return None

@@ -173,6 +173,31 @@ def test_a_pipeline_keeps_a_step_per_stage_in_flight_over_disjoint_sequences(lla
         llm.close()
 
 
+
+def test_max_num_seqs_bounds_each_step_in_flight_not_the_pipeline(llama_dir, hf_llama):
+    """PP=2 with max_num_seqs=2: each of the two steps in flight runs two sequences, so four run at once (as
+    vLLM's virtual engines do); one process would run two. The tokens are still HF's."""
+    prompts = random_prompts([20, 31, 9, 14], seed=8)
+    refs = [hf_llama.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]  # fmt: skip
+    llm = make_llm(llama_dir, 1, 2, max_num_seqs=2)
+    engine, in_flight = llm.engine, []
+    receive = engine._sample_oldest
+
+    def observed_receive():
+        in_flight.append([len(step.seqs) for step in engine._launched])
+        return receive()
+
+    engine._sample_oldest = observed_receive
+    try:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0))
+        assert [o.token_ids for o in outs] == refs
+        assert max(n for steps in in_flight for n in steps) == 2
+        assert [2, 2] in in_flight
+        assert_no_leak(llm)
+    finally:
+        llm.close()
+
 def test_a_pipeline_without_overlap_runs_one_step_at_a_time(llama_dir, hf_llama):
     """overlap_schedule=False: each step is finished before the next is launched (the baseline of the pipelined
     schedule, on the same build), with HF's tokens."""
