@@ -37,14 +37,18 @@ class GemvConfig(NamedTuple):
 
 
 C = GemvConfig
-# By rows, from the H200 sweep in docs/PERFORMANCE.md (`python -m nanokyro.benchmarks.quant_kernels`, llama-3.1-8b's
-# projections). FP8 per-channel at one and two rows takes a setting per kind of layer (gate/up; down, K > 8192; the
-# rest); block-wise FP8 keeps the one-row GEMV it was tested with; 3 to 16 rows take tensor-core tiles. The int4
-# settings are untuned: int4 on CUDA takes tinygemm wherever its layout applies.
+# By rows, from the H200 sweeps in docs/PERFORMANCE.md (`python -m nanokyro.benchmarks.quant_kernels`, llama-3.1-8b's
+# projections). FP8 per-channel up to 16 rows takes a setting per kind of layer (gate/up; down, K > 8192; the
+# rest): GEMVs at one row, and at two for all but gate/up; otherwise tensor-core tiles with the dot in f16 (session
+# 10: 1.10-1.19x the bf16-dot tiles at 2-16 rows), split four ways along K where not gated. Block-wise FP8 keeps the
+# one-row GEMV it was tested with and the bf16-dot tiles. The int4 settings are untuned: int4 on CUDA takes tinygemm
+# wherever its layout applies.
+F16_TILE = C(16, 64, 128, 4, True, 3, f16=True)
 FP8_CHANNEL_CONFIG = {
     1: {"gated": C(1, 16, 2048, 4, False), "long": C(1, 8, 1024, 4, False, prefetch=True),
         None: C(1, 16, 512, 4, False, prefetch=True)},
-    2: {"gated": C(16, 32, 256, 4, True, 3), None: C(2, 8, 2048, 4, False)},
+    2: {"gated": F16_TILE, None: C(2, 8, 2048, 4, False)},
+    16: {"gated": F16_TILE, None: F16_TILE._replace(split_k=4)},
 }  # fmt: skip
 GEMV_CONFIG = {
     "fp8": {1: C(1, 4, 2048, 4, False), 16: C(16, 32, 256, 4, True, 3), 64: C(64, 64, 128, 4, True, 3),
@@ -56,8 +60,8 @@ GEMV_CONFIG = {
 
 def gemv_config(M: int, K: int, int4: bool, per_row: bool, gated: bool) -> GemvConfig:
     """The setting for an [M, K] input (tables above)."""
-    if per_row and M in FP8_CHANNEL_CONFIG:
-        by_kind = FP8_CHANNEL_CONFIG[M]
+    if per_row and M <= max(FP8_CHANNEL_CONFIG):
+        by_kind = FP8_CHANNEL_CONFIG[min(r for r in FP8_CHANNEL_CONFIG if r >= M)]
         return by_kind.get("gated" if gated else "long" if K > 8192 else None, by_kind[None])
     configs = GEMV_CONFIG["int4" if int4 else "fp8"]
     return configs[next((r for r in configs if r and r >= M), None)]
