@@ -31,6 +31,7 @@ import torch
 from nanokyro.quant_formats import unpack_rows
 
 CHUNK = 32  # input features per four words
+MAGIC = 0x4B000000  # the bits of the float 2^23: a value < 2^23 OR-ed into them is added to it
 
 
 class Int4Config(NamedTuple):
@@ -125,7 +126,7 @@ def int4k_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     kernel = _gemm_kernel if dot else _gemv_kernel
     kernel[grid](
         x, qweight, scales, zs, bias if has_bias else scales, y, M, N, K, k_split, x.stride(0), qweight.stride(0),
-        scales.stride(0), N, group=group, has_bias=has_bias, gated=gated, ieee=x.dtype == torch.float32,
+        scales.stride(0), N, MAGIC, group=group, has_bias=has_bias, gated=gated, ieee=x.dtype == torch.float32,
         block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split == 1:
@@ -143,7 +144,7 @@ def dequantise_int4k_cuda(qweight: torch.Tensor, scales: torch.Tensor, zs: torch
     n, k = qweight.shape[0], qweight.shape[1] * 8
     out = torch.empty(n, k, dtype=dtype, device=qweight.device)
     _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k // 8, block_w))](
-        qweight, scales, zs, out, n, k, qweight.stride(0), scales.stride(0), group=k // scales.shape[1],
+        qweight, scales, zs, out, n, k, qweight.stride(0), scales.stride(0), MAGIC, group=k // scales.shape[1],
         block_n=block_n, block_w=block_w,
     )  # fmt: skip
     return out
@@ -156,19 +157,30 @@ except ImportError:  # pragma: no cover
     triton = None
 
 if triton is not None:
-    MAGIC: tl.constexpr = 0x4B000000  # the bits of the float 2^23: a value < 2^23 OR-ed in is added to it
-
     @triton.jit
-    def _nibble(p, p_hi, i: tl.constexpr):
-        """Nibble i of words p, p_hi = p >> 20, as the float (q - 8) * 16^(i if i < 5 else i - 5): masked in place
-        (nibbles 5..7 from p_hi), OR-ed into 2^23's mantissa, 2^23 + 8 * 16^.. subtracted."""
-        e: tl.constexpr = i if i < 5 else i - 5
+    def _nibble(p, p_hi, magic, i: tl.constexpr):
+        """Nibble i of words p (p_hi = p >> 16, logical) as the float (q - 8) * 16^e: masked in place (nibbles
+        0..4 at bits 4i.. of p, e = i; 5..7 at bits 4e.. of p_hi, e = i - 4), OR-ed into the mantissa of 2^23
+        (`magic`'s bits), 2^23 + 8 * 16^e subtracted. (`magic` is an argument: as a constant, ptxas would hold the
+        masks in registers instead and rematerialise them, one more instruction per nibble.)"""
+        e: tl.constexpr = i if i < 5 else i - 4
         mask: tl.constexpr = 0xF << (4 * e)
         if i < 5:
-            bits = (p & mask) | MAGIC
+            bits = (p & mask) | magic
         else:
-            bits = (p_hi & mask) | MAGIC
+            bits = (p_hi & mask) | magic
         return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (16**e))
+
+    @triton.jit
+    def _high_half(p):
+        """p >> 16 without the sign (a logical shift)."""
+        return (p.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
+
+    @triton.jit
+    def _unscaled(x, i: tl.constexpr):
+        """x times 16^-e: the factor _nibble(i) leaves on its values undone."""
+        e: tl.constexpr = i if i < 5 else i - 4
+        return x * (1.0 / (16**e))
 
     @triton.jit
     def _epilogue(acc, up, b_ptr, y_ptr, rm, rn, m_ok, n_ok, N, y_row, has_bias: tl.constexpr, gated: tl.constexpr):
@@ -185,66 +197,72 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, k_split, x_stride, w_stride, s_stride,
-                     y_cols, group: tl.constexpr, has_bias: tl.constexpr, gated: tl.constexpr, ieee: tl.constexpr,
+                     y_cols, magic, group: tl.constexpr, has_bias: tl.constexpr, gated: tl.constexpr, ieee: tl.constexpr,
                      block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
         """y = x @ w.T (+ b) for a few rows; `gated`: w is [gate; up] (2N rows) and y = silu(x @ gate.T) * (x @
-        up.T). Program (., ., s) sums features [s k_split, (s + 1) k_split) into y's slice s (one split: y)."""
+        up.T). Program (., ., s) sums features [s k_split, (s + 1) k_split) into y's slice s (one split: y).
+
+        Every tile is 4-D, [x rows, weight rows, chunks, words of a chunk] with 1 where it does not vary, so that
+        Triton gives the weight words, x and the scales one register layout (lanes and warps along the chunks,
+        a lane's four words in one 16-byte load): no shuffles through shared memory inside the loop."""
         chunks: tl.constexpr = block_k // 32
         ks = tl.program_id(2)
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
         rm = tl.program_id(1) * block_m + tl.arange(0, block_m)
         n_ok, m_ok = rn < N, rm < M
-        rc, rj = tl.arange(0, chunks), tl.arange(0, 4)
-        word = rc[:, None] * 4 + rj[None, :]  # [chunks, 4]: a step's words
-        w_rows = w_ptr + rn[:, None, None].to(tl.int64) * w_stride  # [block_n, 1, 1]
-        s_rows = rn[:, None].to(tl.int64) * s_stride
-        x_rows = x_ptr + rm[:, None, None] * x_stride + (rc[:, None] * 32 + rj[None, :])[None, :, :]
-        acc = tl.zeros((block_m, block_n, chunks), tl.float32)
-        up = tl.zeros((block_m, block_n, chunks), tl.float32)
+        n4, m4 = rn[None, :, None, None], rm[:, None, None, None]
+        rc = tl.arange(0, chunks)[None, None, :, None]
+        rj = tl.arange(0, 4)[None, None, None, :]
+        w_rows = w_ptr + n4 * w_stride + rc * 4 + rj  # [1, block_n, chunks, 4]: a step's words
+        s_rows = n4.to(tl.int64) * s_stride  # [1, block_n, 1, 1]
+        x_rows = x_ptr + m4 * x_stride + rc * 32 + rj  # [block_m, 1, chunks, 4]: nibble 0's features
+        acc = tl.zeros((block_m, block_n, chunks, 1), tl.float32)
+        up = tl.zeros((block_m, block_n, chunks, 1), tl.float32)
         k_lo, k_hi = ks * k_split, tl.minimum(K, (ks + 1) * k_split)
         for k0 in range(k_lo, k_hi, block_k):
+            k0 = tl.multiple_of(k0, 32)  # k_split is in whole steps: 16-byte loads stay aligned
             c_ok = k0 + rc * 32 < k_hi  # K is in whole chunks
-            w_ok = n_ok[:, None, None] & c_ok[None, :, None]
-            x_ok = m_ok[:, None, None] & c_ok[None, :, None]
-            g = s_rows + ((k0 + rc * 32) // group)[None, :]  # [block_n, chunks]: each chunk's scale
-            s_ok = n_ok[:, None] & c_ok[None, :]
-            p = tl.load(w_rows + k0 // 8 + word[None, :, :], mask=w_ok, other=0, eviction_policy="evict_first")
-            p_hi = p >> 20
+            w_ok = (n4 < N) & c_ok
+            x_ok = (m4 < M) & c_ok
+            w0 = tl.multiple_of(k0 // 8, 4)
+            p = tl.load(w_rows + w0, mask=w_ok, other=0, eviction_policy="evict_first")
+            p_hi = _high_half(p)
             pu, pu_hi = p, p_hi
             if gated:
-                pu = tl.load(w_rows + N * w_stride + k0 // 8 + word[None, :, :], mask=w_ok, other=0,
-                             eviction_policy="evict_first")  # fmt: skip
-                pu_hi = pu >> 20
-            xsum = tl.zeros((block_m, chunks), tl.float32)
+                pu = tl.load(w_rows + N * w_stride + w0, mask=w_ok, other=0, eviction_policy="evict_first")
+                pu_hi = _high_half(pu)
+            xsum = tl.zeros((block_m, 1, chunks, 1), tl.float32)
             t = tl.zeros((block_m, block_n, chunks, 4), tl.float32)  # x (q - 8), summed over nibbles
             tu = tl.zeros((block_m, block_n, chunks, 4), tl.float32)
             for i in tl.static_range(8):
-                e: tl.constexpr = i if i < 5 else i - 5
-                x = tl.load(x_rows + k0 + 4 * i, mask=x_ok, other=0.0).to(tl.float32)  # [block_m, chunks, 4]
-                xsum += tl.sum(x, 2)
-                x = x * (1.0 / (16**e))  # _nibble's 16^e undone
-                t += x[:, None, :, :] * _nibble(p, p_hi, i)[None, :, :, :]
+                x = tl.load(x_rows + k0 + 4 * i, mask=x_ok, other=0.0).to(tl.float32)
+                xsum += tl.sum(x, 3, keep_dims=True)
+                x = _unscaled(x, i)
+                t += x * _nibble(p, p_hi, magic, i)
                 if gated:
-                    tu += x[:, None, :, :] * _nibble(pu, pu_hi, i)[None, :, :, :]
-            s = tl.load(s_ptr + g, mask=s_ok, other=0.0).to(tl.float32)[None, :, :]
-            zs = tl.load(z_ptr + g, mask=s_ok, other=0.0).to(tl.float32)[None, :, :]
-            acc += tl.sum(t, 3) * s - zs * xsum[:, None, :]  # sum x (q - 8) s - zs sum x, per chunk
+                    tu += x * _nibble(pu, pu_hi, magic, i)
+            g = s_rows + (k0 + rc * 32) // group  # [1, block_n, chunks, 1]: each chunk's scale
+            s_ok = (n4 < N) & c_ok
+            s = tl.load(s_ptr + g, mask=s_ok, other=0.0).to(tl.float32)
+            zs = tl.load(z_ptr + g, mask=s_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(t, 3, keep_dims=True) * s - zs * xsum  # sum x (q - 8) s - zs sum x, per chunk
             if gated:
-                s = tl.load(s_ptr + N * s_stride + g, mask=s_ok, other=0.0).to(tl.float32)[None, :, :]
-                zs = tl.load(z_ptr + N * s_stride + g, mask=s_ok, other=0.0).to(tl.float32)[None, :, :]
-                up += tl.sum(tu, 3) * s - zs * xsum[:, None, :]
-        _epilogue(tl.sum(acc, 2), tl.sum(up, 2), b_ptr, y_ptr, rm, rn, m_ok, n_ok, y_cols, ks * M + rm, has_bias,
-                  gated)  # fmt: skip
+                s = tl.load(s_ptr + N * s_stride + g, mask=s_ok, other=0.0).to(tl.float32)
+                zs = tl.load(z_ptr + N * s_stride + g, mask=s_ok, other=0.0).to(tl.float32)
+                up += tl.sum(tu, 3, keep_dims=True) * s - zs * xsum
+        acc, up = tl.sum(tl.sum(acc, 3), 2), tl.sum(tl.sum(up, 3), 2)
+        _epilogue(acc, up, b_ptr, y_ptr, rm, rn, m_ok, n_ok, y_cols, ks * M + rm, has_bias, gated)
 
     @triton.jit
-    def _dequant_tile(p, s, zs, i: tl.constexpr, dtype: tl.constexpr):
-        """Nibble i of words p [block_n, words] as (q - 8) * s - zs in `dtype` (s, zs per word, fp32)."""
-        q = ((p >> (4 * i)) & 0xF) | MAGIC
+    def _dequant_tile(p, s, zs, magic, i: tl.constexpr, dtype: tl.constexpr):
+        """Nibble i of words p [block_n, words] as (q - 8) * s - zs in `dtype` (s, zs per word, fp32), through
+        2^23's mantissa as _nibble."""
+        q = ((p >> (4 * i)) & 0xF) | magic
         return ((q.to(tl.float32, bitcast=True) - 8388616.0) * s - zs).to(dtype)
 
     @triton.jit
     def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, k_split, x_stride, w_stride, s_stride,
-                     y_cols, group: tl.constexpr, has_bias: tl.constexpr, gated: tl.constexpr, ieee: tl.constexpr,
+                     y_cols, magic, group: tl.constexpr, has_bias: tl.constexpr, gated: tl.constexpr, ieee: tl.constexpr,
                      block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
         """y = x @ w.T (+ b), `gated` as _gemv_kernel: each step's [block_n, block_k / 8] words dequantised in
         registers to x's dtype, nibble by nibble, and multiplied on tensor cores with x's matching features."""
@@ -274,13 +292,13 @@ if triton is not None:
                 zu = tl.load(z_ptr + N * s_stride + g, mask=w_ok, other=0.0).to(tl.float32)
             for i in tl.static_range(8):
                 x = tl.load(x_rows + k0 + 4 * i, mask=x_ok, other=0.0)
-                acc = tl.dot(x, tl.trans(_dequant_tile(p, s, zs, i, x.dtype)), acc, input_precision=precision)
+                acc = tl.dot(x, tl.trans(_dequant_tile(p, s, zs, magic, i, x.dtype)), acc, input_precision=precision)
                 if gated:
-                    up = tl.dot(x, tl.trans(_dequant_tile(pu, su, zu, i, x.dtype)), up, input_precision=precision)
+                    up = tl.dot(x, tl.trans(_dequant_tile(pu, su, zu, magic, i, x.dtype)), up, input_precision=precision)
         _epilogue(acc, up, b_ptr, y_ptr, rm, rn, m_ok, n_ok, y_cols, rm, has_bias, gated)
 
     @triton.jit
-    def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, q_stride, s_stride, group: tl.constexpr,
+    def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, q_stride, s_stride, magic, group: tl.constexpr,
                         block_n: tl.constexpr, block_w: tl.constexpr):  # fmt: skip
         """out [N, K] = (q - 8) * scale - zs for a [block_n, block_w] tile of words."""
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
@@ -293,5 +311,5 @@ if triton is not None:
         zs = tl.load(z_ptr + g, mask=ok, other=0.0).to(tl.float32)
         xk = (rw // 4) * 32 + rw % 4
         for i in tl.static_range(8):
-            tl.store(out_ptr + rows * K + (xk + 4 * i)[None, :], _dequant_tile(p, s, zs, i, out_ptr.dtype.element_ty),
+            tl.store(out_ptr + rows * K + (xk + 4 * i)[None, :], _dequant_tile(p, s, zs, magic, i, out_ptr.dtype.element_ty),
                      mask=ok)  # fmt: skip
