@@ -254,11 +254,11 @@ if triton is not None:
         _epilogue(acc, up, b_ptr, y_ptr, rm, rn, m_ok, n_ok, y_cols, ks * M + rm, has_bias, gated)
 
     @triton.jit
-    def _dequant_tile(p, s, zs, magic, i: tl.constexpr, dtype: tl.constexpr):
-        """Nibble i of words p [block_n, words] as (q - 8) * s - zs in `dtype` (s, zs per word, fp32), through
-        2^23's mantissa as _nibble."""
-        q = ((p >> (4 * i)) & 0xF) | magic
-        return ((q.to(tl.float32, bitcast=True) - 8388616.0) * s - zs).to(dtype)
+    def _dequant_tile(p, p_hi, s, zs, magic, i: tl.constexpr, dtype: tl.constexpr):
+        """Nibble i of words p [block_n, words] (p_hi = p >> 16, logical) as (q - 8) * s - zs in `dtype` (s, zs
+        per word, fp32): _nibble's value times s 16^-e (the same product for nibbles i and i + 4, computed once)."""
+        e: tl.constexpr = i if i < 5 else i - 4
+        return (_nibble(p, p_hi, magic, i) * (s * (1.0 / (16**e))) - zs).to(dtype)
 
     @triton.jit
     def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, k_split, x_stride, w_stride, s_stride,
@@ -284,17 +284,19 @@ if triton is not None:
             x_ok = m_ok[:, None] & k_ok[None, :]
             g = s_rows + ((k0 + rw * 8) // group)[None, :]
             p = tl.load(w_rows + k0 // 8 + rw[None, :], mask=w_ok, other=0)
+            p_hi = _high_half(p)
             s = tl.load(s_ptr + g, mask=w_ok, other=0.0).to(tl.float32)
             zs = tl.load(z_ptr + g, mask=w_ok, other=0.0).to(tl.float32)
             if gated:
                 pu = tl.load(w_rows + N * w_stride + k0 // 8 + rw[None, :], mask=w_ok, other=0)
+                pu_hi = _high_half(pu)
                 su = tl.load(s_ptr + N * s_stride + g, mask=w_ok, other=0.0).to(tl.float32)
                 zu = tl.load(z_ptr + N * s_stride + g, mask=w_ok, other=0.0).to(tl.float32)
             for i in tl.static_range(8):
                 x = tl.load(x_rows + k0 + 4 * i, mask=x_ok, other=0.0)
-                acc = tl.dot(x, tl.trans(_dequant_tile(p, s, zs, magic, i, x.dtype)), acc, input_precision=precision)
+                acc = tl.dot(x, tl.trans(_dequant_tile(p, p_hi, s, zs, magic, i, x.dtype)), acc, input_precision=precision)
                 if gated:
-                    up = tl.dot(x, tl.trans(_dequant_tile(pu, su, zu, magic, i, x.dtype)), up, input_precision=precision)
+                    up = tl.dot(x, tl.trans(_dequant_tile(pu, pu_hi, su, zu, magic, i, x.dtype)), up, input_precision=precision)
         _epilogue(acc, up, b_ptr, y_ptr, rm, rn, m_ok, n_ok, y_cols, rm, has_bias, gated)
 
     @triton.jit
@@ -311,5 +313,6 @@ if triton is not None:
         zs = tl.load(z_ptr + g, mask=ok, other=0.0).to(tl.float32)
         xk = (rw // 4) * 32 + rw % 4
         for i in tl.static_range(8):
-            tl.store(out_ptr + rows * K + (xk + 4 * i)[None, :], _dequant_tile(p, s, zs, magic, i, out_ptr.dtype.element_ty),
+            tl.store(out_ptr + rows * K + (xk + 4 * i)[None, :], _dequant_tile(p, _high_half(p), s, zs, magic, i,
+                                                                                out_ptr.dtype.element_ty),
                      mask=ok)  # fmt: skip
