@@ -54,7 +54,8 @@ C = Int4Config
 # The kernel by input rows (the first key >= the rows), up to quant.INT4_TRITON_DEQUANT_ROWS rows; untuned until
 # the lead's sweep (docs/PERFORMANCE.md).
 INT4_CONFIG = {1: C(1, 8, 4096, 4, False), 2: C(2, 4, 4096, 4, False), 16: C(16, 64, 256, 4, True, 3),
-               64: C(64, 64, 256, 4, True, 3), 256: C(64, 128, 256, 8, True, 3), None: C(128, 128, 256, 8, True, 3)}  # fmt: skip
+               64: C(64, 64, 256, 4, True, 3), 256: C(64, 128, 256, 8, True, 3),
+               None: C(128, 128, 256, 8, True, 3)}  # fmt: skip
 
 
 # -- the layout ---------------------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def int4k_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     block_k = max(CHUNK, min(block_k, triton.next_power_of_2(K)))
     if gated and not dot and block_n > 1:
         block_n //= 2  # the same bytes per step: half gate rows, half up rows
-    split = 1 if gated or dot else min(split, triton.cdiv(K, block_k))
+    split = 1 if gated else min(split, triton.cdiv(K, block_k))
     k_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k  # features per split, whole steps
     x = x if x.stride(1) == 1 else x.contiguous()
     y = x.new_empty(M, N) if split == 1 else x.new_empty(split, M, N, dtype=torch.float32)
@@ -197,8 +198,9 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, k_split, x_stride, w_stride, s_stride,
-                     y_cols, magic, group: tl.constexpr, has_bias: tl.constexpr, gated: tl.constexpr, ieee: tl.constexpr,
-                     block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
+                     y_cols, magic, group: tl.constexpr, has_bias: tl.constexpr, gated: tl.constexpr,
+                     ieee: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
+                     block_k: tl.constexpr):  # fmt: skip
         """y = x @ w.T (+ b) for a few rows; `gated`: w is [gate; up] (2N rows) and y = silu(x @ gate.T) * (x @
         up.T). Program (., ., s) sums features [s k_split, (s + 1) k_split) into y's slice s (one split: y).
 
@@ -262,11 +264,14 @@ if triton is not None:
 
     @triton.jit
     def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, k_split, x_stride, w_stride, s_stride,
-                     y_cols, magic, group: tl.constexpr, has_bias: tl.constexpr, gated: tl.constexpr, ieee: tl.constexpr,
-                     block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
-        """y = x @ w.T (+ b), `gated` as _gemv_kernel: each step's [block_n, block_k / 8] words dequantised in
-        registers to x's dtype, nibble by nibble, and multiplied on tensor cores with x's matching features."""
+                     y_cols, magic, group: tl.constexpr, has_bias: tl.constexpr, gated: tl.constexpr,
+                     ieee: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
+                     block_k: tl.constexpr):  # fmt: skip
+        """y = x @ w.T (+ b), `gated` and split-K as _gemv_kernel: each step's [block_n, block_k / 8] words
+        dequantised in registers to x's dtype, nibble by nibble, and multiplied on tensor cores with x's matching
+        features."""
         words: tl.constexpr = block_k // 8
+        ks = tl.program_id(2)
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
         rm = tl.program_id(1) * block_m + tl.arange(0, block_m)
         n_ok, m_ok = rn < N, rm < M
@@ -277,9 +282,10 @@ if triton is not None:
         x_rows = x_ptr + rm[:, None] * x_stride + xk[None, :]
         acc = tl.zeros((block_m, block_n), tl.float32)
         up = tl.zeros((block_m, block_n), tl.float32)
-        precision: tl.constexpr = "ieee" if ieee else "tf32"
-        for k0 in range(0, K, block_k):
-            k_ok = k0 // 8 + rw < K // 8
+        precision: tl.constexpr = "ieee" if ieee else "tf32"  # fp32 x: no rounding to tf32
+        k_lo, k_hi = ks * k_split, tl.minimum(K, (ks + 1) * k_split)
+        for k0 in range(k_lo, k_hi, block_k):
+            k_ok = k0 // 8 + rw < k_hi // 8
             w_ok = n_ok[:, None] & k_ok[None, :]
             x_ok = m_ok[:, None] & k_ok[None, :]
             g = s_rows + ((k0 + rw * 8) // group)[None, :]
@@ -294,10 +300,12 @@ if triton is not None:
                 zu = tl.load(z_ptr + N * s_stride + g, mask=w_ok, other=0.0).to(tl.float32)
             for i in tl.static_range(8):
                 x = tl.load(x_rows + k0 + 4 * i, mask=x_ok, other=0.0)
-                acc = tl.dot(x, tl.trans(_dequant_tile(p, p_hi, s, zs, magic, i, x.dtype)), acc, input_precision=precision)
+                w = _dequant_tile(p, p_hi, s, zs, magic, i, x.dtype)
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=precision)
                 if gated:
-                    up = tl.dot(x, tl.trans(_dequant_tile(pu, pu_hi, su, zu, magic, i, x.dtype)), up, input_precision=precision)
-        _epilogue(acc, up, b_ptr, y_ptr, rm, rn, m_ok, n_ok, y_cols, rm, has_bias, gated)
+                    w = _dequant_tile(pu, pu_hi, su, zu, magic, i, x.dtype)
+                    up = tl.dot(x, tl.trans(w), up, input_precision=precision)
+        _epilogue(acc, up, b_ptr, y_ptr, rm, rn, m_ok, n_ok, y_cols, ks * M + rm, has_bias, gated)
 
     @triton.jit
     def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, q_stride, s_stride, magic, group: tl.constexpr,
