@@ -177,6 +177,13 @@ def variants(rows: int) -> dict:
     return v
 
 
+def int4k_error(d: dict, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Relative error of an int4k variant's y against an fp32 matmul with the dequantised weight."""
+    want = x.float() @ dequantise_int4k_cuda(*d["ik"], torch.float32).T
+    want = quant._gate(want, d["gated"])
+    return ((y.float() - want).norm() / want.norm()).item()
+
+
 def graph_time(fn, reps: int = 20) -> float:
     """Seconds per call of fn, replayed from a CUDA graph of `reps` calls."""
     fn()
@@ -249,9 +256,13 @@ def main() -> None:
             if args.match and not any(m in name for m in args.match.split(",")):
                 continue
             try:
+                err = max(int4k_error(d, x, fn(d, x)) for d, x in zip(weights(), xs)) if name.startswith("int4k") else 0
                 times = [graph_time(lambda d=d, x=x: fn(d, x)) for d, x in zip(weights(), xs)]
             except Exception:  # noqa: BLE001 - one failing variant must not end the sweep
                 print(f"{name:<40} FAILED: {traceback.format_exc(limit=1).splitlines()[-1][:150]}", flush=True)
+                continue
+            if err > 1e-2:  # a setting that computes the wrong result is not a candidate
+                print(f"{name:<40} WRONG: relative error {err:.3g}", flush=True)
                 continue
             total, tb = sum(times), sum(nbytes(d) for d in weights()) / sum(times) / 1e12
             results.append((total, name, times))
