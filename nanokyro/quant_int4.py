@@ -39,7 +39,8 @@ class Int4Config(NamedTuple):
     input rows, `block_k` features (whole chunks) at a time, products summed in fp32 registers elementwise and
     across lanes once at the end; with split_k > 1 (not gated) `split_k` programs share a row's features and their
     fp32 partial sums are added after. Tiles (dot True): the weight tile dequantised in registers to x's dtype and
-    multiplied on tensor cores into a [block_m, block_n] fp32 tile, `num_stages` loads in flight."""
+    multiplied on tensor cores into a [block_m, block_n] fp32 tile, `num_stages` loads in flight (block_k >= 128).
+    Gated, both take half of block_n gate rows and half up rows."""
 
     block_m: int
     block_n: int
@@ -53,9 +54,9 @@ class Int4Config(NamedTuple):
 C = Int4Config
 # The kernel by input rows (the first key >= the rows), up to quant.INT4_TRITON_DEQUANT_ROWS rows; untuned until
 # the lead's sweep (docs/PERFORMANCE.md).
-INT4_CONFIG = {1: C(1, 8, 4096, 4, False), 2: C(2, 4, 4096, 4, False), 16: C(16, 64, 256, 4, True, 3),
+INT4_CONFIG = {1: C(1, 8, 4096, 4, False), 2: C(2, 4, 4096, 4, False), 16: C(16, 64, 128, 4, True, 4),
                64: C(64, 64, 256, 4, True, 3), 256: C(64, 128, 256, 8, True, 3),
-               None: C(128, 128, 256, 8, True, 3)}  # fmt: skip
+               None: C(128, 128, 128, 8, True, 3)}  # fmt: skip
 
 
 # -- the layout ---------------------------------------------------------------------------------------------------
@@ -66,9 +67,9 @@ def int4k_pack(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     if k % CHUNK:
         raise ValueError(f"the int4 kernels' layout needs input features ({k}) in whole chunks of {CHUNK}")
-    nib = q.to(torch.int64).reshape(n, k // CHUNK, 8, 4).transpose(2, 3)  # [n, chunk, word j, nibble i]
-    words = (nib << torch.arange(0, 32, 4, device=q.device)).sum(-1).reshape(n, k // 8)
-    return (words - (words >= 2**31).long() * 2**32).to(torch.int32)
+    nib = q.to(torch.int32).reshape(n, k // CHUNK, 8, 4).transpose(2, 3)  # [n, chunk, word j, nibble i]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
+    return (nib << shifts).sum(-1, dtype=torch.int32).reshape(n, k // 8)  # disjoint bits: the sum is an OR
 
 
 def int4k_unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -115,9 +116,10 @@ def int4k_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     config = config or int4k_config(M)
     group = K // scales.shape[1]
     block_m, block_n, block_k, num_warps, dot, num_stages, split = config
-    block_k = max(CHUNK, min(block_k, triton.next_power_of_2(K)))
-    if gated and not dot and block_n > 1:
-        block_n //= 2  # the same bytes per step: half gate rows, half up rows
+    # tiles: each nibble's dot takes block_k / 8 features, and tensor cores take 16 at least
+    block_k = max(128 if dot else CHUNK, min(block_k, triton.next_power_of_2(K)))
+    if gated and block_n > (16 if dot else 1):
+        block_n //= 2  # the same bytes per step (and registers): half gate rows, half up rows
     split = 1 if gated else min(split, triton.cdiv(K, block_k))
     k_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k  # features per split, whole steps
     x = x if x.stride(1) == 1 else x.contiguous()

@@ -477,7 +477,7 @@ for rows, g, gated, bias, n, k, config in [
         (1, 32, False, True, 20, 320, C(1, 8, 128, 4, False)), (1, 128, True, False, 20, 384, C(1, 8, 256, 4, False)),
         (2, 32, True, True, 12, 160, C(2, 16, 64, 4, False)), (3, 128, False, False, 24, 384, C(4, 8, 256, 4, False)),
         (1, 32, False, True, 20, 320, C(1, 8, 64, 4, False, split_k=3)), (16, 128, True, True, 12, 384, None),
-        (3, 32, False, True, 40, 160, C(16, 16, 64, 4, True)), (17, 128, True, False, 24, 384, C(16, 16, 256, 4, True)),
+        (3, 32, False, True, 40, 160, C(16, 16, 128, 4, True)), (17, 128, True, False, 24, 384, C(16, 16, 256, 4, True)),
         (64, 32, False, True, 40, 224, C(32, 32, 128, 4, True)), (2, 128, False, False, 36, 256, None)]:
     rows_w = 2 * n if gated else n
     q = torch.randint(0, 16, (rows_w, k))
