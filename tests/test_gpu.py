@@ -470,8 +470,8 @@ def test_quantised_tinygemm_matches_dequantised_matmul(group, rows):
 @pytest.mark.parametrize("rows", [1, 2, 3, 16, 17, 64, 200, 1100])
 def test_quantised_int4_kernels_match_dequantised_matmul(group, rows):
     """int4 in quant_int4's layout: the op (GEMV, dequantise + tensor-core tiles, dequantise + cuBLAS from
-    INT4_TRITON_DEQUANT_ROWS) and, at 1, 3 and 64 rows, every setting the sweep tries match an fp32 matmul with
-    the dequantised weight; N and K not multiples of the blocks, a stacked gate/up, a bias."""
+    INT4_TRITON_DEQUANT_ROWS) and, at 1 and 64 rows, every setting the sweep tries match an fp32 matmul with the
+    dequantised weight; N and K not multiples of the blocks, a stacked gate/up, a bias."""
     from nanokyro import quant  # noqa: F401 - registers nanokyro::int4k_linear
     from nanokyro.benchmarks.quant_kernels import int4k_configs
     from nanokyro.quant_formats import pack_rows
@@ -494,7 +494,8 @@ def test_quantised_int4_kernels_match_dequantised_matmul(group, rows):
         got = torch.ops.nanokyro.int4k_linear(x, *args, b, kind == "gated")
         assert got.shape == (rows, n) and got.dtype == torch.bfloat16
         assert rel_err(got.float(), want) < 1e-2, (n, k, kind)
-        for config in int4k_configs(rows) if rows in (1, 3, 64) else ():  # the sweep checks every setting too
+        # every swept setting at 1 and 64 rows on two shapes (each compiles; the sweep checks them all too)
+        for config in int4k_configs(rows) if rows in (1, 64) and group == 128 and n in (4096, 1000) else ():
             got = int4k_matmul(x, *args, b, kind == "gated", config)
             assert rel_err(got.float(), want) < 1e-2, (n, k, kind, config)
 
