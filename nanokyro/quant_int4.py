@@ -223,8 +223,8 @@ if triton is not None:
         acc = tl.zeros((block_m, block_n, chunks, 1), tl.float32)
         up = tl.zeros((block_m, block_n, chunks, 1), tl.float32)
         k_lo, k_hi = ks * k_split, tl.minimum(K, (ks + 1) * k_split)
-        for k0 in range(k_lo, k_hi, block_k):
-            k0 = tl.multiple_of(k0, 32)  # k_split is in whole steps: 16-byte loads stay aligned
+        for k_step in range(k_lo, k_hi, block_k):
+            k0 = tl.multiple_of(k_step, 32)  # k_split is in whole steps: 16-byte loads stay aligned
             c_ok = k0 + rc * 32 < k_hi  # K is in whole chunks
             w_ok = (n4 < N) & c_ok
             x_ok = (m4 < M) & c_ok
@@ -286,7 +286,8 @@ if triton is not None:
         up = tl.zeros((block_m, block_n), tl.float32)
         precision: tl.constexpr = "ieee" if ieee else "tf32"  # fp32 x: no rounding to tf32
         k_lo, k_hi = ks * k_split, tl.minimum(K, (ks + 1) * k_split)
-        for k0 in range(k_lo, k_hi, block_k):
+        for k_step in range(k_lo, k_hi, block_k):
+            k0 = tl.multiple_of(k_step, 32)  # as in _gemv_kernel
             k_ok = k0 // 8 + rw < k_hi // 8
             w_ok = n_ok[:, None] & k_ok[None, :]
             x_ok = m_ok[:, None] & k_ok[None, :]
