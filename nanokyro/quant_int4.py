@@ -126,11 +126,11 @@ def int4k_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     y = x.new_empty(M, N) if split == 1 else x.new_empty(split, M, N, dtype=torch.float32)
     has_bias = bias is not None and split == 1
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), triton.cdiv(K, k_split))
-    kernel = _gemm_kernel if dot else _gemv_kernel
+    kernel, extra = (_gemm_kernel, dict(ieee=x.dtype == torch.float32)) if dot else (_gemv_kernel, {})
     kernel[grid](
         x, qweight, scales, zs, bias if has_bias else scales, y, M, N, K, k_split, x.stride(0), qweight.stride(0),
-        scales.stride(0), N, MAGIC, group=group, has_bias=has_bias, gated=gated, ieee=x.dtype == torch.float32,
-        block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+        scales.stride(0), N, MAGIC, group=group, has_bias=has_bias, gated=gated, block_m=block_m, block_n=block_n,
+        block_k=block_k, num_warps=num_warps, num_stages=num_stages, **extra,
     )  # fmt: skip
     if split == 1:
         return y
@@ -201,8 +201,7 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, k_split, x_stride, w_stride, s_stride,
                      y_cols, magic, group: tl.constexpr, has_bias: tl.constexpr, gated: tl.constexpr,
-                     ieee: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
-                     block_k: tl.constexpr):  # fmt: skip
+                     block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
         """y = x @ w.T (+ b) for a few rows; `gated`: w is [gate; up] (2N rows) and y = silu(x @ gate.T) * (x @
         up.T). Program (., ., s) sums features [s k_split, (s + 1) k_split) into y's slice s (one split: y).
 
