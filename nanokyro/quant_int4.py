@@ -14,10 +14,11 @@ The layout, `qweight` int32 [N, K/8]: input features in chunks of 32, four words
 AWQ's (q - zero) * scale with the zero point premultiplied (centred on 8 to halve its rounding in bf16).
 
 Dequantising a nibble costs no integer-to-float conversion (a quarter-rate instruction): the nibble masked in
-place and OR-ed into the mantissa of 2^23 is the float 2^23 + q * 16^i (exact for i <= 4), and one subtraction
-gives (q - 8) * 16^i. The GEMV folds the 16^-i into x, which it loads once per tile for all rows of the tile, so
-a weight costs a mask (LOP3), a subtraction and a multiply-add; nibbles 5..7 share one shift. The scale and zero
-are applied once per chunk: sum x (q - 8) s - zs sum x.
+place and OR-ed into the mantissa of 2^23 is the float 2^23 + q * 16^e exactly (e = i for nibbles 0..4; nibbles
+5..7 come from the word shifted by 16, one shift for the three, e = i - 4), and one subtraction gives
+(q - 8) * 16^e. The GEMV folds the 16^-e into x, which it loads once per tile for all rows of the tile, so a
+weight costs a mask (LOP3), a subtraction and a multiply-add, and the scale and zero are applied once per chunk:
+sum x (q - 8) s - zs sum x. The tiles fold 16^-e into the scale instead.
 
 Settings by row count (INT4_CONFIG) come from the sweep in docs/PERFORMANCE.md
 (`python -m nanokyro.benchmarks.quant_kernels --match int4`).
@@ -37,10 +38,10 @@ MAGIC = 0x4B000000  # the bits of the float 2^23: a value < 2^23 OR-ed into them
 class Int4Config(NamedTuple):
     """A setting of the kernels. GEMV (dot False): every program streams `block_n` weight rows for up to `block_m`
     input rows, `block_k` features (whole chunks) at a time, products summed in fp32 registers elementwise and
-    across lanes once at the end; with split_k > 1 (not gated) `split_k` programs share a row's features and their
-    fp32 partial sums are added after. Tiles (dot True): the weight tile dequantised in registers to x's dtype and
+    across lanes once at the end. Tiles (dot True): the weight tile dequantised in registers to x's dtype and
     multiplied on tensor cores into a [block_m, block_n] fp32 tile, `num_stages` loads in flight (block_k >= 128).
-    Gated, both take half of block_n gate rows and half up rows."""
+    Both: gated, half of block_n gate rows and half up rows; with split_k > 1 (not gated) `split_k` programs share
+    a row's features and their fp32 partial sums are added after."""
 
     block_m: int
     block_n: int
