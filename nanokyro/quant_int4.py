@@ -56,8 +56,7 @@ C = Int4Config
 # The kernel by input rows (the first key >= the rows), up to quant.INT4_TRITON_DEQUANT_ROWS rows; untuned until
 # the lead's sweep (docs/PERFORMANCE.md).
 INT4_CONFIG = {1: C(1, 8, 4096, 4, False), 2: C(2, 8, 4096, 4, False), 16: C(16, 64, 128, 4, True, 4),
-               64: C(64, 64, 256, 4, True, 3), 256: C(64, 128, 256, 8, True, 3),
-               None: C(128, 128, 128, 8, True, 3)}  # fmt: skip
+               64: C(64, 64, 256, 4, True, 3), None: C(128, 128, 128, 8, True, 3)}  # fmt: skip
 
 
 # -- the layout ---------------------------------------------------------------------------------------------------
