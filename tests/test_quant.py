@@ -443,3 +443,70 @@ def test_triton_kernels_match_dequantised_matmul_in_the_interpreter():
     out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split()[-1]) < 1e-5
+
+
+def test_int4_kernel_layout_read_as_documented():
+    """quant_int4's layout: nibble i (bits 4i..) of word j of a four-word chunk holds feature 4i + j of its 32. With
+    features 0..31 holding k % 16, word 0 holds features 0 4 8 .. 28 = 0 4 8 12 0 4 8 12 from the lowest nibble:
+    0xC840C840; word 1: 1 5 9 13 1 5 9 13 = 0xD951D951. The repack's zs is (zero - 8) * scale."""
+    from nanokyro.quant_formats import dequantise_int4, pack_rows
+    from nanokyro.quant_int4 import dequantise_int4k, int4k_pack, int4k_repack, int4k_unpack
+
+    q = torch.arange(64).remainder(16).repeat(3, 1)
+    packed = int4k_pack(q)
+    assert packed.shape == (3, 8) and packed.dtype == torch.int32
+    assert packed[1, :2].tolist() == [0xC840C840 - 2**32, 0xD951D951 - 2**32]
+    q = torch.randint(0, 16, (24, 256))
+    assert torch.equal(int4k_unpack(int4k_pack(q)), q)
+    scales, zeros = torch.rand(24, 8) / 16, torch.randint(0, 16, (24, 8)).float()
+    packed, s, zs = int4k_repack(pack_rows(q), scales, zeros)
+    assert torch.equal(int4k_unpack(packed), q) and torch.equal(zs, (zeros - 8) * scales)
+    assert torch.allclose(dequantise_int4k(packed, s, zs), dequantise_int4(pack_rows(q), scales, zeros), atol=1e-6)
+    with pytest.raises(ValueError, match="whole chunks of 32"):
+        int4k_pack(torch.zeros(2, 48, dtype=torch.int32))
+
+
+INT4K_CHECK = """
+import torch, torch.nn.functional as F
+from nanokyro import quant_formats as qf, quant_int4 as qi
+C = qi.Int4Config
+torch.manual_seed(0)
+worst = 0.0
+# rows, group, gated, bias, N, K (not multiples of the blocks), setting (None: INT4_CONFIG's by rows)
+for rows, g, gated, bias, n, k, config in [
+        (1, 32, False, True, 20, 320, C(1, 8, 128, 4, False)), (1, 128, True, False, 20, 384, C(1, 8, 256, 4, False)),
+        (2, 32, True, True, 12, 160, C(2, 16, 64, 4, False)), (3, 128, False, False, 24, 384, C(4, 8, 256, 4, False)),
+        (1, 32, False, True, 20, 320, C(1, 8, 64, 4, False, split_k=3)), (16, 128, True, True, 12, 384, None),
+        (3, 32, False, True, 40, 160, C(16, 16, 128, 4, True)), (17, 128, True, False, 24, 384, C(16, 16, 256, 4, True)),
+        (64, 32, False, True, 40, 224, C(32, 32, 128, 4, True)), (2, 128, False, False, 36, 256, None)]:
+    rows_w = 2 * n if gated else n
+    q = torch.randint(0, 16, (rows_w, k))
+    scales, zeros = torch.rand(rows_w, k // g) * 0.01, torch.randint(0, 16, (rows_w, k // g)).float()
+    args = qi.int4k_repack(qf.pack_rows(q), scales, zeros)
+    w = qf.dequantise_int4(qf.pack_rows(q), scales, zeros)
+    x = torch.randn(rows, k)
+    b = torch.randn(rows_w) if bias else None
+    want = x @ w.T + (b if b is not None else 0)
+    if gated:
+        want = F.silu(want[:, :n]) * want[:, n:]
+    got = qi.int4k_matmul(x, *args, b, gated, config)
+    assert got.shape == (rows, n), got.shape
+    worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+got = qi.dequantise_int4k_cuda(*args, torch.float32, 16, 32)
+assert torch.allclose(got, qi.dequantise_int4k(*args), atol=1e-6), "dequantise kernel"
+print(worst)
+"""
+
+
+def test_int4_kernels_match_dequantised_matmul_in_the_interpreter():
+    """quant_int4's GEMV (1-4 rows, split-K) and dequantise + tensor-core tiles (3-64 rows), gated and with a bias,
+    groups of 32 and 128, N and K not multiples of the blocks, and its dequantise kernel, run by Triton's
+    interpreter on the CPU against an fp32 matmul with the dequantised weight."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", INT4K_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split()[-1]) < 1e-5

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from nanokyro import quant, small_batch  # noqa: F401 - small_batch registers nanokyro::gemv
 from nanokyro.quant_formats import FP8, FP8_MAX, pack_rows, tinygemm_bytes, tinygemm_pack, tinygemm_scales_zeros
+from nanokyro.quant_int4 import Int4Config, dequantise_int4k_cuda, int4k_matmul, int4k_repack
 from nanokyro.quant_triton import GemvConfig, dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv
 
 # (name, N, K, gated): gate/up's weight stacks 2N rows (gate and up, 14336 each) for an output of N
@@ -71,6 +72,38 @@ def fp8_configs(rows: int) -> list[GemvConfig]:
     return out
 
 
+def int4k_configs(rows: int) -> list[Int4Config]:
+    """Settings of quant_int4's kernels to try at `rows` rows: GEMVs up to 4 rows (lanes and warps along K: a
+    step of 1024 features per warp or two), tensor-core tiles from 2."""
+    C, out = Int4Config, []
+    if rows <= 4:
+        bm = 1 << (rows - 1).bit_length()
+        words = 64 // bm  # a lane's words per step (bn x 4 x f) past which ptxas spills (sm_90, offline)
+        out += [C(bm, bn, 1024 * w * f, w, False) for bn in (2, 4, 8, 16) for w in (2, 4, 8) for f in (1, 2)
+                if bn * 4 * f <= words]  # fmt: skip
+        out += [C(bm, bn, 1024 * w, w, False, split_k=sk) for bn in (4, 8) for w in (2, 4) for sk in (2, 4)
+                if bn * 4 <= words]  # fmt: skip
+    if 2 <= rows <= 16:
+        out += [C(16, bn, bk, w, True, st, sk) for bn, bk, w, st, sk in [
+            (32, 256, 4, 3, 1), (64, 256, 4, 3, 1), (64, 128, 4, 4, 1), (128, 256, 8, 3, 1), (32, 512, 4, 2, 1),
+            (64, 512, 4, 2, 1), (64, 256, 4, 3, 2), (32, 256, 4, 3, 4)]]  # fmt: skip
+    if 17 <= rows <= 64:
+        out += [C(bm, bn, bk, w, True, st, sk) for bm, bn, bk, w, st, sk in [
+            (32, 64, 256, 4, 3, 1), (32, 128, 256, 4, 3, 1), (64, 64, 256, 4, 3, 1), (64, 128, 256, 8, 3, 1),
+            (64, 128, 128, 4, 4, 1), (32, 256, 128, 8, 3, 1), (32, 64, 256, 4, 3, 2), (64, 64, 256, 4, 3, 2),
+            (64, 128, 256, 8, 3, 2)]]  # fmt: skip
+    if rows >= 128:
+        out += [C(bm, bn, bk, w, True, st, sk) for bm, bn, bk, w, st, sk in [
+            (64, 128, 256, 8, 3, 1), (128, 128, 128, 8, 3, 1), (128, 128, 128, 8, 4, 1), (128, 256, 128, 8, 3, 1),
+            (64, 256, 128, 8, 3, 1), (256, 128, 128, 8, 2, 1), (128, 128, 128, 8, 3, 2)]]  # fmt: skip
+    return out
+
+
+def int4k_label(c: Int4Config) -> str:
+    return (f"int4k {'tile' if c.dot else 'gemv'} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
+            + (f" k{c.split_k}" if c.split_k > 1 else ""))
+
+
 def label(c: GemvConfig) -> str:
     return (f"fp8 {'tile' if c.dot else 'gemv'} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
             + (f" k{c.split_k}" if c.split_k > 1 else "") + (" pf" if c.prefetch else "")
@@ -80,7 +113,8 @@ def label(c: GemvConfig) -> str:
 
 @functools.cache
 def weights() -> list[dict]:
-    """Per shape: the bf16 weight and its FP8 (per-channel), int4 (Triton layout) and int4 (tinygemm) forms."""
+    """Per shape: the bf16 weight and its FP8 (per-channel), int4 (Triton layout), int4 (tinygemm) and int4
+    (quant_int4's layout) forms."""
     gen = torch.Generator(DEVICE).manual_seed(0)
     out = []
     for name, n, k, gated in SHAPES:
@@ -92,8 +126,9 @@ def weights() -> list[dict]:
         z = torch.full((rows_n, k // GROUP), 8.0, device=DEVICE).bfloat16()
         sz = tinygemm_scales_zeros(s, z)
         tg = {i: tinygemm_weight(q, i) for i in (8, 4)}
+        qw = pack_rows(q)
         out.append(dict(name=name, n=n, k=k, gated=gated, w=w, wq=(w.float() / scale).to(FP8), scale=scale,
-                        qw=pack_rows(q), s=s, z=z, sz=sz, tg=tg))  # fmt: skip
+                        qw=qw, s=s, z=z, sz=sz, tg=tg, ik=int4k_repack(qw, s, z)))  # fmt: skip
         del q
     return out
 
@@ -124,7 +159,14 @@ def variants(rows: int) -> dict:
     v["int4 dispatch"] = (lambda d, x: torch.ops.nanokyro.int4_tinygemm_linear(x, d["tg"][8], d["sz"], GROUP, None,
                                                                                d["gated"]), int4_bytes)  # fmt: skip
     v["int4 triton"] = (lambda d, x: qgemv(x, d["qw"], d["s"], d["z"], None, d["gated"]), int4_bytes)
+    v["int4k dispatch"] = (lambda d, x: torch.ops.nanokyro.int4k_linear(x, *d["ik"], None, d["gated"]), int4_bytes)
+    for c in int4k_configs(rows):
+        v[int4k_label(c)] = (lambda d, x, c=c: int4k_matmul(x, *d["ik"], None, d["gated"], c), int4_bytes)
     if rows >= 8:
+        for bn, bw in [(16, 64), (8, 128), (32, 32)]:
+            v[f"int4k dequant {bn}x{bw} + cuBLAS"] = (
+                lambda d, x, bn=bn, bw=bw: g(F.linear(x, dequantise_int4k_cuda(*d["ik"], x.dtype, bn, bw)),
+                                             d["gated"]), int4_bytes)  # fmt: skip
         v["int4 dequant + cuBLAS"] = (lambda d, x: g(F.linear(x, dequantise_int4_cuda(d["qw"], d["s"], d["z"],
                                                                                       x.dtype)), d["gated"]),
                                       int4_bytes)  # fmt: skip
@@ -133,6 +175,13 @@ def variants(rows: int) -> dict:
                 lambda d, x, bn=bn, bk=bk: g(F.linear(x, dequantise_tinygemm_cuda(d["tg"][8], d["sz"], bn, bk)),
                                              d["gated"]), int4_bytes)  # fmt: skip
     return v
+
+
+def int4k_error(d: dict, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Relative error of an int4k variant's y against an fp32 matmul with the dequantised weight."""
+    want = x.float() @ dequantise_int4k_cuda(*d["ik"], torch.float32).T
+    want = quant._gate(want, d["gated"])
+    return ((y.float() - want).norm() / want.norm()).item()
 
 
 def graph_time(fn, reps: int = 20) -> float:
@@ -207,9 +256,13 @@ def main() -> None:
             if args.match and not any(m in name for m in args.match.split(",")):
                 continue
             try:
+                err = max(int4k_error(d, x, fn(d, x)) for d, x in zip(weights(), xs)) if name.startswith("int4k") else 0
                 times = [graph_time(lambda d=d, x=x: fn(d, x)) for d, x in zip(weights(), xs)]
             except Exception:  # noqa: BLE001 - one failing variant must not end the sweep
                 print(f"{name:<40} FAILED: {traceback.format_exc(limit=1).splitlines()[-1][:150]}", flush=True)
+                continue
+            if err > 1e-2:  # a setting that computes the wrong result is not a candidate
+                print(f"{name:<40} WRONG: relative error {err:.3g}", flush=True)
                 continue
             total, tb = sum(times), sum(nbytes(d) for d in weights()) / sum(times) / 1e12
             results.append((total, name, times))
