@@ -62,10 +62,28 @@ GEMV_CONFIG = {
 }  # fmt: skip
 
 
+# FP8 per-channel up to 16 rows, the alternatives issue 15 adds (untuned until an H200 sweep measures them):
+# FP8_SMALL_BATCH names those that replace FP8_CHANNEL_CONFIG's entries: "a8", the W8A8 tiles at 1-16 rows;
+# "f16", the one-row GEMV with products in f16 (with "a8": the tiles from two rows). () keeps the dispatch above.
+FP8_A8_CONFIG = {16: {"gated": C(16, 64, 128, 4, True, 4, a8=True), None: C(16, 64, 256, 4, True, 3, 4, a8=True)}}
+FP8_F16_ROW_CONFIG = {1: {"gated": C(1, 16, 512, 4, False, f16_run=4), "long": C(1, 8, 1024, 4, False, f16_run=4),
+                          None: C(1, 16, 512, 4, False, f16_run=4)}}  # fmt: skip
+FP8_SMALL_BATCH: tuple[str, ...] = ()
+
+
+def fp8_channel_config() -> dict:
+    """FP8_CHANNEL_CONFIG with the alternatives FP8_SMALL_BATCH names in place of its entries."""
+    if unknown := set(FP8_SMALL_BATCH) - {"a8", "f16"}:
+        raise ValueError(f"FP8_SMALL_BATCH names {sorted(unknown)}: the alternatives are 'a8' and 'f16'")
+    table = dict(FP8_A8_CONFIG if "a8" in FP8_SMALL_BATCH else FP8_CHANNEL_CONFIG)
+    return {**table, **FP8_F16_ROW_CONFIG} if "f16" in FP8_SMALL_BATCH else table
+
+
 def gemv_config(M: int, K: int, int4: bool, per_row: bool, gated: bool) -> GemvConfig:
     """The setting for an [M, K] input (tables above)."""
     if per_row and M <= max(FP8_CHANNEL_CONFIG):
-        by_kind = FP8_CHANNEL_CONFIG[min(r for r in FP8_CHANNEL_CONFIG if r >= M)]
+        table = fp8_channel_config()
+        by_kind = table[min(r for r in table if r >= M)]
         return by_kind.get("gated" if gated else "long" if K > 8192 else None, by_kind[None])
     configs = GEMV_CONFIG["int4" if int4 else "fp8"]
     return configs[next((r for r in configs if r and r >= M), None)]

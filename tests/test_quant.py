@@ -505,6 +505,23 @@ for gated, bias, run in [(False, True, 4), (True, False, 2), (False, False, 1)]:
     bound = ((run + 2) * 2.0**-11 * (x.double().abs() @ q.T) + xs * 2.0**-24 * q.sum(1)) * s.double().T
     assert ((got - want).abs() <= bound).all(), run
     worst[f"f16 run {run}"] = ((got - want).abs() / bound).max().item()
+assert qt.gemv_config(1, K, False, True, False) == qt.FP8_CHANNEL_CONFIG[1][None]  # off unless asked for
+qt.FP8_SMALL_BATCH = ("f16", "a8")  # the dispatch's own settings: the f16 GEMV at one row, the W8A8 tiles above
+assert qt.gemv_config(1, K, False, True, True).f16_run and qt.gemv_config(3, K, False, True, False).a8
+wq, s = weights(2 * N)
+x = torch.randn(1, K)
+want = reference(x, wq, s, None, True)
+assert ((qt.qgemv(x, wq, s, None, None, True).double() - want).abs().max() / want.abs().max()) < 2e-3
+wq, s = weights(N)
+x = out_of_band(torch.randn(3, K))
+bound = (x.abs() / 16 + qf.quantise_rows_fp8(x)[1] / 1024).double() @ qf.dequantise_fp8(wq, s).double().abs().T
+assert ((qt.qgemv(x, wq, s, None, None, False).double() - reference(x, wq, s, None, False)).abs() <= bound).all()
+qt.FP8_SMALL_BATCH = ("a8", "f8")
+try:
+    qt.gemv_config(1, K, False, True, False)
+    raise AssertionError("an unknown alternative was accepted")
+except ValueError as e:
+    assert "f8" in str(e)
 print(worst)
 """
 
@@ -513,7 +530,8 @@ def test_small_batch_fp8_kernels_match_dequantised_matmul_in_the_interpreter():
     """The W8A8 tiles (x quantised per row to fp8 inside the kernel, fp8 x fp8 dots) at 1, 2, 3 and 16 rows,
     gated, with a bias, split along K: as tight as fp32 sums against x quantised per row as quantise_rows_fp8
     does, and within the per-token fp8 bound against x itself. The one-row GEMV with products in f16: within
-    its stated bound of an fp64 matmul, with an outlier in x that f16 sums would overflow unscaled."""
+    its stated bound of an fp64 matmul, with an outlier in x that f16 sums would overflow unscaled. Both through
+    the dispatch when quant_triton.FP8_SMALL_BATCH names them (off by default; an unknown name is refused)."""
     import subprocess
     import sys
 
