@@ -540,3 +540,22 @@ def test_small_batch_fp8_kernels_match_dequantised_matmul_in_the_interpreter():
     out = subprocess.run([sys.executable, "-c", SMALL_BATCH_FP8_CHECK], env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_small_batch_fp8_kernels_compile_for_hopper_as_designed():
+    """The W8A8 tiles and the one-row f16 GEMV compiled for sm_90 on the CPU (the interpreter accepts code the
+    compiler refuses), at the dispatch tables' settings: the tiles' dot is fp8 x fp8 wgmma (not converted to f16
+    for mma.sync, which Hopper's fp8 would need with x as the 64-row operand), the GEMV's products f16 pairs."""
+    import re
+
+    pytest.importorskip("triton")
+    from nanokyro import quant_triton as qt
+    from nanokyro.benchmarks.quant_sass import kernel_for
+
+    for kind, gated in [(None, False), ("gated", True)]:
+        ptx = kernel_for(qt.FP8_A8_CONFIG[16][kind], 16, 4096, 4096, gated)[0].asm["ptx"]
+        dots = re.findall(r"wgmma\.mma_async\S*", ptx)
+        assert dots and all(d.endswith(".f32.e4m3.e4m3") for d in dots), (kind, set(dots))
+        assert "mma.sync" not in ptx and "cvt.rn.f16x2.e4m3x2" not in ptx  # the weight is never converted
+        ptx = kernel_for(qt.FP8_F16_ROW_CONFIG[1][kind], 1, 4096, 4096, gated)[0].asm["ptx"]
+        assert "fma.rn.f16x2" in ptx and "cvt.rn.f16x2.e4m3x2" in ptx, kind
