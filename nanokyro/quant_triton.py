@@ -1,8 +1,10 @@
 """The Triton kernels of the quantised linear layers (quant.py's ops call them on CUDA; the CPU runs them only
 under TRITON_INTERPRET=1, in the tests): `qgemv` reads an FP8 or 4-bit packed weight once and dequantises it in
-registers (GEMVs for a few rows, tensor-core tiles above, settings by row count in GEMV_CONFIG), and single
-kernels that quantise activations per row to FP8 and dequantise int4 weights (the Triton layout and torch's
-tinygemm layout) for cuBLAS."""
+registers (GEMVs for a few rows, tensor-core tiles above, settings by row count in GEMV_CONFIG); for FP8
+per-channel weights up to 16 rows, two alternatives that FP8_SMALL_BATCH switches on: W8A8 tiles (x quantised per
+row inside the kernel, fp8 x fp8 wgmma) and a one-row GEMV with its products in f16 pairs; and single kernels that
+quantise activations per row to FP8 and dequantise int4 weights (the Triton layout and torch's tinygemm layout)
+for cuBLAS."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -65,7 +67,7 @@ GEMV_CONFIG = {
 # FP8 per-channel up to 16 rows, the alternatives issue 15 adds (untuned until an H200 sweep measures them):
 # FP8_SMALL_BATCH names those that replace FP8_CHANNEL_CONFIG's entries: "a8", the W8A8 tiles at 1-16 rows;
 # "f16", the one-row GEMV with products in f16 (with "a8": the tiles from two rows). () keeps the dispatch above.
-FP8_A8_CONFIG = {16: {"gated": C(16, 64, 128, 4, True, 4, a8=True), None: C(16, 64, 256, 4, True, 3, 4, a8=True)}}
+FP8_A8_CONFIG = {16: {"gated": C(16, 64, 128, 4, True, 4, a8=True), None: C(16, 64, 256, 4, True, 4, a8=True)}}
 FP8_F16_ROW_CONFIG = {1: {"gated": C(1, 16, 512, 4, False, f16_run=4), "long": C(1, 8, 1024, 4, False, f16_run=4),
                           None: C(1, 16, 512, 4, False, f16_run=4)}}  # fmt: skip
 FP8_SMALL_BATCH: tuple[str, ...] = ()
