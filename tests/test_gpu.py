@@ -431,13 +431,12 @@ def test_quantised_kernels_match_dequantised_matmul(fmt, rows):
         assert rel_err(got.float(), want) < (6e-2 if w8a8 else 1e-2), (n, k, kind)
 
 
-@pytest.mark.parametrize("setting", ["a8", "f16"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+@pytest.mark.parametrize("setting,rows", [("a8", 1), ("a8", 2), ("a8", 3), ("a8", 16), ("f16", 1)])
 def test_quantised_small_batch_fp8_alternatives_match_dequantised_matmul(setting, rows, monkeypatch):
     """FP8 per-channel with quant_triton.FP8_SMALL_BATCH = (setting,): the W8A8 tiles at 1-16 rows (against x
-    quantised per row as quantise_rows_fp8 does: only bf16's rounding of y apart; against x: FP8's error), the f16
-    GEMV at one row (its f16 sums add at most 0.3% of sum |x w| to bf16's roundings, which alone come near 1e-2 on
-    the gated shape in the interpreter, for the dispatch's GEMV too); a stacked gate/up, a bias, partial blocks."""
+    quantised per row as quantise_rows_fp8 does, only bf16's roundings apart: 1e-2 as the other kernels' tests;
+    against x, FP8's error) and the f16 GEMV at one row (its f16 sums add at most 0.3% of sum |x w|); a stacked
+    gate/up, a bias, partial blocks."""
     from nanokyro import quant_triton
     from nanokyro.quant_formats import quantise_rows_fp8
 
@@ -456,8 +455,8 @@ def test_quantised_small_batch_fp8_alternatives_match_dequantised_matmul(setting
         got = torch.ops.nanokyro.fp8_linear(x, *args, b, kind == "gated", True)
         assert got.shape == (rows, n) and got.dtype == torch.bfloat16
         if setting == "a8":
-            assert rel_err(got.float(), wants[1]) < 5e-3, (n, k, kind)
-        assert rel_err(got.float(), wants[0]) < (6e-2 if setting == "a8" else 1.5e-2), (n, k, kind)
+            assert rel_err(got.float(), wants[1]) < 1e-2, (n, k, kind)
+        assert rel_err(got.float(), wants[0]) < (6e-2 if setting == "a8" else 1e-2), (n, k, kind)
 
 
 @pytest.mark.parametrize("group", [32, 128])
