@@ -510,3 +510,119 @@ def test_int4_kernels_match_dequantised_matmul_in_the_interpreter():
     out = subprocess.run([sys.executable, "-c", INT4K_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split()[-1]) < 1e-5
+
+
+SMALL_BATCH_FP8_CHECK = """
+import torch, torch.nn.functional as F
+from nanokyro import quant_formats as qf, quant_triton as qt
+torch.manual_seed(0)
+C, K, N = qt.GemvConfig, 304, 80  # neither a multiple of the blocks below
+
+
+def weights(rows_n):
+    w = torch.randn(rows_n, K) * 0.05
+    s = w.abs().amax(1, keepdim=True) / 448
+    return (w / s).to(qf.FP8), s
+
+
+def out_of_band(x):
+    # Triton's interpreter casts fp32 to fp8 without carrying a rounding up into the exponent (7.9 -> 4, where
+    # the GPU's cvt gives 8): keep x / scale out of the top 1/32 of every binade, where rounding carries
+    v = x / (x.abs().amax(1, keepdim=True) / 448)
+    frac = v.abs() / 2 ** v.abs().clamp(min=2**-6).log2().floor()
+    return torch.where(frac >= 1.9375, x * 0.96, x)
+
+
+def reference(x, wq, s, b, gated):
+    y = x.double() @ qf.dequantise_fp8(wq, s).double().T
+    if gated:
+        y = F.silu(y[:, :N] + (0 if b is None else b)) * y[:, N:]
+    return y if gated or b is None else y + b
+
+
+worst = {}
+for rows, gated, bias, split in [(1, False, True, 1), (1, True, False, 1), (2, False, False, 2), (3, True, True, 1),
+                                 (16, False, True, 3), (16, True, False, 1)]:  # the W8A8 tiles
+    wq, s = weights(2 * N if gated else N)
+    x = out_of_band(torch.randn(rows, K) * 3)
+    b = torch.randn(N) if bias else None
+    got = qt.qgemv(x, wq, s, None, b, gated, C(16, 64, 64, 4, True, split_k=split, a8=True)).double()
+    xq, xs = qf.quantise_rows_fp8(x)
+    want = reference(xq.float() * xs, wq, s, b, gated)  # x quantised per row as _scaled_mm's path quantises it
+    worst["a8 vs xq"] = max(worst.get("a8 vs xq", 0), ((got - want).abs().max() / want.abs().max()).item())
+    if not gated:  # against x itself: |x - xq| <= |x| / 16 (3 mantissa bits, to nearest), or 2^-10 xs (subnormal)
+        bound = (x.abs() / 16 + xs / 1024).double() @ qf.dequantise_fp8(wq, s).double().abs().T
+        assert ((got - reference(x, wq, s, b, gated)).abs() <= bound + 1e-9).all(), (rows, split)
+assert worst["a8 vs xq"] < 1e-5, worst
+for gated, bias, run in [(False, True, 4), (True, False, 2), (False, False, 1)]:  # one row, products in f16
+    wq, s = weights(2 * N if gated else N)
+    x = torch.randn(1, K) * 3
+    x[0, 7] = 3000.0  # an outlier: f16 sums of x * w (w up to 448) would overflow unscaled
+    b = torch.randn(N) if bias else None
+    got = qt.qgemv(x, wq, s, None, b, gated, C(1, 8, 64, 4, False, f16_run=run)).double()
+    want = reference(x, wq, s, b, gated)
+    if gated:
+        worst["f16 gated"] = ((got - want).abs().max() / want.abs().max()).item()
+        assert worst["f16 gated"] < 2e-3, worst
+        continue
+    # x / (max |x|) rounded to f16 (2^-11 relative, 2^-25 absolute below f16's normals), then `run` products
+    # summed in f16 (each step 2^-11 relative): (run + 2) 2^-11 of sum |x w|, plus the underflow
+    q = wq.double().abs()
+    xs = x.abs().amax().double()
+    bound = ((run + 2) * 2.0**-11 * (x.double().abs() @ q.T) + xs * 2.0**-24 * q.sum(1)) * s.double().T
+    assert ((got - want).abs() <= bound).all(), run
+    worst[f"f16 run {run}"] = ((got - want).abs() / bound).max().item()
+assert qt.gemv_config(1, K, False, True, False) == qt.FP8_CHANNEL_CONFIG[1][None]  # off unless asked for
+qt.FP8_SMALL_BATCH = ("f16", "a8")  # the dispatch's own settings: the f16 GEMV at one row, the W8A8 tiles above
+assert qt.gemv_config(1, K, False, True, True).f16_run and qt.gemv_config(3, K, False, True, False).a8
+wq, s = weights(2 * N)
+x = torch.randn(1, K)
+want = reference(x, wq, s, None, True)
+assert ((qt.qgemv(x, wq, s, None, None, True).double() - want).abs().max() / want.abs().max()) < 2e-3
+wq, s = weights(N)
+x = out_of_band(torch.randn(3, K))
+bound = (x.abs() / 16 + qf.quantise_rows_fp8(x)[1] / 1024).double() @ qf.dequantise_fp8(wq, s).double().abs().T
+assert ((qt.qgemv(x, wq, s, None, None, False).double() - reference(x, wq, s, None, False)).abs() <= bound).all()
+qt.FP8_SMALL_BATCH = ("a8", "f8")
+try:
+    qt.gemv_config(1, K, False, True, False)
+    raise AssertionError("an unknown alternative was accepted")
+except ValueError as e:
+    assert "f8" in str(e)
+print(worst)
+"""
+
+
+def test_small_batch_fp8_kernels_match_dequantised_matmul_in_the_interpreter():
+    """The W8A8 tiles (x quantised per row to fp8 inside the kernel, fp8 x fp8 dots) at 1, 2, 3 and 16 rows,
+    gated, with a bias, split along K: as tight as fp32 sums against x quantised per row as quantise_rows_fp8
+    does, and within the per-token fp8 bound against x itself. The one-row GEMV with products in f16: within
+    its stated bound of an fp64 matmul, with an outlier in x that f16 sums would overflow unscaled. Both through
+    the dispatch when quant_triton.FP8_SMALL_BATCH names them (off by default; an unknown name is refused)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", SMALL_BATCH_FP8_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_small_batch_fp8_kernels_compile_for_hopper_as_designed():
+    """The W8A8 tiles and the one-row f16 GEMV compiled for sm_90 on the CPU (the interpreter accepts code the
+    compiler refuses), at the dispatch tables' settings: the tiles' dot is fp8 x fp8 wgmma (not converted to f16
+    for mma.sync, which Hopper's fp8 would need with x as the 64-row operand), the GEMV's products f16 pairs."""
+    import re
+
+    pytest.importorskip("triton")
+    from nanokyro import quant_triton as qt
+    from nanokyro.benchmarks.quant_sass import kernel_for
+
+    for kind, gated in [(None, False), ("gated", True)]:
+        ptx = kernel_for(qt.FP8_A8_CONFIG[16][kind], 16, 4096, 4096, gated)[0].asm["ptx"]
+        dots = re.findall(r"wgmma\.mma_async\S*", ptx)
+        assert dots and all(d.endswith(".f32.e4m3.e4m3") for d in dots), (kind, set(dots))
+        assert "mma.sync" not in ptx and "cvt.rn.f16x2.e4m3x2" not in ptx  # the weight is never converted
+        ptx = kernel_for(qt.FP8_F16_ROW_CONFIG[1][kind], 1, 4096, 4096, gated)[0].asm["ptx"]
+        assert "fma.rn.f16x2" in ptx and "cvt.rn.f16x2.e4m3x2" in ptx, kind

@@ -17,7 +17,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from nanokyro import quant, small_batch  # noqa: F401 - small_batch registers nanokyro::gemv
+from nanokyro import quant, quant_triton, small_batch  # noqa: F401 - small_batch registers nanokyro::gemv
 from nanokyro.quant_formats import FP8, FP8_MAX, pack_rows, tinygemm_bytes, tinygemm_pack, tinygemm_scales_zeros
 from nanokyro.quant_int4 import Int4Config, dequantise_int4k_cuda, int4k_matmul, int4k_repack
 from nanokyro.quant_triton import GemvConfig, dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv
@@ -64,6 +64,15 @@ def fp8_configs(rows: int) -> list[GemvConfig]:
     if rows <= 16:  # the tiles' dot in f16 (fp8 to f16 in one instruction per two values); more programs at one row
         out += [t._replace(f16=True) for t in tiles]
         out += [tiles[i]._replace(f16=True, split_k=k) for i in (0, 1, 2) for k in (2, 4)]
+    if rows <= 16:  # W8A8 tiles: x to fp8 per row in the kernel, fp8 x fp8 wgmma (64 weight rows a dot)
+        out += [C(16, bn, bk, w, True, st, k, a8=True) for bn, bk, w, st, k in [
+            (64, 128, 4, 3, 1), (64, 128, 4, 4, 1), (64, 256, 4, 3, 1), (64, 256, 4, 4, 1), (64, 512, 4, 2, 1),
+            (128, 128, 4, 3, 1), (128, 128, 8, 3, 1), (128, 256, 8, 3, 1), (64, 128, 4, 4, 2), (64, 256, 4, 3, 2),
+            (64, 128, 4, 4, 4), (64, 256, 4, 3, 4), (128, 128, 4, 3, 2), (128, 128, 4, 3, 4)]]  # fmt: skip
+    if rows == 1:  # one row, products in f16 pairs summed over `f16_run` tiles in f16
+        out += [C(1, bn, bk, w, False, f16_run=r) for bn, bk, w, r in [
+            (16, 512, 4, 4), (16, 512, 4, 2), (16, 512, 4, 8), (8, 1024, 4, 4), (8, 512, 4, 4), (16, 256, 4, 4),
+            (16, 256, 4, 8), (32, 256, 4, 4), (32, 512, 8, 4), (8, 1024, 8, 4), (4, 1024, 4, 4), (16, 1024, 8, 2)]]
     if 32 <= rows <= 64:
         out += [C(bm, bn, 128, w, True, st) for bm, bn, w, st in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
                                                                  (32, 128, 4, 4)]]  # fmt: skip
@@ -108,7 +117,8 @@ def label(c: GemvConfig) -> str:
     return (f"fp8 {'tile' if c.dot else 'gemv'} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
             + (f" k{c.split_k}" if c.split_k > 1 else "") + (" pf" if c.prefetch else "")
             + (" r1" if c.reduce_once else "") + (" f16" if c.f16 else "")
-            + (f" row v{c.vec}" + (" x2d" if c.x_2d else "") if c.vec else ""))
+            + (f" row v{c.vec}" + (" x2d" if c.x_2d else "") if c.vec else "") + (" a8" if c.a8 else "")
+            + (f" hfma{c.f16_run}" if c.f16_run else ""))
 
 
 @functools.cache
@@ -150,6 +160,10 @@ def variants(rows: int) -> dict:
                                         v["bf16 cuBLAS"][1])  # fmt: skip
     v["fp8 dispatch"] = (lambda d, x: torch.ops.nanokyro.fp8_linear(x, d["wq"], d["scale"], None, d["gated"], True),
                          fp8_bytes)  # fmt: skip
+    if rows <= 16:  # the dispatch with the alternatives quant_triton.FP8_SMALL_BATCH can name
+        for setting in (("a8",), ("f16", "a8")):
+            name = "fp8 dispatch " + "+".join(setting).replace("f16", "hfma")
+            v[name] = (functools.partial(small_batch_dispatch, setting), fp8_bytes)
     v["fp8 _scaled_mm"] = (lambda d, x: g(quant._scaled_mm_fp8(x, d["wq"], d["scale"]), d["gated"]), fp8_bytes)
     for c in fp8_configs(rows):
         v[label(c)] = (lambda d, x, c=c: qgemv(x, d["wq"], d["scale"], None, None, d["gated"], c), fp8_bytes)
@@ -182,6 +196,15 @@ def int4k_error(d: dict, x: torch.Tensor, y: torch.Tensor) -> float:
     want = x.float() @ dequantise_int4k_cuda(*d["ik"], torch.float32).T
     want = quant._gate(want, d["gated"])
     return ((y.float() - want).norm() / want.norm()).item()
+
+
+def small_batch_dispatch(setting: tuple[str, ...], d: dict, x: torch.Tensor) -> torch.Tensor:
+    """fp8_linear with quant_triton.FP8_SMALL_BATCH = `setting` while it picks its kernel."""
+    saved, quant_triton.FP8_SMALL_BATCH = quant_triton.FP8_SMALL_BATCH, setting
+    try:
+        return torch.ops.nanokyro.fp8_linear(x, d["wq"], d["scale"], None, d["gated"], True)
+    finally:
+        quant_triton.FP8_SMALL_BATCH = saved
 
 
 def graph_time(fn, reps: int = 20) -> float:
