@@ -8,9 +8,7 @@ output features and dim 1 for input features (or groups of them) exactly as for 
   the same on every rank, for per-channel scales).
 - int4: `qweight` int32 [N, K/8] (input feature 8j + i in bits 4i..4i+3), `scales` and `zeros` [N, K/g] in the
   model's dtype; w = (q - zero) * scale. On CUDA, after loading, where torch's tinygemm kernel can take the layer:
-  `qweight` in its tile layout (int32 [N/8, K/(16 inner), 32, inner/2]) and `scales_zeros` [K/g, N, 2] instead;
-  with INT4_KERNELS "triton", every layer in quant_int4's layout: `qweight` [N, K/8] re-laid, `scales` and
-  `zs` [N, K/g] (w = (q - 8) * scale - zs).
+  `qweight` in its tile layout (int32 [N/8, K/(16 inner), 32, inner/2]) and `scales_zeros` [K/g, N, 2] instead.
 - int8 (the CPU only; a speculative draft's, `speculative_draft_quantization="int8"`): `int8_weight`, fbgemm's
   packed weight (torch.ops.quantized.linear_prepack) of symmetric int8 with one scale per output feature, in
   place of `weight`. The LM head gets one too (`head_weight`): it is over a quarter of a small model's bytes.
@@ -22,9 +20,7 @@ How they multiply (`Fp8Method.matmul`, `Int4Method.matmul`, one custom op each s
   activations are quantised per token (dynamic scales) and `torch._scaled_mm` rowwise multiplies (W8A8).
 - on CUDA, int4 in the tinygemm layout: `torch._weight_int4pack_mm` up to TINYGEMM_MAX_ROWS rows, the weight
   dequantised (one Triton kernel) + cuBLAS above; in the other layout the Triton kernel, dequantise + cuBLAS
-  from INT4_DEQUANT_ROWS. In quant_int4's layout: its GEMV or dequantise + tensor-core tiles (by rows), the
-  weight dequantised + cuBLAS from INT4_TRITON_DEQUANT_ROWS. Settings and switch points come from the sweep in
-  docs/PERFORMANCE.md.
+  from INT4_DEQUANT_ROWS. Settings and switch points come from the sweep in docs/PERFORMANCE.md.
 - on the CPU: per-channel FP8 runs the same W8A8 `_scaled_mm`; block-wise FP8 and int4 dequantise the weight
   and run the dense matmul. int8: fbgemm's dynamic W8A8 (`linear_dynamic`): the activations quantised at run time,
   one scale over the rows (per token at batch 1), products summed in int32. A decode step on the CPU is bound by
@@ -43,7 +39,6 @@ from torch import nn
 from nanokyro.quant_formats import (FP8, FP8_MAX, QuantConfig, dequantise_fp8, dequantise_int4, pack_rows,
                                     quantise_rows_fp8, tinygemm_bytes, tinygemm_inner_k_tiles,
                                     tinygemm_scales_zeros, unpack_rows)  # fmt: skip
-from nanokyro.quant_int4 import dequantise_int4k_cuda, int4k_matmul, int4k_repack
 from nanokyro.quant_triton import dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv, quantise_rows_fp8_cuda
 from nanokyro.small_batch import silu_and_mul
 
@@ -52,10 +47,6 @@ INT4_DEQUANT_ROWS = 512  # int4 on CUDA: the Triton kernel below this, dequantis
 # int4 in torch's tinygemm layout: `_weight_int4pack_mm` up to here, dequantise + cuBLAS above (the sweep in
 # docs/PERFORMANCE.md: tinygemm's time grows with the rows, 1.5x the dequantise path's at 32)
 TINYGEMM_MAX_ROWS = 16
-# int4 on CUDA, what the repack at load makes of every layer: "tinygemm" (above, where its layout applies) or
-# "triton" (quant_int4's layout and kernels, every layer). To be set from the sweep in docs/PERFORMANCE.md.
-INT4_KERNELS = "tinygemm"
-INT4_TRITON_DEQUANT_ROWS = 1024  # "triton": its kernels below this many rows, dequantise + cuBLAS from here
 
 
 # -- the methods: what a quantised layer holds and how it multiplies ------------------------------------------
@@ -125,18 +116,9 @@ class Int4Method:
         layer.zeros = nn.Parameter(zero.to(w.dtype), requires_grad=False)
 
     def repack(self, layer: nn.Module) -> None:
-        """On CUDA, after loading: with INT4_KERNELS "triton", every layer into quant_int4's layout (`qweight`
-        re-laid, `zs` [N, K/g] replaces `zeros`). With "tinygemm", the weight into torch's tinygemm layout where
-        that kernel can take it (bf16, N % 8 == 0, K in whole tiles, groups of 32..256): `qweight` becomes the
-        int32 4-D tile layout and `scales_zeros` [K/g, N, 2] replaces `scales` and `zeros`; other layers keep the
-        Triton kernels' layout."""
-        if layer.qweight.is_cuda and INT4_KERNELS == "triton":
-            packed, scales, zs = int4k_repack(layer.qweight, layer.scales, layer.zeros)
-            del layer.qweight, layer.scales, layer.zeros
-            layer.qweight = nn.Parameter(packed, requires_grad=False)
-            layer.scales = nn.Parameter(scales, requires_grad=False)
-            layer.zs = nn.Parameter(zs, requires_grad=False)
-            return
+        """On CUDA, after loading: the weight into torch's tinygemm layout where that kernel can take it (bf16,
+        N % 8 == 0, K in whole tiles, groups of 32..256). `qweight` becomes the int32 4-D tile layout and
+        `scales_zeros` [K/g, N, 2] replaces `scales` and `zeros`; other layers keep the Triton kernels' layout."""
         n, k = layer.qweight.shape[0], layer.qweight.shape[1] * 8
         inner = tinygemm_inner_k_tiles(n, k, self.group, layer.scales.dtype)
         if not layer.qweight.is_cuda or inner is None:
@@ -148,8 +130,6 @@ class Int4Method:
         layer.scales_zeros = nn.Parameter(scales_zeros, requires_grad=False)
 
     def matmul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False):
-        if hasattr(layer, "zs"):
-            return torch.ops.nanokyro.int4k_linear(x, layer.qweight, layer.scales, layer.zs, bias, gated)
         if hasattr(layer, "scales_zeros"):
             return torch.ops.nanokyro.int4_tinygemm_linear(x, layer.qweight, layer.scales_zeros, self.group, bias,
                                                            gated)  # fmt: skip
@@ -329,19 +309,3 @@ def int4_tinygemm_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: to
 def _(x, packed, scales_zeros, group, bias, gated):
     n = packed.shape[0] * 8
     return x.new_empty(x.shape[0], n // 2 if gated else n)
-
-
-@torch.library.custom_op("nanokyro::int4k_linear", mutates_args=())
-def int4k_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zs: torch.Tensor,
-                 bias: torch.Tensor | None, gated: bool) -> torch.Tensor:  # fmt: skip
-    """x [M, K] @ w.T (+ bias) for 4-bit w in quant_int4's layout (CUDA): its GEMV or tensor-core tiles below
-    INT4_TRITON_DEQUANT_ROWS rows (settings in quant_int4.INT4_CONFIG), the weight dequantised + cuBLAS from
-    there."""
-    if x.shape[0] < INT4_TRITON_DEQUANT_ROWS:
-        return int4k_matmul(x, qweight, scales, zs, bias, gated)
-    return _gate(F.linear(x, dequantise_int4k_cuda(qweight, scales, zs, x.dtype), bias), gated)
-
-
-@int4k_linear.register_fake
-def _(x, qweight, scales, zs, bias, gated):
-    return x.new_empty(x.shape[0], qweight.shape[0] // 2 if gated else qweight.shape[0])

@@ -1,10 +1,8 @@
 """The Triton kernels of the quantised linear layers (quant.py's ops call them on CUDA; the CPU runs them only
 under TRITON_INTERPRET=1, in the tests): `qgemv` reads an FP8 or 4-bit packed weight once and dequantises it in
-registers (GEMVs for a few rows, tensor-core tiles above, settings by row count in GEMV_CONFIG); for FP8
-per-channel weights up to 16 rows, two alternatives that FP8_SMALL_BATCH switches on: W8A8 tiles (x quantised per
-row inside the kernel, fp8 x fp8 wgmma) and a one-row GEMV with its products in f16 pairs; and single kernels that
-quantise activations per row to FP8 and dequantise int4 weights (the Triton layout and torch's tinygemm layout)
-for cuBLAS."""
+registers (GEMVs for a few rows, tensor-core tiles above, settings by row count in GEMV_CONFIG), and single
+kernels that quantise activations per row to FP8 and dequantise int4 weights (the Triton layout and torch's
+tinygemm layout) for cuBLAS."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -36,10 +34,6 @@ class GemvConfig(NamedTuple):
     # instruction per two values on sm_89+; to bf16 Triton adds one more per value (two, through fp32, in older
     # versions).
     f16: bool = False
-    # FP8 per-channel, 1-16 rows: tiles that quantise x per row to fp8 in the kernel and dot fp8 x fp8 (W8A8)
-    a8: bool = False
-    # > 0: FP8 per-channel, one row: fp8_row_kernel with products in f16 pairs, summed `f16_run` steps in f16
-    f16_run: int = 0
 
 
 C = GemvConfig
@@ -64,28 +58,10 @@ GEMV_CONFIG = {
 }  # fmt: skip
 
 
-# FP8 per-channel up to 16 rows, the alternatives issue 15 adds (untuned until an H200 sweep measures them):
-# FP8_SMALL_BATCH names those that replace FP8_CHANNEL_CONFIG's entries: "a8", the W8A8 tiles at 1-16 rows;
-# "f16", the one-row GEMV with products in f16 (with "a8": the tiles from two rows). () keeps the dispatch above.
-FP8_A8_CONFIG = {16: {"gated": C(16, 64, 128, 4, True, 4, a8=True), None: C(16, 64, 256, 4, True, 4, a8=True)}}
-FP8_F16_ROW_CONFIG = {1: {"gated": C(1, 16, 512, 4, False, f16_run=4), "long": C(1, 8, 1024, 4, False, f16_run=4),
-                          None: C(1, 16, 512, 4, False, f16_run=4)}}  # fmt: skip
-FP8_SMALL_BATCH: tuple[str, ...] = ()
-
-
-def fp8_channel_config() -> dict:
-    """FP8_CHANNEL_CONFIG with the alternatives FP8_SMALL_BATCH names in place of its entries."""
-    if unknown := set(FP8_SMALL_BATCH) - {"a8", "f16"}:
-        raise ValueError(f"FP8_SMALL_BATCH names {sorted(unknown)}: the alternatives are 'a8' and 'f16'")
-    table = dict(FP8_A8_CONFIG if "a8" in FP8_SMALL_BATCH else FP8_CHANNEL_CONFIG)
-    return {**table, **FP8_F16_ROW_CONFIG} if "f16" in FP8_SMALL_BATCH else table
-
-
 def gemv_config(M: int, K: int, int4: bool, per_row: bool, gated: bool) -> GemvConfig:
     """The setting for an [M, K] input (tables above)."""
     if per_row and M <= max(FP8_CHANNEL_CONFIG):
-        table = fp8_channel_config()
-        by_kind = table[min(r for r in table if r >= M)]
+        by_kind = FP8_CHANNEL_CONFIG[min(r for r in FP8_CHANNEL_CONFIG if r >= M)]
         return by_kind.get("gated" if gated else "long" if K > 8192 else None, by_kind[None])
     configs = GEMV_CONFIG["int4" if int4 else "fp8"]
     return configs[next((r for r in configs if r and r >= M), None)]
@@ -104,10 +80,8 @@ def qgemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     per_row = not int4 and scale.shape[1] == 1
     group = K // scale.shape[1] if int4 else fp8_group(K, scale.shape[1])
     config = config or gemv_config(M, K, int4, per_row, gated)
-    if (config.vec or config.f16_run) and M == 1 and not int4 and per_row:
+    if config.vec and M == 1 and not int4 and per_row:
         return _fp8_row(x, weight, scale, bias, gated, config)
-    if config.a8 and not int4 and per_row:
-        return _fp8_a8(x, weight, scale, bias, gated, config)
     block_m, block_n, block_k, num_warps, use_dot, num_stages, split, prefetch, reduce_once = config[:9]
     f16 = config.f16 and use_dot and per_row and not int4
     prefetch = prefetch and not int4 and per_row and block_m == 1 and not use_dot
@@ -147,35 +121,10 @@ def _fp8_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     y = x.new_empty(1, N)
     fp8_row_kernel[(triton.cdiv(N, block_n),)](
         x, weight, scale, bias if bias is not None else scale, y, N, K, weight.stride(0), scale.stride(0),
-        has_bias=bias is not None, gated=gated, x_2d=config.x_2d, vec=config.vec, f16_run=config.f16_run,
-        block_n=block_n, block_k=block_k, num_warps=config.num_warps, num_stages=1,
+        has_bias=bias is not None, gated=gated, x_2d=config.x_2d, vec=config.vec, block_n=block_n, block_k=block_k,
+        num_warps=config.num_warps, num_stages=1,
     )  # fmt: skip
     return y
-
-
-def _fp8_a8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, gated: bool,
-            config: GemvConfig) -> torch.Tensor:  # fmt: skip
-    """Up to 16 rows against fp8 `weight` [N, K] with per-row scales [N, 1], x quantised per row to fp8 inside
-    fp8_a8_kernel (the numerics of _scaled_mm's W8A8 path, with no extra launch); split-K as qgemv."""
-    import triton
-
-    M, K = x.shape
-    N = weight.shape[0] // 2 if gated else weight.shape[0]
-    block_k = min(config.block_k, max(triton.next_power_of_2(K), 32))
-    split = 1 if gated else min(config.split_k, triton.cdiv(K, block_k))
-    k_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    x = x if x.stride(1) == 1 else x.contiguous()
-    has_bias = bias is not None and split == 1
-    y = x.new_empty(M, N) if split == 1 else x.new_empty(split * M, N, dtype=torch.float32)
-    fp8_a8_kernel[(triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m), triton.cdiv(K, k_split))](
-        x, weight, scale, bias if has_bias else scale, y, M, N, K, k_split, x.stride(0), weight.stride(0),
-        scale.stride(0), y.stride(0), has_bias=has_bias, gated=gated, block_m=config.block_m, block_n=config.block_n,
-        block_k=block_k, num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    if split == 1:
-        return y
-    y = y.view(-1, M, N).sum(0)
-    return (y if bias is None else y + bias).to(x.dtype)
 
 
 def quantise_rows_fp8_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,106 +367,23 @@ if triton is not None:
         return tl.sum(acc, 1)
 
     @triton.jit
-    def row_scales_fp8(x_ptr, rm, m_ok, K, x_stride, block_k: tl.constexpr):
-        """Rows rm of x [M, K]: max |x| / 448 (at least 1e-12), fp32 [block_m], as quantise_rows_fp8 scales."""
-        amax = tl.zeros((rm.shape[0],), tl.float32)
-        for k0 in range(0, K, block_k):
-            rk = k0 + tl.arange(0, block_k)
-            x = tl.load(x_ptr + rm[:, None] * x_stride + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :],
-                        other=0.0)  # fmt: skip
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
-        return tl.maximum(amax / 448.0, 1e-12)
-
-    @triton.jit
-    def fp8_rows_sum_f16(x_ptr, w_rows, K, n_ok, x_scale, run: tl.constexpr, block_n: tl.constexpr,
-                         block_k: tl.constexpr):  # fmt: skip
-        """sum over K of x * w for fp8 rows w_rows [block_n, 1] (pointers), fp32 [block_n] / (448 x_scale): x / (448
-        x_scale) rounded to f16 (|.| <= 1) times w in f16 (exact: every e4m3 value is an f16 value), the products
-        summed in f16 over `run` tiles (|sum| <= 448 run, inside f16's range for run <= 146), then in fp32. fp8 to
-        f16 takes one instruction per two weights and the products two per instruction (f16x2), where fp32 takes
-        an extra conversion per weight and one FMA each."""
-        cols = tl.max_contiguous(tl.arange(0, block_k), 16)[None, :]
-        inv = 1.0 / (448.0 * x_scale)
-        acc = tl.zeros((block_n, block_k), tl.float32)
-        for k0 in range(0, K, run * block_k):
-            part = tl.zeros((block_n, block_k), tl.float16)
-            for r in tl.static_range(run):
-                kk = k0 + r * block_k + cols
-                w = tl.load(w_rows + kk, mask=n_ok[:, None] & (kk < K), other=0.0, eviction_policy="evict_first")
-                x = (tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32) * inv).to(tl.float16)
-                part += x * w.to(tl.float16)
-            acc += part.to(tl.float32)
-        return tl.sum(acc, 1)
-
-    @triton.jit
     def fp8_row_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, w_stride, s_stride, has_bias: tl.constexpr,
-                       gated: tl.constexpr, x_2d: tl.constexpr, vec: tl.constexpr, f16_run: tl.constexpr,
-                       block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
-        """y [1, N] = x [1, K] @ (w * scale).T (+ b) for fp8 w with per-row scales; `gated` as qgemv_kernel.
-        f16_run > 0: the products in f16 (fp8_rows_sum_f16), x scaled by its max |x| for them."""
+                       gated: tl.constexpr, x_2d: tl.constexpr, vec: tl.constexpr, block_n: tl.constexpr,
+                       block_k: tl.constexpr):  # fmt: skip
+        """y [1, N] = x [1, K] @ (w * scale).T (+ b) for fp8 w with per-row scales; `gated` as qgemv_kernel."""
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
         n_ok = rn < N
         w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride
-        if f16_run:
-            x_scale = row_scales_fp8(x_ptr, tl.zeros((1,), tl.int32), tl.full((1,), True, tl.int1), K, 0, block_k)
-            acc = fp8_rows_sum_f16(x_ptr, w_rows, K, n_ok, x_scale, f16_run, block_n, block_k) * (448.0 * x_scale)
-        else:
-            acc = fp8_rows_sum(x_ptr, w_rows, K, n_ok, x_2d, vec, block_n, block_k)
+        acc = fp8_rows_sum(x_ptr, w_rows, K, n_ok, x_2d, vec, block_n, block_k)
         acc *= tl.load(s_ptr + rn * s_stride, mask=n_ok, other=0.0)
         if has_bias:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if gated:
-            if f16_run:
-                up = fp8_rows_sum_f16(x_ptr, w_rows + N * w_stride, K, n_ok, x_scale, f16_run, block_n, block_k)
-                up *= 448.0 * x_scale
-            else:
-                up = fp8_rows_sum(x_ptr, w_rows + N * w_stride, K, n_ok, x_2d, vec, block_n, block_k)
+            up = fp8_rows_sum(x_ptr, w_rows + N * w_stride, K, n_ok, x_2d, vec, block_n, block_k)
             up *= tl.load(s_ptr + (N + rn) * s_stride, mask=n_ok, other=0.0)
             gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
             acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
-
-    @triton.jit
-    def fp8_a8_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, k_split, x_stride, w_stride, s_stride, y_stride,
-                      has_bias: tl.constexpr, gated: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
-                      block_k: tl.constexpr):  # fmt: skip
-        """y = x @ (w * scale).T (+ b) (`gated` as qgemv_kernel) for fp8 w with per-row scales, W8A8: every program
-        first takes its rows' max |x| over all of K (x is small and sits in L2), then per tile quantises x to fp8
-        as quantise_rows_fp8 rounds and dots fp8 x fp8 into fp32 on the tensor cores (no conversion of the
-        weight); both scales apply at the end. The dot is w [block_n, block_k] @ xq.T: on Hopper fp8 dots run only
-        as wgmma, which takes 64 rows from the first operand, and few rows of x fit its 8..256-wide second one
-        (x first would need 64 of its rows, else Triton converts both to f16 for mma.sync). Program (., ., s) sums input features [s k_split, (s + 1)
-        k_split) into rows s M.. of y (fp32 partial sums where split)."""
-        ks = tl.program_id(2)
-        rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
-        rm = tl.program_id(1) * block_m + tl.arange(0, block_m)
-        n_ok, m_ok = rn < N, rm < M
-        x_scale = row_scales_fp8(x_ptr, rm, m_ok, K, x_stride, block_k)
-        x_inv = 1.0 / x_scale  # x * (1 / scale): one multiply per value, not a division
-        w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride
-        acc = tl.zeros((block_n, block_m), tl.float32)  # y.T
-        up = tl.zeros((block_n, block_m), tl.float32)
-        for k0 in range(ks * k_split, tl.minimum(K, (ks + 1) * k_split), block_k):
-            rk = k0 + tl.arange(0, block_k)
-            x = tl.load(x_ptr + rm[:, None] * x_stride + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :],
-                        other=0.0)  # fmt: skip
-            xq = tl.clamp(x.to(tl.float32) * x_inv[:, None], -448.0, 448.0).to(tl.float8e4nv,
-                                                                               fp_downcast_rounding="rtne")
-            w_ok = n_ok[:, None] & (rk < K)[None, :]
-            w = tl.load(w_rows + rk[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
-            acc = tl.dot(w, tl.trans(xq), acc)
-            if gated:
-                w = tl.load(w_rows + N * w_stride + rk[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
-                up = tl.dot(w, tl.trans(xq), up)
-        acc *= x_scale[None, :] * tl.load(s_ptr + rn * s_stride, mask=n_ok, other=0.0)[:, None]
-        if has_bias:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        if gated:  # rounded as the unfused ops round: gate and up to y's dtype first
-            up *= x_scale[None, :] * tl.load(s_ptr + (N + rn) * s_stride, mask=n_ok, other=0.0)[:, None]
-            gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-            acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(y_ptr + (ks * M + rm[None, :]) * y_stride + rn[:, None], acc.to(y_ptr.dtype.element_ty),
-                 mask=n_ok[:, None] & m_ok[None, :])  # fmt: skip
 
     @triton.jit
     def _dequant_int4_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, q_stride, s_stride, group: tl.constexpr,

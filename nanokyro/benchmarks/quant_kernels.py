@@ -17,9 +17,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from nanokyro import quant, quant_triton, small_batch  # noqa: F401 - small_batch registers nanokyro::gemv
+from nanokyro import quant, small_batch  # noqa: F401 - small_batch registers nanokyro::gemv
 from nanokyro.quant_formats import FP8, FP8_MAX, pack_rows, tinygemm_bytes, tinygemm_pack, tinygemm_scales_zeros
-from nanokyro.quant_int4 import Int4Config, dequantise_int4k_cuda, int4k_matmul, int4k_repack
 from nanokyro.quant_triton import GemvConfig, dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv
 
 # (name, N, K, gated): gate/up's weight stacks 2N rows (gate and up, 14336 each) for an output of N
@@ -64,15 +63,6 @@ def fp8_configs(rows: int) -> list[GemvConfig]:
     if rows <= 16:  # the tiles' dot in f16 (fp8 to f16 in one instruction per two values); more programs at one row
         out += [t._replace(f16=True) for t in tiles]
         out += [tiles[i]._replace(f16=True, split_k=k) for i in (0, 1, 2) for k in (2, 4)]
-    if rows <= 16:  # W8A8 tiles: x to fp8 per row in the kernel, fp8 x fp8 wgmma (64 weight rows a dot)
-        out += [C(16, bn, bk, w, True, st, k, a8=True) for bn, bk, w, st, k in [
-            (64, 128, 4, 3, 1), (64, 128, 4, 4, 1), (64, 256, 4, 3, 1), (64, 256, 4, 4, 1), (64, 512, 4, 2, 1),
-            (128, 128, 4, 3, 1), (128, 128, 8, 3, 1), (128, 256, 8, 3, 1), (64, 128, 4, 4, 2), (64, 256, 4, 3, 2),
-            (64, 128, 4, 4, 4), (64, 256, 4, 3, 4), (128, 128, 4, 3, 2), (128, 128, 4, 3, 4)]]  # fmt: skip
-    if rows == 1:  # one row, products in f16 pairs summed over `f16_run` tiles in f16
-        out += [C(1, bn, bk, w, False, f16_run=r) for bn, bk, w, r in [
-            (16, 512, 4, 4), (16, 512, 4, 2), (16, 512, 4, 8), (8, 1024, 4, 4), (8, 512, 4, 4), (16, 256, 4, 4),
-            (16, 256, 4, 8), (32, 256, 4, 4), (32, 512, 8, 4), (8, 1024, 8, 4), (4, 1024, 4, 4), (16, 1024, 8, 2)]]
     if 32 <= rows <= 64:
         out += [C(bm, bn, 128, w, True, st) for bm, bn, w, st in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
                                                                  (32, 128, 4, 4)]]  # fmt: skip
@@ -81,50 +71,16 @@ def fp8_configs(rows: int) -> list[GemvConfig]:
     return out
 
 
-def int4k_configs(rows: int) -> list[Int4Config]:
-    """Settings of quant_int4's kernels to try at `rows` rows: GEMVs up to 4 rows (lanes and warps along K: a
-    step of 1024 features per warp or two), tensor-core tiles from 2."""
-    C, out = Int4Config, []
-    if rows <= 4:
-        bm = 1 << (rows - 1).bit_length()
-        words = 64 // bm  # a lane's words per step (bn x 4 x f) past which ptxas spills (sm_90, offline)
-        out += [C(bm, bn, 1024 * w * f, w, False) for bn in (2, 4, 8, 16) for w in (2, 4, 8) for f in (1, 2)
-                if bn * 4 * f <= words]  # fmt: skip
-        out += [C(bm, bn, 1024 * w, w, False, split_k=sk) for bn in (4, 8) for w in (2, 4) for sk in (2, 4)
-                if bn * 4 <= words]  # fmt: skip
-    if 2 <= rows <= 16:
-        out += [C(16, bn, bk, w, True, st, sk) for bn, bk, w, st, sk in [
-            (32, 256, 4, 3, 1), (64, 256, 4, 3, 1), (64, 128, 4, 4, 1), (128, 256, 8, 3, 1), (32, 512, 4, 2, 1),
-            (64, 512, 4, 2, 1), (64, 256, 4, 3, 2), (32, 256, 4, 3, 4)]]  # fmt: skip
-    if 17 <= rows <= 64:
-        out += [C(bm, bn, bk, w, True, st, sk) for bm, bn, bk, w, st, sk in [
-            (32, 64, 256, 4, 3, 1), (32, 128, 256, 4, 3, 1), (64, 64, 256, 4, 3, 1), (64, 128, 256, 8, 3, 1),
-            (64, 128, 128, 4, 4, 1), (32, 256, 128, 8, 3, 1), (32, 64, 256, 4, 3, 2), (64, 64, 256, 4, 3, 2),
-            (64, 128, 256, 8, 3, 2)]]  # fmt: skip
-    if rows >= 128:
-        out += [C(bm, bn, bk, w, True, st, sk) for bm, bn, bk, w, st, sk in [
-            (64, 128, 256, 8, 3, 1), (128, 128, 128, 8, 3, 1), (128, 128, 128, 8, 4, 1), (128, 256, 128, 8, 3, 1),
-            (64, 256, 128, 8, 3, 1), (256, 128, 128, 8, 2, 1), (128, 128, 128, 8, 3, 2)]]  # fmt: skip
-    return out
-
-
-def int4k_label(c: Int4Config) -> str:
-    return (f"int4k {'tile' if c.dot else 'gemv'} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
-            + (f" k{c.split_k}" if c.split_k > 1 else ""))
-
-
 def label(c: GemvConfig) -> str:
     return (f"fp8 {'tile' if c.dot else 'gemv'} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
             + (f" k{c.split_k}" if c.split_k > 1 else "") + (" pf" if c.prefetch else "")
             + (" r1" if c.reduce_once else "") + (" f16" if c.f16 else "")
-            + (f" row v{c.vec}" + (" x2d" if c.x_2d else "") if c.vec else "") + (" a8" if c.a8 else "")
-            + (f" hfma{c.f16_run}" if c.f16_run else ""))
+            + (f" row v{c.vec}" + (" x2d" if c.x_2d else "") if c.vec else ""))
 
 
 @functools.cache
 def weights() -> list[dict]:
-    """Per shape: the bf16 weight and its FP8 (per-channel), int4 (Triton layout), int4 (tinygemm) and int4
-    (quant_int4's layout) forms."""
+    """Per shape: the bf16 weight and its FP8 (per-channel), int4 (Triton layout) and int4 (tinygemm) forms."""
     gen = torch.Generator(DEVICE).manual_seed(0)
     out = []
     for name, n, k, gated in SHAPES:
@@ -136,9 +92,8 @@ def weights() -> list[dict]:
         z = torch.full((rows_n, k // GROUP), 8.0, device=DEVICE).bfloat16()
         sz = tinygemm_scales_zeros(s, z)
         tg = {i: tinygemm_weight(q, i) for i in (8, 4)}
-        qw = pack_rows(q)
         out.append(dict(name=name, n=n, k=k, gated=gated, w=w, wq=(w.float() / scale).to(FP8), scale=scale,
-                        qw=qw, s=s, z=z, sz=sz, tg=tg, ik=int4k_repack(qw, s, z)))  # fmt: skip
+                        qw=pack_rows(q), s=s, z=z, sz=sz, tg=tg))  # fmt: skip
         del q
     return out
 
@@ -160,10 +115,6 @@ def variants(rows: int) -> dict:
                                         v["bf16 cuBLAS"][1])  # fmt: skip
     v["fp8 dispatch"] = (lambda d, x: torch.ops.nanokyro.fp8_linear(x, d["wq"], d["scale"], None, d["gated"], True),
                          fp8_bytes)  # fmt: skip
-    if rows <= 16:  # the dispatch with the alternatives quant_triton.FP8_SMALL_BATCH can name
-        for setting in (("a8",), ("f16", "a8")):
-            name = "fp8 dispatch " + "+".join(setting).replace("f16", "hfma")
-            v[name] = (functools.partial(small_batch_dispatch, setting), fp8_bytes)
     v["fp8 _scaled_mm"] = (lambda d, x: g(quant._scaled_mm_fp8(x, d["wq"], d["scale"]), d["gated"]), fp8_bytes)
     for c in fp8_configs(rows):
         v[label(c)] = (lambda d, x, c=c: qgemv(x, d["wq"], d["scale"], None, None, d["gated"], c), fp8_bytes)
@@ -173,14 +124,7 @@ def variants(rows: int) -> dict:
     v["int4 dispatch"] = (lambda d, x: torch.ops.nanokyro.int4_tinygemm_linear(x, d["tg"][8], d["sz"], GROUP, None,
                                                                                d["gated"]), int4_bytes)  # fmt: skip
     v["int4 triton"] = (lambda d, x: qgemv(x, d["qw"], d["s"], d["z"], None, d["gated"]), int4_bytes)
-    v["int4k dispatch"] = (lambda d, x: torch.ops.nanokyro.int4k_linear(x, *d["ik"], None, d["gated"]), int4_bytes)
-    for c in int4k_configs(rows):
-        v[int4k_label(c)] = (lambda d, x, c=c: int4k_matmul(x, *d["ik"], None, d["gated"], c), int4_bytes)
     if rows >= 8:
-        for bn, bw in [(16, 64), (8, 128), (32, 32)]:
-            v[f"int4k dequant {bn}x{bw} + cuBLAS"] = (
-                lambda d, x, bn=bn, bw=bw: g(F.linear(x, dequantise_int4k_cuda(*d["ik"], x.dtype, bn, bw)),
-                                             d["gated"]), int4_bytes)  # fmt: skip
         v["int4 dequant + cuBLAS"] = (lambda d, x: g(F.linear(x, dequantise_int4_cuda(d["qw"], d["s"], d["z"],
                                                                                       x.dtype)), d["gated"]),
                                       int4_bytes)  # fmt: skip
@@ -189,22 +133,6 @@ def variants(rows: int) -> dict:
                 lambda d, x, bn=bn, bk=bk: g(F.linear(x, dequantise_tinygemm_cuda(d["tg"][8], d["sz"], bn, bk)),
                                              d["gated"]), int4_bytes)  # fmt: skip
     return v
-
-
-def int4k_error(d: dict, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Relative error of an int4k variant's y against an fp32 matmul with the dequantised weight."""
-    want = x.float() @ dequantise_int4k_cuda(*d["ik"], torch.float32).T
-    want = quant._gate(want, d["gated"])
-    return ((y.float() - want).norm() / want.norm()).item()
-
-
-def small_batch_dispatch(setting: tuple[str, ...], d: dict, x: torch.Tensor) -> torch.Tensor:
-    """fp8_linear with quant_triton.FP8_SMALL_BATCH = `setting` while it picks its kernel."""
-    saved, quant_triton.FP8_SMALL_BATCH = quant_triton.FP8_SMALL_BATCH, setting
-    try:
-        return torch.ops.nanokyro.fp8_linear(x, d["wq"], d["scale"], None, d["gated"], True)
-    finally:
-        quant_triton.FP8_SMALL_BATCH = saved
 
 
 def graph_time(fn, reps: int = 20) -> float:
@@ -279,13 +207,9 @@ def main() -> None:
             if args.match and not any(m in name for m in args.match.split(",")):
                 continue
             try:
-                err = max(int4k_error(d, x, fn(d, x)) for d, x in zip(weights(), xs)) if name.startswith("int4k") else 0
                 times = [graph_time(lambda d=d, x=x: fn(d, x)) for d, x in zip(weights(), xs)]
             except Exception:  # noqa: BLE001 - one failing variant must not end the sweep
                 print(f"{name:<40} FAILED: {traceback.format_exc(limit=1).splitlines()[-1][:150]}", flush=True)
-                continue
-            if err > 1e-2:  # a setting that computes the wrong result is not a candidate
-                print(f"{name:<40} WRONG: relative error {err:.3g}", flush=True)
                 continue
             total, tb = sum(times), sum(nbytes(d) for d in weights()) / sum(times) / 1e12
             results.append((total, name, times))
