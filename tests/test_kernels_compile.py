@@ -1,0 +1,98 @@
+"""Every Triton kernel that the CUDA paths launch, compiled for Hopper (sm_90) on the CPU, at the settings the
+dispatch tables choose. The CPU tests run the kernels in Triton's interpreter, which accepts code that the
+compiler refuses: a float constexpr as an `if` condition once broke every CUDA engine while the suite passed.
+Here the wrappers run as on a GPU, with CPU tensors and a stand-in for Triton's driver that names an sm_90
+target, and every launch only compiles (its outputs are left unwritten). The machine code comes from this
+machine's Triton; the GPU image's may be older."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+COMPILE_ALL = r"""
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver, jit
+
+
+class Hopper:
+    # What JITFunction.run asks of Triton's driver before it compiles.
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+driver.set_active(Hopper())
+launch = jit.JITFunction.run
+compiled = []
+
+
+def compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+    compiled.append((self.__name__, kernel.asm["ptx"]))
+    return kernel
+
+
+jit.JITFunction.run = compile_only
+
+from nanokyro import lora_kernels, small_batch
+from nanokyro.attention import triton_write_kv
+from nanokyro.quant_formats import FP8, pack_rows, tinygemm_pack, tinygemm_scales_zeros
+from nanokyro.quant_triton import dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv, quantise_rows_fp8_cuda
+
+bf16, K = torch.bfloat16, 4096
+x = lambda m, k=K: torch.randn(m, k, dtype=bf16)
+
+# the KV write, into a bf16 and an fp8 cache (llama-3.1-8b's 8 KV heads of 128)
+k, v = torch.randn(3, 8, 128, dtype=bf16), torch.randn(3, 8, 128, dtype=bf16)
+pages, offsets = torch.zeros(3, dtype=torch.int32), torch.arange(3, dtype=torch.int32)
+for cache in (bf16, FP8):
+    triton_write_kv()(torch.zeros(4, 2, 16, 8, 128, dtype=cache), k, v, pages, offsets)
+    assert ("e4m3" in compiled[-1][1]) == (cache == FP8)
+
+# FP8 per-channel through the dispatch: one row (gate/up, down's long K, the rest), two, 3-16
+for m in (1, 2, 3, 16):
+    for n, k_in, gated in ((256, K, False), (512, K, True), (256, 14336, False)):
+        qgemv(x(m, k_in), torch.randn(n, k_in).to(FP8), torch.rand(n, 1), None, None, gated)
+# block-wise FP8 (128 x 128 scales), and int4 in the Triton layout (groups of 128), with a bias
+for m in (1, 16):
+    qgemv(x(m), torch.randn(256, K).to(FP8), torch.rand(256, K // 128), None, torch.randn(256, dtype=bf16), False)
+for m in (1, 4, 16, 64):
+    q, scales, zeros = torch.randint(0, 16, (256, K)), torch.rand(256, K // 128, dtype=bf16), torch.rand(256, K // 128, dtype=bf16)
+    qgemv(x(m), pack_rows(q), scales, zeros, None, m == 4)
+quantise_rows_fp8_cuda(x(5))
+dequantise_int4_cuda(pack_rows(q), scales, zeros, bf16)
+dequantise_tinygemm_cuda(tinygemm_pack(q, 8), tinygemm_scales_zeros(scales, zeros))
+
+# the one- and two-row decode graphs' GEMV (plain, gated, with a bias, with LoRA) and RMSNorm; the LoRA kernels
+w, lora_a, lora_b = torch.randn(512, K, dtype=bf16), torch.randn(4, 16, K, dtype=bf16), torch.randn(4, 512, 16, dtype=bf16)
+for m in (1, 2):
+    lora = torch.zeros(m, dtype=torch.int32)
+    small_batch.gemv(x(m), w, torch.randn(512, dtype=bf16))
+    small_batch.gemv(x(m), w, None, True, lora_kernels.lora_shrink(x(m), lora_a, lora), lora_b, lora)
+    small_batch.rms_norm(x(m), x(m), torch.ones(K, dtype=bf16), 1e-5)
+    small_batch.rms_norm(x(m), None, torch.ones(K, dtype=bf16), 1e-5)
+lora = torch.zeros(300, dtype=torch.int32)
+lora_kernels.lora_expand(x(300, 512), lora_kernels.lora_shrink(x(300), lora_a, lora), lora_b, lora)
+print(sorted({name for name, _ in compiled}), len(compiled))
+"""
+
+
+def test_every_cuda_kernel_compiles_for_hopper():
+    pytest.importorskip("triton")
+    out = subprocess.run([sys.executable, "-c", COMPILE_ALL], env={**os.environ, "TRITON_INTERPRET": "0"},
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    names = out.stdout.strip().rsplit("]", 1)[0]
+    for kernel in ("kernel", "qgemv_kernel", "_quantise_rows_kernel", "_dequant_int4_kernel",
+                   "_dequant_tinygemm_kernel", "gemv_kernel", "rms_norm_kernel", "shrink", "expand"):  # fmt: skip
+        assert f"'{kernel}'" in names, (kernel, out.stdout)
