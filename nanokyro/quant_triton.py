@@ -60,8 +60,9 @@ GEMV_CONFIG = {
 
 def gemv_config(M: int, K: int, int4: bool, per_row: bool, gated: bool) -> GemvConfig:
     """The setting for an [M, K] input (tables above)."""
-    if per_row and M <= max(FP8_CHANNEL_CONFIG):
-        by_kind = FP8_CHANNEL_CONFIG[min(r for r in FP8_CHANNEL_CONFIG if r >= M)]
+    rows = next((r for r in FP8_CHANNEL_CONFIG if r >= M), None)  # the first key >= M, as below
+    if per_row and rows is not None:
+        by_kind = FP8_CHANNEL_CONFIG[rows]
         return by_kind.get("gated" if gated else "long" if K > 8192 else None, by_kind[None])
     configs = GEMV_CONFIG["int4" if int4 else "fp8"]
     return configs[next((r for r in configs if r and r >= M), None)]
