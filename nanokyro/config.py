@@ -92,7 +92,7 @@ class EngineConfig:
     page_size: int = 16
     kv_cache_memory: int | None = None  # bytes of KV cache per rank (a draft model's included); CPU default 1 GiB
     # "auto": keys and values in the model's dtype; "fp8": float8 e4m3 with a scale of 1 (values clamped to +-448),
-    # half of bf16's bytes, so twice the tokens fit and decode attention reads half as much.
+    # half of bf16's bytes, so twice the tokens fit (FlashInfer's decode is no faster on it: docs/PERFORMANCE.md).
     kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9  # on CUDA, fraction of the GPU the engine may fill (weights + KV)
     enable_prefix_caching: bool = True
