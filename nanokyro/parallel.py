@@ -25,6 +25,7 @@ failure after that is a `WorkerError`.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import itertools
@@ -217,6 +218,7 @@ class Parallel:
         self.failure: str | None = None  # set once a collective failed: every later step fails at once
         self.closed = False
         self._plans_sent: list[tuple[dist.Work, torch.Tensor]] = []  # rank 0: plan broadcasts not yet taken
+        self._unposted: collections.deque[PendingLogits] = collections.deque()  # rank 0: logits not yet received
 
     @contextlib.contextmanager
     def guard(self):
@@ -270,7 +272,9 @@ class Parallel:
     # Pipeline stages: the same TP rank of the next / previous stage; logits from the last stage to rank 0.
 
     def send_hidden(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> None:
-        """The hidden states and residual [T, hidden] to the next stage (or both stacked already, [2, T, hidden])."""
+        """The hidden states and residual [T, hidden] to the next stage (or both stacked already, [2, T, hidden]).
+        Rank 0 first posts the logits receives still pending (recv_logits)."""
+        self._post_receives()
         dist.send((x if residual is None else torch.stack([x, residual])).contiguous(), self.rank + self.shard.tp_size)
 
     def recv_hidden(self, num_tokens: int, hidden: int, dtype: torch.dtype, into: torch.Tensor | None = None
@@ -289,10 +293,20 @@ class Parallel:
         dist.send(logits.contiguous(), 0)
 
     def recv_logits(self, rows: int, vocab: int, dtype: torch.dtype) -> PendingLogits:
-        """Post the receive of a step's logits from the last stage, at once: the last stage sends each step's in
-        order, and with the receive posted it never waits on rank 0, which is busy launching the next step."""
-        buf = torch.empty(rows, vocab, dtype=dtype, device=self.device)
-        return PendingLogits(buf, dist.irecv(buf, self.world_size - self.shard.tp_size), self)
+        """A step's logits from the last stage, received once the receive is posted: by the next step's first
+        send_hidden, after stage 0's layers of that step are queued, or by wait(), whichever comes first. The last
+        stage sends a step's logits before it receives the next step's hidden states, and rank 0 posts in that
+        order. Posted at once, NCCL's receive kernel would hold 16 of the GPU's SMs, waiting, through all of the
+        next step's layers (an H200 PP=2 profile: stage 0's kernels 4.30 ms a step instead of ~3.5); posted after
+        them, it waits only for what the last stage has left to do."""
+        pending = PendingLogits(torch.empty(rows, vocab, dtype=dtype, device=self.device), None, self)
+        self._unposted.append(pending)
+        return pending
+
+    def _post_receives(self) -> None:
+        while self._unposted:
+            pending = self._unposted.popleft()
+            pending.work = dist.irecv(pending.buf, self.world_size - self.shard.tp_size)
 
     def close(self, abort: bool = False) -> None:
         """Rank 0: stop the other ranks (a stop plan; with `abort`, e.g. mid start-up, kill the spawned ones at
@@ -315,12 +329,14 @@ class PendingLogits:
     """A pipeline step's logits on their way from the last stage to rank 0."""
 
     buf: torch.Tensor
-    work: dist.Work
+    work: dist.Work | None  # None until the receive is posted
     parallel: Parallel
 
     def wait(self) -> torch.Tensor:
         """The logits: on gloo once received; on NCCL the current stream waits for them, not the host."""
         with self.parallel.guard():
+            if self.work is None:
+                self.parallel._post_receives()
             self.work.wait()
         return self.buf
 

@@ -431,7 +431,7 @@ class ModelRunner:
         and residual from the stage before (unless the first), this stage's layers, and on to the next, so stage
         s runs micro-batch i while stage s + 1 runs micro-batch i - 1. The last stage sends all the sampled rows'
         logits to rank 0 at the end, in one message: one per micro-batch would wait on rank 0, still sending.
-        Rank 0 returns with the receive of those logits posted, free to launch the next step (core.py)."""
+        Rank 0 returns with those logits pending (parallel.recv_logits), free to launch the next step (core.py)."""
         par, mc = self.parallel, self.model_cfg
         logits = []
         # Only steps with prompt tokens are cut: a decode-only step is bound by reading the weights, which each
