@@ -22,7 +22,7 @@ from conftest import assert_no_leak, build_tiny_model, mixed_params
 from nanokyro import LLM, SamplingParams
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.loader import load
-from nanokyro.parallel import Group, Shard, WorkerError, check
+from nanokyro.parallel import Group, PendingLogits, Shard, WorkerError, check
 from nanokyro.runner import kv_bytes_per_page
 
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
@@ -131,8 +131,9 @@ def test_a_dead_worker_fails_the_engine_fast_and_close_leaves_no_process(llama_d
 def test_a_pipeline_keeps_a_step_per_stage_in_flight_over_disjoint_sequences(llama_dir, hf_llama):
     """PP=2: rank 0 launches step n + 1 before it waits for step n's logits, so two steps are in flight, and no
     sequence is sampled by both (its next input id is not known until the older one is finished); the step that
-    takes step n's sequences next is planned before step n is sampled; the tokens are still HF's, with prompts
-    chunked (24-token steps), prefixes cached and sequences preempted."""
+    takes step n's sequences next is planned before step n is sampled; step n's logits receive is posted once
+    step n + 1's first stage has run, not before; the tokens are still HF's, with prompts chunked (24-token
+    steps), prefixes cached and sequences preempted."""
     base = random_prompts([150, 100, 40, 3, 60, 9], seed=5)
     prompts = base + [base[0][:120] + [7, 8, 9], base[2] + [11] * 30]  # cached prefixes of the first and third
     refs = [hf_llama.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
@@ -140,11 +141,14 @@ def test_a_pipeline_keeps_a_step_per_stage_in_flight_over_disjoint_sequences(lla
     llm = make_llm(llama_dir, 1, 2)
     engine, runner = llm.engine, llm.engine.runner
     in_flight = []  # the sampled sequences of each launched step, whenever the oldest is about to be received
+    posted = []  # then, with two steps in flight that sample: whether each one's logits receive is posted
     events, from_device = [], []  # p(lan), s(ample), l(aunch); launches whose input ids read tokens on the device
     receive, plan_step, launch = engine._sample_oldest, runner.plan_step, runner.launch
 
     def observed_receive():
         in_flight.append([set(step.seqs) for step in engine._launched])
+        if len(engine._launched) == 2 and all(isinstance(step.logits, PendingLogits) for step in engine._launched):
+            posted.append([step.logits.work is not None for step in engine._launched])
         events.append("s")
         return receive()
 
@@ -167,6 +171,7 @@ def test_a_pipeline_keeps_a_step_per_stage_in_flight_over_disjoint_sequences(lla
         assert len(both) >= 10 and all(not (a & b) for a, b in both)
         assert any(len(a) >= 2 and len(b) >= 2 for a, b in both)  # the running batch split between the steps
         assert max(map(len, in_flight)) == 2
+        assert len(posted) >= 10 and all(p == [True, False] for p in posted)
         assert engine.scheduler.num_preemptions > 0 and engine.stats().prefix_cache_hit_tokens > 0
         assert_no_leak(llm)
     finally:
