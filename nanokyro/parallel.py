@@ -274,7 +274,7 @@ class Parallel:
     def send_hidden(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> None:
         """The hidden states and residual [T, hidden] to the next stage (or both stacked already, [2, T, hidden]).
         Rank 0 first posts the logits receives still pending (recv_logits)."""
-        self._post_receives()
+        self.post_receives()
         dist.send((x if residual is None else torch.stack([x, residual])).contiguous(), self.rank + self.shard.tp_size)
 
     def recv_hidden(self, num_tokens: int, hidden: int, dtype: torch.dtype, into: torch.Tensor | None = None
@@ -303,7 +303,8 @@ class Parallel:
         self._unposted.append(pending)
         return pending
 
-    def _post_receives(self) -> None:
+    def post_receives(self) -> None:
+        """Post the logits receives that recv_logits left pending, oldest first."""
         while self._unposted:
             pending = self._unposted.popleft()
             pending.work = dist.irecv(pending.buf, self.world_size - self.shard.tp_size)
@@ -336,7 +337,7 @@ class PendingLogits:
         """The logits: on gloo once received; on NCCL the current stream waits for them, not the host."""
         with self.parallel.guard():
             if self.work is None:
-                self.parallel._post_receives()
+                self.parallel.post_receives()
             self.work.wait()
         return self.buf
 
