@@ -321,8 +321,8 @@ class EngineCore:
         those tokens (grammars, penalties) is planned at its launch, once they are there."""
         sched = self.scheduler
         busy = {seq for step in self._launched if step is not prev for seq in step.seqs}
-        share = min(self.cfg.max_num_seqs,
-                    -(-min(sched.max_seqs, len(sched.running) + len(sched.waiting)) // self.pipeline_depth))
+        # an even share of what may run, at most max_num_seqs (sched.max_seqs is that times the depth)
+        share = -(-min(sched.max_seqs, len(sched.running) + len(sched.waiting)) // self.pipeline_depth)
         batch = sched.schedule(busy, share)
         if not batch.seqs:
             return None

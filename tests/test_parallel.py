@@ -178,7 +178,6 @@ def test_a_pipeline_keeps_a_step_per_stage_in_flight_over_disjoint_sequences(lla
         llm.close()
 
 
-
 def test_max_num_seqs_bounds_each_step_in_flight_not_the_pipeline(llama_dir, hf_llama):
     """PP=2 with max_num_seqs=2: each of the two steps in flight runs two sequences, so four run at once (as
     vLLM's virtual engines do); one process would run two. The tokens are still HF's."""
@@ -202,6 +201,7 @@ def test_max_num_seqs_bounds_each_step_in_flight_not_the_pipeline(llama_dir, hf_
         assert_no_leak(llm)
     finally:
         llm.close()
+
 
 def test_a_pipeline_without_overlap_runs_one_step_at_a_time(llama_dir, hf_llama):
     """overlap_schedule=False: each step is finished before the next is launched (the baseline of the pipelined
