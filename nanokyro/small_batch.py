@@ -165,21 +165,17 @@ def _gemv_kernel():
         w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride  # [block_n, 1]
         acc = tl.zeros((block_m, block_n), tl.float32)
         up = tl.zeros((block_m, block_n), tl.float32)
-        if has_lora:  # s = the shrink's partial sums added up (one load); each row's B rows gathered by its slot
+        if has_lora:  # loaded before the weights stream, used after it: their latency hides behind theirs
             idx = tl.load(idx_ptr + rm, mask=m_ok, other=-1)
             rr, sp = tl.arange(0, block_r), tl.arange(0, block_s)
             s_ok = (idx >= 0)[:, None] & (rr < R)[None, :]
             parts = tl.load(s_ptr + sp[:, None, None] * M * R + rm[None, :, None] * R + rr[None, None, :],
                             mask=(sp < SPLITS)[:, None, None] & s_ok[None, :, :], other=0.0)  # fmt: skip
-            s = tl.sum(parts, 0)
             b_rows = lb_ptr + tl.maximum(idx, 0)[:, None, None] * lb_stride0 + rn[None, :, None] * lb_stride1
             b_ok = s_ok[:, None, :] & n_ok[None, :, None]
             b = tl.load(b_rows + rr[None, None, :], mask=b_ok, other=0.0)
-            delta = tl.sum(s[:, None, :] * b.to(tl.float32), 2)
-            delta_up = delta
             if gated:
-                b = tl.load(b_rows + N * lb_stride1 + rr[None, None, :], mask=b_ok, other=0.0)
-                delta_up = tl.sum(s[:, None, :] * b.to(tl.float32), 2)
+                b_up = tl.load(b_rows + N * lb_stride1 + rr[None, None, :], mask=b_ok, other=0.0)
         for k0 in range(0, K, block_k):
             rk = k0 + tl.arange(0, block_k)
             k_ok = rk < K
@@ -195,10 +191,11 @@ def _gemv_kernel():
                 up += tl.sum(x * u[None, :, :].to(tl.float32), 2)
         if has_bias:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if has_lora:  # the delta, loaded before the weights stream: its latency hides behind theirs
-            acc += delta
+        if has_lora:  # s = the shrink's partial sums added up; each row's B rows gathered by its slot
+            s = tl.sum(parts, 0)
+            acc += tl.sum(s[:, None, :] * b.to(tl.float32), 2)
             if gated:
-                up += delta_up
+                up += tl.sum(s[:, None, :] * b_up.to(tl.float32), 2)
         if gated:
             gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
             acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
