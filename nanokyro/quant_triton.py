@@ -5,6 +5,7 @@ kernels that quantise activations per row to FP8 and dequantise int4 weights (th
 tinygemm layout) for cuBLAS."""
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,9 @@ class GemvConfig(NamedTuple):
     reduce_once: bool = False  # with prefetch: products summed elementwise over the steps, across lanes once
     vec: int = 0  # > 0: FP8 per-channel, one row: fp8_row_kernel, weight loads of `vec` bytes per lane
     x_2d: bool = False  # fp8_row_kernel: x loaded in the weight tile's shape (the same register layout)
+    # fp8_row_kernel: the weight read as 32-bit words of four fp8 values, converted by inline PTX (fp8_words_sum);
+    # CUDA only (the interpreter and unaligned inputs take fp8_rows_sum)
+    words: bool = False
     # Tiles, FP8 per-channel: the dot in f16 (x clamped to f16's range), not x's dtype. fp8 to f16 is one
     # instruction per two values on sm_89+; to bf16 Triton adds one more per value (two, through fp32, in older
     # versions).
@@ -120,10 +124,12 @@ def _fp8_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     block_n = max(config.block_n // 2, 1) if gated else config.block_n
     block_k = min(config.block_k, triton.next_power_of_2(K))
     y = x.new_empty(1, N)
+    words = (config.words and os.environ.get("TRITON_INTERPRET") != "1" and K % 4 == 0 and weight.stride(0) % 4 == 0
+             and weight.data_ptr() % 4 == 0 and x.data_ptr() % 8 == 0)  # fmt: skip
     fp8_row_kernel[(triton.cdiv(N, block_n),)](
         x, weight, scale, bias if bias is not None else scale, y, N, K, weight.stride(0), scale.stride(0),
         has_bias=bias is not None, gated=gated, x_2d=config.x_2d, vec=config.vec, block_n=block_n, block_k=block_k,
-        num_warps=config.num_warps, num_stages=1,
+        words=words, num_warps=config.num_warps, num_stages=1,
     )  # fmt: skip
     return y
 
@@ -368,19 +374,63 @@ if triton is not None:
         return tl.sum(acc, 1)
 
     @triton.jit
+    def fp8_word_to_f32(w):
+        """Four fp8 e4m3 values in an int32 word (the first in the low byte) to four fp32: cvt e4m3x2 to f16x2 on
+        each half, then f16 to f32 (exact: every e4m3 value is an f16)."""
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 l, h, a0, a1, b0, b1; .reg .b32 a, b;\n"
+            "mov.b32 {l, h}, $4; cvt.rn.f16x2.e4m3x2 a, l; cvt.rn.f16x2.e4m3x2 b, h;\n"
+            "mov.b32 {a0, a1}, a; mov.b32 {b0, b1}, b;\n"
+            "cvt.f32.f16 $0, a0; cvt.f32.f16 $1, a1; cvt.f32.f16 $2, b0; cvt.f32.f16 $3, b1; }",
+            "=r,=r,=r,=r,r", [w], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+    @triton.jit
+    def fp8_words_sum(x_ptr, w_rows, K, n_ok, vec: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):
+        """fp8_rows_sum reading the weight as int32 words (four fp8) and x as int64 words (four bf16), `vec`
+        bytes of weight per lane: Triton 3.6 converts fp8 tensors byte by byte (a PRMT to unpack each byte and
+        more to pack the pairs again for cvt, about 2 instructions a weight); here each word takes two cvt and
+        four f16 to f32, and x's four values are shifts of its word. K % 4 == 0; rows 4-byte, x 8-byte aligned."""
+        cols = tl.max_contiguous(tl.arange(0, block_k // 4), vec // 4)[None, :]
+        w_ptrs = w_rows.to(tl.pointer_type(tl.int32), bitcast=True) + cols
+        x_ptrs = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + cols
+        k4 = K // 4
+        w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (cols < k4), other=0, eviction_policy="evict_first")
+        acc = tl.zeros((block_n, block_k // 4), tl.float32)
+        for k0 in range(0, k4, block_k // 4):
+            w = w_next
+            w_ptrs += block_k // 4
+            w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (cols < k4 - k0 - block_k // 4), other=0,
+                             eviction_policy="evict_first")  # fmt: skip
+            xw = tl.load(x_ptrs, mask=cols < k4 - k0, other=0)
+            x_ptrs += block_k // 4
+            x0 = (xw << 16).to(tl.int32).to(tl.float32, bitcast=True)  # bf16 to fp32: its bits, shifted up
+            x1 = (xw.to(tl.int32) & -65536).to(tl.float32, bitcast=True)
+            x2 = ((xw >> 16).to(tl.int32) & -65536).to(tl.float32, bitcast=True)
+            x3 = ((xw >> 32).to(tl.int32) & -65536).to(tl.float32, bitcast=True)
+            w0, w1, w2, w3 = fp8_word_to_f32(w)
+            acc = (((acc + x0 * w0) + x1 * w1) + x2 * w2) + x3 * w3  # four FMAs, no separate sum
+        return tl.sum(acc, 1)
+
+    @triton.jit
     def fp8_row_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, w_stride, s_stride, has_bias: tl.constexpr,
                        gated: tl.constexpr, x_2d: tl.constexpr, vec: tl.constexpr, block_n: tl.constexpr,
-                       block_k: tl.constexpr):  # fmt: skip
+                       block_k: tl.constexpr, words: tl.constexpr):  # fmt: skip
         """y [1, N] = x [1, K] @ (w * scale).T (+ b) for fp8 w with per-row scales; `gated` as qgemv_kernel."""
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
         n_ok = rn < N
         w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride
-        acc = fp8_rows_sum(x_ptr, w_rows, K, n_ok, x_2d, vec, block_n, block_k)
+        if words:
+            acc = fp8_words_sum(x_ptr, w_rows, K, n_ok, vec, block_n, block_k)
+        else:
+            acc = fp8_rows_sum(x_ptr, w_rows, K, n_ok, x_2d, vec, block_n, block_k)
         acc *= tl.load(s_ptr + rn * s_stride, mask=n_ok, other=0.0)
         if has_bias:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if gated:
-            up = fp8_rows_sum(x_ptr, w_rows + N * w_stride, K, n_ok, x_2d, vec, block_n, block_k)
+            if words:
+                up = fp8_words_sum(x_ptr, w_rows + N * w_stride, K, n_ok, vec, block_n, block_k)
+            else:
+                up = fp8_rows_sum(x_ptr, w_rows + N * w_stride, K, n_ok, x_2d, vec, block_n, block_k)
             up *= tl.load(s_ptr + (N + rn) * s_stride, mask=n_ok, other=0.0)
             gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
             acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)

@@ -431,6 +431,26 @@ def test_quantised_kernels_match_dequantised_matmul(fmt, rows):
         assert rel_err(got.float(), want) < (6e-2 if w8a8 else 1e-2), (n, k, kind)
 
 
+def test_fp8_one_row_kernel_settings_match_dequantised_matmul():
+    """Every one-row FP8 kernel setting of the sweep (fp8_row_kernel, including the weight read as words by
+    inline PTX) against an fp32 matmul with the dequantised weight: plain with a long K, a bias, gated, a
+    partial block of rows."""
+    from nanokyro.benchmarks.quant_kernels import fp8_configs, label
+    from nanokyro.quant_triton import qgemv
+
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    for n, k, kind in [(4096, 14336, "plain"), (6150, 4096, "bias"), (1000, 2048, "gated"), (37, 1024, "plain")]:
+        (wq, scale), w = quantised_weight("fp8-channel", 2 * n if kind == "gated" else n, k, gen)
+        x = torch.randn(1, k, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+        b = torch.randn(n, generator=gen, device=DEVICE, dtype=torch.bfloat16) if kind == "bias" else None
+        want = x.float() @ w.T + (b.float() if b is not None else 0)
+        if kind == "gated":
+            want = torch.nn.functional.silu(want[:, :n]) * want[:, n:]
+        for config in [c for c in fp8_configs(1) if c.vec]:
+            got = qgemv(x, wq, scale, None, b, kind == "gated", config)
+            assert rel_err(got.float(), want) < 1e-2, (label(config), n, k, kind)
+
+
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 200])
 def test_quantised_tinygemm_matches_dequantised_matmul(group, rows):

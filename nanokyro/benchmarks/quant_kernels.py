@@ -51,6 +51,9 @@ def fp8_configs(rows: int) -> list[GemvConfig]:
             (2, 2048, 4, 8, True), (2, 1024, 4, 8, True), (4, 1024, 8, 8, True), (8, 256, 4, 8, True),
             (16, 256, 4, 8, True), (4, 2048, 8, 8, True), (4, 1024, 4, 16, True), (1, 4096, 4, 8, True),
             (4, 1024, 4, 8, False), (8, 512, 4, 8, False), (2, 2048, 4, 8, False), (1, 2048, 4, 8, False)]]  # fmt: skip
+        # the weight as 32-bit words, fp8 to fp32 by inline PTX (session 11: predicted, not yet timed)
+        out += [C(1, bn, bk, w, False, vec=8, words=True) for bn, bk, w in [
+            (4, 1024, 4), (8, 1024, 4), (16, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 2048, 8)]]  # fmt: skip
         out += [C(1, 4, 2048, 4, False, split_k=2), C(1, 4, 2048, 4, False, split_k=4),
                 C(1, 8, 1024, 4, False, split_k=2), C(1, 8, 1024, 4, False, split_k=4),
                 C(1, 4, 2048, 4, False, split_k=2, prefetch=True), C(1, 4, 1024, 4, False, split_k=2, prefetch=True)]
@@ -75,7 +78,7 @@ def label(c: GemvConfig) -> str:
     return (f"fp8 {'tile' if c.dot else 'gemv'} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
             + (f" k{c.split_k}" if c.split_k > 1 else "") + (" pf" if c.prefetch else "")
             + (" r1" if c.reduce_once else "") + (" f16" if c.f16 else "")
-            + (f" row v{c.vec}" + (" x2d" if c.x_2d else "") if c.vec else ""))
+            + (f" row v{c.vec}" + (" x2d" if c.x_2d else "") + (" words" if c.words else "") if c.vec else ""))
 
 
 @functools.cache
