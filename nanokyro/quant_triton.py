@@ -32,7 +32,7 @@ class GemvConfig(NamedTuple):
     vec: int = 0  # > 0: FP8 per-channel, one row: fp8_row_kernel, weight loads of `vec` bytes per lane
     x_2d: bool = False  # fp8_row_kernel: x loaded in the weight tile's shape (the same register layout)
     # fp8_row_kernel: the weight read as 32-bit words of four fp8 values, converted by inline PTX (fp8_words_sum);
-    # CUDA only (the interpreter and unaligned inputs take fp8_rows_sum)
+    # CUDA and bf16 x only (the interpreter, other dtypes and unaligned inputs take fp8_rows_sum)
     words: bool = False
     # Tiles, FP8 per-channel: the dot in f16 (x clamped to f16's range), not x's dtype. fp8 to f16 is one
     # instruction per two values on sm_89+; to bf16 Triton adds one more per value (two, through fp32, in older
@@ -124,8 +124,8 @@ def _fp8_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     block_n = max(config.block_n // 2, 1) if gated else config.block_n
     block_k = min(config.block_k, triton.next_power_of_2(K))
     y = x.new_empty(1, N)
-    words = (config.words and os.environ.get("TRITON_INTERPRET") != "1" and K % 4 == 0 and weight.stride(0) % 4 == 0
-             and weight.data_ptr() % 4 == 0 and x.data_ptr() % 8 == 0)  # fmt: skip
+    words = (config.words and os.environ.get("TRITON_INTERPRET") != "1" and x.dtype == torch.bfloat16 and K % 4 == 0
+             and weight.stride(0) % 4 == 0 and weight.data_ptr() % 4 == 0 and x.data_ptr() % 8 == 0)  # fmt: skip
     fp8_row_kernel[(triton.cdiv(N, block_n),)](
         x, weight, scale, bias if bias is not None else scale, y, N, K, weight.stride(0), scale.stride(0),
         has_bias=bias is not None, gated=gated, x_2d=config.x_2d, vec=config.vec, block_n=block_n, block_k=block_k,
