@@ -431,9 +431,9 @@ def test_quantised_kernels_match_dequantised_matmul(fmt, rows):
         assert rel_err(got.float(), want) < (6e-2 if w8a8 else 1e-2), (n, k, kind)
 
 
-def test_fp8_one_row_kernel_settings_match_dequantised_matmul():
-    """Every one-row FP8 kernel setting of the sweep (fp8_row_kernel, including the weight read as words by
-    inline PTX) against an fp32 matmul with the dequantised weight: plain with a long K, a bias, gated, a
+def test_fp8_one_row_words_settings_match_dequantised_matmul():
+    """The sweep's one-row FP8 settings that read the weight as words (inline PTX, which the CPU interpreter
+    cannot run) against an fp32 matmul with the dequantised weight: plain with a long K, a bias, gated, a
     partial block of rows."""
     from nanokyro.benchmarks.quant_kernels import fp8_configs, label
     from nanokyro.quant_triton import qgemv
@@ -446,7 +446,7 @@ def test_fp8_one_row_kernel_settings_match_dequantised_matmul():
         want = x.float() @ w.T + (b.float() if b is not None else 0)
         if kind == "gated":
             want = torch.nn.functional.silu(want[:, :n]) * want[:, n:]
-        for config in [c for c in fp8_configs(1) if c.vec]:
+        for config in [c for c in fp8_configs(1) if c.words]:
             got = qgemv(x, wq, scale, None, b, kind == "gated", config)
             assert rel_err(got.float(), want) < 1e-2, (label(config), n, k, kind)
 
