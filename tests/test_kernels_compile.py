@@ -66,7 +66,7 @@ for m in (1, 2, 16):
 # the one-row FP8 kernel reading the weight as words (inline PTX; in the sweep, not the dispatch), gated and not
 from nanokyro.quant_triton import GemvConfig
 for n, gated in ((256, False), (512, True)):
-    qgemv(x(1), torch.randn(n, K).to(FP8), torch.rand(n, 1), None, None, gated, GemvConfig(1, 8, 1024, 4, False, vec=8, words=True))
+    qgemv(x(1), torch.randn(n, K).to(FP8), torch.rand(n, 1), None, None, gated, GemvConfig(1, 8, 2048, 4, False, vec=8, words=True))
     assert "cvt.rn.f16x2.e4m3x2" in compiled[-1][1] and compiled[-1][0] == "fp8_row_kernel"
 # block-wise FP8 (128 x 128 scales), and int4 in the Triton layout (groups of 128), with a bias
 for m in (1, 16):

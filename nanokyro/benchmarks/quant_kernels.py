@@ -53,7 +53,7 @@ def fp8_configs(rows: int) -> list[GemvConfig]:
             (4, 1024, 4, 8, False), (8, 512, 4, 8, False), (2, 2048, 4, 8, False), (1, 2048, 4, 8, False)]]  # fmt: skip
         # the weight as 32-bit words, fp8 to fp32 by inline PTX (session 11: predicted, not yet timed)
         out += [C(1, bn, bk, w, False, vec=8, words=True) for bn, bk, w in [
-            (4, 1024, 4), (8, 1024, 4), (16, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 2048, 8)]]  # fmt: skip
+            (4, 2048, 4), (8, 2048, 4), (16, 1024, 4), (8, 2048, 8), (16, 2048, 8), (8, 4096, 8)]]  # fmt: skip
         out += [C(1, 4, 2048, 4, False, split_k=2), C(1, 4, 2048, 4, False, split_k=4),
                 C(1, 8, 1024, 4, False, split_k=2), C(1, 8, 1024, 4, False, split_k=4),
                 C(1, 4, 2048, 4, False, split_k=2, prefetch=True), C(1, 4, 1024, 4, False, split_k=2, prefetch=True)]
