@@ -59,15 +59,16 @@ for cache in (bf16, FP8):
     triton_write_kv()(torch.zeros(4, 2, 16, 8, 128, dtype=cache), k, v, pages, offsets)
     assert ("e4m3" in compiled[-1][1]) == (cache == FP8)
 
-# FP8 per-channel through the dispatch: one row (gate/up, down's long K, the rest), two, 3-16
+# FP8 per-channel through the dispatch: one row (gate/up, down's long K, the rest), two, 3-16; a bf16 row reads
+# the weight as words (inline PTX), an fp16 row takes the settings by kind of layer
 for m in (1, 2, 16):
     for n, k_in, gated in ((256, K, False), (512, K, True), (256, 14336, False)):
         qgemv(x(m, k_in), torch.randn(n, k_in).to(FP8), torch.rand(n, 1), None, None, gated)
-# the one-row FP8 kernel reading the weight as words (inline PTX; in the sweep, not the dispatch), gated and not
-from nanokyro.quant_triton import GemvConfig
-for n, gated in ((256, False), (512, True)):
-    qgemv(x(1), torch.randn(n, K).to(FP8), torch.rand(n, 1), None, None, gated, GemvConfig(1, 8, 2048, 4, False, vec=8, words=True))
-    assert "cvt.rn.f16x2.e4m3x2" in compiled[-1][1] and compiled[-1][0] == "fp8_row_kernel"
+        assert compiled[-1][0] == ("fp8_row_kernel" if m == 1 else "qgemv_kernel"), (m, n, k_in)
+        assert ("cvt.rn.f16x2.e4m3x2 a, l" in compiled[-1][1]) == (m == 1)  # fp8_word_to_f32's inline PTX
+        if m == 1:
+            qgemv(x(1, k_in).half(), torch.randn(n, k_in).to(FP8), torch.rand(n, 1), None, None, gated)
+            assert compiled[-1][0] == "qgemv_kernel"
 # block-wise FP8 (128 x 128 scales), and int4 in the Triton layout (groups of 128), with a bias
 for m in (1, 16):
     qgemv(x(m), torch.randn(256, K).to(FP8), torch.rand(256, K // 128), None, torch.randn(256, dtype=bf16), False)
