@@ -1,8 +1,8 @@
 """The frontend's handle on an engine core running in a process of its own.
 
-`CoreClient` spawns the core process (core.run_core), learns the model's limits and tokenizer from its handshake,
-sends it requests and aborts, and turns its one message per step into each request's text deltas (output.py),
-all on the frontend's event loop. It watches the process: if the core dies or reports itself unhealthy, every open
+`CoreClient` spawns the core process (core_process.run_core), learns the model's limits and tokenizer from its
+handshake, sends it requests and aborts, and turns its one message per step into each request's text deltas
+(output.py), all on the frontend's event loop. It watches the process: if the core dies or reports itself unhealthy, every open
 stream fails at once with `EngineDead`, and the `on_dead` callbacks run (serve.py's stops the server). Messages are
 msgspec structs (request.py) over two ZMQ PUSH/PULL sockets on ipc:// endpoints.
 
@@ -37,7 +37,7 @@ from nanokyro.tokenizer import Tokenizer
 
 log = logging.getLogger("nanokyro")
 
-CORE_ENTRY = "nanokyro.core:run_core"
+CORE_ENTRY = "nanokyro.core_process:run_core"
 
 
 class EngineDead(RuntimeError):

@@ -585,7 +585,7 @@ def create_app(cfg: EngineConfig, *, api_key: str | None = None, max_queue: int 
     /health answers 503 while the model loads.
 
     api_key: required as `Authorization: Bearer <key>` on /v1 routes, /tokenize and /detokenize. max_queue: answer 429 while this many requests
-    wait for their first token. core_entry: "module:function" run in the core process (core.run_core).
+    wait for their first token. core_entry: "module:function" run in the core process (core_process.run_core).
     tool_call_parser: the format tool calls are read in (tool_calls.FORMATS); default: picked from the chat template.
     """
     server = _Server(cfg, api_key, max_queue, core_entry, tool_call_parser)

@@ -2,7 +2,7 @@
 server runs in its core process. The fault is patched into the real EngineCore there, then the real loop runs."""
 from __future__ import annotations
 
-from nanokyro import core
+from nanokyro import core, core_process
 
 POISON = 13  # a prompt that starts with this token id makes its request raise inside the core
 
@@ -17,7 +17,7 @@ def request_raises(*args) -> None:
         return stop_reason(self, seq, *rest)
 
     core.EngineCore._stop_reason = poisoned
-    core.run_core(*args)
+    core_process.run_core(*args)
 
 
 def step_fails_once(*args) -> None:
@@ -29,7 +29,7 @@ def step_fails_once(*args) -> None:
         raise RuntimeError("a bug in this step")
 
     core.EngineCore.step = fails_once
-    core.run_core(*args)
+    core_process.run_core(*args)
 
 
 def steps_fail(*args) -> None:
@@ -39,7 +39,7 @@ def steps_fail(*args) -> None:
         raise RuntimeError("the device is gone")
 
     core.EngineCore.step = fails
-    core.run_core(*args)
+    core_process.run_core(*args)
 
 
 def device_lost_after_a_few_steps(*args) -> None:
@@ -54,4 +54,4 @@ def device_lost_after_a_few_steps(*args) -> None:
         return step(self)
 
     core.EngineCore.step = fails_later
-    core.run_core(*args)
+    core_process.run_core(*args)

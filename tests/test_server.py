@@ -26,7 +26,7 @@ CHAT = [{"role": "user", "content": "Hello, how are you?"}]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_app(llama_dir, *, api_key=None, max_queue=1000, core_entry="nanokyro.core:run_core", **kw):
+def make_app(llama_dir, *, api_key=None, max_queue=1000, core_entry="nanokyro.core_process:run_core", **kw):
     opts = dict(model=llama_dir, dtype="float32", kv_cache_memory=16 << 20, max_num_seqs=16)
     return create_app(EngineConfig(**{**opts, **kw}), api_key=api_key, max_queue=max_queue, core_entry=core_entry)
 
@@ -747,7 +747,7 @@ def core_processes() -> list[int]:
     for pid in children(os.getpid()):
         with contextlib.suppress(FileNotFoundError):
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"nanokyro.core:run_core" in f.read():
+                if b"nanokyro.core_process:run_core" in f.read():
                     pids.append(pid)
     return pids
 

@@ -51,7 +51,8 @@ def fp8_configs(rows: int) -> list[GemvConfig]:
             (2, 2048, 4, 8, True), (2, 1024, 4, 8, True), (4, 1024, 8, 8, True), (8, 256, 4, 8, True),
             (16, 256, 4, 8, True), (4, 2048, 8, 8, True), (4, 1024, 4, 16, True), (1, 4096, 4, 8, True),
             (4, 1024, 4, 8, False), (8, 512, 4, 8, False), (2, 2048, 4, 8, False), (1, 2048, 4, 8, False)]]  # fmt: skip
-        # the weight as 32-bit words, fp8 to fp32 by inline PTX (session 12: 63.2-82.1 us a layer; the first is the dispatch's)
+        # the weight as 32-bit words, fp8 to fp32 by inline PTX (session 12: 63.2-82.1 us a layer; the first is
+        # FP8_WORDS_CONFIG, the dispatch's)
         out += [C(1, bn, bk, w, False, vec=8, words=True) for bn, bk, w in [
             (4, 2048, 4), (8, 2048, 4), (16, 1024, 4), (8, 2048, 8), (16, 2048, 8), (8, 4096, 8)]]  # fmt: skip
         out += [C(1, 4, 2048, 4, False, split_k=2), C(1, 4, 2048, 4, False, split_k=4),
