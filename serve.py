@@ -30,12 +30,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="address to listen on (default %(default)s; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=3000, help="port to listen on (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=MAX_QUEUE,
-                   help="answer 429 while more than this many requests await their first token (default %(default)s)")
+                   help="answer 429 once this many requests await their first token (default %(default)s)")
     p.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S,
                    help="seconds an idle HTTP keep-alive connection stays open (default %(default)s)")
     p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT (default %(default)s)")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes, /tokenize and /detokenize")
     p.add_argument("--served-model-name",
                    help="model name clients send and see in /v1/models; default: taken from the model")
     p.add_argument("--tool-call-parser", choices=sorted(FORMATS),

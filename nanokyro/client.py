@@ -1,10 +1,11 @@
 """The frontend's handle on an engine core running in a process of its own.
 
 `CoreClient` spawns the core process (core_process.run_core), learns the model's limits and tokenizer from its
-handshake, sends it requests and aborts, and turns its one message per step into each request's text deltas
-(output.py), all on the frontend's event loop. It watches the process: if the core dies or reports itself unhealthy, every open
-stream fails at once with `EngineDead`, and the `on_dead` callbacks run (serve.py's stops the server). Messages are
-msgspec structs (request.py) over two ZMQ PUSH/PULL sockets on ipc:// endpoints.
+handshake, sends it requests, aborts, adapter loads and unloads and the shutdown, and turns its one message per
+step into each request's text deltas (output.py), all on the frontend's event loop. It watches the process: if
+the core dies or reports itself unhealthy, every open stream fails at once with `EngineDead`, and the `on_dead`
+callbacks run (serve.py's stops the server). Messages are msgspec structs (request.py) over two ZMQ PUSH/PULL
+sockets on ipc:// endpoints.
 
 Nothing here imports torch: the frontend process never loads it.
 """
