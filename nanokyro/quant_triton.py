@@ -88,10 +88,11 @@ def qgemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     per_row = not int4 and scale.shape[1] == 1
     group = K // scale.shape[1] if int4 else fp8_group(K, scale.shape[1])
     x = x if x.stride(1) == 1 else x.contiguous()
-    one_row_words = M == 1 and per_row and not int4 and _words_apply(x, weight)
-    config = config or (FP8_WORDS_CONFIG if one_row_words else gemv_config(M, K, int4, per_row, gated))
-    if config.vec and M == 1 and not int4 and per_row:
-        return _fp8_row(x, weight, scale, bias, gated, config)
+    one_row = M == 1 and per_row and not int4
+    words = one_row and _words_apply(x, weight)
+    config = config or (FP8_WORDS_CONFIG if words else gemv_config(M, K, int4, per_row, gated))
+    if config.vec and one_row:
+        return _fp8_row(x, weight, scale, bias, gated, config, config.words and words)
     block_m, block_n, block_k, num_warps, use_dot, num_stages, split, prefetch, reduce_once = config[:9]
     f16 = config.f16 and use_dot and per_row and not int4
     prefetch = prefetch and not int4 and per_row and block_m == 1 and not use_dot
@@ -119,8 +120,9 @@ def qgemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
 
 
 def _fp8_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, gated: bool,
-             config: GemvConfig) -> torch.Tensor:  # fmt: skip
-    """One row against fp8 `weight` [N, K] with per-row scales [N, 1]: fp8_row_kernel."""
+             config: GemvConfig, words: bool) -> torch.Tensor:  # fmt: skip
+    """One row against fp8 `weight` [N, K] with per-row scales [N, 1]: fp8_row_kernel (`words`: reading the
+    weight as words, where _words_apply allows it)."""
     import triton
 
     K = x.shape[1]
@@ -131,7 +133,7 @@ def _fp8_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     fp8_row_kernel[(triton.cdiv(N, block_n),)](
         x, weight, scale, bias if bias is not None else scale, y, N, K, weight.stride(0), scale.stride(0),
         has_bias=bias is not None, gated=gated, x_2d=config.x_2d, vec=config.vec, block_n=block_n, block_k=block_k,
-        words=config.words and _words_apply(x, weight), num_warps=config.num_warps, num_stages=1,
+        words=words, num_warps=config.num_warps, num_stages=1,
     )  # fmt: skip
     return y
 
