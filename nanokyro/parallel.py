@@ -5,14 +5,14 @@ World = pp * tp ranks; rank = stage * tp + tp_rank. Rank 0 (stage 0, TP rank 0) 
 sampler. Every step it broadcasts the step's plan (msgspec bytes, as a uint8 tensor over a gloo group) to the
 other ranks, which run their shard of the same step: TP ranks all-reduce inside the layers (layers.py), a
 pipeline stage receives the hidden states and residual of the stage before and sends its own to the next, and
-the last stage sends the sampled rows' logits to rank 0. Rank 0 alone samples. In a pipeline, rank 0 neither
-waits for the others to take a plan nor for a step's logits before it launches the next step (core.py keeps a
-step per stage in flight): every rank runs the plans in the order sent, and each pair of ranks sends and receives
-its hidden states and logits in that order, so every send meets its receive. On CUDA, an all-reduce of at most
-SYMM_BYTES (a decode step's) goes through symmetric memory, one kernel that reads the other GPUs' buffers over
-NVLink; larger ones, and every other collective, through NCCL. A step whose input ids read the
-step before's tokens while they are still on their way to the host (placeholders) sends those tokens from rank 0
-to the other ranks of stage 0 right after its plan.
+the last stage sends the sampled rows' logits to rank 0, on a group of their own. Rank 0 alone samples. In a
+pipeline, rank 0 neither waits for the others to take a plan nor for a step's logits before it launches the next
+step (core.py keeps a step per stage in flight): every rank runs the plans in the order sent, and each pair of
+ranks sends and receives its hidden states, and its logits, in that order, so every send meets its receive.
+On CUDA, an all-reduce of at most SYMM_BYTES (a decode step's) goes through symmetric memory, one kernel that
+reads the other GPUs' buffers over NVLink; larger ones, and every other collective, through NCCL. A step whose
+input ids read the step before's tokens while they are still on their way to the host (placeholders) sends those
+tokens from rank 0 to the other ranks of stage 0 right after its plan.
 
 Ranks start either as processes that rank 0 spawns (one node: `LLM(..., tensor_parallel_size=N)`), or all at once
 under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), where ranks > 0 serve until rank 0 stops.
@@ -212,13 +212,15 @@ class Parallel:
     of a world > 1 it also holds the spawned workers (None under torchrun)."""
 
     def __init__(self, shard: Shard, device: torch.device, rank: int = 0, world_size: int = 1,
-                 tp: Group = SINGLE, control: dist.ProcessGroup | None = None, workers: Workers | None = None):  # fmt: skip
+                 tp: Group = SINGLE, control: dist.ProcessGroup | None = None, workers: Workers | None = None,
+                 logits: dist.ProcessGroup | None = None):  # fmt: skip
         self.shard, self.device, self.rank, self.world_size = shard, device, rank, world_size
-        self.tp, self.control, self.workers = tp, control, workers
+        self.tp, self.control, self.workers, self.logits = tp, control, workers, logits
         self.failure: str | None = None  # set once a collective failed: every later step fails at once
         self.closed = False
         self._plans_sent: list[tuple[dist.Work, torch.Tensor]] = []  # rank 0: plan broadcasts not yet taken
         self._unposted: collections.deque[PendingLogits] = collections.deque()  # rank 0: logits not yet received
+        self._logits_sent: list[tuple[dist.Work, torch.Tensor]] = []  # the last stage: logits not yet sent
 
     @contextlib.contextmanager
     def guard(self):
@@ -290,15 +292,21 @@ class Parallel:
         return self.shard.pp_size > 1 and self.shard.last_stage and self.shard.tp_rank == 0
 
     def send_logits(self, logits: torch.Tensor) -> None:
-        dist.send(logits.contiguous(), 0)
+        """To rank 0 over the logits' own group, not waited for: the next step's layers start at once. (Sent on
+        the hidden states' group and waited for, the last stage's next step waited for the send, 0.1 ms on an
+        H200 at 128 rows, and then for its hidden states' receive, queued behind the send.) The tensor stays
+        referenced until sent."""
+        self._logits_sent = [(w, t) for w, t in self._logits_sent if not w.is_completed()]
+        logits = logits.contiguous()
+        self._logits_sent.append((dist.isend(logits, 0, group=self.logits), logits))
 
     def recv_logits(self, rows: int, vocab: int, dtype: torch.dtype) -> PendingLogits:
         """A step's logits from the last stage, received once the receive is posted: by the next step's first
-        send_hidden, after stage 0's layers of that step are queued, or by wait(), whichever comes first. The last
-        stage sends a step's logits before it receives the next step's hidden states, and rank 0 posts in that
-        order. Posted at once, NCCL's receive kernel would hold 16 of the GPU's SMs, waiting, through all of the
-        next step's layers (an H200 PP=2 profile: stage 0's kernels 4.30 ms a step instead of ~3.5); posted after
-        them, it waits only for what the last stage has left to do."""
+        send_hidden, after stage 0's layers of that step are queued, or by wait(), whichever comes first; in the
+        order of the steps, as the last stage sends them. Posted at once, NCCL's receive kernel would hold 16 of
+        the GPU's SMs, waiting, through all of the next step's layers (an H200 PP=2 profile: stage 0's kernels
+        4.30 ms a step instead of ~3.5); posted after them, it waits only for what the last stage has left to
+        do."""
         pending = PendingLogits(torch.empty(rows, vocab, dtype=dtype, device=self.device), None, self)
         self._unposted.append(pending)
         return pending
@@ -307,7 +315,7 @@ class Parallel:
         """Post the logits receives that recv_logits left pending, oldest first."""
         while self._unposted:
             pending = self._unposted.popleft()
-            pending.work = dist.irecv(pending.buf, self.world_size - self.shard.tp_size)
+            pending.work = dist.irecv(pending.buf, self.world_size - self.shard.tp_size, group=self.logits)
 
     def close(self, abort: bool = False) -> None:
         """Rank 0: stop the other ranks (a stop plan; with `abort`, e.g. mid start-up, kill the spawned ones at
@@ -362,9 +370,11 @@ def _init(cfg: EngineConfig, rank: int, world_size: int, local_rank: int, store:
         if s == stage:
             tp_pg = pg
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if backend == "nccl" else dist.group.WORLD
+    # rank 0 and the rank that sends it the logits: a communicator of their own (Parallel.send_logits)
+    logits = dist.new_group([0, world_size - tp_size]) if cfg.pipeline_parallel_size > 1 else None
     shard = Shard(tp_rank, tp_size, stage, cfg.pipeline_parallel_size)
     tp = Group(tp_rank, tp_size, tp_pg, device) if tp_size > 1 else SINGLE
-    return Parallel(shard, device, rank, world_size, tp, control, workers)
+    return Parallel(shard, device, rank, world_size, tp, control, workers, logits)
 
 
 def torchrun_rank() -> int | None:

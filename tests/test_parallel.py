@@ -532,6 +532,54 @@ def test_two_torchrun_nodes_on_one_host_serve_the_tokens_of_one_process(llama_di
             os.killpg(n.pid, 0)
 
 
+def _logits_rank(rank: int, port: int, sent, results) -> None:
+    """One rank of a PP=2 world on gloo. Rank 1, the last stage, sends two steps' logits and says so at once; rank
+    0 posts its receives only after hearing it, then reports what it received."""
+    import torch.distributed as dist
+
+    from nanokyro.parallel import _init
+
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0)
+    par = _init(EngineConfig(device="cpu", pipeline_parallel_size=2), rank, 2, 0, store)
+    if rank == 1:
+        for step in (1, 2):
+            par.send_logits(torch.full((3, 5), float(step)))
+        sent.set()
+        for work, _ in par._logits_sent:
+            work.wait()
+    else:
+        unwaited = sent.wait(60)
+        pending = [par.recv_logits(3, 5, torch.float32) for _ in (1, 2)]
+        results.put((unwaited, [p.wait().tolist() for p in pending]))
+    dist.destroy_process_group()
+
+
+def test_the_last_stage_sends_its_logits_without_waiting_for_rank_0():
+    """The last stage's next step need not wait for its logits to reach rank 0 (an H200 profile: 0.1 ms of every
+    step, and its next hidden states' receive queued behind the send): its sends return before rank 0 has posted
+    a receive, and rank 0 still gets every step's logits, in order."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    sent, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_logits_rank, args=(rank, port, sent, results), daemon=True) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        unwaited, received = results.get(timeout=120)
+        assert unwaited, "the last stage's send waited for rank 0's receive"
+        assert received == [[[1.0] * 5] * 3, [[2.0] * 5] * 3]
+        for p in procs:
+            p.join(timeout=30)
+        assert [p.exitcode for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            p.kill()
+
+
 def _all_reduce_worker(rank: int, port: int) -> None:
     """One of two ranks: Group.all_reduce (symmetric memory for small messages, NCCL past SYMM_BYTES) equals NCCL's
     all-reduce at every size, eagerly and replayed in a CUDA graph with new inputs."""
