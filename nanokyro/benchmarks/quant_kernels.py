@@ -177,9 +177,13 @@ def _warm(job: tuple[int, list[str]]) -> list[str]:
     return errors
 
 
-def warm_up(rows_list: list[int], workers: int) -> None:
-    jobs = [(rows, names[i::workers]) for rows in rows_list for names in [list(variants(rows))]
-            for i in range(workers)]  # fmt: skip
+def matches(name: str, match: str) -> bool:
+    return not match or any(m in name for m in match.split(","))
+
+
+def warm_up(rows_list: list[int], workers: int, match: str) -> None:
+    jobs = [(rows, names[i::workers]) for rows in rows_list
+            for names in [[n for n in variants(rows) if matches(n, match)]] for i in range(workers)]  # fmt: skip
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         for errors in pool.imap_unordered(_warm, jobs):
             for e in errors:
@@ -191,12 +195,13 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
     ap.add_argument("--workers", type=int, default=12, help="processes compiling the Triton settings (0: none)")
     ap.add_argument("--warm-only", action="store_true", help="only compile (e.g. while something else runs)")
-    ap.add_argument("--match", default="", help="comma-separated parts of the variants' names to time (all: '')")
+    ap.add_argument("--match", default="",
+                    help="comma-separated parts of the variants' names to compile and time (all: '')")
     args = ap.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
     if args.workers:
         try:
-            warm_up(rows_list, args.workers)
+            warm_up(rows_list, args.workers, args.match)
         except Exception:  # noqa: BLE001 - the timing pass compiles what is missing
             traceback.print_exc()
     if args.warm_only:
@@ -208,7 +213,7 @@ def main() -> None:
         head = f"{'variant':<40} {'layer us':>9} {'TB/s':>6} " + " ".join(f"{s[0]:>8}" for s in SHAPES)
         print(f"\n## rows {rows}\n{head}")
         for name, (fn, nbytes) in variants(rows).items():
-            if args.match and not any(m in name for m in args.match.split(",")):
+            if not matches(name, args.match):
                 continue
             try:
                 times = [graph_time(lambda d=d, x=x: fn(d, x)) for d, x in zip(weights(), xs)]
