@@ -470,18 +470,13 @@ def test_tp2_and_pp2_through_the_multi_process_server_give_one_process_tokens(ll
 def test_two_torchrun_nodes_on_one_host_serve_the_tokens_of_one_process(llama_dir, hf_llama):
     """`torchrun` started twice, as two nodes of one rank each (node 0 serves HTTP, node 1 runs its TP shard),
     answers with HF's greedy tokens; stopping node 0 stops node 1, and nothing is left running."""
-    import socket
     import subprocess
     import sys
 
     import httpx
 
     from nanokyro.tokenizer import Tokenizer
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from nanokyro.uvicorn_server import free_port
 
     def gpu(rank: int) -> dict:  # on a host with GPUs, each "node" sees one of its own (NCCL takes one rank a GPU)
         return {"CUDA_VISIBLE_DEVICES": str(rank)} if torch.cuda.device_count() >= 2 else {}
@@ -558,11 +553,9 @@ def test_the_last_stage_sends_its_logits_without_waiting_for_rank_0():
     """The last stage's next step need not wait for its logits to reach rank 0 (an H200 profile: 0.1 ms of every
     step, and its next hidden states' receive queued behind the send): its sends return before rank 0 has posted
     a receive, and rank 0 still gets every step's logits, in order."""
-    import socket
+    from nanokyro.uvicorn_server import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = multiprocessing.get_context("spawn")
     sent, results = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_logits_rank, args=(rank, port, sent, results), daemon=True) for rank in (0, 1)]
@@ -613,11 +606,9 @@ def _all_reduce_worker(rank: int, port: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_all_reduce_through_symmetric_memory_equals_nccl_on_two_gpus():
-    import socket
+    from nanokyro.uvicorn_server import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_all_reduce_worker, args=(rank, port), daemon=True) for rank in (0, 1)]
     for p in procs:
