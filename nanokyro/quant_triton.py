@@ -423,6 +423,14 @@ if triton is not None:
         return tl.sum(acc, 1)
 
     @triton.jit
+    def fp8_row_sum(x_ptr, w_rows, K, n_ok, words: tl.constexpr, x_2d: tl.constexpr, vec: tl.constexpr,
+                    block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
+        """One row's unscaled products with fp8 rows [block_n]: read as words, or as fp8 tensors."""
+        if words:
+            return fp8_words_sum(x_ptr, w_rows, K, n_ok, vec, block_n, block_k)
+        return fp8_rows_sum(x_ptr, w_rows, K, n_ok, x_2d, vec, block_n, block_k)
+
+    @triton.jit
     def fp8_row_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, w_stride, s_stride, has_bias: tl.constexpr,
                        gated: tl.constexpr, x_2d: tl.constexpr, vec: tl.constexpr, block_n: tl.constexpr,
                        block_k: tl.constexpr, words: tl.constexpr):  # fmt: skip
@@ -430,18 +438,12 @@ if triton is not None:
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
         n_ok = rn < N
         w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride
-        if words:
-            acc = fp8_words_sum(x_ptr, w_rows, K, n_ok, vec, block_n, block_k)
-        else:
-            acc = fp8_rows_sum(x_ptr, w_rows, K, n_ok, x_2d, vec, block_n, block_k)
+        acc = fp8_row_sum(x_ptr, w_rows, K, n_ok, words, x_2d, vec, block_n, block_k)
         acc *= tl.load(s_ptr + rn * s_stride, mask=n_ok, other=0.0)
         if has_bias:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if gated:
-            if words:
-                up = fp8_words_sum(x_ptr, w_rows + N * w_stride, K, n_ok, vec, block_n, block_k)
-            else:
-                up = fp8_rows_sum(x_ptr, w_rows + N * w_stride, K, n_ok, x_2d, vec, block_n, block_k)
+            up = fp8_row_sum(x_ptr, w_rows + N * w_stride, K, n_ok, words, x_2d, vec, block_n, block_k)
             up *= tl.load(s_ptr + (N + rn) * s_stride, mask=n_ok, other=0.0)
             gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
             acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
