@@ -1,8 +1,8 @@
 """The Triton kernels of the quantised linear layers (quant.py's ops call them on CUDA; the CPU runs them only
 under TRITON_INTERPRET=1, in the tests): `qgemv` reads an FP8 or 4-bit packed weight once and dequantises it in
 registers (GEMVs for a few rows, tensor-core tiles above, settings by row count in GEMV_CONFIG), and single
-kernels that quantise activations per row to FP8 and dequantise int4 weights (the Triton layout and torch's
-tinygemm layout) for cuBLAS."""
+kernels that quantise activations per row to FP8, apply a W8A8 product's scales, and dequantise int4 weights (the
+Triton layout and torch's tinygemm layout) for cuBLAS."""
 from __future__ import annotations
 
 import os
@@ -156,6 +156,19 @@ def quantise_rows_fp8_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     block = triton.next_power_of_2(k)
     _quantise_rows_kernel[(m,)](x, xq, scale, k, x.stride(0), block=block, num_warps=min(max(block // 512, 1), 16))
     return xq, scale
+
+
+def scale_outer_cuda(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+                     dtype: torch.dtype, block_n: int = 1024) -> torch.Tensor:  # fmt: skip
+    """acc [M, N] fp32 * row_scale [M, 1] * col_scale [N, 1].T -> `dtype`, one kernel: a W8A8 product's per-token
+    and per-channel scales applied after a GEMM that ran with unit scales (quant._scaled_mm_fp8's tensorwise)."""
+    import triton
+
+    m, n = acc.shape
+    out = torch.empty(m, n, dtype=dtype, device=acc.device)
+    _scale_outer_kernel[(triton.cdiv(n, block_n), m)](acc, row_scale.reshape(m), col_scale.reshape(n), out, n,
+                                                      acc.stride(0), block_n=block_n)  # fmt: skip
+    return out
 
 
 def dequantise_int4_cuda(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -485,6 +498,15 @@ if triton is not None:
         z = tl.load(sz + 1, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], ((q - 8) * s + z).to(out_ptr.dtype.element_ty),
                  mask=ok)  # fmt: skip
+
+    @triton.jit
+    def _scale_outer_kernel(acc_ptr, r_ptr, c_ptr, out_ptr, N, acc_stride, block_n: tl.constexpr):
+        """Row m of acc, block_n columns at a time, times its row's scale and each column's."""
+        row = tl.program_id(1)
+        cols = tl.program_id(0) * block_n + tl.arange(0, block_n)
+        acc = tl.load(acc_ptr + row * acc_stride + cols, mask=cols < N, other=0.0)
+        y = acc * tl.load(r_ptr + row) * tl.load(c_ptr + cols, mask=cols < N, other=0.0)
+        tl.store(out_ptr + row * N + cols, y.to(out_ptr.dtype.element_ty), mask=cols < N)
 
     @triton.jit
     def _quantise_rows_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, block: tl.constexpr):

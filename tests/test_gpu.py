@@ -431,6 +431,23 @@ def test_quantised_kernels_match_dequantised_matmul(fmt, rows):
         assert rel_err(got.float(), want) < (6e-2 if w8a8 else 1e-2), (n, k, kind)
 
 
+@pytest.mark.parametrize("rows", [17, 200])
+def test_fp8_tensorwise_scaling_matches_rowwise(rows):
+    """W8A8 with the scales applied after cuBLASLt's unit-scale fp8 GEMM (quant.W8A8_SCALING "tensorwise") against
+    `_scaled_mm`'s rowwise scaling: the same quantised operands and fp32 sums, so the outputs differ by bf16
+    rounding only; a partial block of 16 outputs (padded)."""
+    from nanokyro import quant
+
+    gen = torch.Generator(DEVICE).manual_seed(rows)
+    for n, k in [(4096, 14336), (6150, 4096), (37, 1024)]:
+        (wq, scale), _ = quantised_weight("fp8-channel", n, k, gen)
+        x = torch.randn(rows, k, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+        rowwise = quant._scaled_mm_fp8(x, wq, scale, "rowwise").float()
+        tensorwise = quant._scaled_mm_fp8(x, wq, scale, "tensorwise").float()
+        assert tensorwise.shape == (rows, n)
+        assert rel_err(tensorwise, rowwise) < 4e-3, (n, k)
+
+
 def test_fp8_one_row_words_settings_match_dequantised_matmul():
     """The sweep's one-row FP8 settings that read the weight as words (inline PTX, which the CPU interpreter
     cannot run) against an fp32 matmul with the dequantised weight: plain with a long K, a bias, gated, a

@@ -47,7 +47,8 @@ jit.JITFunction.run = compile_only
 from nanokyro import lora_kernels, small_batch
 from nanokyro.attention import triton_write_kv
 from nanokyro.quant_formats import FP8, pack_rows, tinygemm_pack, tinygemm_scales_zeros
-from nanokyro.quant_triton import dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv, quantise_rows_fp8_cuda
+from nanokyro.quant_triton import (dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv, quantise_rows_fp8_cuda,
+                                   scale_outer_cuda)
 
 bf16, K = torch.bfloat16, 4096
 x = lambda m, k=K: torch.randn(m, k, dtype=bf16)
@@ -76,6 +77,7 @@ for m in (1, 4, 16, 64):
     q, scales, zeros = torch.randint(0, 16, (256, K)), torch.rand(256, K // 128, dtype=bf16), torch.rand(256, K // 128, dtype=bf16)
     qgemv(x(m), pack_rows(q), scales, zeros, None, m == 4)
 quantise_rows_fp8_cuda(x(5))
+scale_outer_cuda(torch.randn(5, 300), torch.rand(5, 1), torch.rand(300, 1), bf16)
 dequantise_int4_cuda(pack_rows(q), scales, zeros, bf16)
 dequantise_tinygemm_cuda(tinygemm_pack(q, 8), tinygemm_scales_zeros(scales, zeros))
 
@@ -99,6 +101,6 @@ def test_every_cuda_kernel_compiles_for_hopper():
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     names = out.stdout.strip().rsplit("]", 1)[0]
-    for kernel in ("kernel", "qgemv_kernel", "_quantise_rows_kernel", "_dequant_int4_kernel",
+    for kernel in ("kernel", "qgemv_kernel", "_quantise_rows_kernel", "_scale_outer_kernel", "_dequant_int4_kernel",
                    "_dequant_tinygemm_kernel", "gemv_kernel", "rms_norm_kernel", "shrink", "expand"):  # fmt: skip
         assert f"'{kernel}'" in names, (kernel, out.stdout)

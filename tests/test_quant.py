@@ -263,7 +263,12 @@ def test_block_fp8_checkpoint_matches_transformers_loading_it(base, tmp_path):
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
 
 
-def test_compressed_tensors_fp8_matches_dequantised_reference(base, tmp_path):
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+def test_compressed_tensors_fp8_matches_dequantised_reference(base, tmp_path, monkeypatch, scaling):
+    """W8A8 with the scales applied by `_scaled_mm` (rowwise) and after it (tensorwise, quant.W8A8_SCALING)."""
+    from nanokyro import quant
+
+    monkeypatch.setattr(quant, "W8A8_SCALING", scaling)
     path, deq = quantised_checkpoint(base, str(tmp_path / "ctfp8"), "ct-fp8")
     hf = reference(base, deq)
     llm = make_llm(path)
@@ -421,6 +426,9 @@ for rows, gated, split in [(1, False, 1), (1, False, 3), (5, True, 1)]:  # the t
     got = qt.qgemv(x, (wg / sg).to(qf.FP8), sg, None, None, gated, config)
     worst_f16 = max(worst_f16, ((got - want).abs().max() / want.abs().max()).item())
 assert worst_f16 < 2e-3, worst_f16  # x rounded to f16: 11 significant bits
+acc, rs, cs = torch.randn(5, 1500), torch.rand(5, 1) + 0.5, torch.rand(1500, 1) + 0.5  # the W8A8 epilogue
+got = qt.scale_outer_cuda(acc, rs, cs, torch.float32, block_n=256)
+assert torch.allclose(got, acc * rs * cs.T, rtol=1e-6, atol=0), "scale_outer kernel"
 for inner in (4, 8):
     q = torch.randint(0, 16, (24, 512))
     packed, sz = qf.tinygemm_pack(q, inner), qf.tinygemm_scales_zeros(torch.rand(24, 8), torch.rand(24, 8) * 15)
@@ -434,7 +442,7 @@ print(worst)
 def test_triton_kernels_match_dequantised_matmul_in_the_interpreter():
     """The CUDA kernels (GEMV at 1 row, 3 rows; tensor-core tiles at 9 and 40; fp8 per-channel and block-wise with
     a partial block; int4 groups of 32, 64, 128; gated; split-K; prefetching; the one-row FP8 kernel; the
-    tinygemm layout's dequantise kernel; the tiles' dot in f16) run by Triton's interpreter on the CPU, against the dequantised weight."""
+    W8A8 scales' epilogue; the tinygemm layout's dequantise kernel; the tiles' dot in f16) run by Triton's interpreter on the CPU, against the dequantised weight."""
     import subprocess
     import sys
 

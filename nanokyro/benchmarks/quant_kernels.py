@@ -119,7 +119,9 @@ def variants(rows: int) -> dict:
                                         v["bf16 cuBLAS"][1])  # fmt: skip
     v["fp8 dispatch"] = (lambda d, x: torch.ops.nanokyro.fp8_linear(x, d["wq"], d["scale"], None, d["gated"], True),
                          fp8_bytes)  # fmt: skip
-    v["fp8 _scaled_mm"] = (lambda d, x: g(quant._scaled_mm_fp8(x, d["wq"], d["scale"]), d["gated"]), fp8_bytes)
+    for scaling in ("rowwise", "tensorwise"):  # the scales applied by torch._scaled_mm, or after it
+        v[f"fp8 _scaled_mm {scaling}"] = (
+            lambda d, x, s=scaling: g(quant._scaled_mm_fp8(x, d["wq"], d["scale"], s), d["gated"]), fp8_bytes)
     for c in fp8_configs(rows):
         v[label(c)] = (lambda d, x, c=c: qgemv(x, d["wq"], d["scale"], None, None, d["gated"], c), fp8_bytes)
     for inner in (8, 4):
