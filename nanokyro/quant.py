@@ -48,7 +48,8 @@ GEMV_MAX_ROWS = 16  # FP8 per-channel: the Triton kernel up to here, _scaled_mm 
 # FP8 per-channel W8A8 (above GEMV_MAX_ROWS): "rowwise" hands both scales to torch._scaled_mm (on sm_90 torch's
 # CUTLASS rowwise kernel, 119-124 us a llama-3.1-8b layer at 32-64 rows, no faster than bf16 cuBLAS though it
 # reads half the bytes); "tensorwise" runs cuBLASLt's fp8 GEMM with unit scales into fp32 and applies the scales
-# after, in one Triton kernel. Not yet measured against each other (the sweep's "fp8 _scaled_mm tensorwise").
+# after, in one Triton kernel (its fp32 product takes twice the output's bytes: 0.9 GB for llama-3.1-8b's gate/up
+# at 8192 tokens). Not yet measured against each other (the sweep's "fp8 _scaled_mm tensorwise").
 W8A8_SCALING = "rowwise"
 INT4_DEQUANT_ROWS = 512  # int4 on CUDA: the Triton kernel below this, dequantise + cuBLAS from here
 # int4 in torch's tinygemm layout: `_weight_int4pack_mm` up to here, dequantise + cuBLAS above (the sweep in
