@@ -165,9 +165,9 @@ def scale_outer_cuda(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torc
     import triton
 
     m, n = acc.shape
+    acc, row_scale, col_scale = acc.contiguous(), row_scale.reshape(m).contiguous(), col_scale.reshape(n).contiguous()
     out = torch.empty(m, n, dtype=dtype, device=acc.device)
-    _scale_outer_kernel[(triton.cdiv(n, block_n), m)](acc, row_scale.reshape(m), col_scale.reshape(n), out, n,
-                                                      acc.stride(0), block_n=block_n)  # fmt: skip
+    _scale_outer_kernel[(triton.cdiv(n, block_n), m)](acc, row_scale, col_scale, out, n, block_n=block_n)
     return out
 
 
@@ -500,11 +500,11 @@ if triton is not None:
                  mask=ok)  # fmt: skip
 
     @triton.jit
-    def _scale_outer_kernel(acc_ptr, r_ptr, c_ptr, out_ptr, N, acc_stride, block_n: tl.constexpr):
-        """Row m of acc, block_n columns at a time, times its row's scale and each column's."""
+    def _scale_outer_kernel(acc_ptr, r_ptr, c_ptr, out_ptr, N, block_n: tl.constexpr):
+        """Row m of acc, block_n columns at a time, times its row's scale and each column's (all contiguous)."""
         row = tl.program_id(1)
         cols = tl.program_id(0) * block_n + tl.arange(0, block_n)
-        acc = tl.load(acc_ptr + row * acc_stride + cols, mask=cols < N, other=0.0)
+        acc = tl.load(acc_ptr + row * N + cols, mask=cols < N, other=0.0)
         y = acc * tl.load(r_ptr + row) * tl.load(c_ptr + cols, mask=cols < N, other=0.0)
         tl.store(out_ptr + row * N + cols, y.to(out_ptr.dtype.element_ty), mask=cols < N)
 

@@ -445,7 +445,7 @@ def test_fp8_tensorwise_scaling_matches_rowwise(rows):
         rowwise = quant._scaled_mm_fp8(x, wq, scale, "rowwise").float()
         tensorwise = quant._scaled_mm_fp8(x, wq, scale, "tensorwise").float()
         assert tensorwise.shape == (rows, n)
-        assert rel_err(tensorwise, rowwise) < 4e-3, (n, k)
+        assert rel_err(tensorwise, rowwise) < 1e-3, (n, k)
 
 
 def test_fp8_one_row_words_settings_match_dequantised_matmul():

@@ -429,6 +429,9 @@ assert worst_f16 < 2e-3, worst_f16  # x rounded to f16: 11 significant bits
 acc, rs, cs = torch.randn(5, 1500), torch.rand(5, 1) + 0.5, torch.rand(1500, 1) + 0.5  # the W8A8 epilogue
 got = qt.scale_outer_cuda(acc, rs, cs, torch.float32, block_n=256)
 assert torch.allclose(got, acc * rs * cs.T, rtol=1e-6, atol=0), "scale_outer kernel"
+wide, sz2 = torch.randn(1500, 10), torch.rand(1500, 2)  # strided views: a column of each
+got = qt.scale_outer_cuda(wide[:, :5].T, rs, sz2[:, :1], torch.float32)
+assert torch.allclose(got, wide[:, :5].T * rs * sz2[:, :1].T, rtol=1e-6, atol=0), "scale_outer kernel, strided"
 for inner in (4, 8):
     q = torch.randint(0, 16, (24, 512))
     packed, sz = qf.tinygemm_pack(q, inner), qf.tinygemm_scales_zeros(torch.rand(24, 8), torch.rand(24, 8) * 15)
