@@ -17,7 +17,8 @@ How they multiply (`Fp8Method.matmul`, `Int4Method.matmul`, one custom op each s
 - on CUDA, FP8: one Triton kernel (`qgemv`) that reads the packed weight once and dequantises it in registers,
   the activations staying in the model's dtype: a GEMV for one or two rows (decode is bound by reading the
   weights), tensor-core tiles above. With per-channel scales it runs up to GEMV_MAX_ROWS rows; from there the
-  activations are quantised per token (dynamic scales) and `torch._scaled_mm` multiplies (W8A8; W8A8_SCALING).
+  activations are quantised per token (dynamic scales) and `torch._scaled_mm` multiplies (W8A8;
+  W8A8_TENSORWISE_MAX_ROWS).
 - on CUDA, int4 in the tinygemm layout: `torch._weight_int4pack_mm` up to TINYGEMM_MAX_ROWS rows, the weight
   dequantised (one Triton kernel) + cuBLAS above; in the other layout the Triton kernel, dequantise + cuBLAS
   from INT4_DEQUANT_ROWS. Settings and switch points come from the sweep in docs/PERFORMANCE.md.
@@ -45,12 +46,13 @@ from nanokyro.quant_triton import (dequantise_int4_cuda, dequantise_tinygemm_cud
 from nanokyro.small_batch import silu_and_mul
 
 GEMV_MAX_ROWS = 16  # FP8 per-channel: the Triton kernel up to here, _scaled_mm above (docs/PERFORMANCE.md's sweep)
-# FP8 per-channel W8A8 (above GEMV_MAX_ROWS): "rowwise" hands both scales to torch._scaled_mm (on sm_90 torch's
-# CUTLASS rowwise kernel, 119-124 us a llama-3.1-8b layer at 32-64 rows, no faster than bf16 cuBLAS though it
-# reads half the bytes); "tensorwise" runs cuBLASLt's fp8 GEMM with unit scales into fp32 and applies the scales
-# after, in one Triton kernel (its fp32 product takes twice the output's bytes: 0.9 GB for llama-3.1-8b's gate/up
-# at 8192 tokens). Not yet measured against each other (the sweep's "fp8 _scaled_mm tensorwise").
-W8A8_SCALING = "rowwise"
+# FP8 per-channel W8A8 above GEMV_MAX_ROWS, up to this many rows (decode batches): cuBLASLt's fp8 GEMM with unit
+# scales into fp32, the per-token and per-channel scales applied after it in one Triton kernel ("tensorwise": 80-111
+# us a llama-3.1-8b layer at 17-128 rows, against 121-131 for `_scaled_mm` with both scales, torch's CUTLASS rowwise
+# kernel, and 124-149 for bf16 cuBLAS; session 15's sweep in docs/PERFORMANCE.md). Above it (prefill chunks) the
+# rowwise kernel: the fp32 product costs twice the output's bytes (0.9 GB for gate/up at 8192 tokens), and at 256
+# rows the two are already even.
+W8A8_TENSORWISE_MAX_ROWS = 256
 INT4_DEQUANT_ROWS = 512  # int4 on CUDA: the Triton kernel below this, dequantise + cuBLAS from here
 # int4 in torch's tinygemm layout: `_weight_int4pack_mm` up to here, dequantise + cuBLAS above (the sweep in
 # docs/PERFORMANCE.md: tinygemm's time grows with the rows, 1.5x the dequantise path's at 32)
@@ -260,14 +262,15 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
 def _scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                    scaling: str | None = None) -> torch.Tensor:  # fmt: skip
     """x [M, K] @ (weight * scale).T with x quantised per token: `torch._scaled_mm`, the scales applied by it
-    (rowwise) or after it (tensorwise; `scaling`, by default W8A8_SCALING), K and N padded to multiples of 16
-    where they are not (CUDA needs it)."""
+    (rowwise) or after it (tensorwise; `scaling`, by default by W8A8_TENSORWISE_MAX_ROWS), K and N padded to
+    multiples of 16 where they are not (CUDA needs it)."""
     n, k = weight.shape
+    scaling = scaling or ("tensorwise" if x.shape[0] <= W8A8_TENSORWISE_MAX_ROWS else "rowwise")
     xq, xs = quantise_rows_fp8_cuda(x) if x.is_cuda else quantise_rows_fp8(x)
     pk, pn = -k % 16, -n % 16
     if pk or pn:
         xq, weight, scale = F.pad(xq, (0, pk)), F.pad(weight, (0, pk, 0, pn)), F.pad(scale, (0, 0, 0, pn), value=1.0)
-    if (scaling or W8A8_SCALING) == "tensorwise":
+    if scaling == "tensorwise":
         one = _unit_scale(x.device)
         acc = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
         y = scale_outer_cuda(acc, xs, scale, x.dtype) if x.is_cuda else (acc * xs * scale.t()).to(x.dtype)

@@ -433,7 +433,7 @@ def test_quantised_kernels_match_dequantised_matmul(fmt, rows):
 
 @pytest.mark.parametrize("rows", [17, 200])
 def test_fp8_tensorwise_scaling_matches_rowwise(rows):
-    """W8A8 with the scales applied after cuBLASLt's unit-scale fp8 GEMM (quant.W8A8_SCALING "tensorwise") against
+    """W8A8 with the scales applied after cuBLASLt's unit-scale fp8 GEMM (quant.W8A8_TENSORWISE_MAX_ROWS) against
     `_scaled_mm`'s rowwise scaling: the same quantised operands and fp32 sums, so the outputs differ by bf16
     rounding only; a partial block of 16 outputs (padded)."""
     from nanokyro import quant
