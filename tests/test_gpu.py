@@ -505,15 +505,28 @@ def test_quantised_tinygemm_matches_dequantised_matmul(group, rows):
 
 @pytest.mark.parametrize("method", ["fp8", "awq"])
 def test_quantised_engine_graphs_match_eager(method):
-    """A quantised model through the decode graphs and compiled steps gives the eager engine's greedy tokens (the
-    first ones: bf16 rounding differs between kernels)."""
+    """A quantised model through the compiled steps and the decode graphs gives the eager engine's logits, step by
+    step for every sequence whose tokens so far agree. Not its greedy tokens: with FP8 the prefill's activations
+    are quantised too, so the compiled kernels' bf16 roundings move some FP8 roundings, and on this dummy model the
+    first step's logits differ by 0.09-0.10 relative (session 15; by 0.25-0.33 at most, with the W8A8 scales applied
+    by `_scaled_mm` or after it alike), and top-2 margins of 0.0-0.05 (the logits' std is 0.64) flip 1 to 3 of the 6
+    argmaxes. A stale graph buffer, a row's logits in another row or a misapplied scale are off by about 1.4."""
     prompts = [[5 + i, 17, 300 + i, 9] for i in range(6)]
-    params = SamplingParams(max_tokens=4, temperature=0)
-    outs = []
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    runs = []
     for eager in (True, False):
         llm = qwen3(quantization=method, enforce_eager=eager)
-        outs.append([o.token_ids for o in llm.generate(prompts, params)])
-        del llm
+        seen = record_logits(llm)
+        tokens = [o.token_ids for o in llm.generate(prompts, params)]
+        runs.append((tokens, [step.float().cpu() for step in seen]))
+        del llm, seen
         free_cuda()
-    same = sum(a[0] == b[0] for a, b in zip(*outs))
-    assert same >= 5, outs
+    (tokens_e, steps_e), (tokens_g, steps_g) = runs
+    assert min(len(steps_e), len(steps_g)) >= params.max_tokens
+    compared = 0
+    for t, (e, g) in enumerate(zip(steps_e[: params.max_tokens], steps_g)):
+        agree = [i for i in range(len(prompts)) if tokens_e[i][:t] == tokens_g[i][:t]]
+        err = (e[agree] - g[agree]).norm(dim=-1) / e[agree].norm(dim=-1)
+        assert err.max() < 0.4, (t, err)
+        compared += len(agree)
+    assert compared > len(prompts), (tokens_e, tokens_g)  # some decode steps (through the graphs) compared too
