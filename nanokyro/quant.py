@@ -47,7 +47,7 @@ from nanokyro.small_batch import silu_and_mul
 
 GEMV_MAX_ROWS = 16  # FP8 per-channel: the Triton kernel up to here, _scaled_mm above (docs/PERFORMANCE.md's sweep)
 # FP8 per-channel W8A8 above GEMV_MAX_ROWS, up to this many rows (decode batches): cuBLASLt's fp8 GEMM with unit
-# scales into fp32, the per-token and per-channel scales applied after it in one Triton kernel ("tensorwise": 80-111
+# scales into fp32, the per-token and per-channel scales applied after it in one Triton kernel ("tensorwise": 84-111
 # us a llama-3.1-8b layer at 17-128 rows, against 121-131 for `_scaled_mm` with both scales, torch's CUTLASS rowwise
 # kernel, and 124-149 for bf16 cuBLAS; session 15's sweep in docs/PERFORMANCE.md). Above it (prefill chunks) the
 # rowwise kernel: the fp32 product costs twice the output's bytes (0.9 GB for gate/up at 8192 tokens), and at 256
