@@ -526,7 +526,8 @@ def test_quantised_engine_graphs_match_eager(method):
     compared = 0
     for t, (e, g) in enumerate(zip(steps_e[: params.max_tokens], steps_g)):
         agree = [i for i in range(len(prompts)) if tokens_e[i][:t] == tokens_g[i][:t]]
-        err = (e[agree] - g[agree]).norm(dim=-1) / e[agree].norm(dim=-1)
-        assert err.max() < 0.4, (t, err)
+        if agree:
+            err = (e[agree] - g[agree]).norm(dim=-1) / e[agree].norm(dim=-1)
+            assert err.max() < 0.4, (t, err)
         compared += len(agree)
     assert compared > len(prompts), (tokens_e, tokens_g)  # some decode steps (through the graphs) compared too
