@@ -16,9 +16,9 @@ output features and dim 1 for input features (or groups of them) exactly as for 
 How they multiply (`Fp8Method.matmul`, `Int4Method.matmul`, one custom op each so compiled graphs stay whole):
 - on CUDA, FP8: one Triton kernel (`qgemv`) that reads the packed weight once and dequantises it in registers,
   the activations staying in the model's dtype: a GEMV for one or two rows (decode is bound by reading the
-  weights), tensor-core tiles above. With per-channel scales it runs up to GEMV_MAX_ROWS rows; from there the
-  activations are quantised per token (dynamic scales) and `torch._scaled_mm` multiplies (W8A8;
-  W8A8_TENSORWISE_MAX_ROWS).
+  weights), tensor-core tiles above. With per-channel scales it runs for GEMV_MAX_ROWS rows (one); from there
+  the activations are quantised per token (dynamic scales) and `torch._scaled_mm` multiplies (W8A8;
+  W8A8_TENSORWISE_MAX_ROWS). Block-wise scales keep the Triton kernel at every size.
 - on CUDA, int4 in the tinygemm layout: `torch._weight_int4pack_mm` up to TINYGEMM_MAX_ROWS rows, the weight
   dequantised (one Triton kernel) + cuBLAS above; in the other layout the Triton kernel, dequantise + cuBLAS
   from INT4_DEQUANT_ROWS. Settings and switch points come from the sweep in docs/PERFORMANCE.md.
@@ -45,7 +45,9 @@ from nanokyro.quant_triton import (dequantise_int4_cuda, dequantise_tinygemm_cud
                                    scale_outer_cuda)  # fmt: skip
 from nanokyro.small_batch import silu_and_mul
 
-GEMV_MAX_ROWS = 16  # FP8 per-channel: the Triton kernel up to here, _scaled_mm above (docs/PERFORMANCE.md's sweep)
+# FP8 per-channel: the Triton GEMV up to here (63.6 us a llama-3.1-8b layer at one row), W8A8 above (at 2-16 rows
+# 79-82 us, the Triton tiles 91-92; a decode step at batch 8 4.31 ms against 4.58: session 16 in docs/PERFORMANCE.md)
+GEMV_MAX_ROWS = 1
 # FP8 per-channel W8A8 above GEMV_MAX_ROWS, up to this many rows (decode batches): cuBLASLt's fp8 GEMM with unit
 # scales into fp32, the per-token and per-channel scales applied after it in one Triton kernel ("tensorwise": 84-111
 # us a llama-3.1-8b layer at 17-128 rows, against 121-131 for `_scaled_mm` with both scales, torch's CUTLASS rowwise
@@ -283,7 +285,7 @@ def _scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                gated: bool, w8a8: bool) -> torch.Tensor:  # fmt: skip
     """x [M, K] @ w.T (+ bias) for fp8 w [N, K] with scales [N, K / gk]; `gated`: w stacks gate and up and the
-    result is silu(x @ gate.T) * (x @ up.T). `w8a8` (per-channel scales [N, 1]): from GEMV_MAX_ROWS rows up,
+    result is silu(x @ gate.T) * (x @ up.T). `w8a8` (per-channel scales [N, 1]): above GEMV_MAX_ROWS rows
     activations are quantised per token too."""
     if x.is_cuda and (x.shape[0] <= GEMV_MAX_ROWS or not w8a8):
         return qgemv(x, weight, scale, None, bias, gated)
