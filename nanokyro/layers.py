@@ -65,7 +65,7 @@ def pack_for_cpu(model, rows: int = 1) -> None:
         if isinstance(m, ReplicatedLinear) and m.quant is None and _packable(m.weight):
             m.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows),
                                     requires_grad=False)  # fmt: skip
-    if model.head is not None:  # the last stage
+    if model.head is not None:  # the ranks that hold it
         pack_head(model.head, rows)
 
 

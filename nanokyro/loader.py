@@ -3,7 +3,8 @@
 Every source yields full checkpoint tensors under their HF names, one at a time; each goes to its parameter's
 `weight_loader` (layers.py), which copies this rank's shard of it (q/k/v into qkv_proj, gate/up into
 gate_up_proj, a slice of heads / features / vocab under tensor parallelism). A pipeline stage is not given the
-other stages' layers at all. Quantised models (quant.py): the layers get their quantised parameters before
+other stages' layers at all, nor a rank the embedding, final norm or LM head it does not hold (in a pipeline the
+head is rank 0's, whole: model.py). Quantised models (quant.py): the layers get their quantised parameters before
 loading, a pre-quantised checkpoint's tensors are re-laid to match on the way in, and full-precision weights
 asked to be quantised are quantised once loaded.
 """
@@ -53,7 +54,7 @@ DUMMY_ARCHITECTURES = {
 _FUSED = re.compile(r"(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(\w+)$")  # weight, bias, qweight, ...
 _SHARD_IDS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "gate_proj": 0, "up_proj": 1}
 _LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.(.*)")
-_STAGE_PARAMS = {"embed_tokens.weight", "norm.weight", "lm_head.weight"}  # on the first or the last stage only
+_STAGE_PARAMS = {"embed_tokens.weight", "norm.weight", "lm_head.weight"}  # on some ranks of a pipeline only
 log = logging.getLogger("nanokyro")
 
 
@@ -162,12 +163,18 @@ def build_model(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype
 
 
 def wanted(model: LlamaModel) -> Callable[[str], bool]:
-    """Whether a checkpoint tensor (HF name) has a place in this model's pipeline stage: layers of other stages
-    are never read."""
+    """Whether a checkpoint tensor (HF name) has a place in this rank's shard: layers of other stages, and an
+    embedding, final norm or LM head that the rank does not hold, are never read."""
+    held = {name for name, _ in model.named_parameters() if name in _STAGE_PARAMS}
+    if model.cfg.tie_word_embeddings and "lm_head.weight" in held:  # a tied head's copy is read from the embedding
+        held = held - {"lm_head.weight"} | {"embed_tokens.weight"}
 
     def want(name: str) -> bool:
         m = _LAYER.match(name)
-        return m is None or int(m[1]) in model.layer_range
+        if m is not None:
+            return int(m[1]) in model.layer_range
+        name = name.removeprefix("model.")
+        return name in held or name not in _STAGE_PARAMS
 
     return want
 
@@ -225,7 +232,7 @@ def _load_tensors(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]]
             name = f"layers.{int(m[1]) - first_layer}.{m[2]}"
         targets = [name]
         if name == "embed_tokens.weight" and cfg.tie_word_embeddings and "lm_head.weight" in params:
-            targets.append("lm_head.weight")  # a tied head on a later pipeline stage than the embedding
+            targets.append("lm_head.weight")  # a tied head whole on rank 0 of a pipeline, the embedding split over TP
         for target in targets:
             shard_id = None
             m = _FUSED.match(target)
@@ -236,7 +243,7 @@ def _load_tensors(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]]
             param = params.get(target)
             if param is None:
                 if target in _STAGE_PARAMS and model.shard.pp_size > 1:
-                    continue  # another stage's
+                    continue  # another rank's
                 raise ValueError(f"unexpected tensor {name!r} in checkpoint")
             if hasattr(param, "weight_loader"):  # the linear layers and embeddings: this rank's shard of it
                 param.weight_loader(param, tensor, shard_id)

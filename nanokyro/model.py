@@ -5,7 +5,8 @@ end with no padding, prefill chunks and decodes mixed. Attention reads and write
 the step's attention backend; logits are computed only for the rows that are sampled.
 
 A model is one rank's `Shard`: its pipeline stage's layers (numbered from 0 within the stage), each split over
-the TP group by the layers of layers.py; with one rank it is the whole model.
+the TP group by the layers of layers.py, and the LM head where the shard holds it; with one rank it is the whole
+model.
 """
 from __future__ import annotations
 
@@ -70,8 +71,10 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """`forward` returns final hidden states [T, hidden]; `compute_logits` maps the sampled rows to the vocab.
-    Pipeline stages: the first embeds, the last normalises and holds the LM head; a stage other than the last
-    returns (hidden, residual) for the next, which passes them in as `intermediate`."""
+    Pipeline stages: the first embeds, the last normalises; a stage other than the last returns (hidden, residual)
+    for the next, which passes them in as `intermediate`. The LM head is where `shard.holds_head` says: on every
+    rank of one stage, split over the TP group; in a pipeline on rank 0 alone, whole, which the last stage sends
+    the sampled rows' final hidden states (runner.py)."""
 
     def __init__(self, cfg: ModelConfig, shard: Shard = Shard(), tp: Group = SINGLE):
         super().__init__()
@@ -80,11 +83,11 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp) if shard.first_stage else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(len(self.layer_range)))
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.norm = self.lm_head = None
-        if shard.last_stage:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            if not cfg.tie_word_embeddings or not shard.first_stage:  # tied: the last stage loads a copy
-                self.lm_head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if shard.last_stage else None
+        self.lm_head = None
+        whole = shard.pp_size > 1 and shard.tp_size > 1  # the head whole beside an embedding split over the TP group
+        if shard.holds_head and (not cfg.tie_word_embeddings or whole):  # tied and whole: a copy of the embedding
+            self.lm_head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, SINGLE if whole else tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, intermediate=None, lora=None):
         """attn(layer_idx, q, k, v) -> [T, H, D]: the step's attention backend, already planned. lora [T]: each
@@ -99,8 +102,10 @@ class LlamaModel(nn.Module):
 
     @property
     def head(self) -> VocabParallelEmbedding | None:
-        """The LM head: its own, or the tied embedding; None on a stage other than the last."""
-        return (self.lm_head or self.embed_tokens) if self.norm is not None else None
+        """The LM head: its own, or the tied embedding; None on a rank that holds none."""
+        if not self.shard.holds_head:
+            return None
+        return self.lm_head if self.lm_head is not None else self.embed_tokens
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head.logits(hidden)

@@ -5,10 +5,11 @@ World = pp * tp ranks; rank = stage * tp + tp_rank. Rank 0 (stage 0, TP rank 0) 
 sampler. Every step it broadcasts the step's plan (msgspec bytes, as a uint8 tensor over a gloo group) to the
 other ranks, which run their shard of the same step: TP ranks all-reduce inside the layers (layers.py), a
 pipeline stage receives the hidden states and residual of the stage before and sends its own to the next, and
-the last stage sends the sampled rows' logits to rank 0, on a group of their own. Rank 0 alone samples. In a
-pipeline, rank 0 neither waits for the others to take a plan nor for a step's logits before it launches the next
-step (core.py keeps a step per stage in flight): every rank runs the plans in the order sent, and each pair of
-ranks sends and receives its hidden states, and its logits, in that order, so every send meets its receive.
+the last stage sends the sampled rows' final hidden states to rank 0, on a group of their own: in a pipeline the
+LM head is rank 0's, beside the sampler (`Shard.holds_head`). Rank 0 alone samples. In a pipeline, rank 0 neither
+waits for the others to take a plan nor for a step's final hidden states before it launches the next step
+(core.py keeps a step per stage in flight): every rank runs the plans in the order sent, and each pair of ranks
+sends and receives its hidden states, and the final ones, in that order, so every send meets its receive.
 On CUDA, an all-reduce of at most SYMM_BYTES (a decode step's) goes through symmetric memory, one kernel that
 reads the other GPUs' buffers over NVLink; larger ones, and every other collective, through NCCL. A step whose
 input ids read the step before's tokens while they are still on their way to the host (placeholders) sends those
@@ -38,6 +39,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -59,7 +61,8 @@ class WorkerError(RuntimeError):
 
 @dataclass(frozen=True)
 class Shard:
-    """The part of the model a rank holds: its TP slice of every layer of its pipeline stage."""
+    """The part of the model a rank holds: its TP slice of every layer of its pipeline stage, and the LM head
+    where `holds_head`."""
 
     tp_rank: int = 0
     tp_size: int = 1
@@ -79,6 +82,13 @@ class Shard:
     @property
     def last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
+
+    @property
+    def holds_head(self) -> bool:
+        """One stage: every rank holds its TP slice of the LM head (the logits are gathered). A pipeline: rank 0
+        alone holds it, whole, beside the sampler; the last stage sends it the sampled rows' final hidden states
+        (1 MB a 128-row step of llama-3.1-8b in bf16, where its logits were 33 MB)."""
+        return self.pp_size == 1 or (self.first_stage and self.tp_rank == 0)
 
     def num_heads(self, cfg: ModelConfig) -> int:
         return cfg.num_heads // self.tp_size
@@ -213,14 +223,14 @@ class Parallel:
 
     def __init__(self, shard: Shard, device: torch.device, rank: int = 0, world_size: int = 1,
                  tp: Group = SINGLE, control: dist.ProcessGroup | None = None, workers: Workers | None = None,
-                 logits: dist.ProcessGroup | None = None):  # fmt: skip
+                 final: dist.ProcessGroup | None = None):  # fmt: skip
         self.shard, self.device, self.rank, self.world_size = shard, device, rank, world_size
-        self.tp, self.control, self.workers, self.logits = tp, control, workers, logits
+        self.tp, self.control, self.workers, self.final = tp, control, workers, final
         self.failure: str | None = None  # set once a collective failed: every later step fails at once
         self.closed = False
         self._plans_sent: list[tuple[dist.Work, torch.Tensor]] = []  # rank 0: plan broadcasts not yet taken
-        self._unposted: collections.deque[PendingLogits] = collections.deque()  # rank 0: logits not yet received
-        self._logits_sent: list[tuple[dist.Work, torch.Tensor]] = []  # the last stage: logits not yet sent
+        self._unposted: collections.deque[PendingLogits] = collections.deque()  # rank 0: receives not yet posted
+        self._finals_sent: list[tuple[dist.Work, torch.Tensor]] = []  # the last stage: final states not yet sent
 
     @contextlib.contextmanager
     def guard(self):
@@ -271,11 +281,12 @@ class Parallel:
         if self.shard.tp_size > 1:
             dist.broadcast(tokens, 0, group=self.tp.pg)
 
-    # Pipeline stages: the same TP rank of the next / previous stage; logits from the last stage to rank 0.
+    # Pipeline stages: the same TP rank of the next / previous stage; the sampled rows' final hidden states from
+    # the last stage to rank 0.
 
     def send_hidden(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> None:
         """The hidden states and residual [T, hidden] to the next stage (or both stacked already, [2, T, hidden]).
-        Rank 0 first posts the logits receives still pending (recv_logits)."""
+        Rank 0 first posts the final hidden states' receives still pending (recv_final)."""
         self.post_receives()
         dist.send((x if residual is None else torch.stack([x, residual])).contiguous(), self.rank + self.shard.tp_size)
 
@@ -287,35 +298,36 @@ class Parallel:
         return buf
 
     @property
-    def sends_logits(self) -> bool:
-        """The rank that hands the logits to rank 0 in a pipeline: TP rank 0 of the last stage."""
+    def sends_final(self) -> bool:
+        """The rank that hands the final hidden states to rank 0 in a pipeline: TP rank 0 of the last stage."""
         return self.shard.pp_size > 1 and self.shard.last_stage and self.shard.tp_rank == 0
 
-    def send_logits(self, logits: torch.Tensor) -> None:
-        """To rank 0 over the logits' own group, not waited for: the next step's layers start at once. (Sent on
-        the hidden states' group and waited for, the last stage's next step waited for the send, 0.1 ms on an
-        H200 at 128 rows, and then for its hidden states' receive, queued behind the send.) The tensor stays
-        referenced until sent."""
-        self._logits_sent = [(w, t) for w, t in self._logits_sent if not w.is_completed()]
-        logits = logits.contiguous()
-        self._logits_sent.append((dist.isend(logits, 0, group=self.logits), logits))
+    def send_final(self, hidden: torch.Tensor) -> None:
+        """The sampled rows' final hidden states [R, hidden] to rank 0 over their own group, not waited for: the
+        next step's layers start at once. (Sent on the hidden states' group and waited for, the last stage's next
+        step waited for the send, 0.1 ms on an H200 at 128 rows, and then for its hidden states' receive, queued
+        behind the send.) The tensor stays referenced until sent."""
+        self._finals_sent = [(w, t) for w, t in self._finals_sent if not w.is_completed()]
+        hidden = hidden.contiguous()
+        self._finals_sent.append((dist.isend(hidden, 0, group=self.final), hidden))
 
-    def recv_logits(self, rows: int, vocab: int, dtype: torch.dtype) -> PendingLogits:
-        """A step's logits from the last stage, received once the receive is posted: by the next step's first
-        send_hidden, after stage 0's layers of that step are queued, or by wait(), whichever comes first; in the
-        order of the steps, as the last stage sends them. Posted at once, NCCL's receive kernel would hold 16 of
-        the GPU's SMs, waiting, through all of the next step's layers (an H200 PP=2 profile: stage 0's kernels
-        4.30 ms a step instead of ~3.5); posted after them, it waits only for what the last stage has left to
-        do."""
-        pending = PendingLogits(torch.empty(rows, vocab, dtype=dtype, device=self.device), None, self)
+    def recv_final(self, rows: int, hidden: int, dtype: torch.dtype,
+                   head: Callable[[torch.Tensor], torch.Tensor]) -> PendingLogits:  # fmt: skip
+        """A step's logits: its final hidden states from the last stage, to which rank 0 applies `head` once they
+        are here. Received once the receive is posted: by the next step's first send_hidden, after stage 0's
+        layers of that step are queued, or by wait(), whichever comes first; in the order of the steps, as the
+        last stage sends them. Posted at once, NCCL's receive kernel would hold 16 of the GPU's SMs, waiting,
+        through all of the next step's layers (an H200 PP=2 profile: stage 0's kernels 4.30 ms a step instead of
+        ~3.5); posted after them, it waits only for what the last stage has left to do."""
+        pending = PendingLogits(torch.empty(rows, hidden, dtype=dtype, device=self.device), None, self, head)
         self._unposted.append(pending)
         return pending
 
     def post_receives(self) -> None:
-        """Post the logits receives that recv_logits left pending, oldest first."""
+        """Post the final hidden states' receives that recv_final left pending, oldest first."""
         while self._unposted:
             pending = self._unposted.popleft()
-            pending.work = dist.irecv(pending.buf, self.world_size - self.shard.tp_size, group=self.logits)
+            pending.work = dist.irecv(pending.buf, self.world_size - self.shard.tp_size, group=self.final)
 
     def close(self, abort: bool = False) -> None:
         """Rank 0: stop the other ranks (a stop plan; with `abort`, e.g. mid start-up, kill the spawned ones at
@@ -335,19 +347,22 @@ class Parallel:
 
 @dataclass
 class PendingLogits:
-    """A pipeline step's logits on their way from the last stage to rank 0."""
+    """A pipeline step's logits, its sampled rows' final hidden states on their way from the last stage to rank 0."""
 
-    buf: torch.Tensor
+    buf: torch.Tensor  # [R, hidden]
     work: dist.Work | None  # None until the receive is posted
     parallel: Parallel
+    head: Callable[[torch.Tensor], torch.Tensor]  # final hidden states -> logits (rank 0's LM head)
 
     def wait(self) -> torch.Tensor:
-        """The logits: on gloo once received; on NCCL the current stream waits for them, not the host."""
+        """The logits, the head applied to the final hidden states once received: on gloo the host waits for
+        them; on NCCL the current stream does, and the head's matmul follows on it."""
         with self.parallel.guard():
             if self.work is None:
                 self.parallel.post_receives()
             self.work.wait()
-        return self.buf
+        with torch.inference_mode():
+            return self.head(self.buf)
 
 
 def _init(cfg: EngineConfig, rank: int, world_size: int, local_rank: int, store: dist.Store | None = None,
@@ -370,11 +385,11 @@ def _init(cfg: EngineConfig, rank: int, world_size: int, local_rank: int, store:
         if s == stage:
             tp_pg = pg
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if backend == "nccl" else dist.group.WORLD
-    # rank 0 and the rank that sends it the logits: a communicator of their own (Parallel.send_logits)
-    logits = dist.new_group([0, world_size - tp_size]) if cfg.pipeline_parallel_size > 1 else None
+    # rank 0 and the rank that sends it the final hidden states: a communicator of their own (Parallel.send_final)
+    final = dist.new_group([0, world_size - tp_size]) if cfg.pipeline_parallel_size > 1 else None
     shard = Shard(tp_rank, tp_size, stage, cfg.pipeline_parallel_size)
     tp = Group(tp_rank, tp_size, tp_pg, device) if tp_size > 1 else SINGLE
-    return Parallel(shard, device, rank, world_size, tp, control, workers, logits)
+    return Parallel(shard, device, rank, world_size, tp, control, workers, final)
 
 
 def torchrun_rank() -> int | None:

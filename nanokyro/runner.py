@@ -4,7 +4,8 @@ The runner owns the model (this rank's shard), the KV cache allocation, the atte
 decode CUDA graphs (`DecodeGraphs`; `enforce_eager` turns them off). A step is first made into a `StepPlan`, a
 plain description of it (token ids, positions, page tables, sampled rows) built on the host, which crosses to
 the device in one copy. With more than one rank (parallel.py), rank 0's runner sends each plan to the others,
-whose runners (`serve`) run the same step on their shards; rank 0 alone samples.
+whose runners (`serve`) run the same step on their shards; rank 0 alone samples (in a pipeline it also applies the
+LM head, to the final hidden states that the last stage sends).
 """
 from __future__ import annotations
 
@@ -48,10 +49,11 @@ def num_kv_pages(model_cfg: ModelConfig, cfg: EngineConfig, device: torch.device
     if budget is None and device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used_by_others = total - free - torch.cuda.memory_allocated(device)
-        # Keep headroom for the largest step's activations, and for the fp32 logits of its sampled rows (at most
-        # one per sequence) with the sampler's few copies of them.
-        activations = (cfg.max_num_batched_tokens * (model_cfg.hidden_size * 24 + model_cfg.intermediate_size * 8)
-                       + cfg.max_num_seqs * model_cfg.vocab_size * 4 * 8)  # fmt: skip
+        # Keep headroom for the largest step's activations, and where the LM head is, for the fp32 logits of its
+        # sampled rows (at most one per sequence) with the sampler's few copies of them.
+        activations = cfg.max_num_batched_tokens * (model_cfg.hidden_size * 24 + model_cfg.intermediate_size * 8)
+        if shard.holds_head:
+            activations += cfg.max_num_seqs * model_cfg.vocab_size * 4 * 8
         budget = int(total * cfg.gpu_memory_utilization) - used_by_others - torch.cuda.memory_allocated(device) - activations
     elif budget is None:
         budget = CPU_DEFAULT_KV_BYTES
@@ -348,8 +350,8 @@ class ModelRunner:
         return logits.wait() if wait and isinstance(logits, PendingLogits) else logits
 
     def _execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | PendingLogits | None:
-        """Every rank's part of a step: the logits of its sampled rows on rank 0 (on their way there from the last
-        stage in a pipeline; and on every rank of the last stage), None on the ranks of earlier stages."""
+        """Every rank's part of a step: the logits of its sampled rows on every rank of one stage; in a pipeline,
+        pending on rank 0 (parallel.recv_final), None elsewhere."""
         self._load_loras(plan)
         if self.shard.pp_size > 1:
             return self._stage(plan, prev_tokens)
@@ -426,14 +428,15 @@ class ModelRunner:
             self._inputs_copied = torch.cuda.Event()
             self._inputs_copied.record()
 
-    def _stage(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | PendingLogits | None:
+    def _stage(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> PendingLogits | None:
         """A pipeline stage's part of a step, as up to pp_size micro-batches in flight: for each, the hidden states
         and residual from the stage before (unless the first), this stage's layers, and on to the next, so stage
         s runs micro-batch i while stage s + 1 runs micro-batch i - 1. The last stage sends all the sampled rows'
-        logits to rank 0 at the end, in one message: one per micro-batch would wait on rank 0, still sending.
-        Rank 0 returns with those logits pending (parallel.recv_logits), free to launch the next step (core.py)."""
+        final hidden states to rank 0 at the end, in one message: one per micro-batch would wait on rank 0, still
+        sending. Rank 0 returns with the step's logits pending (parallel.recv_final: its LM head applied once
+        those arrive), free to launch the next step (core.py)."""
         par, mc = self.parallel, self.model_cfg
-        logits = []
+        finals = []  # the sender's: the sampled rows' final hidden states, micro-batch by micro-batch
         # Only steps with prompt tokens are cut: a decode-only step is bound by reading the weights, which each
         # micro-batch would read again. (Not yet measured on GPUs.)
         prefill = any(n > 1 for n in plan.q_lens)
@@ -446,27 +449,26 @@ class ModelRunner:
                 into = graphs.received(bucket) if bucket is not None else None
                 before = par.recv_hidden(len(input_ids), mc.hidden_size, self.dtype, into)
             if bucket is not None:
-                out = graphs.replay(bucket)  # every row's logits, or its [2, bucket, hidden] for the next stage
-                if self.shard.last_stage:
-                    logits.append(out[rows])
-                else:
+                out = graphs.replay(bucket)  # every row's final hidden states, or its [2, bucket, hidden] for the next
+                if not self.shard.last_stage:
                     par.send_hidden(out)
+                elif par.sends_final:
+                    finals.append(out[rows])
                 continue
             if graphs is not None:
                 out = graphs.hidden_states(input_ids, positions, lora, before)
             else:
                 out = self.model(input_ids, positions, self.attn, before, lora)
-            if self.shard.last_stage:
-                logits.append(self.model.compute_logits(out[rows]))
-            else:
+            if not self.shard.last_stage:
                 par.send_hidden(*out)
+            elif par.sends_final:
+                finals.append(out[rows])
         num_sampled = plan.sizes[5]
-        if not self.shard.last_stage:
-            return par.recv_logits(num_sampled, mc.vocab_size, self.dtype) if par.rank == 0 and num_sampled else None
-        logits = torch.cat(logits)
-        if par.sends_logits and num_sampled:
-            par.send_logits(logits)
-        return logits
+        if par.sends_final and num_sampled:
+            par.send_final(torch.cat(finals))
+        if par.rank == 0 and num_sampled:
+            return par.recv_final(num_sampled, mc.hidden_size, self.dtype, self.model.compute_logits)
+        return None
 
     def serve(self) -> None:
         """A rank other than 0: run each step rank 0 plans, until it sends the stop."""
@@ -514,8 +516,8 @@ class DecodeGraphs:
     A pipeline stage's graphs run its layers: a stage after the first reads the hidden states and residual that
     the stage before sends, received into a static buffer (`received`), in place of embedding the input ids; a
     stage before the last outputs its own, stacked [2, bucket, hidden], the buffer sent to the next stage (the
-    send is waited for on the stream before the next replay rewrites it). The sends and receives stay outside
-    the graphs."""
+    send is waited for on the stream before the next replay rewrites it); the last stage outputs its final hidden
+    states, whose sampled rows go to rank 0's LM head, outside the graphs like the sends and receives."""
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int):
         self.model, self.attn = runner.model, runner.attn
@@ -536,8 +538,9 @@ class DecodeGraphs:
             self._received = (None if self.first_stage else
                               torch.zeros(2 * max_bs * hidden, dtype=runner.dtype, device=device))  # fmt: skip
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # bucket -> [bucket, vocab] (a stage before the last: [2, bucket, hidden]), written by each replay
-        self.logits: dict[int, torch.Tensor] = {}
+        # bucket -> its logits [bucket, vocab] (in a pipeline, the last stage's final hidden states [bucket, hidden],
+        # an earlier stage's hidden states and residual [2, bucket, hidden]), written by each replay
+        self.outputs: dict[int, torch.Tensor] = {}
         start = time.perf_counter()
         self.capture(runner)
         self.startup_s = time.perf_counter() - start  # compiles (and FlashInfer's JIT, if not cached) + captures
@@ -552,13 +555,15 @@ class DecodeGraphs:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None,
                 received: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """Logits of every row (a stage before the last: its hidden states and residual, [2, T, hidden]); what
-        each bucket's graph captures. Buckets of at most small_batch.MAX_ROWS rows run linear layers and norms as
-        Triton kernels of their own, through a second compiled transformer (torch.compile guards on the switch;
-        small_batch.py)."""
+        """Logits of every row (in a pipeline, whose LM head is rank 0's: the last stage's final hidden states
+        [T, hidden], an earlier stage's hidden states and residual [2, T, hidden]); what each bucket's graph
+        captures. Buckets of at most small_batch.MAX_ROWS rows run linear layers and norms as Triton kernels of
+        their own, through a second compiled transformer (torch.compile guards on the switch; small_batch.py)."""
         with small_batch.enable() if input_ids.shape[0] <= small_batch.MAX_ROWS else contextlib.nullcontext():
             out = self.hidden(input_ids, positions, lora, received)
-            return self.model.compute_logits(out) if self.last_stage else torch.stack(out)
+            if not self.last_stage:
+                return torch.stack(out)
+            return out if self.model.head is None else self.model.compute_logits(out)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None,
                       received: torch.Tensor | None = None):  # fmt: skip
@@ -611,9 +616,10 @@ class DecodeGraphs:
         return bs
 
     def replay(self, bucket: int) -> torch.Tensor:
-        """Run the loaded step's graph; returns its logits buffer [bucket, vocab], rewritten by the next replay."""
+        """Run the loaded step's graph; returns its output buffer (its logits [bucket, vocab] with one stage),
+        rewritten by the next replay."""
         self.graphs[bucket].replay()
-        return self.logits[bucket]
+        return self.outputs[bucket]
 
     @torch.inference_mode()
     def capture(self, runner: ModelRunner) -> None:
@@ -628,7 +634,7 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self.forward(*args)
+                self.outputs[bs] = self.forward(*args)
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()

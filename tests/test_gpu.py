@@ -241,7 +241,7 @@ def test_padding_never_reaches_outputs(graph_llm):
     graphs.input_ids[5:8] = torch.randint(0, 151936, (3,), device=DEVICE, dtype=torch.int32)  # poison the padding
     graphs.positions[5:8] = torch.randint(0, 1000, (3,), device=DEVICE, dtype=torch.int32)
     graphs.graphs[8].replay()
-    assert torch.equal(graphs.logits[8][:5], clean)
+    assert torch.equal(graphs.outputs[8][:5], clean)
     # Only the batch's new slots and the scratch page changed in the cache.
     changed = (runner.kv_cache != kv_before).any(-1).any(-1).any(2).any(0)  # [pages, page_size]
     expected = torch.zeros_like(changed)

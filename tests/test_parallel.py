@@ -34,10 +34,13 @@ def random_prompts(lens, seed):
     return [[rng.randrange(3, 384) for _ in range(n)] for n in lens]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=[("llama", False), ("qwen2", False), ("qwen3", False), ("qwen3", True)],
+                ids=["llama", "qwen2", "qwen3", "qwen3-tied"])  # fmt: skip
 def model(request, tmp_path_factory):
-    """A tiny model with HF's greedy tokens for prompts that share prefixes, and HF itself."""
-    path = build_tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
+    """A tiny model (its LM head its own, or the embedding's) with HF's greedy tokens for prompts that share
+    prefixes, and HF itself."""
+    arch, tie = request.param
+    path = build_tiny_model(arch, str(tmp_path_factory.mktemp(arch)), tie_word_embeddings=tie)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     base = random_prompts([150, 100, 40, 3], seed=5)
     prompts = base + [base[0][:120] + [7, 8, 9], base[2] + [11] * 30]  # cached prefixes of the first and third
@@ -362,8 +365,11 @@ def expected_shard(state: dict[str, torch.Tensor], mc: ModelConfig, shard: Shard
         want["embed_tokens.weight"] = vocab(state["model.embed_tokens.weight"])
     if shard.last_stage:
         want["norm.weight"] = state["model.norm.weight"]
-        if not (mc.tie_word_embeddings and shard.first_stage):
-            want["lm_head.weight"] = vocab(state.get("lm_head.weight", state["model.embed_tokens.weight"]))
+    head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    if shard.pp_size == 1 and not mc.tie_word_embeddings:  # one stage: every rank its slice of the vocab
+        want["lm_head.weight"] = vocab(head)
+    elif shard.pp_size > 1 and shard.first_stage and r == 0 and not (mc.tie_word_embeddings and tp == 1):
+        want["lm_head.weight"] = head  # a pipeline: rank 0's, whole (tied, a copy beside the split embedding)
     return want
 
 
@@ -394,6 +400,33 @@ def test_safetensors_checkpoint_loads_sharded(arch, tie, tmp_path):
     cfg = EngineConfig(model=path, dtype="float32")
     assert_shards_hold_their_slices(cfg, mc, state, tp=2, pp=2)
     assert_shards_hold_their_slices(cfg, mc, state, tp=4, pp=1)  # 2 KV heads over 4 ranks: each held twice
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_in_a_pipeline_the_lm_head_is_rank_0s_alone_and_whole(tie, tmp_path):
+    """PP=2 and TP=2 x PP=2: rank 0 holds the whole LM head (tied: the embedding itself, or beside an embedding
+    split over TP a whole copy of it) and makes HF's logits of final hidden states; no other rank holds any of it,
+    and the last stage reads neither the head nor the embedding from the checkpoint."""
+    from nanokyro.loader import wanted
+
+    path = build_tiny_model("qwen2", str(tmp_path), tie_word_embeddings=tie)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    mc, cfg = ModelConfig.from_dir(path), EngineConfig(model=path, dtype="float32")
+    hidden = torch.randn(3, mc.hidden_size, generator=torch.Generator().manual_seed(0))
+    for tp in (1, 2):
+        for shard in (Shard(r, tp, s, 2) for s in range(2) for r in range(tp)):
+            model = load(cfg, shard, Group(shard.tp_rank, tp), torch.device("cpu"), with_tokenizer=False)[0]
+            rank_0 = shard.first_stage and shard.tp_rank == 0
+            assert shard.holds_head == rank_0 and (model.head is not None) == rank_0
+            if rank_0:
+                assert model.head.weight.shape == (mc.vocab_size, mc.hidden_size)
+                assert (model.head is model.embed_tokens) == (tie and tp == 1)
+                with torch.inference_mode():
+                    torch.testing.assert_close(model.compute_logits(hidden), hf.lm_head(hidden))
+            if shard.last_stage:
+                assert not any(p.shape[0] in (mc.vocab_size, -(-mc.vocab_size // tp)) for p in model.parameters())
+                assert not any(map(wanted(model), ["lm_head.weight", "model.embed_tokens.weight"]))
+                assert wanted(model)("model.norm.weight")
 
 
 def test_dummy_weights_are_shards_of_one_model():
@@ -527,9 +560,9 @@ def test_two_torchrun_nodes_on_one_host_serve_the_tokens_of_one_process(llama_di
             os.killpg(n.pid, 0)
 
 
-def _logits_rank(rank: int, port: int, sent, results) -> None:
-    """One rank of a PP=2 world on gloo. Rank 1, the last stage, sends two steps' logits and says so at once; rank
-    0 posts its receives only after hearing it, then reports what it received."""
+def _final_rank(rank: int, port: int, sent, results) -> None:
+    """One rank of a PP=2 world on gloo. Rank 1, the last stage, sends two steps' final hidden states and says so
+    at once; rank 0 posts its receives only after hearing it, then reports the logits its head made of them."""
     import torch.distributed as dist
 
     from nanokyro.parallel import _init
@@ -538,33 +571,34 @@ def _logits_rank(rank: int, port: int, sent, results) -> None:
     par = _init(EngineConfig(device="cpu", pipeline_parallel_size=2), rank, 2, 0, store)
     if rank == 1:
         for step in (1, 2):
-            par.send_logits(torch.full((3, 5), float(step)))
+            par.send_final(torch.full((3, 5), float(step)))
         sent.set()
-        for work, _ in par._logits_sent:
+        for work, _ in par._finals_sent:
             work.wait()
     else:
         unwaited = sent.wait(60)
-        pending = [par.recv_logits(3, 5, torch.float32) for _ in (1, 2)]
+        head = torch.arange(4.0).repeat(5, 1).T  # [vocab 4, hidden 5]
+        pending = [par.recv_final(3, 5, torch.float32, lambda h: h @ head.T) for _ in (1, 2)]
         results.put((unwaited, [p.wait().tolist() for p in pending]))
     dist.destroy_process_group()
 
 
-def test_the_last_stage_sends_its_logits_without_waiting_for_rank_0():
-    """The last stage's next step need not wait for its logits to reach rank 0 (an H200 profile: 0.1 ms of every
-    step, and its next hidden states' receive queued behind the send): its sends return before rank 0 has posted
-    a receive, and rank 0 still gets every step's logits, in order."""
+def test_the_last_stage_sends_its_final_hidden_states_without_waiting_for_rank_0():
+    """The last stage's next step need not wait for its final hidden states to reach rank 0 (an H200 profile of
+    the logits' send: 0.1 ms of every step, and its next hidden states' receive queued behind the send): its sends
+    return before rank 0 has posted a receive, and rank 0's head still makes every step's logits, in order."""
     from nanokyro.uvicorn_server import free_port
 
     port = free_port()
     ctx = multiprocessing.get_context("spawn")
     sent, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_logits_rank, args=(rank, port, sent, results), daemon=True) for rank in (0, 1)]
+    procs = [ctx.Process(target=_final_rank, args=(rank, port, sent, results), daemon=True) for rank in (0, 1)]
     for p in procs:
         p.start()
     try:
         unwaited, received = results.get(timeout=120)
         assert unwaited, "the last stage's send waited for rank 0's receive"
-        assert received == [[[1.0] * 5] * 3, [[2.0] * 5] * 3]
+        assert received == [[[0.0, 5.0, 10.0, 15.0]] * 3, [[0.0, 10.0, 20.0, 30.0]] * 3]
         for p in procs:
             p.join(timeout=30)
         assert [p.exitcode for p in procs] == [0, 0]
