@@ -72,6 +72,13 @@ class ModelConfig:
             quantization_config=cfg.get("quantization_config") or None,
         )
 
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (projections, biases, norms), all of which a step reads."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        params = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size + 2 * h
+        params += (q + 2 * kv) * self.qkv_bias + h * self.o_bias + 2 * self.head_dim * self.qk_norm
+        return params
+
     @classmethod
     def from_dir(cls, path: str) -> "ModelConfig":
         with open(os.path.join(path, "config.json")) as f:

@@ -79,7 +79,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, shard: Shard = Shard(), tp: Group = SINGLE):
         super().__init__()
         self.cfg, self.shard = cfg, shard
-        self.layer_range = shard.layers(cfg.num_layers)
+        self.layer_range = shard.layers(cfg)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp) if shard.first_stage else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(len(self.layer_range)))
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)

@@ -37,7 +37,7 @@ CPU_DEFAULT_KV_BYTES = 1 << 30
 
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: torch.dtype, shard: Shard = Shard()) -> int:
     """Bytes of one page over the layers of `shard`'s stage and its KV heads (the whole model by default)."""
-    layers = len(shard.layers(cfg.num_layers))
+    layers = len(shard.layers(cfg))
     return layers * 2 * page_size * shard.num_kv_heads(cfg) * cfg.head_dim * dtype.itemsize
 
 
@@ -193,7 +193,7 @@ class ModelRunner:
         self.page_bytes = kv_bytes_per_page(mc, cfg.page_size, self.kv_dtype, par.shard)
         if num_pages is None:
             pages = num_kv_pages(mc, cfg, self.device, self.kv_dtype, par.shard, extra_page_bytes)
-            num_pages = par.min(pages) if par.world_size > 1 else pages
+            num_pages = par.min(pages) if par.world_size > 1 else pages  # the fewest: a longer stage's are larger
         if num_pages:
             self.allocate_kv(num_pages)
 

@@ -49,7 +49,7 @@ def model(request, tmp_path_factory):
 
 
 def make_llm(path, tp, pp, **kw):
-    shard = Shard(0, tp, 0, pp)  # every rank of these layouts holds the same number of layers and KV heads
+    shard = Shard(0, tp, 0, pp)  # pages of the first stage's layers (two-layer models: as many on every stage)
     page_bytes = kv_bytes_per_page(ModelConfig.from_dir(path), 16, torch.float32, shard)
     opts = dict(dtype="float32", max_num_batched_tokens=24, max_num_seqs=8, kv_cache_memory=PAGES * page_bytes,
                 tensor_parallel_size=tp, pipeline_parallel_size=pp)  # fmt: skip
@@ -251,6 +251,24 @@ def test_three_stages_keep_three_steps_in_flight_and_give_hf_tokens(tmp_path):
         llm.close()
 
 
+def test_the_longer_stage_bounds_the_kv_cache_and_the_tokens_stay_hfs(tmp_path):
+    """PP=2 over three layers is 1 + 2 (the head weighs 0.66 of a layer): each rank sizes its cache from its own
+    layers, so the second stage's bound the pages, and the greedy tokens are HF's."""
+    path = build_tiny_model("llama", str(tmp_path), num_hidden_layers=3)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = random_prompts([40, 3, 17], seed=2)
+    refs = [hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]  # fmt: skip
+    assert stage_lengths(ModelConfig.from_dir(path), 1, 2) == [1, 2]
+    llm = make_llm(path, 1, 2)  # a budget of PAGES one-layer pages on each rank
+    try:
+        assert llm.engine.num_pages == PAGES // 2
+        assert [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))] == refs
+        assert_no_leak(llm)
+    finally:
+        llm.close()
+
+
 def test_pipelined_steps_give_one_process_outputs_for_every_kind_of_request(llama_dir):
     """Seeded sampling, penalties, n > 1, logprobs, a grammar, stop strings and stop tokens, and max_tokens give
     the same outputs through PP=2's pipelined steps as in one process, also when sequences are preempted."""
@@ -326,6 +344,53 @@ def test_layouts_the_model_or_machine_cannot_take_are_refused_before_anything_st
     assert not multiprocessing.active_children()
 
 
+# -- the pipeline's stages, balanced by the weights a step reads ---------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_layer_params_count_a_decoder_layers_parameters(arch, tmp_path):
+    path = build_tiny_model(arch, str(tmp_path), attention_bias=arch == "llama")  # llama: q/k/v and o biases too
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert ModelConfig.from_dir(path).layer_params() == sum(p.numel() for p in hf.model.layers[0].parameters())
+
+
+def stage_lengths(mc: ModelConfig, tp: int, pp: int) -> list[int]:
+    stages = [Shard(0, tp, s, pp).layers(mc) for s in range(pp)]
+    assert [r for stage in stages for r in stage] == list(range(mc.num_layers))  # contiguous, in order, all
+    return [len(stage) for stage in stages]
+
+
+def test_stages_are_balanced_by_weight_with_the_lm_head_on_the_first():
+    from itertools import combinations
+
+    from nanokyro.loader import DUMMY_ARCHITECTURES
+
+    def mc(name):
+        return ModelConfig.from_hf(DUMMY_ARCHITECTURES[name])
+
+    assert stage_lengths(mc("llama-3.1-8b"), 1, 2) == [15, 17]  # the head weighs 2.4 layers
+    assert stage_lengths(mc("llama-3.1-8b"), 2, 2) == [14, 18]  # whole on rank 0: 4.8 of its layer slices
+    assert stage_lengths(mc("llama-3.1-8b"), 1, 4) == [6, 9, 9, 8]
+    assert stage_lengths(mc("llama-3.1-70b"), 1, 2) == [39, 41]
+    assert stage_lengths(mc("qwen3-0.6b"), 1, 2) == [9, 19]  # a head of 9.9 layers
+    assert stage_lengths(mc("llama-3.1-8b"), 2, 1) == [32]
+    assert stage_lengths(mc("llama-3.2-1b"), 1, 16) == [1] * 16  # as deep as the model: a layer each
+    # Every split is one whose heaviest stage is as light as any contiguous split's, each stage a layer at least.
+    for name in ("llama-3.1-8b", "llama-3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b"):
+        cfg = mc(name)
+        for tp in (1, 2, 4):
+            head = cfg.vocab_size * cfg.hidden_size * tp / cfg.layer_params()
+            for pp in (2, 3, 4):
+                n = cfg.num_layers
+
+                def heaviest(lengths):
+                    return max(head + lengths[0], *lengths[1:])
+
+                best = min(heaviest([b - a for a, b in zip((0, *cuts), (*cuts, n))])
+                           for cuts in combinations(range(1, n), pp - 1))  # fmt: skip
+                assert heaviest(stage_lengths(cfg, tp, pp)) == best, (name, tp, pp)
+
+
 # -- sharded loading, in one process: each rank's shard of the checkpoint, and nothing more --------------------
 
 
@@ -342,7 +407,7 @@ def expected_shard(state: dict[str, torch.Tensor], mc: ModelConfig, shard: Shard
         return torch.cat([part, part.new_zeros(rows - len(part), *w.shape[1:])])
 
     want = {}
-    layers = shard.layers(mc.num_layers)
+    layers = shard.layers(mc)
     for local, i in enumerate(layers):
         hf, ours = f"model.layers.{i}.", f"layers.{local}."
         q, k, v = (state[hf + f"self_attn.{n}_proj.weight"] for n in "qkv")
