@@ -44,6 +44,29 @@ def test_offline_bench_reports_throughput_and_roofline(tiny_dir, tmp_path):
     assert floor["bytes"] > r["weight_bytes"] and floor["flops"] > 0
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_costs_count_rank_0s_whole_lm_head_in_a_pipeline(tie, tmp_path):
+    """TP=2 x PP=2: rank 0 reads its slice of its stage's layer and the whole LM head (tied: its whole copy), not
+    its slice of the embedding, which it only gathers from."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from nanokyro.benchmarks.workload import model_costs
+    from nanokyro.config import EngineConfig
+    from nanokyro.loader import load
+    from nanokyro.parallel import Group, Shard
+
+    path = build_tiny_model("qwen2", str(tmp_path), tie_word_embeddings=tie)
+    cfg = EngineConfig(model=path, dtype="float32")
+    model = load(cfg, Shard(0, 2, 0, 2), Group(0, 2), torch.device("cpu"), with_tokenizer=False)[0]
+    costs = model_costs(SimpleNamespace(engine=SimpleNamespace(runner=SimpleNamespace(model=model,
+                                                                                      kv_cache=torch.empty(0)))))
+    layer = (2 + 1 + 1) * 16 * (64 + 1) + 64 * 32 + 2 * 64 * 64 + 64 * 64 + 2 * 64  # q/k/v + biases, o, gate/up, down
+    assert costs["lm_head_params"] == 384 * 64
+    assert costs["weight_bytes"] == (layer + 384 * 64) * 4
+
+
 def test_latency_bench_reports_decode_rate(tiny_dir, tmp_path):
     r = run_bench(tmp_path, "--model", tiny_dir, "--latency", "--input-len", "16", "--output-len", "12")
     assert r["num_prompts"] == 1 and r["output_tokens"] == 12

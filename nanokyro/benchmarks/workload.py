@@ -135,22 +135,23 @@ def measure_machine(device: torch.device, dtype: torch.dtype) -> dict:
 def model_costs(llm: LLM) -> dict:
     """Bytes of weights one step reads (quantised layers at their packed size, scales included), KV bytes per
     token, and matmul parameters per token and per logit row: of rank 0's shard (its TP slice of its pipeline
-    stage), so that over one GPU's ceilings they bound a layout whose ranks share the work evenly."""
+    stage's layers, and the LM head: its TP slice, or in a pipeline the whole head), so that over one GPU's
+    ceilings they bound the layout by rank 0's own work. That is tight where the ranks share the work evenly; a
+    pipeline's stages are balanced by parameters (parallel.Shard.layers), so a later stage with more layers
+    reads more KV per token than rank 0, and there the bound is that much looser."""
     model = llm.engine.runner.model
     cfg, shard = model.cfg, model.shard
     layers, kv_heads, heads = len(model.layers), shard.num_kv_heads(cfg), shard.num_heads(cfg)
-    itemsize = model.embed_tokens.weight.dtype.itemsize
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    embed = model.embed_tokens.weight.numel()
-    lm_head = embed  # tied or not, the vocab projection has the embedding's shape
-    # An untied embedding table is only gathered from (one row per token); every other weight is read.
-    read = total - (0 if cfg.tie_word_embeddings else embed * itemsize)
+    embed = model.embed_tokens.weight
+    # An embedding table that is not the head is only gathered from (one row per token); every other weight is read.
+    read = total - (0 if model.head is model.embed_tokens else embed.numel() * embed.element_size())
     linear = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "multiply"))
     return {
         "weight_bytes": read,
         "kv_bytes_per_token": layers * 2 * kv_heads * cfg.head_dim * llm.engine.runner.kv_cache.dtype.itemsize,
         "matmul_params": linear,
-        "lm_head_params": lm_head,
+        "lm_head_params": model.head.weight.numel(),
         "attn_flops_per_pair": 4 * layers * heads * cfg.head_dim,  # QK^T + PV per (query, key)
     }
 
