@@ -73,8 +73,8 @@ class LlamaModel(nn.Module):
     """`forward` returns final hidden states [T, hidden]; `compute_logits` maps the sampled rows to the vocab.
     Pipeline stages: the first embeds, the last normalises; a stage other than the last returns (hidden, residual)
     for the next, which passes them in as `intermediate`. The LM head is where `shard.holds_head` says: on every
-    rank of one stage, split over the TP group; in a pipeline on rank 0 alone, whole, which the last stage sends
-    the sampled rows' final hidden states (runner.py)."""
+    rank of one stage, split over the TP group; in a pipeline on rank 0 alone, whole, to which the last stage
+    sends the sampled rows' final hidden states (runner.py)."""
 
     def __init__(self, cfg: ModelConfig, shard: Shard = Shard(), tp: Group = SINGLE):
         super().__init__()
