@@ -464,6 +464,7 @@ def test_safetensors_checkpoint_loads_sharded(arch, tie, tmp_path):
     mc = ModelConfig.from_dir(path)
     cfg = EngineConfig(model=path, dtype="float32")
     assert_shards_hold_their_slices(cfg, mc, state, tp=2, pp=2)
+    assert_shards_hold_their_slices(cfg, mc, state, tp=1, pp=2)
     assert_shards_hold_their_slices(cfg, mc, state, tp=4, pp=1)  # 2 KV heads over 4 ranks: each held twice
 
 
@@ -511,18 +512,21 @@ def test_dummy_weights_are_shards_of_one_model():
             assert torch.equal(params[name], w), name
 
 
-def test_gguf_checkpoint_loads_sharded(tmp_path):
+@pytest.mark.parametrize("tie", [False, True])
+def test_gguf_checkpoint_loads_sharded(tie, tmp_path):
     from gguf import GGMLQuantizationType as Q
     from test_gguf import gguf_name, llama_cpp_permute, train_byte_level_bpe, write_gguf
 
     tokens, merges = train_byte_level_bpe()
     hf_cfg = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, tie_word_embeddings=False)  # fmt: skip
+                                      max_position_embeddings=128, tie_word_embeddings=tie)  # fmt: skip
     torch.manual_seed(0)
     state = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().state_dict()
     tensors = {}
     for name, w in state.items():
+        if tie and name == "lm_head.weight":
+            continue  # a tied GGUF has no output.weight
         w = w.numpy()
         if "q_proj" in name or "k_proj" in name:
             w = llama_cpp_permute(w, 4 if "q_proj" in name else 2)
@@ -536,8 +540,9 @@ def test_gguf_checkpoint_loads_sharded(tmp_path):
     from nanokyro.loader import read_config
 
     mc = read_config(cfg)
-    assert (mc.num_heads, mc.num_kv_heads, mc.num_layers) == (4, 2, 2)
+    assert (mc.num_heads, mc.num_kv_heads, mc.num_layers, mc.tie_word_embeddings) == (4, 2, 2, tie)
     assert_shards_hold_their_slices(cfg, mc, state, tp=2, pp=2)
+    assert_shards_hold_their_slices(cfg, mc, state, tp=1, pp=2)
     assert_shards_hold_their_slices(cfg, mc, state, tp=4, pp=1)
 
 
