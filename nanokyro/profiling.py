@@ -109,6 +109,20 @@ class StepProfiler:
             torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def unrecorded():
+    """Post async collectives here (parallel.py): the profiler does not record them. A collective's record ends
+    when its work completes, which may be after a window has closed (a pipeline's logits receive is posted in one
+    step and waited for in the next; a plan is taken when its rank gets to it), and then writes into the profiler's
+    freed buffers: on gloo, torch 2.13 corrupts the heap and the process aborts later (the PP=2 profiling tests
+    did). Their host calls only post them; on CUDA their kernels are still traced."""
+    torch.autograd._enable_record_function(False)
+    try:
+        yield
+    finally:
+        torch.autograd._enable_record_function(True)
+
+
 def is_nccl(kernel: str) -> bool:
     return "nccl" in kernel.lower()
 
