@@ -43,6 +43,13 @@ class StepProfiler:
         self._profiler = None  # while the window is open
         self._start = 0.0  # perf_counter when it opened
         self._host_s = 0.0  # inside its steps
+        if self.on:
+            # A process's first profiler session starts the tracer (1.2 s on a CPU): a throwaway one here, before any
+            # step, so that the window's start holds up no other rank whose window is open (in a pipeline they wait
+            # for each other).
+            warm_up = self._new_profiler()
+            warm_up.start()
+            warm_up.stop()
 
     def step(self):
         """A context around one step."""
@@ -64,10 +71,12 @@ class StepProfiler:
             if self.steps == self.end:
                 self.close()
 
+    def _new_profiler(self) -> profile:
+        return profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if self.cuda else [])])
+
     def _open(self) -> None:
-        activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if self.cuda else [])]
-        self._profiler = profile(activities=activities)
-        self._profiler.start()  # before the clock starts: starting the tracer is slow
+        self._profiler = self._new_profiler()
+        self._profiler.start()  # before the clock starts
         self._sync()
         self._start = time.perf_counter()
 
