@@ -24,6 +24,14 @@ def parse_lora_module(text: str) -> tuple[str, str]:
     return name, path
 
 
+def parse_steps(text: str) -> tuple[int, int]:
+    """'A:B' -> (A, B), steps A up to but not including B, 0 <= A < B."""
+    m = re.fullmatch(r"(\d+):(\d+)", text.strip())
+    if not m or int(m[1]) >= int(m[2]):
+        raise argparse.ArgumentTypeError(f"expected A:B with 0 <= A < B, got {text!r}")
+    return int(m[1]), int(m[2])
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The engine's flags (all but --model, whose help differs between the two commands)."""
     d = EngineConfig()
@@ -77,6 +85,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                            "LRU). Default: 4 with --lora-modules, else 0 (LoRA off; POST /v1/load_lora_adapter needs "
                            "it on)")  # fmt: skip
     lora.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank, help="the largest adapter rank accepted")
+    prof = p.add_argument_group("profiling")
+    prof.add_argument("--profile-dir", default=d.profile_dir,
+                      help="every rank profiles steps --profile-steps with torch.profiler into DIR/rank{r}.json (a "
+                           "chrome trace) and DIR/rank{r}.txt (mean wall, host and kernel-busy ms a step)")
+    prof.add_argument("--profile-steps", type=parse_steps, default=d.profile_steps, metavar="A:B",
+                      help="with --profile-dir: the steps each rank profiles, counted from its start, A up to but not "
+                           f"including B (default {d.profile_steps[0]}:{d.profile_steps[1]})")  # fmt: skip
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -93,7 +108,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         speculative_draft_vocab=args.speculative_draft_vocab,
         speculative_draft_quantization=args.speculative_draft_quantization, lora_modules=dict(args.lora_modules),
         max_loras=args.max_loras if args.max_loras is not None else 4 if args.lora_modules else 0,
-        max_lora_rank=args.max_lora_rank,
+        max_lora_rank=args.max_lora_rank, profile_dir=args.profile_dir, profile_steps=args.profile_steps,
     )  # fmt: skip
 
 
@@ -110,6 +125,8 @@ def engine_flags(kwargs: dict) -> list[str]:
             flags.append("--enforce-eager")
         elif name == "lora_modules":
             flags += ["--lora-modules", *(f"{k}={v}" for k, v in value.items())]
+        elif name == "profile_steps":
+            flags += ["--profile-steps", f"{value[0]}:{value[1]}"]
         else:
             flags += [f"--{name.replace('_', '-')}", str(value)]
     return flags

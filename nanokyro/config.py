@@ -120,6 +120,11 @@ class EngineConfig:
     # A cheaper draft on the CPU: "int8" quantises the draft's linear layers and LM head at load (quant.py: fbgemm,
     # per-channel weights, dynamic activations); the model verifies in full precision, so output stays lossless.
     speculative_draft_quantization: str | None = None
+    # Every rank profiles the steps it runs from profile_steps[0] up to but not including profile_steps[1] with
+    # torch.profiler, into profile_dir/rank{r}.json (a chrome trace) and .txt (mean wall, host and kernel ms a step):
+    # profiling.py.
+    profile_dir: str | None = None
+    profile_steps: tuple[int, int] = (20, 40)
 
     def spec_method(self) -> str | None:
         """The speculative proposer this config asks for (None: no speculation); a ValueError if inconsistent."""

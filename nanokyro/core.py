@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import logging
 import traceback
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ from nanokyro.request import (
 )  # fmt: skip
 from nanokyro.lora import AdapterError, LoRARegistry
 from nanokyro.parallel import PendingLogits
+from nanokyro.profiling import StepProfiler
 from nanokyro.runner import ModelRunner, StepPlan
 from nanokyro.sampler import PendingSample, SampleRow, SamplerOutput, make_generator
 from nanokyro.scheduler import ScheduledBatch, Scheduler, Sequence, Status
@@ -87,6 +89,7 @@ class EngineCore:
         # speculative draft model first, so that the target's sizing counts the draft's weights and its KV pages.
         self.spec_method = cfg.spec_method()
         cfg.kv_torch_dtype()  # a bad kv_cache_dtype is refused before any weights load
+        self.profiler = StepProfiler(cfg, rank=0)  # and bad profile_steps
         draft = self._load_draft(cfg) if self.spec_method == "draft" else None
         self.runner = ModelRunner(cfg, extra_page_bytes=draft.page_bytes if draft is not None else 0)
         self.proposer = None
@@ -134,6 +137,8 @@ class EngineCore:
         self._ids = itertools.count()
         self._in_flight: _Step | None = None  # the launched step whose tokens have not reached the host yet
         self._launched: collections.deque[_Step] = collections.deque()
+        if cfg.profile_dir is not None:  # an engine never closed (a script's LLM) writes its open window at exit
+            weakref.finalize(self, self.profiler.close)
 
     @staticmethod
     def _load_draft(cfg: EngineConfig) -> ModelRunner:
@@ -242,7 +247,12 @@ class EngineCore:
 
     def step(self) -> list[SeqOutput]:
         """Launch the next step, and return what the one before it produced (with `overlap_schedule` off: what
-        this one produced). A call that finds a small step with first tokens in flight only finishes that step."""
+        this one produced). A call that finds a small step with first tokens in flight only finishes that step.
+        Each call is a step of rank 0's profile (profiling.py)."""
+        with self.profiler.step():
+            return self._step()
+
+    def _step(self) -> list[SeqOutput]:
         if self.pipeline_depth > 1:
             return self._pipelined_step()
         if self._first_tokens_in_flight():
@@ -556,7 +566,8 @@ class EngineCore:
                 seqs[0].lora.num_requests -= 1
 
     def close(self) -> None:
-        """Stop the other ranks' processes, if any."""
+        """Write the profile if its window is still open, and stop the other ranks' processes, if any."""
+        self.profiler.close()
         self.runner.close()
 
     def fail_all(self, error: Failure | None = None) -> list[SeqOutput]:

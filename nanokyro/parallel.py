@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from nanokyro.config import EngineConfig, ModelConfig
+from nanokyro.profiling import unrecorded
 
 log = logging.getLogger("nanokyro.parallel")
 
@@ -246,7 +247,8 @@ class Parallel:
         if data is not None:
             tensors.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         for t in tensors:  # the tensors stay referenced until sent
-            self._plans_sent.append((dist.broadcast(t, 0, group=self.control, async_op=True), t))
+            with unrecorded():
+                self._plans_sent.append((dist.broadcast(t, 0, group=self.control, async_op=True), t))
         if data is None:
             for work, _ in self._plans_sent:
                 work.wait()
@@ -298,7 +300,8 @@ class Parallel:
         referenced until sent."""
         self._logits_sent = [(w, t) for w, t in self._logits_sent if not w.is_completed()]
         logits = logits.contiguous()
-        self._logits_sent.append((dist.isend(logits, 0, group=self.logits), logits))
+        with unrecorded():
+            self._logits_sent.append((dist.isend(logits, 0, group=self.logits), logits))
 
     def recv_logits(self, rows: int, vocab: int, dtype: torch.dtype) -> PendingLogits:
         """A step's logits from the last stage, received once the receive is posted: by the next step's first
@@ -315,7 +318,8 @@ class Parallel:
         """Post the logits receives that recv_logits left pending, oldest first."""
         while self._unposted:
             pending = self._unposted.popleft()
-            pending.work = dist.irecv(pending.buf, self.world_size - self.shard.tp_size, group=self.logits)
+            with unrecorded():
+                pending.work = dist.irecv(pending.buf, self.world_size - self.shard.tp_size, group=self.logits)
 
     def close(self, abort: bool = False) -> None:
         """Rank 0: stop the other ranks (a stop plan; with `abort`, e.g. mid start-up, kill the spawned ones at

@@ -26,6 +26,7 @@ from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.loader import load
 from nanokyro.lora import AdapterSlots, read_adapter
 from nanokyro.parallel import Parallel, PendingLogits, Shard, WorkerError, start
+from nanokyro.profiling import StepProfiler
 from nanokyro.sampler import PendingSample, Sampler, SamplerOutput, SampleRow
 from nanokyro.scheduler import ScheduledBatch
 
@@ -469,16 +470,20 @@ class ModelRunner:
         return logits
 
     def serve(self) -> None:
-        """A rank other than 0: run each step rank 0 plans, until it sends the stop."""
+        """A rank other than 0: run each step rank 0 plans, until it sends the stop. Each plan run is a step of
+        this rank's profile (profiling.py), written at the stop if its window is still open (a spawned worker
+        runs no atexit handlers)."""
         par = self.parallel
+        profiler = StepProfiler(self.cfg, par.rank)
         while (data := par.recv_plan()) is not None:
-            plan = StepPlan.decode(data)
-            with torch.inference_mode():
+            with profiler.step(), torch.inference_mode():
+                plan = StepPlan.decode(data)
                 prev_tokens = None
                 if plan.num_prev_tokens and self.shard.first_stage:
                     prev_tokens = torch.empty(plan.num_prev_tokens, dtype=torch.long, device=self.device)
                     par.broadcast_tokens(prev_tokens)
                 self._execute(plan, prev_tokens)
+        profiler.close()
 
     def sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> PendingSample:
         """Launch sampling for the batch's sampled rows."""

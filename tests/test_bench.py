@@ -1,7 +1,7 @@
 """bench.py end to end on the CPU: a tiny model and workload, offline, batch-1 latency, prefix cache, structured
 output, decode idle time, JSON results; online against serve.py in a subprocess, with the offline reference, and
-against a running server; the SSE client and the online metrics' arithmetic; and the GPU-busy arithmetic of the
-decode-idle mode."""
+against a running server; the SSE client and the online metrics' arithmetic. (The GPU-busy arithmetic of the
+decode-idle mode is the step profiler's: test_profiling.py.)"""
 from __future__ import annotations
 
 import json
@@ -69,28 +69,6 @@ def test_decode_idle_bench_times_the_whole_batch_decoding(tiny_dir, tmp_path):
     assert r["batch"] == 5 and r["running_at_end"] == 5 and r["steps"] == 20
     assert r["step_wall_ms"] > 0
     assert r["step_gpu_busy_ms"] is None and r["gpu_idle_fraction"] is None  # on a CPU: no kernels to profile
-
-
-def test_gpu_busy_time_counts_overlapping_kernels_once_and_no_copies():
-    from types import SimpleNamespace
-
-    import torch
-
-    from nanokyro.benchmarks.offline import kernel_busy_s
-
-    def event(name, start_us, end_us, device=torch.autograd.DeviceType.CUDA):
-        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start_us, end=end_us), device_type=device)
-
-    events = [
-        event("gemm", 0, 10), event("attn", 5, 12),  # overlap on two streams: 0-12
-        event("norm", 12, 15),  # touching: 12-15
-        event("tiny", 13, 14),  # inside another: nothing new
-        event("Memcpy HtoD (Pageable -> Device)", 20, 30), event("Memset (Device)", 30, 31),  # copies: not kernels
-        event("aten::mm", 40, 50, torch.autograd.DeviceType.CPU),  # host op
-        event("sample", 35, 36),
-    ]  # fmt: skip
-    assert kernel_busy_s(events) == pytest.approx((15 + 1) / 1e6)
-    assert kernel_busy_s([]) == 0
 
 
 ONLINE = ("--num-prompts", "6", "--input-len", "5-20", "--output-len", "4-8", "--client-procs", "2")
@@ -246,13 +224,15 @@ def test_serve_flags_give_serve_py_the_engine_options_of_the_offline_run(monkeyp
                              "--tokenizer", "/t", "--dtype", "bfloat16", "--max-num-seqs", "64",
                              "--max-num-batched-tokens", "2048", "--quantization", "fp8", "--tensor-parallel-size", "2",
                              "--speculative-method", "ngram", "--num-speculative-tokens", "6", "--kv-cache-memory",
-                             "512M", "--num-loras", "3", "--lora-rank", "8"])  # fmt: skip
+                             "512M", "--num-loras", "3", "--lora-rank", "8", "--profile-dir", "/p", "--profile-steps",
+                             "3:7"])  # fmt: skip
     opts = engine_options(args)
     served = serve.engine_config(serve.parse_args(["--model", args.model, *serve_flags(opts)]))
     del opts["seed"], opts["tokenizer"]
     assert served == EngineConfig(model=args.model, **opts)
     assert (served.load_format, served.tensor_parallel_size, served.max_loras, served.max_lora_rank) == ("dummy", 2, 3, 8)
     assert served.kv_cache_memory == 512 << 20 and not served.overlap_schedule and served.enforce_eager
+    assert (served.profile_dir, served.profile_steps) == ("/p", (3, 7))
     # Nothing asked for: serve.py's own defaults.
     defaults = bench.parse_args(["--model", "/some/dir"])
     assert serve.parse_args(["--model", "/some/dir", *serve_flags(engine_options(defaults))]) == serve.parse_args(

@@ -5,7 +5,6 @@ a full-batch decode step the GPU sits idle.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 
 from nanokyro import LLM, SamplingParams
 from nanokyro.benchmarks.workload import sync
+from nanokyro.profiling import kernel_busy_s
 
 
 def run_offline(llm: LLM, prompts, out_lens, loras: list[str] | None = None) -> float:
@@ -131,7 +131,8 @@ def run_decode_idle(llm: LLM, prompts: list[list[int]], steps: int = 20, warmup:
     cost of starting CUPTI out of the timed steps) and `steps` steps are timed and profiled, synchronising only
     before the first and after the last: a step's host work that overlaps the GPU's is not serialised, and the
     idle time is the host's share that the GPU could not hide. On a CPU only the wall time is measured (busy and
-    idle are None)."""
+    idle are None), and so with the engine's step profiler on (profile_dir): torch runs one profiler at a time
+    (a second takes over the first's session), and that one reports each rank's busy time."""
     engine = llm.engine
     sched, device = engine.scheduler, engine.runner.device
     if len(prompts) > engine.cfg.max_num_seqs:
@@ -140,7 +141,7 @@ def run_decode_idle(llm: LLM, prompts: list[list[int]], steps: int = 20, warmup:
         engine.add_request(p, SamplingParams(max_tokens=engine.max_model_len - len(p), temperature=0, ignore_eos=True))
     while sched.waiting or any(s.num_computed < s.num_prompt_tokens for s in sched.running):
         engine.step()
-    cuda = device.type == "cuda"
+    cuda = device.type == "cuda" and engine.cfg.profile_dir is None
     profiler = torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CUDA], schedule=torch.profiler.schedule(wait=0, warmup=1, active=1)
     ) if cuda else contextlib.nullcontext()  # fmt: skip
@@ -163,22 +164,6 @@ def run_decode_idle(llm: LLM, prompts: list[list[int]], steps: int = 20, warmup:
             "step_gpu_busy_ms": None if busy_s is None else busy_s / steps * 1e3,
             "gpu_idle_fraction": None if busy_s is None else 1 - busy_s / wall_s,
             "running_at_end": running}  # fmt: skip
-
-
-def kernel_busy_s(events) -> float:
-    """Seconds in which at least one CUDA kernel ran: the union of the profiled kernels' intervals, so that
-    kernels overlapping on several streams count once. Memory copies and sets are not kernels."""
-    spans = sorted(
-        (e.time_range.start, e.time_range.end)  # microseconds
-        for e in events
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
-    )
-    busy, covered_to = 0.0, -math.inf
-    for start, end in spans:
-        if end > covered_to:
-            busy += end - max(start, covered_to)
-            covered_to = end
-    return busy / 1e6
 
 
 def run_lora_load_stall(llm: LLM, lora: str, batch: int = 8, warmup: int = 16, after: int = 12, seed: int = 0
