@@ -70,8 +70,9 @@ def pack_for_cpu(model, rows: int = 1) -> None:
 
 
 def pack_head(head: VocabParallelEmbedding, rows: int = 1) -> None:
-    """The LM head's packed copy, for `logits` (the dense weight stays: a tied head also embeds)."""
-    if _packable(head.weight):
+    """The LM head's packed copy, for `logits` (the dense weight stays: a tied head also embeds); a head that
+    already multiplies a quantised copy (quant.py, made before this at load) keeps it."""
+    if head.head_weight is None and _packable(head.weight):
         head.head_weight = torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), rows)
 
 

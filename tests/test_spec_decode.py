@@ -111,6 +111,8 @@ def test_greedy_with_speculation_is_transformers_greedy(llama_dir, draft_dir, re
     if name == "self_int8":  # a random model's logits are near-flat, so int8 rounding flips about half of its
         # choices here (52% accepted with all prompts at once); a broken int8 matmul would be near chance (1 / 384)
         assert stats.spec_accepted_tokens >= 0.3 * stats.spec_draft_tokens
+        # the draft's head multiplies its int8 copy (fbgemm's packed weight), not oneDNN's fp32 one
+        assert isinstance(llm.engine.proposer.runner.model.head.head_weight, torch.ScriptObject)
     if mode == "preempted":
         assert stats.num_preemptions > 0
     if mode == "prefix_cached":
