@@ -109,8 +109,12 @@ class EngineCore:
         self.model_name = cfg.served_model_name or self.runner.model_name
         mc = self.runner.model_cfg
         self.num_pages = self.runner.num_pages
-        # A sequence longer than the whole cache could never be resumed after preempting itself.
-        max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        # A sequence longer than the whole cache could never be resumed after preempting itself. A draft's
+        # positions are bounded by its own RoPE table, which may be shorter than the model's.
+        positions = mc.max_position_embeddings
+        if draft is not None:
+            positions = min(positions, draft.model_cfg.max_position_embeddings)
+        max_model_len = min(cfg.max_model_len or positions, positions)
         self.max_model_len = min(max_model_len, self.num_pages * cfg.page_size)
         self.vocab_size = mc.vocab_size
         self.limits = Limits(self.max_model_len, mc.vocab_size, self.num_pages, cfg.page_size)

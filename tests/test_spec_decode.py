@@ -24,6 +24,7 @@ from conftest import KEY, ServerThread, assert_no_leak, build_tiny_model
 from nanokyro import LLM, SamplingParams
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.grammar import draft_bitmasks, only_allowed
+from nanokyro.request import PromptError
 from nanokyro.request import SamplingParams as Params
 from nanokyro.request import StructuredOutput
 from nanokyro.runner import kv_bytes_per_page
@@ -363,6 +364,23 @@ def test_the_draft_prefills_the_prompt_beside_the_model(llama_dir, draft_dir):
     engine.fail_all()
     assert_no_leak(llm)
 
+
+
+def test_a_draft_with_fewer_positions_bounds_the_context(llama_dir, tmp_path):
+    """A draft whose RoPE table is shorter than the model's (max_position_embeddings 48 against 1024) caps the
+    engine's context: a request past it is refused as one past the model's would be, and one up to it runs to
+    its last position (before, the draft's table lookup raised IndexError there)."""
+    short = build_tiny_model("llama", str(tmp_path / "short"), hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                             max_position_embeddings=48)  # fmt: skip
+    llm = make_llm(llama_dir, speculative_model=short)
+    assert llm.engine.max_model_len == 48
+    prompt = random_prompts([40], seed=5)[0]
+    with pytest.raises(PromptError, match="maximum context length is 48 tokens"):
+        llm.generate([prompt], SamplingParams(max_tokens=9, temperature=0))
+    (out,) = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert (len(out.token_ids), out.finish_reason) == (8, "length")
+    assert_no_leak(llm)
 
 # -- structured outputs: what the grammar forces, drafted for free ---------------------------------------------
 
