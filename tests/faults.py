@@ -2,6 +2,8 @@
 server runs in its core process. The fault is patched into the real EngineCore there, then the real loop runs."""
 from __future__ import annotations
 
+import time
+
 from nanokyro import core, core_process
 
 POISON = 13  # a prompt that starts with this token id makes its request raise inside the core
@@ -54,4 +56,17 @@ def device_lost_after_a_few_steps(*args) -> None:
         return step(self)
 
     core.EngineCore.step = fails_later
+    core_process.run_core(*args)
+
+
+def slow_steps(*args) -> None:
+    """Every step takes at least 10 ms, as on a slow device: a long request outlasts a short deadline on any
+    machine (the tiny test model decodes 900 tokens in about a second on a free CPU)."""
+    step = core.EngineCore.step
+
+    def slow(self):
+        time.sleep(0.01)
+        return step(self)
+
+    core.EngineCore.step = slow
     core_process.run_core(*args)
