@@ -124,7 +124,11 @@ def unrecorded():
     when its work completes, which may be after a window has closed (a pipeline's logits receive is posted in one
     step and waited for in the next; a plan is taken when its rank gets to it), and then writes into the profiler's
     freed buffers: on gloo, torch 2.13 corrupts the heap and the process aborts later (the PP=2 profiling tests
-    did). Their host calls only post them; on CUDA their kernels are still traced."""
+    did). Their host calls only post them; on CUDA their kernels are still traced. With no profiler running
+    (every step outside a window) nothing records them, and nothing is switched."""
+    if not torch.autograd._profiler_enabled():
+        yield
+        return
     torch.autograd._enable_record_function(False)
     try:
         yield
