@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanokyro.quant_formats import (FP8, FP8_MAX, QuantConfig, dequantise_fp8, dequantise_int4, pack_rows,
-                                    quantise_rows_fp8, tinygemm_bytes, tinygemm_inner_k_tiles,
-                                    tinygemm_scales_zeros, unpack_rows)  # fmt: skip
+from nanokyro.quant_formats import (FP8, QuantConfig, dequantise_fp8, dequantise_int4, pack_rows, quantise_rows_fp8,
+                                    tinygemm_bytes, tinygemm_inner_k_tiles, tinygemm_scales_zeros,
+                                    unpack_rows)  # fmt: skip
 from nanokyro.quant_triton import (dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv, quantise_rows_fp8_cuda,
                                    scale_outer_cuda)  # fmt: skip
 from nanokyro.small_batch import silu_and_mul
@@ -86,10 +86,9 @@ class Fp8Method:
         """Full-precision `weight` -> fp8 with one scale per output feature (max |w| maps to FP8's max). Under
         tensor parallelism each rank scales its own shard: a row-parallel layer's scales come from its slice of
         the input features, so ranks > 1 round slightly differently from one rank."""
-        w = layer.weight.data.float()
-        scale = (w.abs().amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+        w, scale = quantise_rows_fp8(layer.weight.data)
         del layer.weight
-        layer.weight = nn.Parameter((w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), requires_grad=False)
+        layer.weight = nn.Parameter(w, requires_grad=False)
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
 
     def matmul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False):

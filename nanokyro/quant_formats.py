@@ -252,7 +252,9 @@ def dequantise_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 
 def quantise_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token activation scales: x [M, K] -> (fp8 [M, K], fp32 [M, 1])."""
+    """One scale per row, its max |x| mapped to FP8's max: x [M, K] -> (fp8 [M, K], fp32 [M, 1]). For activations
+    the dynamic per-token scales; for a weight the per-output-feature ones (`quantization="fp8"` at load, and the
+    LM head with `quantize_lm_head`)."""
     xf = x.float()
     scale = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
