@@ -173,7 +173,8 @@ def main(argv=None) -> dict:
     machine = measure_machine(device, dtype)
     costs = model_costs(llm)
     print(f"weights: {costs['weight_bytes'] / 1e9:.3f} GB read per step"
-          + (f" ({engine.cfg.quantization})" if engine.cfg.quantization else ""))  # fmt: skip
+          + (f" ({engine.cfg.quantization})" if engine.cfg.quantization else "")
+          + (", LM head in fp8" if engine.cfg.quantize_lm_head else ""))  # fmt: skip
     result = {
         "model": engine.model_name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."), "num_prompts": num_prompts, "input_tokens": sum(in_lens),

@@ -55,6 +55,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["fp8", "awq"], default=d.quantization,
                    help="quantise full-precision weights at load: fp8 (per-channel) or awq (4-bit, groups of 128); "
                         "pre-quantised checkpoints (FP8, AWQ, compressed-tensors) are detected without it")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="with FP8 weights (--quantization fp8 or an FP8 checkpoint): the LM head in per-channel FP8 "
+                        "too, half the bytes of bf16; off by default, as the head's error lands on the logits")
     p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
                    help="ranks (GPUs) each layer is split over (default %(default)s)")
     p.add_argument("--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size,
@@ -100,7 +103,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
         kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len, load_format=args.load_format,
-        quantization=args.quantization,
+        quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         enforce_eager=args.enforce_eager, overlap_schedule=not args.no_overlap_schedule,
         speculative_model=args.speculative_model, speculative_method=args.speculative_method,
@@ -121,8 +124,8 @@ def engine_flags(kwargs: dict) -> list[str]:
             continue
         if name == "overlap_schedule":
             flags.append("--no-overlap-schedule")
-        elif name == "enforce_eager":
-            flags.append("--enforce-eager")
+        elif name in ("enforce_eager", "quantize_lm_head"):  # switches
+            flags.append(f"--{name.replace('_', '-')}")
         elif name == "lora_modules":
             flags += ["--lora-modules", *(f"{k}={v}" for k, v in value.items())]
         elif name == "profile_steps":

@@ -85,6 +85,9 @@ class EngineConfig:
     device: str = "auto"  # "auto" = cuda if available
     load_format: str = "auto"  # "auto" | "dummy"
     quantization: str | None = None  # "fp8" | "awq": quantise full-precision weights at load (quant.py)
+    # The LM head in per-channel FP8 too, beside FP8 linear layers (quantization="fp8" or an FP8 checkpoint): half
+    # of bf16's bytes read a step. Off by default, as in most FP8 checkpoints: the head's error lands on the logits.
+    quantize_lm_head: bool = False
     tokenizer: str | None = None  # an HF tokenizer directory to use instead of the model's (e.g. with dummy weights)
     max_num_batched_tokens: int = 8192  # per-step token budget (decodes + prefill chunks)
     max_num_seqs: int = 256  # sequences in one step; with pipeline parallelism in each of the pp steps in flight

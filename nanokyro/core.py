@@ -31,9 +31,11 @@ from nanokyro.radix_cache import RadixCache
 from nanokyro.request import (
     EngineStats, Failure, Limits, PromptError, Ready, SamplingParams, SeqOutput, TokenLogprob, UnknownAdapter,
 )  # fmt: skip
+from nanokyro.loader import read_config
 from nanokyro.lora import AdapterError, LoRARegistry
 from nanokyro.parallel import PendingLogits
 from nanokyro.profiling import StepProfiler
+from nanokyro.quant_formats import quant_config
 from nanokyro.runner import ModelRunner, StepPlan
 from nanokyro.sampler import PendingSample, SampleRow, SamplerOutput, make_generator
 from nanokyro.scheduler import ScheduledBatch, Scheduler, Sequence, Status
@@ -89,6 +91,8 @@ class EngineCore:
         # speculative draft model first, so that the target's sizing counts the draft's weights and its KV pages.
         self.spec_method = cfg.spec_method()
         cfg.kv_torch_dtype()  # a bad kv_cache_dtype is refused before any weights load
+        if cfg.quantize_lm_head:  # and an LM head in FP8 without FP8 layers (the checkpoint's config says)
+            quant_config(read_config(cfg).quantization_config, cfg.quantization, lm_head=True)
         self.profiler = StepProfiler(cfg, rank=0)  # and bad profile_steps
         draft = self._load_draft(cfg) if self.spec_method == "draft" else None
         self.runner = ModelRunner(cfg, extra_page_bytes=draft.page_bytes if draft is not None else 0)
@@ -146,12 +150,13 @@ class EngineCore:
 
     @staticmethod
     def _load_draft(cfg: EngineConfig) -> ModelRunner:
-        """The draft model's runner, its KV cache not yet allocated."""
+        """The draft model's runner, its KV cache not yet allocated. Its LM head stays as its quantisation leaves
+        it (quantize_lm_head is the model's: a draft may be in int8, or unquantised while the model is FP8)."""
         draft_cfg = dataclasses.replace(cfg, model=cfg.speculative_model, speculative_model=None,
                                         speculative_method=None, served_model_name=None, max_loras=0,
                                         lora_modules={},  # drafts propose without adapters
                                         quantization=cfg.speculative_draft_quantization or cfg.quantization,
-                                        speculative_draft_quantization=None)  # fmt: skip
+                                        speculative_draft_quantization=None, quantize_lm_head=False)  # fmt: skip
         return ModelRunner(draft_cfg, num_pages=0)
 
     def ready(self) -> Ready:

@@ -36,9 +36,13 @@ from nanokyro.lora import lora_delta, lora_shrink
 from nanokyro.parallel import Group
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """x @ weight.T (+ bias): the Triton GEMV in one- and two-row decode graphs, oneDNN for a weight that
-    `pack_for_cpu` packed, fbgemm for an int8 one (quant.int8_pack: a CPU draft's LM head), else F.linear."""
+    `pack_for_cpu` packed, fbgemm for an int8 one (quant.int8_pack: a CPU draft's LM head), the FP8 layers' op for
+    an fp8 one with its per-row `scale` (quant.fp8_head: the LM head), else F.linear."""
+    if scale is not None:
+        return torch.ops.nanokyro.fp8_linear(x, weight, scale, bias, False, True)
     if isinstance(weight, torch.ScriptObject):
         return quant.int8_linear(x, weight, bias)
     if weight.is_mkldnn:
@@ -202,8 +206,10 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp.rank * self.rows
         self.weight = nn.Parameter(torch.empty(self.rows, hidden))
         self.weight.weight_loader = self.weight_loader
-        # the weight as the LM head multiplies it (pack_for_cpu; int8: quant.int8_head)
+        # the weight as the LM head multiplies it (pack_for_cpu; int8: quant.int8_head; fp8 with its per-row
+        # scales [rows, 1]: quant.fp8_head)
         self.head_weight: torch.Tensor | torch.ScriptObject | None = None
+        self.head_scale: torch.Tensor | None = None
 
     def weight_loader(self, param, tensor, shard_id=None):
         n = max(0, min(self.rows, self.vocab_size - self.start))  # the last ranks' rows run past the vocab
@@ -222,9 +228,8 @@ class VocabParallelEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, H] -> logits [R, vocab_size] on every rank."""
         weight = self.weight if self.head_weight is None else self.head_weight
-        if self.tp.size == 1:
-            return matmul(hidden, weight)
-        return self.tp.all_gather(matmul(hidden, weight))[:, : self.vocab_size]
+        logits = matmul(hidden, weight, scale=self.head_scale)
+        return logits if self.tp.size == 1 else self.tp.all_gather(logits)[:, : self.vocab_size]
 
 
 class RMSNorm(nn.Module):

@@ -92,10 +92,10 @@ def load(cfg: EngineConfig, shard: Shard = Shard(), tp: Group = SINGLE, device: 
     """Build this rank's shard of the model on `device` (default: the engine's) and the engine's dtype; return
     it with its tokenizer (unless not wanted: the other ranks) and served name."""
     model, tokenizer, name = _load(cfg, shard, tp, device or cfg.torch_device(), with_tokenizer)
-    qcfg = quant_formats.quant_config(model.cfg.quantization_config, cfg.quantization)
+    qcfg = quant_formats.quant_config(model.cfg.quantization_config, cfg.quantization, cfg.quantize_lm_head)
     if with_tokenizer:  # once, on rank 0: this rank's shard
-        log.info("weights: %.3f GB (%s)", quant.weight_bytes(model) / 1e9,
-                 "unquantised" if qcfg is None else f"{qcfg.method}, {qcfg.fmt}")  # fmt: skip
+        log.info("weights: %.3f GB (%s)", quant.weight_bytes(model) / 1e9, "unquantised" if qcfg is None else
+                 f"{qcfg.method}, {qcfg.fmt}" + (", LM head in fp8" if qcfg.lm_head else ""))  # fmt: skip
     if cfg.tokenizer is not None and with_tokenizer:
         tokenizer = Tokenizer.from_dir(cfg.tokenizer, eos_token_ids=model.cfg.eos_token_ids)
     return model, tokenizer, name
@@ -114,7 +114,8 @@ def _load(cfg: EngineConfig, shard: Shard, tp: Group, device: torch.device,
     rows = cfg.num_speculative_tokens + 1 if speculates else 1  # a verify step's rows (pack_for_cpu)
     if cfg.load_format == "dummy":  # quantised: the random weights, quantised at load
         model = build_model(ModelConfig.from_hf(_dummy_architecture(cfg.model)), device, dtype, shard, tp)
-        load_weights(model, dummy_weights(model.cfg, cfg.seed, device, dtype, wanted(model)), cfg.quantization, rows)
+        load_weights(model, dummy_weights(model.cfg, cfg.seed, device, dtype, wanted(model)), cfg.quantization, rows,
+                     cfg.quantize_lm_head)
         return model, None, cfg.model
     path = resolve_model_path(cfg.model)
     if path.endswith(".gguf"):
@@ -124,12 +125,14 @@ def _load(cfg: EngineConfig, shard: Shard, tp: Group, device: torch.device,
         model_cfg = ModelConfig.from_hf(gg.hf_config)
         tokenizer = _gguf_tokenizer(gg) if with_tokenizer else None
         model = build_model(model_cfg, device, dtype, shard, tp)
-        load_weights(model, gg.load_weights(dtype, device, wanted(model)), cfg.quantization, rows)
+        load_weights(model, gg.load_weights(dtype, device, wanted(model)), cfg.quantization, rows,
+                     cfg.quantize_lm_head)
         name = DEFAULT_MODEL_NAME if cfg.model is None else os.path.basename(path).removesuffix(".gguf")
         return model, tokenizer, name
     model_cfg = ModelConfig.from_dir(path)
     model = build_model(model_cfg, device, dtype, shard, tp)
-    load_weights(model, iter_safetensors(path, device, dtype, wanted(model)), cfg.quantization, rows)
+    load_weights(model, iter_safetensors(path, device, dtype, wanted(model)), cfg.quantization, rows,
+                 cfg.quantize_lm_head)
     tokenizer = Tokenizer.from_dir(path, eos_token_ids=model_cfg.eos_token_ids) if with_tokenizer else None
     # A hub id is served under itself, as clients name it; a local directory under its own name.
     return model, tokenizer, os.path.basename(cfg.model.rstrip("/")) if os.path.exists(cfg.model) else cfg.model
@@ -197,12 +200,12 @@ def iter_safetensors(path: str, device: torch.device, dtype: torch.dtype,
 
 @torch.no_grad()
 def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], quantization: str | None = None,
-                 rows: int = 1):  # fmt: skip
+                 rows: int = 1, quantize_lm_head: bool = False):  # fmt: skip
     """Hand each HF-named tensor to its parameter's weight_loader, which copies this rank's shard of it; with a
     quantised checkpoint or `quantization` asked for, through quant.py before and after (quant_formats.py
-    re-lays the checkpoint's tensors on the way in). On the CPU, weights are then laid out for products of `rows`
-    rows (layers.pack_for_cpu)."""
-    qcfg = quant_formats.quant_config(model.cfg.quantization_config, quantization)
+    re-lays the checkpoint's tensors on the way in; `quantize_lm_head`: the head's FP8 copy after). On the CPU,
+    weights are then laid out for products of `rows` rows (layers.pack_for_cpu)."""
+    qcfg = quant_formats.quant_config(model.cfg.quantization_config, quantization, quantize_lm_head)
     quant.prepare(model, qcfg)
     _load_tensors(model, quant_formats.checkpoint_tensors(qcfg, tensors))
     quant.finish(model, qcfg)

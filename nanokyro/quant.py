@@ -12,8 +12,11 @@ output features and dim 1 for input features (or groups of them) exactly as for 
 - int8 (the CPU only; a speculative draft's, `speculative_draft_quantization="int8"`): `int8_weight`, fbgemm's
   packed weight (torch.ops.quantized.linear_prepack) of symmetric int8 with one scale per output feature, in
   place of `weight`. The LM head gets one too (`head_weight`): it is over a quarter of a small model's bytes.
+- the LM head in FP8 (`quantize_lm_head`, beside FP8 layers): `head_weight` fp8 [vocab rows, H] and `head_scale`
+  fp32 [vocab rows, 1], one scale per row as `quantization="fp8"` gives a layer's output features.
 
-How they multiply (`Fp8Method.matmul`, `Int4Method.matmul`, one custom op each so compiled graphs stay whole):
+How they multiply (`Fp8Method.matmul`, `Int4Method.matmul`, one custom op each so compiled graphs stay whole; an
+FP8 LM head through the FP8 layers' op, from layers.matmul):
 - on CUDA, FP8: one Triton kernel (`qgemv`) that reads the packed weight once and dequantises it in registers,
   the activations staying in the model's dtype: a GEMV for one or two rows (decode is bound by reading the
   weights), tensor-core tiles above. With per-channel scales it runs for GEMV_MAX_ROWS rows (one); from there
@@ -211,6 +214,8 @@ def finish(model: nn.Module, qcfg: QuantConfig | None) -> None:
             layer.quant.repack(layer)
     if qcfg.method == "int8" and model.head is not None:
         int8_head(model.head)
+    if qcfg.lm_head and model.head is not None:  # on the last pipeline stage
+        fp8_head(model)
     if torch.cuda.is_available():  # the full-precision weights' memory back, for the KV cache to measure
         torch.cuda.empty_cache()
 
@@ -223,6 +228,20 @@ def int8_head(head: nn.Module) -> None:
     """The LM head's int8 copy (`head_weight`, which layers.matmul multiplies); the fp32 weight stays, as a tied
     head also embeds."""
     head.head_weight = int8_pack(head.weight.data)
+
+
+def fp8_head(model: nn.Module) -> None:
+    """The LM head's FP8 copy (`head_weight` and its per-row `head_scale`, which layers.matmul multiplies through the
+    FP8 layers' op), rounded as Fp8Method.quantise rounds a layer. It is made from this rank's vocab rows, so under
+    tensor parallelism the scales split with them. Parameters, so that the weights' bytes (`weight_bytes`, the
+    benchmarks' model_costs) count them. A tied head keeps its full-precision table, which also embeds; an untied
+    one's is freed."""
+    head = model.head
+    w, scale = quantise_rows_fp8(head.weight.data)
+    head.head_weight = nn.Parameter(w, requires_grad=False)
+    head.head_scale = nn.Parameter(scale, requires_grad=False)
+    if head is not model.embed_tokens:
+        head.weight = None
 
 
 def int8_pack(w: torch.Tensor) -> torch.ScriptObject:

@@ -20,7 +20,7 @@ Formats read (detected from config.json's `quantization_config`), and what each 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,6 +39,7 @@ class QuantConfig:
     fmt: str  # "online" | "fp8-block" | "ct-fp8" | "awq-gemm" | "ct-w4a16"
     group_size: int = 128  # int4: input features per scale; fp8-block: the block's side
     ignore: tuple[str, ...] = field(default_factory=tuple)  # HF module names (or re:patterns) left dense
+    lm_head: bool = False  # the LM head too, in per-channel FP8 (quantize_lm_head; quant.fp8_head)
 
     def quantises(self, hf_module: str) -> bool:
         for pattern in self.ignore:
@@ -49,16 +50,25 @@ class QuantConfig:
         return True
 
 
-def quant_config(qc: dict | None, requested: str | None) -> QuantConfig | None:
+def quant_config(qc: dict | None, requested: str | None, lm_head: bool = False) -> QuantConfig | None:
     """The quantisation of a model: its config.json's `quantization_config` (qc), or `requested` on
-    full-precision weights. A checkpoint's own format is used only if it is what was asked for (or nothing was)."""
+    full-precision weights. A checkpoint's own format is used only if it is what was asked for (or nothing was).
+    `lm_head` (quantize_lm_head): the LM head in FP8 too, which only FP8 linear layers go with (their op multiplies
+    it)."""
     if requested is not None and requested not in METHODS:
         raise ValueError(f"quantization must be one of {METHODS} or None, not {requested!r}")
     if not qc:
-        return None if requested is None else QuantConfig(requested, "online")
-    found = _checkpoint_format(qc)
-    if requested is not None and requested != found.method:
-        raise ValueError(f"the checkpoint is already quantised ({found.fmt}); it cannot be served as {requested!r}")
+        found = None if requested is None else QuantConfig(requested, "online")
+    else:
+        found = _checkpoint_format(qc)
+        if requested is not None and requested != found.method:
+            raise ValueError(f"the checkpoint is already quantised ({found.fmt}); it cannot be served as {requested!r}")
+    if lm_head:
+        if found is None or found.method != "fp8":
+            raise ValueError("quantize_lm_head puts the LM head in FP8 beside FP8 linear layers: it needs "
+                             "quantization='fp8' or an FP8 checkpoint, not "
+                             + ("unquantised weights" if found is None else f"{found.method} ({found.fmt})"))
+        found = replace(found, lm_head=True)
     return found
 
 

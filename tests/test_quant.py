@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 
 import pytest
@@ -160,9 +161,9 @@ def reference(base: str, deq: dict):
     return hf
 
 
-def with_fp8_activations(hf):
-    """transformers with each linear layer's input quantised to FP8 per token and back (dynamic scales), as
-    W8A8 computes it."""
+def with_fp8_activations(hf, modules=LINEAR):
+    """transformers with the input of each linear layer named in `modules` quantised to FP8 per token and back
+    (dynamic scales), as W8A8 computes it."""
 
     def qdq(module, args):
         x = args[0]
@@ -170,7 +171,7 @@ def with_fp8_activations(hf):
         return ((x / scale).to(FP8).float() * scale,)
 
     for name, module in hf.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in LINEAR:
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in modules:
             module.register_forward_pre_hook(qdq)
     return hf
 
@@ -454,3 +455,97 @@ def test_triton_kernels_match_dequantised_matmul_in_the_interpreter():
     out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split()[-1]) < 1e-5
+
+
+# -- the LM head in FP8 (quantize_lm_head) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fp8_lm_head_matches_transformers_with_the_dequantised_head(base, tmp_path, tied):
+    """`quantization="fp8"` with `quantize_lm_head`: the head's weight rounded per vocab row to FP8 and multiplied
+    W8A8 through the FP8 layers' op gives the logits of transformers running the dequantised FP8 layers and head
+    (each one's input quantised per token). A tied head's embedding stays in full precision; an untied head's
+    full-precision weight is freed. The FP8 copy is what the head multiplies: the same model with the
+    full-precision head is farther off by more than FP8's rounding of a few activations."""
+    path = build_tiny_model("llama", str(tmp_path / "tied"), tie_word_embeddings=True, **SHAPE) if tied else base
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    deq = {k: fp8_channel(w)[2] for k, w in sd.items() if is_linear(k)}
+    head_fp8 = fp8_channel(sd["model.embed_tokens.weight" if tied else "lm_head.weight"])[2]
+    full_head = with_fp8_activations(reference(path, deq))
+    hf = reference(path, deq)
+    hf.lm_head.weight = torch.nn.Parameter(head_fp8)  # (tied: the embedding keeps the full-precision table)
+    hf = with_fp8_activations(hf, LINEAR + ("lm_head",))
+    llm = make_llm(path, quantization="fp8", quantize_lm_head=True)
+    model = llm.engine.runner.model
+    head = model.head
+    assert head.head_weight.dtype == FP8 and head.head_scale.shape == (384, 1)
+    if tied:
+        assert head is model.embed_tokens and head.weight.dtype == torch.float32
+        torch.testing.assert_close(head.weight, sd["model.embed_tokens.weight"], atol=0, rtol=0)
+    else:
+        assert head.weight is None
+    ps = prompts()
+    ours, ref = last_logits(llm, ps), hf_last_logits(hf, ps)
+    err = (ours - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert err.median() < 1e-4 and err.max() < 0.1, err  # to fp32 rounding but where an FP8 rounding flips
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+    full = hf_last_logits(full_head, ps)
+    assert ((ours - full).norm(dim=-1) / full.norm(dim=-1)).median() > 1e-2  # the head's FP8 rounding: 0.037
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fp8_lm_head_reads_a_byte_a_weight(base, tmp_path, tied):
+    """The benchmarks' roofline counts the head at its FP8 bytes (a byte a weight, 4 bytes of scale a vocab row)
+    in place of its full-precision ones, tied or not; the resident weights (quant.weight_bytes) too when untied."""
+    from nanokyro.benchmarks.workload import model_costs
+    from nanokyro.quant import weight_bytes
+
+    path = build_tiny_model("llama", str(tmp_path / "tied"), tie_word_embeddings=True, **SHAPE) if tied else base
+    dense_head, fp8_head = (make_llm(path, quantization="fp8", quantize_lm_head=q) for q in (False, True))
+    vocab, hidden = 384, SHAPE["hidden_size"]
+    saved = vocab * hidden * 4 - (vocab * hidden + vocab * 4)  # fp32 -> fp8 + an fp32 scale a row
+    assert model_costs(dense_head)["weight_bytes"] - model_costs(fp8_head)["weight_bytes"] == saved
+    resident = [weight_bytes(llm.engine.runner.model) for llm in (dense_head, fp8_head)]
+    assert resident[1] - resident[0] == (vocab * hidden + vocab * 4 if tied else -saved)
+
+
+def test_fp8_lm_head_without_fp8_weights_fails_clearly(base, tmp_path):
+    """Refused before any weights load: no quantisation, AWQ asked for, or an AWQ checkpoint."""
+    path, _ = quantised_checkpoint(base, str(tmp_path / "awq"), "awq", 128)
+    for model, quantization, found in [(base, None, "unquantised weights"), (base, "awq", "awq (online)"),
+                                       (path, None, "awq (awq-gemm)")]:  # fmt: skip
+        with pytest.raises(ValueError, match=rf"quantize_lm_head .* needs quantization='fp8' or an FP8 checkpoint, "
+                                             rf"not {re.escape(found)}"):  # fmt: skip
+            make_llm(model, quantization=quantization, quantize_lm_head=True)
+
+
+def test_quantize_lm_head_flag_reaches_the_engine_config():
+    import argparse
+
+    from nanokyro.cli import add_engine_args, engine_flags, engine_kwargs
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert engine_kwargs(p.parse_args([]))["quantize_lm_head"] is False
+    kwargs = engine_kwargs(p.parse_args(["--quantization", "fp8", "--quantize-lm-head"]))
+    assert kwargs["quantize_lm_head"] is True
+    assert engine_flags(kwargs) == ["--quantization", "fp8", "--quantize-lm-head"]
+
+
+def test_parallel_fp8_lm_head_gives_one_process_tokens(base, tmp_path):
+    """TP=2 splits the head's vocab rows and their scales: each rank's FP8 copy is made from its own rows (rank 0's
+    scales are the first half of one process's), and the greedy tokens are one process's. A block-wise FP8
+    checkpoint, whose layers (weight-only on the CPU) round the same on any number of ranks."""
+    path, _ = quantised_checkpoint(base, str(tmp_path / "fp8"), "fp8-block")
+    ps = prompts(6, seed=3)
+    params = SamplingParams(max_tokens=10, temperature=0)
+    one_llm = make_llm(path, quantize_lm_head=True)
+    one = [o.token_ids for o in one_llm.generate(ps, params)]
+    llm = make_llm(path, quantize_lm_head=True, tensor_parallel_size=2)
+    try:
+        head, one_head = llm.engine.runner.model.head, one_llm.engine.runner.model.head
+        assert head.head_weight.shape == (192, SHAPE["hidden_size"]) and head.head_weight.dtype == FP8
+        torch.testing.assert_close(head.head_scale, one_head.head_scale[:192], atol=0, rtol=0)
+        assert [o.token_ids for o in llm.generate(ps, params)] == one
+    finally:
+        llm.close()

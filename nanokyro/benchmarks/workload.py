@@ -133,9 +133,9 @@ def measure_machine(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def model_costs(llm: LLM) -> dict:
-    """Bytes of weights one step reads (quantised layers at their packed size, scales included), KV bytes per
-    token, and matmul parameters per token and per logit row: of rank 0's shard (its TP slice of its pipeline
-    stage), so that over one GPU's ceilings they bound a layout whose ranks share the work evenly."""
+    """Bytes of weights one step reads (quantised layers and an FP8 LM head at their packed size, scales included),
+    KV bytes per token, and matmul parameters per token and per logit row: of rank 0's shard (its TP slice of its
+    pipeline stage), so that over one GPU's ceilings they bound a layout whose ranks share the work evenly."""
     model = llm.engine.runner.model
     cfg, shard = model.cfg, model.shard
     layers, kv_heads, heads = len(model.layers), shard.num_kv_heads(cfg), shard.num_heads(cfg)
@@ -143,8 +143,11 @@ def model_costs(llm: LLM) -> dict:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     embed = model.embed_tokens.weight.numel()
     lm_head = embed  # tied or not, the vocab projection has the embedding's shape
-    # An untied embedding table is only gathered from (one row per token); every other weight is read.
-    read = total - (0 if cfg.tie_word_embeddings else embed * itemsize)
+    # The embedding table is only gathered from (one row per token) unless the head multiplies it: tied, and not
+    # through an FP8 copy (quantize_lm_head: a parameter of its own; an untied head's own table is then freed).
+    # Every other weight is read.
+    fp8_head = model.head is not None and model.head.head_scale is not None
+    read = total - (0 if cfg.tie_word_embeddings and not fp8_head else embed * itemsize)
     linear = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "multiply"))
     return {
         "weight_bytes": read,
