@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanokyro.layers import rope
 from nanokyro.quant_formats import FP8, FP8_MAX
 
 
@@ -97,6 +98,77 @@ def triton_write_kv():
     return write
 
 
+def rope_write_kv(kv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
+                  offsets: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """RoPE of q [T, H, D] and k [T, Hkv, D] (layers.rope), then write_kv of the rotated k and v; returns the rotated
+    q. What triton_rope_write_kv does in one kernel, op by op."""
+    q, k = rope(cos_sin, positions, q, k)
+    write_kv(kv, k, v, pages, offsets)
+    return q
+
+
+def triton_rope_write_kv():
+    """rope_write_kv as one Triton kernel, for CUDA's one- and two-row decode graphs, where each small kernel's
+    launch costs more than its work: RoPE and the KV write there were two kernels per layer, the second reading
+    the rotated k back. One program per (token, head): a q head is rotated into the returned q [T, H, D]
+    (contiguous, as the attention kernel takes it); a KV head's k is rotated and stored with its v into the token's
+    slot. q, k and v are read where they are (strided views of the qkv projection, or the qk-norm's outputs). The
+    rotation is RotaryEmbedding's: fp32 from the cos/sin table, rounded to the activations' dtype, then (an fp8
+    cache) clamped and rounded as `stored` does. Built on first use: Triton needs a GPU."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, kv_ptr, pages_ptr, offsets_ptr, positions_ptr, cos_sin_ptr,
+               q_stride, q_head_stride, k_stride, k_head_stride, v_stride, v_head_stride, page_stride, half_stride,
+               slot_stride, head_stride, num_heads, half_dim: tl.constexpr, block: tl.constexpr,
+               clamp: tl.constexpr):  # fmt: skip
+        t, h = tl.program_id(0), tl.program_id(1)
+        kv_head = h - num_heads  # >= 0: a KV head
+        cols = tl.arange(0, block)
+        mask = cols < half_dim
+        row = cos_sin_ptr + tl.load(positions_ptr + t) * (2 * half_dim)  # the token's table row: cos, then sin
+        cos = tl.load(row + cols, mask=mask)
+        sin = tl.load(row + half_dim + cols, mask=mask)
+        head = tl.where(kv_head < 0, q_ptr + t * q_stride + h * q_head_stride,
+                        k_ptr + t * k_stride + kv_head * k_head_stride)  # fmt: skip
+        x1 = tl.load(head + cols, mask=mask).to(tl.float32)
+        x2 = tl.load(head + half_dim + cols, mask=mask).to(tl.float32)
+        r1 = (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty)
+        r2 = (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty)
+        if kv_head < 0:  # a query head, into q_out [T, H, D]
+            out = q_out_ptr + (t * num_heads + h) * (2 * half_dim)
+            tl.store(out + cols, r1, mask=mask)
+            tl.store(out + half_dim + cols, r2, mask=mask)
+        else:  # the rotated k and v as it is, into the token's slot
+            page = tl.load(pages_ptr + t).to(tl.int64)  # page * page_stride overflows int32 in a large cache
+            offset = tl.load(offsets_ptr + t).to(tl.int64)
+            slot = kv_ptr + page * page_stride + offset * slot_stride + kv_head * head_stride
+            v_cols = tl.arange(0, 2 * block)
+            v_mask = v_cols < 2 * half_dim
+            v = tl.load(v_ptr + t * v_stride + kv_head * v_head_stride + v_cols, mask=v_mask)
+            if clamp > 0:  # an fp8 cache: to its range, as `stored` does (a float constexpr is no `if` condition)
+                r1 = tl.minimum(tl.maximum(r1.to(tl.float32), -clamp), clamp)
+                r2 = tl.minimum(tl.maximum(r2.to(tl.float32), -clamp), clamp)
+                v = tl.minimum(tl.maximum(v.to(tl.float32), -clamp), clamp)
+            tl.store(slot + cols, r1.to(kv_ptr.dtype.element_ty), mask=mask)
+            tl.store(slot + half_dim + cols, r2.to(kv_ptr.dtype.element_ty), mask=mask)
+            tl.store(slot + half_stride + v_cols, v.to(kv_ptr.dtype.element_ty), mask=v_mask)
+
+    def write(kv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
+              offsets: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        (T, H, D), Hkv = q.shape, k.shape[1]
+        q, k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (q, k, v))  # each head's D values whole
+        q_out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+        kernel[(T, H + Hkv)](q, k, v, q_out, kv, pages, offsets, positions, cos_sin, q.stride(0), q.stride(1),
+                             k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv.stride(0), kv.stride(1),
+                             kv.stride(2), kv.stride(3), H, half_dim=D // 2, block=triton.next_power_of_2(D // 2),
+                             clamp=FP8_MAX if kv.dtype == FP8 else 0.0, num_warps=1)  # fmt: skip
+        return q_out
+
+    return write
+
+
 class TorchAttention:
     """Reference backend: gathers each sequence's pages into a padded batch and runs masked SDPA."""
 
@@ -155,15 +227,18 @@ _handles = itertools.count()
 
 
 @torch.library.custom_op("nanokyro::flashinfer_attention", mutates_args=())
-def flashinfer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, handle: int) -> torch.Tensor:
+def flashinfer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, handle: int,
+                         positions: torch.Tensor | None = None, cos_sin: torch.Tensor | None = None
+                         ) -> torch.Tensor:  # fmt: skip
     """One layer's attention through a planned FlashInferAttention: writes k, v [T, Hkv, D] into its pages and
-    returns [T, H, D]. The KV cache and page tables are the backend's state, not arguments, so a compiled graph
-    neither copies the cache nor sees it as mutated; CUDA-graph replays read the buffers plan() refilled."""
-    return _backends[handle]()(layer, q, k, v)
+    returns [T, H, D]; with `positions` and `cos_sin`, q and k are rotated first (FlashInferAttention.__call__).
+    The KV cache and page tables are the backend's state, not arguments, so a compiled graph neither copies the
+    cache nor sees it as mutated; CUDA-graph replays read the buffers plan() refilled."""
+    return _backends[handle]()(layer, q, k, v, positions, cos_sin)
 
 
 @flashinfer_attention.register_fake
-def _(q, k, v, layer, handle):
+def _(q, k, v, layer, handle, positions=None, cos_sin=None):
     return torch.empty_like(q)
 
 
@@ -190,14 +265,16 @@ class FlashInferAttention:
         # Triton stores fp8 from compute capability 8.9 (Ada, Hopper) up; before that, indexing writes the bytes.
         fp8_stores = kv_cache.dtype != FP8 or torch.cuda.get_device_capability(device) >= (8, 9)
         self.write_kv = triton_write_kv() if fp8_stores else write_kv
+        self.rope_write_kv = triton_rope_write_kv() if fp8_stores else rope_write_kv
         self.graph_decode: dict[int, object] = {}  # bucket -> wrapper whose buffers a CUDA graph reads
         self.wrapper, self.slots = None, None
         self.handle = next(_handles)
         _backends[self.handle] = weakref.ref(self)
 
-    def op(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def op(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None,
+           cos_sin: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """This backend as the custom op: what a compiled model calls in place of `self`."""
-        return torch.ops.nanokyro.flashinfer_attention(q, k, v, layer, self.handle)
+        return torch.ops.nanokyro.flashinfer_attention(q, k, v, layer, self.handle, positions, cos_sin)
 
     def enable_graphs(self, buckets: list[int]) -> None:
         """One CUDA-graph decode wrapper per batch-size bucket. Their page-table buffers and the slot buffer are
@@ -238,7 +315,14 @@ class FlashInferAttention:
             self.prefill.plan(meta.qo_indptr, *pages, head_dim_qk=self.head_dim, causal=True, **kw)
             self.slots = meta.slot_pages, meta.slot_offsets
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 positions: torch.Tensor | None = None, cos_sin: torch.Tensor | None = None
+                 ) -> torch.Tensor:  # fmt: skip
+        """Write k, v and attend. With `positions` [T] and `cos_sin` (RotaryEmbedding's table), q and k come
+        unrotated and are rotated here, in the KV write's kernel (RotaryEmbedding.in_kv_write)."""
         kv = self.kv_cache[layer]
-        self.write_kv(kv, k, v, *self.slots)
+        if positions is None:
+            self.write_kv(kv, k, v, *self.slots)
+        else:
+            q = self.rope_write_kv(kv, q, k, v, *self.slots, positions, cos_sin)
         return self.wrapper.run(q, kv)  # [T, H, D]

@@ -279,15 +279,25 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), rope_inv_freq(head_dim, theta, scaling))
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1).float(), persistent=False)
 
+    def in_kv_write(self, q: torch.Tensor) -> bool:
+        """Whether the attention backend rotates q and k itself, in the kernel that writes k and v to the cache
+        (given the positions and `cos_sin`), instead of this module before it: in the one- and two-row decode
+        graphs, which attend through FlashInfer (attention.triton_rope_write_kv). There a kernel's launch costs
+        more than its work, and that saves one per layer and a round trip of k."""
+        return small_batch.on(q)
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotated q [T, H, D] and k [T, Hkv, D]."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
-        if small_batch.on(q):  # one- and two-row decode graphs: as views of one tensor, one kernel, not two
-            return self._rotate(torch.cat([q, k], 1), cos, sin).split([q.shape[1], k.shape[1]], 1)
-        # Elsewhere q stays contiguous for the attention kernel: doing this everywhere cost the offline recipe 5%.
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        return rope(self.cos_sin, positions, q, k)
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+def rope(cos_sin: torch.Tensor, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    """q [T, H, D] and k [T, Hkv, D] rotated by their tokens' rows of cos_sin [max_positions, D] (cos, then sin),
+    in fp32, rounded to their dtype."""
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)

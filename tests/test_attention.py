@@ -1,0 +1,81 @@
+"""The KV-cache write kernels on the CPU, run by Triton's interpreter against the torch reference: the one- and
+two-row decode graphs' RoPE + KV write (attention.triton_rope_write_kv) against RotaryEmbedding then write_kv."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROPE_WRITE_CHECK = r"""
+import numpy as np
+import torch
+import triton.language as tl
+from triton.runtime import interpreter
+
+from nanokyro.attention import triton_rope_write_kv, write_kv
+from nanokyro.layers import RotaryEmbedding
+from nanokyro.quant_formats import FP8
+
+# The interpreter truncates fp32 to bf16, and rounding to fp8 it drops the carry into the exponent (31.5 becomes
+# 16); CUDA rounds both to nearest even, as torch does. Its conversions from fp32 made torch's, the kernel's
+# stores can be compared bit for bit.
+convert = interpreter._convert_float
+ROUNDED = {tl.bfloat16: (torch.bfloat16, torch.int16), tl.float8e4nv: (FP8, torch.uint8)}
+
+
+def rounded_as_cuda(x, x_dtype, dtype, rounding_mode):
+    if x_dtype != tl.float32 or dtype not in ROUNDED:
+        return convert(x, x_dtype, dtype, rounding_mode)
+    to, bits = ROUNDED[dtype]
+    return torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(to).view(bits).numpy()
+
+
+interpreter._convert_float = rounded_as_cuda
+
+gen = torch.Generator().manual_seed(0)
+fused = triton_rope_write_kv()
+PAGES, PAGE = 6, 16
+cases = 0
+# (q heads, kv heads, head_dim): llama-3.1-8b's, and a small one with D 64; one or two tokens, in other pages or
+# in one, the first at the table's last position; the qkv projection's strided views, or contiguous heads as the
+# qk-norm leaves them.
+for H, HKV, D, pages, offsets, positions, strided in (
+    (32, 8, 128, [5, 2], [15, 3], [4095, 17], True),
+    (4, 2, 64, [2, 2], [7, 8], [4095, 4094], False),
+):
+    rope = RotaryEmbedding(D, 4096, 500000.0, None)
+    for T in (1, 2):
+        for act in (torch.float32, torch.bfloat16):
+            for cache_dtype in (act, FP8):
+                cache = (torch.randn(PAGES, 2, PAGE, HKV, D, generator=gen) * 100).to(cache_dtype)
+                qkv = torch.randn(T, (H + 2 * HKV) * D, generator=gen).to(act) * 100  # some past fp8's 448
+                q, k, v = (x.view(T, -1, D) for x in qkv.split([H * D, HKV * D, HKV * D], -1))
+                if not strided:
+                    q, k = q.contiguous(), k.contiguous()
+                i32 = lambda x: torch.tensor(x[:T], dtype=torch.int32)
+                want, got = cache.clone(), cache.clone()
+                want_q, want_k = rope(i32(positions), q, k)
+                write_kv(want, want_k, v, i32(pages), i32(offsets))
+                got_q = fused(got, q, k, v, i32(pages), i32(offsets), i32(positions), rope.cos_sin)
+                assert got_q.shape == (T, H, D) and got_q.is_contiguous() and got_q.dtype == act
+                slots = torch.zeros(PAGES, PAGE, dtype=torch.bool)
+                slots[i32(pages).long(), i32(offsets).long()] = True
+                by_slot = lambda kv: kv.view(torch.uint8).transpose(1, 2)  # [pages, page, k/v, heads, bytes]
+                assert torch.equal(by_slot(got)[~slots], by_slot(cache)[~slots])  # nothing else written
+                assert torch.equal(got_q, want_q), (H, D, T, act, cache_dtype)
+                assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (H, D, T, act, cache_dtype)
+                cases += 1
+print(cases)
+"""
+
+
+def test_rope_kv_write_kernel_matches_rope_then_write_in_the_interpreter():
+    """One kernel for the small decode graphs' RoPE and KV write returns the q and stores the k and v that
+    RotaryEmbedding then write_kv give, bit for bit, from fp32 and bf16 activations, into a cache of their dtype
+    and an fp8 one (k and v past its range clamped); q comes back contiguous, and no other slot is written."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", ROPE_WRITE_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "16"
