@@ -119,10 +119,10 @@ def triton_rope_write_kv():
     import triton.language as tl
 
     @triton.jit
-    def kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, kv_ptr, pages_ptr, offsets_ptr, positions_ptr, cos_sin_ptr,
-               q_stride, q_head_stride, k_stride, k_head_stride, v_stride, v_head_stride, page_stride, half_stride,
-               slot_stride, head_stride, num_heads, half_dim: tl.constexpr, block: tl.constexpr,
-               clamp: tl.constexpr):  # fmt: skip
+    def rope_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, kv_ptr, pages_ptr, offsets_ptr, positions_ptr, cos_sin_ptr,
+                       q_stride, q_head_stride, k_stride, k_head_stride, v_stride, v_head_stride, page_stride,
+                       half_stride, slot_stride, head_stride, num_heads, half_dim: tl.constexpr, block: tl.constexpr,
+                       clamp: tl.constexpr):  # fmt: skip
         t, h = tl.program_id(0), tl.program_id(1)
         kv_head = h - num_heads  # >= 0: a KV head
         cols = tl.arange(0, block)
@@ -147,12 +147,13 @@ def triton_rope_write_kv():
             v_cols = tl.arange(0, 2 * block)
             v_mask = v_cols < 2 * half_dim
             v = tl.load(v_ptr + t * v_stride + kv_head * v_head_stride + v_cols, mask=v_mask)
+            k1, k2 = r1, r2  # (new names: a value defined before a runtime `if` keeps its type in it)
             if clamp > 0:  # an fp8 cache: to its range, as `stored` does (a float constexpr is no `if` condition)
-                r1 = tl.minimum(tl.maximum(r1.to(tl.float32), -clamp), clamp)
-                r2 = tl.minimum(tl.maximum(r2.to(tl.float32), -clamp), clamp)
+                k1 = tl.minimum(tl.maximum(k1.to(tl.float32), -clamp), clamp)
+                k2 = tl.minimum(tl.maximum(k2.to(tl.float32), -clamp), clamp)
                 v = tl.minimum(tl.maximum(v.to(tl.float32), -clamp), clamp)
-            tl.store(slot + cols, r1.to(kv_ptr.dtype.element_ty), mask=mask)
-            tl.store(slot + half_dim + cols, r2.to(kv_ptr.dtype.element_ty), mask=mask)
+            tl.store(slot + cols, k1.to(kv_ptr.dtype.element_ty), mask=mask)
+            tl.store(slot + half_dim + cols, k2.to(kv_ptr.dtype.element_ty), mask=mask)
             tl.store(slot + half_stride + v_cols, v.to(kv_ptr.dtype.element_ty), mask=v_mask)
 
     def write(kv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
@@ -160,10 +161,12 @@ def triton_rope_write_kv():
         (T, H, D), Hkv = q.shape, k.shape[1]
         q, k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (q, k, v))  # each head's D values whole
         q_out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
-        kernel[(T, H + Hkv)](q, k, v, q_out, kv, pages, offsets, positions, cos_sin, q.stride(0), q.stride(1),
-                             k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv.stride(0), kv.stride(1),
-                             kv.stride(2), kv.stride(3), H, half_dim=D // 2, block=triton.next_power_of_2(D // 2),
-                             clamp=FP8_MAX if kv.dtype == FP8 else 0.0, num_warps=1)  # fmt: skip
+        rope_kv_kernel[(T, H + Hkv)](
+            q, k, v, q_out, kv, pages, offsets, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), H,
+            half_dim=D // 2, block=triton.next_power_of_2(D // 2), clamp=FP8_MAX if kv.dtype == FP8 else 0.0,
+            num_warps=1,
+        )  # fmt: skip
         return q_out
 
     return write

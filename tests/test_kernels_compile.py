@@ -45,7 +45,7 @@ def compile_only(self, *args, grid, warmup, **kwargs):
 jit.JITFunction.run = compile_only
 
 from nanokyro import lora_kernels, small_batch
-from nanokyro.attention import triton_write_kv
+from nanokyro.attention import triton_rope_write_kv, triton_write_kv
 from nanokyro.quant_formats import FP8, pack_rows, tinygemm_pack, tinygemm_scales_zeros
 from nanokyro.quant_triton import (dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv, quantise_rows_fp8_cuda,
                                    scale_outer_cuda)
@@ -59,6 +59,13 @@ pages, offsets = torch.zeros(3, dtype=torch.int32), torch.arange(3, dtype=torch.
 for cache in (bf16, FP8):
     triton_write_kv()(torch.zeros(4, 2, 16, 8, 128, dtype=cache), k, v, pages, offsets)
     assert ("e4m3" in compiled[-1][1]) == (cache == FP8)
+# RoPE and the KV write as one kernel, for the one- and two-row decode graphs: llama-3.1-8b's heads, and D 64
+for q_heads, d in ((32, 128), (16, 64)):
+    q, k_new, v_new = (torch.randn(2, h, d, dtype=bf16) for h in (q_heads, 8, 8))
+    for cache in (bf16, FP8):
+        kv = torch.zeros(4, 2, 16, 8, d, dtype=cache)
+        triton_rope_write_kv()(kv, q, k_new, v_new, pages[:2], offsets[:2], offsets[:2], torch.zeros(8, d))
+        assert compiled[-1][0] == "rope_kv_kernel" and ("e4m3" in compiled[-1][1]) == (cache == FP8)
 
 # FP8 per-channel through the dispatch: one row (gate/up, down's long K, the rest), two, 3-16; a bf16 row reads
 # the weight as words (inline PTX), an fp16 row takes the settings by kind of layer
@@ -101,6 +108,6 @@ def test_every_cuda_kernel_compiles_for_hopper():
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     names = out.stdout.strip().rsplit("]", 1)[0]
-    for kernel in ("kernel", "qgemv_kernel", "_quantise_rows_kernel", "_scale_outer_kernel", "_dequant_int4_kernel",
+    for kernel in ("kernel", "rope_kv_kernel", "qgemv_kernel", "_quantise_rows_kernel", "_scale_outer_kernel", "_dequant_int4_kernel",
                    "_dequant_tinygemm_kernel", "gemv_kernel", "rms_norm_kernel", "shrink", "expand"):  # fmt: skip
         assert f"'{kernel}'" in names, (kernel, out.stdout)
