@@ -5,6 +5,8 @@ KV cache: one tensor `[num_layers, num_pages, 2, page_size, num_kv_heads, head_d
 e4m3 (`kv_cache_dtype="fp8"`, scale 1: k and v clamped to +-448 and rounded as they are written). The step's
 metadata is in FlashInfer's CSR form (qo_indptr, kv_indptr/kv_indices/kv_last_page_len), so both backends plan
 from the same tensors. The torch backend runs anywhere and is the reference the FlashInfer backend is tested against.
+In the one- and two-row decode graphs the FlashInfer backend also applies RoPE to q and k, in the kernel that writes
+k and v (`triton_rope_write_kv`; RotaryEmbedding.in_kv_write says when).
 
 FlashInfer is imported only when its backend is built (CUDA), so the CPU path never needs it. Its attention is
 also a `torch.library` custom op (`nanokyro::flashinfer_attention`), so `torch.compile` keeps a decode forward
@@ -322,7 +324,7 @@ class FlashInferAttention:
                  positions: torch.Tensor | None = None, cos_sin: torch.Tensor | None = None
                  ) -> torch.Tensor:  # fmt: skip
         """Write k, v and attend. With `positions` [T] and `cos_sin` (RotaryEmbedding's table), q and k come
-        unrotated and are rotated here, in the KV write's kernel (RotaryEmbedding.in_kv_write)."""
+        unrotated and are rotated here, as k and v are written (RotaryEmbedding.in_kv_write)."""
         kv = self.kv_cache[layer]
         if positions is None:
             self.write_kv(kv, k, v, *self.slots)

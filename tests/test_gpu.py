@@ -64,6 +64,42 @@ def test_triton_kv_write_equals_indexing(kv_dtype):
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_rope_kv_write_kernel_matches_rope_then_write(kv_dtype, tokens):
+    """The small decode graphs' one kernel for RoPE and the KV write, from strided q/k/v views like the model's:
+    the q and k of RotaryEmbedding within one rounding step (the kernel's fp32 products may be fused into FMAs; the
+    interpreter test in test_attention.py holds it to the bit), the same v bytes, and no other slot written."""
+    from nanokyro.attention import triton_rope_write_kv, write_kv
+    from nanokyro.layers import RotaryEmbedding
+
+    gen = torch.Generator(DEVICE).manual_seed(tokens)
+    rope = RotaryEmbedding(D, 4096, 1e6, None).to(DEVICE)
+    cache = torch.randn(12, 2, PAGE, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16).to(kv_dtype)
+    qkv = torch.randn(tokens, (H + 2 * HKV) * D, generator=gen, device=DEVICE, dtype=torch.bfloat16) * 100
+    q, k, v = (x.view(tokens, -1, D) for x in qkv.split([H * D, HKV * D, HKV * D], dim=-1))
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    positions = torch.tensor([4095, 1000][:tokens], **i32)
+    pages, offsets = torch.tensor([11, 3][:tokens], **i32), torch.tensor([15, 0][:tokens], **i32)
+    want, got = cache.clone(), cache.clone()
+    want_q, want_k = rope(positions, q, k)
+    write_kv(want, want_k, v, pages, offsets)
+    got_q = triton_rope_write_kv()(got, q, k, v, pages, offsets, positions, rope.cos_sin)
+    def within_a_step(a: torch.Tensor, b: torch.Tensor, bits: int) -> bool:
+        """a within one rounding step of b, for `bits` of mantissa; or 2**-9 apart (fp8's subnormal step, and a
+        few fp32 steps of the products where they cancel)."""
+        a, b = a.float(), b.float()
+        return bool(((a - b).abs() <= b.abs() * 2.0 ** (1 - bits) + 2.0**-9).all())
+
+    assert within_a_step(got_q, want_q, 8)
+    got, want = got.view(torch.uint8), want.view(torch.uint8)  # (torch indexes fp8 as bytes)
+    got_k, want_k = (x[pages, 0, offsets].view(kv_dtype) for x in (got, want))
+    assert within_a_step(got_k, want_k, 8 if kv_dtype == torch.bfloat16 else 4)
+    assert torch.equal(got[pages, 1, offsets], want[pages, 1, offsets])  # v
+    got[pages, :, offsets], want[pages, :, offsets] = 0, 0
+    assert torch.equal(got, want)  # no other slot written
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3])
 @pytest.mark.parametrize("kind", ["plain", "bias", "gated"])
 def test_gemv_matches_fp32_matmul(rows, kind):
@@ -255,6 +291,26 @@ def test_padding_never_reaches_outputs(graph_llm):
     graph_llm.engine.fail_all()
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+@torch.inference_mode()
+def test_small_graphs_rotating_in_the_kv_write_match_eager(graph_llm, rows):
+    """The one- and two-row graphs rotate q and k in the KV write's kernel (RotaryEmbedding.in_kv_write), after
+    qwen3's q/k norms: their logits and the k and v they store match the eager step's (RoPE, then the write)."""
+    runner = graph_llm.engine.runner
+    batch = decoding_batch(graph_llm, rows)
+    slots = [(s.pages[s.num_computed // PAGE], s.num_computed % PAGE) for s in batch.seqs]
+    pages, offsets = (torch.tensor(x, device=DEVICE) for x in zip(*slots))
+    input_ids, positions, meta, out_rows = runner.prepare(batch, pad_to=rows)
+    graphed = runner.graphs.replay(runner.graphs.load(input_ids, positions, meta))[out_rows].float()
+    graphed_kv = runner.kv_cache[:, pages, :, offsets].float()  # [rows, layers, k/v, Hkv, D]
+    input_ids, positions, meta, out_rows = runner.prepare(batch)
+    runner.attn.plan(meta)
+    eager = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn)[out_rows]).float()
+    assert rel_err(graphed, eager) < 2e-2
+    assert rel_err(graphed_kv, runner.kv_cache[:, pages, :, offsets].float()) < 2e-2
+    graph_llm.engine.fail_all()
+
+
 @torch.inference_mode()
 def test_graphs_match_eager_logits(graph_llm):
     runner = graph_llm.engine.runner
@@ -331,9 +387,11 @@ def assert_greedy_runs_agree(a, b, tol: float = 0.05) -> None:
 
 def test_fp8_kv_cache_with_graphs_matches_the_torch_backend_reading_it():
     """kv_cache_dtype="fp8" on CUDA: FlashInfer reading fp8 pages (decode graphs, the Triton KV write rounding k
-    and v) gives the greedy tokens and top logprobs of the torch backend reading the same kind of cache."""
+    and v) gives the greedy tokens and top logprobs of the torch backend reading the same kind of cache. The
+    prompts end at different steps, so the decodes run the four-row graph and then the two- and one-row ones,
+    whose KV write also rotates k (RotaryEmbedding.in_kv_write)."""
     prompts = torch.randint(0, 151936, (4, 40), generator=torch.Generator().manual_seed(7)).tolist()
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=5)
+    params = [SamplingParams(max_tokens=4 + 4 * i, temperature=0, ignore_eos=True, logprobs=5) for i in range(4)]
     runs = []
     for backend in ("flashinfer", "torch"):
         free_cuda()
