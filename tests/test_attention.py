@@ -1,5 +1,6 @@
-"""The KV-cache write kernels on the CPU, run by Triton's interpreter against the torch reference: the one- and
-two-row decode graphs' RoPE + KV write (attention.triton_rope_write_kv) against RotaryEmbedding then write_kv."""
+"""Attention's Triton kernels on the CPU, run by Triton's interpreter against the torch reference: the one- and
+two-row decode graphs' RoPE + KV write (attention.triton_rope_write_kv) against RotaryEmbedding then write_kv.
+(The GPU tests compare the FlashInfer backend with the torch one.)"""
 import os
 import subprocess
 import sys
