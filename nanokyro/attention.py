@@ -6,7 +6,8 @@ e4m3 (`kv_cache_dtype="fp8"`, scale 1: k and v clamped to +-448 and rounded as t
 metadata is in FlashInfer's CSR form (qo_indptr, kv_indptr/kv_indices/kv_last_page_len), so both backends plan
 from the same tensors. The torch backend runs anywhere and is the reference the FlashInfer backend is tested against.
 In the one- and two-row decode graphs the FlashInfer backend also applies RoPE to q and k, in the kernel that writes
-k and v (`triton_rope_write_kv`; RotaryEmbedding.in_kv_write says when).
+k and v (`triton_rope_write_kv`; RotaryEmbedding.in_kv_write says when: a backend says whether it can in
+`rotates_in_kv_write`, and the torch backend cannot).
 
 FlashInfer is imported only when its backend is built (CUDA), so the CPU path never needs it. Its attention is
 also a `torch.library` custom op (`nanokyro::flashinfer_attention`), so `torch.compile` keeps a decode forward
@@ -177,6 +178,8 @@ def triton_rope_write_kv():
 class TorchAttention:
     """Reference backend: gathers each sequence's pages into a padded batch and runs masked SDPA."""
 
+    rotates_in_kv_write = False  # q and k come rotated (RotaryEmbedding.in_kv_write)
+
     def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int):
         self.kv_cache = kv_cache
         self.num_heads, self.scale = num_heads, head_dim**-0.5
@@ -250,6 +253,8 @@ def _(q, k, v, layer, handle, positions=None, cos_sin=None):
 class FlashInferAttention:
     """FlashInfer paged attention: the decode wrapper for all-decode steps, the prefill wrapper (causal) for
     prefill and mixed steps, and per batch-size bucket a decode wrapper with fixed buffers for CUDA graphs."""
+
+    rotates_in_kv_write = True  # given the positions and cos/sin table, __call__ rotates q and k as it writes k, v
 
     def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int, dtype: torch.dtype):
         import flashinfer

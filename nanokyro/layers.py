@@ -26,6 +26,7 @@ model.py.
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -279,12 +280,14 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), rope_inv_freq(head_dim, theta, scaling))
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1).float(), persistent=False)
 
-    def in_kv_write(self, q: torch.Tensor) -> bool:
-        """Whether the attention backend rotates q and k itself, in the kernel that writes k and v to the cache
-        (given the positions and `cos_sin`), instead of this module before it: in the one- and two-row decode
-        graphs, which attend through FlashInfer (attention.triton_rope_write_kv). There a kernel's launch costs
-        more than its work, and that saves one per layer and a round trip of k."""
-        return small_batch.on(q)
+    def in_kv_write(self, q: torch.Tensor, attn) -> bool:
+        """Whether `attn` rotates q and k itself, in the kernel that writes k and v (given the positions and
+        `cos_sin`), instead of this module before it: in the one- and two-row decode graphs, where a launch costs
+        more than its work (one fewer a layer, and no round trip of k), and for a backend whose
+        `rotates_in_kv_write` says it does (FlashInfer's: attention.triton_rope_write_kv; not the torch one).
+        `attn`: a backend, or the bound `op` of one, as the compiled graphs pass it."""
+        backend = attn.__self__ if isinstance(attn, types.MethodType) else attn
+        return backend.rotates_in_kv_write and small_batch.on(q)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotated q [T, H, D] and k [T, Hkv, D]."""

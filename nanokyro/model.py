@@ -38,7 +38,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope.in_kv_write(q):  # the backend rotates q and k in its KV write
+        if rope.in_kv_write(q, attn):  # the backend rotates q and k in its KV write
             out = attn(self.layer_idx, q, k, v, positions, rope.cos_sin)
         else:
             q, k = rope(positions, q, k)
@@ -90,9 +90,10 @@ class LlamaModel(nn.Module):
                 self.lm_head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, intermediate=None, lora=None):
-        """attn(layer_idx, q, k, v) -> [T, H, D]: the step's attention backend, already planned (in the one- and
-        two-row decode graphs attn(layer_idx, q, k, v, positions, cos_sin), q and k unrotated: RotaryEmbedding.
-        in_kv_write). lora [T]: each token's adapter slot (-1: none), or None when no token has one (lora.py)."""
+        """attn(layer_idx, q, k, v) -> [T, H, D]: the step's attention backend, already planned, or its bound `op`
+        (in the one- and two-row decode graphs, for a backend that rotates in its KV write, attn(layer_idx, q, k, v,
+        positions, cos_sin) with q and k unrotated: RotaryEmbedding.in_kv_write). lora [T]: each token's adapter
+        slot (-1: none), or None when no token has one (lora.py)."""
         x, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
         for layer in self.layers:
             x, residual = layer(positions, x, residual, self.rope, attn, lora)

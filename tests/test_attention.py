@@ -1,11 +1,16 @@
 """Attention's Triton kernels on the CPU, run by Triton's interpreter against the torch reference: the one- and
-two-row decode graphs' RoPE + KV write (attention.triton_rope_write_kv) against RotaryEmbedding then write_kv.
-(The GPU tests compare the FlashInfer backend with the torch one.)"""
+two-row decode graphs' RoPE + KV write (attention.triton_rope_write_kv) against RotaryEmbedding then write_kv; and
+that only a backend that rotates in its KV write is handed q and k unrotated. (The GPU tests compare the FlashInfer
+backend with the torch one.)"""
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from nanokyro import LLM, SamplingParams, small_batch
+from nanokyro.attention import FlashInferAttention
 
 ROPE_WRITE_CHECK = r"""
 import numpy as np
@@ -80,3 +85,26 @@ def test_rope_kv_write_kernel_matches_rope_then_write_in_the_interpreter():
                          timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-1] == "16"
+
+
+def test_only_a_backend_that_rotates_in_its_kv_write_is_handed_q_and_k_unrotated(llama_dir, monkeypatch):
+    """Where the small decode graphs move RoPE into the KV write (small_batch's switch on), the torch backend still
+    gets q and k rotated by RotaryEmbedding, and gives the same logits; FlashInfer's backend, and its bound op
+    that the compiled graphs call, would get them unrotated."""
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20)
+    engine, runner = llm.engine, llm.engine.runner
+    engine.add_request([5], SamplingParams(max_tokens=1))  # one token: a one-row step
+    logits = []
+    with torch.inference_mode():
+        input_ids, positions, meta, _ = runner.prepare(engine.scheduler.schedule())
+        for switch_on in (False, True):
+            if switch_on:  # RoPE's test of the switch only (q [T, H, D]); linear layers and norms keep the CPU's
+                monkeypatch.setattr(small_batch, "on", lambda x: x.dim() == 3)
+            runner.attn.plan(meta)
+            logits.append(runner.model.compute_logits(runner.model(input_ids, positions, runner.attn)))
+    assert torch.equal(logits[0], logits[1])
+    engine.fail_all()
+    rope, q = runner.model.rope, torch.zeros(1, 4, 16)
+    assert small_batch.on(q) and not rope.in_kv_write(q, runner.attn)
+    flashinfer = object.__new__(FlashInferAttention)  # (not built: that needs CUDA)
+    assert rope.in_kv_write(q, flashinfer) and rope.in_kv_write(q, flashinfer.op)
