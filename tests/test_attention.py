@@ -20,7 +20,7 @@ from triton.runtime import interpreter
 
 from nanokyro.attention import triton_rope_write_kv, write_kv
 from nanokyro.layers import RotaryEmbedding
-from nanokyro.quant_formats import FP8
+from nanokyro.quant_formats import FP8, FP8_MAX
 
 # The interpreter truncates fp32 to bf16, and rounding to fp8 it drops the carry into the exponent (31.5 becomes
 # 16); CUDA rounds both to nearest even, as torch does. Its conversions from fp32 made torch's, the kernel's
@@ -54,13 +54,15 @@ for H, HKV, D, pages, offsets, positions, strided in (
         for act in (torch.float32, torch.bfloat16):
             for cache_dtype in (act, FP8):
                 cache = (torch.randn(PAGES, 2, PAGE, HKV, D, generator=gen) * 100).to(cache_dtype)
-                qkv = torch.randn(T, (H + 2 * HKV) * D, generator=gen).to(act) * 100  # some past fp8's 448
-                q, k, v = (x.view(T, -1, D) for x in qkv.split([H * D, HKV * D, HKV * D], -1))
+                qkv = torch.randn(T, (H + 2 * HKV) * D, generator=gen) * 100
+                qkv[:, 1::4] *= 10  # a quarter of q, k and v far past fp8's 448: an fp8 cache clamps them
+                q, k, v = (x.view(T, -1, D) for x in qkv.to(act).split([H * D, HKV * D, HKV * D], -1))
                 if not strided:
                     q, k = q.contiguous(), k.contiguous()
                 i32 = lambda x: torch.tensor(x[:T], dtype=torch.int32)
                 want, got = cache.clone(), cache.clone()
                 want_q, want_k = rope(i32(positions), q, k)
+                assert (want_k.abs() > FP8_MAX).any() and (v.abs() > FP8_MAX).any()  # the clamp has work
                 write_kv(want, want_k, v, i32(pages), i32(offsets))
                 got_q = fused(got, q, k, v, i32(pages), i32(offsets), i32(positions), rope.cos_sin)
                 assert got_q.shape == (T, H, D) and got_q.is_contiguous() and got_q.dtype == act
@@ -78,7 +80,8 @@ print(cases)
 def test_rope_kv_write_kernel_matches_rope_then_write_in_the_interpreter():
     """One kernel for the small decode graphs' RoPE and KV write returns the q and stores the k and v that
     RotaryEmbedding then write_kv give, bit for bit, from fp32 and bf16 activations, into a cache of their dtype
-    and an fp8 one (k and v past its range clamped); q comes back contiguous, and no other slot is written."""
+    and an fp8 one (k and v past its 448 clamped, as many are); q comes back contiguous, and no other slot is
+    written."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", ROPE_WRITE_CHECK], env=env, capture_output=True, text=True,

@@ -67,9 +67,10 @@ def test_triton_kv_write_equals_indexing(kv_dtype):
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("tokens", [1, 2])
 def test_rope_kv_write_kernel_matches_rope_then_write(kv_dtype, tokens):
-    """The small decode graphs' one kernel for RoPE and the KV write, from strided q/k/v views like the model's:
-    the q and k of RotaryEmbedding within one rounding step (the kernel's fp32 products may be fused into FMAs; the
-    interpreter test in test_attention.py holds it to the bit), the same v bytes, and no other slot written."""
+    """The small decode graphs' one kernel for RoPE and the KV write, from strided q/k/v views like the model's
+    (many values past fp8's 448, which an fp8 cache clamps): the q and k of RotaryEmbedding within one rounding
+    step (the kernel's fp32 products may be fused into FMAs; the interpreter test in test_attention.py holds it to
+    the bit), the same v bytes, and no other slot written."""
     from nanokyro.attention import triton_rope_write_kv, write_kv
     from nanokyro.layers import RotaryEmbedding
 
@@ -77,6 +78,7 @@ def test_rope_kv_write_kernel_matches_rope_then_write(kv_dtype, tokens):
     rope = RotaryEmbedding(D, 4096, 1e6, None).to(DEVICE)
     cache = torch.randn(12, 2, PAGE, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16).to(kv_dtype)
     qkv = torch.randn(tokens, (H + 2 * HKV) * D, generator=gen, device=DEVICE, dtype=torch.bfloat16) * 100
+    qkv[:, 1::4] *= 10  # a quarter of q, k and v far past fp8's 448: an fp8 cache clamps them
     q, k, v = (x.view(tokens, -1, D) for x in qkv.split([H * D, HKV * D, HKV * D], dim=-1))
     i32 = dict(dtype=torch.int32, device=DEVICE)
     positions = torch.tensor([4095, 1000][:tokens], **i32)
