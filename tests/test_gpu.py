@@ -182,9 +182,11 @@ def free_cuda() -> None:
     torch.cuda.empty_cache()
 
 
+DUMMY = dict(load_format="dummy", dtype="bfloat16", kv_cache_memory=1 << 30, max_num_seqs=8)
+
+
 def qwen3(**kw) -> LLM:
-    opts = dict(load_format="dummy", dtype="bfloat16", kv_cache_memory=1 << 30, max_num_seqs=8)
-    return LLM("qwen3-0.6b", **{**opts, **kw})
+    return LLM("qwen3-0.6b", **{**DUMMY, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +243,8 @@ def test_engine_serves_dummy_qwen3_and_matches_torch_backend(graph_llm):
 def decoding_batch(llm: LLM, n: int) -> ScheduledBatch:
     """n sequences past their prefill, as a one-token-each decode batch (not stepped: reusable)."""
     engine = llm.engine
-    prompts = torch.randint(0, 151936, (n, 20), generator=torch.Generator().manual_seed(n)).tolist()
+    vocab = engine.runner.model_cfg.vocab_size
+    prompts = torch.randint(0, vocab, (n, 20), generator=torch.Generator().manual_seed(n)).tolist()
     for i, p in enumerate(prompts):
         engine.add_request(p[: 5 + 3 * i], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
     engine.step()  # all prefills
@@ -293,24 +296,46 @@ def test_padding_never_reaches_outputs(graph_llm):
     graph_llm.engine.fail_all()
 
 
+@pytest.fixture(scope="module")
+def llama_graph_llm():
+    """llama-3.2-1b's shapes (D 64): no q/k norms, so q and k reach the KV write as strided views of the qkv
+    projection's output, where qwen3's norms leave them contiguous."""
+    llm = LLM("llama-3.2-1b", **DUMMY)
+    assert llm.engine.runner.graphs is not None
+    yield llm
+    del llm
+    free_cuda()
+
+
 @pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("model", ["qwen3", "llama"])
 @torch.inference_mode()
-def test_small_graphs_rotating_in_the_kv_write_match_eager(graph_llm, rows):
-    """The one- and two-row graphs rotate q and k in the KV write's kernel (RotaryEmbedding.in_kv_write), after
-    qwen3's q/k norms: their logits and the k and v they store match the eager step's (RoPE, then the write)."""
-    runner = graph_llm.engine.runner
-    batch = decoding_batch(graph_llm, rows)
+def test_small_graphs_rotating_in_the_kv_write_match_eager(request, model, rows):
+    """The one- and two-row graphs rotate q and k in the KV write's kernel (RotaryEmbedding.in_kv_write): a replay
+    runs rope_kv_kernel once a layer. Their logits and the k and v they store match the eager step's (RoPE, then
+    the write), after qwen3's q/k norms and from llama's strided q and k."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = request.getfixturevalue("graph_llm" if model == "qwen3" else "llama_graph_llm")
+    runner = llm.engine.runner
+    batch = decoding_batch(llm, rows)
     slots = [(s.pages[s.num_computed // PAGE], s.num_computed % PAGE) for s in batch.seqs]
     pages, offsets = (torch.tensor(x, device=DEVICE) for x in zip(*slots))
     input_ids, positions, meta, out_rows = runner.prepare(batch, pad_to=rows)
-    graphed = runner.graphs.replay(runner.graphs.load(input_ids, positions, meta))[out_rows].float()
+    runner.graphs.load(input_ids, positions, meta)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        graphed = runner.graphs.replay(rows)[out_rows].float()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    assert sum(name.startswith("rope_kv_kernel") for name in kernels) == len(runner.model.layers), sorted(set(kernels))
     graphed_kv = runner.kv_cache[:, pages, :, offsets].float()  # [rows, layers, k/v, Hkv, D]
     input_ids, positions, meta, out_rows = runner.prepare(batch)
     runner.attn.plan(meta)
     eager = runner.model.compute_logits(runner.model(input_ids, positions, runner.attn)[out_rows]).float()
     assert rel_err(graphed, eager) < 2e-2
     assert rel_err(graphed_kv, runner.kv_cache[:, pages, :, offsets].float()) < 2e-2
-    graph_llm.engine.fail_all()
+    llm.engine.fail_all()
 
 
 @torch.inference_mode()
