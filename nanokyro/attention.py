@@ -162,6 +162,10 @@ def triton_rope_write_kv():
     def write(kv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
               offsets: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
         (T, H, D), Hkv = q.shape, k.shape[1]
+        # The kernel reads a token's cos and sin at cos_sin + position * D. Host checks: in a CUDA graph they run
+        # once, at capture.
+        assert cos_sin.dim() == 2 and cos_sin.shape[1] == D and cos_sin.is_contiguous(), (cos_sin.shape, D)
+        assert cos_sin.dtype == torch.float32 and positions.shape == (T,), (cos_sin.dtype, positions.shape)
         q, k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (q, k, v))  # each head's D values whole
         q_out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
         rope_kv_kernel[(T, H + Hkv)](

@@ -73,6 +73,13 @@ for H, HKV, D, pages, offsets, positions, strided in (
                 assert torch.equal(got_q, want_q), (H, D, T, act, cache_dtype)
                 assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (H, D, T, act, cache_dtype)
                 cases += 1
+# A table the kernel would misread is refused on the host: rows not D apart, and fp16.
+pages, offsets, positions = (torch.tensor([1], dtype=torch.int32) for _ in range(3))
+for table in (torch.cat([rope.cos_sin, rope.cos_sin], 1)[:, :D], rope.cos_sin.half()):
+    try:
+        fused(cache.clone(), q[:1], k[:1], v[:1], pages, offsets, positions, table)
+    except AssertionError:
+        cases += 1
 print(cases)
 """
 
@@ -81,13 +88,13 @@ def test_rope_kv_write_kernel_matches_rope_then_write_in_the_interpreter():
     """One kernel for the small decode graphs' RoPE and KV write returns the q and stores the k and v that
     RotaryEmbedding then write_kv give, bit for bit, from fp32 and bf16 activations, into a cache of their dtype
     and an fp8 one (k and v past its 448 clamped, as many are); q comes back contiguous, and no other slot is
-    written."""
+    written. A cos/sin table that the kernel would misread (strided rows, fp16) is refused before the launch."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", ROPE_WRITE_CHECK], env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-1] == "16"
+    assert out.stdout.split()[-1] == "18"
 
 
 def test_only_a_backend_that_rotates_in_its_kv_write_is_handed_q_and_k_unrotated(llama_dir, monkeypatch):
