@@ -441,10 +441,16 @@ def _serve(cfg: EngineConfig, par: Parallel) -> None:
 
 def destroy_groups(timeout: float = JOIN_TIMEOUT_S) -> None:
     """Destroy this process's groups, waiting at most `timeout`: a communicator that a live CUDA graph still uses
-    never finishes going (the runner drops its graphs first), and a process that is closing must not hang on it."""
+    never finishes going (the runner drops its graphs first), and a process that is closing must not hang on it.
+    NCCL's are aborted, not destroyed: no collective is wanted any more, and destroying them waited past the
+    timeout at every TP=2 close on two H200s (then, at the process's exit, the waiting thread could abort it: rc
+    134), where aborting them took no wait (docs/PERFORMANCE.md, session 17)."""
     def destroy() -> None:
         with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+            if dist.get_backend() == "nccl":
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
 
     thread = threading.Thread(target=destroy, name="nanokyro-destroy", daemon=True)
     thread.start()
