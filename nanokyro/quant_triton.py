@@ -129,7 +129,7 @@ def _fp8_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
 
     K = x.shape[1]
     N = weight.shape[0] // 2 if gated else weight.shape[0]
-    block_n = max(config.block_n // 2, 1) if gated else config.block_n
+    block_n = max(config.block_n // 2, 1) if gated else config.block_n  # gated: a gate and an up row for each
     block_k = min(config.block_k, triton.next_power_of_2(K))
     y, pdl = x.new_empty(1, N), use_pdl()  # (PDL in small_batch.py)
     fp8_row_kernel[(triton.cdiv(N, block_n),)](
@@ -466,18 +466,27 @@ if triton is not None:
     def fp8_row_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, w_stride, s_stride, has_bias: tl.constexpr,
                        gated: tl.constexpr, x_2d: tl.constexpr, vec: tl.constexpr, block_n: tl.constexpr,
                        block_k: tl.constexpr, words: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
-        """y [1, N] = x [1, K] @ (w * scale).T (+ b) for fp8 w with per-row scales; `gated` as qgemv_kernel.
-        `pdl`: the PDL wait comes after the first weight tile's load."""
+        """y [1, N] = x [1, K] @ (w * scale).T (+ b) for fp8 w with per-row scales; `gated` as qgemv_kernel, each
+        output's gate row n and up row N + n read side by side in one pass over K: as many rows in flight as the
+        plain kernel's 2 * block_n, where a pass for the gate rows and then one for the up rows had half. `pdl`:
+        the PDL wait comes after the first weight tile's load."""
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
         n_ok = rn < N
-        w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride
-        acc = fp8_row_sum(x_ptr, w_rows, K, n_ok, words, x_2d, vec, block_n, block_k, pdl)
-        acc *= tl.load(s_ptr + rn * s_stride, mask=n_ok, other=0.0)
+        if gated:
+            j = tl.arange(0, 2 * block_n)  # gate n, up n, gate n + 1, up n + 1, ...
+            pair_ok = tl.program_id(0) * block_n + j // 2 < N
+            rows = tl.program_id(0) * block_n + j // 2 + (j % 2) * N
+            both = fp8_row_sum(x_ptr, w_ptr + rows[:, None].to(tl.int64) * w_stride, K, pair_ok, words, x_2d, vec,
+                               2 * block_n, block_k, pdl)  # fmt: skip
+            both *= tl.load(s_ptr + rows * s_stride, mask=pair_ok, other=0.0)
+            acc, up = tl.split(tl.reshape(both, (block_n, 2)))
+        else:
+            acc = fp8_row_sum(x_ptr, w_ptr + rn[:, None].to(tl.int64) * w_stride, K, n_ok, words, x_2d, vec, block_n,
+                              block_k, pdl)  # fmt: skip
+            acc *= tl.load(s_ptr + rn * s_stride, mask=n_ok, other=0.0)
         if has_bias:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        if gated:  # (waited already, in the gate rows' pass)
-            up = fp8_row_sum(x_ptr, w_rows + N * w_stride, K, n_ok, words, x_2d, vec, block_n, block_k, False)
-            up *= tl.load(s_ptr + (N + rn) * s_stride, mask=n_ok, other=0.0)
+        if gated:  # rounded as the unfused ops round: gate and up to y's dtype first
             gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
             acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
