@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,22 @@ MAX_ROWS = 2
 # projection shapes in a sweep on an H100 (.device/bench_gemv.py; docs/PERFORMANCE.md).
 GEMV_CONFIG = {1: (4, 4096, 4), 2: (8, 2048, 4)}
 _enabled = False
+
+# Programmatic dependent launch (PDL, sm_90+) of the one- and two-row decode steps' own kernels: this module's
+# GEMV and RMSNorm, quant_triton's one-row FP8 GEMV (and qgemv_kernel at one or two rows), attention's RoPE + KV
+# write. A kernel launched so may start while the kernel before it in the stream still runs; its launch and prologue
+# (and in the FP8 GEMVs its first weight tile's loads) then overlap that kernel's tail. The rules each one keeps:
+# - gdc_wait() before it reads anything an earlier kernel wrote (x, the residual, q/k/v, positions, LoRA's partial
+#   sums) and before it writes anything (an earlier kernel may still read that buffer). Only constant data
+#   (weights, scales, the norm's weight) may be loaded before the wait.
+# - gdc_wait() unconditionally, even where it needs nothing of its predecessor: the kernel after it waits only for
+#   it, so it must not finish before the one before it has (the order is transitive only so).
+# - gdc_launch_dependents() right after the wait: the next kernel's programs are scheduled once every program of
+#   this grid has called it, so they load their first weights during this grid's last wave.
+# Kernels launched by others (FlashInfer's, inductor's, cuBLAS, NCCL) are launched as always: a PDL kernel after
+# one of them starts when it ends. The kernels take `pdl` as a constexpr (Triton's interpreter knows no gdc_*)
+# and the launch `launch_pdl=pdl`. NANOKYRO_PDL=0, or PDL = False before the graphs are captured, turns it off.
+PDL = os.environ.get("NANOKYRO_PDL", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -43,6 +60,24 @@ def enable():
 def on(x: torch.Tensor) -> bool:
     """Whether x's layer should take the kernels below: inside `enable()`, on CUDA."""
     return _enabled and x.is_cuda
+
+
+def use_pdl() -> bool:
+    """Whether to launch the kernels listed above with PDL now: PDL on, and Triton compiling for CUDA sm_90+."""
+    return PDL and _pdl_target()
+
+
+@functools.cache
+def _pdl_target() -> bool:
+    """Whether Triton's target (the one it compiles the kernels for) has PDL: CUDA, sm_90 or later, and a Triton
+    with gdc_wait; never in the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    import triton
+    import triton.language as tl
+
+    target = triton.runtime.driver.active.get_current_target()
+    return target.backend == "cuda" and target.arch >= 90 and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,6 +131,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated
     y = x.new_empty(M, N)
     block_n, block_k, num_warps = GEMV_CONFIG[M]
     block_n = block_n // 2 if gated else block_n  # the same weight tile: half gate rows, half up rows
+    pdl = use_pdl()
     has_lora = lora is not None
     if has_lora:
         splits, R, b_stride0, b_stride1 = lora_s.shape[0], lora_b.shape[2], lora_b.stride(0), lora_b.stride(1)
@@ -107,8 +143,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated
         lora_s, lora_b, lora, splits, b_stride0, b_stride1, R,
         has_bias=bias is not None, gated=gated, has_lora=has_lora, block_m=triton.next_power_of_2(M),
         block_n=block_n, block_k=min(block_k, triton.next_power_of_2(K)), block_r=triton.next_power_of_2(R),
-        block_s=triton.next_power_of_2(max(splits, 1)),
-        num_warps=num_warps, num_stages=1,
+        block_s=triton.next_power_of_2(max(splits, 1)), pdl=pdl,
+        num_warps=num_warps, num_stages=1, launch_pdl=pdl,
     )  # fmt: skip
     return y
 
@@ -131,10 +167,10 @@ def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
         residual, new_residual, has_residual = x, x.new_empty(0), False
     else:
         residual, new_residual, has_residual = residual.contiguous(), torch.empty_like(x), True
-    block = triton.next_power_of_2(N)
+    block, pdl = triton.next_power_of_2(N), use_pdl()
     _rms_norm_kernel()[(T,)](
         x, residual, weight, out, new_residual if has_residual else out, N, x.stride(0), eps,
-        has_residual=has_residual, block=block, num_warps=min(max(block // 256, 1), 16),
+        has_residual=has_residual, block=block, pdl=pdl, num_warps=min(max(block // 256, 1), 16), launch_pdl=pdl,
     )  # fmt: skip
     return out, new_residual
 
@@ -156,7 +192,7 @@ def _gemv_kernel():
     def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_stride, y_stride, s_ptr, lb_ptr, idx_ptr,
                     SPLITS, lb_stride0, lb_stride1, R, has_bias: tl.constexpr, gated: tl.constexpr,
                     has_lora: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr,
-                    block_r: tl.constexpr, block_s: tl.constexpr):  # fmt: skip
+                    block_r: tl.constexpr, block_s: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
         """y = x @ w.T (+ b) (+ each row's LoRA delta); `gated`: w is [gate; up], 2N rows, and y = silu(x @
         gate.T) * (x @ up.T), rounded as the unfused ops round (gate and up to y's dtype first)."""
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
@@ -165,6 +201,9 @@ def _gemv_kernel():
         w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride  # [block_n, 1]
         acc = tl.zeros((block_m, block_n), tl.float32)
         up = tl.zeros((block_m, block_n), tl.float32)
+        if pdl:  # before any load: a first weight tile loaded ahead of the loop would take registers from it
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         if has_lora:  # loaded before the weights stream, used after it: their latency hides behind theirs
             idx = tl.load(idx_ptr + rm, mask=m_ok, other=-1)
             rr, sp = tl.arange(0, block_r), tl.arange(0, block_s)
@@ -213,17 +252,20 @@ def _rms_norm_kernel():
 
     @triton.jit
     def rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, N, x_stride, eps, has_residual: tl.constexpr,
-                        block: tl.constexpr):  # fmt: skip
+                        block: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
         row = tl.program_id(0)
         cols = tl.arange(0, block)
         ok = cols < N
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0)  # constant: before `pdl`'s wait (PDL above)
+        if pdl:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(x_ptr + row * x_stride + cols, mask=ok, other=0.0)
         if has_residual:
             x = (x.to(tl.float32) + tl.load(r_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
             tl.store(res_out_ptr + row * N + cols, x, mask=ok)
         xf = x.to(tl.float32)
         normed = (xf * tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)).to(x.dtype)
-        w = tl.load(w_ptr + cols, mask=ok, other=0.0)
         tl.store(out_ptr + row * N + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=ok)
 
     return rms_norm_kernel
