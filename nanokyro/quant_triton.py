@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from nanokyro.quant_formats import FP8, fp8_group
+from nanokyro.small_batch import MAX_ROWS, use_pdl
 
 
 class GemvConfig(NamedTuple):
@@ -106,12 +107,13 @@ def qgemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     k_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k  # input features per split, whole blocks
     group = block_k if per_row else group  # (unused with per-row scales)
     y = x.new_empty(M, N) if split == 1 else x.new_empty(split * M, N, dtype=torch.float32)
+    pdl = M <= MAX_ROWS and use_pdl()  # (PDL in small_batch.py)
     qgemv_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m), triton.cdiv(K, k_split))](
         x, weight, scale, zeros if int4 else scale, bias if bias is not None and split == 1 else scale, y, M, N, K,
         k_split, x.stride(0), weight.stride(0), scale.stride(0), y.stride(0), int4=int4, per_row=per_row,
         group=group, has_bias=bias is not None and split == 1, gated=gated, use_dot=use_dot, prefetch=prefetch,
-        reduce_once=reduce_once, f16=f16, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
-        num_stages=num_stages,
+        reduce_once=reduce_once, f16=f16, block_m=block_m, block_n=block_n, block_k=block_k, pdl=pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if split == 1:
         return y
@@ -129,11 +131,11 @@ def _fp8_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     block_n = max(config.block_n // 2, 1) if gated else config.block_n
     block_k = min(config.block_k, triton.next_power_of_2(K))
-    y = x.new_empty(1, N)
+    y, pdl = x.new_empty(1, N), use_pdl()  # (PDL in small_batch.py)
     fp8_row_kernel[(triton.cdiv(N, block_n),)](
         x, weight, scale, bias if bias is not None else scale, y, N, K, weight.stride(0), scale.stride(0),
         has_bias=bias is not None, gated=gated, x_2d=config.x_2d, vec=config.vec, block_n=block_n, block_k=block_k,
-        words=words, num_warps=config.num_warps, num_stages=1,
+        words=words, pdl=pdl, num_warps=config.num_warps, num_stages=1, launch_pdl=pdl,
     )  # fmt: skip
     return y
 
@@ -236,13 +238,17 @@ if triton is not None:
 
     @triton.jit
     def fp8_row_prefetched(x_ptr, w_rows, k_lo, k_hi, n_ok, reduce_once: tl.constexpr, block_n: tl.constexpr,
-                           block_k: tl.constexpr):  # fmt: skip
+                           block_k: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
         """One row's x @ w.T over input features [k_lo, k_hi) of fp8 rows, unscaled, fp32 [1, block_n]: the next
         tile's load is issued before this tile's products, so two tiles per program are in flight. `reduce_once`:
-        products summed elementwise over the steps and across lanes at the end (no shuffles or barrier per step)."""
+        products summed elementwise over the steps and across lanes at the end (no shuffles or barrier per step).
+        `pdl`: the PDL wait comes after the first tile's load."""
         rk = k_lo + tl.arange(0, block_k)
         w_next = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < k_hi)[None, :], other=0.0,
                          eviction_policy="evict_first")  # fmt: skip
+        if pdl:  # the first tile's load is in flight; x is an earlier kernel's (PDL in small_batch.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros((block_n,), tl.float32)
         acc2 = tl.zeros((block_n, block_k), tl.float32)
         for k0 in range(k_lo, k_hi, block_k):
@@ -311,9 +317,13 @@ if triton is not None:
                      y_stride, int4: tl.constexpr, per_row: tl.constexpr, group: tl.constexpr,
                      has_bias: tl.constexpr, gated: tl.constexpr, use_dot: tl.constexpr, prefetch: tl.constexpr,
                      reduce_once: tl.constexpr, f16: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
-                     block_k: tl.constexpr):  # fmt: skip
+                     block_k: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
         """y = x @ w.T (+ b); `gated`: w is [gate; up], 2N rows, and y = silu(x @ gate.T) * (x @ up.T). Program
-        (., ., s) sums input features [s k_split, (s + 1) k_split) into rows s M.. of y (one split: all of them)."""
+        (., ., s) sums input features [s k_split, (s + 1) k_split) into rows s M.. of y (one split: all of them).
+        `pdl`: the PDL wait comes first, but after the first weight tile's load where the GEMV prefetches."""
+        if pdl and not prefetch:  # (PDL in small_batch.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         ks = tl.program_id(2)
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
         rm = tl.program_id(1) * block_m + tl.arange(0, block_m)
@@ -326,10 +336,10 @@ if triton is not None:
         up = tl.zeros((block_m, block_n), tl.float32)
         k_lo, k_hi = ks * k_split, tl.minimum(K, (ks + 1) * k_split)
         if prefetch:
-            acc += fp8_row_prefetched(x_ptr, w_rows, k_lo, k_hi, n_ok, reduce_once, block_n, block_k)
-            if gated:
+            acc += fp8_row_prefetched(x_ptr, w_rows, k_lo, k_hi, n_ok, reduce_once, block_n, block_k, pdl)
+            if gated:  # (waited already, in the gate rows' pass)
                 up += fp8_row_prefetched(x_ptr, w_rows + N * w_stride, k_lo, k_hi, n_ok, reduce_once, block_n,
-                                         block_k)  # fmt: skip
+                                         block_k, False)  # fmt: skip
         for k0 in range(k_lo, k_hi if not prefetch else k_lo, block_k):
             if int4 and block_m == 1:
                 acc += partial_int4_row(x_ptr, w_ptr, s_rows, z_rows, rn, k0, K, w_stride, n_ok, group, block_k)
@@ -374,11 +384,12 @@ if triton is not None:
 
     @triton.jit
     def fp8_rows_sum(x_ptr, w_rows, K, n_ok, x_2d: tl.constexpr, vec: tl.constexpr, block_n: tl.constexpr,
-                     block_k: tl.constexpr):  # fmt: skip
+                     block_k: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
         """sum over K of x * w for fp8 rows w_rows [block_n, 1] (pointers), fp32 [block_n]. Pointers advance by a
         tile per step and the next tile's load is issued before this one's products; products are summed
         elementwise and across lanes once at the end. Weight loads of `vec` bytes match x's 16-byte bf16 loads
-        (vec 8) so both sit in one register layout, with no shuffle through shared memory per step."""
+        (vec 8) so both sit in one register layout, with no shuffle through shared memory per step. `pdl`: the
+        PDL wait comes after the first tile's load."""
         cols = tl.max_contiguous(tl.arange(0, block_k), vec)[None, :]
         w_ptrs = w_rows + cols
         if x_2d:
@@ -386,6 +397,9 @@ if triton is not None:
         else:
             x_ptrs = x_ptr + cols
         w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (cols < K), other=0.0, eviction_policy="evict_first")
+        if pdl:  # the first tile's load is in flight; x is an earlier kernel's (PDL in small_batch.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros((block_n, block_k), tl.float32)
         for k0 in range(0, K, block_k):
             w = w_next
@@ -409,16 +423,21 @@ if triton is not None:
             "=r,=r,=r,=r,r", [w], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
 
     @triton.jit
-    def fp8_words_sum(x_ptr, w_rows, K, n_ok, vec: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr):
+    def fp8_words_sum(x_ptr, w_rows, K, n_ok, vec: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr,
+                      pdl: tl.constexpr):  # fmt: skip
         """fp8_rows_sum reading the weight as int32 words (four fp8) and x as int64 words (four bf16), `vec`
         bytes of weight per lane: Triton 3.6 converts fp8 tensors byte by byte (a PRMT to unpack each byte and
         more to pack the pairs again for cvt, about 2 instructions a weight); here each word takes two cvt and
-        four f16 to f32, and x's four values are shifts of its word. K % 4 == 0; rows 4-byte, x 8-byte aligned."""
+        four f16 to f32, and x's four values are shifts of its word. K % 4 == 0; rows 4-byte, x 8-byte aligned.
+        `pdl` as fp8_rows_sum."""
         cols = tl.max_contiguous(tl.arange(0, block_k // 4), vec // 4)[None, :]
         w_ptrs = w_rows.to(tl.pointer_type(tl.int32), bitcast=True) + cols
         x_ptrs = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + cols
         k4 = K // 4
         w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (cols < k4), other=0, eviction_policy="evict_first")
+        if pdl:  # the first tile's load is in flight; x is an earlier kernel's (PDL in small_batch.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros((block_n, block_k // 4), tl.float32)
         for k0 in range(0, k4, block_k // 4):
             w = w_next
@@ -437,26 +456,27 @@ if triton is not None:
 
     @triton.jit
     def fp8_row_sum(x_ptr, w_rows, K, n_ok, words: tl.constexpr, x_2d: tl.constexpr, vec: tl.constexpr,
-                    block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
+                    block_n: tl.constexpr, block_k: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
         """One row's unscaled products with fp8 rows [block_n]: read as words, or as fp8 tensors."""
         if words:
-            return fp8_words_sum(x_ptr, w_rows, K, n_ok, vec, block_n, block_k)
-        return fp8_rows_sum(x_ptr, w_rows, K, n_ok, x_2d, vec, block_n, block_k)
+            return fp8_words_sum(x_ptr, w_rows, K, n_ok, vec, block_n, block_k, pdl)
+        return fp8_rows_sum(x_ptr, w_rows, K, n_ok, x_2d, vec, block_n, block_k, pdl)
 
     @triton.jit
     def fp8_row_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, w_stride, s_stride, has_bias: tl.constexpr,
                        gated: tl.constexpr, x_2d: tl.constexpr, vec: tl.constexpr, block_n: tl.constexpr,
-                       block_k: tl.constexpr, words: tl.constexpr):  # fmt: skip
-        """y [1, N] = x [1, K] @ (w * scale).T (+ b) for fp8 w with per-row scales; `gated` as qgemv_kernel."""
+                       block_k: tl.constexpr, words: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
+        """y [1, N] = x [1, K] @ (w * scale).T (+ b) for fp8 w with per-row scales; `gated` as qgemv_kernel.
+        `pdl`: the PDL wait comes after the first weight tile's load."""
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
         n_ok = rn < N
         w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride
-        acc = fp8_row_sum(x_ptr, w_rows, K, n_ok, words, x_2d, vec, block_n, block_k)
+        acc = fp8_row_sum(x_ptr, w_rows, K, n_ok, words, x_2d, vec, block_n, block_k, pdl)
         acc *= tl.load(s_ptr + rn * s_stride, mask=n_ok, other=0.0)
         if has_bias:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        if gated:
-            up = fp8_row_sum(x_ptr, w_rows + N * w_stride, K, n_ok, words, x_2d, vec, block_n, block_k)
+        if gated:  # (waited already, in the gate rows' pass)
+            up = fp8_row_sum(x_ptr, w_rows + N * w_stride, K, n_ok, words, x_2d, vec, block_n, block_k, False)
             up *= tl.load(s_ptr + (N + rn) * s_stride, mask=n_ok, other=0.0)
             gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
             acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
