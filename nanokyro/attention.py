@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from nanokyro.layers import rope
 from nanokyro.quant_formats import FP8, FP8_MAX
+from nanokyro.small_batch import use_pdl
 
 
 @dataclass
@@ -125,7 +126,10 @@ def triton_rope_write_kv():
     def rope_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, kv_ptr, pages_ptr, offsets_ptr, positions_ptr, cos_sin_ptr,
                        q_stride, q_head_stride, k_stride, k_head_stride, v_stride, v_head_stride, page_stride,
                        half_stride, slot_stride, head_stride, num_heads, half_dim: tl.constexpr, block: tl.constexpr,
-                       clamp: tl.constexpr):  # fmt: skip
+                       clamp: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
+        if pdl:  # first (PDL in small_batch.py): every load below is the step's data (q, k, v; the positions that
+            tl.extra.cuda.gdc_wait()  # index cos/sin), none is constant
+            tl.extra.cuda.gdc_launch_dependents()
         t, h = tl.program_id(0), tl.program_id(1)
         kv_head = h - num_heads  # >= 0: a KV head
         cols = tl.arange(0, block)
@@ -167,12 +171,12 @@ def triton_rope_write_kv():
         assert cos_sin.dim() == 2 and cos_sin.shape[1] == D and cos_sin.is_contiguous(), (cos_sin.shape, D)
         assert cos_sin.dtype == torch.float32 and positions.shape == (T,), (cos_sin.dtype, positions.shape)
         q, k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (q, k, v))  # each head's D values whole
-        q_out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+        q_out, pdl = torch.empty(T, H, D, dtype=q.dtype, device=q.device), use_pdl()
         rope_kv_kernel[(T, H + Hkv)](
             q, k, v, q_out, kv, pages, offsets, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), H,
             half_dim=D // 2, block=triton.next_power_of_2(D // 2), clamp=FP8_MAX if kv.dtype == FP8 else 0.0,
-            num_warps=1,
+            pdl=pdl, num_warps=1, launch_pdl=pdl,
         )  # fmt: skip
         return q_out
 
