@@ -38,7 +38,11 @@ compiled = []
 
 def compile_only(self, *args, grid, warmup, **kwargs):
     kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
-    compiled.append((self.__name__, kernel.asm["ptx"]))
+    ptx, pdl = kernel.asm["ptx"], kwargs.get("launch_pdl", False)
+    # A kernel launched with PDL waits for the kernel before it and lets the next one start; no other kernel does
+    # (small_batch.py's rules)
+    assert ("griddepcontrol.wait" in ptx) == ("griddepcontrol.launch_dependents" in ptx) == pdl, self.__name__
+    compiled.append((self.__name__, ptx, pdl))
     return kernel
 
 
@@ -66,17 +70,22 @@ for q_heads, d in ((32, 128), (16, 64)):
         kv = torch.zeros(4, 2, 16, 8, d, dtype=cache)
         triton_rope_write_kv()(kv, q, k_new, v_new, pages[:2], offsets[:2], offsets[:2], torch.zeros(8, d))
         assert compiled[-1][0] == "rope_kv_kernel" and ("e4m3" in compiled[-1][1]) == (cache == FP8)
+        assert compiled[-1][2]  # launched with PDL
 
 # FP8 per-channel through the dispatch: one row (gate/up, down's long K, the rest), two, 3-16; a bf16 row reads
 # the weight as words (inline PTX), an fp16 row takes the settings by kind of layer
 for m in (1, 2, 16):
     for n, k_in, gated in ((256, K, False), (512, K, True), (256, 14336, False)):
         qgemv(x(m, k_in), torch.randn(n, k_in).to(FP8), torch.rand(n, 1), None, None, gated)
-        assert compiled[-1][0] == ("fp8_row_kernel" if m == 1 else "qgemv_kernel"), (m, n, k_in)
-        assert ("cvt.rn.f16x2.e4m3x2 a, l" in compiled[-1][1]) == (m == 1)  # fp8_word_to_f32's inline PTX
-        if m == 1:
+        name, ptx, pdl = compiled[-1]
+        assert name == ("fp8_row_kernel" if m == 1 else "qgemv_kernel"), (m, n, k_in)
+        assert ("cvt.rn.f16x2.e4m3x2 a, l" in ptx) == (m == 1)  # fp8_word_to_f32's inline PTX
+        assert pdl == (m <= 2), (m, n, k_in)
+        if m == 1:  # the first weight tile's loads (evict_first), and no others, before the wait
+            loads = [line for line in ptx[: ptx.index("griddepcontrol.wait")].splitlines() if "ld.global" in line]
+            assert loads and all("evict_first" in line for line in loads), loads
             qgemv(x(1, k_in).half(), torch.randn(n, k_in).to(FP8), torch.rand(n, 1), None, None, gated)
-            assert compiled[-1][0] == "qgemv_kernel"
+            assert compiled[-1][0] == "qgemv_kernel" and compiled[-1][2]
 # block-wise FP8 (128 x 128 scales), and int4 in the Triton layout (groups of 128), with a bias
 for m in (1, 16):
     qgemv(x(m), torch.randn(256, K).to(FP8), torch.rand(256, K // 128), None, torch.randn(256, dtype=bf16), False)
@@ -90,6 +99,7 @@ dequantise_tinygemm_cuda(tinygemm_pack(q, 8), tinygemm_scales_zeros(scales, zero
 
 # the one- and two-row decode graphs' GEMV (plain, gated, with a bias, with LoRA) and RMSNorm; the LoRA kernels
 w, lora_a, lora_b = torch.randn(512, K, dtype=bf16), torch.randn(4, 16, K, dtype=bf16), torch.randn(4, 512, 16, dtype=bf16)
+start = len(compiled)
 for m in (1, 2):
     lora = torch.zeros(m, dtype=torch.int32)
     small_batch.gemv(x(m), w, torch.randn(512, dtype=bf16))
@@ -98,7 +108,13 @@ for m in (1, 2):
     small_batch.rms_norm(x(m), None, torch.ones(K, dtype=bf16), 1e-5)
 lora = torch.zeros(300, dtype=torch.int32)
 lora_kernels.lora_expand(x(300, 512), lora_kernels.lora_shrink(x(300), lora_a, lora), lora_b, lora)
-print(sorted({name for name, _ in compiled}), len(compiled))
+# launched with PDL: the GEMV and the norm, not LoRA's kernels
+assert all(pdl == (name in ("gemv_kernel", "rms_norm_kernel")) for name, _, pdl in compiled[start:])
+small_batch.PDL = False  # the switch: the same kernels without PDL
+qgemv(x(1), torch.randn(256, K).to(FP8), torch.rand(256, 1), None, None, False)
+small_batch.gemv(x(1), w, None)
+assert [name for name, _, pdl in compiled[-2:] if not pdl] == ["fp8_row_kernel", "gemv_kernel"]
+print(sorted({name for name, _, _ in compiled}), len(compiled))
 """
 
 
