@@ -127,9 +127,13 @@ def triton_rope_write_kv():
                        q_stride, q_head_stride, k_stride, k_head_stride, v_stride, v_head_stride, page_stride,
                        half_stride, slot_stride, head_stride, num_heads, half_dim: tl.constexpr, block: tl.constexpr,
                        clamp: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
-        if pdl:  # first (PDL in small_batch.py): every load below is the step's data (q, k, v; the positions that
-            tl.extra.cuda.gdc_wait()  # index cos/sin), none is constant
-            tl.extra.cuda.gdc_launch_dependents()
+        # PDL (small_batch.py): the wait first, as every load below is the step's data (q, k, v; the positions that
+        # index cos/sin). No gdc_launch_dependents(): the next kernel is FlashInfer's attention, which FlashInfer
+        # launches with PDL itself; started early, it could read q_out and the KV cache before they are written
+        # unless its own wait comes before those reads, and where that wait sits is FlashInfer's choice. Without
+        # the call it starts as this grid's programs exit, as it does after a kernel launched without PDL.
+        if pdl:
+            tl.extra.cuda.gdc_wait()
         t, h = tl.program_id(0), tl.program_id(1)
         kv_head = h - num_heads  # >= 0: a KV head
         cols = tl.arange(0, block)

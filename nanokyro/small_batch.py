@@ -38,10 +38,12 @@ _enabled = False
 # - gdc_wait() unconditionally, even where it needs nothing of its predecessor: the kernel after it waits only for
 #   it, so it must not finish before the one before it has (the order is transitive only so).
 # - gdc_launch_dependents() right after the wait: the next kernel's programs are scheduled once every program of
-#   this grid has called it, so they load their first weights during this grid's last wave.
-# Kernels launched by others (FlashInfer's, inductor's, cuBLAS, NCCL) are launched as always: a PDL kernel after
-# one of them starts when it ends. The kernels take `pdl` as a constexpr (Triton's interpreter knows no gdc_*)
-# and the launch `launch_pdl=pdl`. NANOKYRO_PDL=0, or PDL = False before the graphs are captured, turns it off.
+#   this grid has called it, so they load their first weights during this grid's last wave. Not in the RoPE + KV
+#   write, whose next kernel is FlashInfer's attention (attention.py says why).
+# FlashInfer launches its attention with PDL itself (its default on sm_90+); NANOKYRO_PDL covers nanokyro's own
+# kernels only. Inductor's, cuBLAS and NCCL kernels launch without it: a PDL kernel after one of them starts when
+# it ends. The kernels take `pdl` as a constexpr (Triton's interpreter knows no gdc_*) and the launch
+# `launch_pdl=pdl`. NANOKYRO_PDL=0, or PDL = False before the graphs are captured, turns it off.
 PDL = os.environ.get("NANOKYRO_PDL", "1") != "0"
 
 
