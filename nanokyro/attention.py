@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from nanokyro.layers import rope
 from nanokyro.quant_formats import FP8, FP8_MAX
-from nanokyro.small_batch import use_pdl
+from nanokyro.small_batch import pdl_launch, use_pdl
 
 
 @dataclass
@@ -180,7 +180,7 @@ def triton_rope_write_kv():
             q, k, v, q_out, kv, pages, offsets, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), H,
             half_dim=D // 2, block=triton.next_power_of_2(D // 2), clamp=FP8_MAX if kv.dtype == FP8 else 0.0,
-            pdl=pdl, num_warps=1, launch_pdl=pdl,
+            pdl=pdl, num_warps=1, **pdl_launch(pdl),
         )  # fmt: skip
         return q_out
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from nanokyro.quant_formats import FP8, fp8_group
-from nanokyro.small_batch import MAX_ROWS, use_pdl
+from nanokyro.small_batch import MAX_ROWS, pdl_launch, use_pdl
 
 
 class GemvConfig(NamedTuple):
@@ -113,7 +113,7 @@ def qgemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
         k_split, x.stride(0), weight.stride(0), scale.stride(0), y.stride(0), int4=int4, per_row=per_row,
         group=group, has_bias=bias is not None and split == 1, gated=gated, use_dot=use_dot, prefetch=prefetch,
         reduce_once=reduce_once, f16=f16, block_m=block_m, block_n=block_n, block_k=block_k, pdl=pdl,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch(pdl),
     )  # fmt: skip
     if split == 1:
         return y
@@ -135,7 +135,7 @@ def _fp8_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     fp8_row_kernel[(triton.cdiv(N, block_n),)](
         x, weight, scale, bias if bias is not None else scale, y, N, K, weight.stride(0), scale.stride(0),
         has_bias=bias is not None, gated=gated, x_2d=config.x_2d, vec=config.vec, block_n=block_n, block_k=block_k,
-        words=words, pdl=pdl, num_warps=config.num_warps, num_stages=1, launch_pdl=pdl,
+        words=words, pdl=pdl, num_warps=config.num_warps, num_stages=1, **pdl_launch(pdl),
     )  # fmt: skip
     return y
 

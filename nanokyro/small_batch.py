@@ -16,6 +16,7 @@ Python launch cost is paid once, at capture.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
@@ -43,7 +44,7 @@ _enabled = False
 # FlashInfer launches its attention with PDL itself (its default on sm_90+); NANOKYRO_PDL covers nanokyro's own
 # kernels only. Inductor's, cuBLAS and NCCL kernels launch without it: a PDL kernel after one of them starts when
 # it ends. The kernels take `pdl` as a constexpr (Triton's interpreter knows no gdc_*) and the launch
-# `launch_pdl=pdl`. NANOKYRO_PDL=0, or PDL = False before the graphs are captured, turns it off.
+# `pdl_launch(pdl)`. NANOKYRO_PDL=0, or PDL = False before the graphs are captured, turns it off.
 PDL = os.environ.get("NANOKYRO_PDL", "1") != "0"
 
 
@@ -69,17 +70,27 @@ def use_pdl() -> bool:
     return PDL and _pdl_target()
 
 
+def pdl_launch(pdl: bool) -> dict:
+    """A launch's keywords for `pdl`: none when off, as Triton builds without PDL (ROCm's, older CUDA ones) refuse
+    the keyword itself, even as False."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 @functools.cache
 def _pdl_target() -> bool:
     """Whether Triton's target (the one it compiles the kernels for) has PDL: CUDA, sm_90 or later, and a Triton
-    with gdc_wait; never in the interpreter."""
+    with gdc_wait whose launcher takes launch_pdl; never in the interpreter."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return False
     import triton
     import triton.language as tl
 
     target = triton.runtime.driver.active.get_current_target()
-    return target.backend == "cuda" and target.arch >= 90 and hasattr(tl.extra.cuda, "gdc_wait")
+    if target.backend != "cuda" or target.arch < 90 or not hasattr(tl.extra.cuda, "gdc_wait"):
+        return False
+    from triton.backends.nvidia.compiler import CUDAOptions  # importable: the target is CUDA
+
+    return "launch_pdl" in {field.name for field in dataclasses.fields(CUDAOptions)}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,7 +157,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated
         has_bias=bias is not None, gated=gated, has_lora=has_lora, block_m=triton.next_power_of_2(M),
         block_n=block_n, block_k=min(block_k, triton.next_power_of_2(K)), block_r=triton.next_power_of_2(R),
         block_s=triton.next_power_of_2(max(splits, 1)), pdl=pdl,
-        num_warps=num_warps, num_stages=1, launch_pdl=pdl,
+        num_warps=num_warps, num_stages=1, **pdl_launch(pdl),
     )  # fmt: skip
     return y
 
@@ -172,7 +183,7 @@ def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     block, pdl = triton.next_power_of_2(N), use_pdl()
     _rms_norm_kernel()[(T,)](
         x, residual, weight, out, new_residual if has_residual else out, N, x.stride(0), eps,
-        has_residual=has_residual, block=block, pdl=pdl, num_warps=min(max(block // 256, 1), 16), launch_pdl=pdl,
+        has_residual=has_residual, block=block, pdl=pdl, num_warps=min(max(block // 256, 1), 16), **pdl_launch(pdl),
     )  # fmt: skip
     return out, new_residual
 

@@ -39,6 +39,7 @@ compiled = []
 def compile_only(self, *args, grid, warmup, **kwargs):
     kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
     ptx, pdl = kernel.asm["ptx"], kwargs.get("launch_pdl", False)
+    assert kwargs.get("launch_pdl", True), self.__name__  # passed only as True: Triton without PDL refuses the keyword
     # A kernel launched with PDL waits for the kernel before it and lets the next one start, but for the RoPE + KV
     # write, followed by FlashInfer's attention; no other kernel does either (small_batch.py's rules)
     assert ("griddepcontrol.wait" in ptx) == pdl, self.__name__
