@@ -5,13 +5,12 @@ kernels that quantise activations per row to FP8, apply a W8A8 product's scales,
 Triton layout and torch's tinygemm layout) for cuBLAS."""
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
 from nanokyro.quant_formats import FP8, fp8_group
-from nanokyro.small_batch import MAX_ROWS, pdl_launch, use_pdl
+from nanokyro.small_batch import MAX_ROWS, pdl_launch, triton_interprets, use_pdl
 
 
 class GemvConfig(NamedTuple):
@@ -143,7 +142,7 @@ def _fp8_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
 def _words_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether fp8_row_kernel can read `weight` as int32 words and x as int64 words (inline PTX: not in the
     interpreter; bf16 x; whole, aligned words)."""
-    return (os.environ.get("TRITON_INTERPRET") != "1" and x.dtype == torch.bfloat16 and x.shape[1] % 4 == 0
+    return (not triton_interprets() and x.dtype == torch.bfloat16 and x.shape[1] % 4 == 0
             and weight.stride(0) % 4 == 0 and weight.data_ptr() % 4 == 0 and x.data_ptr() % 8 == 0)  # fmt: skip
 
 

@@ -76,11 +76,17 @@ def pdl_launch(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
+def triton_interprets() -> bool:
+    """Whether Triton runs the kernels in its interpreter: TRITON_INTERPRET read as Triton reads its flags (1, true,
+    on, yes or y, in any case), not only as 1."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
+
+
 @functools.cache
 def _pdl_target() -> bool:
     """Whether Triton's target (the one it compiles the kernels for) has PDL: CUDA, sm_90 or later, and a Triton
     with gdc_wait whose launcher takes launch_pdl; never in the interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interprets():
         return False
     import triton
     import triton.language as tl
