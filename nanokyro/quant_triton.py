@@ -82,6 +82,7 @@ def qgemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: tor
     GEMV_CONFIG's entry (the benchmark's sweep)."""
     import triton
 
+    assert bias is None or not gated, "gated: the kernels add a bias to the gate half only, not [gate; up]'s 2N"
     M, K = x.shape
     int4 = zeros is not None
     N = weight.shape[0] // 2 if gated else weight.shape[0]
