@@ -410,10 +410,16 @@ for config in [qt.GemvConfig(1, 4, 64, 4, False, split_k=3), qt.GemvConfig(1, 4,
     got = qt.qgemv(x, (w / s).to(qf.FP8), s, None, None, False, config)
     worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
 b = torch.randn(12)
-for x_2d in (False, True):  # the one-row FP8 kernel, gated and with a bias
+w13 = torch.randn(26, 320) * 0.05  # gated, N 13: the last program's second output (and its rows) masked
+s13 = w13.abs().amax(1, keepdim=True) / 448
+want13 = x @ qf.dequantise_fp8((w13 / s13).to(qf.FP8), s13).T
+for x_2d in (False, True):  # the one-row FP8 kernel, gated (N 12 and 13) and with a bias
     config = qt.GemvConfig(1, 4, 64, 4, False, vec=8, x_2d=x_2d)
     got = qt.qgemv(x, (w / s).to(qf.FP8), s, None, None, True, config)
     worst = max(worst, ((got - F.silu(want[:, :12]) * want[:, 12:]).abs().max() / want.abs().max()).item())
+    got = qt.qgemv(x, (w13 / s13).to(qf.FP8), s13, None, None, True, config)
+    assert got.shape == (1, 13), got.shape
+    worst = max(worst, ((got - F.silu(want13[:, :13]) * want13[:, 13:]).abs().max() / want13.abs().max()).item())
     got = qt.qgemv(x, (w / s).to(qf.FP8)[:12], s[:12], None, b, False, config)
     worst = max(worst, ((got - want[:, :12] - b).abs().max() / want.abs().max()).item())
 worst_f16 = 0.0
@@ -445,8 +451,9 @@ print(worst)
 
 def test_triton_kernels_match_dequantised_matmul_in_the_interpreter():
     """The CUDA kernels (GEMV at 1 row, 3 rows; tensor-core tiles at 9 and 40; fp8 per-channel and block-wise with
-    a partial block; int4 groups of 32, 64, 128; gated; split-K; prefetching; the one-row FP8 kernel; the
-    W8A8 scales' epilogue; the tinygemm layout's dequantise kernel; the tiles' dot in f16) run by Triton's interpreter on the CPU, against the dequantised weight."""
+    a partial block; int4 groups of 32, 64, 128; gated; split-K; prefetching; the one-row FP8 kernel, gated with a
+    partial last block too; the W8A8 scales' epilogue; the tinygemm layout's dequantise kernel; the tiles' dot in
+    f16) run by Triton's interpreter on the CPU, against the dequantised weight."""
     import subprocess
     import sys
 
