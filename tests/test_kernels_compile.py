@@ -11,6 +11,8 @@ import sys
 import pytest
 
 COMPILE_ALL = r"""
+import re
+
 import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver, jit
@@ -36,15 +38,32 @@ launch = jit.JITFunction.run
 compiled = []
 
 
+def before_wait(ptx):
+    # The instructions (opcodes with their qualifiers, without predicates) before the PTX's one PDL wait
+    assert ptx.count("griddepcontrol.wait") == 1
+    head = ptx[: ptx.index("griddepcontrol.wait")]
+    return re.findall(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)", head, re.MULTILINE)
+
+
 def compile_only(self, *args, grid, warmup, **kwargs):
     kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
-    ptx, pdl = kernel.asm["ptx"], kwargs.get("launch_pdl", False)
-    assert kwargs.get("launch_pdl", True), self.__name__  # passed only as True: Triton without PDL refuses the keyword
+    name, ptx, pdl = self.__name__, kernel.asm["ptx"], kwargs.get("launch_pdl", False)
+    assert kwargs.get("launch_pdl", True), name  # passed only as True: Triton without PDL refuses the keyword
     # A kernel launched with PDL waits for the kernel before it and lets the next one start, but for the RoPE + KV
     # write, followed by FlashInfer's attention; no other kernel does either (small_batch.py's rules)
-    assert ("griddepcontrol.wait" in ptx) == pdl, self.__name__
-    assert ("griddepcontrol.launch_dependents" in ptx) == (pdl and self.__name__ != "rope_kv_kernel"), self.__name__
-    compiled.append((self.__name__, ptx, pdl))
+    assert ("griddepcontrol.wait" in ptx) == pdl, name
+    assert ("griddepcontrol.launch_dependents" in ptx) == (pdl and name != "rope_kv_kernel"), name
+    if pdl:  # before the wait: no store, atomic, async copy, branch or return, and loads of constants only
+        ops = before_wait(ptx)
+        assert not [op for op in ops if op.startswith(("st.", "atom.", "red.", "cp.async", "bra", "ret"))], (name, ops)
+        loads = [op for op in ops if op.startswith(("ld.", "ldu.")) and not op.startswith("ld.param")]
+        if name == "rms_norm_kernel":  # its weight
+            assert len(loads) == 1, loads
+        elif name == "fp8_row_kernel" or (name == "qgemv_kernel" and kwargs["prefetch"]):  # the first weight tile
+            assert loads and all("evict_first" in op for op in loads), (name, loads)
+        else:
+            assert not loads, (name, loads)
+    compiled.append((name, ptx, pdl))
     return kernel
 
 
@@ -53,8 +72,8 @@ jit.JITFunction.run = compile_only
 from nanokyro import lora_kernels, small_batch
 from nanokyro.attention import triton_rope_write_kv, triton_write_kv
 from nanokyro.quant_formats import FP8, pack_rows, tinygemm_pack, tinygemm_scales_zeros
-from nanokyro.quant_triton import (dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv, quantise_rows_fp8_cuda,
-                                   scale_outer_cuda)
+from nanokyro.quant_triton import (FP8_WORDS_CONFIG, dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv,
+                                   quantise_rows_fp8_cuda, scale_outer_cuda)
 
 bf16, K = torch.bfloat16, 4096
 x = lambda m, k=K: torch.randn(m, k, dtype=bf16)
@@ -83,17 +102,23 @@ for m in (1, 2, 16):
         assert name == ("fp8_row_kernel" if m == 1 else "qgemv_kernel"), (m, n, k_in)
         assert ("cvt.rn.f16x2.e4m3x2 a, l" in ptx) == (m == 1)  # fp8_word_to_f32's inline PTX
         assert pdl == (m <= 2), (m, n, k_in)
-        if m == 1:  # the first weight tile's loads (evict_first), and no others, before the wait
-            loads = [line for line in ptx[: ptx.index("griddepcontrol.wait")].splitlines() if "ld.global" in line]
-            assert loads and all("evict_first" in line for line in loads), loads
+        if m == 1:
             qgemv(x(1, k_in).half(), torch.randn(n, k_in).to(FP8), torch.rand(n, 1), None, None, gated)
             assert compiled[-1][0] == "qgemv_kernel" and compiled[-1][2]
-# block-wise FP8 (128 x 128 scales), and int4 in the Triton layout (groups of 128), with a bias
+# the one-row FP8 kernel reading fp8 tensors, not words (the benchmark's sweep), plain and gated
+for gated, x_2d in ((False, False), (True, True)):
+    config = FP8_WORDS_CONFIG._replace(words=False, x_2d=x_2d)
+    qgemv(x(1), torch.randn(512, K).to(FP8), torch.rand(512, 1), None, None, gated, config)
+    name, ptx, pdl = compiled[-1]
+    assert name == "fp8_row_kernel" and "cvt.rn.f16x2.e4m3x2 a, l" not in ptx and pdl
+# block-wise FP8 (128 x 128 scales), and int4 in the Triton layout (groups of 128), with a bias: PDL at one row
 for m in (1, 16):
     qgemv(x(m), torch.randn(256, K).to(FP8), torch.rand(256, K // 128), None, torch.randn(256, dtype=bf16), False)
+    assert compiled[-1][0] == "qgemv_kernel" and compiled[-1][2] == (m == 1), m
 for m in (1, 4, 16, 64):
     q, scales, zeros = torch.randint(0, 16, (256, K)), torch.rand(256, K // 128, dtype=bf16), torch.rand(256, K // 128, dtype=bf16)
     qgemv(x(m), pack_rows(q), scales, zeros, None, m == 4)
+    assert compiled[-1][0] == "qgemv_kernel" and compiled[-1][2] == (m == 1), m
 quantise_rows_fp8_cuda(x(5))
 scale_outer_cuda(torch.randn(5, 300), torch.rand(5, 1), torch.rand(300, 1), bf16)
 dequantise_int4_cuda(pack_rows(q), scales, zeros, bf16)
@@ -116,6 +141,8 @@ small_batch.PDL = False  # the switch: the same kernels without PDL
 qgemv(x(1), torch.randn(256, K).to(FP8), torch.rand(256, 1), None, None, False)
 small_batch.gemv(x(1), w, None)
 assert [name for name, _, pdl in compiled[-2:] if not pdl] == ["fp8_row_kernel", "gemv_kernel"]
+assert {name for name, _, pdl in compiled if pdl} == {"rope_kv_kernel", "fp8_row_kernel", "qgemv_kernel", "gemv_kernel",
+                                                      "rms_norm_kernel"}  # fmt: skip
 print(sorted({name for name, _, _ in compiled}), len(compiled))
 """
 
