@@ -171,7 +171,7 @@ class ModelRunner:
                 raise WorkerError(failure) from e
             raise
         if self.is_driver and par.world_size > 1:  # no worker outlives an engine that was never closed
-            weakref.finalize(self, par.close)
+            weakref.finalize(self, close_world, par, self.graphs.graphs if self.graphs is not None else {})
 
     def _build(self, cfg: EngineConfig, par: Parallel, extra_page_bytes: int, num_pages: int | None) -> None:
         self.model, self.tokenizer, self.model_name = load(cfg, par.shard, par.tp, par.device, self.is_driver)
@@ -224,11 +224,9 @@ class ModelRunner:
             self.parallel.close()
 
     def release_graphs(self) -> None:
-        """Drop the decode graphs. Before the process groups go: a graph that captured an NCCL collective keeps
-        its communicator from being destroyed, and destroying it then waits for ever (pytorch/pytorch#115388)."""
+        """Drop the decode graphs: before the process groups go (`reset_graphs`)."""
         if self.graphs is not None:
-            for graph in self.graphs.graphs.values():
-                graph.reset()
+            reset_graphs(self.graphs.graphs)
             self.graphs = None
 
     def plan(self, batch: ScheduledBatch, pad_to: int | None = None, token_rows: bool = False) -> StepPlan:
@@ -506,6 +504,22 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> SamplerOutput:
         """One whole step, synchronously: what the engine's pipelined step does, for tests and tools."""
         return self.sample(batch, self.forward(batch)).result()
+
+
+def reset_graphs(graphs: dict[int, torch.cuda.CUDAGraph]) -> None:
+    """Drop captured graphs. Before the process groups go: a graph that captured an NCCL collective keeps its
+    communicator from going, and destroying or aborting it then waits for ever (pytorch/pytorch#115388)."""
+    for graph in graphs.values():
+        graph.reset()
+    graphs.clear()
+
+
+def close_world(par: Parallel, graphs: dict[int, torch.cuda.CUDAGraph]) -> None:
+    """Rank 0's close of a runner collected unclosed, or left to the process's exit: its decode graphs (the
+    runner's dict, filled at capture), then the world. Closing the world alone left the graphs alive, and on two
+    H200s each unclosed TP=2 bench run's NCCL abort then outlasted its timeout, and the exit aborted (rc 134)."""
+    reset_graphs(graphs)
+    par.close()
 
 
 class DecodeGraphs:

@@ -3,6 +3,7 @@ logits, through chunked prefill, the prefix cache and preemption; checkpoints lo
 the engine at once with a clear error, and closing leaves no process."""
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -126,6 +127,18 @@ def test_a_dead_worker_fails_the_engine_fast_and_close_leaves_no_process(llama_d
     finally:
         llm.close()
     assert not any(p.is_alive() for p in workers) and not multiprocessing.active_children()
+
+
+def test_an_llm_dropped_unclosed_stops_its_workers_and_leaves_the_world(llama_dir):
+    """A script that ends without close() (bench.py): the runner's finalizer closes the world once the LLM is
+    collected, so nothing outlives it (on the GPU it drops the decode graphs first: test_two_gpus_match_one)."""
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
+    workers = llm.engine.runner.parallel.workers.procs
+    assert llm.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+    del llm
+    gc.collect()
+    assert not any(p.is_alive() for p in workers) and not multiprocessing.active_children()
+    assert not torch.distributed.is_initialized()
 
 
 def test_a_pipeline_keeps_a_step_per_stage_in_flight_over_disjoint_sequences(llama_dir, hf_llama):
