@@ -456,7 +456,7 @@ def destroy_groups(timeout: float = JOIN_TIMEOUT_S) -> None:
     thread = threading.Thread(target=destroy, name="nanokyro-destroy", daemon=True)
     try:
         thread.start()
-    except RuntimeError:  # at exit (an unclosed LLM's finalizer), where Python 3.12 may start no thread (3.12.1 did not)
+    except RuntimeError:  # at exit (an unclosed LLM's finalizer), where Python 3.12 may start none (3.12.1 did not)
         log.warning("the process groups are left to the process's exit (no thread can start at exit)")
         return
     thread.join(timeout)
