@@ -7,13 +7,16 @@ other ranks one plan received and run (ModelRunner.serve). Each writes DIR/rank{
 chrome://tracing), and DIR/rank{r}.txt with means a step over the window: wall time (the device synchronised at
 both ends), host time (inside the step function: a worker whose host is the slower side shows host close to wall;
 rank 0's includes waiting for sampled tokens) and, on CUDA, time in which some kernel ran, NCCL's kernels apart
-from the others (they wait for the other ranks while they run). A window still open when the rank stops is
+from the others (they wait for the other ranks while they run). On CUDA, DIR/rank{r}.kernels.txt also breaks the
+kernels down (`kernel_table`). A window still open when the rank stops is
 written then. Before the window a step costs a few microseconds; after it, or without a profile_dir, one
 attribute check.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import logging
 import math
 import os
@@ -111,6 +114,11 @@ class StepProfiler:
                       f"kernel busy ms a step, any: {ms(kernel_busy_s(events))}"]  # fmt: skip
         with open(path + ".txt", "w") as f:
             f.write("\n".join(lines) + "\n")
+        if self.cuda:  # the kernels' launch grids are in the exported trace only, not in the profiler's events
+            with open(path + ".json") as f:
+                table = kernel_table(json.load(f)["traceEvents"], steps)
+            with open(path + ".kernels.txt", "w") as f:
+                f.write("\n".join(table) + "\n")
         log.info("rank %d: steps %d to %d profiled into %s.json and .txt", self.rank, self.first, self.steps - 1, path)
 
     def _sync(self) -> None:
@@ -138,6 +146,28 @@ def unrecorded():
 
 def is_nccl(kernel: str) -> bool:
     return "nccl" in kernel.lower()
+
+
+def kernel_table(trace_events: list[dict], steps: int, top: int = 25) -> list[str]:
+    """A window's kernels a step, from its chrome trace's events: their span and the gaps in which no kernel ran,
+    then the `top` kernels by time, each by name and launch grid (one kernel at two grids is two pieces of work:
+    the one-row GEMV of each projection), with its launches a step and mean duration."""
+    kernels = sorted((e for e in trace_events if e.get("cat") == "kernel"), key=lambda e: e["ts"])  # us
+    if not kernels:
+        return []
+    by_kernel = collections.defaultdict(list)
+    gaps, covered_to = 0.0, kernels[0]["ts"]
+    for e in kernels:
+        by_kernel[(e["name"], tuple(e.get("args", {}).get("grid", ())))].append(e["dur"])
+        gaps += max(0.0, e["ts"] - covered_to)
+        covered_to = max(covered_to, e["ts"] + e["dur"])
+    span = covered_to - kernels[0]["ts"]
+    lines = [f"kernels a step: {len(kernels) / steps:.1f} launches over {span / steps:.1f} us, none running for "
+             f"{gaps / steps:.1f} us of it", "us a step | launches a step | mean us | grid | kernel"]  # fmt: skip
+    for (name, grid), durs in sorted(by_kernel.items(), key=lambda item: -sum(item[1]))[:top]:
+        lines.append(f"{sum(durs) / steps:.1f} | {len(durs) / steps:.2f} | {sum(durs) / len(durs):.2f} | "
+                     f"{'x'.join(map(str, grid))} | {name}")  # fmt: skip
+    return lines
 
 
 def kernel_busy_s(events, select=lambda kernel: True) -> float:

@@ -1,6 +1,6 @@
 """The per-rank step profiler (profile_dir, profile_steps): every rank writes a chrome trace of the model's ops
 and its step means over its window, also when the window is still open at the stop; the flag's A:B; and the
-kernel-busy arithmetic (NCCL's kernels apart)."""
+kernel-busy arithmetic (NCCL's kernels apart) and the table of kernels a step."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ import torch
 from nanokyro import LLM, SamplingParams
 from nanokyro.cli import add_engine_args
 from nanokyro.config import EngineConfig
-from nanokyro.profiling import is_nccl, kernel_busy_s
+from nanokyro.profiling import is_nccl, kernel_busy_s, kernel_table
 
 
 def report(path) -> dict[str, str]:
@@ -103,3 +103,24 @@ def test_kernel_busy_time_counts_overlapping_kernels_once_no_copies_and_nccl_apa
     assert kernel_busy_s(events, is_nccl) == pytest.approx(7 / 1e6)
     assert kernel_busy_s(events) == pytest.approx((18 + 1) / 1e6)
     assert kernel_busy_s([]) == 0
+
+
+def test_the_kernel_table_splits_a_kernel_by_grid_and_counts_the_gaps_in_which_none_ran():
+    """Two steps of a chrome trace (as torch.profiler exports it: "X" events, microseconds): a GEMV at two grids is
+    two rows, largest first, by time a step; a kernel on another stream overlapping one leaves no gap; copies and
+    host ops are not kernels."""
+    def kernel(name, ts, dur, grid, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"grid": grid, "stream": 7}}
+
+    step = [kernel("gemv", 0, 30, [7168, 1, 1]), kernel("norm", 31, 2, [1, 1, 1]),  # a gap of 1 before it
+            kernel("gemv", 35, 10, [1024, 1, 1]), kernel("attn", 40, 8, [33, 1, 8]),  # 2 before; overlapping
+            kernel("Memcpy HtoD (Pageable -> Device)", 50, 5, [], cat="gpu_memcpy"),
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 60}]  # fmt: skip
+    second = [dict(e, ts=e["ts"] + 100) for e in step]  # the next step starts 52 us after this one's last kernel
+    lines = kernel_table(step + second, steps=2)
+    assert lines[0] == "kernels a step: 4.0 launches over 74.0 us, none running for 29.0 us of it"
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert [(r[4], r[3]) for r in rows] == [("gemv", "7168x1x1"), ("gemv", "1024x1x1"), ("attn", "33x1x8"),
+                                           ("norm", "1x1x1")]  # fmt: skip
+    assert rows[0][:3] == ["30.0", "1.00", "30.00"] and rows[3][:3] == ["2.0", "1.00", "2.00"]
+    assert kernel_table(step[-2:], steps=1) == []  # no kernels: no table
