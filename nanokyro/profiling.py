@@ -8,9 +8,8 @@ chrome://tracing), and DIR/rank{r}.txt with means a step over the window: wall t
 both ends), host time (inside the step function: a worker whose host is the slower side shows host close to wall;
 rank 0's includes waiting for sampled tokens) and, on CUDA, time in which some kernel ran, NCCL's kernels apart
 from the others (they wait for the other ranks while they run). On CUDA, DIR/rank{r}.kernels.txt also breaks the
-kernels down (`kernel_table`). A window still open when the rank stops is
-written then. Before the window a step costs a few microseconds; after it, or without a profile_dir, one
-attribute check.
+kernels down (`kernel_table`). A window still open when the rank stops is written then. Before the window a step
+costs a few microseconds; after it, or without a profile_dir, one attribute check.
 """
 from __future__ import annotations
 
@@ -156,12 +155,11 @@ def kernel_table(trace_events: list[dict], steps: int, top: int = 25) -> list[st
     if not kernels:
         return []
     by_kernel = collections.defaultdict(list)
-    gaps, covered_to = 0.0, kernels[0]["ts"]
     for e in kernels:
         by_kernel[(e["name"], tuple(e.get("args", {}).get("grid", ())))].append(e["dur"])
-        gaps += max(0.0, e["ts"] - covered_to)
-        covered_to = max(covered_to, e["ts"] + e["dur"])
-    span = covered_to - kernels[0]["ts"]
+    spans = [(e["ts"], e["ts"] + e["dur"]) for e in kernels]
+    span = max(end for _, end in spans) - spans[0][0]
+    gaps = span - covered(spans)
     lines = [f"kernels a step: {len(kernels) / steps:.1f} launches over {span / steps:.1f} us, none running for "
              f"{gaps / steps:.1f} us of it", "us a step | launches a step | mean us | grid | kernel"]  # fmt: skip
     for (name, grid), durs in sorted(by_kernel.items(), key=lambda item: -sum(item[1]))[:top]:
@@ -173,15 +171,20 @@ def kernel_table(trace_events: list[dict], steps: int, top: int = 25) -> list[st
 def kernel_busy_s(events, select=lambda kernel: True) -> float:
     """Seconds in which at least one CUDA kernel that `select` takes (by name) ran: the union of their intervals,
     so that kernels overlapping on several streams count once. Memory copies and sets are not kernels."""
-    spans = sorted(
+    spans = [
         (e.time_range.start, e.time_range.end)  # microseconds
         for e in events
         if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
         and select(e.name)
-    )  # fmt: skip
-    busy, covered_to = 0.0, -math.inf
-    for start, end in spans:
+    ]  # fmt: skip
+    return covered(spans) / 1e6
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals: overlapping ones count once."""
+    total, covered_to = 0.0, -math.inf
+    for start, end in sorted(spans):
         if end > covered_to:
-            busy += end - max(start, covered_to)
+            total += end - max(start, covered_to)
             covered_to = end
-    return busy / 1e6
+    return total
