@@ -4,7 +4,9 @@ the vocab-parallel embedding / LM head, RMSNorm and RoPE, and the one place that
 Linear kinds, for a layer sharded over `tp` ranks (tp = 1: each is a plain linear layer):
 - `ReplicatedLinear`: every rank holds the whole weight.
 - `ColumnParallelLinear`: each rank holds a slice of the output features; no communication.
-- `RowParallelLinear`: each rank holds a slice of the input features and sums the partial outputs (all-reduce).
+- `RowParallelLinear`: each rank holds a slice of the input features and sums the partial outputs (all-reduce);
+  in a decoder layer it returns its part (`reduce=False`) and the RMSNorm after it sums the parts, in one kernel
+  with the residual add in the one- and two-row decode graphs (`RMSNorm.forward`'s `tp`).
 - `QKVLinear`: q, k and v stacked, column-parallel by heads; KV heads are replicated when fewer than the ranks.
 - `GateUpLinear`: gate and up stacked, column-parallel, returning silu(gate) * up.
 Each parameter carries a `weight_loader(param, tensor, shard_id=None)` that copies its own shard out of a full
@@ -34,7 +36,7 @@ from torch import nn
 
 from nanokyro import quant, small_batch
 from nanokyro.lora import lora_delta, lora_shrink
-from nanokyro.parallel import Group
+from nanokyro.parallel import SINGLE, Group
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -153,9 +155,13 @@ class RowParallelLinear(ReplicatedLinear):
                              "ranks)")  # fmt: skip
         param.copy_(tensor.narrow(1, self.tp.rank * n, n))
 
-    def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None, reduce: bool = True) -> torch.Tensor:
+        """x @ W.T (+ bias), summed over the ranks; or, not `reduce`, this rank's part of the sum (the bias in rank
+        0's), which RMSNorm then sums with its residual add (its `tp`)."""
         if not self.reduce:
             return self.multiply(x, self.bias, lora=lora)
+        if not reduce:
+            return self.multiply(x, self.bias if self.tp.rank == 0 else None, lora=lora)
         y = self.tp.all_reduce(self.multiply(x, lora=lora))
         return y if self.bias is None else y + self.bias
 
@@ -239,8 +245,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Normalise x; with `residual`, first add it and also return the sum as the next residual."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, tp: Group = SINGLE):
+        """Normalise x; with `residual`, first add it and also return the sum as the next residual. With a `tp`
+        group of several ranks, x is this rank's part of a row-parallel layer's output: summed over the ranks first,
+        in one kernel with the residual add and the norm where the group can (Group.all_reduce_rms_norm)."""
+        if tp.size > 1:
+            fused = tp.all_reduce_rms_norm(x, residual, self.weight, self.eps) if residual is not None else None
+            if fused is not None:
+                return fused
+            x = tp.all_reduce(x)
         if small_batch.on(x) and x.dim() == 2:  # one Triton kernel in one- and two-row decode graphs
             return small_batch.rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:

@@ -32,6 +32,7 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
 
     def forward(self, positions, x, rope: RotaryEmbedding, attn, lora=None) -> torch.Tensor:
+        """This rank's part of the output, not yet summed over the TP ranks (the norm after it sums it)."""
         q, k, v = self.qkv_proj(x, lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -43,7 +44,7 @@ class Attention(nn.Module):
         else:
             q, k = rope(positions, q, k)
             out = attn(self.layer_idx, q, k, v)  # writes k, v into this layer's pages, returns [T, H, D]
-        return self.o_proj(out.reshape(-1, self.q_size), lora)
+        return self.o_proj(out.reshape(-1, self.q_size), lora, reduce=False)
 
 
 class MLP(nn.Module):
@@ -53,7 +54,8 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
 
     def forward(self, x, lora=None):
-        return self.down_proj(self.gate_up_proj(x, lora), lora)
+        """This rank's part of the output, as Attention's."""
+        return self.down_proj(self.gate_up_proj(x, lora), lora, reduce=False)
 
 
 class DecoderLayer(nn.Module):
@@ -63,11 +65,18 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer_idx, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
+        self.tp = tp
 
-    def forward(self, positions, x, residual, rope, attn, lora=None):
-        x, residual = self.input_layernorm(x, residual) if residual is not None else (self.input_layernorm(x), x)
+    def forward(self, positions, x, residual, rope, attn, lora=None, whole=False):
+        """x: the layer before's output as this rank's part of the sum over the TP ranks, or `whole` (the
+        embedding's, or the stage before's). Returns this layer's output as its part, and the residual: each norm
+        sums the part before it, with the residual add (where it can, one kernel: RMSNorm)."""
+        if residual is None:  # the embedding's output
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual, SINGLE if whole else self.tp)
         x = self.self_attn(positions, x, rope, attn, lora)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, self.tp)
         return self.mlp(x, lora), residual
 
 
@@ -78,7 +87,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, shard: Shard = Shard(), tp: Group = SINGLE):
         super().__init__()
-        self.cfg, self.shard = cfg, shard
+        self.cfg, self.shard, self.tp = cfg, shard, tp
         self.layer_range = shard.layers(cfg.num_layers)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp) if shard.first_stage else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(len(self.layer_range)))
@@ -95,11 +104,11 @@ class LlamaModel(nn.Module):
         positions, cos_sin) with q and k unrotated: RotaryEmbedding.in_kv_write). lora [T]: each token's adapter
         slot (-1: none), or None when no token has one (lora.py)."""
         x, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, self.rope, attn, lora)
-        if self.norm is None:
-            return x, residual
-        x, _ = self.norm(x, residual)
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(positions, x, residual, self.rope, attn, lora, whole=i == 0)
+        if self.norm is None:  # the next stage's first layer takes x whole
+            return (self.tp.all_reduce(x) if self.tp.size > 1 else x), residual
+        x, _ = self.norm(x, residual, self.tp)
         return x
 
     @property

@@ -10,7 +10,9 @@ pipeline, rank 0 neither waits for the others to take a plan nor for a step's lo
 step (core.py keeps a step per stage in flight): every rank runs the plans in the order sent, and each pair of
 ranks sends and receives its hidden states, and its logits, in that order, so every send meets its receive.
 On CUDA, an all-reduce of at most SYMM_BYTES (a decode step's) goes through symmetric memory, one kernel that
-reads the other GPUs' buffers over NVLink; larger ones, and every other collective, through NCCL. A step whose
+reads the other GPUs' buffers over NVLink; larger ones, and every other collective, through NCCL. In the one- and
+two-row decode graphs, a decoder layer's all-reduces are one kernel each with the RMSNorm after them
+(small_batch.all_reduce_rms_norm, over the same buffer's tail). A step whose
 input ids read the step before's tokens while they are still on their way to the host (placeholders) sends those
 tokens from rank 0 to the other ranks of stage 0 right after its plan.
 
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanokyro import small_batch
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.profiling import unrecorded
 
@@ -150,6 +153,19 @@ def _(x, handle):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("nanokyro::all_reduce_rms_norm", mutates_args=())
+def _all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                         handle: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """small_batch.all_reduce_rms_norm over the group's slots: its buffers and epoch counters are the group's
+    state, not arguments, so the compiled graph neither copies them nor sees them as mutated."""
+    return small_batch.all_reduce_rms_norm(x, residual, weight, eps, *_groups[handle].fused)
+
+
+@_all_reduce_rms_norm.register_fake
+def _(x, residual, weight, eps, handle):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
 @torch.library.custom_op("nanokyro::all_gather", mutates_args=())
 def _all_gather(x: torch.Tensor, handle: int, size: int) -> torch.Tensor:
     return all_gather(x, _groups[handle].pg, size)
@@ -160,17 +176,27 @@ def _(x, handle, size):
     return x.new_empty(size * x.shape[0], x.shape[1])
 
 
-def _symmetric_buffer(pg: dist.ProcessGroup, device: torch.device) -> torch.Tensor | None:
-    """SYMM_BYTES that every rank of `pg` maps (a collective: all its ranks call it together), or None where
-    symmetric memory is not there (CPU, no peer access between the GPUs): NCCL then does every all-reduce."""
+def _symmetric_buffer(pg: dist.ProcessGroup, device: torch.device) -> tuple[torch.Tensor, tuple] | None:
+    """A buffer that every rank of `pg` maps (a collective: all its ranks call it together), or None where
+    symmetric memory is not there (CPU, no peer access between the GPUs): NCCL then does every all-reduce. Its
+    first SYMM_BYTES serve `all_reduce`; the rest, small_batch.all_reduce_rms_norm: with it, the arguments that
+    kernel takes after the norm's (every rank's data slots and flags, this rank's epoch counters, rank, size)."""
     if device.type != "cuda":
         return None
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
-        buf = symm_mem.empty(SYMM_BYTES, dtype=torch.uint8, device=device)
-        symm_mem.rendezvous(buf, pg.group_name)
-        return buf
+        flag_bytes = small_batch.MAX_ROWS * pg.size() * 4
+        buf = symm_mem.empty(SYMM_BYTES + small_batch.FUSED_DATA_BYTES + flag_bytes, dtype=torch.uint8, device=device)
+        handle = symm_mem.rendezvous(buf, pg.group_name)
+        buf[SYMM_BYTES:].zero_()  # the flags, on every rank before any rank signals
+        torch.cuda.synchronize(device)
+        dist.barrier(group=pg, device_ids=[device.index])
+        slots = [ptr + SYMM_BYTES for ptr in handle.buffer_ptrs]
+        fused = (torch.tensor(slots, dtype=torch.int64, device=device),
+                 torch.tensor([ptr + small_batch.FUSED_DATA_BYTES for ptr in slots], dtype=torch.int64, device=device),
+                 torch.zeros(small_batch.MAX_ROWS, dtype=torch.int32, device=device), pg.rank(), pg.size())  # fmt: skip
+        return buf[:SYMM_BYTES], fused
     except Exception as e:  # noqa: BLE001 - any failure here only costs speed
         log.warning("symmetric memory unavailable (%r): all-reduces go through NCCL", e)
         return None
@@ -182,7 +208,8 @@ class Group:
     def __init__(self, rank: int = 0, size: int = 1, pg: dist.ProcessGroup | None = None,
                  device: torch.device | None = None):  # fmt: skip
         self.rank, self.size, self.pg = rank, size, pg
-        self.symm = _symmetric_buffer(pg, device) if pg is not None and device is not None else None
+        symm = _symmetric_buffer(pg, device) if pg is not None and device is not None else None
+        self.symm, self.fused = symm or (None, None)
         self.handle = next(_handles)
         _groups[self.handle] = self
 
@@ -191,6 +218,16 @@ class Group:
         if torch.compiler.is_compiling():
             return torch.ops.nanokyro.all_reduce(x, self.handle)
         return all_reduce(x, self)
+
+    def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                            ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """(rms_norm(x summed over the ranks + residual) * weight, that sum + residual) as one kernel, where it
+        runs (symmetric memory, a decode graph's rows: small_batch.fuses_all_reduce); else None."""
+        if self.fused is None or not small_batch.fuses_all_reduce(x):
+            return None
+        if torch.compiler.is_compiling():
+            return torch.ops.nanokyro.all_reduce_rms_norm(x, residual, weight, eps, self.handle)
+        return small_batch.all_reduce_rms_norm(x, residual, weight, eps, *self.fused)
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, n] -> [R, size * n]: every rank's columns side by side, in rank order."""

@@ -46,6 +46,9 @@ _enabled = False
 # it ends. The kernels take `pdl` as a constexpr (Triton's interpreter knows no gdc_*) and the launch
 # `pdl_launch(pdl)`. NANOKYRO_PDL=0, or PDL = False before the graphs are captured, turns it off.
 PDL = os.environ.get("NANOKYRO_PDL", "1") != "0"
+# A TP group's all-reduce, residual add and RMSNorm as one kernel in these steps (all_reduce_rms_norm); 0: torch's
+# one-shot all-reduce, then rms_norm.
+FUSE_ALL_REDUCE = os.environ.get("NANOKYRO_FUSE_ALL_REDUCE", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -199,6 +202,44 @@ def _(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0)
 
 
+# The tail of a TP group's symmetric buffer that all_reduce_rms_norm uses (parallel.Group sets it up): on every rank,
+# two data slots of MAX_ROWS rows of up to FUSED_HIDDEN values (4 bytes each at most), then MAX_ROWS x ranks flags.
+FUSED_HIDDEN = 16384
+FUSED_DATA_BYTES = 2 * MAX_ROWS * FUSED_HIDDEN * 4
+
+
+def fuses_all_reduce(x: torch.Tensor) -> bool:
+    """Whether all_reduce_rms_norm takes x [T, N]: a decode graph's rows, at most FUSED_HIDDEN wide."""
+    return FUSE_ALL_REDUCE and on(x) and x.dim() == 2 and x.shape[1] <= FUSED_HIDDEN
+
+
+def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        bufs: torch.Tensor, flags: torch.Tensor, epochs: torch.Tensor, rank: int, size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """rms_norm(sum of x over the TP group's ranks, residual) as one kernel, for the GPUs of one node: x [T, N] is
+    this rank's partial sum (a row-parallel projection's), and each rank reads the others' over NVLink. Every rank
+    sums the parts in rank order, in fp32, so all of them get the same bits (with two ranks, those of the
+    all-reduce and then rms_norm). `bufs` and `flags`: every rank's data slots and flags in its symmetric buffer
+    (int64 addresses); `epochs` [MAX_ROWS]: how many times each row has gone through, on this rank (int32).
+
+    One barrier a call, where torch's one-shot all-reduce crosses two: each call writes its part into slot
+    epoch % 2, tells every other rank so (its flag for this rank := epoch), and waits for their flags to reach
+    the epoch. A rank rewrites a slot two calls later, which it reaches only after every other rank has signalled
+    the call in between, so after each has read the slot (each reads it before it signals the next call).
+    Behind parallel.py's custom op, which keeps these buffers out of the compiled graph."""
+    import triton
+
+    T, N = x.shape
+    x, residual = x.contiguous(), residual.contiguous()
+    out, new_residual = torch.empty_like(x), torch.empty_like(x)
+    block, pdl = triton.next_power_of_2(N), use_pdl()
+    _all_reduce_rms_norm_kernel()[(T,)](
+        x, residual, weight, out, new_residual, bufs, flags, epochs, N, eps, rank, size=size, rows=MAX_ROWS,
+        hidden=FUSED_HIDDEN, block=block, pdl=pdl, num_warps=min(max(block // 256, 1), 16), **pdl_launch(pdl),
+    )  # fmt: skip
+    return out, new_residual
+
+
 @functools.cache
 def _gemv_kernel():
     """Each program computes `block_n` output features for all (≤ block_m) rows: it streams those weight rows
@@ -288,3 +329,54 @@ def _rms_norm_kernel():
         tl.store(out_ptr + row * N + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=ok)
 
     return rms_norm_kernel
+
+
+@functools.cache
+def _all_reduce_rms_norm_kernel():
+    """One program per row: write this rank's part into its slot, signal, wait, sum every rank's part, then the
+    residual add and the norm as rms_norm_kernel (the same rounding)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def all_reduce_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, bufs_ptr, flags_ptr, epochs_ptr, N, eps,
+                                   rank, size: tl.constexpr, rows: tl.constexpr, hidden: tl.constexpr,
+                                   block: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
+        row = tl.program_id(0)
+        cols = tl.arange(0, block)
+        ok = cols < N
+        dtype = x_ptr.dtype.element_ty
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0)  # constant: before `pdl`'s wait
+        if pdl:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        epoch = tl.load(epochs_ptr + row) + 1
+        slot = ((epoch % 2) * rows + row) * hidden
+        part = tl.load(x_ptr + row * N + cols, mask=ok, other=0.0)
+        tl.store(tl.multiple_of(tl.load(bufs_ptr + rank).to(tl.pointer_type(dtype)), 16) + slot + cols, part, mask=ok)
+        tl.debug_barrier()  # every thread's store made before the flags below say so
+        for p in tl.static_range(size):
+            if p != rank:  # its flag for this rank's row
+                flag = tl.load(flags_ptr + p).to(tl.pointer_type(tl.int32)) + row * size + rank
+                tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
+        mine = tl.load(flags_ptr + rank).to(tl.pointer_type(tl.int32)) + row * size
+        total = tl.zeros((block,), tl.float32)
+        for p in tl.static_range(size):  # in rank order on every rank: the same sum everywhere
+            if p == rank:
+                total += part.to(tl.float32)
+            else:
+                seen = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
+                while seen < epoch:
+                    seen = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
+                tl.debug_barrier()  # no thread reads rank p's part before its flag was seen
+                theirs = tl.multiple_of(tl.load(bufs_ptr + p).to(tl.pointer_type(dtype)), 16) + slot + cols
+                total += tl.load(theirs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)  # not from L1
+        tl.store(epochs_ptr + row, epoch)
+        x = (total.to(dtype).to(tl.float32) + tl.load(r_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32))
+        x = x.to(dtype)
+        tl.store(res_out_ptr + row * N + cols, x, mask=ok)
+        xf = x.to(tl.float32)
+        normed = (xf * tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)).to(dtype)
+        tl.store(out_ptr + row * N + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(dtype), mask=ok)
+
+    return all_reduce_rms_norm_kernel

@@ -57,7 +57,7 @@ def compile_only(self, *args, grid, warmup, **kwargs):
         ops = before_wait(ptx)
         assert not [op for op in ops if op.startswith(("st.", "atom.", "red.", "cp.async", "bra", "ret"))], (name, ops)
         loads = [op for op in ops if op.startswith(("ld.", "ldu.")) and not op.startswith("ld.param")]
-        if name == "rms_norm_kernel":  # its weight
+        if name in ("rms_norm_kernel", "all_reduce_rms_norm_kernel"):  # the norm's weight
             assert len(loads) == 1, loads
         elif name == "fp8_row_kernel" or (name == "qgemv_kernel" and kwargs["prefetch"]):  # the first weight tile
             assert loads and all("evict_first" in op for op in loads), (name, loads)
@@ -133,16 +133,23 @@ for m in (1, 2):
     small_batch.gemv(x(m), w, None, True, lora_kernels.lora_shrink(x(m), lora_a, lora), lora_b, lora)
     small_batch.rms_norm(x(m), x(m), torch.ones(K, dtype=bf16), 1e-5)
     small_batch.rms_norm(x(m), None, torch.ones(K, dtype=bf16), 1e-5)
+    small_batch.all_reduce_rms_norm(x(m), x(m), torch.ones(K, dtype=bf16), 1e-5, torch.zeros(2, dtype=torch.int64),
+                                    torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int32), 1, 2)
+    # the barrier: a release of this rank's flag on the other rank, an acquire of the other's; its part read past L1
+    ptx = compiled[-1][1]
+    assert "atom.global.sys.release.exch.b32" in ptx and "ld.global.sys.acquire.b32" in ptx, ptx
+    assert "ld.global.cg.v4" in ptx and "st.global.v4" in ptx  # 16-byte loads and stores of the parts
 lora = torch.zeros(300, dtype=torch.int32)
 lora_kernels.lora_expand(x(300, 512), lora_kernels.lora_shrink(x(300), lora_a, lora), lora_b, lora)
 # launched with PDL: the GEMV and the norm, not LoRA's kernels
-assert all(pdl == (name in ("gemv_kernel", "rms_norm_kernel")) for name, _, pdl in compiled[start:])
+assert all(pdl == (name in ("gemv_kernel", "rms_norm_kernel", "all_reduce_rms_norm_kernel"))
+           for name, _, pdl in compiled[start:])  # fmt: skip
 small_batch.PDL = False  # the switch: the same kernels without PDL
 qgemv(x(1), torch.randn(256, K).to(FP8), torch.rand(256, 1), None, None, False)
 small_batch.gemv(x(1), w, None)
 assert [name for name, _, pdl in compiled[-2:] if not pdl] == ["fp8_row_kernel", "gemv_kernel"]
 assert {name for name, _, pdl in compiled if pdl} == {"rope_kv_kernel", "fp8_row_kernel", "qgemv_kernel", "gemv_kernel",
-                                                      "rms_norm_kernel"}  # fmt: skip
+                                                      "rms_norm_kernel", "all_reduce_rms_norm_kernel"}  # fmt: skip
 print(sorted({name for name, _, _ in compiled}), len(compiled))
 """
 
@@ -154,5 +161,6 @@ def test_every_cuda_kernel_compiles_for_hopper():
     assert out.returncode == 0, out.stderr[-4000:]
     names = out.stdout.strip().rsplit("]", 1)[0]
     for kernel in ("kernel", "rope_kv_kernel", "qgemv_kernel", "_quantise_rows_kernel", "_scale_outer_kernel", "_dequant_int4_kernel",
-                   "_dequant_tinygemm_kernel", "gemv_kernel", "rms_norm_kernel", "shrink", "expand"):  # fmt: skip
+                   "_dequant_tinygemm_kernel", "gemv_kernel", "rms_norm_kernel", "all_reduce_rms_norm_kernel", "shrink",
+                   "expand"):  # fmt: skip
         assert f"'{kernel}'" in names, (kernel, out.stdout)
