@@ -366,8 +366,12 @@ def _all_reduce_rms_norm_kernel():
                 total += part.to(tl.float32)
             else:
                 seen = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
+                spins = 0
                 while seen < epoch:
                     seen = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
+                    spins += 1
+                    if spins > 16777216:  # 2**24 reads, seconds: rank p is gone; fail (trap) rather than hang
+                        tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
                 tl.debug_barrier()  # no thread reads rank p's part before its flag was seen
                 theirs = tl.multiple_of(tl.load(bufs_ptr + p).to(tl.pointer_type(dtype)), 16) + slot + cols
                 total += tl.load(theirs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)  # not from L1

@@ -139,6 +139,7 @@ for m in (1, 2):
     ptx = compiled[-1][1]
     assert "atom.global.sys.release.exch.b32" in ptx and "ld.global.sys.acquire.b32" in ptx, ptx
     assert "ld.global.cg.v4" in ptx and "st.global.v4" in ptx  # 16-byte loads and stores of the parts
+    assert "trap;" in ptx  # a rank that never signals fails the kernel
 lora = torch.zeros(300, dtype=torch.int32)
 lora_kernels.lora_expand(x(300, 512), lora_kernels.lora_shrink(x(300), lora_a, lora), lora_b, lora)
 # launched with PDL: the GEMV and the norm, not LoRA's kernels
