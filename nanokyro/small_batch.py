@@ -1,4 +1,5 @@
-"""Triton kernels for decode steps of one or two rows on CUDA: GEMV linear layers and a one-kernel RMSNorm.
+"""Triton kernels for decode steps of one or two rows on CUDA: GEMV linear layers, a one-kernel RMSNorm, and under
+tensor parallelism the all-reduce, residual add and RMSNorm as one kernel.
 
 At batch 1 a decode step is the weights read once, so its speed is how fast each projection streams its weight.
 For [1, K] x [K, N], cuBLAS picks split-K kernels that stream llama-3.1-8b's projections at 2.1-2.9 TB/s on an
@@ -30,9 +31,10 @@ GEMV_CONFIG = {1: (4, 4096, 4), 2: (8, 2048, 4)}
 _enabled = False
 
 # Programmatic dependent launch (PDL, sm_90+) of the one- and two-row decode steps' own kernels: this module's
-# GEMV and RMSNorm, quant_triton's one-row FP8 GEMV (and qgemv_kernel at one or two rows), attention's RoPE + KV
-# write. A kernel launched so may start while the kernel before it in the stream still runs; its launch and prologue
-# (and in the FP8 GEMVs its first weight tile's loads) then overlap that kernel's tail. The rules each one keeps:
+# GEMV and RMSNorms (fused with the all-reduce or not), quant_triton's one-row FP8 GEMV (and qgemv_kernel at one
+# or two rows), attention's RoPE + KV write. A kernel launched so may start while the kernel before it in the
+# stream still runs; its launch and prologue (and in the FP8 GEMVs its first weight tile's loads) then overlap
+# that kernel's tail. The rules each one keeps:
 # - gdc_wait() before it reads anything an earlier kernel wrote (x, the residual, q/k/v, positions, LoRA's partial
 #   sums) and before it writes anything (an earlier kernel may still read that buffer). Only constant data
 #   (weights, scales, the norm's weight) may be loaded before the wait.
