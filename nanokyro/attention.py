@@ -16,6 +16,7 @@ whole and the runner can capture it as one CUDA graph per batch-size bucket.
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -241,6 +242,17 @@ class TorchAttention:
 
 WORKSPACE_BYTES = 256 << 20  # FlashInfer's float scratch for split-KV partial results, shared by all wrappers
 FLASHINFER_BACKEND = "fa2"  # compiles in ~25 s per head_dim; "auto" picks fa3 on Hopper (~80 s)
+# Decode graphs of at most SHORT_ROWS rows get a second variant planned without split-KV, which the steps whose
+# sequences all hold at most SHORT_KV_TOKENS tokens replay: split-KV launches a CTA per chunk of each sequence and
+# a merge kernel after, which cost more than they save on short sequences; on long ones, a CTA per KV head alone
+# would read them slowly. Provisional: set from .wt/m/s20c.py's sweep. NANOKYRO_SHORT_KV_TOKENS=0: none.
+SHORT_ROWS = 2
+SHORT_KV_TOKENS = int(os.environ.get("NANOKYRO_SHORT_KV_TOKENS", "512"))
+
+
+def short_context(meta: AttentionMetadata) -> bool:
+    """Whether a decode graph's step may take the variant without split-KV: every sequence is short."""
+    return max(meta.kv_lens, default=0) <= SHORT_KV_TOKENS
 
 _backends: dict[int, weakref.ref] = {}  # handle -> FlashInferAttention, for the custom op to find its state
 _handles = itertools.count()
@@ -288,7 +300,8 @@ class FlashInferAttention:
         fp8_stores = kv_cache.dtype != FP8 or torch.cuda.get_device_capability(device) >= (8, 9)
         self.write_kv = triton_write_kv() if fp8_stores else write_kv
         self.rope_write_kv = triton_rope_write_kv() if fp8_stores else rope_write_kv
-        self.graph_decode: dict[int, object] = {}  # bucket -> wrapper whose buffers a CUDA graph reads
+        # (bucket, without split-KV) -> wrapper whose buffers a CUDA graph reads
+        self.graph_decode: dict[tuple[int, bool], object] = {}
         self.wrapper, self.slots = None, None
         self.handle = next(_handles)
         _backends[self.handle] = weakref.ref(self)
@@ -298,33 +311,39 @@ class FlashInferAttention:
         """This backend as the custom op: what a compiled model calls in place of `self`."""
         return torch.ops.nanokyro.flashinfer_attention(q, k, v, layer, self.handle, positions, cos_sin)
 
-    def enable_graphs(self, buckets: list[int]) -> None:
-        """One CUDA-graph decode wrapper per batch-size bucket. Their page-table buffers and the slot buffer are
-        shared (one graph runs at a time, and plan() refills them right before it), sized for the largest
-        bucket with every sequence spanning the whole cache."""
+    def enable_graphs(self, buckets: list[int]) -> list[tuple[int, bool]]:
+        """One CUDA-graph decode wrapper per batch-size bucket, and for the buckets of at most SHORT_ROWS rows one
+        more, planned without split-KV; returns their keys (bucket, without split-KV), one graph each. Their
+        page-table buffers and the slot buffer are shared (one graph runs at a time, and plan() refills them
+        right before it), sized for the largest bucket with every sequence spanning the whole cache."""
         device, max_bs = self.kv_cache.device, max(buckets)
         self.graph_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=device)
         self.graph_indices = torch.zeros(max_bs * self.kv_cache.shape[1], dtype=torch.int32, device=device)
         self.graph_last_page_len = torch.zeros(max_bs, dtype=torch.int32, device=device)
         self.graph_slots = torch.zeros(2, max_bs, dtype=torch.int32, device=device)  # [pages; offsets]
+        keys = [(bs, False) for bs in buckets]
+        keys += [(bs, True) for bs in buckets if bs <= SHORT_ROWS and SHORT_KV_TOKENS > 0]
         self.graph_decode = {
-            bs: self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            (bs, short): self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, backend=FLASHINFER_BACKEND,
                 paged_kv_indptr_buffer=self.graph_indptr[: bs + 1], paged_kv_indices_buffer=self.graph_indices,
                 paged_kv_last_page_len_buffer=self.graph_last_page_len[:bs],
             )
-            for bs in buckets
+            for bs, short in keys
         }  # fmt: skip
+        return keys
 
-    def plan(self, meta: AttentionMetadata, graph_bucket: int | None = None) -> None:
-        """Plan the step on the host. With `graph_bucket`, meta is a decode batch padded to that bucket and the
-        plan goes into the fixed buffers that the bucket's captured graph reads."""
+    def plan(self, meta: AttentionMetadata, graph: tuple[int, bool] | None = None) -> None:
+        """Plan the step on the host. With `graph` (a key of enable_graphs), meta is a decode batch padded to that
+        bucket and the plan goes into the fixed buffers that the graph reads, without split-KV if the key says so
+        (under CUDA graphs FlashInfer otherwise always splits, and merges after)."""
         kw = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads, page_size=self.page_size,
                   q_data_type=self.dtype, kv_data_type=self.kv_cache.dtype)  # fmt: skip
         pages = (meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len)
-        if graph_bucket is not None:
-            self.wrapper = self.graph_decode[graph_bucket]
-            self.wrapper.plan(*pages, head_dim=self.head_dim, **kw)
+        if graph is not None:
+            graph_bucket, short = graph
+            self.wrapper = self.graph_decode[graph]
+            self.wrapper.plan(*pages, head_dim=self.head_dim, disable_split_kv=short, **kw)
             self.graph_slots[0, :graph_bucket].copy_(meta.slot_pages, non_blocking=True)
             self.graph_slots[1, :graph_bucket].copy_(meta.slot_offsets, non_blocking=True)
             self.slots = self.graph_slots[0, :graph_bucket], self.graph_slots[1, :graph_bucket]

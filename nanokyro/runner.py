@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from nanokyro import small_batch
-from nanokyro.attention import AttentionMetadata, FlashInferAttention, TorchAttention
+from nanokyro.attention import AttentionMetadata, FlashInferAttention, TorchAttention, short_context
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.loader import load
 from nanokyro.lora import AdapterSlots, read_adapter
@@ -541,7 +541,8 @@ class DecodeGraphs:
         self.first_stage, self.last_stage = runner.shard.first_stage, runner.shard.last_stage
         self.with_lora = runner.lora_slots is not None  # then every graph takes each row's adapter slot
         self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
-        self.attn.enable_graphs(self.buckets)
+        self.keys = self.attn.enable_graphs(self.buckets)  # (bucket, attention without split-KV): a graph each
+        self.loaded: tuple[int, bool] | None = None  # the graph that load() planned for, which replay() runs
         # Only the transformer is compiled (dynamic token count): graphs replay it for decodes, and prefill and
         # mixed steps run it without a graph, as fused kernels rather than one launch per op.
         self.hidden = torch.compile(self._hidden, fullgraph=True, dynamic=True)
@@ -554,14 +555,14 @@ class DecodeGraphs:
             hidden = runner.model_cfg.hidden_size
             self._received = (None if self.first_stage else
                               torch.zeros(2 * max_bs * hidden, dtype=runner.dtype, device=device))  # fmt: skip
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # bucket -> [bucket, vocab] (a stage before the last: [2, bucket, hidden]), written by each replay
-        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        # graph -> [bucket, vocab] (a stage before the last: [2, bucket, hidden]), written by each replay
+        self.logits: dict[tuple[int, bool], torch.Tensor] = {}
         start = time.perf_counter()
         self.capture(runner)
         self.startup_s = time.perf_counter() - start  # compiles (and FlashInfer's JIT, if not cached) + captures
-        log.info("CUDA graphs: compiled and captured %d buckets (1..%d) in %.1f s", len(self.buckets), max_bs,
-                 self.startup_s)  # fmt: skip
+        log.info("CUDA graphs: compiled and captured %d graphs for %d buckets (1..%d) in %.1f s", len(self.keys),
+                 len(self.buckets), max_bs, self.startup_s)  # fmt: skip
 
     def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, lora: torch.Tensor | None = None,
                 received: torch.Tensor | None = None):  # fmt: skip
@@ -619,27 +620,32 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= rows)
 
     def load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-             lora: torch.Tensor | None = None) -> int:  # fmt: skip
-        """Fill the static inputs and the attention plan of the bucket of this padded step; returns the bucket."""
+             lora: torch.Tensor | None = None, short: bool | None = None) -> int:  # fmt: skip
+        """Fill the static inputs and the attention plan of the graph of this padded step: its bucket's, without
+        split-KV where the bucket has that variant and its sequences are short (or as `short` says); returns the
+        bucket."""
         bs = input_ids.shape[0]
         self.input_ids[:bs].copy_(input_ids)
         self.positions[:bs].copy_(positions)
         if self.with_lora:
             self.lora[:bs].copy_(lora) if lora is not None else self.lora[:bs].fill_(-1)
-        self.attn.plan(meta, graph_bucket=bs)
+        short = short_context(meta) if short is None else short
+        self.loaded = (bs, short and (bs, True) in self.keys)
+        self.attn.plan(meta, graph=self.loaded)
         return bs
 
     def replay(self, bucket: int) -> torch.Tensor:
         """Run the loaded step's graph; returns its logits buffer [bucket, vocab], rewritten by the next replay."""
-        self.graphs[bucket].replay()
-        return self.logits[bucket]
+        assert self.loaded is not None and self.loaded[0] == bucket, (self.loaded, bucket)
+        self.graphs[self.loaded].replay()
+        return self.logits[self.loaded]
 
     @torch.inference_mode()
     def capture(self, runner: ModelRunner) -> None:
         pool = None
-        for bs in reversed(self.buckets):
+        for bs, short in sorted(self.keys, reverse=True):
             # An all-padding batch: every row reads and writes only the scratch page.
-            self.load(*runner.prepare(ScheduledBatch([], []), pad_to=bs)[:3])
+            self.load(*runner.prepare(ScheduledBatch([], []), pad_to=bs)[:3], short=short)
             args = (self.input_ids[:bs], self.positions[:bs], self.lora[:bs] if self.with_lora else None,
                     self.received(bs) if not self.first_stage else None)  # fmt: skip
             self._mark_unbacked(*args)  # one compile for every bucket
@@ -647,7 +653,7 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self.forward(*args)
+                self.logits[bs, short] = self.forward(*args)
             pool = graph.pool()
-            self.graphs[bs] = graph
+            self.graphs[bs, short] = graph
         torch.cuda.synchronize()

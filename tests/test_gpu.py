@@ -271,6 +271,35 @@ def test_graph_replay_equals_compiled_step_bit_for_bit(graph_llm):
 
 
 @torch.inference_mode()
+def test_short_sequences_replay_graphs_without_split_kv(graph_llm, monkeypatch):
+    """The one- and two-row graphs have a variant planned without split-KV (no merge kernel), which steps whose
+    sequences are all short replay: their logits match the split graph's up to rounding, and a longer sequence
+    takes the split graph."""
+    from nanokyro import attention
+
+    runner = graph_llm.engine.runner
+    graphs = runner.graphs
+    assert {key for key in graphs.keys if key[1]} == {(1, True), (2, True)}
+    batch = decoding_batch(graph_llm, 2)
+    longest = max(s.num_computed + 1 for s in batch.seqs)
+    for bucket in (1, 2):
+        sub = ScheduledBatch(batch.seqs[:bucket], batch.num_new[:bucket])
+        inputs = runner.prepare(sub, pad_to=bucket)[:3]
+        split = graphs.replay(graphs.load(*inputs, short=False)).clone()
+        graphs.load(*inputs)
+        assert graphs.loaded == (bucket, True)
+        whole = graphs.replay(bucket).clone()
+        torch.testing.assert_close(whole.float(), split.float(), atol=5e-2, rtol=5e-2)
+        assert torch.equal(whole.argmax(-1), split.argmax(-1))
+        monkeypatch.setattr(attention, "SHORT_KV_TOKENS", longest - 1)  # now too long for it
+        graphs.load(*inputs)
+        assert graphs.loaded == (bucket, False)
+        assert torch.equal(graphs.replay(bucket), split)
+        monkeypatch.undo()
+    graph_llm.engine.fail_all()
+
+
+@torch.inference_mode()
 def test_padding_never_reaches_outputs(graph_llm):
     runner = graph_llm.engine.runner
     graphs = runner.graphs
@@ -282,8 +311,8 @@ def test_padding_never_reaches_outputs(graph_llm):
     graphs.load(*inputs)
     graphs.input_ids[5:8] = torch.randint(0, 151936, (3,), device=DEVICE, dtype=torch.int32)  # poison the padding
     graphs.positions[5:8] = torch.randint(0, 1000, (3,), device=DEVICE, dtype=torch.int32)
-    graphs.graphs[8].replay()
-    assert torch.equal(graphs.logits[8][:5], clean)
+    graphs.graphs[8, False].replay()
+    assert torch.equal(graphs.logits[8, False][:5], clean)
     # Only the batch's new slots and the scratch page changed in the cache.
     changed = (runner.kv_cache != kv_before).any(-1).any(-1).any(2).any(0)  # [pages, page_size]
     expected = torch.zeros_like(changed)
