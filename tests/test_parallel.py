@@ -82,6 +82,33 @@ def test_layout_gives_one_process_greedy_tokens_and_hf_logits(model, layout):
     assert not multiprocessing.active_children()
 
 
+def test_tp2_adds_the_attention_output_bias_once(tmp_path):
+    """attention_bias=True gives o_proj a bias. Under TP=2 each rank's o_proj returns its part of the sum, which the
+    norm after it sums: rank 0's part alone carries the bias, so the logits are HF's."""
+    import transformers
+
+    path = build_tiny_model("llama", str(tmp_path), attention_bias=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # HF initialises biases to zero: make them count
+        for layer in hf.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+                proj.bias.copy_(torch.randn(proj.bias.shape, generator=gen) * 0.5)
+    hf.save_pretrained(path)
+    llm = make_llm(path, 2, 1)
+    try:
+        engine = llm.engine
+        prompts = random_prompts([7, 3], seed=8)
+        for p in prompts:
+            engine.add_request(p, SamplingParams(max_tokens=1))
+        logits = engine.runner.forward(engine.scheduler.schedule())
+        for row, p in zip(logits, prompts):
+            torch.testing.assert_close(row.cpu(), hf(torch.tensor([p])).logits[0, -1], atol=1e-4, rtol=1e-4)
+        engine.fail_all()
+    finally:
+        llm.close()
+
+
 def test_a_step_split_into_micro_batches_gives_the_whole_steps_logits(llama_dir):
     """What pipeline stages overlap: a step's attention rows cut into micro-batches, each run on its own."""
     llm = LLM(llama_dir, dtype="float32", kv_cache_memory=16 << 20, max_num_batched_tokens=64, max_num_seqs=8)
