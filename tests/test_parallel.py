@@ -91,8 +91,8 @@ def test_tp2_adds_the_attention_output_bias_once(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():  # HF initialises biases to zero: make them count
-        for layer in hf.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+        for attn in (layer.self_attn for layer in hf.model.layers):
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                 proj.bias.copy_(torch.randn(proj.bias.shape, generator=gen) * 0.5)
     hf.save_pretrained(path)
     llm = make_llm(path, 2, 1)
