@@ -192,10 +192,9 @@ def _symmetric_buffer(pg: dist.ProcessGroup, device: torch.device) -> tuple[torc
         buf[SYMM_BYTES:].zero_()  # the flags, on every rank before any rank signals
         torch.cuda.synchronize(device)
         dist.barrier(group=pg, device_ids=[device.index])
-        slots = [ptr + SYMM_BYTES for ptr in handle.buffer_ptrs]
-        fused = (torch.tensor(slots, dtype=torch.int64, device=device),
-                 torch.tensor([ptr + small_batch.FUSED_DATA_BYTES for ptr in slots], dtype=torch.int64, device=device),
-                 torch.zeros(small_batch.MAX_ROWS, dtype=torch.int32, device=device), pg.rank(), pg.size())  # fmt: skip
+        slots = torch.tensor([ptr + SYMM_BYTES for ptr in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        epochs = torch.zeros(small_batch.MAX_ROWS, dtype=torch.int32, device=device)
+        fused = (slots, slots + small_batch.FUSED_DATA_BYTES, epochs, pg.rank(), pg.size())  # flags after the slots
         return buf[:SYMM_BYTES], fused
     except Exception as e:  # noqa: BLE001 - any failure here only costs speed
         log.warning("symmetric memory unavailable (%r): all-reduces go through NCCL", e)
