@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 MAX_ROWS = 2
 # (block_n, block_k, num_warps) of the GEMV by row count: the best single setting over llama-3.1-8b's five
-# projection shapes in a sweep on an H100 (.device/bench_gemv.py; docs/PERFORMANCE.md).
+# projection shapes in a sweep on an H100 (.device/bench_gemv.py; docs/PERFORMANCE.md). gemv_config refines the
+# one-row setting by shape.
 GEMV_CONFIG = {1: (4, 4096, 4), 2: (8, 2048, 4)}
 _enabled = False
 
@@ -133,6 +134,19 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     return out if residual is None else (out, new_residual)
 
 
+def gemv_config(M: int, K: int, gated: bool) -> tuple[int, int, int]:
+    """GEMV_CONFIG[M], with two shape rules at one row from a sweep on an H200 over llama-3.1-8b's projections
+    whole and as TP=2 shards (docs/PERFORMANCE.md, session 20): an ungated projection of at most 4096 inputs
+    (qkv, o) takes two output rows a program, twice the programs to spread over the SMs (-0.6 to -1 us each); a
+    row past 8192 inputs (down at TP=1) is read in 2048-wide steps (-2.6 us)."""
+    block_n, block_k, num_warps = GEMV_CONFIG[M]
+    if M == 1 and not gated and K <= 4096:
+        block_n = 2
+    if M == 1 and K > 8192:
+        block_k = 2048
+    return block_n, block_k, num_warps
+
+
 @torch.library.custom_op("nanokyro::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False,
          lora_s: torch.Tensor | None = None, lora_b: torch.Tensor | None = None, lora: torch.Tensor | None = None
@@ -153,7 +167,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated
         return silu_and_mul(y) if gated else y
     x = x if x.stride(1) == 1 else x.contiguous()
     y = x.new_empty(M, N)
-    block_n, block_k, num_warps = GEMV_CONFIG[M]
+    block_n, block_k, num_warps = gemv_config(M, K, gated)
     block_n = block_n // 2 if gated else block_n  # the same weight tile: half gate rows, half up rows
     pdl = use_pdl()
     has_lora = lora is not None
