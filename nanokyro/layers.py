@@ -5,8 +5,8 @@ Linear kinds, for a layer sharded over `tp` ranks (tp = 1: each is a plain linea
 - `ReplicatedLinear`: every rank holds the whole weight.
 - `ColumnParallelLinear`: each rank holds a slice of the output features; no communication.
 - `RowParallelLinear`: each rank holds a slice of the input features and sums the partial outputs (all-reduce);
-  in a decoder layer it returns its part (`reduce=False`) and the RMSNorm after it sums the parts, in one kernel
-  with the residual add in the one- and two-row decode graphs (`RMSNorm.forward`'s `tp`).
+  in a decoder layer it returns its part (`reduce=False`) and the RMSNorm after it sums the parts, on CUDA through
+  the group's symmetric buffer, for small steps in one kernel with the residual add (`RMSNorm.forward`'s `tp`).
 - `QKVLinear`: q, k and v stacked, column-parallel by heads; KV heads are replicated when fewer than the ranks.
 - `GateUpLinear`: gate and up stacked, column-parallel, returning silu(gate) * up.
 Each parameter carries a `weight_loader(param, tensor, shard_id=None)` that copies its own shard out of a full

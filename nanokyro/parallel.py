@@ -10,9 +10,9 @@ pipeline, rank 0 neither waits for the others to take a plan nor for a step's lo
 step (core.py keeps a step per stage in flight): every rank runs the plans in the order sent, and each pair of
 ranks sends and receives its hidden states, and its logits, in that order, so every send meets its receive.
 On CUDA, an all-reduce of at most SYMM_BYTES (a decode step's) goes through symmetric memory, one kernel that
-reads the other GPUs' buffers over NVLink; larger ones, and every other collective, through NCCL. In the one- and
-two-row decode graphs, a decoder layer's all-reduces are one kernel each with the RMSNorm after them
-(small_batch.all_reduce_rms_norm, over the same buffer's tail). A step whose input ids read the step before's
+reads the other GPUs' buffers over NVLink; larger ones, and every other collective, through NCCL. A decoder
+layer's all-reduces go with the RMSNorm after them (all_reduce_rms_norm): up to FUSED_ROWS rows, one kernel
+each (small_batch.all_reduce_rms_norm, over the same buffer's tail). A step whose input ids read the step before's
 tokens while they are still on their way to the host (placeholders) sends those tokens from rank 0 to the other
 ranks of stage 0 right after its plan.
 
@@ -153,12 +153,29 @@ def _(x, handle):
     return torch.empty_like(x)
 
 
+def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group: Group
+                        ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """rms_norm(x summed over the group's ranks, residual) on CUDA with symmetric memory. Up to FUSED_ROWS rows, one
+    kernel (small_batch.all_reduce_rms_norm); for a two-shot all-reduce, summed in place in the buffer and
+    normalised from there (no copy out); past SYMM_BYTES, NCCL's all-reduce and then the norm."""
+    nbytes = x.numel() * x.element_size()
+    if x.shape[0] <= small_batch.FUSED_ROWS:
+        return small_batch.all_reduce_rms_norm(x, residual, weight, eps, *group.fused)
+    if ONE_SHOT_BYTES < nbytes <= SYMM_BYTES:
+        summed = group.symm.view(x.dtype)[: x.numel()].view_as(x)
+        summed.copy_(x)
+        torch.ops.symm_mem.two_shot_all_reduce_(summed, "sum", group.pg.group_name)
+    else:
+        summed = all_reduce(x, group)
+    return torch.ops.nanokyro.rms_norm(summed, residual, weight, eps)
+
+
 @torch.library.custom_op("nanokyro::all_reduce_rms_norm", mutates_args=())
 def _all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                          handle: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """small_batch.all_reduce_rms_norm over the group's slots: its buffers and epoch counters are the group's
-    state, not arguments, so the compiled graph neither copies them nor sees them as mutated."""
-    return small_batch.all_reduce_rms_norm(x, residual, weight, eps, *_groups[handle].fused)
+    """all_reduce_rms_norm over the group's buffer: its slots and epoch counters are the group's state, not
+    arguments, so the compiled graph neither copies them nor sees them as mutated."""
+    return all_reduce_rms_norm(x, residual, weight, eps, _groups[handle])
 
 
 @_all_reduce_rms_norm.register_fake
@@ -186,14 +203,14 @@ def _symmetric_buffer(pg: dist.ProcessGroup, device: torch.device) -> tuple[torc
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
-        flag_bytes = small_batch.MAX_ROWS * pg.size() * 4
+        flag_bytes = small_batch.FUSED_ROWS * pg.size() * 4
         buf = symm_mem.empty(SYMM_BYTES + small_batch.FUSED_DATA_BYTES + flag_bytes, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(buf, pg.group_name)
         buf[SYMM_BYTES:].zero_()  # the flags, on every rank before any rank signals
         torch.cuda.synchronize(device)
         dist.barrier(group=pg, device_ids=[device.index])
         slots = torch.tensor([ptr + SYMM_BYTES for ptr in handle.buffer_ptrs], dtype=torch.int64, device=device)
-        epochs = torch.zeros(small_batch.MAX_ROWS, dtype=torch.int32, device=device)
+        epochs = torch.zeros(small_batch.FUSED_ROWS, dtype=torch.int32, device=device)
         fused = (slots, slots + small_batch.FUSED_DATA_BYTES, epochs, pg.rank(), pg.size())  # flags after the slots
         return buf[:SYMM_BYTES], fused
     except Exception as e:  # noqa: BLE001 - any failure here only costs speed
@@ -220,13 +237,13 @@ class Group:
 
     def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
                             ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
-        """(rms_norm(x summed over the ranks + residual) * weight, that sum + residual) as one kernel, where it
-        runs (symmetric memory, a decode graph's rows: small_batch.fuses_all_reduce); else None."""
-        if self.fused is None or not small_batch.fuses_all_reduce(x):
+        """(rms_norm(x summed over the ranks + residual) * weight, that sum + residual) through the symmetric
+        buffer (all_reduce_rms_norm), where the group has one and x's rows fit its slots; else None."""
+        if self.fused is None or not small_batch.FUSE_ALL_REDUCE or x.shape[-1] > small_batch.FUSED_HIDDEN:
             return None
         if torch.compiler.is_compiling():
             return torch.ops.nanokyro.all_reduce_rms_norm(x, residual, weight, eps, self.handle)
-        return small_batch.all_reduce_rms_norm(x, residual, weight, eps, *self.fused)
+        return all_reduce_rms_norm(x, residual, weight, eps, self)
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, n] -> [R, size * n]: every rank's columns side by side, in rank order."""

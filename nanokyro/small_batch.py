@@ -49,8 +49,9 @@ _enabled = False
 # it ends. The kernels take `pdl` as a constexpr (Triton's interpreter knows no gdc_*) and the launch
 # `pdl_launch(pdl)`. NANOKYRO_PDL=0, or PDL = False before the graphs are captured, turns it off.
 PDL = os.environ.get("NANOKYRO_PDL", "1") != "0"
-# A TP group's all-reduce, residual add and RMSNorm as one kernel in these steps (all_reduce_rms_norm); 0: torch's
-# one-shot all-reduce, then rms_norm.
+# A TP group's all-reduce, residual add and RMSNorm as one kernel in steps of up to FUSED_ROWS rows
+# (all_reduce_rms_norm), summed in place and normalised from the symmetric buffer above that; 0: the all-reduce,
+# then the norm as torch.compile writes it.
 FUSE_ALL_REDUCE = os.environ.get("NANOKYRO_FUSE_ALL_REDUCE", "1") != "0"
 
 
@@ -219,24 +220,22 @@ def _(x, residual, weight, eps):
 
 
 # The tail of a TP group's symmetric buffer that all_reduce_rms_norm uses (parallel.Group sets it up): on every rank,
-# two data slots of MAX_ROWS rows of up to FUSED_HIDDEN values (4 bytes each at most), then MAX_ROWS x ranks flags.
+# two data slots of FUSED_ROWS rows of up to FUSED_HIDDEN values (4 bytes each at most), then FUSED_ROWS x ranks
+# flags. Steps of more rows sum in the buffer's head and then normalise (parallel.all_reduce_rms_norm).
+FUSED_ROWS = 16
 FUSED_HIDDEN = 16384
-FUSED_DATA_BYTES = 2 * MAX_ROWS * FUSED_HIDDEN * 4
-
-
-def fuses_all_reduce(x: torch.Tensor) -> bool:
-    """Whether all_reduce_rms_norm takes x [T, N]: a decode graph's rows, at most FUSED_HIDDEN wide."""
-    return FUSE_ALL_REDUCE and on(x) and x.dim() == 2 and x.shape[1] <= FUSED_HIDDEN
+FUSED_DATA_BYTES = 2 * FUSED_ROWS * FUSED_HIDDEN * 4
 
 
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                         bufs: torch.Tensor, flags: torch.Tensor, epochs: torch.Tensor, rank: int, size: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """rms_norm(sum of x over the TP group's ranks, residual) as one kernel, for the GPUs of one node: x [T, N] is
-    this rank's partial sum (a row-parallel projection's), and each rank reads the others' over NVLink. Every rank
-    sums the parts in rank order, in fp32, so all of them get the same bits (with two ranks, those of the
-    all-reduce and then rms_norm). `bufs` and `flags`: every rank's data slots and flags in its symmetric buffer
-    (int64 addresses); `epochs` [MAX_ROWS]: how many times each row has gone through, on this rank (int32).
+    """rms_norm(sum of x over the TP group's ranks, residual) as one kernel, for the GPUs of one node: x [T, N]
+    (T ≤ FUSED_ROWS) is this rank's partial sum (a row-parallel projection's), and each rank reads the others'
+    over NVLink. Every rank sums the parts in rank order, in fp32, so all of them get the same bits (with two
+    ranks, those of the all-reduce and then rms_norm). `bufs` and `flags`: every rank's data slots and flags in
+    its symmetric buffer (int64 addresses); `epochs` [FUSED_ROWS]: how many times each row has gone through, on
+    this rank (int32).
 
     One barrier a call, where torch's one-shot all-reduce crosses two: each call writes its part into slot
     epoch % 2, tells every other rank so (its flag for this rank := epoch), and waits for their flags to reach
@@ -250,7 +249,7 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     out, new_residual = torch.empty_like(x), torch.empty_like(x)
     block, pdl = triton.next_power_of_2(N), use_pdl()
     _all_reduce_rms_norm_kernel()[(T,)](
-        x, residual, weight, out, new_residual, bufs, flags, epochs, N, eps, rank, size=size, rows=MAX_ROWS,
+        x, residual, weight, out, new_residual, bufs, flags, epochs, N, eps, rank, size=size, rows=FUSED_ROWS,
         hidden=FUSED_HIDDEN, block=block, pdl=pdl, num_warps=min(max(block // 256, 1), 16), **pdl_launch(pdl),
     )  # fmt: skip
     return out, new_residual

@@ -616,7 +616,7 @@ def test_the_last_stage_sends_its_logits_without_waiting_for_rank_0():
 def _all_reduce_worker(rank: int, port: int) -> None:
     """One of two ranks: Group.all_reduce (symmetric memory for small messages, NCCL past SYMM_BYTES) equals NCCL's
     all-reduce at every size, eagerly and replayed in a CUDA graph with new inputs; and so does the all-reduce
-    fused with the residual add and RMSNorm."""
+    with the residual add and RMSNorm (Group.all_reduce_rms_norm) at every size."""
     import torch.distributed as dist
 
     from nanokyro import small_batch
@@ -642,20 +642,20 @@ def _all_reduce_worker(rank: int, port: int) -> None:
         graph.replay()
         torch.testing.assert_close(out, ref * 2)
         graph.reset()  # before the group goes: a live graph holding an NCCL collective would keep it (#115388)
-    # The all-reduce, residual add and RMSNorm as one kernel (a decode graph's 1-2 rows): the all-reduce and then
-    # rms_norm, and the same bits on both ranks, eagerly and over graph replays that take both slots in turn
+    # The all-reduce, residual add and RMSNorm through the buffer (one kernel up to FUSED_ROWS rows; two-shot in
+    # place, then the norm; NCCL, then the norm): the all-reduce and then rms_norm, and the same bits on both ranks,
+    # eagerly and over graph replays that take both slots in turn
     same = torch.Generator(device).manual_seed(7)  # the norm's weight and the residual: the same on both ranks
     weight = torch.randn(4096, dtype=torch.bfloat16, device=device, generator=same)
-    for rows in (1, 2):
+    for rows in (1, 2, small_batch.FUSED_ROWS, 64, SYMM_BYTES // (4096 * 2) + 1):
         gen = torch.Generator(device).manual_seed(10 + rank)
         parts = [torch.randn(rows, 4096, dtype=torch.bfloat16, device=device, generator=gen) for _ in range(4)]
         residual = torch.randn(rows, 4096, dtype=torch.bfloat16, device=device, generator=same)
         refs = [small_batch.rms_norm(group.all_reduce(p), residual, weight, 1e-5) for p in parts]
-        with small_batch.enable():
-            outs = [group.all_reduce_rms_norm(parts[0], residual, weight, 1e-5)]
-            graph, static = torch.cuda.CUDAGraph(), parts[0].clone()
-            with torch.cuda.graph(graph):
-                fused = group.all_reduce_rms_norm(static, residual, weight, 1e-5)
+        outs = [group.all_reduce_rms_norm(parts[0], residual, weight, 1e-5)]
+        graph, static = torch.cuda.CUDAGraph(), parts[0].clone()
+        with torch.cuda.graph(graph):
+            fused = group.all_reduce_rms_norm(static, residual, weight, 1e-5)
         for p in parts[1:]:
             static.copy_(p)
             graph.replay()
