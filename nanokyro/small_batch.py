@@ -366,7 +366,7 @@ def _all_reduce_rms_norm_kernel():
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         epoch = tl.load(epochs_ptr + row) + 1
-        slot = ((epoch % 2) * rows + row) * hidden
+        slot = ((epoch & 1) * rows + row) * hidden  # (& 1: past int32's wrap an epoch is negative, and % 2 -1)
         part = tl.load(x_ptr + row * N + cols, mask=ok, other=0.0)
         tl.store(tl.multiple_of(tl.load(bufs_ptr + rank).to(tl.pointer_type(dtype)), 16) + slot + cols, part, mask=ok)
         tl.debug_barrier()  # every thread's store made before the flags below say so
@@ -382,7 +382,7 @@ def _all_reduce_rms_norm_kernel():
             else:
                 seen = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
                 spins = 0
-                while seen < epoch:
+                while seen - epoch < 0:  # rank p may be a call ahead; the difference, not `<`, survives the wrap
                     seen = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
                     spins += 1
                     if spins > 16777216:  # 2**24 reads, seconds: rank p is gone; fail (trap) rather than hang

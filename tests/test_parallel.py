@@ -613,6 +613,56 @@ def test_the_last_stage_sends_its_logits_without_waiting_for_rank_0():
             p.kill()
 
 
+FUSED_WRAP_CHECK = r"""
+import torch
+from nanokyro import small_batch
+from nanokyro.small_batch import FUSED_DATA_BYTES, FUSED_HIDDEN, FUSED_ROWS
+
+torch.manual_seed(0)
+size, rank, peer, N, T = 2, 0, 1, 64, 2
+dtype = torch.float16  # (the interpreter truncates bf16)
+flag_words = FUSED_ROWS * size
+bufs = [torch.zeros(FUSED_DATA_BYTES // 4 + flag_words, dtype=torch.int32) for _ in range(size)]
+addrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+flags = addrs + FUSED_DATA_BYTES
+start = 2**31 - 2
+epochs = torch.full((FUSED_ROWS,), start, dtype=torch.int32)
+weight = torch.randn(N).to(dtype)
+for call in range(3):  # epochs 2**31 - 1, then -2**31 and -2**31 + 1 past the wrap
+    epoch = (start + 1 + call + 2**31) % 2**32 - 2**31
+    mine, theirs, residual = (torch.randn(T, N).to(dtype) for _ in range(3))
+    for r in range(T):  # the peer's part in its slot and its flag for this rank, as it would have left them
+        at = ((epoch & 1) * FUSED_ROWS + r) * FUSED_HIDDEN
+        bufs[peer].view(dtype)[at : at + N] = theirs[r]
+        bufs[rank][FUSED_DATA_BYTES // 4 + r * size + peer] = epoch
+    out, new_res = small_batch.all_reduce_rms_norm(mine, residual, weight, 1e-5, addrs, flags, epochs, rank, size)
+    want_out, want_res = small_batch.rms_norm((mine.float() + theirs.float()).to(dtype), residual, weight, 1e-5)
+    assert torch.equal(new_res, want_res) and torch.equal(out, want_out), epoch
+    for r in range(T):  # this rank's part in its slot, and its flag on the peer
+        at = ((epoch & 1) * FUSED_ROWS + r) * FUSED_HIDDEN
+        assert torch.equal(bufs[rank].view(dtype)[at : at + N], mine[r])
+        assert bufs[peer][FUSED_DATA_BYTES // 4 + r * size + rank] == epoch
+    assert (epochs[:T] == epoch).all()
+print("ok")
+"""
+
+
+def test_fused_all_reduce_survives_the_epoch_wrap_in_the_interpreter():
+    """The fused all-reduce + RMSNorm kernel, run by Triton's interpreter as one of two ranks (the other's part and
+    flag written beforehand as it leaves them), across int32's wrap of a row's epoch counter, which a row reaches
+    after 2**31 calls (about a day of serving at TP=2 batch 1): the same slot parity on both sides and flags still
+    seen as reached, so the all-reduce then rms_norm, bit for bit. With `epoch % 2` the slot went negative."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", FUSED_WRAP_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "ok"
+
+
 def _all_reduce_worker(rank: int, port: int) -> None:
     """One of two ranks: Group.all_reduce (symmetric memory for small messages, NCCL past SYMM_BYTES) equals NCCL's
     all-reduce at every size, eagerly and replayed in a CUDA graph with new inputs; and so does the all-reduce
