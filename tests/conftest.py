@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,6 +33,16 @@ TINY = dict(
     num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
     initializer_range=0.2, tie_word_embeddings=False,
 )  # fmt: skip
+
+
+def run_in_interpreter(script: str, timeout: int = 300) -> str:
+    """Run `script` in a fresh process with Triton's interpreter (TRITON_INTERPRET=1: the CUDA kernels on the
+    CPU), and return the last word it printed; skips where Triton is not installed."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split()[-1]
 
 
 def save_tokenizer(path: str) -> None:

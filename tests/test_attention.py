@@ -2,13 +2,9 @@
 two-row decode graphs' RoPE + KV write (attention.triton_rope_write_kv) against RotaryEmbedding then write_kv; and
 that only a backend that rotates in its KV write is handed q and k unrotated. (The GPU tests compare the FlashInfer
 backend with the torch one.)"""
-import os
-import subprocess
-import sys
-
-import pytest
 import torch
 
+from conftest import run_in_interpreter
 from nanokyro import LLM, SamplingParams, small_batch
 from nanokyro.attention import FlashInferAttention
 
@@ -89,12 +85,7 @@ def test_rope_kv_write_kernel_matches_rope_then_write_in_the_interpreter():
     RotaryEmbedding then write_kv give, bit for bit, from fp32 and bf16 activations, into a cache of their dtype
     and an fp8 one (k and v past its 448 clamped, as many are); q comes back contiguous, and no other slot is
     written. A cos/sin table that the kernel would misread (strided rows, fp16) is refused before the launch."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", ROPE_WRITE_CHECK], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-1] == "18"
+    assert run_in_interpreter(ROPE_WRITE_CHECK) == "18"
 
 
 def test_only_a_backend_that_rotates_in_its_kv_write_is_handed_q_and_k_unrotated(llama_dir, monkeypatch):

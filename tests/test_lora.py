@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, run_in_interpreter
 from nanokyro import LLM, SamplingParams
 from nanokyro.lora import AdapterError
 from nanokyro.request import Failure, UnknownAdapter
@@ -329,14 +329,7 @@ print(worst)
 def test_triton_kernels_match_the_torch_reference_in_the_interpreter():
     """The CUDA kernels (shrink, split over K; expand; the decode graphs' GEMV that adds the delta in its
     epilogue, gated or not) run by Triton's interpreter on the CPU, against the torch reference."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.split()[-1]) < 1e-5
+    assert float(run_in_interpreter(KERNEL_CHECK)) < 1e-5
 
 
 @pytest.mark.gpu

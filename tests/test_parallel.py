@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import assert_no_leak, build_tiny_model, mixed_params
+from conftest import assert_no_leak, build_tiny_model, mixed_params, run_in_interpreter
 from nanokyro import LLM, SamplingParams
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.loader import load
@@ -652,15 +652,7 @@ def test_fused_all_reduce_survives_the_epoch_wrap_in_the_interpreter():
     flag written beforehand as it leaves them), across int32's wrap of a row's epoch counter, which a row reaches
     after 2**31 calls (about a day of serving at TP=2 batch 1): the same slot parity on both sides and flags still
     seen as reached, so the all-reduce then rms_norm, bit for bit. With `epoch % 2` the slot went negative."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", FUSED_WRAP_CHECK], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-1] == "ok"
+    assert run_in_interpreter(FUSED_WRAP_CHECK) == "ok"
 
 
 def _all_reduce_worker(rank: int, port: int) -> None:

@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, run_in_interpreter
 from nanokyro import LLM, SamplingParams
 from nanokyro.quant_formats import FP8, quant_config, unpack_awq, unpack_rows
 
@@ -454,14 +454,7 @@ def test_triton_kernels_match_dequantised_matmul_in_the_interpreter():
     a partial block; int4 groups of 32, 64, 128; gated; split-K; prefetching; the one-row FP8 kernel, gated with a
     partial last block too; the W8A8 scales' epilogue; the tinygemm layout's dequantise kernel; the tiles' dot in
     f16) run by Triton's interpreter on the CPU, against the dequantised weight."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.split()[-1]) < 1e-5
+    assert float(run_in_interpreter(KERNEL_CHECK)) < 1e-5
 
 
 # -- the LM head in FP8 (quantize_lm_head) ------------------------------------------------------------------------
