@@ -7,7 +7,8 @@ metadata is in FlashInfer's CSR form (qo_indptr, kv_indptr/kv_indices/kv_last_pa
 from the same tensors. The torch backend runs anywhere and is the reference the FlashInfer backend is tested against.
 In the one- and two-row decode graphs the FlashInfer backend also applies RoPE to q and k, in the kernel that writes
 k and v (`triton_rope_write_kv`; RotaryEmbedding.in_kv_write says when: a backend says whether it can in
-`rotates_in_kv_write`, and the torch backend cannot).
+`rotates_in_kv_write`, and the torch backend cannot), and attends with decode_attention.py's one-kernel split-KV
+decode instead of FlashInfer's two (NANOKYRO_TRITON_DECODE=0: FlashInfer's).
 
 FlashInfer is imported only when its backend is built (CUDA), so the CPU path never needs it. Its attention is
 also a `torch.library` custom op (`nanokyro::flashinfer_attention`), so `torch.compile` keeps a decode forward
@@ -16,15 +17,17 @@ whole and the runner can capture it as one CUDA graph per batch-size bucket.
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from nanokyro.decode_attention import DecodeAttention
 from nanokyro.layers import rope
 from nanokyro.quant_formats import FP8, FP8_MAX
-from nanokyro.small_batch import pdl_launch, use_pdl
+from nanokyro.small_batch import MAX_ROWS, pdl_launch, use_pdl
 
 
 @dataclass
@@ -241,6 +244,8 @@ class TorchAttention:
 
 WORKSPACE_BYTES = 256 << 20  # FlashInfer's float scratch for split-KV partial results, shared by all wrappers
 FLASHINFER_BACKEND = "fa2"  # compiles in ~25 s per head_dim; "auto" picks fa3 on Hopper (~80 s)
+# The one- and two-row decode graphs attend with decode_attention.DecodeAttention; 0: FlashInfer's decode wrapper
+TRITON_DECODE = os.environ.get("NANOKYRO_TRITON_DECODE", "1") != "0"
 
 _backends: dict[int, weakref.ref] = {}  # handle -> FlashInferAttention, for the custom op to find its state
 _handles = itertools.count()
@@ -289,7 +294,7 @@ class FlashInferAttention:
         self.write_kv = triton_write_kv() if fp8_stores else write_kv
         self.rope_write_kv = triton_rope_write_kv() if fp8_stores else rope_write_kv
         self.graph_decode: dict[int, object] = {}  # bucket -> wrapper whose buffers a CUDA graph reads
-        self.wrapper, self.slots = None, None
+        self.attend, self.slots = None, None  # the planned step's attention: (q, kv) -> out
         self.handle = next(_handles)
         _backends[self.handle] = weakref.ref(self)
 
@@ -313,6 +318,8 @@ class FlashInferAttention:
                 paged_kv_indptr_buffer=self.graph_indptr[: bs + 1], paged_kv_indices_buffer=self.graph_indices,
                 paged_kv_last_page_len_buffer=self.graph_last_page_len[:bs],
             )
+            if bs > MAX_ROWS or not TRITON_DECODE
+            else DecodeAttention(bs, self.num_heads, self.num_kv_heads, self.head_dim, device)
             for bs in buckets
         }  # fmt: skip
 
@@ -323,19 +330,32 @@ class FlashInferAttention:
                   q_data_type=self.dtype, kv_data_type=self.kv_cache.dtype)  # fmt: skip
         pages = (meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len)
         if graph_bucket is not None:
-            self.wrapper = self.graph_decode[graph_bucket]
-            self.wrapper.plan(*pages, head_dim=self.head_dim, **kw)
+            wrapper = self.graph_decode[graph_bucket]
+            if isinstance(wrapper, DecodeAttention):  # no plan: the page tables into the buffers the graph reads
+                tables = self._graph_tables(meta, graph_bucket)
+                self.attend = lambda q, kv: wrapper(q, kv, *tables)
+            else:
+                wrapper.plan(*pages, head_dim=self.head_dim, **kw)
+                self.attend = wrapper.run
             self.graph_slots[0, :graph_bucket].copy_(meta.slot_pages, non_blocking=True)
             self.graph_slots[1, :graph_bucket].copy_(meta.slot_offsets, non_blocking=True)
             self.slots = self.graph_slots[0, :graph_bucket], self.graph_slots[1, :graph_bucket]
         elif meta.is_decode:
-            self.wrapper = self.decode
+            self.attend = self.decode.run
             self.decode.plan(*pages, head_dim=self.head_dim, **kw)
             self.slots = meta.slot_pages, meta.slot_offsets
         else:
-            self.wrapper = self.prefill
+            self.attend = self.prefill.run
             self.prefill.plan(meta.qo_indptr, *pages, head_dim_qk=self.head_dim, causal=True, **kw)
             self.slots = meta.slot_pages, meta.slot_offsets
+
+    def _graph_tables(self, meta: AttentionMetadata, bucket: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's page tables copied into the graphs' buffers (what FlashInfer's plan does for its wrappers)."""
+        indptr, last = self.graph_indptr[: bucket + 1], self.graph_last_page_len[:bucket]
+        indptr.copy_(meta.kv_indptr, non_blocking=True)
+        self.graph_indices[: meta.kv_indices.numel()].copy_(meta.kv_indices, non_blocking=True)
+        last.copy_(meta.kv_last_page_len, non_blocking=True)
+        return indptr, self.graph_indices, last
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  positions: torch.Tensor | None = None, cos_sin: torch.Tensor | None = None
@@ -347,4 +367,4 @@ class FlashInferAttention:
             self.write_kv(kv, k, v, *self.slots)
         else:
             q = self.rope_write_kv(kv, q, k, v, *self.slots, positions, cos_sin)
-        return self.wrapper.run(q, kv)  # [T, H, D]
+        return self.attend(q, kv)  # [T, H, D]

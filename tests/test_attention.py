@@ -88,6 +88,58 @@ def test_rope_kv_write_kernel_matches_rope_then_write_in_the_interpreter():
     assert run_in_interpreter(ROPE_WRITE_CHECK) == "18"
 
 
+DECODE_CHECK = r"""
+import torch
+import torch.nn.functional as F
+
+from nanokyro.decode_attention import DecodeAttention, num_splits
+from nanokyro.quant_formats import FP8
+
+gen = torch.Generator().manual_seed(0)
+PAGES, PAGE, D = 48, 16, 64
+worst, cases = 0.0, 0
+# (q heads, KV heads): groups of 4, 1 and 3 query heads a KV head (3: padded to the dot's 16 rows like the others)
+for H, HKV in ((8, 2), (4, 4), (6, 2)):
+    for cache_dtype in (torch.float16, FP8):  # (the interpreter's dot misreads bf16, so the activations are fp16)
+        cache = torch.randn(PAGES, 2, PAGE, HKV, D, generator=gen).to(cache_dtype)
+        # one row: under a page, a page, past one, many; two rows of unequal length
+        for lens in ([1], [16], [17], [300], [5, 200], [64, 65]):
+            B, counts = len(lens), [-(-n // PAGE) for n in lens]
+            pages = torch.randperm(PAGES, generator=gen)[: sum(counts)].to(torch.int32)  # scattered pages
+            indptr = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
+            last = torch.tensor([n - (c - 1) * PAGE for n, c in zip(lens, counts)], dtype=torch.int32)
+            q = torch.randn(B, H, D, generator=gen, dtype=torch.float16)
+            want = []
+            for b, n in enumerate(lens):
+                kv = cache[pages[indptr[b] : indptr[b + 1]].long()].to(torch.float32)  # [pages, 2, page, HKV, D]
+                k, v = (kv[:, i].reshape(-1, HKV, D)[:n].transpose(0, 1) for i in (0, 1))
+                want.append(F.scaled_dot_product_attention(q[b, :, None].float(), k, v, enable_gqa=True)[:, 0])
+            want = torch.stack(want)
+            for splits in (1, 5):  # one split; several, some of them empty (rows of a page or two)
+                attend = DecodeAttention(B, H, HKV, D, torch.device("cpu"), splits)
+                for _ in range(2):  # the counters go back to 0 for the next call
+                    got = attend(q, cache, indptr, pages, last)
+                    assert got.shape == q.shape and got.dtype == q.dtype
+                    worst = max(worst, (got.float() - want).abs().max().item())
+                    assert not attend.counts.any()
+                cases += 1
+assert num_splits(1, 8, 132) == 33 and num_splits(2, 8, 132) == 16 and num_splits(1, 1, 132) == 64
+assert worst < 2e-3, worst
+print(cases)
+"""
+
+
+def test_decode_attention_kernel_matches_sdpa_in_the_interpreter():
+    """The one- and two-row graphs' decode attention (one kernel: split-KV, the last program merging) gives SDPA's
+    output over each row's scattered pages, for 1 to 300 tokens, groups of 4, 1 and 3 query heads a KV head, an
+    fp16 and an fp8 cache, and 1 or 5 splits (some of them empty); its counters are back to 0 after every call."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", DECODE_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == str(3 * 2 * 6 * 2)
+
+
 def test_only_a_backend_that_rotates_in_its_kv_write_is_handed_q_and_k_unrotated(llama_dir, monkeypatch):
     """Where the small decode graphs move RoPE into the KV write (small_batch's switch on), the torch backend still
     gets q and k rotated by RotaryEmbedding, and gives the same logits; FlashInfer's backend, and its bound op

@@ -178,6 +178,45 @@ def test_flashinfer_matches_torch_attention(case, kv_dtype):
     assert torch.equal(caches[0].view(torch.uint8), caches[1].view(torch.uint8))  # the same slots, same values
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+def test_one_and_two_row_graphs_decode_attention_matches_torch_attention(kv_dtype):
+    """The one- and two-row decode graphs' attention (decode_attention.py: one kernel, the last program merging the
+    splits) against the torch backend: 1 to 9 000 tokens over scattered pages, captured in a CUDA graph per bucket
+    and replayed for other page tables (its counters go back to 0 between replays)."""
+    from nanokyro.attention import TRITON_DECODE
+    from nanokyro.decode_attention import DecodeAttention
+
+    assert TRITON_DECODE
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    pages = 1200
+    cache = torch.randn(2, pages, 2, PAGE, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16).to(kv_dtype)
+    order = torch.randperm(pages, generator=torch.Generator().manual_seed(0)).tolist()
+    steps = {1: [[1], [37], [4000], [9000]], 2: [[50, 16], [2, 9000], [1, 1], [300, 17]]}  # kv lens, a step each
+    for bucket, runs in steps.items():
+        attn = FlashInferAttention(cache, H, D, torch.bfloat16)
+        attn.enable_graphs([bucket])
+        assert isinstance(attn.graph_decode[bucket], DecodeAttention)
+        q = torch.randn(bucket, H, D, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+        k, v = (torch.randn(bucket, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+        graph = None
+        for kv_lens in runs:
+            starts = [0, 600][:bucket]  # each row's pages from its own part of the shuffled list
+            meta = make_meta([order[a:a + 600] for a in starts], [1] * bucket, kv_lens)
+            attn.plan(meta, graph_bucket=bucket)
+            if graph is None:
+                out = attn(1, q, k, v)  # warm-up (Triton compiles), then capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = attn(1, q, k, v)
+            graph.replay()
+            ref_attn = TorchAttention(cache.clone(), H, D)
+            ref_attn.plan(meta)
+            ref = ref_attn(1, q, k, v)
+            assert rel_err(out, ref) < 1e-2, (bucket, kv_lens)
+            assert not attn.graph_decode[bucket].counts.any()
+        del graph
+
+
 def free_cuda() -> None:
     gc.collect()
     torch.cuda.empty_cache()

@@ -71,6 +71,7 @@ jit.JITFunction.run = compile_only
 
 from nanokyro import lora_kernels, small_batch
 from nanokyro.attention import triton_rope_write_kv, triton_write_kv
+from nanokyro.decode_attention import DecodeAttention, num_splits
 from nanokyro.quant_formats import FP8, pack_rows, tinygemm_pack, tinygemm_scales_zeros
 from nanokyro.quant_triton import (FP8_WORDS_CONFIG, dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv,
                                    quantise_rows_fp8_cuda, scale_outer_cuda)
@@ -92,6 +93,17 @@ for q_heads, d in ((32, 128), (16, 64)):
         triton_rope_write_kv()(kv, q, k_new, v_new, pages[:2], offsets[:2], offsets[:2], torch.zeros(8, d))
         assert compiled[-1][0] == "rope_kv_kernel" and ("e4m3" in compiled[-1][1]) == (cache == FP8)
         assert compiled[-1][2]  # launched with PDL
+# the one- and two-row graphs' decode attention over a bf16 and an fp8 cache, llama-3.1-8b's heads
+for rows in (1, 2):
+    for cache in (bf16, FP8):
+        DecodeAttention(rows, 32, 8, 128, torch.device("cpu"), num_splits(rows, 8, 132))(
+            torch.randn(rows, 32, 128, dtype=bf16), torch.zeros(4, 2, 16, 8, 128, dtype=cache),
+            torch.arange(rows + 1, dtype=torch.int32), torch.arange(rows, dtype=torch.int32),
+            torch.ones(rows, dtype=torch.int32))  # fmt: skip
+        name, ptx, pdl = compiled[-1]
+        assert name == "decode_kernel" and pdl and ("e4m3" in ptx) == (cache == FP8)
+        assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx  # the count; the partials past L1
+        assert "mma.sync" in ptx or "wgmma" in ptx  # the scores and the sum on tensor cores
 
 # FP8 per-channel through the dispatch: one row (gate/up, down's long K, the rest), two, 3-16; a bf16 row reads
 # the weight as words (inline PTX), an fp16 row takes the settings by kind of layer
@@ -149,8 +161,9 @@ small_batch.PDL = False  # the switch: the same kernels without PDL
 qgemv(x(1), torch.randn(256, K).to(FP8), torch.rand(256, 1), None, None, False)
 small_batch.gemv(x(1), w, None)
 assert [name for name, _, pdl in compiled[-2:] if not pdl] == ["fp8_row_kernel", "gemv_kernel"]
-assert {name for name, _, pdl in compiled if pdl} == {"rope_kv_kernel", "fp8_row_kernel", "qgemv_kernel", "gemv_kernel",
-                                                      "rms_norm_kernel", "all_reduce_rms_norm_kernel"}  # fmt: skip
+assert {name for name, _, pdl in compiled if pdl} == {
+    "rope_kv_kernel", "decode_kernel", "fp8_row_kernel", "qgemv_kernel", "gemv_kernel", "rms_norm_kernel",
+    "all_reduce_rms_norm_kernel"}  # fmt: skip
 print(sorted({name for name, _, _ in compiled}), len(compiled))
 """
 
@@ -161,7 +174,7 @@ def test_every_cuda_kernel_compiles_for_hopper():
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     names = out.stdout.strip().rsplit("]", 1)[0]
-    for kernel in ("kernel", "rope_kv_kernel", "qgemv_kernel", "_quantise_rows_kernel", "_scale_outer_kernel", "_dequant_int4_kernel",
+    for kernel in ("kernel", "rope_kv_kernel", "decode_kernel", "qgemv_kernel", "_quantise_rows_kernel", "_scale_outer_kernel", "_dequant_int4_kernel",
                    "_dequant_tinygemm_kernel", "gemv_kernel", "rms_norm_kernel", "all_reduce_rms_norm_kernel", "shrink",
                    "expand"):  # fmt: skip
         assert f"'{kernel}'" in names, (kernel, out.stdout)
