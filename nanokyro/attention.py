@@ -129,14 +129,17 @@ def triton_rope_write_kv():
     def rope_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, kv_ptr, pages_ptr, offsets_ptr, positions_ptr, cos_sin_ptr,
                        q_stride, q_head_stride, k_stride, k_head_stride, v_stride, v_head_stride, page_stride,
                        half_stride, slot_stride, head_stride, num_heads, half_dim: tl.constexpr, block: tl.constexpr,
-                       clamp: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
+                       clamp: tl.constexpr, launch_next: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
         # PDL (small_batch.py): the wait first, as every load below is the step's data (q, k, v; the positions that
-        # index cos/sin). No gdc_launch_dependents(): the next kernel is FlashInfer's attention, which FlashInfer
-        # launches with PDL itself; started early, it could read q_out and the KV cache before they are written
-        # unless its own wait comes before those reads, and where that wait sits is FlashInfer's choice. Without
-        # the call it starts as this grid's programs exit, as it does after a kernel launched without PDL.
+        # index cos/sin). gdc_launch_dependents() only with `launch_next`, where the next kernel is
+        # decode_attention's, which waits before it reads anything. FlashInfer's attention, which FlashInfer
+        # launches with PDL itself, could read q_out and the KV cache before they are written unless its own wait
+        # comes before those reads, and where that wait sits is FlashInfer's choice. Without the call it starts as
+        # this grid's programs exit, as it does after a kernel launched without PDL.
         if pdl:
             tl.extra.cuda.gdc_wait()
+            if launch_next:
+                tl.extra.cuda.gdc_launch_dependents()
         t, h = tl.program_id(0), tl.program_id(1)
         kv_head = h - num_heads  # >= 0: a KV head
         cols = tl.arange(0, block)
@@ -171,7 +174,9 @@ def triton_rope_write_kv():
             tl.store(slot + half_stride + v_cols, v.to(kv_ptr.dtype.element_ty), mask=v_mask)
 
     def write(kv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
-              offsets: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+              offsets: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, launch_next: bool = False
+              ) -> torch.Tensor:  # fmt: skip
+        """`launch_next`: decode_attention's kernel comes next (see the kernel's PDL comment)."""
         (T, H, D), Hkv = q.shape, k.shape[1]
         # The kernel reads a token's cos and sin at cos_sin + position * D. Host checks: in a CUDA graph they run
         # once, at capture.
@@ -183,7 +188,7 @@ def triton_rope_write_kv():
             q, k, v, q_out, kv, pages, offsets, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), H,
             half_dim=D // 2, block=triton.next_power_of_2(D // 2), clamp=FP8_MAX if kv.dtype == FP8 else 0.0,
-            pdl=pdl, num_warps=1, **pdl_launch(pdl),
+            launch_next=launch_next, pdl=pdl, num_warps=1, **pdl_launch(pdl),
         )  # fmt: skip
         return q_out
 
@@ -289,12 +294,13 @@ class FlashInferAttention:
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=True, backend=FLASHINFER_BACKEND
         )
-        # Triton stores fp8 from compute capability 8.9 (Ada, Hopper) up; before that, indexing writes the bytes.
-        fp8_stores = kv_cache.dtype != FP8 or torch.cuda.get_device_capability(device) >= (8, 9)
-        self.write_kv = triton_write_kv() if fp8_stores else write_kv
-        self.rope_write_kv = triton_rope_write_kv() if fp8_stores else rope_write_kv
+        # Triton handles fp8 from compute capability 8.9 (Ada, Hopper) up; before that, indexing writes the bytes,
+        # and FlashInfer reads them.
+        self.fp8_triton = kv_cache.dtype != FP8 or torch.cuda.get_device_capability(device) >= (8, 9)
+        self.write_kv = triton_write_kv() if self.fp8_triton else write_kv
+        self.rope_write_kv = triton_rope_write_kv() if self.fp8_triton else rope_write_kv
         self.graph_decode: dict[int, object] = {}  # bucket -> wrapper whose buffers a CUDA graph reads
-        self.attend, self.slots = None, None  # the planned step's attention: (q, kv) -> out
+        self.attend, self.slots, self.triton_next = None, None, False  # attend: the planned step's (q, kv) -> out
         self.handle = next(_handles)
         _backends[self.handle] = weakref.ref(self)
 
@@ -318,10 +324,16 @@ class FlashInferAttention:
                 paged_kv_indptr_buffer=self.graph_indptr[: bs + 1], paged_kv_indices_buffer=self.graph_indices,
                 paged_kv_last_page_len_buffer=self.graph_last_page_len[:bs],
             )
-            if bs > MAX_ROWS or not TRITON_DECODE
+            if bs > MAX_ROWS or not self.triton_decodes()
             else DecodeAttention(bs, self.num_heads, self.num_kv_heads, self.head_dim, device)
             for bs in buckets
         }  # fmt: skip
+
+    def triton_decodes(self) -> bool:
+        """Whether the one- and two-row graphs attend with DecodeAttention: switched on, a cache Triton reads, and
+        the power-of-two sizes its tiles take (head_dim, the page size)."""
+        powers_of_two = all(n & (n - 1) == 0 for n in (self.head_dim, self.page_size))
+        return TRITON_DECODE and self.fp8_triton and powers_of_two
 
     def plan(self, meta: AttentionMetadata, graph_bucket: int | None = None) -> None:
         """Plan the step on the host. With `graph_bucket`, meta is a decode batch padded to that bucket and the
@@ -329,11 +341,12 @@ class FlashInferAttention:
         kw = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads, page_size=self.page_size,
                   q_data_type=self.dtype, kv_data_type=self.kv_cache.dtype)  # fmt: skip
         pages = (meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len)
+        self.triton_next = False  # DecodeAttention after the RoPE + KV write, which may then let it start early
         if graph_bucket is not None:
             wrapper = self.graph_decode[graph_bucket]
             if isinstance(wrapper, DecodeAttention):  # no plan: the page tables into the buffers the graph reads
                 tables = self._graph_tables(meta, graph_bucket)
-                self.attend = lambda q, kv: wrapper(q, kv, *tables)
+                self.attend, self.triton_next = (lambda q, kv: wrapper(q, kv, *tables)), True
             else:
                 wrapper.plan(*pages, head_dim=self.head_dim, **kw)
                 self.attend = wrapper.run
@@ -366,5 +379,6 @@ class FlashInferAttention:
         if positions is None:
             self.write_kv(kv, k, v, *self.slots)
         else:
-            q = self.rope_write_kv(kv, q, k, v, *self.slots, positions, cos_sin)
+            kw = {"launch_next": True} if self.triton_next else {}
+            q = self.rope_write_kv(kv, q, k, v, *self.slots, positions, cos_sin, **kw)
         return self.attend(q, kv)  # [T, H, D]

@@ -1,12 +1,13 @@
 """Paged decode attention for the one- and two-row CUDA graphs, as one Triton kernel.
 
 At one row FlashInfer's split-KV decode runs two kernels a layer: the attention over KV chunks, then a merge of
-their partial results (about 9 and 2.4 us on an H200 at 128-384 tokens, for 0.5-1.5 MB of KV). Here every program
-takes one (row, KV head, split): a contiguous run of the row's pages, for all the query heads that share the KV
-head. It writes its partial result (the unnormalised sum, the running max and the softmax denominator), and the
-last of the row and head's programs to finish, counted by an atomic, merges the splits. One launch, no second
-kernel. The split count is fixed by the graph's grid (about two programs an SM). A split takes whole loop steps
-(PAGES_PER_STEP pages), so a short sequence uses few splits; the programs of the others only count themselves.
+their partial results, each mostly launch and latency at the contexts of a chat (docs/PERFORMANCE.md). Here every
+program takes one (row, KV head, split): a contiguous run of the row's pages, for all the query heads that share
+the KV head. It writes its partial result (the unnormalised sum, the running max and the softmax denominator),
+and the last of the row and head's programs to finish, counted by an atomic, merges the splits. One launch, no
+second kernel. The split count is fixed by the graph's grid (about two programs an SM). A split takes whole loop
+steps (PAGES_PER_STEP pages), so a short sequence uses few splits; the programs of the others only count
+themselves.
 
 It reads the cache in FlashInfer's NHD layout (attention.py) and its page tables (kv_indptr, kv_indices,
 kv_last_page_len), after the step's k and v are written. Built on first use: Triton needs a GPU, or its
@@ -107,7 +108,7 @@ def _decode_kernel():
             for p in range(p_start, p_end, pages_per_step):
                 ordinal = p + t // page  # each token's page among the row's
                 token = ordinal * page + t % page
-                ok = (ordinal < p_end) & (token < kv_len)
+                ok = token < kv_len  # (a split ends on a loop step's edge, or the row's last page)
                 page_id = tl.load(indices_ptr + first + ordinal, mask=ok, other=0).to(tl.int64)
                 slot = kv_ptr + page_id * page_stride + (t % page) * slot_stride + h * head_stride
                 k = tl.load(slot[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(q.dtype)

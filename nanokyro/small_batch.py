@@ -33,9 +33,9 @@ _enabled = False
 
 # Programmatic dependent launch (PDL, sm_90+) of the one- and two-row decode steps' own kernels: this module's
 # GEMV and RMSNorms (fused with the all-reduce or not), quant_triton's one-row FP8 GEMV (and qgemv_kernel at one
-# or two rows), attention's RoPE + KV write. A kernel launched so may start while the kernel before it in the
-# stream still runs; its launch and prologue (and in the FP8 GEMVs its first weight tile's loads) then overlap
-# that kernel's tail. The rules each one keeps:
+# or two rows), attention's RoPE + KV write, decode_attention's kernel. A kernel launched so may start while the
+# kernel before it in the stream still runs; its launch and prologue (and in the FP8 GEMVs its first weight tile's
+# loads) then overlap that kernel's tail. The rules each one keeps:
 # - gdc_wait() before it reads anything an earlier kernel wrote (x, the residual, q/k/v, positions, LoRA's partial
 #   sums) and before it writes anything (an earlier kernel may still read that buffer). Only constant data
 #   (weights, scales, the norm's weight) may be loaded before the wait.
@@ -43,7 +43,7 @@ _enabled = False
 #   it, so it must not finish before the one before it has (the order is transitive only so).
 # - gdc_launch_dependents() right after the wait: the next kernel's programs are scheduled once every program of
 #   this grid has called it, so they load their first weights during this grid's last wave. Not in the RoPE + KV
-#   write, whose next kernel is FlashInfer's attention (attention.py says why).
+#   write where FlashInfer's attention comes next (attention.py says why).
 # FlashInfer launches its attention with PDL itself (its default on sm_90+); NANOKYRO_PDL covers nanokyro's own
 # kernels only. Inductor's, cuBLAS and NCCL kernels launch without it: a PDL kernel after one of them starts when
 # it ends. The kernels take `pdl` as a constexpr (Triton's interpreter knows no gdc_*) and the launch

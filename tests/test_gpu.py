@@ -181,38 +181,48 @@ def test_flashinfer_matches_torch_attention(case, kv_dtype):
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 def test_one_and_two_row_graphs_decode_attention_matches_torch_attention(kv_dtype):
     """The one- and two-row decode graphs' attention (decode_attention.py: one kernel, the last program merging the
-    splits) against the torch backend: 1 to 9 000 tokens over scattered pages, captured in a CUDA graph per bucket
-    and replayed for other page tables (its counters go back to 0 between replays)."""
+    splits) against the torch backend, row by row: 1 to 9 000 tokens over scattered pages. Three layers back to
+    back in one CUDA graph per bucket, as the model runs them (RoPE + KV write, then the attention, each with PDL),
+    so that each layer reuses the counters the one before set back to 0; replayed for other page tables."""
     from nanokyro.attention import TRITON_DECODE
     from nanokyro.decode_attention import DecodeAttention
+    from nanokyro.layers import RotaryEmbedding, rope
 
-    assert TRITON_DECODE
+    if not TRITON_DECODE:
+        pytest.skip("NANOKYRO_TRITON_DECODE=0")
     gen = torch.Generator(DEVICE).manual_seed(0)
-    pages = 1200
-    cache = torch.randn(2, pages, 2, PAGE, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16).to(kv_dtype)
+    layers, pages = 3, 1200
+    cache = torch.randn(layers, pages, 2, PAGE, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+    cache = cache.to(kv_dtype)
+    cos_sin = RotaryEmbedding(D, 16384, 1e6, None).cos_sin.to(DEVICE)
     order = torch.randperm(pages, generator=torch.Generator().manual_seed(0)).tolist()
     steps = {1: [[1], [37], [4000], [9000]], 2: [[50, 16], [2, 9000], [1, 1], [300, 17]]}  # kv lens, a step each
     for bucket, runs in steps.items():
         attn = FlashInferAttention(cache, H, D, torch.bfloat16)
         attn.enable_graphs([bucket])
         assert isinstance(attn.graph_decode[bucket], DecodeAttention)
-        q = torch.randn(bucket, H, D, generator=gen, device=DEVICE, dtype=torch.bfloat16)
-        k, v = (torch.randn(bucket, HKV, D, generator=gen, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+        q, k, v = (torch.randn(layers, bucket, n, D, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+                   for n in (H, HKV, HKV))  # fmt: skip
+        positions = torch.zeros(bucket, dtype=torch.int64, device=DEVICE)
         graph = None
         for kv_lens in runs:
-            starts = [0, 600][:bucket]  # each row's pages from its own part of the shuffled list
-            meta = make_meta([order[a:a + 600] for a in starts], [1] * bucket, kv_lens)
+            meta = make_meta([order[a : a + 600] for a in (0, 600)[:bucket]], [1] * bucket, kv_lens)
+            positions.copy_(torch.tensor(kv_lens) - 1)
             attn.plan(meta, graph_bucket=bucket)
+            step = lambda: [attn(i, q[i], k[i], v[i], positions, cos_sin) for i in range(layers)]  # noqa: E731
             if graph is None:
-                out = attn(1, q, k, v)  # warm-up (Triton compiles), then capture
+                step()  # Triton compiles; then capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    out = attn(1, q, k, v)
+                    outs = step()
             graph.replay()
-            ref_attn = TorchAttention(cache.clone(), H, D)
+            ref_attn = TorchAttention(cache.clone(), H, D)  # the cache as the replay left it: this step's k, v in
             ref_attn.plan(meta)
-            ref = ref_attn(1, q, k, v)
-            assert rel_err(out, ref) < 1e-2, (bucket, kv_lens)
+            for i in range(layers):
+                q_rot, k_rot = rope(cos_sin, positions, q[i], k[i])
+                ref = ref_attn(i, q_rot, k_rot, v[i])
+                for row in range(bucket):
+                    assert rel_err(outs[i][row], ref[row]) < 1e-2, (bucket, kv_lens, i, row)
             assert not attn.graph_decode[bucket].counts.any()
         del graph
 
