@@ -21,6 +21,7 @@ import torch
 from nanokyro.small_batch import pdl_launch, use_pdl
 
 PAGES_PER_STEP = 4  # pages of KV a program reads per loop step (64 tokens at page size 16)
+NUM_WARPS = 4
 MAX_SPLITS = 64
 
 
@@ -62,7 +63,7 @@ class DecodeAttention:
             q, kv, kv_indptr, kv_indices, kv_last_page_len, out, self.partial, self.max_sum, self.counts,
             D**-0.5, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), H, self.num_kv_heads, self.splits,
             group=self.group, block_g=self.block_g, head_dim=D, page=kv.shape[2], pages_per_step=PAGES_PER_STEP,
-            block_s=triton.next_power_of_2(self.splits), pdl=pdl, num_warps=4, **pdl_launch(pdl),
+            block_s=triton.next_power_of_2(self.splits), pdl=pdl, num_warps=NUM_WARPS, **pdl_launch(pdl),
         )  # fmt: skip
         return out
 
