@@ -133,11 +133,7 @@ def test_decode_attention_kernel_matches_sdpa_in_the_interpreter():
     """The one- and two-row graphs' decode attention (one kernel: split-KV, the last program merging) gives SDPA's
     output over each row's scattered pages, for 1 to 300 tokens, groups of 4, 1 and 3 query heads a KV head, an
     fp16 and an fp8 cache, and 1 or 5 splits (some of them empty); its counters are back to 0 after every call."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", DECODE_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-1] == str(3 * 2 * 6 * 2)
+    assert run_in_interpreter(DECODE_CHECK, timeout=600) == str(3 * 2 * 6 * 2)
 
 
 def test_only_a_backend_that_rotates_in_its_kv_write_is_handed_q_and_k_unrotated(llama_dir, monkeypatch):
