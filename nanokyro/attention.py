@@ -6,9 +6,9 @@ e4m3 (`kv_cache_dtype="fp8"`, scale 1: k and v clamped to +-448 and rounded as t
 metadata is in FlashInfer's CSR form (qo_indptr, kv_indptr/kv_indices/kv_last_page_len), so both backends plan
 from the same tensors. The torch backend runs anywhere and is the reference the FlashInfer backend is tested against.
 In the one- and two-row decode graphs the FlashInfer backend also applies RoPE to q and k, in the kernel that writes
-k and v (`triton_rope_write_kv`; RotaryEmbedding.in_kv_write says when: a backend says whether it can in
-`rotates_in_kv_write`, and the torch backend cannot), and attends with decode_attention.py's one-kernel split-KV
-decode instead of FlashInfer's two (NANOKYRO_TRITON_DECODE=0: FlashInfer's).
+k and v (RotaryEmbedding.in_kv_write says when: a backend says whether it can in `rotates_in_kv_write`, and the
+torch backend cannot). There that kernel is decode_attention.py's, which also attends, split-KV, in one launch
+where FlashInfer's decode takes three with `triton_rope_write_kv` (NANOKYRO_TRITON_DECODE=0: those three).
 
 FlashInfer is imported only when its backend is built (CUDA), so the CPU path never needs it. Its attention is
 also a `torch.library` custom op (`nanokyro::flashinfer_attention`), so `torch.compile` keeps a decode forward
@@ -129,17 +129,14 @@ def triton_rope_write_kv():
     def rope_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, kv_ptr, pages_ptr, offsets_ptr, positions_ptr, cos_sin_ptr,
                        q_stride, q_head_stride, k_stride, k_head_stride, v_stride, v_head_stride, page_stride,
                        half_stride, slot_stride, head_stride, num_heads, half_dim: tl.constexpr, block: tl.constexpr,
-                       clamp: tl.constexpr, launch_next: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
+                       clamp: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
         # PDL (small_batch.py): the wait first, as every load below is the step's data (q, k, v; the positions that
-        # index cos/sin). gdc_launch_dependents() only with `launch_next`, where the next kernel is
-        # decode_attention's, which waits before it reads anything. FlashInfer's attention, which FlashInfer
-        # launches with PDL itself, could read q_out and the KV cache before they are written unless its own wait
-        # comes before those reads, and where that wait sits is FlashInfer's choice. Without the call it starts as
-        # this grid's programs exit, as it does after a kernel launched without PDL.
+        # index cos/sin). No gdc_launch_dependents(): the next kernel is FlashInfer's attention, which FlashInfer
+        # launches with PDL itself; started early, it could read q_out and the KV cache before they are written
+        # unless its own wait comes before those reads, and where that wait sits is FlashInfer's choice. Without
+        # the call it starts as this grid's programs exit, as it does after a kernel launched without PDL.
         if pdl:
             tl.extra.cuda.gdc_wait()
-            if launch_next:
-                tl.extra.cuda.gdc_launch_dependents()
         t, h = tl.program_id(0), tl.program_id(1)
         kv_head = h - num_heads  # >= 0: a KV head
         cols = tl.arange(0, block)
@@ -174,9 +171,7 @@ def triton_rope_write_kv():
             tl.store(slot + half_stride + v_cols, v.to(kv_ptr.dtype.element_ty), mask=v_mask)
 
     def write(kv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
-              offsets: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, launch_next: bool = False
-              ) -> torch.Tensor:  # fmt: skip
-        """`launch_next`: decode_attention's kernel comes next (see the kernel's PDL comment)."""
+              offsets: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
         (T, H, D), Hkv = q.shape, k.shape[1]
         # The kernel reads a token's cos and sin at cos_sin + position * D. Host checks: in a CUDA graph they run
         # once, at capture.
@@ -188,7 +183,7 @@ def triton_rope_write_kv():
             q, k, v, q_out, kv, pages, offsets, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), H,
             half_dim=D // 2, block=triton.next_power_of_2(D // 2), clamp=FP8_MAX if kv.dtype == FP8 else 0.0,
-            launch_next=launch_next, pdl=pdl, num_warps=1, **pdl_launch(pdl),
+            pdl=pdl, num_warps=1, **pdl_launch(pdl),
         )  # fmt: skip
         return q_out
 
@@ -300,7 +295,8 @@ class FlashInferAttention:
         self.write_kv = triton_write_kv() if self.fp8_triton else write_kv
         self.rope_write_kv = triton_rope_write_kv() if self.fp8_triton else rope_write_kv
         self.graph_decode: dict[int, object] = {}  # bucket -> wrapper whose buffers a CUDA graph reads
-        self.attend, self.slots, self.triton_next = None, None, False  # attend: the planned step's (q, kv) -> out
+        self.attend, self.slots = None, None  # the planned step's attention: (q, kv) -> out
+        self.decode_kernel = None  # or, planned for a one- or two-row graph, DecodeAttention with its tables bound
         self.handle = next(_handles)
         _backends[self.handle] = weakref.ref(self)
 
@@ -341,18 +337,18 @@ class FlashInferAttention:
         kw = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads, page_size=self.page_size,
                   q_data_type=self.dtype, kv_data_type=self.kv_cache.dtype)  # fmt: skip
         pages = (meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len)
-        self.triton_next = False  # DecodeAttention after the RoPE + KV write, which may then let it start early
+        self.decode_kernel = None
         if graph_bucket is not None:
-            wrapper = self.graph_decode[graph_bucket]
-            if isinstance(wrapper, DecodeAttention):  # no plan: the page tables into the buffers the graph reads
-                tables = self._graph_tables(meta, graph_bucket)
-                self.attend, self.triton_next = (lambda q, kv: wrapper(q, kv, *tables)), True
-            else:
-                wrapper.plan(*pages, head_dim=self.head_dim, **kw)
-                self.attend = wrapper.run
             self.graph_slots[0, :graph_bucket].copy_(meta.slot_pages, non_blocking=True)
             self.graph_slots[1, :graph_bucket].copy_(meta.slot_offsets, non_blocking=True)
             self.slots = self.graph_slots[0, :graph_bucket], self.graph_slots[1, :graph_bucket]
+            wrapper = self.graph_decode[graph_bucket]
+            if isinstance(wrapper, DecodeAttention):  # no plan: the page tables into the buffers the graph reads
+                bound = (*self.slots, *self._graph_tables(meta, graph_bucket))
+                self.decode_kernel = lambda q, k, v, kv, *rope: wrapper(q, k, v, kv, *bound, *rope)
+            else:
+                wrapper.plan(*pages, head_dim=self.head_dim, **kw)
+                self.attend = wrapper.run
         elif meta.is_decode:
             self.attend = self.decode.run
             self.decode.plan(*pages, head_dim=self.head_dim, **kw)
@@ -376,9 +372,10 @@ class FlashInferAttention:
         """Write k, v and attend. With `positions` [T] and `cos_sin` (RotaryEmbedding's table), q and k come
         unrotated and are rotated here, as k and v are written (RotaryEmbedding.in_kv_write)."""
         kv = self.kv_cache[layer]
+        if self.decode_kernel is not None:  # the rotation and the KV write in the attention's kernel
+            return self.decode_kernel(q, k, v, kv, positions, cos_sin)
         if positions is None:
             self.write_kv(kv, k, v, *self.slots)
         else:
-            kw = {"launch_next": True} if self.triton_next else {}
-            q = self.rope_write_kv(kv, q, k, v, *self.slots, positions, cos_sin, **kw)
+            q = self.rope_write_kv(kv, q, k, v, *self.slots, positions, cos_sin)
         return self.attend(q, kv)  # [T, H, D]

@@ -50,10 +50,9 @@ def compile_only(self, *args, grid, warmup, **kwargs):
     name, ptx, pdl = self.__name__, kernel.asm["ptx"], kwargs.get("launch_pdl", False)
     assert kwargs.get("launch_pdl", True), name  # passed only as True: Triton without PDL refuses the keyword
     # A kernel launched with PDL waits for the kernel before it and lets the next one start, but for the RoPE + KV
-    # write followed by FlashInfer's attention; no other kernel does either (small_batch.py's rules)
+    # write, followed by FlashInfer's attention; no other kernel does either (small_batch.py's rules)
     assert ("griddepcontrol.wait" in ptx) == pdl, name
-    lets_next = name != "rope_kv_kernel" or kwargs["launch_next"]
-    assert ("griddepcontrol.launch_dependents" in ptx) == (pdl and lets_next), name
+    assert ("griddepcontrol.launch_dependents" in ptx) == (pdl and name != "rope_kv_kernel"), name
     if pdl:  # before the wait: no store, atomic, async copy, branch or return, and loads of constants only
         ops = before_wait(ptx)
         assert not [op for op in ops if op.startswith(("st.", "atom.", "red.", "cp.async", "bra", "ret"))], (name, ops)
@@ -91,22 +90,24 @@ for q_heads, d in ((32, 128), (16, 64)):
     q, k_new, v_new = (torch.randn(2, h, d, dtype=bf16) for h in (q_heads, 8, 8))
     for cache in (bf16, FP8):
         kv = torch.zeros(4, 2, 16, 8, d, dtype=cache)
-        for launch_next in (False, True):  # FlashInfer's attention next, or decode_attention's
-            triton_rope_write_kv()(kv, q, k_new, v_new, pages[:2], offsets[:2], offsets[:2], torch.zeros(8, d),
-                                   launch_next)  # fmt: skip
-            assert compiled[-1][0] == "rope_kv_kernel" and ("e4m3" in compiled[-1][1]) == (cache == FP8)
-            assert compiled[-1][2]  # launched with PDL
-# the one- and two-row graphs' decode attention over a bf16 and an fp8 cache, llama-3.1-8b's heads
+        triton_rope_write_kv()(kv, q, k_new, v_new, pages[:2], offsets[:2], offsets[:2], torch.zeros(8, d))
+        assert compiled[-1][0] == "rope_kv_kernel" and ("e4m3" in compiled[-1][1]) == (cache == FP8)
+        assert compiled[-1][2]  # launched with PDL
+# the one- and two-row graphs' decode attention (with RoPE and the KV write, or the KV write only) over a bf16 and an
+# fp8 cache, llama-3.1-8b's heads
 for rows in (1, 2):
     for cache in (bf16, FP8):
-        DecodeAttention(rows, 32, 8, 128, torch.device("cpu"), num_splits(rows, 8, 132))(
-            torch.randn(rows, 32, 128, dtype=bf16), torch.zeros(4, 2, 16, 8, 128, dtype=cache),
-            torch.arange(rows + 1, dtype=torch.int32), torch.arange(rows, dtype=torch.int32),
-            torch.ones(rows, dtype=torch.int32))  # fmt: skip
-        name, ptx, pdl = compiled[-1]
-        assert name == "decode_kernel" and pdl and ("e4m3" in ptx) == (cache == FP8)
-        assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx  # the count; the partials past L1
-        assert "mma.sync" in ptx or "wgmma" in ptx  # the scores and the sum on tensor cores
+        for rope in ((torch.zeros(rows, dtype=torch.int64), torch.zeros(8, 128)), ()):
+            q, k_new, v_new = (torch.randn(rows, h, 128, dtype=bf16) for h in (32, 8, 8))
+            i32 = torch.arange(rows + 1, dtype=torch.int32)
+            DecodeAttention(rows, 32, 8, 128, torch.device("cpu"), num_splits(rows, 8, 132))(
+                q, k_new, v_new, torch.zeros(4, 2, 16, 8, 128, dtype=cache), i32[:rows], i32[:rows], i32, i32[:rows],
+                i32[1:], *rope)  # fmt: skip
+            name, ptx, pdl = compiled[-1]
+            assert name == "decode_kernel" and pdl and ("e4m3" in ptx) == (cache == FP8)
+            assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx  # the count; partials past L1
+            assert "mma.sync" in ptx or "wgmma" in ptx  # the scores and the sum on tensor cores
+            assert "ld.global.nc" not in ptx  # the new k and v are read back through the coherent path
 
 # FP8 per-channel through the dispatch: one row (gate/up, down's long K, the rest), two, 3-16; a bf16 row reads
 # the weight as words (inline PTX), an fp16 row takes the settings by kind of layer
