@@ -181,9 +181,10 @@ def test_flashinfer_matches_torch_attention(case, kv_dtype):
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 def test_one_and_two_row_graphs_decode_attention_matches_torch_attention(kv_dtype):
     """The one- and two-row decode graphs' attention (decode_attention.py: one kernel, the last program merging the
-    splits) against the torch backend, row by row: 1 to 9 000 tokens over scattered pages. Three layers back to
-    back in one CUDA graph per bucket, as the model runs them (RoPE + KV write, then the attention, each with PDL),
-    so that each layer reuses the counters the one before set back to 0; replayed for other page tables."""
+    splits; RoPE and the KV write in the same kernel) against the torch backend, row by row: 1 to 9 000 tokens
+    over scattered pages. Three layers back to back in one CUDA graph per bucket, launched with PDL as the model
+    runs them, so that each layer reuses the counters the one before set back to 0; replayed for other page
+    tables."""
     from nanokyro.attention import TRITON_DECODE
     from nanokyro.decode_attention import DecodeAttention
     from nanokyro.layers import RotaryEmbedding, rope
