@@ -127,13 +127,19 @@ def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
         out = x.clone()
         dist.all_reduce(out, group=group.pg)
         return out
-    name = group.pg.group_name
-    buf = group.symm.view(x.dtype)[: x.numel()].view_as(x)
     if nbytes <= ONE_SHOT_BYTES:  # the kernel copies x into this rank's buffer itself: one launch, not two
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x, "sum", name)
+        buf = group.symm.view(x.dtype)[: x.numel()].view_as(x)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x, "sum", group.pg.group_name)
+    return two_shot_in_buffer(x, group).clone()
+
+
+def two_shot_in_buffer(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """x summed over the group by the two-shot kernel, in place in the group's symmetric buffer: a view of the
+    buffer, good until its next use."""
+    buf = group.symm.view(x.dtype)[: x.numel()].view_as(x)
     buf.copy_(x)
-    torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", name)
-    return buf.clone()
+    torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", group.pg.group_name)
+    return buf
 
 
 def all_gather(x: torch.Tensor, pg: dist.ProcessGroup, size: int) -> torch.Tensor:
@@ -162,9 +168,7 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     if x.shape[0] <= small_batch.FUSED_ROWS:
         return small_batch.all_reduce_rms_norm(x, residual, weight, eps, *group.fused)
     if ONE_SHOT_BYTES < nbytes <= SYMM_BYTES:
-        summed = group.symm.view(x.dtype)[: x.numel()].view_as(x)
-        summed.copy_(x)
-        torch.ops.symm_mem.two_shot_all_reduce_(summed, "sum", group.pg.group_name)
+        summed = two_shot_in_buffer(x, group)
     else:
         summed = all_reduce(x, group)
     return torch.ops.nanokyro.rms_norm(summed, residual, weight, eps)
