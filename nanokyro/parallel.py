@@ -201,21 +201,20 @@ def _symmetric_buffer(pg: dist.ProcessGroup, device: torch.device) -> tuple[torc
     """A buffer that every rank of `pg` maps (a collective: all its ranks call it together), or None where
     symmetric memory is not there (CPU, no peer access between the GPUs): NCCL then does every all-reduce. Its
     first SYMM_BYTES serve `all_reduce`; the rest, small_batch.all_reduce_rms_norm: with it, the arguments that
-    kernel takes after the norm's (every rank's data slots and flags, this rank's epoch counters, rank, size)."""
+    kernel takes after the norm's (every rank's slots, this rank's epoch counters, rank, size)."""
     if device.type != "cuda":
         return None
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
-        flag_bytes = small_batch.FUSED_ROWS * pg.size() * 4
-        buf = symm_mem.empty(SYMM_BYTES + small_batch.FUSED_DATA_BYTES + flag_bytes, dtype=torch.uint8, device=device)
+        buf = symm_mem.empty(SYMM_BYTES + small_batch.fused_data_bytes(pg.size()), dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(buf, pg.group_name)
-        buf[SYMM_BYTES:].zero_()  # the flags, on every rank before any rank signals
+        buf[SYMM_BYTES:].zero_()  # epoch 0 in every slot, on every rank before any rank sends
         torch.cuda.synchronize(device)
         dist.barrier(group=pg, device_ids=[device.index])
         slots = torch.tensor([ptr + SYMM_BYTES for ptr in handle.buffer_ptrs], dtype=torch.int64, device=device)
         epochs = torch.zeros(small_batch.FUSED_ROWS, dtype=torch.int32, device=device)
-        fused = (slots, slots + small_batch.FUSED_DATA_BYTES, epochs, pg.rank(), pg.size())  # flags after the slots
+        fused = (slots, epochs, pg.rank(), pg.size())
         return buf[:SYMM_BYTES], fused
     except Exception as e:  # noqa: BLE001 - any failure here only costs speed
         log.warning("symmetric memory unavailable (%r): all-reduces go through NCCL", e)

@@ -138,8 +138,8 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
 def gemv_config(M: int, K: int, gated: bool) -> tuple[int, int, int]:
     """GEMV_CONFIG[M], with two shape rules at one row from a sweep on an H200 over llama-3.1-8b's projections
     whole and as TP=2 shards (docs/PERFORMANCE.md, session 20): an ungated projection of at most 4096 inputs
-    (qkv, o) takes two output rows a program, twice the programs to spread over the SMs; a row past 8192 inputs
-    (down at TP=1) is read in 2048-wide steps."""
+    (qkv, o) takes two output rows a program, twice the programs to spread over the SMs (-0.6 to -1 us each); a
+    row past 8192 inputs (down at TP=1) is read in 2048-wide steps (-2.6 us)."""
     block_n, block_k, num_warps = GEMV_CONFIG[M]
     if M == 1 and not gated and K <= 4096:
         block_n = 2
@@ -220,36 +220,44 @@ def _(x, residual, weight, eps):
 
 
 # The tail of a TP group's symmetric buffer that all_reduce_rms_norm uses (parallel.Group sets it up): on every rank,
-# two data slots of FUSED_ROWS rows of up to FUSED_HIDDEN values (4 bytes each at most), then FUSED_ROWS x ranks
-# flags. Steps of more rows sum in the buffer's head and then normalise (parallel.all_reduce_rms_norm).
+# two slots of FUSED_ROWS rows x ranks (the sender) of up to FUSED_HIDDEN 32-bit words of a part (two bf16 values,
+# or one fp32), each sent as 8 bytes with its epoch (fused_data_bytes). Steps of more rows sum in the buffer's
+# head and then normalise (parallel.all_reduce_rms_norm).
 FUSED_ROWS = 16
 FUSED_HIDDEN = 16384
-FUSED_DATA_BYTES = 2 * FUSED_ROWS * FUSED_HIDDEN * 4
+
+
+def fused_data_bytes(size: int) -> int:
+    """Bytes of all_reduce_rms_norm's slots for a group of `size` ranks."""
+    return 2 * FUSED_ROWS * size * FUSED_HIDDEN * 8
 
 
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        bufs: torch.Tensor, flags: torch.Tensor, epochs: torch.Tensor, rank: int, size: int
+                        bufs: torch.Tensor, epochs: torch.Tensor, rank: int, size: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """rms_norm(sum of x over the TP group's ranks, residual) as one kernel, for the GPUs of one node: x [T, N]
-    (T ≤ FUSED_ROWS) is this rank's partial sum (a row-parallel projection's), and each rank reads the others'
-    over NVLink. Every rank sums the parts in rank order, in fp32, so all of them get the same bits (with two
-    ranks, those of the all-reduce and then rms_norm). `bufs` and `flags`: every rank's data slots and flags in
-    its symmetric buffer (int64 addresses); `epochs` [FUSED_ROWS]: how many times each row has gone through, on
-    this rank (int32).
+    (T ≤ FUSED_ROWS) is this rank's partial sum (a row-parallel projection's), and each rank writes it into the
+    others' buffers over NVLink. Every rank sums the parts in rank order, in fp32, so all of them get the same bits
+    (with two ranks, those of the all-reduce and then rms_norm). `bufs`: every rank's slots in its symmetric buffer
+    (int64 addresses); `epochs` [FUSED_ROWS]: how many times each row has gone through, on this rank (int32).
 
-    One barrier a call, where torch's one-shot all-reduce crosses two: each call writes its part into slot
-    epoch % 2, tells every other rank so (its flag for this rank := epoch), and waits for their flags to reach
-    the epoch. A rank rewrites a slot two calls later, which it reaches only after every other rank has signalled
-    the call in between, so after each has read the slot (each reads it before it signals the next call).
-    Behind parallel.py's custom op, which keeps these buffers out of the compiled graph."""
+    No barrier and no flag of its own (NCCL's LL protocol): each 32-bit word of a part travels in one 8-byte store
+    with the call's epoch in its upper half, into slot epoch % 2 of every other rank, and a rank reads a peer's
+    part once every word it polls carries the epoch. An 8-byte store arrives whole, so a word with the epoch holds
+    that call's data, and nothing waits for a write to be acknowledged: one crossing of NVLink a call, where
+    reading the peers' parts after their flags takes a flag's crossing and a read's round trip. A rank rewrites a
+    slot two calls later, which it reaches only after it has received every other rank's part of the call in
+    between, which each sends only after it has read this slot. Behind parallel.py's custom op, which keeps these
+    buffers out of the compiled graph."""
     import triton
 
     T, N = x.shape
+    assert N * x.element_size() % 4 == 0, "a part travels as 32-bit words"
     x, residual = x.contiguous(), residual.contiguous()
     out, new_residual = torch.empty_like(x), torch.empty_like(x)
     block, pdl = triton.next_power_of_2(N), use_pdl()
     _all_reduce_rms_norm_kernel()[(T,)](
-        x, residual, weight, out, new_residual, bufs, flags, epochs, N, eps, rank, size=size, rows=FUSED_ROWS,
+        x, residual, weight, out, new_residual, bufs, epochs, N, eps, rank, size=size, rows=FUSED_ROWS,
         hidden=FUSED_HIDDEN, block=block, pdl=pdl, num_warps=min(max(block // 256, 1), 16), **pdl_launch(pdl),
     )  # fmt: skip
     return out, new_residual
@@ -348,48 +356,56 @@ def _rms_norm_kernel():
 
 @functools.cache
 def _all_reduce_rms_norm_kernel():
-    """One program per row: write this rank's part into its slot, signal, wait, sum every rank's part, then the
-    residual add and the norm as rms_norm_kernel (the same rounding)."""
+    """One program per row: send this rank's part to every other rank (its words tagged with the epoch), receive
+    theirs, sum every rank's part, then the residual add and the norm as rms_norm_kernel (the same rounding)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def all_reduce_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, bufs_ptr, flags_ptr, epochs_ptr, N, eps,
-                                   rank, size: tl.constexpr, rows: tl.constexpr, hidden: tl.constexpr,
-                                   block: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
+    def all_reduce_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, bufs_ptr, epochs_ptr, N, eps, rank,
+                                   size: tl.constexpr, rows: tl.constexpr, hidden: tl.constexpr, block: tl.constexpr,
+                                   pdl: tl.constexpr):  # fmt: skip
         row = tl.program_id(0)
         cols = tl.arange(0, block)
         ok = cols < N
         dtype = x_ptr.dtype.element_ty
+        per_word: tl.constexpr = 32 // dtype.primitive_bitwidth  # values a 32-bit word holds: 2 (bf16) or 1
+        words = tl.arange(0, block // per_word)
+        words_ok = words < N // per_word
         w = tl.load(w_ptr + cols, mask=ok, other=0.0)  # constant: before `pdl`'s wait
         if pdl:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         epoch = tl.load(epochs_ptr + row) + 1
-        slot = ((epoch & 1) * rows + row) * hidden  # (& 1: past int32's wrap an epoch is negative, and % 2 -1)
         part = tl.load(x_ptr + row * N + cols, mask=ok, other=0.0)
-        tl.store(tl.multiple_of(tl.load(bufs_ptr + rank).to(tl.pointer_type(dtype)), 16) + slot + cols, part, mask=ok)
-        tl.debug_barrier()  # every thread's store made before the flags below say so
+        bits = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + row * (N // per_word) + words, mask=words_ok, other=0)
+        tagged = (epoch.to(tl.int64) << 32) | (bits.to(tl.int64) & 0xFFFFFFFF)
+        slot = ((epoch & 1) * rows + row) * size  # this row's senders in this call's slot (& 1: an epoch may wrap)
         for p in tl.static_range(size):
-            if p != rank:  # its flag for this rank's row
-                flag = tl.load(flags_ptr + p).to(tl.pointer_type(tl.int32)) + row * size + rank
-                tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
-        mine = tl.load(flags_ptr + rank).to(tl.pointer_type(tl.int32)) + row * size
+            if p != rank:  # into rank p's buffer, as sender `rank`
+                theirs = tl.load(bufs_ptr + p).to(tl.pointer_type(tl.int64))
+                tl.store(tl.multiple_of(theirs, 16) + (slot + rank) * hidden + words, tagged, mask=words_ok)
+        mine = tl.multiple_of(tl.load(bufs_ptr + rank).to(tl.pointer_type(tl.int64)), 16)
         total = tl.zeros((block,), tl.float32)
         for p in tl.static_range(size):  # in rank order on every rank: the same sum everywhere
             if p == rank:
                 total += part.to(tl.float32)
             else:
-                seen = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
+                sent = mine + (slot + p) * hidden + words
+                got = tl.load(sent, mask=words_ok, other=epoch.to(tl.int64) << 32, volatile=True)
                 spins = 0
-                while seen - epoch < 0:  # rank p may be a call ahead; the difference, not `<`, survives the wrap
-                    seen = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
+                while tl.min(((got >> 32).to(tl.int32) == epoch).to(tl.int32), 0) == 0:
+                    got = tl.load(sent, mask=words_ok, other=epoch.to(tl.int64) << 32, volatile=True)
                     spins += 1
                     if spins > 16777216:  # 2**24 reads, seconds: rank p is gone; fail (trap) rather than hang
                         tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-                tl.debug_barrier()  # no thread reads rank p's part before its flag was seen
-                theirs = tl.multiple_of(tl.load(bufs_ptr + p).to(tl.pointer_type(dtype)), 16) + slot + cols
-                total += tl.load(theirs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)  # not from L1
+                low = got.to(tl.int32)  # the word's 32 bits of data
+                if per_word == 2:  # two values a word, the first in its low half (little-endian)
+                    pair = tl.join((low & 0xFFFF).to(tl.int16), (low >> 16).to(tl.int16))
+                    values = tl.reshape(pair, (block,)).to(dtype, bitcast=True)
+                else:
+                    values = low.to(dtype, bitcast=True)
+                total += values.to(tl.float32)
         tl.store(epochs_ptr + row, epoch)
         x = (total.to(dtype).to(tl.float32) + tl.load(r_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32))
         x = x.to(dtype)
