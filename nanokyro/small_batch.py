@@ -243,22 +243,24 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
 
     No barrier and no flag of its own (NCCL's LL protocol): each 32-bit word of a part travels in one 8-byte store
     with the call's epoch in its upper half, into slot epoch % 2 of every other rank, and a rank reads a peer's
-    part once every word it polls carries the epoch. An 8-byte store arrives whole, so a word with the epoch holds
-    that call's data, and nothing waits for a write to be acknowledged: one crossing of NVLink a call, where
-    reading the peers' parts after their flags takes a flag's crossing and a read's round trip. A rank rewrites a
+    part once every word it polls carries the epoch. The stores and the polling loads are volatile (strong, system
+    scope), and a strong aligned 8-byte access is single-copy atomic, so a word with the epoch holds that call's
+    data, and nothing waits for a write to be acknowledged: one crossing of NVLink a call, where reading the peers'
+    parts after their flags takes a flag's crossing and a read's round trip. A rank rewrites a
     slot two calls later, which it reaches only after it has received every other rank's part of the call in
     between, which each sends only after it has read this slot. Behind parallel.py's custom op, which keeps these
     buffers out of the compiled graph."""
     import triton
 
     T, N = x.shape
-    assert N * x.element_size() % 4 == 0, "a part travels as 32-bit words"
     x, residual = x.contiguous(), residual.contiguous()
+    assert N * x.element_size() % 4 == 0 and x.data_ptr() % 4 == 0, "a part travels as 32-bit words"
     out, new_residual = torch.empty_like(x), torch.empty_like(x)
-    block, pdl = triton.next_power_of_2(N), use_pdl()
+    block, pdl = max(triton.next_power_of_2(N), 4), use_pdl()  # (at least two words: the stores go in pairs)
     _all_reduce_rms_norm_kernel()[(T,)](
-        x, residual, weight, out, new_residual, bufs, epochs, N, eps, rank, size=size, rows=FUSED_ROWS,
-        hidden=FUSED_HIDDEN, block=block, pdl=pdl, num_warps=min(max(block // 256, 1), 16), **pdl_launch(pdl),
+        x, residual, weight, out, new_residual, bufs, epochs, N, eps, rank=rank, size=size, rows=FUSED_ROWS,
+        hidden=FUSED_HIDDEN, block=block, asm=not triton_interprets(), pdl=pdl,
+        num_warps=min(max(block // 256, 1), 16), **pdl_launch(pdl),
     )  # fmt: skip
     return out, new_residual
 
@@ -362,14 +364,16 @@ def _all_reduce_rms_norm_kernel():
     import triton.language as tl
 
     @triton.jit
-    def all_reduce_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, bufs_ptr, epochs_ptr, N, eps, rank,
-                                   size: tl.constexpr, rows: tl.constexpr, hidden: tl.constexpr, block: tl.constexpr,
-                                   pdl: tl.constexpr):  # fmt: skip
+    def all_reduce_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, bufs_ptr, epochs_ptr, N, eps,
+                                   rank: tl.constexpr, size: tl.constexpr, rows: tl.constexpr, hidden: tl.constexpr,
+                                   block: tl.constexpr, asm: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
+        """`asm`: the sends as inline PTX (volatile stores, which tl.store cannot make); not in the interpreter."""
         row = tl.program_id(0)
         cols = tl.arange(0, block)
         ok = cols < N
         dtype = x_ptr.dtype.element_ty
         per_word: tl.constexpr = 32 // dtype.primitive_bitwidth  # values a 32-bit word holds: 2 (bf16) or 1
+        tl.static_assert(per_word <= 2, "16- or 32-bit values")
         words = tl.arange(0, block // per_word)
         words_ok = words < N // per_word
         w = tl.load(w_ptr + cols, mask=ok, other=0.0)  # constant: before `pdl`'s wait
@@ -383,19 +387,29 @@ def _all_reduce_rms_norm_kernel():
         slot = ((epoch & 1) * rows + row) * size  # this row's senders in this call's slot (& 1: an epoch may wrap)
         for p in tl.static_range(size):
             if p != rank:  # into rank p's buffer, as sender `rank`
-                theirs = tl.load(bufs_ptr + p).to(tl.pointer_type(tl.int64))
-                tl.store(tl.multiple_of(theirs, 16) + (slot + rank) * hidden + words, tagged, mask=words_ok)
+                outbox = tl.multiple_of(tl.load(bufs_ptr + p).to(tl.pointer_type(tl.int64)), 16)
+                outbox += (slot + rank) * hidden
+                if asm:  # two words a 16-byte store (from an even word: aligned), each a strong 8-byte access
+                    even, odd = tl.split(tl.reshape(tagged, (block // per_word // 2, 2)))
+                    pairs = tl.arange(0, block // per_word // 2) * 2
+                    tl.inline_asm_elementwise(
+                        "{ .reg .pred p; setp.ne.b32 p, $4, 0; @p st.volatile.global.v2.b64 [$1], {$2, $3}; "
+                        "mov.u32 $0, 0; }", "=r,l,l,l,r",
+                        [(outbox + pairs).to(tl.int64, bitcast=True), even, odd, (pairs < N // per_word).to(tl.int32)],
+                        dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+                else:
+                    tl.store(outbox + words, tagged, mask=words_ok)
         mine = tl.multiple_of(tl.load(bufs_ptr + rank).to(tl.pointer_type(tl.int64)), 16)
         total = tl.zeros((block,), tl.float32)
         for p in tl.static_range(size):  # in rank order on every rank: the same sum everywhere
             if p == rank:
                 total += part.to(tl.float32)
             else:
-                sent = mine + (slot + p) * hidden + words
-                got = tl.load(sent, mask=words_ok, other=epoch.to(tl.int64) << 32, volatile=True)
+                inbox = mine + (slot + p) * hidden + words
+                got = tl.load(inbox, mask=words_ok, other=epoch.to(tl.int64) << 32, volatile=True)
                 spins = 0
                 while tl.min(((got >> 32).to(tl.int32) == epoch).to(tl.int32), 0) == 0:
-                    got = tl.load(sent, mask=words_ok, other=epoch.to(tl.int64) << 32, volatile=True)
+                    got = tl.load(inbox, mask=words_ok, other=epoch.to(tl.int64) << 32, volatile=True)
                     spins += 1
                     if spins > 16777216:  # 2**24 reads, seconds: rank p is gone; fail (trap) rather than hang
                         tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)

@@ -619,37 +619,48 @@ from nanokyro import small_batch
 from nanokyro.small_batch import FUSED_HIDDEN, FUSED_ROWS
 
 torch.manual_seed(0)
-size, rank, peer = 2, 0, 1
-for dtype in (torch.float16, torch.float32):  # two values a word, or one (fp16: the interpreter truncates bf16)
-    N, T = 64, 3
+cases = 0
+# (parts' dtype, values a row, rows, ranks, this rank, the epochs before): two values a 32-bit word (fp16: the
+# interpreter truncates bf16) or one; rows not a power of two long; 2-4 ranks; epochs through int32's wrap and 0
+for dtype, N, T, size, rank, start in ((torch.float16, 64, 3, 2, 0, 0), (torch.float32, 100, 1, 2, 1, 0),
+                                        (torch.float16, 96, 2, 4, 2, 0), (torch.float32, 48, 2, 3, 1, 2**31 - 2),
+                                        (torch.float16, 40, 1, 2, 0, -2)):  # fmt: skip
     words = N * dtype.itemsize // 4
     bufs = [torch.zeros(small_batch.fused_data_bytes(size) // 8, dtype=torch.int64) for _ in range(size)]
     addrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
-    epochs = torch.zeros(FUSED_ROWS, dtype=torch.int32)
-    mine, theirs = torch.randn(T, N).to(dtype), torch.randn(T, N).to(dtype)
-    residual, weight = torch.randn(T, N).to(dtype), torch.randn(N).to(dtype)
-    for epoch in (1, 2, 3):  # both slots, and the first again
+    epochs = torch.full((FUSED_ROWS,), start, dtype=torch.int32)
+    weight = torch.randn(N).to(dtype)
+    for call in range(3):  # both slots, and the first again
+        epoch = (start + 1 + call + 2**31) % 2**32 - 2**31  # as int32 counts
         slot = lambda r, sender: (((epoch & 1) * FUSED_ROWS + r) * size + sender) * FUSED_HIDDEN
-        for r in range(T):  # the peer's part, as it would have sent it into this rank's buffer
-            bits = theirs[r].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-            bufs[rank][slot(r, peer) : slot(r, peer) + words] = (epoch << 32) | bits
-        out, new_res = small_batch.all_reduce_rms_norm(mine, residual, weight, 1e-5, addrs, epochs, rank, size)
-        want_out, want_res = small_batch.rms_norm((mine.float() + theirs.float()).to(dtype), residual, weight, 1e-5)
-        assert torch.equal(new_res, want_res) and torch.equal(out, want_out), (dtype, epoch)
-        for r in range(T):  # and this rank's part went to the peer, tagged with the epoch
-            sent = bufs[peer][slot(r, rank) : slot(r, rank) + words]
-            assert ((sent >> 32) == epoch).all()
-            assert torch.equal((sent & 0xFFFFFFFF).to(torch.int32).view(dtype), mine[r])
-        assert (epochs[:T] == epoch).all() and not epochs[T:].any()
-print("ok")
+        parts, residual = [torch.randn(T, N).to(dtype) for _ in range(size)], torch.randn(T, N).to(dtype)
+        for p in range(size):  # the others' parts, as they would have sent them into this rank's buffer
+            for r in range(T if p != rank else 0):
+                bits = parts[p][r].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+                bufs[rank][slot(r, p) : slot(r, p) + words] = (epoch << 32) | bits
+        out, new_res = small_batch.all_reduce_rms_norm(parts[rank], residual, weight, 1e-5, addrs, epochs, rank, size)
+        total = torch.zeros(T, N)
+        for part in parts:  # in rank order
+            total += part.float()
+        want_out, want_res = small_batch.rms_norm(total.to(dtype), residual, weight, 1e-5)
+        assert torch.equal(new_res, want_res) and torch.equal(out, want_out), (dtype, N, epoch)
+        for p in range(size):  # and this rank's part went to every other rank, tagged with the epoch
+            for r in range(T if p != rank else 0):
+                sent = bufs[p][slot(r, rank) : slot(r, rank) + words]
+                assert ((sent >> 32) == epoch).all()
+                assert torch.equal((sent & 0xFFFFFFFF).to(torch.int32).view(dtype), parts[rank][r])
+        assert (epochs[:T] == epoch).all() and (epochs[T:] == start).all()
+        cases += 1
+print(cases)
 """
 
 
 def test_fused_all_reduce_words_in_the_interpreter():
-    """The fused all-reduce + RMSNorm kernel's protocol, run by Triton's interpreter as one of two ranks, the other's
-    words written beforehand into this rank's buffer as that rank sends them: it sends its own part to the other
-    rank as 32-bit words tagged with the call's epoch, in the slot of the epoch's parity; reads the other's once
-    tagged; and gives the all-reduce then rms_norm, bit for bit, over three calls (both slots)."""
+    """The fused all-reduce + RMSNorm kernel's protocol, run by Triton's interpreter as one rank of 2-4, the others'
+    words written beforehand into this rank's buffer as they send them: it sends its own part to every other rank
+    as 32-bit words tagged with the call's epoch, in the slot of the epoch's parity; reads the others' once tagged;
+    and gives the all-reduce then rms_norm, bit for bit, over three calls (both slots), for fp16 and fp32 parts,
+    rows not a power of two long, and epochs through int32's wrap."""
     import subprocess
     import sys
 
@@ -658,13 +669,13 @@ def test_fused_all_reduce_words_in_the_interpreter():
     out = subprocess.run([sys.executable, "-c", FUSED_WORDS_CHECK], env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-1] == "ok"
+    assert out.stdout.split()[-1] == "15"
 
 
 def _all_reduce_worker(rank: int, port: int) -> None:
     """One of two ranks: Group.all_reduce (symmetric memory for small messages, NCCL past SYMM_BYTES) equals NCCL's
     all-reduce at every size, eagerly and replayed in a CUDA graph with new inputs; and so does the all-reduce
-    with the residual add and RMSNorm (Group.all_reduce_rms_norm) at every size."""
+    with the residual add and RMSNorm (Group.all_reduce_rms_norm) at every size, and 32 of them in one graph."""
     import torch.distributed as dist
 
     from nanokyro import small_batch
@@ -715,6 +726,25 @@ def _all_reduce_worker(rank: int, port: int) -> None:
             dist.all_gather_into_tensor(theirs, out)
             assert torch.equal(theirs[0], theirs[1])
         graph.reset()
+    # 32 calls back to back in one graph, as a decode step makes 64 (each call's slot taken again two calls later,
+    # launched with PDL), with fp32 parts of rows not a power of two long, over replays with new inputs
+    weight = torch.randn(5120, device=device, generator=same)
+    residual = torch.randn(3, 5120, device=device, generator=same)
+    statics = [torch.zeros(3, 5120, device=device) for _ in range(32)]
+    group.all_reduce_rms_norm(statics[0], residual, weight, 1e-5)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused = [group.all_reduce_rms_norm(static, residual, weight, 1e-5) for static in statics]
+    gen = torch.Generator(device).manual_seed(20 + rank)
+    for _ in range(4):
+        for static in statics:
+            static.copy_(torch.randn(3, 5120, device=device, generator=gen))
+        refs = [small_batch.rms_norm(group.all_reduce(static.clone()), residual, weight, 1e-5) for static in statics]
+        graph.replay()
+        for (out, res), (ref_out, ref_res) in zip(fused, refs):
+            torch.testing.assert_close(res, ref_res, rtol=0, atol=0)
+            torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    graph.reset()
     dist.destroy_process_group()
 
 
