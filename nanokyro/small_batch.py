@@ -138,8 +138,8 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
 def gemv_config(M: int, K: int, gated: bool) -> tuple[int, int, int]:
     """GEMV_CONFIG[M], with two shape rules at one row from a sweep on an H200 over llama-3.1-8b's projections
     whole and as TP=2 shards (docs/PERFORMANCE.md, session 20): an ungated projection of at most 4096 inputs
-    (qkv, o) takes two output rows a program, twice the programs to spread over the SMs (-0.6 to -1 us each); a
-    row past 8192 inputs (down at TP=1) is read in 2048-wide steps (-2.6 us)."""
+    (qkv, o) takes two output rows a program, twice the programs to spread over the SMs; a row past 8192 inputs
+    (down at TP=1) is read in 2048-wide steps."""
     block_n, block_k, num_warps = GEMV_CONFIG[M]
     if M == 1 and not gated and K <= 4096:
         block_n = 2

@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import assert_no_leak, build_tiny_model, mixed_params
+from conftest import assert_no_leak, build_tiny_model, mixed_params, run_in_interpreter
 from nanokyro import LLM, SamplingParams
 from nanokyro.config import EngineConfig, ModelConfig
 from nanokyro.loader import load
@@ -661,15 +661,7 @@ def test_fused_all_reduce_words_in_the_interpreter():
     as 32-bit words tagged with the call's epoch, in the slot of the epoch's parity; reads the others' once tagged;
     and gives the all-reduce then rms_norm, bit for bit, over three calls (both slots), for fp16 and fp32 parts,
     rows not a power of two long, and epochs through int32's wrap."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", FUSED_WORDS_CHECK], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-1] == "15"
+    assert run_in_interpreter(FUSED_WORDS_CHECK) == "15"
 
 
 def _all_reduce_worker(rank: int, port: int) -> None:
