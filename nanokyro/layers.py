@@ -107,17 +107,20 @@ class ReplicatedLinear(nn.Module):
         param.copy_(tensor.narrow(0, 0, param.shape[0]))  # (block-wise FP8 scales have rows past the last)
 
     def multiply(self, x: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
-                 lora: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                 lora: torch.Tensor | None = None, send: tuple | None = None) -> torch.Tensor:  # fmt: skip
         """x @ weight.T (+ bias) (+ the LoRA delta of each token's adapter, with `lora`: the tokens' slots);
-        `gated`: silu(x @ gate.T) * (x @ up.T) of a stacked [gate; up] weight, the deltas added before silu."""
+        `gated`: silu(x @ gate.T) * (x @ up.T) of a stacked [gate; up] weight, the deltas added before silu.
+        `send` (RowParallelLinear.sends): the GEMV also sends the result to the TP group's other ranks."""
         if lora is not None:
             if self.quant is None and small_batch.on(x):  # the GEMV adds the delta in its epilogue
                 s = lora_shrink(x, self.lora_a, lora)
-                return small_batch.lora_linear(x, self.weight, bias, gated, s, self.lora_b, lora)
+                return small_batch.lora_linear(x, self.weight, bias, gated, s, self.lora_b, lora, send)
             y = lora_delta(self.multiply(x, bias), x, self.lora_a, self.lora_b, lora)
             return small_batch.silu_and_mul(y) if gated else y
         if self.quant is not None:
             return self.quant.matmul(self, x, bias, gated)
+        if send is not None:
+            return small_batch.linear(x, self.weight, bias, send)
         return gated_matmul(x, self.weight) if gated else matmul(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,9 +141,18 @@ class ColumnParallelLinear(ReplicatedLinear):
 class RowParallelLinear(ReplicatedLinear):
     """Input features split over the ranks; the partial products are summed over them (the bias added once)."""
 
+    feeds_norm = True  # its part (`reduce=False`) goes to an RMSNorm that sums it; the model clears it where not
+
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: Group):
         super().__init__(in_features // tp.size, out_features, bias, tp)
         self.reduce = tp.size > 1
+
+    def sends(self, x: torch.Tensor) -> bool:
+        """Whether forward(x, reduce=False) has the GEMV send the part to the other ranks itself, for the RMSNorm
+        after it (its `sent`): in the one- and two-row graphs, for a dense layer whose group fuses the all-reduce
+        with the norm. The norm's kernel then only receives (small_batch.all_reduce_rms_norm)."""
+        return (self.reduce and self.feeds_norm and self.quant is None and small_batch.on(x)
+                and self.tp.fuses(self.out_features))  # fmt: skip
 
     def weight_loader(self, param, tensor, shard_id=None):
         if param.dim() == 1:  # the bias is whole on every rank
@@ -161,7 +173,8 @@ class RowParallelLinear(ReplicatedLinear):
         if not self.reduce:
             return self.multiply(x, self.bias, lora=lora)
         if not reduce:
-            return self.multiply(x, self.bias if self.tp.rank == 0 else None, lora=lora)
+            send = self.tp.fused if self.sends(x) else None
+            return self.multiply(x, self.bias if self.tp.rank == 0 else None, lora=lora, send=send)
         y = self.tp.all_reduce(self.multiply(x, lora=lora))
         return y if self.bias is None else y + self.bias
 
@@ -245,12 +258,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, tp: Group = SINGLE):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, tp: Group = SINGLE, sent: bool = False):
         """Normalise x; with `residual`, first add it and also return the sum as the next residual. With a `tp`
         group of several ranks, x is this rank's part of a row-parallel layer's output: summed over the ranks first,
-        in one kernel with the residual add and the norm where the group can (Group.all_reduce_rms_norm)."""
+        in one kernel with the residual add and the norm where the group can (Group.all_reduce_rms_norm; `sent`:
+        that layer's GEMV sent the part, RowParallelLinear.sends)."""
         if tp.size > 1:
-            fused = tp.all_reduce_rms_norm(x, residual, self.weight, self.eps) if residual is not None else None
+            fused = tp.all_reduce_rms_norm(x, residual, self.weight, self.eps, sent) if residual is not None else None
             if fused is not None:
                 return fused
             x = tp.all_reduce(x)

@@ -67,16 +67,18 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, tp)
         self.tp = tp
 
-    def forward(self, positions, x, residual, rope, attn, lora=None, whole=False):
-        """x: the layer before's output as this rank's part of the sum over the TP ranks, or `whole` (the
-        embedding's, or the stage before's). Returns this layer's output as its part, and the residual: each norm
-        sums the part before it, with the residual add (where it can, one kernel: RMSNorm)."""
+    def forward(self, positions, x, residual, rope, attn, lora=None, whole=False, sent=False):
+        """x: the layer before's output as this rank's part of the sum over the TP ranks (`sent`: its GEMV sent it
+        already), or `whole` (the embedding's, or the stage before's). Returns this layer's output as its part,
+        and the residual: each norm sums the part before it, with the residual add (where it can, one kernel:
+        RMSNorm, which receives the parts that row-parallel GEMVs send: RowParallelLinear.sends)."""
         if residual is None:  # the embedding's output
             x, residual = self.input_layernorm(x), x
         else:
-            x, residual = self.input_layernorm(x, residual, SINGLE if whole else self.tp)
+            x, residual = self.input_layernorm(x, residual, SINGLE if whole else self.tp, sent)
+        sent = self.self_attn.o_proj.sends(x)
         x = self.self_attn(positions, x, rope, attn, lora)
-        x, residual = self.post_attention_layernorm(x, residual, self.tp)
+        x, residual = self.post_attention_layernorm(x, residual, self.tp, sent)
         return self.mlp(x, lora), residual
 
 
@@ -91,6 +93,8 @@ class LlamaModel(nn.Module):
         self.layer_range = shard.layers(cfg.num_layers)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp) if shard.first_stage else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(len(self.layer_range)))
+        if not shard.last_stage and self.layers:  # the stage's last part is summed by an all-reduce, not a norm
+            self.layers[-1].mlp.down_proj.feeds_norm = False
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.norm = self.lm_head = None
         if shard.last_stage:
@@ -104,11 +108,14 @@ class LlamaModel(nn.Module):
         positions, cos_sin) with q and k unrotated: RotaryEmbedding.in_kv_write). lora [T]: each token's adapter
         slot (-1: none), or None when no token has one (lora.py)."""
         x, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
+        sent = False  # whether x, a layer's output part, was sent by its down projection's GEMV
         for i, layer in enumerate(self.layers):
-            x, residual = layer(positions, x, residual, self.rope, attn, lora, whole=i == 0)
+            sent_next = layer.mlp.down_proj.sends(x)
+            x, residual = layer(positions, x, residual, self.rope, attn, lora, whole=i == 0, sent=sent)
+            sent = sent_next
         if self.norm is None:  # the next stage's first layer takes x whole
             return (self.tp.all_reduce(x) if self.tp.size > 1 else x), residual
-        x, _ = self.norm(x, residual, self.tp)
+        x, _ = self.norm(x, residual, self.tp, sent)
         return x
 
     @property

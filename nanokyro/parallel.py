@@ -159,14 +159,16 @@ def _(x, handle):
     return torch.empty_like(x)
 
 
-def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group: Group
-                        ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group: Group,
+                        sent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """rms_norm(x summed over the group's ranks, residual) on CUDA with symmetric memory. Up to FUSED_ROWS rows, one
-    kernel (small_batch.all_reduce_rms_norm); for a two-shot all-reduce, summed in place in the buffer and
-    normalised from there (no copy out); past SYMM_BYTES, NCCL's all-reduce and then the norm."""
+    kernel (small_batch.all_reduce_rms_norm; `sent`: the GEMV that computed x already sent it to the other ranks);
+    for a two-shot all-reduce, summed in place in the buffer and normalised from there (no copy out); past
+    SYMM_BYTES, NCCL's all-reduce and then the norm."""
     nbytes = x.numel() * x.element_size()
+    assert not sent or x.shape[0] <= small_batch.FUSED_ROWS, "only the one-kernel path receives sent parts"
     if x.shape[0] <= small_batch.FUSED_ROWS:
-        return small_batch.all_reduce_rms_norm(x, residual, weight, eps, *group.fused)
+        return small_batch.all_reduce_rms_norm(x, residual, weight, eps, *group.fused, sent=sent)
     if ONE_SHOT_BYTES < nbytes <= SYMM_BYTES:
         summed = two_shot_in_buffer(x, group)
     else:
@@ -176,14 +178,14 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
 
 @torch.library.custom_op("nanokyro::all_reduce_rms_norm", mutates_args=())
 def _all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                         handle: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                         handle: int, sent: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """all_reduce_rms_norm over the group's buffer: its slots and epoch counters are the group's state, not
     arguments, so the compiled graph neither copies them nor sees them as mutated."""
-    return all_reduce_rms_norm(x, residual, weight, eps, _groups[handle])
+    return all_reduce_rms_norm(x, residual, weight, eps, _groups[handle], sent)
 
 
 @_all_reduce_rms_norm.register_fake
-def _(x, residual, weight, eps, handle):
+def _(x, residual, weight, eps, handle, sent):
     return torch.empty_like(x), torch.empty_like(x)
 
 
@@ -238,15 +240,21 @@ class Group:
             return torch.ops.nanokyro.all_reduce(x, self.handle)
         return all_reduce(x, self)
 
-    def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-                            ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    def fuses(self, hidden: int) -> bool:
+        """Whether all_reduce_rms_norm takes parts of `hidden` values a row through the symmetric buffer."""
+        return self.fused is not None and small_batch.FUSE_ALL_REDUCE and hidden <= small_batch.FUSED_HIDDEN
+
+    def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                            sent: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
         """(rms_norm(x summed over the ranks + residual) * weight, that sum + residual) through the symmetric
-        buffer (all_reduce_rms_norm), where the group has one and x's rows fit its slots; else None."""
-        if self.fused is None or not small_batch.FUSE_ALL_REDUCE or x.shape[-1] > small_batch.FUSED_HIDDEN:
+        buffer (all_reduce_rms_norm), where the group `fuses` x's rows; else None. `sent`: the GEMV that computed
+        x sent it already (RowParallelLinear.sends)."""
+        if not self.fuses(x.shape[-1]):
+            assert not sent, "a part was sent for a norm that does not fuse the all-reduce"
             return None
         if torch.compiler.is_compiling():
-            return torch.ops.nanokyro.all_reduce_rms_norm(x, residual, weight, eps, self.handle)
-        return all_reduce_rms_norm(x, residual, weight, eps, self)
+            return torch.ops.nanokyro.all_reduce_rms_norm(x, residual, weight, eps, self.handle, sent)
+        return all_reduce_rms_norm(x, residual, weight, eps, self, sent)
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, n] -> [R, size * n]: every rank's columns side by side, in rank order."""

@@ -106,8 +106,13 @@ def _pdl_target() -> bool:
     return "launch_pdl" in {field.name for field in dataclasses.fields(CUDAOptions)}
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.ops.nanokyro.gemv(x, weight, bias) if on(x) else F.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, send: tuple | None = None
+           ) -> torch.Tensor:  # fmt: skip
+    """x @ weight.T (+ bias); `send` (a TP group's `fused`, in the small graphs only): the GEMV also sends its output
+    to the group's other ranks for the all_reduce_rms_norm after it (see there)."""
+    if not on(x):
+        return F.linear(x, weight, bias)
+    return torch.ops.nanokyro.gemv(x, weight, bias, False, None, None, None, *(send or (None, None, 0, 1)))
 
 
 def silu_and_mul(y: torch.Tensor) -> torch.Tensor:
@@ -122,10 +127,10 @@ def silu_and_mul_linear(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool, lora_s: torch.Tensor,
-                lora_b: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                lora_b: torch.Tensor, lora: torch.Tensor, send: tuple | None = None) -> torch.Tensor:  # fmt: skip
     """`linear` (or, `gated`, `silu_and_mul_linear`) plus each row's LoRA delta lora_s.sum(0) @ lora_b[lora].T,
     added in the GEMV's epilogue: the shrink's partial sums `lora_s` come from lora_kernels.lora_shrink."""
-    return torch.ops.nanokyro.gemv(x, weight, bias, gated, lora_s, lora_b, lora)
+    return torch.ops.nanokyro.gemv(x, weight, bias, gated, lora_s, lora_b, lora, *(send or (None, None, 0, 1)))
 
 
 def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -150,12 +155,15 @@ def gemv_config(M: int, K: int, gated: bool) -> tuple[int, int, int]:
 
 @torch.library.custom_op("nanokyro::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False,
-         lora_s: torch.Tensor | None = None, lora_b: torch.Tensor | None = None, lora: torch.Tensor | None = None
+         lora_s: torch.Tensor | None = None, lora_b: torch.Tensor | None = None, lora: torch.Tensor | None = None,
+         bufs: torch.Tensor | None = None, epochs: torch.Tensor | None = None, rank: int = 0, size: int = 1
          ) -> torch.Tensor:  # fmt: skip
     """x [M, K] @ weight [N, K].T (+ bias) for M ≤ MAX_ROWS. `gated`: weight stacks gate and up [2N, K], and
     the result is silu(x @ gate.T) * (x @ up.T) [M, N], the MLP's activation fused into the GEMV. With `lora`
     (each row's adapter slot, -1 none), each row also gets lora_s.sum(0)[m] @ lora_b[lora[m]].T, before the
-    activation (lora_s [splits, M, R] fp32, lora_b [slots, N or 2N, R])."""
+    activation (lora_s [splits, M, R] fp32, lora_b [slots, N or 2N, R]). With `bufs` (a TP group's fused slots,
+    epochs, rank and size; not gated), the result is also this rank's part of all_reduce_rms_norm's sum: the
+    GEMV sends it to the other ranks as that kernel would, which then only receives (its `sent`)."""
     import triton
 
     from nanokyro.lora_kernels import lora_expand
@@ -177,19 +185,22 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated
     else:  # the kernel's LoRA pointers go unused: any tensor will do
         lora_s = lora_b = lora = x
         splits, R, b_stride0, b_stride1 = 0, 1, 0, 0
+    send = bufs is not None
+    assert not (send and gated), "a part to send is a row-parallel layer's output, never gate/up's"
+    assert not send or N * y.element_size() % 4 == 0, "a part travels as 32-bit words"
     _gemv_kernel()[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
-        lora_s, lora_b, lora, splits, b_stride0, b_stride1, R,
+        lora_s, lora_b, lora, splits, b_stride0, b_stride1, R, bufs if send else x, epochs if send else x,
         has_bias=bias is not None, gated=gated, has_lora=has_lora, block_m=triton.next_power_of_2(M),
         block_n=block_n, block_k=min(block_k, triton.next_power_of_2(K)), block_r=triton.next_power_of_2(R),
-        block_s=triton.next_power_of_2(max(splits, 1)), pdl=pdl,
-        num_warps=num_warps, num_stages=1, **pdl_launch(pdl),
+        block_s=triton.next_power_of_2(max(splits, 1)), pdl=pdl, send=send, rank=rank, size=size, rows=FUSED_ROWS,
+        hidden=FUSED_HIDDEN, asm=not triton_interprets(), num_warps=num_warps, num_stages=1, **pdl_launch(pdl),
     )  # fmt: skip
     return y
 
 
 @gemv.register_fake
-def _(x, weight, bias, gated=False, lora_s=None, lora_b=None, lora=None):
+def _(x, weight, bias, gated=False, lora_s=None, lora_b=None, lora=None, bufs=None, epochs=None, rank=0, size=1):
     return x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
 
 
@@ -233,7 +244,7 @@ def fused_data_bytes(size: int) -> int:
 
 
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        bufs: torch.Tensor, epochs: torch.Tensor, rank: int, size: int
+                        bufs: torch.Tensor, epochs: torch.Tensor, rank: int, size: int, sent: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """rms_norm(sum of x over the TP group's ranks, residual) as one kernel, for the GPUs of one node: x [T, N]
     (T ≤ FUSED_ROWS) is this rank's partial sum (a row-parallel projection's), and each rank writes it into the
@@ -249,7 +260,11 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     parts after their flags takes a flag's crossing and a read's round trip. A rank rewrites a
     slot two calls later, which it reaches only after it has received every other rank's part of the call in
     between, which each sends only after it has read this slot. Behind parallel.py's custom op, which keeps these
-    buffers out of the compiled graph."""
+    buffers out of the compiled graph.
+
+    `sent`: the GEMV that computed x already sent it (gemv's `bufs`), as its programs finished, so this kernel
+    only receives: the peers' words cross NVLink while the GEMV's last programs still run, and the kernel waits
+    for them without a send of its own first."""
     import triton
 
     T, N = x.shape
@@ -259,7 +274,7 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     block, pdl = max(triton.next_power_of_2(N), 4), use_pdl()  # (at least two words: the stores go in pairs)
     _all_reduce_rms_norm_kernel()[(T,)](
         x, residual, weight, out, new_residual, bufs, epochs, N, eps, rank=rank, size=size, rows=FUSED_ROWS,
-        hidden=FUSED_HIDDEN, block=block, asm=not triton_interprets(), pdl=pdl,
+        hidden=FUSED_HIDDEN, block=block, send=not sent, asm=not triton_interprets(), pdl=pdl,
         num_warps=min(max(block // 256, 1), 16), **pdl_launch(pdl),
     )  # fmt: skip
     return out, new_residual
@@ -275,11 +290,15 @@ def _gemv_kernel():
 
     @triton.jit
     def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_stride, y_stride, s_ptr, lb_ptr, idx_ptr,
-                    SPLITS, lb_stride0, lb_stride1, R, has_bias: tl.constexpr, gated: tl.constexpr,
-                    has_lora: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr,
-                    block_r: tl.constexpr, block_s: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
+                    SPLITS, lb_stride0, lb_stride1, R, bufs_ptr, epochs_ptr, has_bias: tl.constexpr,
+                    gated: tl.constexpr, has_lora: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
+                    block_k: tl.constexpr, block_r: tl.constexpr, block_s: tl.constexpr, pdl: tl.constexpr,
+                    send: tl.constexpr, rank: tl.constexpr, size: tl.constexpr, rows: tl.constexpr,
+                    hidden: tl.constexpr, asm: tl.constexpr):  # fmt: skip
         """y = x @ w.T (+ b) (+ each row's LoRA delta); `gated`: w is [gate; up], 2N rows, and y = silu(x @
-        gate.T) * (x @ up.T), rounded as the unfused ops round (gate and up to y's dtype first)."""
+        gate.T) * (x @ up.T), rounded as the unfused ops round (gate and up to y's dtype first). `send`: y's words
+        also go to every other rank's slot as all_reduce_rms_norm_kernel sends them (tagged with the row's next
+        epoch; `asm`: volatile 8-byte stores by inline PTX, not in the interpreter)."""
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
         rm = tl.arange(0, block_m)
         n_ok, m_ok = rn < N, rm < M
@@ -323,8 +342,31 @@ def _gemv_kernel():
         if gated:
             gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
             acc = gate * tl.sigmoid(gate) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(y_ptr + rm[:, None] * y_stride + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
+        out = acc.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + rm[:, None] * y_stride + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
+        if send:  # the words of this program's outputs (two bf16 values a word, the first low, or one fp32)
+            per_word: tl.constexpr = 32 // out.dtype.primitive_bitwidth
+            if per_word == 2:
+                low, high = tl.split(tl.reshape(out.to(tl.int16, bitcast=True), (block_m, block_n // 2, 2)))
+                bits = (high.to(tl.int32) << 16) | (low.to(tl.int32) & 0xFFFF)
+            else:
+                bits = out.to(tl.int32, bitcast=True)
+            epoch = tl.load(epochs_ptr + rm, mask=m_ok, other=0) + 1  # the coming all_reduce_rms_norm's
+            tagged = (epoch.to(tl.int64)[:, None] << 32) | (bits.to(tl.int64) & 0xFFFFFFFF)
+            words = tl.program_id(0) * (block_n // per_word) + tl.arange(0, block_n // per_word)
+            ok = m_ok[:, None] & (words < N // per_word)[None, :]
+            slot = (((epoch & 1) * rows + rm) * size + rank) * hidden  # as sender `rank`, in that kernel's layout
+            for p in tl.static_range(size):
+                if p != rank:
+                    outbox = tl.load(bufs_ptr + p).to(tl.pointer_type(tl.int64)) + slot[:, None] + words[None, :]
+                    if asm:
+                        tl.inline_asm_elementwise(
+                            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.volatile.global.b64 [$1], $2; "
+                            "mov.u32 $0, 0; }", "=r,l,l,r",
+                            [outbox.to(tl.int64, bitcast=True), tagged, ok.to(tl.int32)], dtype=tl.int32,
+                            is_pure=False, pack=1)  # fmt: skip
+                    else:
+                        tl.store(outbox, tagged, mask=ok)
 
     return gemv_kernel
 
@@ -366,8 +408,10 @@ def _all_reduce_rms_norm_kernel():
     @triton.jit
     def all_reduce_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, bufs_ptr, epochs_ptr, N, eps,
                                    rank: tl.constexpr, size: tl.constexpr, rows: tl.constexpr, hidden: tl.constexpr,
-                                   block: tl.constexpr, asm: tl.constexpr, pdl: tl.constexpr):  # fmt: skip
-        """`asm`: the sends as inline PTX (volatile stores, which tl.store cannot make); not in the interpreter."""
+                                   block: tl.constexpr, send: tl.constexpr, asm: tl.constexpr,
+                                   pdl: tl.constexpr):  # fmt: skip
+        """`send`: send this rank's part (else its GEMV did); `asm`: the sends as inline PTX (volatile stores, which
+        tl.store cannot make); not in the interpreter."""
         row = tl.program_id(0)
         cols = tl.arange(0, block)
         ok = cols < N
@@ -386,7 +430,7 @@ def _all_reduce_rms_norm_kernel():
         tagged = (epoch.to(tl.int64) << 32) | (bits.to(tl.int64) & 0xFFFFFFFF)
         slot = ((epoch & 1) * rows + row) * size  # this row's senders in this call's slot (& 1: an epoch may wrap)
         for p in tl.static_range(size):
-            if p != rank:  # into rank p's buffer, as sender `rank`
+            if send and p != rank:  # into rank p's buffer, as sender `rank`
                 outbox = tl.multiple_of(tl.load(bufs_ptr + p).to(tl.pointer_type(tl.int64)), 16)
                 outbox += (slot + rank) * hidden
                 if asm:  # two words a 16-byte store (from an even word: aligned), each a strong 8-byte access

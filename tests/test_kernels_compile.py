@@ -143,6 +143,16 @@ for m in (1, 2):
         assert 0 <= sends < polls, ptx
         assert "fence" not in ptx and "atom." not in ptx
         assert "trap;" in ptx  # a rank that never sends fails the kernel
+        # a row-parallel GEMV that sends its output itself (volatile 8-byte stores; o's shape at TP=2 and down's),
+        # then the norm kernel that only receives
+        for k_in in (K, 7168):
+            small_batch.gemv(x(m, k_in).to(parts), torch.randn(K, k_in, dtype=parts), None, False, None, None, None,
+                             torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int32), rank, 2)  # fmt: skip
+            assert compiled[-1][0] == "gemv_kernel" and "st.volatile.global.b64" in compiled[-1][1]
+        small_batch.all_reduce_rms_norm(x(m).to(parts), x(m).to(parts), torch.ones(K, dtype=parts), 1e-5,
+                                        torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int32), rank, 2,
+                                        sent=True)  # fmt: skip
+        assert "st.volatile" not in compiled[-1][1] and "ld.volatile.global.v2.b64" in compiled[-1][1]
 lora = torch.zeros(300, dtype=torch.int32)
 lora_kernels.lora_expand(x(300, 512), lora_kernels.lora_shrink(x(300), lora_a, lora), lora_b, lora)
 # launched with PDL: the GEMV and the norm, not LoRA's kernels

@@ -655,6 +655,60 @@ print(cases)
 """
 
 
+SENT_PARTS_CHECK = r"""
+import torch
+from nanokyro import small_batch
+from nanokyro.small_batch import FUSED_HIDDEN, FUSED_ROWS
+
+torch.manual_seed(1)
+cases = 0
+# (dtype, rows, outputs, inputs, ranks, the epochs before): every rank's row-parallel GEMV sends its part, then
+# every rank's norm kernel only receives; ranks run one after the other (the sends all come before the polls)
+for dtype, M, N, K, size, start in ((torch.float16, 1, 100, 64, 2, 0), (torch.float16, 2, 100, 48, 3, 2**31 - 2),
+                                     (torch.float32, 1, 36, 80, 2, -2), (torch.float32, 2, 24, 32, 2, 0)):  # fmt: skip
+    per_word = 4 // dtype.itemsize
+    bufs = [torch.zeros(small_batch.fused_data_bytes(size) // 8, dtype=torch.int64) for _ in range(size)]
+    addrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    epochs = [torch.full((FUSED_ROWS,), start, dtype=torch.int32) for _ in range(size)]
+    weight = torch.randn(N).to(dtype)
+    for call in range(3):  # both slots, and the first again
+        epoch = (start + 1 + call + 2**31) % 2**32 - 2**31  # as int32 counts
+        xs = [torch.randn(M, K).to(dtype) for _ in range(size)]
+        ws = [(torch.randn(N, K) / K**0.5).to(dtype) for _ in range(size)]
+        residual = torch.randn(M, N).to(dtype)
+        parts = [small_batch.gemv(xs[r], ws[r], None, False, None, None, None, addrs, epochs[r], r, size)
+                 for r in range(size)]  # fmt: skip
+        for r in range(size):  # each GEMV's output is the plain GEMV's, and it sent those bits, tagged
+            assert torch.equal(parts[r], small_batch.gemv(xs[r], ws[r], None))
+            for p in range(size):
+                for m in range(M if p != r else 0):
+                    at = (((epoch & 1) * FUSED_ROWS + m) * size + r) * FUSED_HIDDEN
+                    words = bufs[p][at : at + N // per_word]
+                    assert ((words >> 32) == epoch).all(), (dtype, M, epoch)
+                    assert torch.equal((words & 0xFFFFFFFF).to(torch.int32).view(dtype), parts[r][m])
+        total = torch.zeros(M, N)
+        for part in parts:  # in rank order
+            total += part.float()
+        want_out, want_res = small_batch.rms_norm(total.to(dtype), residual, weight, 1e-5)
+        for r in range(size):
+            out, new_res = small_batch.all_reduce_rms_norm(parts[r], residual, weight, 1e-5, addrs, epochs[r], r,
+                                                           size, sent=True)  # fmt: skip
+            assert torch.equal(new_res, want_res) and torch.equal(out, want_out), (dtype, M, epoch, r)
+            assert (epochs[r][:M] == epoch).all() and (epochs[r][M:] == start).all()
+        cases += 1
+print(cases)
+"""
+
+
+def test_gemv_sent_parts_in_the_interpreter():
+    """A row-parallel GEMV that sends its output itself (RowParallelLinear.sends), run by Triton's interpreter for
+    2 and 3 ranks in turn: each rank's output is the plain GEMV's, its words reach every other rank's slot tagged
+    with the next epoch as the fused kernel would send them, and the norm kernels that then only receive (`sent`)
+    give the all-reduce then rms_norm, bit for bit, over three calls (both slots, through int32's wrap), for one
+    and two rows, fp16 and fp32 parts, outputs not a whole number of a program's."""
+    assert run_in_interpreter(SENT_PARTS_CHECK) == "12"
+
+
 def test_fused_all_reduce_words_in_the_interpreter():
     """The fused all-reduce + RMSNorm kernel's protocol, run by Triton's interpreter as one rank of 2-4, the others'
     words written beforehand into this rank's buffer as they send them: it sends its own part to every other rank
@@ -667,7 +721,8 @@ def test_fused_all_reduce_words_in_the_interpreter():
 def _all_reduce_worker(rank: int, port: int) -> None:
     """One of two ranks: Group.all_reduce (symmetric memory for small messages, NCCL past SYMM_BYTES) equals NCCL's
     all-reduce at every size, eagerly and replayed in a CUDA graph with new inputs; and so does the all-reduce
-    with the residual add and RMSNorm (Group.all_reduce_rms_norm) at every size, and 32 of them in one graph."""
+    with the residual add and RMSNorm (Group.all_reduce_rms_norm) at every size, and 32 of them in one graph, and
+    16 of them after GEMVs that send their outputs themselves."""
     import torch.distributed as dist
 
     from nanokyro import small_batch
@@ -737,6 +792,31 @@ def _all_reduce_worker(rank: int, port: int) -> None:
             torch.testing.assert_close(res, ref_res, rtol=0, atol=0)
             torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     graph.reset()
+    # A row-parallel GEMV that sends its output itself, then the norm kernel that only receives
+    # (RowParallelLinear.sends): down's shape at TP=2, 16 pairs in one graph (PDL), over replays with new inputs
+    weight = torch.randn(4096, dtype=torch.bfloat16, device=device, generator=same)
+    gen = torch.Generator(device).manual_seed(30 + rank)
+    w = torch.randn(4096, 7168, dtype=torch.bfloat16, device=device, generator=gen) / 85
+    for rows in (1, 2):
+        residual = torch.randn(rows, 4096, dtype=torch.bfloat16, device=device, generator=same)
+        statics = [torch.zeros(rows, 7168, dtype=torch.bfloat16, device=device) for _ in range(16)]
+        sent = lambda x: group.all_reduce_rms_norm(small_batch.gemv(x, w, None, False, None, None, None, *group.fused),
+                                                   residual, weight, 1e-5, sent=True)  # fmt: skip
+        sent(statics[0])  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fused = [sent(static) for static in statics]
+        gen = torch.Generator(device).manual_seed(40 + rank)
+        for _ in range(3):
+            for static in statics:
+                static.copy_(torch.randn(rows, 7168, dtype=torch.bfloat16, device=device, generator=gen))
+            refs = [small_batch.rms_norm(group.all_reduce(small_batch.gemv(s, w, None)), residual, weight, 1e-5)
+                    for s in statics]  # fmt: skip
+            graph.replay()
+            for (out, res), (ref_out, ref_res) in zip(fused, refs):
+                torch.testing.assert_close(res, ref_res, rtol=0, atol=0)
+                torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        graph.reset()
     dist.destroy_process_group()
 
 
