@@ -12,9 +12,10 @@ ranks sends and receives its hidden states, and its logits, in that order, so ev
 On CUDA, an all-reduce of at most SYMM_BYTES (a decode step's) goes through symmetric memory, one kernel that
 reads the other GPUs' buffers over NVLink; larger ones, and every other collective, through NCCL. A decoder
 layer's all-reduces go with the RMSNorm after them (all_reduce_rms_norm): up to FUSED_ROWS rows, one kernel
-each (small_batch.all_reduce_rms_norm, over the same buffer's tail). A step whose input ids read the step before's
-tokens while they are still on their way to the host (placeholders) sends those tokens from rank 0 to the other
-ranks of stage 0 right after its plan.
+each (small_batch.all_reduce_rms_norm, over the same buffer's tail), which in the one- and two-row graphs only
+receives: the row-parallel GEMV before it sends the parts (layers.RowParallelLinear.sends). A step whose input
+ids read the step before's tokens while they are still on their way to the host (placeholders) sends those tokens
+from rank 0 to the other ranks of stage 0 right after its plan.
 
 Ranks start either as processes that rank 0 spawns (one node: `LLM(..., tensor_parallel_size=N)`), or all at once
 under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), where ranks > 0 serve until rank 0 stops.
