@@ -5,7 +5,7 @@ Linear kinds, for a layer sharded over `tp` ranks (tp = 1: each is a plain linea
 - `ReplicatedLinear`: every rank holds the whole weight.
 - `ColumnParallelLinear`: each rank holds a slice of the output features; no communication.
 - `RowParallelLinear`: each rank holds a slice of the input features and sums the partial outputs (all-reduce);
-  in a decoder layer it returns its part (`reduce=False`) and the RMSNorm after it sums the parts, on CUDA through
+  in a decoder layer it returns its part (`part`) and the RMSNorm after it sums the parts, on CUDA through
   the group's symmetric buffer, for small steps in one kernel with the residual add (`RMSNorm.forward`'s `tp`).
 - `QKVLinear`: q, k and v stacked, column-parallel by heads; KV heads are replicated when fewer than the ranks.
 - `GateUpLinear`: gate and up stacked, column-parallel, returning silu(gate) * up.
@@ -110,17 +110,19 @@ class ReplicatedLinear(nn.Module):
                  lora: torch.Tensor | None = None, send: tuple | None = None) -> torch.Tensor:  # fmt: skip
         """x @ weight.T (+ bias) (+ the LoRA delta of each token's adapter, with `lora`: the tokens' slots);
         `gated`: silu(x @ gate.T) * (x @ up.T) of a stacked [gate; up] weight, the deltas added before silu.
-        `send` (RowParallelLinear.sends): the GEMV also sends the result to the TP group's other ranks."""
+        `send` (RowParallelLinear.part): the GEMV also sends the result to the TP group's other ranks."""
         if lora is not None:
             if self.quant is None and small_batch.on(x):  # the GEMV adds the delta in its epilogue
                 s = lora_shrink(x, self.lora_a, lora)
                 return small_batch.lora_linear(x, self.weight, bias, gated, s, self.lora_b, lora, send)
+            assert send is None, "only the GEMV sends"
             y = lora_delta(self.multiply(x, bias), x, self.lora_a, self.lora_b, lora)
             return small_batch.silu_and_mul(y) if gated else y
+        if send is not None:
+            assert self.quant is None and small_batch.on(x), "only the GEMV sends"
+            return small_batch.linear(x, self.weight, bias, send)
         if self.quant is not None:
             return self.quant.matmul(self, x, bias, gated)
-        if send is not None:
-            return small_batch.linear(x, self.weight, bias, send)
         return gated_matmul(x, self.weight) if gated else matmul(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,18 +143,11 @@ class ColumnParallelLinear(ReplicatedLinear):
 class RowParallelLinear(ReplicatedLinear):
     """Input features split over the ranks; the partial products are summed over them (the bias added once)."""
 
-    feeds_norm = True  # its part (`reduce=False`) goes to an RMSNorm that sums it; the model clears it where not
+    feeds_norm = True  # its `part` goes to an RMSNorm that sums it; the model clears it where an all-reduce does
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: Group):
         super().__init__(in_features // tp.size, out_features, bias, tp)
         self.reduce = tp.size > 1
-
-    def sends(self, x: torch.Tensor) -> bool:
-        """Whether forward(x, reduce=False) has the GEMV send the part to the other ranks itself, for the RMSNorm
-        after it (its `sent`): in the one- and two-row graphs, for a dense layer whose group fuses the all-reduce
-        with the norm. The norm's kernel then only receives (small_batch.all_reduce_rms_norm)."""
-        return (self.reduce and self.feeds_norm and self.quant is None and small_batch.on(x)
-                and self.tp.fuses(self.out_features))  # fmt: skip
 
     def weight_loader(self, param, tensor, shard_id=None):
         if param.dim() == 1:  # the bias is whole on every rank
@@ -167,16 +162,24 @@ class RowParallelLinear(ReplicatedLinear):
                              "ranks)")  # fmt: skip
         param.copy_(tensor.narrow(1, self.tp.rank * n, n))
 
-    def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None, reduce: bool = True) -> torch.Tensor:
-        """x @ W.T (+ bias), summed over the ranks; or, not `reduce`, this rank's part of the sum (the bias in rank
-        0's), which RMSNorm then sums with its residual add (its `tp`)."""
+    def forward(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T (+ bias), summed over the ranks."""
         if not self.reduce:
             return self.multiply(x, self.bias, lora=lora)
-        if not reduce:
-            send = self.tp.fused if self.sends(x) else None
-            return self.multiply(x, self.bias if self.tp.rank == 0 else None, lora=lora, send=send)
         y = self.tp.all_reduce(self.multiply(x, lora=lora))
         return y if self.bias is None else y + self.bias
+
+    def part(self, x: torch.Tensor, lora: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """This rank's part of x @ W.T (+ bias, in rank 0's), which RMSNorm then sums with its residual add (its
+        `tp`), and whether the GEMV already sent it to the other ranks (the norm's `sent`): in the one- and
+        two-row graphs, for a dense layer whose group fuses the all-reduce with the norm, so that the norm's
+        kernel only receives (small_batch.all_reduce_rms_norm). With one rank, the whole product."""
+        if not self.reduce:
+            return self.multiply(x, self.bias, lora=lora), False
+        send = (self.feeds_norm and self.quant is None and small_batch.on(x)
+                and self.tp.fuses(self.out_features))  # fmt: skip
+        bias = self.bias if self.tp.rank == 0 else None
+        return self.multiply(x, bias, lora=lora, send=self.tp.fused if send else None), send
 
 
 class QKVLinear(ReplicatedLinear):
@@ -262,7 +265,7 @@ class RMSNorm(nn.Module):
         """Normalise x; with `residual`, first add it and also return the sum as the next residual. With a `tp`
         group of several ranks, x is this rank's part of a row-parallel layer's output: summed over the ranks first,
         in one kernel with the residual add and the norm where the group can (Group.all_reduce_rms_norm; `sent`:
-        that layer's GEMV sent the part, RowParallelLinear.sends)."""
+        that layer's GEMV sent the part, RowParallelLinear.part)."""
         if tp.size > 1:
             fused = tp.all_reduce_rms_norm(x, residual, self.weight, self.eps, sent) if residual is not None else None
             if fused is not None:

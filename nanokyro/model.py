@@ -31,8 +31,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, positions, x, rope: RotaryEmbedding, attn, lora=None) -> torch.Tensor:
-        """This rank's part of the output, not yet summed over the TP ranks (the norm after it sums it)."""
+    def forward(self, positions, x, rope: RotaryEmbedding, attn, lora=None) -> tuple[torch.Tensor, bool]:
+        """This rank's part of the output, not yet summed over the TP ranks (the norm after it sums it), and
+        whether it was sent (RowParallelLinear.part)."""
         q, k, v = self.qkv_proj(x, lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -44,7 +45,7 @@ class Attention(nn.Module):
         else:
             q, k = rope(positions, q, k)
             out = attn(self.layer_idx, q, k, v)  # writes k, v into this layer's pages, returns [T, H, D]
-        return self.o_proj(out.reshape(-1, self.q_size), lora, reduce=False)
+        return self.o_proj.part(out.reshape(-1, self.q_size), lora)
 
 
 class MLP(nn.Module):
@@ -53,9 +54,9 @@ class MLP(nn.Module):
         self.gate_up_proj = GateUpLinear(cfg.hidden_size, cfg.intermediate_size, tp)  # silu(gate) * up
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
 
-    def forward(self, x, lora=None):
-        """This rank's part of the output, as Attention's."""
-        return self.down_proj(self.gate_up_proj(x, lora), lora, reduce=False)
+    def forward(self, x, lora=None) -> tuple[torch.Tensor, bool]:
+        """This rank's part of the output, and whether it was sent, as Attention's."""
+        return self.down_proj.part(self.gate_up_proj(x, lora), lora)
 
 
 class DecoderLayer(nn.Module):
@@ -70,16 +71,17 @@ class DecoderLayer(nn.Module):
     def forward(self, positions, x, residual, rope, attn, lora=None, whole=False, sent=False):
         """x: the layer before's output as this rank's part of the sum over the TP ranks (`sent`: its GEMV sent it
         already), or `whole` (the embedding's, or the stage before's). Returns this layer's output as its part,
-        and the residual: each norm sums the part before it, with the residual add (where it can, one kernel:
-        RMSNorm, which receives the parts that row-parallel GEMVs send: RowParallelLinear.sends)."""
+        the residual, and whether the part was sent: each norm sums the part before it, with the residual add
+        (where it can, one kernel: RMSNorm, which receives the parts that row-parallel GEMVs send:
+        RowParallelLinear.part)."""
         if residual is None:  # the embedding's output
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual, SINGLE if whole else self.tp, sent)
-        sent = self.self_attn.o_proj.sends(x)
-        x = self.self_attn(positions, x, rope, attn, lora)
+        x, sent = self.self_attn(positions, x, rope, attn, lora)
         x, residual = self.post_attention_layernorm(x, residual, self.tp, sent)
-        return self.mlp(x, lora), residual
+        x, sent = self.mlp(x, lora)
+        return x, residual, sent
 
 
 class LlamaModel(nn.Module):
@@ -110,10 +112,8 @@ class LlamaModel(nn.Module):
         x, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
         sent = False  # whether x, a layer's output part, was sent by its down projection's GEMV
         for i, layer in enumerate(self.layers):
-            sent_next = layer.mlp.down_proj.sends(x)
-            x, residual = layer(positions, x, residual, self.rope, attn, lora, whole=i == 0, sent=sent)
-            sent = sent_next
-        if self.norm is None:  # the next stage's first layer takes x whole
+            x, residual, sent = layer(positions, x, residual, self.rope, attn, lora, whole=i == 0, sent=sent)
+        if self.norm is None:  # the next stage's first layer takes x whole (its last part never sent: feeds_norm)
             return (self.tp.all_reduce(x) if self.tp.size > 1 else x), residual
         x, _ = self.norm(x, residual, self.tp, sent)
         return x

@@ -13,7 +13,7 @@ On CUDA, an all-reduce of at most SYMM_BYTES (a decode step's) goes through symm
 reads the other GPUs' buffers over NVLink; larger ones, and every other collective, through NCCL. A decoder
 layer's all-reduces go with the RMSNorm after them (all_reduce_rms_norm): up to FUSED_ROWS rows, one kernel
 each (small_batch.all_reduce_rms_norm, over the same buffer's tail), which in the one- and two-row graphs only
-receives: the row-parallel GEMV before it sends the parts (layers.RowParallelLinear.sends). A step whose input
+receives: the row-parallel GEMV before it sends the parts (layers.RowParallelLinear.part). A step whose input
 ids read the step before's tokens while they are still on their way to the host (placeholders) sends those tokens
 from rank 0 to the other ranks of stage 0 right after its plan.
 
@@ -249,7 +249,7 @@ class Group:
                             sent: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
         """(rms_norm(x summed over the ranks + residual) * weight, that sum + residual) through the symmetric
         buffer (all_reduce_rms_norm), where the group `fuses` x's rows; else None. `sent`: the GEMV that computed
-        x sent it already (RowParallelLinear.sends)."""
+        x sent it already (RowParallelLinear.part)."""
         if not self.fuses(x.shape[-1]):
             assert not sent, "a part was sent for a norm that does not fuse the all-reduce"
             return None

@@ -172,6 +172,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated
     M, K = x.shape
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     if M > MAX_ROWS or weight.stride(1) != 1:  # larger M: cuBLAS
+        assert bufs is None, "only the GEMV sends"
         y = F.linear(x, weight, bias)
         y = y if lora is None else lora_expand(y, lora_s, lora_b, lora)
         return silu_and_mul(y) if gated else y

@@ -437,11 +437,13 @@ def test_fp8_kv_cache_with_graphs_matches_the_torch_backend_reading_it():
 def test_two_gpus_match_one(graph_llm, tp, pp, caplog):
     """TP=2 (NCCL all-reduces inside the compiled forward and the decode graphs) and PP=2 (each stage's decode
     graphs, a step per stage in flight): each prompt's greedy tokens and top logprobs match one GPU's, up to
-    near-ties flipped by bf16 sums in another order. Rank 0's groups go at once (parallel.destroy_groups warns
-    when they outlast its timeout, and leaves the world initialised): PP=2 closed, TP=2 dropped unclosed as a
-    script that ends without close() (bench.py), where the runner's finalizer must drop the graphs first."""
+    near-ties flipped by bf16 sums in another order. The prompts end at different steps, so the decodes run the
+    four-row graph and then the two- and one-row ones (at TP=2, their o and down GEMVs send their parts:
+    RowParallelLinear.part). Rank 0's groups go at once (parallel.destroy_groups warns when they outlast its
+    timeout, and leaves the world initialised): PP=2 closed, TP=2 dropped unclosed as a script that ends without
+    close() (bench.py), where the runner's finalizer must drop the graphs first."""
     prompts = torch.randint(0, 151936, (4, 40), generator=torch.Generator().manual_seed(5)).tolist()
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=5)
+    params = [SamplingParams(max_tokens=4 + 4 * i, temperature=0, ignore_eos=True, logprobs=5) for i in range(4)]
     graph_llm.engine.cache.clear()
     one = graph_llm.generate(prompts, params)
     llm = qwen3(tensor_parallel_size=tp, pipeline_parallel_size=pp)

@@ -655,6 +655,74 @@ print(cases)
 """
 
 
+def test_every_sent_part_is_received_as_sent(monkeypatch):
+    """The model's wiring of the parts that row-parallel GEMVs send in the one- and two-row graphs
+    (RowParallelLinear.part) and the norms told so (`sent`), on the CPU with the small graphs' switch forced on and
+    the GPU-only calls recorded instead of run. On a GPU a norm told `sent` for a part nobody sent polls until it
+    traps, so every TP=2 layout's pipeline stage (first, middle, last; a stage of one layer) must tell each norm
+    `sent` exactly when the GEMV before it sent: dense layers send, quantised ones do not, and a non-last stage's
+    last part, summed by an all-reduce, was not sent."""
+    import types
+
+    import torch.nn.functional as F
+
+    from nanokyro import small_batch
+    from nanokyro.model import LlamaModel
+
+    events = []
+
+    def linear(x, weight, bias=None, send=None):
+        events.append(("gemv", send is not None))
+        return F.linear(x, weight, bias)
+
+    def norm(x, residual, weight, eps):  # (normed, sum) as the kernels return them
+        return (x, x) if residual is None else (x + residual, x + residual)
+
+    def fused(group, x, residual, weight, eps, sent=False):
+        events.append(("norm", sent))
+        return x + residual, x + residual
+
+    def all_reduce(group, x):
+        events.append(("all_reduce", None))
+        return x
+
+    monkeypatch.setattr(small_batch, "on", lambda x: True)
+    monkeypatch.setattr(small_batch, "linear", linear)
+    monkeypatch.setattr(small_batch, "silu_and_mul_linear", lambda x, w: small_batch.silu_and_mul(F.linear(x, w)))
+    monkeypatch.setattr(small_batch, "rms_norm", lambda x, residual, weight, eps: norm(x, residual, weight, eps)[
+        0 if residual is None else slice(None)])  # fmt: skip
+    monkeypatch.setattr(Group, "all_reduce_rms_norm", fused)
+    monkeypatch.setattr(Group, "all_reduce", all_reduce)
+
+    class Attention:  # attends nothing: returns q, which has the o projection's input shape
+        rotates_in_kv_write = False
+
+        def __call__(self, layer_idx, q, k, v):
+            return q
+
+    cfg = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+                      num_kv_heads=2, head_dim=8)  # fmt: skip
+    quantised = types.SimpleNamespace(matmul=lambda layer, x, bias, gated: linear(x, layer.weight, bias))
+    seen = set()
+    for pp, pp_rank in ((1, 0), (3, 0), (3, 1), (3, 2), (4, 1)):
+        tp = Group(0, 2)
+        tp.fused = (torch.zeros(2, dtype=torch.int64), torch.zeros(16, dtype=torch.int32), 0, 2)
+        model = LlamaModel(cfg, Shard(0, 2, pp_rank, pp), tp)
+        for p in model.parameters():
+            p.data.normal_(0, 0.1)
+        model.layers[0].self_attn.o_proj.quant = quantised  # a quantised layer's part is never sent
+        if len(model.layers) > 1:
+            model.layers[1].mlp.down_proj.quant = quantised
+        events.clear()
+        intermediate = None if pp_rank == 0 else (torch.randn(2, 32), torch.randn(2, 32))
+        model(torch.tensor([3, 5]), torch.tensor([7, 8]), Attention(), intermediate)
+        pairs = [(a, b) for a, b in zip(events, events[1:]) if b[0] in ("norm", "all_reduce")]
+        assert pairs and all(a == ("gemv", b[1] or False) for a, b in pairs), (pp, pp_rank, events)
+        assert (pairs[-1][1][0] == "all_reduce") == (pp_rank < pp - 1), events  # (the final norm on the last)
+        seen.update(b[1] for a, b in pairs)
+    assert seen == {True, False, None}  # parts sent and not, to norms and to an all-reduce
+
+
 SENT_PARTS_CHECK = r"""
 import torch
 from nanokyro import small_batch
