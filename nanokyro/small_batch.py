@@ -54,6 +54,11 @@ PDL = os.environ.get("NANOKYRO_PDL", "1") != "0"
 # (all_reduce_rms_norm), summed in place and normalised from the symmetric buffer above that; 0: the all-reduce,
 # then the norm as torch.compile writes it.
 FUSE_ALL_REDUCE = os.environ.get("NANOKYRO_FUSE_ALL_REDUCE", "1") != "0"
+# The registers a thread of a GEMV that sends its part may take (ptxas's maxnreg; None: as ptxas likes). Sending,
+# down's GEMV at TP=2 compiles to 114 registers against 96 without (sm_90a, Triton 3.9): 4 programs an SM, not 5;
+# capped at 96 it compiles with no spills. Branch `sendreg`: measured on the GPU by .wt/m/s22a.sh (an environment
+# variable, so that a TP run's spawned ranks see it too).
+SEND_MAXNREG = int(os.environ.get("NANOKYRO_SEND_MAXNREG", "0")) or None
 
 
 @contextlib.contextmanager
@@ -197,6 +202,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated
         block_n=block_n, block_k=min(block_k, triton.next_power_of_2(K)), block_r=triton.next_power_of_2(R),
         block_s=triton.next_power_of_2(max(splits, 1)), pdl=pdl, send=send, rank=rank, size=size, rows=FUSED_ROWS,
         hidden=FUSED_HIDDEN, asm=not triton_interprets(), num_warps=num_warps, num_stages=1, **pdl_launch(pdl),
+        **({"maxnreg": SEND_MAXNREG} if send and SEND_MAXNREG and not triton_interprets() else {}),
     )  # fmt: skip
     return y
 

@@ -149,6 +149,7 @@ for m in (1, 2):
             small_batch.gemv(x(m, k_in).to(parts), torch.randn(K, k_in, dtype=parts), None, False, None, None, None,
                              torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int32), rank, 2)  # fmt: skip
             assert compiled[-1][0] == "gemv_kernel" and "st.volatile.global.b64" in compiled[-1][1]
+            assert (".maxnreg" in compiled[-1][1]) == bool(small_batch.SEND_MAXNREG)
         small_batch.all_reduce_rms_norm(x(m).to(parts), x(m).to(parts), torch.ones(K, dtype=parts), 1e-5,
                                         torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int32), rank, 2,
                                         sent=True)  # fmt: skip
@@ -158,6 +159,11 @@ lora_kernels.lora_expand(x(300, 512), lora_kernels.lora_shrink(x(300), lora_a, l
 # launched with PDL: the GEMV and the norm, not LoRA's kernels
 assert all(pdl == (name in ("gemv_kernel", "rms_norm_kernel", "all_reduce_rms_norm_kernel"))
            for name, _, pdl in compiled[start:])  # fmt: skip
+small_batch.SEND_MAXNREG = 96  # a sending GEMV with its registers capped
+small_batch.gemv(x(1, 7168), torch.randn(K, 7168, dtype=bf16), None, False, None, None, None,
+                 torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int32), 0, 2)  # fmt: skip
+assert ".maxnreg 96" in compiled[-1][1]
+small_batch.SEND_MAXNREG = None
 small_batch.PDL = False  # the switch: the same kernels without PDL
 qgemv(x(1), torch.randn(256, K).to(FP8), torch.rand(256, 1), None, None, False)
 small_batch.gemv(x(1), w, None)
