@@ -107,13 +107,16 @@ def _pdl_target() -> bool:
     return "launch_pdl" in {field.name for field in dataclasses.fields(CUDAOptions)}
 
 
+NO_SEND = (None, None, 0, 1)  # gemv's bufs, epochs, rank and size for a GEMV that sends nothing
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, send: tuple | None = None
            ) -> torch.Tensor:  # fmt: skip
     """x @ weight.T (+ bias); `send` (a TP group's `fused`, in the small graphs only): the GEMV also sends its output
     to the group's other ranks for the all_reduce_rms_norm after it (see there)."""
     if not on(x):
         return F.linear(x, weight, bias)
-    return torch.ops.nanokyro.gemv(x, weight, bias, False, None, None, None, *(send or (None, None, 0, 1)))
+    return torch.ops.nanokyro.gemv(x, weight, bias, False, None, None, None, *(send or NO_SEND))
 
 
 def silu_and_mul(y: torch.Tensor) -> torch.Tensor:
@@ -131,7 +134,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 lora_b: torch.Tensor, lora: torch.Tensor, send: tuple | None = None) -> torch.Tensor:  # fmt: skip
     """`linear` (or, `gated`, `silu_and_mul_linear`) plus each row's LoRA delta lora_s.sum(0) @ lora_b[lora].T,
     added in the GEMV's epilogue: the shrink's partial sums `lora_s` come from lora_kernels.lora_shrink."""
-    return torch.ops.nanokyro.gemv(x, weight, bias, gated, lora_s, lora_b, lora, *(send or (None, None, 0, 1)))
+    return torch.ops.nanokyro.gemv(x, weight, bias, gated, lora_s, lora_b, lora, *(send or NO_SEND))
 
 
 def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
