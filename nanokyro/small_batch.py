@@ -241,6 +241,10 @@ def _(x, residual, weight, eps):
 # head and then normalise (parallel.all_reduce_rms_norm).
 FUSED_ROWS = 16
 FUSED_HIDDEN = 16384
+# How long all_reduce_rms_norm waits for a peer's part before it fails the kernel: longer than the ranks can drift
+# apart while they compile the same graphs at start-up (the first fused call after a compile waits for the slowest
+# rank's), short enough that a lost peer (parallel.py's watcher acts first) does not hang a GPU for good.
+POLL_LIMIT_S = 120
 
 
 def fused_data_bytes(size: int) -> int:
@@ -280,6 +284,7 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     _all_reduce_rms_norm_kernel()[(T,)](
         x, residual, weight, out, new_residual, bufs, epochs, N, eps, rank=rank, size=size, rows=FUSED_ROWS,
         hidden=FUSED_HIDDEN, block=block, send=not sent, asm=not triton_interprets(), pdl=pdl,
+        poll_limit_ns=POLL_LIMIT_S * 10**9,
         num_warps=min(max(block // 256, 1), 16), **pdl_launch(pdl),
     )  # fmt: skip
     return out, new_residual
@@ -413,10 +418,11 @@ def _all_reduce_rms_norm_kernel():
     @triton.jit
     def all_reduce_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, bufs_ptr, epochs_ptr, N, eps,
                                    rank: tl.constexpr, size: tl.constexpr, rows: tl.constexpr, hidden: tl.constexpr,
-                                   block: tl.constexpr, send: tl.constexpr, asm: tl.constexpr,
-                                   pdl: tl.constexpr):  # fmt: skip
+                                   block: tl.constexpr, send: tl.constexpr, asm: tl.constexpr, pdl: tl.constexpr,
+                                   poll_limit_ns: tl.constexpr):  # fmt: skip
         """`send`: send this rank's part (else its GEMV did); `asm`: the sends as inline PTX (volatile stores, which
-        tl.store cannot make); not in the interpreter."""
+        tl.store cannot make) and the polls timed by the GPU's clock; not in the interpreter. A rank waits for a
+        peer's part up to `poll_limit_ns` (a peer still compiling at start-up, say), then traps."""
         row = tl.program_id(0)
         cols = tl.arange(0, block)
         ok = cols < N
@@ -456,12 +462,18 @@ def _all_reduce_rms_norm_kernel():
             else:
                 inbox = mine + (slot + p) * hidden + words
                 got = tl.load(inbox, mask=words_ok, other=epoch.to(tl.int64) << 32, volatile=True)
-                spins = 0
+                spins, start = 0, tl.zeros((), tl.int64)
+                if asm:  # the GPU's nanosecond clock (the interpreter has none, and no time limit)
+                    start = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                                      is_pure=False, pack=1)  # fmt: skip
                 while tl.min(((got >> 32).to(tl.int32) == epoch).to(tl.int32), 0) == 0:
                     got = tl.load(inbox, mask=words_ok, other=epoch.to(tl.int64) << 32, volatile=True)
                     spins += 1
-                    if spins > 16777216:  # 2**24 reads, seconds: rank p is gone; fail (trap) rather than hang
-                        tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+                    if asm and spins % 4096 == 0:  # now and then, the time since the first poll
+                        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                                        is_pure=False, pack=1)  # fmt: skip
+                        if now - start > poll_limit_ns:  # rank p is gone: fail (trap) rather than hang
+                            tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
                 low = got.to(tl.int32)  # the word's 32 bits of data
                 if per_word == 2:  # two values a word, the first in its low half (little-endian)
                     pair = tl.join((low & 0xFFFF).to(tl.int16), (low >> 16).to(tl.int16))

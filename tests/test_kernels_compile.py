@@ -142,7 +142,7 @@ for m in (1, 2):
         sends, polls = ptx.find("st.volatile.global.v2.b64"), ptx.find("ld.volatile.global.v2.b64")
         assert 0 <= sends < polls, ptx
         assert "fence" not in ptx and "atom." not in ptx
-        assert "trap;" in ptx  # a rank that never sends fails the kernel
+        assert "trap;" in ptx and "%globaltimer" in ptx  # a rank that never sends fails the kernel, in time
         # a row-parallel GEMV that sends its output itself (volatile 8-byte stores; o's shape at TP=2 and down's),
         # then the norm kernel that only receives
         for k_in in (K, 7168):

@@ -906,6 +906,42 @@ def test_all_reduce_through_symmetric_memory_equals_nccl_on_two_gpus():
     assert codes == [0, 0]
 
 
+LOST_PEER = r"""
+import time
+
+import torch
+
+from nanokyro import small_batch
+
+small_batch.POLL_LIMIT_S = 2
+x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+slots = torch.zeros(small_batch.fused_data_bytes(2) // 8, dtype=torch.int64, device="cuda")
+addrs = torch.tensor([slots.data_ptr()] * 2, dtype=torch.int64, device="cuda")
+epochs = torch.zeros(small_batch.FUSED_ROWS, dtype=torch.int32, device="cuda")
+small_batch.all_reduce_rms_norm(x, x, torch.ones(4096, dtype=x.dtype, device="cuda"), 1e-5, addrs, epochs, 0, 2,
+                                sent=True)  # rank 1 of two never sends: nothing will arrive
+start = time.perf_counter()
+try:
+    torch.cuda.synchronize()
+except RuntimeError:
+    print(f"{time.perf_counter() - start:.1f}")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fused_all_reduce_fails_when_a_peer_never_sends():
+    """A rank whose peer never sends its part waits POLL_LIMIT_S (here 2 s) by the GPU's clock, then fails the
+    kernel (trap) rather than hang the GPU; in a process of its own, as a trap ends its CUDA context."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", LOST_PEER], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip(), ("the kernel did not fail", out.stderr[-2000:])
+    waited = float(out.stdout.split()[-1])
+    assert 1.0 < waited < 10.0, (out.stdout, out.stderr[-2000:])
+
+
 def test_layout_agreement_counts_each_differing_reference_token_once(llama_dir, tmp_path):
     """The teacher-forced agreement benchmark: TP=2 on gloo agrees with one process on every token (fp32), and
     a token planted last in two prompts' references counts once each (planted earlier, it would change the
