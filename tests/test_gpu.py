@@ -142,6 +142,23 @@ def test_one_kernel_rms_norm_matches_the_model_norm(residual):
     assert rel_err(got.float(), want.float()) < 5e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_of_a_few_rows_is_torchs(dtype):
+    """sampler.argmax's Triton path (a few rows, a large vocabulary) against torch's argmax, ties and all."""
+    from nanokyro.sampler import ARGMAX_CHUNK, argmax
+
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    V = 128256
+    logits = torch.randn(8, V, generator=gen, device=DEVICE).to(dtype)
+    logits[1, [5, 3 * ARGMAX_CHUNK + 2, V - 1]] = 60.0  # a tie across chunks: the first wins
+    logits[2, :] = float("-inf")
+    logits[2, V - 1] = 0.0  # in the partial last chunk
+    logits[3, :] = 1.0
+    for rows in (1, 2, 8):
+        assert torch.equal(argmax(logits[:rows]), logits[:rows].argmax(-1)), rows
+    assert argmax(logits[1:2]).item() == 5
+
+
 CASES = {
     # name: (pages of each sequence, new tokens, tokens in cache after the step)
     "prefill": ([[3, 7, 1], [0], [9, 2, 4, 5]], [40, 5, 64], [40, 5, 64]),
