@@ -241,12 +241,17 @@ class VocabParallelEmbedding(nn.Module):
             param[:n].copy_(tensor.narrow(0, self.start, n))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.part(ids)
+        return x if self.tp.size == 1 else self.tp.all_reduce(x)
+
+    def part(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the lookup: the rows of the ids it holds, zeros for the others (summed over the
+        ranks, the embedding)."""
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
         inside = (local >= 0) & (local < self.rows)
-        x = F.embedding(local.clamp(0, self.rows - 1), self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)
-        return self.tp.all_reduce(x)
+        return F.embedding(local.clamp(0, self.rows - 1), self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, H] -> logits [R, vocab_size] on every rank."""

@@ -70,11 +70,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions, x, residual, rope, attn, lora=None, whole=False, sent=False):
         """x: the layer before's output as this rank's part of the sum over the TP ranks (`sent`: its GEMV sent it
-        already), or `whole` (the embedding's, or the stage before's). Returns this layer's output as its part,
+        already), or `whole` (the stage before's); with no residual, the embedding's (of one rank: with several,
+        each passes its part of the lookup and a zero residual). Returns this layer's output as its part,
         the residual, and whether the part was sent: each norm sums the part before it, with the residual add
         (where it can, one kernel: RMSNorm, which receives the parts that row-parallel GEMVs send:
         RowParallelLinear.part)."""
-        if residual is None:  # the embedding's output
+        if residual is None:  # the embedding's output, whole
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual, SINGLE if whole else self.tp, sent)
@@ -109,10 +110,18 @@ class LlamaModel(nn.Module):
         (in the one- and two-row decode graphs, for a backend that rotates in its KV write, attn(layer_idx, q, k, v,
         positions, cos_sin) with q and k unrotated: RotaryEmbedding.in_kv_write). lora [T]: each token's adapter
         slot (-1: none), or None when no token has one (lora.py)."""
-        x, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
+        whole = intermediate is not None  # the stage before's output: x whole, beside its residual
+        if whole:
+            x, residual = intermediate
+        elif self.tp.size > 1:  # each rank's part of the lookup, summed by the first norm (its all-reduce fused)
+            x = self.embed_tokens.part(input_ids)
+            residual = torch.zeros_like(x)
+        else:
+            x, residual = self.embed_tokens(input_ids), None
         sent = False  # whether x, a layer's output part, was sent by its down projection's GEMV
         for i, layer in enumerate(self.layers):
-            x, residual, sent = layer(positions, x, residual, self.rope, attn, lora, whole=i == 0, sent=sent)
+            x, residual, sent = layer(positions, x, residual, self.rope, attn, lora, whole=whole and i == 0,
+                                      sent=sent)  # fmt: skip
         if self.norm is None:  # the next stage's first layer takes x whole (its last part never sent: feeds_norm)
             return (self.tp.all_reduce(x) if self.tp.size > 1 else x), residual
         x, _ = self.norm(x, residual, self.tp, sent)

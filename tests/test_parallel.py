@@ -661,7 +661,8 @@ def test_every_sent_part_is_received_as_sent(monkeypatch):
     the GPU-only calls recorded instead of run. On a GPU a norm told `sent` for a part nobody sent polls until it
     traps, so every TP=2 layout's pipeline stage (first, middle, last; a stage of one layer) must tell each norm
     `sent` exactly when the GEMV before it sent: dense layers send, quantised ones do not, and a non-last stage's
-    last part, summed by an all-reduce, was not sent."""
+    last part, summed by an all-reduce, was not sent. The first stage's first norm also sums the embedding's
+    parts (with a zero residual)."""
     import types
 
     import torch.nn.functional as F
@@ -716,6 +717,8 @@ def test_every_sent_part_is_received_as_sent(monkeypatch):
         events.clear()
         intermediate = None if pp_rank == 0 else (torch.randn(2, 32), torch.randn(2, 32))
         model(torch.tensor([3, 5]), torch.tensor([7, 8]), Attention(), intermediate)
+        if pp_rank == 0:  # the embedding's parts are summed by the first norm, not by an all-reduce of their own
+            assert events[0] == ("norm", False), events
         pairs = [(a, b) for a, b in zip(events, events[1:]) if b[0] in ("norm", "all_reduce")]
         assert pairs and all(a == ("gemv", b[1] or False) for a, b in pairs), (pp, pp_rank, events)
         assert (pairs[-1][1][0] == "all_reduce") == (pp_rank < pp - 1), events  # (the final norm on the last)
