@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import assert_logits_match, assert_no_leak, mixed_params
+from conftest import assert_logits_match, assert_no_leak, mixed_params, run_in_interpreter
 from nanokyro import LLM, SamplingParams
 from nanokyro.request import PromptError
 
@@ -351,6 +351,27 @@ def test_overlapped_steps_give_what_serial_steps_give(llama_dir):
     assert llm.engine.scheduler.num_preemptions > 0
     tokens = lambda outs: [[c[:2] for c in r] for r in outs]  # recomputed KV moves logprobs in the last bits
     assert tokens(squeezed) == tokens(serial)
+
+
+PLACEHOLDER_CHECK = r"""
+import torch
+from nanokyro.runner import _fill_placeholders_kernel
+
+prev = torch.tensor([101, 202, 303, 404], dtype=torch.long)  # the step in flight's tokens, by row
+for n, block in ((7, 8), (2500, 1024)):  # one program; several, the last one partial
+    ids = torch.randint(0, 50, (n,), dtype=torch.int32)
+    ids[::3] = -torch.randint(1, 5, (len(ids[::3]),), dtype=torch.int32)  # -(row + 1)
+    want = torch.where(ids < 0, prev[(-ids - 1).clamp(min=0)].to(ids.dtype), ids)
+    got = torch.full_like(ids, -7)
+    _fill_placeholders_kernel()[((n + block - 1) // block,)](ids, prev, got, n, block=block)
+    assert torch.equal(got, want), (got, want)
+print(int((ids < 0).sum()))
+"""
+
+
+def test_placeholders_take_the_tokens_of_their_rows_in_one_kernel():
+    """runner.fill_placeholders' CUDA kernel (in Triton's interpreter) gives what its torch lookup gives."""
+    assert run_in_interpreter(PLACEHOLDER_CHECK) == "834"
 
 
 def test_a_step_returns_the_tokens_of_the_step_before(llama_dir):
