@@ -77,9 +77,8 @@ ARGMAX_CHUNK = 4096
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(-1) for [rows, vocab], the first maximum of each row. For a few rows on CUDA torch reduces
-    each row in one thread block (27 µs for a 128k vocabulary on an H100, at batch 1 the biggest kernel outside
-    the model), and its max over 4096-token chunks took 16 µs in two blocks on an H200: chunked_argmax spreads a
-    row over the GPU in two Triton kernels."""
+    each row in one thread block or two, at batch 1 the biggest kernel outside the model (docs/PERFORMANCE.md):
+    chunked_argmax spreads a row over the GPU in two Triton kernels."""
     R, V = logits.shape
     if not logits.is_cuda or R > 8 or V <= 4 * ARGMAX_CHUNK:
         return logits.argmax(dim=-1)
@@ -88,7 +87,8 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def chunked_argmax(logits: torch.Tensor) -> torch.Tensor:
     """argmax of [rows, vocab] (any float dtype): the first maximum of each ARGMAX_CHUNK-token chunk, a program
-    each, then each row's first best chunk."""
+    each, then each row's first best chunk. A row with NaN gets its first NaN, as from torch (but for a row that
+    also holds +inf, which may come first)."""
     import triton
 
     R, V = logits.shape
@@ -114,6 +114,8 @@ def _argmax_kernels():
         row, c = tl.program_id(0), tl.program_id(1)
         cols = c * chunk + tl.arange(0, chunk)
         x = tl.load(x_ptr + row * stride + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        # NaN is the largest, as torch's argmax has it: Triton's comparisons would let the padding's -inf win
+        x = tl.where(x != x, float("inf"), x)
         best, at = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
         tl.store(best_ptr + row * tl.num_programs(1) + c, best)
         tl.store(at_ptr + row * tl.num_programs(1) + c, at)

@@ -145,7 +145,7 @@ def test_one_kernel_rms_norm_matches_the_model_norm(residual):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_argmax_of_a_few_rows_is_torchs(dtype):
     """sampler.argmax's Triton path (a few rows, a large vocabulary) against torch's argmax, ties and all."""
-    from nanokyro.sampler import ARGMAX_CHUNK, argmax
+    from nanokyro.sampler import ARGMAX_CHUNK, argmax, chunked_argmax
 
     gen = torch.Generator(DEVICE).manual_seed(0)
     V = 128256
@@ -154,9 +154,12 @@ def test_argmax_of_a_few_rows_is_torchs(dtype):
     logits[2, :] = float("-inf")
     logits[2, V - 1] = 0.0  # in the partial last chunk
     logits[3, :] = 1.0
-    for rows in (1, 2, 8):
-        assert torch.equal(argmax(logits[:rows]), logits[:rows].argmax(-1)), rows
-    assert argmax(logits[1:2]).item() == 5
+    logits[4, [2 * ARGMAX_CHUNK + 1, V - 3]] = float("nan")  # NaN is the largest: the first one
+    logits[5, :] = float("nan")
+    for rows in (1, 2, 8):  # (argmax takes the Triton kernels up to 8 rows; chunked_argmax always does)
+        want = logits[:rows].argmax(-1)
+        assert torch.equal(argmax(logits[:rows]), want) and torch.equal(chunked_argmax(logits[:rows]), want), rows
+    assert argmax(logits[1:2]).item() == 5 and argmax(logits[5:6]).item() == 0
 
 
 CASES = {
