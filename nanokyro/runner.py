@@ -28,7 +28,7 @@ from nanokyro.loader import load
 from nanokyro.lora import AdapterSlots, read_adapter
 from nanokyro.parallel import Parallel, PendingLogits, Shard, WorkerError, start
 from nanokyro.profiling import StepProfiler
-from nanokyro.sampler import PendingSample, Sampler, SamplerOutput, SampleRow
+from nanokyro.sampler import PendingSample, Sampler, SamplerOutput, SampleRow, argmax
 from nanokyro.scheduler import ScheduledBatch
 
 log = logging.getLogger("nanokyro.runner")
@@ -216,6 +216,19 @@ class ModelRunner:
         self.graphs = None
         if self.device.type == "cuda" and not cfg.enforce_eager and isinstance(self.attn, FlashInferAttention):
             self.graphs = DecodeGraphs(self, cfg.max_num_seqs)
+        if self.device.type == "cuda":
+            self.warm_up()
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile the Triton kernels that steps run outside the model (the few rows' argmax in the model's dtype
+        and in fp32, the placeholders' fill) now, not in the first requests' steps."""
+        if self.is_driver:
+            logits = torch.zeros(1, self.model_cfg.vocab_size, dtype=self.dtype, device=self.device)
+            argmax(logits), argmax(logits.float())
+        if self.shard.first_stage:
+            ids = torch.tensor([-1], dtype=torch.int32, device=self.device)
+            fill_placeholders(ids, torch.zeros(1, dtype=torch.long, device=self.device))
 
     def close(self) -> None:
         """Stop the other ranks' processes (rank 0); a no-op with one rank, and when already closed."""
@@ -515,23 +528,25 @@ def fill_placeholders(input_ids: torch.Tensor, prev_tokens: torch.Tensor) -> tor
         return torch.where(input_ids < 0, lookup, input_ids)
     import triton
 
-    out, n = torch.empty_like(input_ids), input_ids.numel()
-    block = min(triton.next_power_of_2(max(n, 1)), 1024)
-    _fill_placeholders_kernel()[(triton.cdiv(n, block),)](input_ids, prev_tokens, out, n, block=block)
+    out, n, prev_tokens = torch.empty_like(input_ids), input_ids.numel(), prev_tokens.contiguous()
+    _fill_placeholders_kernel()[(triton.cdiv(n, 1024),)](input_ids, prev_tokens, out, n, len(prev_tokens), block=1024)
     return out
 
 
 @functools.cache
 def _fill_placeholders_kernel():
+    """fill_placeholders' kernel: one variant for every step (its sizes not specialised on), so that it compiles
+    once, at start-up (ModelRunner.warm_up)."""
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def fill_placeholders_kernel(ids_ptr, prev_ptr, out_ptr, n, block: tl.constexpr):
+    @triton.jit(do_not_specialize=["n", "rows"])
+    def fill_placeholders_kernel(ids_ptr, prev_ptr, out_ptr, n, rows, block: tl.constexpr):
         i = tl.program_id(0) * block + tl.arange(0, block)
         ok = i < n
         ids = tl.load(ids_ptr + i, mask=ok, other=0)
-        prev = tl.load(prev_ptr + tl.maximum(-ids - 1, 0), mask=ok & (ids < 0), other=0)
+        row = -ids - 1
+        prev = tl.load(prev_ptr + row, mask=ok & (ids < 0) & (row < rows), other=0)  # (a row past them: id 0)
         tl.store(out_ptr + i, tl.where(ids < 0, prev.to(ids.dtype), ids), mask=ok)
 
     return fill_placeholders_kernel

@@ -357,13 +357,14 @@ PLACEHOLDER_CHECK = r"""
 import torch
 from nanokyro.runner import _fill_placeholders_kernel
 
-prev = torch.tensor([101, 202, 303, 404], dtype=torch.long)  # the step in flight's tokens, by row
+prev = torch.tensor([101, 202, 303, 404, 505], dtype=torch.long)[:4]  # the step in flight's tokens, by row
 for n, block in ((7, 8), (2500, 1024)):  # one program; several, the last one partial
     ids = torch.randint(0, 50, (n,), dtype=torch.int32)
     ids[::3] = -torch.randint(1, 5, (len(ids[::3]),), dtype=torch.int32)  # -(row + 1)
     want = torch.where(ids < 0, prev[(-ids - 1).clamp(min=0)].to(ids.dtype), ids)
+    ids[1], want[1] = -5, 0  # a row past the step's: never read (id 0)
     got = torch.full_like(ids, -7)
-    _fill_placeholders_kernel()[((n + block - 1) // block,)](ids, prev, got, n, block=block)
+    _fill_placeholders_kernel()[((n + block - 1) // block,)](ids, prev, got, n, len(prev), block=block)
     assert torch.equal(got, want), (got, want)
 print(int((ids < 0).sum()))
 """
@@ -371,7 +372,7 @@ print(int((ids < 0).sum()))
 
 def test_placeholders_take_the_tokens_of_their_rows_in_one_kernel():
     """runner.fill_placeholders' CUDA kernel (in Triton's interpreter) gives what its torch lookup gives."""
-    assert run_in_interpreter(PLACEHOLDER_CHECK) == "834"
+    assert run_in_interpreter(PLACEHOLDER_CHECK) == "835"
 
 
 def test_a_step_returns_the_tokens_of_the_step_before(llama_dir):
