@@ -219,8 +219,8 @@ class GateUpLinear(ColumnParallelLinear):
 
 class VocabParallelEmbedding(nn.Module):
     """The embedding, and as `logits` the LM head (tied or not): vocab rows split over the ranks, padded up to a
-    multiple of them. Embedding: each rank looks up the ids it holds, zeros elsewhere, all-reduce. Logits: each
-    rank its slice of the vocab, gathered."""
+    multiple of them. Embedding: each rank looks up the ids it holds, zeros elsewhere (`part`, which the first
+    layer's norm sums). Logits: each rank its slice of the vocab, gathered."""
 
     def __init__(self, vocab_size: int, hidden: int, tp: Group):
         super().__init__()
@@ -240,13 +240,9 @@ class VocabParallelEmbedding(nn.Module):
         if n:
             param[:n].copy_(tensor.narrow(0, self.start, n))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.part(ids)
-        return x if self.tp.size == 1 else self.tp.all_reduce(x)
-
     def part(self, ids: torch.Tensor) -> torch.Tensor:
         """This rank's share of the lookup: the rows of the ids it holds, zeros for the others (summed over the
-        ranks, the embedding)."""
+        ranks, the embedding; with one rank, the embedding)."""
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start

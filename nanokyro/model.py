@@ -113,11 +113,9 @@ class LlamaModel(nn.Module):
         whole = intermediate is not None  # the stage before's output: x whole, beside its residual
         if whole:
             x, residual = intermediate
-        elif self.tp.size > 1:  # each rank's part of the lookup, summed by the first norm (its all-reduce fused)
+        else:  # with several ranks, each one's part of the lookup, summed by the first norm (its all-reduce fused)
             x = self.embed_tokens.part(input_ids)
-            residual = torch.zeros_like(x)
-        else:
-            x, residual = self.embed_tokens(input_ids), None
+            residual = torch.zeros_like(x) if self.tp.size > 1 else None
         sent = False  # whether x, a layer's output part, was sent by its down projection's GEMV
         for i, layer in enumerate(self.layers):
             x, residual, sent = layer(positions, x, residual, self.rope, attn, lora, whole=whole and i == 0,
