@@ -54,6 +54,10 @@ PDL = os.environ.get("NANOKYRO_PDL", "1") != "0"
 # (all_reduce_rms_norm), summed in place and normalised from the symmetric buffer above that; 0: the all-reduce,
 # then the norm as torch.compile writes it.
 FUSE_ALL_REDUCE = os.environ.get("NANOKYRO_FUSE_ALL_REDUCE", "1") != "0"
+# Under PDL a GEMV's programs start before the kernel ahead of them ends (a norm, attention: HBM idle), and wait;
+# they first ask the L2 for their first weight tile (prefetch.global.L2: no registers, nothing waited for), so its
+# bytes stream in during the wait instead of after it. 0: no prefetch.
+GEMV_PREFETCH = os.environ.get("NANOKYRO_GEMV_PREFETCH", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -199,7 +203,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated
         has_bias=bias is not None, gated=gated, has_lora=has_lora, block_m=triton.next_power_of_2(M),
         block_n=block_n, block_k=min(block_k, triton.next_power_of_2(K)), block_r=triton.next_power_of_2(R),
         block_s=triton.next_power_of_2(max(splits, 1)), pdl=pdl, send=send, rank=rank, size=size, rows=FUSED_ROWS,
-        hidden=FUSED_HIDDEN, asm=not triton_interprets(), num_warps=num_warps, num_stages=1, **pdl_launch(pdl),
+        hidden=FUSED_HIDDEN, asm=not triton_interprets(), prefetch=pdl and GEMV_PREFETCH and not triton_interprets(),
+        num_warps=num_warps, num_stages=1, **pdl_launch(pdl),
     )  # fmt: skip
     return y
 
@@ -304,17 +309,28 @@ def _gemv_kernel():
                     gated: tl.constexpr, has_lora: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
                     block_k: tl.constexpr, block_r: tl.constexpr, block_s: tl.constexpr, pdl: tl.constexpr,
                     send: tl.constexpr, rank: tl.constexpr, size: tl.constexpr, rows: tl.constexpr,
-                    hidden: tl.constexpr, asm: tl.constexpr):  # fmt: skip
+                    hidden: tl.constexpr, asm: tl.constexpr, prefetch: tl.constexpr):  # fmt: skip
         """y = x @ w.T (+ b) (+ each row's LoRA delta); `gated`: w is [gate; up], 2N rows, and y = silu(x @
         gate.T) * (x @ up.T), rounded as the unfused ops round (gate and up to y's dtype first). `send`: y's words
         also go to every other rank's slot as all_reduce_rms_norm_kernel sends them (tagged with the row's next
-        epoch; `asm`: volatile 8-byte stores by inline PTX, not in the interpreter)."""
+        epoch; `asm`: volatile 8-byte stores by inline PTX, not in the interpreter). `prefetch` (GEMV_PREFETCH): the
+        first weight tile's 128-byte lines asked of the L2 before the PDL wait."""
         rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
         rm = tl.arange(0, block_m)
         n_ok, m_ok = rn < N, rm < M
         w_rows = w_ptr + rn[:, None].to(tl.int64) * w_stride  # [block_n, 1]
         acc = tl.zeros((block_m, block_n), tl.float32)
         up = tl.zeros((block_m, block_n), tl.float32)
+        if prefetch:  # a line a lane, asked for and not waited for: no register holds them (a load would)
+            per_line: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # weights a 128-byte line
+            lines = tl.arange(0, max(block_k // per_line, 1)) * per_line
+            first = w_rows + lines[None, :]  # [block_n, lines]
+            ok = n_ok[:, None] & (lines < K)[None, :]
+            for half in tl.static_range(2 if gated else 1):  # gated: the up rows' tile too
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l,r",
+                    [(first + half * N * w_stride).to(tl.int64, bitcast=True), ok.to(tl.int32)], dtype=tl.int32,
+                    is_pure=False, pack=1)  # fmt: skip
         if pdl:  # before any load: a first weight tile loaded ahead of the loop would take registers from it
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()

@@ -63,6 +63,8 @@ def compile_only(self, *args, grid, warmup, **kwargs):
             assert loads and all("evict_first" in op for op in loads), (name, loads)
         else:
             assert not loads, (name, loads)
+        if name == "gemv_kernel":  # its first weight tile asked of the L2 (small_batch.GEMV_PREFETCH), nothing loaded
+            assert kwargs["prefetch"] and "prefetch.global.L2" in ptx[: ptx.index("griddepcontrol.wait")], name
     compiled.append((name, ptx, pdl))
     return kernel
 
