@@ -173,12 +173,15 @@ class RowParallelLinear(ReplicatedLinear):
         """This rank's part of x @ W.T (+ bias, in rank 0's), which RMSNorm then sums with its residual add (its
         `tp`), and whether the GEMV already sent it to the other ranks (the norm's `sent`): in the one- and
         two-row graphs, for a dense layer whose group fuses the all-reduce with the norm, so that the norm's
-        kernel only receives (small_batch.all_reduce_rms_norm). With one rank, the whole product."""
+        kernel only receives (small_batch.all_reduce_rms_norm). Past those graphs a dense layer's product goes
+        straight into the group's buffer where the all-reduce sums it there (Group.row_product). With one rank,
+        the whole product."""
         if not self.reduce:
             return self.multiply(x, self.bias, lora=lora), False
-        send = (self.feeds_norm and self.quant is None and small_batch.on(x)
-                and self.tp.fuses(self.out_features))  # fmt: skip
         bias = self.bias if self.tp.rank == 0 else None
+        if self.tp.symm is not None and self.quant is None and lora is None and not small_batch.on(x):
+            return self.tp.row_product(x, self.weight, bias), False
+        send = self.feeds_norm and self.quant is None and small_batch.on(x) and self.tp.fuses(self.out_features)
         return self.multiply(x, bias, lora=lora, send=self.tp.fused if send else None), send
 
 

@@ -136,11 +136,24 @@ def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 def two_shot_in_buffer(x: torch.Tensor, group: Group) -> torch.Tensor:
     """x summed over the group by the two-shot kernel, in place in the group's symmetric buffer: a view of the
-    buffer, good until its next use."""
+    buffer, good until its next use. An x that is that view already (row_product's) is not copied."""
     buf = group.symm.view(x.dtype)[: x.numel()].view_as(x)
-    buf.copy_(x)
+    if x.data_ptr() != buf.data_ptr():
+        buf.copy_(x)
     torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", group.pg.group_name)
     return buf
+
+
+def row_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group) -> torch.Tensor:
+    """x @ weight.T (+ bias): a row-parallel layer's part, which an all-reduce sums next. Where that is the two-shot
+    kernel's, in place in the group's symmetric buffer (ONE_SHOT_BYTES < bytes <= SYMM_BYTES), cuBLAS writes it
+    there, and two_shot_in_buffer skips its copy: a view of the buffer, good until its next use. Else a tensor of
+    its own."""
+    T, N = x.shape[0], weight.shape[0]
+    if not ONE_SHOT_BYTES < T * N * x.element_size() <= SYMM_BYTES:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = group.symm.view(x.dtype)[: T * N].view(T, N)
+    return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
 
 
 def all_gather(x: torch.Tensor, pg: dist.ProcessGroup, size: int) -> torch.Tensor:
@@ -188,6 +201,17 @@ def _all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.
 @_all_reduce_rms_norm.register_fake
 def _(x, residual, weight, eps, handle, sent):
     return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("nanokyro::row_product", mutates_args=())
+def _row_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, handle: int) -> torch.Tensor:
+    """row_product behind an op of its own: the compiled graph sees a tensor, not the group's buffer."""
+    return row_product(x, weight, bias, _groups[handle])
+
+
+@_row_product.register_fake
+def _(x, weight, bias, handle):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("nanokyro::all_gather", mutates_args=())
@@ -256,6 +280,13 @@ class Group:
         if torch.compiler.is_compiling():
             return torch.ops.nanokyro.all_reduce_rms_norm(x, residual, weight, eps, self.handle, sent)
         return all_reduce_rms_norm(x, residual, weight, eps, self, sent)
+
+    def row_product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight.T (+ bias) for a row-parallel layer's dense part, in the symmetric buffer (a group that has
+        one) where the all-reduce after it sums it there (row_product)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.nanokyro.row_product(x, weight, bias, self.handle)
+        return row_product(x, weight, bias, self)
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, n] -> [R, size * n]: every rank's columns side by side, in rank order."""

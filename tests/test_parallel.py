@@ -655,6 +655,36 @@ print(cases)
 """
 
 
+def test_a_part_the_two_shot_kernel_sums_is_multiplied_into_its_buffer(monkeypatch):
+    """parallel.row_product: a row-parallel part whose all-reduce is the two-shot kernel's (in place in the group's
+    symmetric buffer) is written there by the product itself, and two_shot_in_buffer then copies nothing; a part
+    of any other size is a tensor of its own. On the CPU, with a CPU tensor as the buffer and the kernel recorded
+    instead of run."""
+    import types
+
+    from nanokyro import parallel
+
+    group = types.SimpleNamespace(symm=torch.zeros(parallel.SYMM_BYTES, dtype=torch.uint8), pg=types.SimpleNamespace(
+        group_name="g"))  # fmt: skip
+    summed = []
+    monkeypatch.setattr(torch.ops.symm_mem, "two_shot_all_reduce_", lambda buf, op, name: summed.append(buf.data_ptr()))
+    copies = []
+    copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a: copies.append(self.data_ptr()) or copy(self, src, *a))
+    base, N, K = group.symm.data_ptr(), 256, 64
+    w, b = torch.randn(N, K), torch.randn(N)
+    for T, in_buffer in ((256, True), (1024, True), (64, False), (8193, False)):  # 128 KB < T * N * 4 <= 8 MiB
+        x = torch.randn(T, K)
+        y = parallel.row_product(x, w, b if T % 2 else None, group)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b if T % 2 else None))
+        assert (y.data_ptr() == base) == in_buffer, T
+        if in_buffer:
+            copies.clear()
+            assert parallel.two_shot_in_buffer(y, group).data_ptr() == base and summed[-1] == base and not copies
+    x = torch.randn(300, N)  # a part from elsewhere is still copied in first
+    assert parallel.two_shot_in_buffer(x, group).data_ptr() == base and copies == [base]
+
+
 def test_every_sent_part_is_received_as_sent(monkeypatch):
     """The model's wiring of the parts that row-parallel GEMVs send in the one- and two-row graphs
     (RowParallelLinear.part) and the norms told so (`sent`), on the CPU with the small graphs' switch forced on and
