@@ -55,20 +55,17 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> PendingSample:
         """Launch the sampling; the tokens stay on the device and start their way to the host."""
         params = [row.params for row in rows]
+        constrained = any(row.matcher is not None for row in rows)
         want_logprobs = any(p.logprobs is not None for p in params)
-        if all(p.greedy and not p.penalised for p in params) and not want_logprobs and all(
-                row.matcher is None for row in rows):  # fmt: skip
-            return PendingSample.start(argmax(logits), None, params)  # in the model's dtype: the same argmax
-        logits = logits.float()  # any model dtype in; penalties and softmax in fp32
-        if any(row.matcher is not None for row in rows):  # grammar first: logprobs are of what may be sampled
+        penalised, greedy = any(p.penalised for p in params), all(p.greedy for p in params)
+        if constrained or want_logprobs or penalised or not greedy:  # masks, penalties and softmax in fp32; a
+            logits = logits.float()  # plain argmax reads the model's dtype as it is (the same argmax)
+        if constrained:  # grammar first: logprobs are of what may be sampled
             self.bitmask.apply(logits, [row.matcher for row in rows])
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if any(p.penalised for p in params):
+        if penalised:
             logits = apply_penalties(logits, rows)
-        if all(p.greedy for p in params):
-            tokens = argmax(logits)
-        else:
-            tokens = _sample(logits, rows)
+        tokens = argmax(logits) if greedy else _sample(logits, rows)
         return PendingSample.start(tokens, raw_logprobs, params)
 
 
