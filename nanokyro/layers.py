@@ -80,7 +80,7 @@ def pack_head(head: VocabParallelEmbedding, rows: int = 1) -> None:
     """The LM head's packed copy, for `logits` (the dense weight stays: a tied head also embeds); a head that
     already multiplies a quantised copy (quant.py, made before this at load) keeps it."""
     if head.head_weight is None and _packable(head.weight):
-        head.head_weight = torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), rows)
+        head.head_weight = torch.ops.mkldnn._reorder_linear_weight(head.head_rows.detach(), rows)
 
 
 def _packable(w: torch.Tensor) -> bool:
@@ -218,16 +218,22 @@ class GateUpLinear(ColumnParallelLinear):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """The embedding, and as `logits` the LM head (tied or not): vocab rows split over the ranks, padded up to a
-    multiple of them. Embedding: each rank looks up the ids it holds, zeros elsewhere (`part`, which the first
-    layer's norm sums). Logits: each rank its slice of the vocab, gathered."""
+    """The embedding (`embeds`), and as `logits` the LM head (tied or not). The head: vocab rows split over the
+    ranks, padded up to a multiple of them; each rank multiplies its slice, gathered. The lookup: TP rank 0 holds
+    the whole table and looks every id up, the other ranks add zeros (`part`, summed by the first layer's norm).
+    So no rank but 0 reads the ids, and the tokens rank 0 samples stay there: a step's input ids that are still
+    the step before's placeholders need no broadcast."""
 
-    def __init__(self, vocab_size: int, hidden: int, tp: Group):
+    def __init__(self, vocab_size: int, hidden: int, tp: Group, embeds: bool = False, head: bool = True):
         super().__init__()
         self.tp, self.vocab_size = tp, vocab_size
-        self.rows = math.ceil(vocab_size / tp.size)
+        self.rows = math.ceil(vocab_size / tp.size)  # the head's rows on each rank
         self.start = tp.rank * self.rows
-        self.weight = nn.Parameter(torch.empty(self.rows, hidden))
+        # The vocab rows held from `first` on: every one on the rank that looks up, else this rank's head slice
+        # (none on a rank that only embeds).
+        self.whole = embeds and tp.rank == 0
+        self.first, held = (0, vocab_size) if self.whole else (self.start, self.rows if head else 0)
+        self.weight = nn.Parameter(torch.empty(held, hidden))
         self.weight.weight_loader = self.weight_loader
         # the weight as the LM head multiplies it (pack_for_cpu; int8: quant.int8_head; fp8 with its per-row
         # scales [rows, 1]: quant.fp8_head)
@@ -235,23 +241,26 @@ class VocabParallelEmbedding(nn.Module):
         self.head_scale: torch.Tensor | None = None
 
     def weight_loader(self, param, tensor, shard_id=None):
-        n = max(0, min(self.rows, self.vocab_size - self.start))  # the last ranks' rows run past the vocab
+        n = max(0, min(param.shape[0], self.vocab_size - self.first))  # the last ranks' slices run past the vocab
         param[n:].zero_()
         if n:
-            param[:n].copy_(tensor.narrow(0, self.start, n))
+            param[:n].copy_(tensor.narrow(0, self.first, n))
+
+    @property
+    def head_rows(self) -> torch.Tensor:
+        """The rows of `weight` that the LM head multiplies: this rank's slice of the vocab."""
+        return self.weight.narrow(0, self.start - self.first, self.rows)
 
     def part(self, ids: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the lookup: the rows of the ids it holds, zeros for the others (summed over the
-        ranks, the embedding; with one rank, the embedding)."""
-        if self.tp.size == 1:
+        """This rank's share of the lookup: each id's row on the rank that holds the whole table, zeros on the
+        others (summed over the ranks, the embedding)."""
+        if self.whole:
             return F.embedding(ids, self.weight)
-        local = ids - self.start
-        inside = (local >= 0) & (local < self.rows)
-        return F.embedding(local.clamp(0, self.rows - 1), self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)
+        return self.weight.new_zeros(*ids.shape, self.weight.shape[1])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, H] -> logits [R, vocab_size] on every rank."""
-        weight = self.weight if self.head_weight is None else self.head_weight
+        weight = self.head_rows if self.head_weight is None else self.head_weight
         logits = matmul(hidden, weight, scale=self.head_scale)
         return logits if self.tp.size == 1 else self.tp.all_gather(logits)[:, : self.vocab_size]
 

@@ -94,7 +94,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.cfg, self.shard, self.tp = cfg, shard, tp
         self.layer_range = shard.layers(cfg.num_layers)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp) if shard.first_stage else None
+        tied_head = cfg.tie_word_embeddings and shard.last_stage  # the embedding's table is also the LM head
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, embeds=True, head=tied_head)
+                             if shard.first_stage else None)  # fmt: skip
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(len(self.layer_range)))
         if not shard.last_stage and self.layers:  # the stage's last part is summed by an all-reduce, not a norm
             self.layers[-1].mlp.down_proj.feeds_norm = False
@@ -113,7 +115,7 @@ class LlamaModel(nn.Module):
         whole = intermediate is not None  # the stage before's output: x whole, beside its residual
         if whole:
             x, residual = intermediate
-        else:  # with several ranks, each one's part of the lookup, summed by the first norm (its all-reduce fused)
+        else:  # with several ranks, rank 0's lookup and the others' zeros, summed by the first norm (all-reduce fused)
             x = self.embed_tokens.part(input_ids)
             residual = torch.zeros_like(x) if self.tp.size > 1 else None
         sent = False  # whether x, a layer's output part, was sent by its down projection's GEMV

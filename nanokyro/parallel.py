@@ -13,9 +13,9 @@ On CUDA, an all-reduce of at most SYMM_BYTES (a decode step's) goes through symm
 reads the other GPUs' buffers over NVLink; larger ones, and every other collective, through NCCL. A decoder
 layer's all-reduces go with the RMSNorm after them (all_reduce_rms_norm): up to FUSED_ROWS rows, one kernel
 each (small_batch.all_reduce_rms_norm, over the same buffer's tail), which in the one- and two-row graphs only
-receives: the row-parallel GEMV before it sends the parts (layers.RowParallelLinear.part). A step whose input
-ids read the step before's tokens while they are still on their way to the host (placeholders) sends those tokens
-from rank 0 to the other ranks of stage 0 right after its plan.
+receives: the row-parallel GEMV before it sends the parts (layers.RowParallelLinear.part). The first of them also
+sums the embedding: rank 0 holds the whole table and looks every id up, the others pass zeros, so the tokens rank 0
+samples, which the next step's input ids read while still on their way to the host (placeholders), never leave it.
 
 Ranks start either as processes that rank 0 spawns (one node: `LLM(..., tensor_parallel_size=N)`), or all at once
 under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), where ranks > 0 serve until rank 0 stops.
@@ -332,11 +332,6 @@ class Parallel:
         t = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
         return int(t.item())
-
-    def broadcast_tokens(self, tokens: torch.Tensor) -> None:
-        """Rank 0's sampled tokens to the other ranks of stage 0 (in place on them), for their next input ids."""
-        if self.shard.tp_size > 1:
-            dist.broadcast(tokens, 0, group=self.tp.pg)
 
     # Pipeline stages: the same TP rank of the next / previous stage; logits from the last stage to rank 0.
 

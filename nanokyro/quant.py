@@ -227,7 +227,7 @@ def weight_bytes(model: nn.Module) -> int:
 def int8_head(head: nn.Module) -> None:
     """The LM head's int8 copy (`head_weight`, which layers.matmul multiplies); the fp32 weight stays, as a tied
     head also embeds."""
-    head.head_weight = int8_pack(head.weight.data)
+    head.head_weight = int8_pack(head.head_rows.detach())
 
 
 def fp8_head(model: nn.Module) -> None:
@@ -237,7 +237,7 @@ def fp8_head(model: nn.Module) -> None:
     benchmarks' model_costs) count them. A tied head keeps its full-precision table, which also embeds; an untied
     one's is freed."""
     head = model.head
-    w, scale = quantise_rows_fp8(head.weight.data)
+    w, scale = quantise_rows_fp8(head.head_rows.detach())
     head.head_weight = nn.Parameter(w, requires_grad=False)
     head.head_scale = nn.Parameter(scale, requires_grad=False)
     if head is not model.embed_tokens:

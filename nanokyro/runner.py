@@ -223,10 +223,9 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Compile the Triton kernels that steps run outside the model (the few rows' argmax in the model's dtype
         and in fp32, the placeholders' fill) now, not in the first requests' steps."""
-        if self.is_driver:
+        if self.is_driver:  # (the only rank that samples, and that reads ids)
             logits = torch.zeros(1, self.model_cfg.vocab_size, dtype=self.dtype, device=self.device)
             argmax(logits), argmax(logits.float())
-        if self.shard.first_stage:
             ids = torch.tensor([-1], dtype=torch.int32, device=self.device)
             fill_placeholders(ids, torch.zeros(1, dtype=torch.long, device=self.device))
 
@@ -347,16 +346,14 @@ class ModelRunner:
 
         A sequence whose last token is still a placeholder (-(row + 1): row `row` of the step in flight, not yet on
         the host) reads that token from `prev_tokens`, that step's sampled tokens on the device. With more ranks,
-        the plan goes to the others first (and the previous tokens to those that embed); a rank that died makes
-        this raise parallel.WorkerError."""
+        the plan goes to the others first (not the tokens: only rank 0 looks ids up, layers.VocabParallelEmbedding);
+        a rank that died makes this raise parallel.WorkerError."""
         if self.parallel.world_size == 1:
             return self._execute(plan, prev_tokens)
         if self.lora_slots is not None:  # here, not when planned: a plan may be dropped (a step failing first)
             plan.lora_reads, plan.lora_drops = self._lora_changes()
         with self.parallel.guard():
             self.parallel.send_plan(plan.encode())
-            if plan.num_prev_tokens:
-                self.parallel.broadcast_tokens(prev_tokens)
             logits = self._execute(plan, prev_tokens)
         return logits.wait() if wait and isinstance(logits, PendingLogits) else logits
 
@@ -377,13 +374,13 @@ class ModelRunner:
         return self.model.compute_logits(hidden[rows])
 
     def _prepare(self, plan: StepPlan, prev_tokens: torch.Tensor | None):
-        """The plan's tensors on the device, placeholder ids replaced by the previous step's tokens, and its
-        attention planned (into its bucket's graph buffers if it replays one) -> (input_ids, positions, logits row
-        indices, each token's LoRA slot)."""
+        """The plan's tensors on the device, placeholder ids replaced by the previous step's tokens (on rank 0, the
+        one that looks ids up; the other ranks keep them), and its attention planned (into its bucket's graph
+        buffers if it replays one) -> (input_ids, positions, logits row indices, each token's LoRA slot)."""
         if self._inputs_copied is not None:  # FlashInfer's plan() reuses a pinned buffer the last step copied from
             self._inputs_copied.synchronize()
         input_ids, positions, meta, rows, lora = self._load(plan)
-        if plan.num_prev_tokens and self.shard.first_stage:
+        if plan.num_prev_tokens and prev_tokens is not None:
             input_ids = fill_placeholders(input_ids, prev_tokens)
         if plan.bucket is not None:
             self.graphs.load(input_ids, positions, meta, lora)
@@ -488,12 +485,7 @@ class ModelRunner:
         profiler = StepProfiler(self.cfg, par.rank)
         while (data := par.recv_plan()) is not None:
             with profiler.step(), torch.inference_mode():
-                plan = StepPlan.decode(data)
-                prev_tokens = None
-                if plan.num_prev_tokens and self.shard.first_stage:
-                    prev_tokens = torch.empty(plan.num_prev_tokens, dtype=torch.long, device=self.device)
-                    par.broadcast_tokens(prev_tokens)
-                self._execute(plan, prev_tokens)
+                self._execute(StepPlan.decode(data), None)  # placeholder ids stay: only rank 0 reads ids
         profiler.close()
 
     def sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> PendingSample:

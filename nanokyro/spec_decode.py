@@ -155,7 +155,7 @@ def shrink_lm_head(model, num_tokens: int, quantization: str | None = None) -> N
     if not 0 < num_tokens <= head.vocab_size:
         raise ValueError(f"speculative_draft_vocab must be in [1, {head.vocab_size}], got {num_tokens}")
     small = VocabParallelEmbedding(num_tokens, head.weight.shape[1], head.tp)
-    small.weight = torch.nn.Parameter(head.weight[:num_tokens].clone(), requires_grad=False)
+    small.weight = torch.nn.Parameter(head.head_rows[:num_tokens].clone(), requires_grad=False)
     if quantization == "int8":
         int8_head(small)
     else:

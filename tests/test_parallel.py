@@ -35,10 +35,12 @@ def random_prompts(lens, seed):
     return [[rng.randrange(3, 384) for _ in range(n)] for n in lens]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "llama-tied"])
 def model(request, tmp_path_factory):
-    """A tiny model with HF's greedy tokens for prompts that share prefixes, and HF itself."""
-    path = build_tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
+    """A tiny model with HF's greedy tokens for prompts that share prefixes, and HF itself (tied: the embedding's
+    table is also the LM head, which TP rank 0 holds whole and the other ranks in part)."""
+    arch, tied = request.param.removesuffix("-tied"), request.param.endswith("-tied")
+    path = build_tiny_model(arch, str(tmp_path_factory.mktemp(request.param)), tie_word_embeddings=tied)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     base = random_prompts([150, 100, 40, 3], seed=5)
     prompts = base + [base[0][:120] + [7, 8, 9], base[2] + [11] * 30]  # cached prefixes of the first and third
@@ -398,8 +400,10 @@ def expected_shard(state: dict[str, torch.Tensor], mc: ModelConfig, shard: Shard
         for norm in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
             if hf + norm + ".weight" in state:
                 want[ours + norm + ".weight"] = state[hf + norm + ".weight"]
-    if shard.first_stage:
-        want["embed_tokens.weight"] = vocab(state["model.embed_tokens.weight"])
+    if shard.first_stage:  # rank 0 looks every id up; the others hold only a tied head's slice
+        embed = state["model.embed_tokens.weight"]
+        tied_head = mc.tie_word_embeddings and shard.last_stage
+        want["embed_tokens.weight"] = embed if r == 0 else vocab(embed) if tied_head else embed[:0]
     if shard.last_stage:
         want["norm.weight"] = state["model.norm.weight"]
         if not (mc.tie_word_embeddings and shard.first_stage):

@@ -141,13 +141,14 @@ def model_costs(llm: LLM) -> dict:
     layers, kv_heads, heads = len(model.layers), shard.num_kv_heads(cfg), shard.num_heads(cfg)
     itemsize = model.embed_tokens.weight.dtype.itemsize
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    embed = model.embed_tokens.weight.numel()
-    lm_head = embed  # tied or not, the vocab projection has the embedding's shape
-    # The embedding table is only gathered from (one row per token) unless the head multiplies it: tied, and not
-    # through an FP8 copy (quantize_lm_head: a parameter of its own; an untied head's own table is then freed).
-    # Every other weight is read.
+    embed = model.embed_tokens.weight.numel()  # the whole table on TP rank 0 (layers.VocabParallelEmbedding)
+    lm_head = math.ceil(cfg.vocab_size / shard.tp_size) * cfg.hidden_size  # the vocab projection's rows here
+    # The embedding table is only gathered from (one row per token), but for the rows the head multiplies when it
+    # is tied, here, and not through an FP8 copy (quantize_lm_head: a parameter of its own; an untied head's own
+    # table is then freed). Every other weight is read.
     fp8_head = model.head is not None and model.head.head_scale is not None
-    read = total - (0 if cfg.tie_word_embeddings and not fp8_head else embed * itemsize)
+    multiplied = model.head is model.embed_tokens and not fp8_head
+    read = total - (embed - (lm_head if multiplied else 0)) * itemsize
     linear = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "multiply"))
     return {
         "weight_bytes": read,
