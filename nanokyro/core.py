@@ -291,8 +291,8 @@ class EngineCore:
         """With pp_size stages: launch steps until pp_size are in flight or no sequence is free to run, then
         sample the oldest, launch its sequences again at once, and only then bring its tokens to the host, check
         their stops and report them. Rank 0's runner returns once stage 0's part of a step is launched, so stage 0
-        runs step n + 1 while the last stage runs step n; rank 0 samples step n on its device and stage 0 reads
-        those tokens there as the next step's input ids (placeholders, as in the overlapped schedule), so the
+        runs step n + 1 while the last stage runs step n; rank 0 samples step n on its device and reads those
+        tokens there as the next step's input ids (placeholders, as in the overlapped schedule), so the
         host's handling of step n overlaps the stages' work instead of holding stage 0 up. The step that takes
         step n's sequences next is scheduled and planned before step n's logits arrive: when they do, stage 0 has
         finished step n + 1, and waits only for the sampling and the launch. As in the overlapped schedule, a

@@ -71,7 +71,7 @@ class DecoderLayer(nn.Module):
     def forward(self, positions, x, residual, rope, attn, lora=None, whole=False, sent=False):
         """x: the layer before's output as this rank's part of the sum over the TP ranks (`sent`: its GEMV sent it
         already), or `whole` (the stage before's); with no residual, the embedding's (of one rank: with several,
-        each passes its part of the lookup and a zero residual). Returns this layer's output as its part,
+        rank 0 passes its lookup and the others zeros, with a zero residual). Returns this layer's output as its part,
         the residual, and whether the part was sent: each norm sums the part before it, with the residual add
         (where it can, one kernel: RMSNorm, which receives the parts that row-parallel GEMVs send:
         RowParallelLinear.part)."""

@@ -88,7 +88,6 @@ class _WirePlan(msgspec.Struct, array_like=True):
     q_lens: list[int]
     kv_lens: list[int]
     bucket: int | None
-    num_prev_tokens: int
     lora_loads: list[tuple[int, str]] = []
     lora_reads: list[str] = []
     lora_drops: list[str] = []
@@ -100,8 +99,9 @@ class StepPlan:
     positions, slot pages, slot offsets, kv page indices, sampled rows, each token's LoRA slot (empty: no
     adapter in the step), qo_indptr, kv_indptr, last page lengths) and their sizes, each attention row's new and
     cached token counts, the CUDA-graph bucket it replays (or None), how many of the previous step's tokens its
-    placeholder ids read (0: none), and the adapters to put in LoRA slots first, as (slot, path). With more ranks,
-    rank 0's plans also carry the adapters registered (to read and stage) and unregistered since its last plan."""
+    placeholder ids read (0: none; rank 0's alone, not sent: the other ranks leave placeholders as they are), and
+    the adapters to put in LoRA slots first, as (slot, path). With more ranks, rank 0's plans also carry the
+    adapters registered (to read and stage) and unregistered since its last plan."""
 
     host: torch.Tensor
     sizes: list[int]
@@ -140,15 +140,14 @@ class StepPlan:
 
     def encode(self) -> bytes:
         return msgspec.msgpack.encode(_WirePlan(self.host.numpy().tobytes(), self.sizes, self.q_lens, self.kv_lens,
-                                                self.bucket, self.num_prev_tokens, self.lora_loads, self.lora_reads,
-                                                self.lora_drops))  # fmt: skip
+                                                self.bucket, self.lora_loads, self.lora_reads, self.lora_drops))
 
     @classmethod
     def decode(cls, data: bytes) -> StepPlan:
         w = msgspec.msgpack.decode(data, type=_WirePlan)
         host = torch.frombuffer(bytearray(w.data), dtype=torch.int32)
-        return cls(host, w.sizes, w.q_lens, w.kv_lens, w.bucket, w.num_prev_tokens, [tuple(x) for x in w.lora_loads],
-                   w.lora_reads, w.lora_drops)
+        return cls(host, w.sizes, w.q_lens, w.kv_lens, w.bucket, 0, [tuple(x) for x in w.lora_loads], w.lora_reads,
+                   w.lora_drops)
 
 
 class ModelRunner:
@@ -380,7 +379,7 @@ class ModelRunner:
         if self._inputs_copied is not None:  # FlashInfer's plan() reuses a pinned buffer the last step copied from
             self._inputs_copied.synchronize()
         input_ids, positions, meta, rows, lora = self._load(plan)
-        if plan.num_prev_tokens and prev_tokens is not None:
+        if plan.num_prev_tokens and self.is_driver:
             input_ids = fill_placeholders(input_ids, prev_tokens)
         if plan.bucket is not None:
             self.graphs.load(input_ids, positions, meta, lora)

@@ -532,10 +532,14 @@ def test_quantize_lm_head_flag_reaches_the_engine_config():
     assert engine_flags(kwargs) == ["--quantization", "fp8", "--quantize-lm-head"]
 
 
-def test_parallel_fp8_lm_head_gives_one_process_tokens(base, tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_parallel_fp8_lm_head_gives_one_process_tokens(base, tmp_path, tied):
     """TP=2 splits the head's vocab rows and their scales: each rank's FP8 copy is made from its own rows (rank 0's
-    scales are the first half of one process's), and the greedy tokens are one process's. A block-wise FP8
-    checkpoint, whose layers (weight-only on the CPU) round the same on any number of ranks."""
+    scales are the first half of one process's; tied, rank 0 holds the whole table and its head is the first
+    rows), and the greedy tokens are one process's. A block-wise FP8 checkpoint, whose layers (weight-only on the
+    CPU) round the same on any number of ranks."""
+    if tied:
+        base = build_tiny_model("llama", str(tmp_path / "tied"), tie_word_embeddings=True, **SHAPE)
     path, _ = quantised_checkpoint(base, str(tmp_path / "fp8"), "fp8-block")
     ps = prompts(6, seed=3)
     params = SamplingParams(max_tokens=10, temperature=0)
