@@ -209,6 +209,7 @@ def test_logprobs_are_the_models(llama_dir, hf_llama):
     prompt = [5, 6, 7, 8]
     out = llm.generate(prompt, SamplingParams(max_tokens=3, temperature=0, logprobs=3, ignore_eos=True))[0]
     ref = torch.log_softmax(hf_llama(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1 : -1], -1)
+    assert len(out.logprobs) == len(out.token_ids) == 3  # one for every token, the last included
     for i, lp in enumerate(out.logprobs):
         assert lp.token_id == out.token_ids[i]
         assert lp.logprob == pytest.approx(ref[i, lp.token_id].item(), abs=1e-4)

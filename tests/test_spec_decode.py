@@ -235,10 +235,15 @@ def test_seeded_sampling_with_speculation_is_reproducible_and_n_gt_1_works(llama
 
 
 def test_speculation_turns_off_for_large_batches(llama_dir):
-    llm = make_llm(llama_dir, speculative_method="ngram", speculative_max_batch=2)
+    """Past speculative_max_batch running sequences no step speculates; at the limit they do (the model drafts for
+    itself, so every sequence that may speculate has a draft)."""
+    llm = make_llm(llama_dir, speculative_model=llama_dir, speculative_max_batch=2)
     prompts = [[5, 6, 7, 5, 6, 7, 5, 6]] * 4
-    llm.generate(prompts, Params(max_tokens=4, temperature=0, ignore_eos=True))
+    params = Params(max_tokens=4, temperature=0, ignore_eos=True)
+    llm.generate(prompts, params)
     assert llm.engine.stats().spec_verify_steps == 0  # four running > 2
+    llm.generate(prompts[:2], params)
+    assert llm.engine.stats().spec_verify_steps > 0  # two running: the same prompts speculate
     assert_no_leak(llm)
 
 
