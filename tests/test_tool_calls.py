@@ -14,7 +14,7 @@ from nanokyro.config import EngineConfig
 from nanokyro.server import create_app
 from nanokyro.tokenizer import Tokenizer
 from nanokyro.tool_calls import FORMATS, ToolCallParser, merge, parse
-from conftest import KEY, ServerThread
+from conftest import KEY, VOCAB, ServerThread
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -309,3 +309,30 @@ def test_a_real_model_asked_for_the_weather_calls_the_weather_tool():
             ("get_weather", args)]
     finally:
         srv.stop()
+
+
+def test_auto_allows_text_and_holds_an_opened_call_to_its_tools_schema(llama_dir):
+    """tool_choice auto's grammar, compiled by xgrammar as the engine compiles it (a random model never opens a
+    call, so the server tests cannot show this): any text is allowed; a call, once opened, must name a tool,
+    follow its schema and close; what it allows reads back as the call."""
+    import xgrammar as xgr
+
+    from nanokyro.grammar import GrammarCompiler
+    from nanokyro.request import StructuredOutput
+    from nanokyro.tool_calls import ToolUse
+
+    use = ToolUse.from_request(TOOLS, "auto", None, "hermes")
+    compiled = GrammarCompiler(Tokenizer.from_dir(llama_dir), VOCAB, [2]).compile(
+        StructuredOutput(structural_tag=use.grammar()))
+
+    def allows(text: str) -> bool:
+        return xgr.GrammarMatcher(compiled).accept_string(text)
+
+    call = FORMATS["hermes"].call_text("get_weather", {"city": "Paris", "unit": "celsius"})
+    assert allows("It is sunny in Paris, I think.")
+    assert allows("Let me look. " + call)
+    assert not allows('Let me look. <tool_call>\n{"name": "get_news"')  # not a tool
+    assert not allows('<tool_call>\n{"name": "get_weather", "arguments": {"city": 5')  # against the schema
+    assert not allows('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}')  # unit is required
+    assert plain(parse("Let me look. " + call, FORMATS["hermes"])[1]) == [
+        ("get_weather", {"city": "Paris", "unit": "celsius"})]
