@@ -304,14 +304,15 @@ def test_closing_the_core_client_ends_every_stream_and_stops_its_process(llama_d
 
     async def main():
         client = await CoreClient.start(EngineConfig(model=llama_dir, dtype="float32", kv_cache_memory=16 << 20))
-        reasons = []
+        reasons, streaming = [], asyncio.Event()
 
         async def consume():
             async for batch in client.generate([5, 6, 7], SamplingParams(max_tokens=800, ignore_eos=True), "a"):
                 reasons.extend(d.finish_reason for d in batch)
+                streaming.set()
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.5)
+        await asyncio.wait_for(streaming.wait(), timeout=60)  # closed mid-stream, however fast the machine
         with pytest.raises(ValueError, match="already in use"):  # a library caller's duplicate id
             await anext(client.generate([5], SamplingParams(), "a"))
         await client.close()
