@@ -282,10 +282,12 @@ def test_inconsistent_tool_requests_are_400_naming_the_field_or_problem(served, 
 
 # -- opt-in: a real model --------------------------------------------------------------------------------------
 
-REAL_GGUF = os.environ.get("NANOKYRO_TOOLS_GGUF", "/work/models/target.gguf")
+# A Qwen2.5 GGUF file; by default the target of the pair the speculative-decoding test reads (NANOKYRO_SPEC_PAIR).
+PAIR_DIR = os.environ.get("NANOKYRO_SPEC_PAIR")
+REAL_GGUF = os.environ.get("NANOKYRO_TOOLS_GGUF") or (os.path.join(PAIR_DIR, "target.gguf") if PAIR_DIR else "")
 
 
-@pytest.mark.skipif(not os.path.exists(REAL_GGUF), reason="set NANOKYRO_TOOLS_GGUF to a Qwen2.5 GGUF file")
+@pytest.mark.skipif(not os.path.isfile(REAL_GGUF), reason="set NANOKYRO_TOOLS_GGUF to a Qwen2.5 GGUF file")
 def test_a_real_model_asked_for_the_weather_calls_the_weather_tool():
     # tool_choice required: the call's form is guaranteed, what is called and with what is the model's choice.
     # (With auto, Qwen2.5-Coder-1.5B answers this with the call as a ```json block instead of a <tool_call>.)
