@@ -75,7 +75,8 @@ def test_greedy_chat_streamed_and_whole_give_the_same_text(served, client):
     assert whole.usage.prompt_tokens == len(served.core.tokenizer.encode_chat(CHAT))
     usage = whole.usage
     assert usage.completion_tokens <= 12 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-    assert whole.usage.prompt_tokens_details.cached_tokens >= 0
+    # (A cache hit's count: test_the_server_gives_token_for_token_what_the_offline_llm_gives.)
+    assert 0 <= whole.usage.prompt_tokens_details.cached_tokens <= usage.prompt_tokens
 
     chunks = list(client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=12, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))  # fmt: skip
@@ -250,12 +251,12 @@ def test_oversized_body_is_413(served, client):
 
 def test_a_prompt_far_longer_than_the_context_fails_at_once_without_stalling_streams(served, client):
     """A 9 MiB prompt can't fit 1,024 tokens whatever it tokenises to: it is refused before tokenising, and a
-    stream running meanwhile keeps its pace."""
+    stream running meanwhile gets all its tokens."""
     huge = "word " * ((9 << 20) // 5)
     stream = client.completions.create(model=served.model, prompt="Hi", max_tokens=200, stream=True,
                                        extra_body={"ignore_eos": True})  # fmt: skip
-    times = []
-    done = threading.Thread(target=lambda: times.extend(time.monotonic() for _ in stream))
+    chunks = []
+    done = threading.Thread(target=lambda: chunks.extend(stream))
     done.start()
     started = time.monotonic()
     with pytest.raises(openai.BadRequestError, match="longer than this model's context"):
@@ -264,7 +265,7 @@ def test_a_prompt_far_longer_than_the_context_fails_at_once_without_stalling_str
         client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": huge}])
     assert time.monotonic() - started < 5
     done.join(timeout=60)
-    assert len(times) == 200
+    assert len(chunks) == 200
     assert httpx.get(f"{served.url}/health").status_code == 200
 
 
