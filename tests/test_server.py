@@ -382,8 +382,9 @@ def test_metrics_parse_and_move_after_a_request(served, client):
 
 def test_waiting_queue_limit_holds_under_a_burst(llama_dir):
     """max_queue 8 with the one seat taken: of 30 requests sent at once, exactly 8 wait and 22 get 429 with
-    Retry-After (the count is taken before anything awaits); once the seat frees, the 8 run."""
-    srv = ServerThread(make_app(llama_dir, max_num_seqs=1, max_queue=8))
+    Retry-After (the count is taken before anything awaits); once the seat frees, the 8 run. (Slow steps: the
+    900-token request holds the seat for 9 s or more, however fast this machine decodes.)"""
+    srv = ServerThread(make_app(llama_dir, max_num_seqs=1, max_queue=8, core_entry="faults:slow_steps"))
     try:
         client = srv.client()
         long = client.completions.create(model=srv.model, prompt="Hi", max_tokens=900, stream=True,
