@@ -33,6 +33,48 @@ from nanokyro.scheduler import ScheduledBatch
 
 log = logging.getLogger("nanokyro.runner")
 
+
+class StepTimer:
+    """Throwaway instrumentation (branch steptime, not for main): with NANOKYRO_TIME_STEPS=1, a CUDA event and a
+    host clock at each milestone of a decode step on this rank's stream; every 200 bucket-1 replays, the mean
+    time between consecutive milestones on the GPU and on the host, printed with the rank."""
+
+    def __init__(self) -> None:
+        import os
+
+        self.on = os.environ.get("NANOKYRO_TIME_STEPS") == "1"
+        self.marks: list[tuple[str, torch.cuda.Event, float]] = []
+        self.replays, self.rank = 0, 0
+
+    def mark(self, name: str) -> None:
+        if self.on:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event, time.perf_counter()))
+
+    def replayed(self, bucket: int) -> None:
+        if not self.on:
+            return
+        if bucket != 1:
+            self.marks.clear()
+            return
+        self.replays += 1
+        if self.replays % 200:
+            return
+        self.marks[-1][1].synchronize()
+        sums: dict[str, list[float]] = {}
+        for (a, ea, ha), (b, eb, hb) in zip(self.marks, self.marks[1:]):
+            gpu_host = sums.setdefault(f"{a}>{b}", [0.0, 0.0, 0])
+            gpu_host[0] += ea.elapsed_time(eb) * 1000
+            gpu_host[1] += (hb - ha) * 1e6
+            gpu_host[2] += 1
+        print(f"[steptime rank {self.rank}] " + " | ".join(
+            f"{k}: gpu {g / n:.1f} host {h / n:.1f} us (n {n})" for k, (g, h, n) in sums.items()), flush=True)
+        self.marks = self.marks[-1:]
+
+
+STEP_TIMER = StepTimer()
+
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
@@ -369,7 +411,11 @@ class ModelRunner:
         input_ids, positions, rows, lora = self._prepare(plan, prev_tokens)
         bucket = plan.bucket
         if bucket is not None:
-            return self.graphs.replay(bucket)[rows]  # padding rows are dropped here
+            STEP_TIMER.mark("graph")
+            out = self.graphs.replay(bucket)[rows]  # padding rows are dropped here
+            STEP_TIMER.mark("after")
+            STEP_TIMER.replayed(bucket)
+            return out
         if self.graphs is not None:
             hidden = self.graphs.hidden_states(input_ids, positions, lora)
         else:
@@ -380,6 +426,7 @@ class ModelRunner:
         """The plan's tensors on the device, placeholder ids replaced by the previous step's tokens, and its
         attention planned (into its bucket's graph buffers if it replays one) -> (input_ids, positions, logits row
         indices, each token's LoRA slot)."""
+        STEP_TIMER.mark("prep")
         if self._inputs_copied is not None:  # FlashInfer's plan() reuses a pinned buffer the last step copied from
             self._inputs_copied.synchronize()
         input_ids, positions, meta, rows, lora = self._load(plan)
@@ -488,6 +535,8 @@ class ModelRunner:
         profiler = StepProfiler(self.cfg, par.rank)
         while (data := par.recv_plan()) is not None:
             with profiler.step(), torch.inference_mode():
+                STEP_TIMER.rank = par.rank
+                STEP_TIMER.mark("plan")
                 plan = StepPlan.decode(data)
                 prev_tokens = None
                 if plan.num_prev_tokens and self.shard.first_stage:
@@ -512,7 +561,9 @@ class ModelRunner:
     @torch.inference_mode()
     def draw(self, logits: torch.Tensor | None, rows: list[SampleRow]) -> PendingSample:
         """Launch sampling of `rows` from their logits."""
-        return self.sampler.sample(logits, rows) if rows else PendingSample.empty(self.device)
+        sample = self.sampler.sample(logits, rows) if rows else PendingSample.empty(self.device)
+        STEP_TIMER.mark("sampled")
+        return sample
 
     def run(self, batch: ScheduledBatch) -> SamplerOutput:
         """One whole step, synchronously: what the engine's pipelined step does, for tests and tools."""
