@@ -36,7 +36,7 @@ log = logging.getLogger("nanokyro.runner")
 
 class StepTimer:
     """Throwaway instrumentation (branch steptime, not for main): with NANOKYRO_TIME_STEPS=1, a CUDA event and a
-    host clock at each milestone of a decode step on this rank's stream; every 200 bucket-1 replays, the mean
+    host clock at each milestone of a decode step on this rank's stream; every 100 bucket-1 replays, the mean
     time between consecutive milestones on the GPU and on the host, printed with the rank."""
 
     def __init__(self) -> None:
@@ -59,7 +59,7 @@ class StepTimer:
             self.marks.clear()
             return
         self.replays += 1
-        if self.replays % 200:
+        if self.replays % 100:
             return
         self.marks[-1][1].synchronize()
         sums: dict[str, list[float]] = {}
