@@ -1,17 +1,20 @@
 """The CUDA kernels of 4-bit (AWQ) linear layers, on the MMA fragment layout (quant_formats.py): `w4_gemv` for up to
 16 rows (decode), `w4_dequantise` (to the model's dtype, for cuBLAS) above. CUDA C++ compiled at first use by NVRTC
-(through torch, which ships it; no CUDA toolkit needed), one module per setting.
+(which CUDA builds of torch ship; no CUDA toolkit or headers needed), one module per setting.
 
 Why not Triton: a one-row int4 GEMV must turn a weight into something a multiply takes in about one instruction,
 or the H200's 4.2 TB/s (8.4 G weights a microsecond, 37 a clock on each SM) outruns the instruction issue (every
 Triton GEMV tried took 5.4 instructions a weight, docs/PERFORMANCE.md sessions 11-14). Here the weight is the A
 operand of the m16n8k16 tensor-core MMA and x its B operand (x's rows padded to 8 or 16; the tensor cores have
-room to spare). Each lane's 32-bit word holds the eight nibbles of its A fragment for one step: per step four
-lop3s put MAGIC + q in bf16 (or f16) pairs, four fma2s subtract MAGIC + zero exactly, one MMA sums into fp32, and
-each group's sums are scaled once. About 1.4 instructions a weight, one 16-byte load per lane per four steps.
+room to spare). Each lane's 32-bit word holds the eight nibbles of its A fragment for one step: per step three
+shifts and four lop3s put MAGIC + q in bf16 (or f16) pairs, four fma2s subtract MAGIC + zero exactly, one MMA
+sums into fp32, and each group's sums are scaled once. In the sm_90 code that is 16 instructions a word with the
+loads, addresses and loop (2 a weight), one 16-byte load per lane per four steps. A llama-3.1-8b layer at one row
+takes 42.3 us (2.7 TB/s; torch's tinygemm 67.0; session 24 in docs/PERFORMANCE.md).
 
 A CTA takes one strip of 16 outputs (gated: the gate's strip and the up's), its warps split K in whole groups and
-add their sums through shared memory."""
+add their sums through shared memory; the launch is PDL's (small_batch.py's rules), the weights' first loads
+issued before the wait."""
 from __future__ import annotations
 
 import ctypes
