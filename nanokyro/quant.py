@@ -24,7 +24,8 @@ FP8 LM head through the FP8 layers' op, from layers.matmul):
   W8A8_TENSORWISE_MAX_ROWS). Block-wise scales keep the Triton kernel at every size.
 - on CUDA, int4 in the MMA layout: quant_cuda.py's GEMV (tensor-core MMAs on weights unpacked in registers) up
   to MMA_GEMV_MAX_ROWS rows, the weight dequantised (quant_cuda.py) + cuBLAS above; in the rows layout the
-  Triton kernel, dequantise + cuBLAS from INT4_DEQUANT_ROWS. Settings and switch points come from the sweep in docs/PERFORMANCE.md.
+  Triton kernel, dequantise + cuBLAS from INT4_DEQUANT_ROWS. Settings and switch points come from the sweep in
+  docs/PERFORMANCE.md.
 - on the CPU: per-channel FP8 runs the same W8A8 `_scaled_mm`; block-wise FP8 and int4 dequantise the weight
   and run the dense matmul. int8: fbgemm's dynamic W8A8 (`linear_dynamic`): the activations quantised at run time,
   one scale over the rows (per token at batch 1), products summed in int32. A decode step on the CPU is bound by
@@ -128,8 +129,8 @@ class Int4Method:
     def repack(self, layer: nn.Module) -> None:
         """On CUDA (sm_80+: bf16 MMAs), after loading: the weight into the MMA layout of quant_cuda.py's kernels
         where it applies (quant_formats.mma_layout_applies: bf16 or fp16, whole strips of 16 outputs and blocks of
-        64 features, whole zeros), `mma_scales_zeros` [K/g, N] replacing `scales` and `zeros`; other layers keep the rows layout of the
-        Triton kernels."""
+        64 features, whole zeros), `mma_scales_zeros` [K/g, N] replacing `scales` and `zeros`; other layers keep
+        the rows layout of the Triton kernels."""
         n, k = layer.qweight.shape[0], layer.qweight.shape[1] * 8
         if (not layer.qweight.is_cuda or torch.cuda.get_device_capability(layer.qweight.device) < (8, 0)
                 or not mma_layout_applies(n, k, self.group, layer.scales.dtype, layer.zeros)):  # fmt: skip

@@ -76,7 +76,9 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // the weight: r
   return v;
 }
 
-__device__ __forceinline__ u32 word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+__device__ __forceinline__ u32 word_of(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
 
 // y [M, N] = x [M, K] @ w.T (+ bias); GATED: w stacks gate and up (2N rows) and y = silu(x @ gate.T) * (x @ up.T),
 // each rounded to the dtype first. Block: one strip of 16 outputs, blockDim.x / 32 warps sharing K in whole steps.
@@ -311,28 +313,29 @@ def compile_cubin(defines: dict, arch: str, nvrtc: ctypes.CDLL | None = None) ->
 
 
 @functools.cache
-def _kernel(name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1, gated: bool = False,
-            pdl: bool = False) -> ctypes.c_void_p:  # fmt: skip
-    """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8, gating and PDL) for the current
-    device and loaded into its context: the CUfunction."""
-    major, minor = torch.cuda.get_device_capability()
+def _kernel(device: torch.device, name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1,
+            gated: bool = False, pdl: bool = False) -> ctypes.c_void_p:  # fmt: skip
+    """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8, gating and PDL) for `device` and
+    loaded into its context: the CUfunction."""
+    major, minor = torch.cuda.get_device_capability(device)
     defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl))
     cubin = compile_cubin(defines, f"sm_{major}{minor}")
     module, func = ctypes.c_void_p(), ctypes.c_void_p()
-    if _driver().cuModuleLoadData(ctypes.byref(module), cubin) or _driver().cuModuleGetFunction(
-            ctypes.byref(func), module, name.encode()):  # fmt: skip
-        raise RuntimeError(f"could not load {name} ({defines})")
+    with torch.cuda.device(device):  # the module loads into the current context
+        if _driver().cuModuleLoadData(ctypes.byref(module), cubin) or _driver().cuModuleGetFunction(
+                ctypes.byref(func), module, name.encode()):  # fmt: skip
+            raise RuntimeError(f"could not load {name} ({defines})")
     return func
 
 
 def _launch(func: ctypes.c_void_p, grid: int, threads: int, args: list, pdl: bool) -> None:
-    """One launch on the current stream (PDL: programmatic stream serialization); args are tensors (pointers)
-    and ints (int32)."""
+    """One launch on the current stream of args[0]'s device (PDL: programmatic stream serialization); args are
+    tensors (pointers) and ints (int32)."""
     values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
     pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
     attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION)
     attr.value[0] = 1
-    config = _LaunchConfig((grid, 1, 1), (threads, 1, 1), 0, torch.cuda.current_stream().cuda_stream,
+    config = _LaunchConfig((grid, 1, 1), (threads, 1, 1), 0, torch.cuda.current_stream(args[0].device).cuda_stream,
                            ctypes.cast(ctypes.byref(attr), ctypes.c_void_p) if pdl else None, int(pdl))  # fmt: skip
     err = _driver().cuLaunchKernelEx(ctypes.byref(config), func, pointers, None)
     if err:
@@ -363,8 +366,10 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     N = packed.shape[0] * 16 // (2 if gated else 1)
     warps = warps or gemv_warps(N // 16, K // max(64, group))
     y = x.new_empty(M, N)
+    if M == 0:
+        return y
     pdl = use_pdl()
-    func = _kernel("w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl)
+    func = _kernel(x.device, "w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl)
     _launch(func, N // 16, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
                                         int(bias is not None)], pdl)  # fmt: skip
     return y
@@ -376,6 +381,6 @@ def w4_dequantise(packed: torch.Tensor, sz: torch.Tensor, group: int, dtype: tor
     strips, kblocks = packed.shape[:2]
     out = torch.empty(strips * 16, kblocks * 64, dtype=dtype, device=packed.device)
     threads = strips * kblocks * 32
-    _launch(_kernel("w4_dequantise", dtype, group), (threads + 255) // 256, 256,
+    _launch(_kernel(packed.device, "w4_dequantise", dtype, group), (threads + 255) // 256, 256,
             [packed, sz, out, strips * 16, kblocks * 64], False)
     return out

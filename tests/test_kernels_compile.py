@@ -1,9 +1,9 @@
 """Every Triton kernel that the CUDA paths launch, compiled for Hopper (sm_90) on the CPU, at the settings the
-dispatch tables choose (and quant_cuda.py's CUDA C++ through NVRTC, at the end). The CPU tests run the kernels in Triton's interpreter, which accepts code that the
-compiler refuses: a float constexpr as an `if` condition once broke every CUDA engine while the suite passed.
-Here the wrappers run as on a GPU, with CPU tensors and a stand-in for Triton's driver that names an sm_90
-target, and every launch only compiles (its outputs are left unwritten). The machine code comes from this
-machine's Triton; the GPU image's may be older."""
+dispatch tables choose (and, at the end, quant_cuda.py's CUDA C++ through NVRTC). The CPU tests run the kernels
+in Triton's interpreter, which accepts code that the compiler refuses: a float constexpr as an `if` condition
+once broke every CUDA engine while the suite passed. Here the wrappers run as on a GPU, with CPU tensors and a
+stand-in for Triton's driver that names an sm_90 target, and every launch only compiles (its outputs are left
+unwritten). The machine code comes from this machine's Triton; the GPU image's may be older."""
 import ctypes
 import glob
 import importlib.util

@@ -449,7 +449,8 @@ print(worst)
 def test_triton_kernels_match_dequantised_matmul_in_the_interpreter():
     """The CUDA kernels (GEMV at 1 row, 3 rows; tensor-core tiles at 9 and 40; fp8 per-channel and block-wise with
     a partial block; int4 groups of 32, 64, 128; gated; split-K; prefetching; the one-row FP8 kernel, gated with a
-    partial last block too; the W8A8 scales' epilogue; the tiles' dot in f16) run by Triton's interpreter on the CPU, against the dequantised weight."""
+    partial last block too; the W8A8 scales' epilogue; the tiles' dot in f16) run by Triton's interpreter on the
+    CPU, against the dequantised weight."""
     assert float(run_in_interpreter(KERNEL_CHECK)) < 1e-5
 
 
