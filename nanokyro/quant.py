@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanokyro.quant_formats import (FP8, QuantConfig, dequantise_fp8, dequantise_int4, pack_rows, quantise_rows_fp8,
-                                    tinygemm_bytes, tinygemm_inner_k_tiles, tinygemm_scales_zeros,
-                                    unpack_rows)  # fmt: skip
+from nanokyro.quant_cuda import MAX_ROWS as MMA_GEMV_MAX_ROWS, w4_dequantise, w4_gemv
+from nanokyro.quant_formats import (FP8, QuantConfig, dequantise_fp8, dequantise_int4, mma_layout_applies, mma_pack,
+                                    mma_scales_zeros, pack_rows, quantise_rows_fp8, tinygemm_bytes,
+                                    tinygemm_inner_k_tiles, tinygemm_scales_zeros, unpack_rows)  # fmt: skip
 from nanokyro.quant_triton import (dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv, quantise_rows_fp8_cuda,
                                    scale_outer_cuda)  # fmt: skip
 from nanokyro.small_batch import silu_and_mul
@@ -130,12 +131,23 @@ class Int4Method:
         layer.zeros = nn.Parameter(zero.to(w.dtype), requires_grad=False)
 
     def repack(self, layer: nn.Module) -> None:
-        """On CUDA, after loading: the weight into torch's tinygemm layout where that kernel can take it (bf16,
-        N % 8 == 0, K in whole tiles, groups of 32..256). `qweight` becomes the int32 4-D tile layout and
-        `scales_zeros` [K/g, N, 2] replaces `scales` and `zeros`; other layers keep the Triton kernels' layout."""
+        """On CUDA, after loading: the weight into the MMA layout of quant_cuda.py's kernels where it applies
+        (quant_formats.mma_layout_applies: bf16 or fp16, whole strips of 16 outputs and blocks of 64 features, whole
+        zeros), `mma_scales_zeros` [K/g, N] replacing `scales` and `zeros`; else into torch's tinygemm layout where
+        that kernel can take it (bf16, N % 8 == 0, K in whole tiles, groups of 32..256), `scales_zeros` [K/g, N, 2]
+        replacing them; other layers keep the Triton kernels' layout."""
         n, k = layer.qweight.shape[0], layer.qweight.shape[1] * 8
+        if not layer.qweight.is_cuda:
+            return
+        if mma_layout_applies(n, k, self.group, layer.scales.dtype, layer.zeros):
+            packed = mma_pack(unpack_rows(layer.qweight))
+            scales_zeros = mma_scales_zeros(layer.scales, layer.zeros)
+            del layer.qweight, layer.scales, layer.zeros
+            layer.qweight = nn.Parameter(packed, requires_grad=False)
+            layer.mma_scales_zeros = nn.Parameter(scales_zeros, requires_grad=False)
+            return
         inner = tinygemm_inner_k_tiles(n, k, self.group, layer.scales.dtype)
-        if not layer.qweight.is_cuda or inner is None:
+        if inner is None:
             return
         packed = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(unpack_rows(layer.qweight)), inner)
         scales_zeros = tinygemm_scales_zeros(layer.scales, layer.zeros)
@@ -144,6 +156,9 @@ class Int4Method:
         layer.scales_zeros = nn.Parameter(scales_zeros, requires_grad=False)
 
     def matmul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False):
+        if hasattr(layer, "mma_scales_zeros"):
+            return torch.ops.nanokyro.int4_mma_linear(x, layer.qweight, layer.mma_scales_zeros, self.group, bias,
+                                                      gated)  # fmt: skip
         if hasattr(layer, "scales_zeros"):
             return torch.ops.nanokyro.int4_tinygemm_linear(x, layer.qweight, layer.scales_zeros, self.group, bias,
                                                            gated)  # fmt: skip
@@ -352,4 +367,20 @@ def int4_tinygemm_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: to
 @int4_tinygemm_linear.register_fake
 def _(x, packed, scales_zeros, group, bias, gated):
     n = packed.shape[0] * 8
+    return x.new_empty(x.shape[0], n // 2 if gated else n)
+
+
+@torch.library.custom_op("nanokyro::int4_mma_linear", mutates_args=())
+def int4_mma_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
+                    bias: torch.Tensor | None, gated: bool) -> torch.Tensor:  # fmt: skip
+    """x [M, K] @ w.T (+ bias) for 4-bit w in the MMA layout (Int4Method.repack): quant_cuda's GEMV up to
+    MMA_GEMV_MAX_ROWS rows, above that the weight dequantised to x's dtype and cuBLAS."""
+    if x.shape[0] <= MMA_GEMV_MAX_ROWS:
+        return w4_gemv(x, packed, scales_zeros, group, bias, gated)
+    return _gate(F.linear(x, w4_dequantise(packed, scales_zeros, group, x.dtype), bias), gated)
+
+
+@int4_mma_linear.register_fake
+def _(x, packed, scales_zeros, group, bias, gated):
+    n = packed.shape[0] * 16
     return x.new_empty(x.shape[0], n // 2 if gated else n)

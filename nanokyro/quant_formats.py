@@ -1,6 +1,6 @@
 """FP8 and 4-bit (AWQ) weight formats: which quantisation a checkpoint's config.json declares, its tensors re-laid
 into the layout the linear layers hold (quant.py's docstring), the packed 4-bit layouts (the layers' rows, AWQ's,
-torch's tinygemm tiles) and the plain-torch dequantisation that the CPU runs and the kernels are tested against.
+torch's tinygemm tiles, the MMA fragments of quant_cuda.py) and the plain-torch dequantisation that the CPU runs and the kernels are tested against.
 
 Formats read (detected from config.json's `quantization_config`), and what each becomes in a layer:
 - HF `quant_method: "fp8"` with `weight_block_size` [128, 128] (Qwen3-FP8, DeepSeek): `weight` float8_e4m3fn
@@ -237,6 +237,69 @@ def dequantise_tinygemm(packed: torch.Tensor, scales_zeros: torch.Tensor) -> tor
     sz = scales_zeros.float().transpose(0, 1)  # [N, K/g, 2]
     g = k // sz.shape[1]
     return ((q.reshape(n, -1, g) - 8) * sz[..., :1] + sz[..., 1:]).reshape(n, k)
+
+
+# -- the MMA fragment layout (quant_cuda.py's kernels on CUDA) ------------------------------------------------
+#
+# int32 [N/16, K/64, 32, 4]: per strip of 16 output features and block of 64 input features, lane l's four words,
+# one per 16-feature step j of the m16n8k16 tensor-core MMA whose A operand is the weight (its rows the outputs).
+# Lane l holds the strip's rows r = l // 4 and r + 8, and input features 64 kb + 16 j + 4 (l % 4) + p, p = 0..3:
+# the MMA sums over its 16 features in any order, so each lane takes four consecutive ones and reads x's with one
+# 8-byte load. Nibble t of the word (bits 4t..4t+3) holds row r + 8 (t & 1), feature p = 2 ((t >> 1) & 1) + t // 4,
+# so that the word shifted right by 4i and masked by one lop3 is A's register i (its low and high halves the
+# nibbles t = i and i + 4) for i = 0..3. Beside it `scales_zeros` int32 [K/g, N]: the scale in the low 16 bits and
+# -(MMA_MAGIC + zero) in the high 16, both in the model's dtype, which the kernel adds to MMA_MAGIC + q (the
+# nibble under the magic number's exponent, exact) to get q - zero exactly.
+
+MMA_MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}
+MMA_GROUPS = (32, 64, 128, 256)
+
+
+def mma_layout_applies(n: int, k: int, group: int, dtype: torch.dtype, zeros: torch.Tensor) -> bool:
+    """Whether an [n, k] int4 weight in groups of `group` with `dtype` scales goes into the MMA layout: whole strips
+    and blocks, and zeros that are whole numbers 0..15 (MMA_MAGIC + zero is then exact in the dtype)."""
+    if dtype not in MMA_MAGIC or group not in MMA_GROUPS or n % 16 or k % 64 or k % group:
+        return False
+    z = zeros.float()
+    return bool(((z == z.round()) & (z >= 0) & (z <= 15)).all())
+
+
+def _int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words 0..2^32 - 1 -> int32 with the same bits."""
+    return (words - (words >= 2**31).long() * 2**32).to(torch.int32)
+
+
+def mma_pack(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values [N, K] (0..15) -> the int32 MMA layout above."""
+    n, k = q.shape
+    t = q.to(torch.int64).reshape(n // 16, 2, 8, k // 64, 4, 4, 2, 2)  # strip, r8, r, kb, j, l%4, p//2, p%2
+    nib = t.permute(0, 3, 2, 5, 4, 7, 6, 1).reshape(n // 16, k // 64, 32, 4, 8)  # nibble t = 4 (p%2) + 2 (p//2) + r8
+    return _int32((nib << torch.arange(0, 32, 4, device=q.device)).sum(-1))
+
+
+def mma_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The int32 MMA layout -> 4-bit values [N, K] (int32 0..15): mma_pack's inverse."""
+    strips, kbs = packed.shape[:2]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nib = ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(strips, kbs, 8, 4, 4, 2, 2, 2)  # ., r, l%4, j, p%2, p//2, r8
+    return nib.permute(0, 7, 2, 1, 4, 3, 6, 5).reshape(strips * 16, kbs * 64)
+
+
+def mma_scales_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """scales and zeros [N, K/g] of w = (q - zero) * scale -> the int32 [K/g, N] words above."""
+    bits = lambda t: t.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF  # noqa: E731
+    negz = (-(MMA_MAGIC[scales.dtype] + zeros.float())).to(scales.dtype)
+    return _int32(bits(scales) | (bits(negz) << 16)).t().contiguous()
+
+
+def dequantise_mma(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The MMA layout and its scale/zero words -> fp32 [N, K] (the reference for the kernels)."""
+    q = mma_unpack(packed).float()
+    n, k = q.shape
+    halves = lambda sh: ((scales_zeros.t() >> sh) & 0xFFFF).to(torch.int16).view(dtype).float()  # noqa: E731
+    s, negz = halves(0), halves(16)  # [N, K/g]
+    g = k // s.shape[1]
+    return ((q.reshape(n, -1, g) + MMA_MAGIC[dtype] + negz[..., None]) * s[..., None]).reshape(n, k)
 
 
 # -- dequantisation (CPU, large batches, references) ----------------------------------------------------------

@@ -622,6 +622,40 @@ def test_quantised_tinygemm_matches_dequantised_matmul(group, rows):
         assert rel_err(got.float(), want) < 1e-2, (n, k, kind)
 
 
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 200])
+def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
+    """int4 in the MMA layout (quant_cuda.py): the dequantise kernel gives quant_formats.dequantise_mma's weight,
+    and the op (the GEMV up to quant_cuda.MAX_ROWS rows, dequantise + cuBLAS above) matches an fp32 matmul with
+    it; bf16 and fp16, a stacked gate/up, a bias, a strip-sized layer and a K that the warps share unevenly."""
+    from nanokyro import quant  # noqa: F401 - registers nanokyro::int4_mma_linear
+    from nanokyro.quant_cuda import w4_dequantise
+    from nanokyro.quant_formats import dequantise_mma, mma_pack, mma_scales_zeros
+
+    gen = torch.Generator(DEVICE).manual_seed(rows + group)
+    cases = [(4096, 14336, "plain", torch.bfloat16), (6144, 4096, "bias", torch.bfloat16),
+             (1024, 2048, "gated", torch.bfloat16), (16, 1152, "plain", torch.bfloat16),
+             (2048, 1024, "gated", torch.float16), (96, 640, "bias", torch.float16)]  # fmt: skip
+    for n, k, kind, dtype in cases:
+        if k % group:
+            continue
+        n_rows = 2 * n if kind == "gated" else n
+        q = torch.randint(0, 16, (n_rows, k), generator=gen, device=DEVICE, dtype=torch.int32)
+        scales = (torch.rand(n_rows, k // group, generator=gen, device=DEVICE) * 2 / k**0.5).to(dtype)
+        zeros = torch.randint(0, 16, scales.shape, generator=gen, device=DEVICE).to(dtype)
+        packed, sz = mma_pack(q), mma_scales_zeros(scales, zeros)
+        w = dequantise_mma(packed, sz, dtype)
+        assert (w4_dequantise(packed, sz, group, dtype).float() - w).abs().max() <= w.abs().max() / 128
+        x = torch.randn(rows, k, generator=gen, device=DEVICE, dtype=dtype)
+        b = torch.randn(n, generator=gen, device=DEVICE, dtype=dtype) if kind == "bias" else None
+        want = x.float() @ w.T + (b.float() if b is not None else 0)
+        if kind == "gated":
+            want = torch.nn.functional.silu(want[:, :n]) * want[:, n:]
+        got = torch.ops.nanokyro.int4_mma_linear(x, packed, sz, group, b, kind == "gated")
+        assert got.shape == (rows, n) and got.dtype == dtype
+        assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype)
+
+
 @pytest.mark.parametrize("method", ["fp8", "awq"])
 def test_quantised_engine_graphs_match_eager(method):
     """A quantised model through the compiled steps and the decode graphs gives the eager engine's logits, step by

@@ -245,6 +245,39 @@ def test_tinygemm_scales_and_zeros_give_the_awq_weight():
     assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # scales and zeros rounded to bf16
 
 
+def test_mma_layout_read_as_documented():
+    """The MMA fragment layout (quant_formats.py): lane 5 (rows 1 and 9, features 4..7 of each 16) of strip 0,
+    block 0, step 2 holds features 36..39. Nibble t is row 1 + 8 (t & 1), feature 36 + 2 ((t >> 1) & 1) + t // 4;
+    with q = (n + k) % 16 the nibbles from t = 0 up are 5 13 7 15 6 14 8 0, i.e. 0x08E6F7D5."""
+    from nanokyro.quant_formats import mma_pack, mma_unpack
+
+    n, k = torch.meshgrid(torch.arange(32), torch.arange(128), indexing="ij")
+    q = (n + k) % 16
+    packed = mma_pack(q)
+    assert packed.shape == (2, 2, 32, 4) and packed.dtype == torch.int32
+    assert packed[0, 0, 5, 2].item() == 0x08E6F7D5
+    q = torch.randint(0, 16, (48, 320))
+    assert torch.equal(mma_unpack(mma_pack(q)), q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_scales_and_zeros_give_the_awq_weight(dtype):
+    """The MMA layout's scale/zero words: the scale and -(MMA_MAGIC + zero) in the dtype, which MMA_MAGIC + q
+    turns into (q - zero) * scale; only zeros that are whole numbers 0..15 go into it."""
+    from nanokyro.quant_formats import (dequantise_int4, dequantise_mma, mma_layout_applies, mma_pack,
+                                        mma_scales_zeros, pack_rows)  # fmt: skip
+
+    q = torch.randint(0, 16, (32, 256))
+    scales, zeros = (torch.rand(32, 8) / 16).to(dtype), torch.randint(0, 16, (32, 8)).to(dtype)
+    sz = mma_scales_zeros(scales, zeros)
+    assert sz.shape == (8, 32) and sz.dtype == torch.int32
+    assert torch.equal(dequantise_mma(mma_pack(q), sz, dtype), dequantise_int4(pack_rows(q), scales, zeros))
+    assert mma_layout_applies(32, 256, 32, dtype, zeros)
+    assert not mma_layout_applies(32, 256, 32, dtype, zeros + 0.5)  # a zero between two values
+    assert not mma_layout_applies(24, 256, 32, dtype, zeros)  # a partial strip
+    assert not mma_layout_applies(32, 256, 32, torch.float32, zeros)
+
+
 # -- checkpoints against transformers ---------------------------------------------------------------------------
 
 

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from nanokyro import quant, small_batch  # noqa: F401 - small_batch registers nanokyro::gemv
-from nanokyro.quant_formats import FP8, FP8_MAX, pack_rows, tinygemm_bytes, tinygemm_pack, tinygemm_scales_zeros
+from nanokyro.quant_cuda import MAX_ROWS as MMA_MAX_ROWS, w4_dequantise, w4_gemv
+from nanokyro.quant_formats import (FP8, FP8_MAX, mma_pack, mma_scales_zeros, pack_rows, tinygemm_bytes, tinygemm_pack,
+                                    tinygemm_scales_zeros)  # fmt: skip
 from nanokyro.quant_triton import GemvConfig, dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv
 
 # (name, N, K, gated): gate/up's weight stacks 2N rows (gate and up, 14336 each) for an output of N
@@ -84,7 +86,8 @@ def label(c: GemvConfig) -> str:
 
 @functools.cache
 def weights() -> list[dict]:
-    """Per shape: the bf16 weight and its FP8 (per-channel), int4 (Triton layout) and int4 (tinygemm) forms."""
+    """Per shape: the bf16 weight and its FP8 (per-channel), int4 (Triton layout, tinygemm's, the MMA layout)
+    forms."""
     gen = torch.Generator(DEVICE).manual_seed(0)
     out = []
     for name, n, k, gated in SHAPES:
@@ -97,7 +100,7 @@ def weights() -> list[dict]:
         sz = tinygemm_scales_zeros(s, z)
         tg = {i: tinygemm_weight(q, i) for i in (8, 4)}
         out.append(dict(name=name, n=n, k=k, gated=gated, w=w, wq=(w.float() / scale).to(FP8), scale=scale,
-                        qw=pack_rows(q), s=s, z=z, sz=sz, tg=tg))  # fmt: skip
+                        qw=pack_rows(q), s=s, z=z, sz=sz, tg=tg, mma=mma_pack(q), mma_sz=mma_scales_zeros(s, z)))  # fmt: skip
         del q
     return out
 
@@ -130,7 +133,15 @@ def variants(rows: int) -> dict:
     v["int4 dispatch"] = (lambda d, x: torch.ops.nanokyro.int4_tinygemm_linear(x, d["tg"][8], d["sz"], GROUP, None,
                                                                                d["gated"]), int4_bytes)  # fmt: skip
     v["int4 triton"] = (lambda d, x: qgemv(x, d["qw"], d["s"], d["z"], None, d["gated"]), int4_bytes)
+    v["int4 mma dispatch"] = (lambda d, x: torch.ops.nanokyro.int4_mma_linear(x, d["mma"], d["mma_sz"], GROUP, None,
+                                                                              d["gated"]), int4_bytes)  # fmt: skip
+    if rows <= MMA_MAX_ROWS:
+        for warps in (2, 4, 8):
+            v[f"int4 mma gemv w{warps}"] = (
+                lambda d, x, w=warps: w4_gemv(x, d["mma"], d["mma_sz"], GROUP, None, d["gated"], w), int4_bytes)
     if rows >= 8:
+        v["int4 mma dequant + cuBLAS"] = (
+            lambda d, x: g(F.linear(x, w4_dequantise(d["mma"], d["mma_sz"], GROUP, x.dtype)), d["gated"]), int4_bytes)
         v["int4 dequant + cuBLAS"] = (lambda d, x: g(F.linear(x, dequantise_int4_cuda(d["qw"], d["s"], d["z"],
                                                                                       x.dtype)), d["gated"]),
                                       int4_bytes)  # fmt: skip

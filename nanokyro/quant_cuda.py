@@ -1,0 +1,291 @@
+"""The CUDA kernels of 4-bit (AWQ) linear layers, on the MMA fragment layout (quant_formats.py): `w4_gemv` for up to
+16 rows (decode), `w4_dequantise` (to the model's dtype, for cuBLAS) above. CUDA C++ compiled at first use by NVRTC
+(through torch, which ships it; no CUDA toolkit needed), one module per setting.
+
+Why not Triton: a one-row int4 GEMV must turn a weight into something a multiply takes in about one instruction,
+or the H200's 4.2 TB/s (8.4 G weights a microsecond, 37 a clock on each SM) outruns the instruction issue (every
+Triton GEMV tried took 5.4 instructions a weight, docs/PERFORMANCE.md sessions 11-14). Here the weight is the A
+operand of the m16n8k16 tensor-core MMA and x its B operand (x's rows padded to 8 or 16; the tensor cores have
+room to spare). Each lane's 32-bit word holds the eight nibbles of its A fragment for one step: per step four
+lop3s put MAGIC + q in bf16 (or f16) pairs, four fma2s subtract MAGIC + zero exactly, one MMA sums into fp32, and
+each group's sums are scaled once. About 1.4 instructions a weight, one 16-byte load per lane per four steps.
+
+A CTA takes one strip of 16 outputs (gated: the gate's strip and the up's), its warps split K in whole groups and
+add their sums through shared memory."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from nanokyro.quant_formats import MMA_MAGIC
+
+MAX_ROWS = 16  # rows the GEMV takes (two MMA column tiles of 8)
+MAX_WARPS = 8
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#if F16
+#define MAGIC2 0x64006400u  // 1024 in both halves: 1024 + q for a nibble q in the low mantissa bits
+#define ONE2 0x3C003C00u
+#define MMA_OP "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#define FMA2_OP "fma.rn.f16x2"
+__device__ __forceinline__ float to_f32(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ u16 from_f32(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  u32 d; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d; }
+#else
+#define MAGIC2 0x43004300u  // 128 in both halves (bf16)
+#define ONE2 0x3F803F80u
+#define MMA_OP "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#define FMA2_OP "fma.rn.bf16x2"
+__device__ __forceinline__ float to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ u16 from_f32(float f) { u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  u32 d; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d; }
+#endif
+
+// A's register i of a lane's word: nibbles i and i + 4 as MAGIC + q, minus (MAGIC + zero) of its row: q - zero
+__device__ __forceinline__ u32 nibbles(u32 word, int i, u32 negz) {
+  u32 a, d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(a) : "r"(word >> (4 * i)), "r"(0x000F000Fu), "r"(MAGIC2));
+  asm(FMA2_OP " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(ONE2), "r"(negz));
+  return d;
+}
+
+__device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
+  asm(MMA_OP " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {  // the weight: read once, keep it out of L1
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ u32 word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+// y [M, N] = x [M, K] @ w.T (+ bias); GATED: w stacks gate and up (2N rows) and y = silu(x @ gate.T) * (x @ up.T),
+// each rounded to the dtype first. Block: one strip of 16 outputs, blockDim.x / 32 warps sharing K in whole steps.
+// A step is UNIT blocks of 64 features (whole groups); DEPTH steps of weight words are in flight per lane.
+#define UNIT (GROUP > 64 ? GROUP / 64 : 1)
+#define DEPTH (UNIT >= 4 ? 1 : 4 / UNIT)
+#define NS (GATED ? 2 : 1)
+extern "C" __global__ void __launch_bounds__(32 * 8) w4_gemv(
+    const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
+    const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int x_stride, int has_bias) {
+  __shared__ float red[8][NS * MT * 4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int r = lane >> 2, i = lane & 3;
+  const int kblocks = K >> 6, steps = kblocks / UNIT;
+  const int u0 = steps * warp / warps, u1 = steps * (warp + 1) / warps;
+  const uint4* wp[NS];
+  const u32* szp[NS];
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+    const int strip = blockIdx.x + s * (N >> 4);
+    wp[s] = w + (long long)strip * kblocks * 32 + lane;
+    szp[s] = sz + strip * 16 + r;
+  }
+  // lane's B column: x's row 8t + r (a row past M reads row M - 1: its sums land in columns never stored)
+  const u16* xr[MT];
+#pragma unroll
+  for (int t = 0; t < MT; ++t) xr[t] = x + (long long)min(8 * t + r, M - 1) * x_stride + 4 * i;
+  float acc[NS][MT][4], part[NS][MT][4], scale[NS][2];
+  u32 negz[NS][2];
+#pragma unroll
+  for (int s = 0; s < NS; ++s)
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[s][t][e] = 0.f;
+
+  // running pointers: weight words, scale/zero words and x at step u (the loop's first)
+  constexpr int GPS = UNIT * 64 / GROUP;  // groups per step
+  const int gstride = NS * N;  // the weight's rows: one group's scale/zero words
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+    wp[s] += (long long)u0 * UNIT * 32;
+    szp[s] += (long long)u0 * GPS * gstride;
+  }
+#pragma unroll
+  for (int t = 0; t < MT; ++t) xr[t] += u0 * UNIT * 64;
+  uint4 buf[DEPTH][UNIT][NS];
+#pragma unroll
+  for (int d = 0; d < DEPTH; ++d)
+    if (u0 + d < u1)
+#pragma unroll
+      for (int b = 0; b < UNIT; ++b)
+#pragma unroll
+        for (int s = 0; s < NS; ++s) buf[d][b][s] = load_stream(wp[s] + (d * UNIT + b) * 32);
+  for (int u = u0; u < u1; u += DEPTH) {
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      if (u + d >= u1) break;
+#pragma unroll
+      for (int b = 0; b < UNIT; ++b) {
+        uint2 xv[MT][4];
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            xv[t][j] = *reinterpret_cast<const uint2*>(xr[t] + (d * UNIT + b) * 64 + 16 * j);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int k0 = b * 64 + 16 * j;  // within the step, which starts a group
+          if (k0 % GROUP == 0) {  // a group starts: its scales and zeros for rows r and r + 8, fresh sums
+            const int g = d * GPS + k0 / GROUP;  // from the loop's first step
+#pragma unroll
+            for (int s = 0; s < NS; ++s) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const u32 v = szp[s][g * gstride + 8 * h];
+                scale[s][h] = to_f32((u16)(v & 0xFFFFu));
+                negz[s][h] = __byte_perm(v, 0, 0x3232);  // -(MAGIC + zero) in both halves
+              }
+#pragma unroll
+              for (int t = 0; t < MT; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) part[s][t][e] = 0.f;
+            }
+          }
+#pragma unroll
+          for (int s = 0; s < NS; ++s) {
+            const u32 word = word_of(buf[d][b][s], j);
+            u32 a[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) a[q] = nibbles(word, q, negz[s][q & 1]);  // registers 0, 2: row r; 1, 3: r + 8
+#pragma unroll
+            for (int t = 0; t < MT; ++t) mma(part[s][t], a, xv[t][j].x, xv[t][j].y);
+          }
+          if ((k0 + 16) % GROUP == 0) {  // the group ends: its sums scaled into the totals
+#pragma unroll
+            for (int s = 0; s < NS; ++s)
+#pragma unroll
+              for (int t = 0; t < MT; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[s][t][e] += scale[s][e >> 1] * part[s][t][e];
+          }
+        }
+      }
+      if (u + d + DEPTH < u1)  // this slot's next step
+#pragma unroll
+        for (int b = 0; b < UNIT; ++b)
+#pragma unroll
+          for (int s = 0; s < NS; ++s) buf[d][b][s] = load_stream(wp[s] + ((d + DEPTH) * UNIT + b) * 32);
+    }
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      wp[s] += DEPTH * UNIT * 32;
+      szp[s] += DEPTH * GPS * gstride;
+    }
+#pragma unroll
+    for (int t = 0; t < MT; ++t) xr[t] += DEPTH * UNIT * 64;
+  }
+#pragma unroll
+  for (int s = 0; s < NS; ++s)
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[warp][(s * MT + t) * 4 + e][lane] = acc[s][t][e];
+  __syncthreads();
+  // lane l's sum e is output row (l >> 2) + 8 (e >> 1) of the strip, x's row 8t + 2 (l & 3) + (e & 1)
+  for (int idx = threadIdx.x; idx < MT * 4 * 32; idx += blockDim.x) {
+    const int l = idx & 31, e = (idx >> 5) & 3, t = idx >> 7;
+    const int m = 8 * t + 2 * (l & 3) + (e & 1), n = blockIdx.x * 16 + (l >> 2) + 8 * (e >> 1);
+    if (m >= M) continue;
+    float v[NS];
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      v[s] = 0.f;
+      for (int wi = 0; wi < warps; ++wi) v[s] += red[wi][(s * MT + t) * 4 + e][l];
+    }
+    float out;
+    if (GATED) {
+      const float gate = to_f32(from_f32(v[0])), up = to_f32(from_f32(v[NS - 1]));
+      out = gate / (1.f + __expf(-gate)) * up;
+    } else {
+      out = has_bias ? v[0] + to_f32(bias[n]) : v[0];
+    }
+    y[(long long)m * N + n] = from_f32(out);
+  }
+}
+
+// out [N, K] = (q - zero) * scale in the dtype; a thread per lane word group (strip, 64-feature block, lane)
+extern "C" __global__ void w4_dequantise(const uint4* __restrict__ w, const u32* __restrict__ sz,
+                                         u16* __restrict__ out, int N, int K) {
+  const int kblocks = K >> 6;
+  const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  const int lane = idx & 31;
+  const long blk = idx >> 5;
+  const int strip = blk / kblocks, kb = blk % kblocks;
+  if (strip >= (N >> 4)) return;
+  const int r = lane >> 2, i = lane & 3;
+  const uint4 v = w[blk * 32 + lane];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int k = kb * 64 + 16 * j;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // rows r and r + 8: registers h (features 0, 1) and h + 2 (features 2, 3)
+      const int n = strip * 16 + r + 8 * h;
+      const u32 s = sz[(long long)(k / GROUP) * N + n];
+      const float scale = to_f32((u16)(s & 0xFFFFu));
+      const u32 negz = __byte_perm(s, 0, 0x3232);
+      const u32 p01 = nibbles(word_of(v, j), h, negz), p23 = nibbles(word_of(v, j), h + 2, negz);
+      uint2 o;
+      o.x = pack2(to_f32((u16)(p01 & 0xFFFFu)) * scale, to_f32((u16)(p01 >> 16)) * scale);
+      o.y = pack2(to_f32((u16)(p23 & 0xFFFFu)) * scale, to_f32((u16)(p23 >> 16)) * scale);
+      *reinterpret_cast<uint2*>(out + (long long)n * K + k + 4 * i) = o;
+    }
+  }
+}
+"""
+
+
+@functools.cache
+def _kernel(name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1, gated: bool = False):
+    """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8 and gating) on the current device."""
+    from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+
+    defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated))
+    binary, lowered = _nvrtc_compile(SOURCE, name, None, None, [f"-D{k}={v}" for k, v in defines.items()])
+    return _cuda_load_module(binary, [lowered])[lowered]
+
+
+def _check(dtype: torch.dtype) -> None:
+    if dtype not in MMA_MAGIC:
+        raise ValueError(f"the int4 MMA kernels take bf16 or fp16 activations, not {x_dtype}")
+
+
+def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
+            gated: bool, warps: int | None = None) -> torch.Tensor:  # fmt: skip
+    """x [M <= MAX_ROWS, K] @ w.T (+ bias) for w in the MMA layout (packed [N/16, K/64, 32, 4], sz [K/g, N]);
+    `gated`: w stacks gate and up, y = silu(x @ gate.T) * (x @ up.T). `warps` overrides the CTA's (the sweep)."""
+    _check(x.dtype)
+    assert bias is None or not gated, "gated: no bias"
+    M, K = x.shape
+    assert M <= MAX_ROWS and packed.shape[1] * 64 == K
+    if x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:
+        x = x.contiguous()
+    N = packed.shape[0] * 16 // (2 if gated else 1)
+    units = K // max(64, group)
+    warps = warps or min(MAX_WARPS, units)
+    y = x.new_empty(M, N)
+    kernel = _kernel("w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated)
+    kernel(grid=(N // 16, 1, 1), block=(32 * warps, 1, 1),
+           args=[packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0), int(bias is not None)])
+    return y
+
+
+def w4_dequantise(packed: torch.Tensor, sz: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The MMA layout -> w [N, K] in `dtype`."""
+    _check(dtype)
+    strips, kblocks = packed.shape[:2]
+    out = torch.empty(strips * 16, kblocks * 64, dtype=dtype, device=packed.device)
+    threads = strips * kblocks * 32
+    _kernel("w4_dequantise", dtype, group)(grid=((threads + 255) // 256, 1, 1), block=(256, 1, 1),
+                                           args=[packed, sz, out, strips * 16, kblocks * 64])
+    return out
