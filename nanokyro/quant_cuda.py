@@ -14,14 +14,16 @@ A CTA takes one strip of 16 outputs (gated: the gate's strip and the up's), its 
 add their sums through shared memory."""
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
 
 from nanokyro.quant_formats import MMA_MAGIC
+from nanokyro.small_batch import use_pdl
 
 MAX_ROWS = 16  # rows the GEMV takes (two MMA column tiles of 8)
-MAX_WARPS = 8
+MAX_WARPS = 8  # (the kernel takes up to 16)
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -72,12 +74,12 @@ __device__ __forceinline__ u32 word_of(const uint4& v, int j) { return j == 0 ? 
 // each rounded to the dtype first. Block: one strip of 16 outputs, blockDim.x / 32 warps sharing K in whole steps.
 // A step is UNIT blocks of 64 features (whole groups); DEPTH steps of weight words are in flight per lane.
 #define UNIT (GROUP > 64 ? GROUP / 64 : 1)
-#define DEPTH (UNIT >= 4 ? 1 : 4 / UNIT)
+#define DEPTH (UNIT >= BLOCKS ? 1 : BLOCKS / UNIT)
 #define NS (GATED ? 2 : 1)
-extern "C" __global__ void __launch_bounds__(32 * 8) w4_gemv(
+extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
     const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int x_stride, int has_bias) {
-  __shared__ float red[8][NS * MT * 4][32];
+  __shared__ float red[16][NS * MT * 4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int r = lane >> 2, i = lane & 3;
   const int kblocks = K >> 6, steps = kblocks / UNIT;
@@ -94,7 +96,7 @@ extern "C" __global__ void __launch_bounds__(32 * 8) w4_gemv(
   const u16* xr[MT];
 #pragma unroll
   for (int t = 0; t < MT; ++t) xr[t] = x + (long long)min(8 * t + r, M - 1) * x_stride + 4 * i;
-  float acc[NS][MT][4], part[NS][MT][4], scale[NS][2];
+  float acc[NS][MT][4], part[CHAINS][NS][MT][4], scale[NS][2];
   u32 negz[NS][2];
 #pragma unroll
   for (int s = 0; s < NS; ++s)
@@ -121,6 +123,10 @@ extern "C" __global__ void __launch_bounds__(32 * 8) w4_gemv(
       for (int b = 0; b < UNIT; ++b)
 #pragma unroll
         for (int s = 0; s < NS; ++s) buf[d][b][s] = load_stream(wp[s] + (d * UNIT + b) * 32);
+#if PDL  // (small_batch.py's rules: only the weights before the wait)
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
   for (int u = u0; u < u1; u += DEPTH) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
@@ -147,9 +153,11 @@ extern "C" __global__ void __launch_bounds__(32 * 8) w4_gemv(
                 negz[s][h] = __byte_perm(v, 0, 0x3232);  // -(MAGIC + zero) in both halves
               }
 #pragma unroll
-              for (int t = 0; t < MT; ++t)
+              for (int c = 0; c < CHAINS; ++c)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) part[s][t][e] = 0.f;
+                for (int t = 0; t < MT; ++t)
+#pragma unroll
+                  for (int e = 0; e < 4; ++e) part[c][s][t][e] = 0.f;
             }
           }
 #pragma unroll
@@ -159,7 +167,7 @@ extern "C" __global__ void __launch_bounds__(32 * 8) w4_gemv(
 #pragma unroll
             for (int q = 0; q < 4; ++q) a[q] = nibbles(word, q, negz[s][q & 1]);  // registers 0, 2: row r; 1, 3: r + 8
 #pragma unroll
-            for (int t = 0; t < MT; ++t) mma(part[s][t], a, xv[t][j].x, xv[t][j].y);
+            for (int t = 0; t < MT; ++t) mma(part[j % CHAINS][s][t], a, xv[t][j].x, xv[t][j].y);
           }
           if ((k0 + 16) % GROUP == 0) {  // the group ends: its sums scaled into the totals
 #pragma unroll
@@ -167,7 +175,12 @@ extern "C" __global__ void __launch_bounds__(32 * 8) w4_gemv(
 #pragma unroll
               for (int t = 0; t < MT; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc[s][t][e] += scale[s][e >> 1] * part[s][t][e];
+                for (int e = 0; e < 4; ++e) {
+                  float p = part[0][s][t][e];
+#pragma unroll
+                  for (int c = 1; c < CHAINS; ++c) p += part[c][s][t][e];
+                  acc[s][t][e] += scale[s][e >> 1] * p;
+                }
           }
         }
       }
@@ -245,25 +258,60 @@ extern "C" __global__ void w4_dequantise(const uint4* __restrict__ w, const u32*
 """
 
 
+class _LaunchConfig(ctypes.Structure):  # the driver's CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p), ("num_attrs", ctypes.c_uint)]  # fmt: skip
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte value at offset 8
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int * 16)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
 @functools.cache
-def _kernel(name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1, gated: bool = False):
-    """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8 and gating) on the current device."""
+def _driver() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+@functools.cache
+def _kernel(name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1, gated: bool = False, pdl: bool = False,
+            blocks: int = 4, chains: int = 1) -> ctypes.c_void_p:  # fmt: skip
+    """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8, gating, PDL, weight blocks in flight
+    and MMA accumulator chains) on the current device: its CUfunction."""
     from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
 
-    defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated))
+    defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl),
+                   BLOCKS=blocks, CHAINS=chains)  # fmt: skip
     binary, lowered = _nvrtc_compile(SOURCE, name, None, None, [f"-D{k}={v}" for k, v in defines.items()])
-    return _cuda_load_module(binary, [lowered])[lowered]
+    return _cuda_load_module(binary, [lowered])[lowered].func
+
+
+def _launch(func: ctypes.c_void_p, grid: int, threads: int, args: list, pdl: bool) -> None:
+    """One launch on the current stream (PDL: programmatic stream serialization); args are tensors (pointers)
+    and ints (int32)."""
+    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+    pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+    attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1
+    config = _LaunchConfig((grid, 1, 1), (threads, 1, 1), 0, torch.cuda.current_stream().cuda_stream,
+                           ctypes.cast(ctypes.byref(attr), ctypes.c_void_p) if pdl else None, int(pdl))  # fmt: skip
+    err = _driver().cuLaunchKernelEx(ctypes.byref(config), func, pointers, None)
+    if err:
+        raise RuntimeError(f"cuLaunchKernelEx failed: CUresult {err}")
 
 
 def _check(dtype: torch.dtype) -> None:
     if dtype not in MMA_MAGIC:
-        raise ValueError(f"the int4 MMA kernels take bf16 or fp16 activations, not {x_dtype}")
+        raise ValueError(f"the int4 MMA kernels take bf16 or fp16 activations, not {dtype}")
 
 
 def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
-            gated: bool, warps: int | None = None) -> torch.Tensor:  # fmt: skip
+            gated: bool, warps: int | None = None, blocks: int = 4, chains: int = 1) -> torch.Tensor:  # fmt: skip
     """x [M <= MAX_ROWS, K] @ w.T (+ bias) for w in the MMA layout (packed [N/16, K/64, 32, 4], sz [K/g, N]);
-    `gated`: w stacks gate and up, y = silu(x @ gate.T) * (x @ up.T). `warps` overrides the CTA's (the sweep)."""
+    `gated`: w stacks gate and up, y = silu(x @ gate.T) * (x @ up.T). `warps`, `blocks` and `chains` override the
+    kernel's settings (the sweep)."""
     _check(x.dtype)
     assert bias is None or not gated, "gated: no bias"
     M, K = x.shape
@@ -271,12 +319,12 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     if x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:
         x = x.contiguous()
     N = packed.shape[0] * 16 // (2 if gated else 1)
-    units = K // max(64, group)
-    warps = warps or min(MAX_WARPS, units)
+    warps = min(warps or MAX_WARPS, K // max(64, group))
     y = x.new_empty(M, N)
-    kernel = _kernel("w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated)
-    kernel(grid=(N // 16, 1, 1), block=(32 * warps, 1, 1),
-           args=[packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0), int(bias is not None)])
+    pdl = use_pdl()
+    func = _kernel("w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl, blocks, chains)
+    _launch(func, N // 16, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
+                                        int(bias is not None)], pdl)  # fmt: skip
     return y
 
 
@@ -286,6 +334,6 @@ def w4_dequantise(packed: torch.Tensor, sz: torch.Tensor, group: int, dtype: tor
     strips, kblocks = packed.shape[:2]
     out = torch.empty(strips * 16, kblocks * 64, dtype=dtype, device=packed.device)
     threads = strips * kblocks * 32
-    _kernel("w4_dequantise", dtype, group)(grid=((threads + 255) // 256, 1, 1), block=(256, 1, 1),
-                                           args=[packed, sz, out, strips * 16, kblocks * 64])
+    _launch(_kernel("w4_dequantise", dtype, group), (threads + 255) // 256, 256,
+            [packed, sz, out, strips * 16, kblocks * 64], False)
     return out

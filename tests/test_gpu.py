@@ -629,7 +629,7 @@ def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
     and the op (the GEMV up to quant_cuda.MAX_ROWS rows, dequantise + cuBLAS above) matches an fp32 matmul with
     it; bf16 and fp16, a stacked gate/up, a bias, a strip-sized layer and a K that the warps share unevenly."""
     from nanokyro import quant  # noqa: F401 - registers nanokyro::int4_mma_linear
-    from nanokyro.quant_cuda import w4_dequantise
+    from nanokyro.quant_cuda import MAX_ROWS, w4_dequantise, w4_gemv
     from nanokyro.quant_formats import dequantise_mma, mma_pack, mma_scales_zeros
 
     gen = torch.Generator(DEVICE).manual_seed(rows + group)
@@ -654,6 +654,10 @@ def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
         got = torch.ops.nanokyro.int4_mma_linear(x, packed, sz, group, b, kind == "gated")
         assert got.shape == (rows, n) and got.dtype == dtype
         assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype)
+        if rows <= MAX_ROWS:  # the sweep's other settings: 16 warps, 8 blocks in flight, two MMA chains
+            for setting in [(16, 8, 2), (4, 4, 2), (16, 4, 1)]:
+                got = w4_gemv(x, packed, sz, group, b, kind == "gated", *setting)
+                assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, setting)
 
 
 @pytest.mark.parametrize("method", ["fp8", "awq"])
