@@ -23,7 +23,12 @@ from nanokyro.quant_formats import MMA_MAGIC
 from nanokyro.small_batch import use_pdl
 
 MAX_ROWS = 16  # rows the GEMV takes (two MMA column tiles of 8)
-MAX_WARPS = 8  # (the kernel takes up to 16)
+MAX_WARPS = 16
+# Warps a CTA by shape: enough CTAs x warps to keep about this many warps' loads in flight (31 an SM of the H200's
+# 132), each warp at least 4 steps of K (session 24's sweep: llama-3.1-8b's gate/up best at 4 warps, down at 16,
+# qkv and o at 8)
+TARGET_WARPS = 4096
+MIN_STEPS = 4
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -74,7 +79,7 @@ __device__ __forceinline__ u32 word_of(const uint4& v, int j) { return j == 0 ? 
 // each rounded to the dtype first. Block: one strip of 16 outputs, blockDim.x / 32 warps sharing K in whole steps.
 // A step is UNIT blocks of 64 features (whole groups); DEPTH steps of weight words are in flight per lane.
 #define UNIT (GROUP > 64 ? GROUP / 64 : 1)
-#define DEPTH (UNIT >= BLOCKS ? 1 : BLOCKS / UNIT)
+#define DEPTH (UNIT >= 4 ? 1 : 4 / UNIT)
 #define NS (GATED ? 2 : 1)
 extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
@@ -96,7 +101,7 @@ extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
   const u16* xr[MT];
 #pragma unroll
   for (int t = 0; t < MT; ++t) xr[t] = x + (long long)min(8 * t + r, M - 1) * x_stride + 4 * i;
-  float acc[NS][MT][4], part[CHAINS][NS][MT][4], scale[NS][2];
+  float acc[NS][MT][4], part[NS][MT][4], scale[NS][2];
   u32 negz[NS][2];
 #pragma unroll
   for (int s = 0; s < NS; ++s)
@@ -153,11 +158,9 @@ extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
                 negz[s][h] = __byte_perm(v, 0, 0x3232);  // -(MAGIC + zero) in both halves
               }
 #pragma unroll
-              for (int c = 0; c < CHAINS; ++c)
+              for (int t = 0; t < MT; ++t)
 #pragma unroll
-                for (int t = 0; t < MT; ++t)
-#pragma unroll
-                  for (int e = 0; e < 4; ++e) part[c][s][t][e] = 0.f;
+                for (int e = 0; e < 4; ++e) part[s][t][e] = 0.f;
             }
           }
 #pragma unroll
@@ -167,7 +170,7 @@ extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
 #pragma unroll
             for (int q = 0; q < 4; ++q) a[q] = nibbles(word, q, negz[s][q & 1]);  // registers 0, 2: row r; 1, 3: r + 8
 #pragma unroll
-            for (int t = 0; t < MT; ++t) mma(part[j % CHAINS][s][t], a, xv[t][j].x, xv[t][j].y);
+            for (int t = 0; t < MT; ++t) mma(part[s][t], a, xv[t][j].x, xv[t][j].y);
           }
           if ((k0 + 16) % GROUP == 0) {  // the group ends: its sums scaled into the totals
 #pragma unroll
@@ -175,12 +178,7 @@ extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
 #pragma unroll
               for (int t = 0; t < MT; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                  float p = part[0][s][t][e];
-#pragma unroll
-                  for (int c = 1; c < CHAINS; ++c) p += part[c][s][t][e];
-                  acc[s][t][e] += scale[s][e >> 1] * p;
-                }
+                for (int e = 0; e < 4; ++e) acc[s][t][e] += scale[s][e >> 1] * part[s][t][e];
           }
         }
       }
@@ -276,14 +274,13 @@ def _driver() -> ctypes.CDLL:
 
 
 @functools.cache
-def _kernel(name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1, gated: bool = False, pdl: bool = False,
-            blocks: int = 4, chains: int = 1) -> ctypes.c_void_p:  # fmt: skip
-    """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8, gating, PDL, weight blocks in flight
-    and MMA accumulator chains) on the current device: its CUfunction."""
+def _kernel(name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1, gated: bool = False,
+            pdl: bool = False) -> ctypes.c_void_p:  # fmt: skip
+    """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8, gating and PDL) on the current device:
+    its CUfunction."""
     from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
 
-    defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl),
-                   BLOCKS=blocks, CHAINS=chains)  # fmt: skip
+    defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl))
     binary, lowered = _nvrtc_compile(SOURCE, name, None, None, [f"-D{k}={v}" for k, v in defines.items()])
     return _cuda_load_module(binary, [lowered])[lowered].func
 
@@ -302,16 +299,21 @@ def _launch(func: ctypes.c_void_p, grid: int, threads: int, args: list, pdl: boo
         raise RuntimeError(f"cuLaunchKernelEx failed: CUresult {err}")
 
 
+def gemv_warps(ctas: int, steps: int) -> int:
+    """The GEMV's warps a CTA for `ctas` strips and `steps` steps of K: a power of two, 1 to MAX_WARPS."""
+    want = min(MAX_WARPS, TARGET_WARPS // ctas, steps // MIN_STEPS)
+    return 1 << max(0, want.bit_length() - 1) if want > 1 else 1
+
+
 def _check(dtype: torch.dtype) -> None:
     if dtype not in MMA_MAGIC:
         raise ValueError(f"the int4 MMA kernels take bf16 or fp16 activations, not {dtype}")
 
 
 def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
-            gated: bool, warps: int | None = None, blocks: int = 4, chains: int = 1) -> torch.Tensor:  # fmt: skip
+            gated: bool, warps: int | None = None) -> torch.Tensor:  # fmt: skip
     """x [M <= MAX_ROWS, K] @ w.T (+ bias) for w in the MMA layout (packed [N/16, K/64, 32, 4], sz [K/g, N]);
-    `gated`: w stacks gate and up, y = silu(x @ gate.T) * (x @ up.T). `warps`, `blocks` and `chains` override the
-    kernel's settings (the sweep)."""
+    `gated`: w stacks gate and up, y = silu(x @ gate.T) * (x @ up.T). `warps` overrides gemv_warps (the sweep)."""
     _check(x.dtype)
     assert bias is None or not gated, "gated: no bias"
     M, K = x.shape
@@ -319,10 +321,10 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     if x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:
         x = x.contiguous()
     N = packed.shape[0] * 16 // (2 if gated else 1)
-    warps = min(warps or MAX_WARPS, K // max(64, group))
+    warps = warps or gemv_warps(N // 16, K // max(64, group))
     y = x.new_empty(M, N)
     pdl = use_pdl()
-    func = _kernel("w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl, blocks, chains)
+    func = _kernel("w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl)
     _launch(func, N // 16, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
                                         int(bias is not None)], pdl)  # fmt: skip
     return y

@@ -136,10 +136,9 @@ def variants(rows: int) -> dict:
     v["int4 mma dispatch"] = (lambda d, x: torch.ops.nanokyro.int4_mma_linear(x, d["mma"], d["mma_sz"], GROUP, None,
                                                                               d["gated"]), int4_bytes)  # fmt: skip
     if rows <= MMA_MAX_ROWS:
-        for warps, blocks, chains in [(w, b, c) for w in (4, 8, 16) for b in (4, 8) for c in (1, 2)]:
-            v[f"int4 mma gemv w{warps} b{blocks} c{chains}"] = (
-                lambda d, x, s=(warps, blocks, chains): w4_gemv(x, d["mma"], d["mma_sz"], GROUP, None, d["gated"], *s),
-                int4_bytes)  # fmt: skip
+        for warps in (4, 8, 16):
+            v[f"int4 mma gemv w{warps}"] = (
+                lambda d, x, w=warps: w4_gemv(x, d["mma"], d["mma_sz"], GROUP, None, d["gated"], w), int4_bytes)
     if rows >= 8:
         v["int4 mma dequant + cuBLAS"] = (
             lambda d, x: g(F.linear(x, w4_dequantise(d["mma"], d["mma_sz"], GROUP, x.dtype)), d["gated"]), int4_bytes)
