@@ -7,8 +7,8 @@ output features and dim 1 for input features (or groups of them) exactly as for 
 - FP8: `weight` fp8 [N, K] and `weight_scale` fp32 [N, K / gk] (gk = 128 for block-wise checkpoints; one column,
   the same on every rank, for per-channel scales).
 - int4: `qweight` int32 [N, K/8] (input feature 8j + i in bits 4i..4i+3), `scales` and `zeros` [N, K/g] in the
-  model's dtype; w = (q - zero) * scale. On CUDA, after loading, where torch's tinygemm kernel can take the layer:
-  `qweight` in its tile layout (int32 [N/8, K/(16 inner), 32, inner/2]) and `scales_zeros` [K/g, N, 2] instead.
+  model's dtype; w = (q - zero) * scale. On CUDA, after loading, where the layer's shape allows it: `qweight` in
+  the MMA fragment layout (int32 [N/16, K/64, 32, 4], quant_formats.py) and `mma_scales_zeros` [K/g, N] instead.
 - int8 (the CPU only; a speculative draft's, `speculative_draft_quantization="int8"`): `int8_weight`, fbgemm's
   packed weight (torch.ops.quantized.linear_prepack) of symmetric int8 with one scale per output feature, in
   place of `weight`. The LM head gets one too (`head_weight`): it is over a quarter of a small model's bytes.
@@ -22,9 +22,9 @@ FP8 LM head through the FP8 layers' op, from layers.matmul):
   weights), tensor-core tiles above. With per-channel scales it runs for GEMV_MAX_ROWS rows (one); from there
   the activations are quantised per token (dynamic scales) and `torch._scaled_mm` multiplies (W8A8;
   W8A8_TENSORWISE_MAX_ROWS). Block-wise scales keep the Triton kernel at every size.
-- on CUDA, int4 in the tinygemm layout: `torch._weight_int4pack_mm` up to TINYGEMM_MAX_ROWS rows, the weight
-  dequantised (one Triton kernel) + cuBLAS above; in the other layout the Triton kernel, dequantise + cuBLAS
-  from INT4_DEQUANT_ROWS. Settings and switch points come from the sweep in docs/PERFORMANCE.md.
+- on CUDA, int4 in the MMA layout: quant_cuda.py's GEMV (tensor-core MMAs on weights unpacked in registers) up
+  to MMA_GEMV_MAX_ROWS rows, the weight dequantised (quant_cuda.py) + cuBLAS above; in the rows layout the
+  Triton kernel, dequantise + cuBLAS from INT4_DEQUANT_ROWS. Settings and switch points come from the sweep in docs/PERFORMANCE.md.
 - on the CPU: per-channel FP8 runs the same W8A8 `_scaled_mm`; block-wise FP8 and int4 dequantise the weight
   and run the dense matmul. int8: fbgemm's dynamic W8A8 (`linear_dynamic`): the activations quantised at run time,
   one scale over the rows (per token at batch 1), products summed in int32. A decode step on the CPU is bound by
@@ -43,10 +43,8 @@ from torch import nn
 
 from nanokyro.quant_cuda import MAX_ROWS as MMA_GEMV_MAX_ROWS, w4_dequantise, w4_gemv
 from nanokyro.quant_formats import (FP8, QuantConfig, dequantise_fp8, dequantise_int4, mma_layout_applies, mma_pack,
-                                    mma_scales_zeros, pack_rows, quantise_rows_fp8, tinygemm_bytes,
-                                    tinygemm_inner_k_tiles, tinygemm_scales_zeros, unpack_rows)  # fmt: skip
-from nanokyro.quant_triton import (dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv, quantise_rows_fp8_cuda,
-                                   scale_outer_cuda)  # fmt: skip
+                                    mma_scales_zeros, pack_rows, quantise_rows_fp8, unpack_rows)  # fmt: skip
+from nanokyro.quant_triton import dequantise_int4_cuda, qgemv, quantise_rows_fp8_cuda, scale_outer_cuda
 from nanokyro.small_batch import silu_and_mul
 
 # FP8 per-channel: the Triton GEMV up to here (63.6 us a llama-3.1-8b layer at one row), W8A8 above (at 2-16 rows
@@ -59,10 +57,7 @@ GEMV_MAX_ROWS = 1
 # rowwise kernel: the fp32 product costs twice the output's bytes (0.9 GB for gate/up at 8192 tokens), and at 256
 # rows the two are already even.
 W8A8_TENSORWISE_MAX_ROWS = 256
-INT4_DEQUANT_ROWS = 512  # int4 on CUDA: the Triton kernel below this, dequantise + cuBLAS from here
-# int4 in torch's tinygemm layout: `_weight_int4pack_mm` up to here, dequantise + cuBLAS above (the sweep in
-# docs/PERFORMANCE.md: tinygemm's time grows with the rows, 1.5x the dequantise path's at 32)
-TINYGEMM_MAX_ROWS = 16
+INT4_DEQUANT_ROWS = 512  # int4 in the rows layout on CUDA: the Triton kernel below this, dequantise + cuBLAS from here
 
 
 # -- the methods: what a quantised layer holds and how it multiplies ------------------------------------------
@@ -131,37 +126,24 @@ class Int4Method:
         layer.zeros = nn.Parameter(zero.to(w.dtype), requires_grad=False)
 
     def repack(self, layer: nn.Module) -> None:
-        """On CUDA, after loading: the weight into the MMA layout of quant_cuda.py's kernels where it applies
-        (quant_formats.mma_layout_applies: bf16 or fp16, whole strips of 16 outputs and blocks of 64 features, whole
-        zeros), `mma_scales_zeros` [K/g, N] replacing `scales` and `zeros`; else into torch's tinygemm layout where
-        that kernel can take it (bf16, N % 8 == 0, K in whole tiles, groups of 32..256), `scales_zeros` [K/g, N, 2]
-        replacing them; other layers keep the Triton kernels' layout."""
+        """On CUDA (sm_80+: bf16 MMAs), after loading: the weight into the MMA layout of quant_cuda.py's kernels
+        where it applies (quant_formats.mma_layout_applies: bf16 or fp16, whole strips of 16 outputs and blocks of
+        64 features, whole zeros), `mma_scales_zeros` [K/g, N] replacing `scales` and `zeros`; other layers keep the rows layout of the
+        Triton kernels."""
         n, k = layer.qweight.shape[0], layer.qweight.shape[1] * 8
-        if not layer.qweight.is_cuda:
+        if (not layer.qweight.is_cuda or torch.cuda.get_device_capability(layer.qweight.device) < (8, 0)
+                or not mma_layout_applies(n, k, self.group, layer.scales.dtype, layer.zeros)):  # fmt: skip
             return
-        if mma_layout_applies(n, k, self.group, layer.scales.dtype, layer.zeros):
-            packed = mma_pack(unpack_rows(layer.qweight))
-            scales_zeros = mma_scales_zeros(layer.scales, layer.zeros)
-            del layer.qweight, layer.scales, layer.zeros
-            layer.qweight = nn.Parameter(packed, requires_grad=False)
-            layer.mma_scales_zeros = nn.Parameter(scales_zeros, requires_grad=False)
-            return
-        inner = tinygemm_inner_k_tiles(n, k, self.group, layer.scales.dtype)
-        if inner is None:
-            return
-        packed = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(unpack_rows(layer.qweight)), inner)
-        scales_zeros = tinygemm_scales_zeros(layer.scales, layer.zeros)
+        packed = mma_pack(unpack_rows(layer.qweight))
+        scales_zeros = mma_scales_zeros(layer.scales, layer.zeros)
         del layer.qweight, layer.scales, layer.zeros
         layer.qweight = nn.Parameter(packed, requires_grad=False)
-        layer.scales_zeros = nn.Parameter(scales_zeros, requires_grad=False)
+        layer.mma_scales_zeros = nn.Parameter(scales_zeros, requires_grad=False)
 
     def matmul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False):
         if hasattr(layer, "mma_scales_zeros"):
             return torch.ops.nanokyro.int4_mma_linear(x, layer.qweight, layer.mma_scales_zeros, self.group, bias,
                                                       gated)  # fmt: skip
-        if hasattr(layer, "scales_zeros"):
-            return torch.ops.nanokyro.int4_tinygemm_linear(x, layer.qweight, layer.scales_zeros, self.group, bias,
-                                                           gated)  # fmt: skip
         return torch.ops.nanokyro.int4_linear(x, layer.qweight, layer.scales, layer.zeros, bias, gated)
 
 
@@ -219,7 +201,7 @@ def prepare(model: nn.Module, qcfg: QuantConfig | None) -> None:
 @torch.no_grad()
 def finish(model: nn.Module, qcfg: QuantConfig | None) -> None:
     """After loading: quantise full-precision weights (`quantization=...` on a dense checkpoint); on CUDA, int4
-    weights into torch's tinygemm layout where it applies."""
+    weights into the MMA layout where it applies."""
     if qcfg is None:
         return
     for layer in linear_layers(model, qcfg):
@@ -350,24 +332,6 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 @int4_linear.register_fake
 def _(x, qweight, scales, zeros, bias, gated):
     return x.new_empty(x.shape[0], qweight.shape[0] // 2 if gated else qweight.shape[0])
-
-
-@torch.library.custom_op("nanokyro::int4_tinygemm_linear", mutates_args=())
-def int4_tinygemm_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
-                         bias: torch.Tensor | None, gated: bool) -> torch.Tensor:  # fmt: skip
-    """x [M, K] bf16 @ w.T (+ bias) for 4-bit w in torch's tinygemm layout (Int4Method.repack): its kernel up to
-    TINYGEMM_MAX_ROWS rows, above that the weight dequantised by one Triton kernel and cuBLAS."""
-    if x.shape[0] <= TINYGEMM_MAX_ROWS:
-        y = torch._weight_int4pack_mm(x.contiguous(), packed, group, scales_zeros)
-    else:
-        y = F.linear(x, dequantise_tinygemm_cuda(packed, scales_zeros))
-    return _gate(y if bias is None else y + bias, gated)
-
-
-@int4_tinygemm_linear.register_fake
-def _(x, packed, scales_zeros, group, bias, gated):
-    n = packed.shape[0] * 8
-    return x.new_empty(x.shape[0], n // 2 if gated else n)
 
 
 @torch.library.custom_op("nanokyro::int4_mma_linear", mutates_args=())

@@ -273,16 +273,53 @@ def _driver() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
+def _nvrtc() -> ctypes.CDLL:
+    """NVRTC, which CUDA builds of torch load (from its nvidia-cuda-nvrtc wheel or the system's)."""
+    major = (torch.version.cuda or "13").split(".")[0]
+    for name in (f"libnvrtc.so.{major}", "libnvrtc.so"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise OSError("the int4 MMA kernels need NVRTC (libnvrtc), which CUDA builds of torch ship")
+
+
+def compile_cubin(defines: dict, arch: str, nvrtc: ctypes.CDLL | None = None) -> bytes:
+    """SOURCE compiled by NVRTC with `defines` for `arch` (e.g. "sm_90"): the cubin. No headers: the source
+    needs none."""
+    lib = nvrtc or _nvrtc()
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.encode(), b"quant_cuda.cu", 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    options = [f"--gpu-architecture={arch}", "-std=c++17"] + [f"-D{k}={v}" for k, v in defines.items()]
+    size = ctypes.c_size_t()
+    try:
+        if lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*map(str.encode, options))):
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC failed on quant_cuda.SOURCE with {defines}:\n{log.value.decode()}")
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, cubin)
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
 @functools.cache
 def _kernel(name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1, gated: bool = False,
             pdl: bool = False) -> ctypes.c_void_p:  # fmt: skip
-    """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8, gating and PDL) on the current device:
-    its CUfunction."""
-    from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
-
+    """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8, gating and PDL) for the current
+    device and loaded into its context: the CUfunction."""
+    major, minor = torch.cuda.get_device_capability()
     defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl))
-    binary, lowered = _nvrtc_compile(SOURCE, name, None, None, [f"-D{k}={v}" for k, v in defines.items()])
-    return _cuda_load_module(binary, [lowered])[lowered].func
+    cubin = compile_cubin(defines, f"sm_{major}{minor}")
+    module, func = ctypes.c_void_p(), ctypes.c_void_p()
+    if _driver().cuModuleLoadData(ctypes.byref(module), cubin) or _driver().cuModuleGetFunction(
+            ctypes.byref(func), module, name.encode()):  # fmt: skip
+        raise RuntimeError(f"could not load {name} ({defines})")
+    return func
 
 
 def _launch(func: ctypes.c_void_p, grid: int, threads: int, args: list, pdl: bool) -> None:

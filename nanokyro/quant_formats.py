@@ -1,6 +1,7 @@
 """FP8 and 4-bit (AWQ) weight formats: which quantisation a checkpoint's config.json declares, its tensors re-laid
 into the layout the linear layers hold (quant.py's docstring), the packed 4-bit layouts (the layers' rows, AWQ's,
-torch's tinygemm tiles, the MMA fragments of quant_cuda.py) and the plain-torch dequantisation that the CPU runs and the kernels are tested against.
+the MMA fragments of quant_cuda.py) and the plain-torch dequantisation that the CPU runs and the kernels are
+tested against.
 
 Formats read (detected from config.json's `quantization_config`), and what each becomes in a layer:
 - HF `quant_method: "fp8"` with `weight_block_size` [128, 128] (Qwen3-FP8, DeepSeek): `weight` float8_e4m3fn
@@ -27,7 +28,6 @@ import torch
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's nibble i holds output feature AWQ_ORDER[i] of its 8
-TINYGEMM_GROUPS = (32, 64, 128, 256)
 METHODS = ("fp8", "awq", "int8")  # int8: online only, on the CPU (a speculative draft's; quant.py)
 
 
@@ -179,64 +179,6 @@ def pack_rows(q: torch.Tensor) -> torch.Tensor:
 def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1)
-
-
-# -- torch's tinygemm int4 layout (`torch._weight_int4pack_mm` on CUDA) ----------------------------------------
-#
-# `torch.ops.aten._convert_weight_to_int4pack(bytes, inner)` takes uint8 [N, K/2] (feature 2j in the high nibble
-# of byte j, 2j + 1 in the low one) and returns int32 [N/8, K/(16 inner), 32, inner/2]: the B operand of the
-# m16n8k16 tensor-core MMA, one 16-byte load per lane for inner = 8 (aten/src/ATen/native/cuda/int4mm.cu). Lane t
-# of tile (nt, ko) holds row 8 nt + t // 4; its word j, nibble 4 odd + 2 i2 + i1 (bits 4i..), holds feature
-# 16 inner ko + 32 j + 16 i2 + 8 i1 + 2 (t % 4) + odd. The kernel dequantises w = (q - 8) * scale + zero.
-
-
-def tinygemm_inner_k_tiles(n: int, k: int, group: int, dtype: torch.dtype) -> int | None:
-    """The k-tiles per lane load (8: 16 bytes; 4 where K is not in whole 128s) for an [n, k] int4 weight in
-    groups of `group` with `dtype` scales, or None where the tinygemm kernel cannot take it (it multiplies bf16)."""
-    if dtype != torch.bfloat16 or group not in TINYGEMM_GROUPS or n % 8:
-        return None
-    return 8 if k % 128 == 0 else 4 if k % 64 == 0 else None
-
-
-def tinygemm_bytes(q: torch.Tensor) -> torch.Tensor:
-    """4-bit values [N, K] (0..15) -> uint8 [N, K/2], what `_convert_weight_to_int4pack` takes."""
-    q = q.to(torch.uint8)
-    return (q[:, 0::2] << 4) | q[:, 1::2]
-
-
-def tinygemm_scales_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """scales and zeros [N, K/g] of w = (q - zero) * scale -> bf16 [K/g, N, 2] for tinygemm's (q - 8) * scale +
-    zero: its zero is (8 - zero) * scale."""
-    s = scales.float()
-    return torch.stack([s, (8 - zeros.float()) * s], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-
-
-def tinygemm_pack(q: torch.Tensor, inner: int) -> torch.Tensor:
-    """4-bit values [N, K] -> the int32 tile layout above, in plain torch (what `_convert_weight_to_int4pack`
-    gives on CUDA; the tests compare the two)."""
-    n, k = q.shape
-    t = q.to(torch.int64).reshape(n // 8, 8, k // (16 * inner), inner // 2, 2, 2, 4, 2)  # nt tn ko j i2 i1 tk odd
-    nib = t.permute(0, 2, 1, 6, 3, 7, 4, 5).reshape(n // 8, k // (16 * inner), 32, inner // 2, 8)
-    words = (nib << torch.arange(0, 32, 4, device=q.device)).sum(-1)
-    return (words - (words >= 2**31).long() * 2**32).to(torch.int32)
-
-
-def tinygemm_unpack(packed: torch.Tensor) -> torch.Tensor:
-    """The int32 tile layout -> 4-bit values [N, K] (int32 0..15): tinygemm_pack's inverse."""
-    nt, ko, _, half = packed.shape
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
-    nib = (packed.unsqueeze(-1) >> shifts) & 0xF  # [nt, ko, 32, inner/2, 8]
-    nib = nib.reshape(nt, ko, 8, 4, half, 2, 2, 2)  # nt ko tn tk j odd i2 i1
-    return nib.permute(0, 2, 1, 4, 6, 7, 3, 5).reshape(nt * 8, ko * 32 * half)
-
-
-def dequantise_tinygemm(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-    """The tile layout and its [K/g, N, 2] scales and zeros -> fp32 [N, K] (the reference for the kernel)."""
-    q = tinygemm_unpack(packed).float()
-    n, k = q.shape
-    sz = scales_zeros.float().transpose(0, 1)  # [N, K/g, 2]
-    g = k // sz.shape[1]
-    return ((q.reshape(n, -1, g) - 8) * sz[..., :1] + sz[..., 1:]).reshape(n, k)
 
 
 # -- the MMA fragment layout (quant_cuda.py's kernels on CUDA) ------------------------------------------------

@@ -1,8 +1,8 @@
 """The Triton kernels of the quantised linear layers (quant.py's ops call them on CUDA; the CPU runs them only
 under TRITON_INTERPRET=1, in the tests): `qgemv` reads an FP8 or 4-bit packed weight once and dequantises it in
 registers (GEMVs for a few rows, tensor-core tiles above, settings by row count in GEMV_CONFIG), and single
-kernels that quantise activations per row to FP8, apply a W8A8 product's scales, and dequantise int4 weights (the
-Triton layout and torch's tinygemm layout) for cuBLAS."""
+kernels that quantise activations per row to FP8, apply a W8A8 product's scales, and dequantise int4 weights in
+the rows layout for cuBLAS (int4 layers in the MMA layout take quant_cuda.py's kernels instead)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -45,8 +45,8 @@ C = GemvConfig
 # projections). FP8 per-channel up to 16 rows takes a setting per kind of layer (gate/up; down, K > 8192; the
 # rest): GEMVs at one row, and at two for all but gate/up; otherwise tensor-core tiles with the dot in f16 (session
 # 10: 1.10-1.19x the bf16-dot tiles at 2-16 rows), split four ways along K where not gated. Block-wise FP8 keeps the
-# one-row GEMV it was tested with and the bf16-dot tiles. The int4 settings are untuned: int4 on CUDA takes tinygemm
-# wherever its layout applies.
+# one-row GEMV it was tested with and the bf16-dot tiles. The int4 settings are untuned: int4 on CUDA takes the MMA
+# layout (quant_cuda.py) wherever it applies.
 F16_TILE = C(16, 64, 128, 4, True, 3, f16=True)
 FP8_CHANNEL_CONFIG = {
     1: {"gated": C(1, 16, 2048, 4, False), "long": C(1, 8, 1024, 4, False, prefetch=True),
@@ -183,22 +183,6 @@ def dequantise_int4_cuda(qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
     _dequant_int4_kernel[(triton.cdiv(n, 16), triton.cdiv(k // 8, 64))](
         qweight, scales, zeros, out, n, k, qweight.stride(0), scales.stride(0), group=k // scales.shape[1],
         block_n=16, block_p=64,
-    )  # fmt: skip
-    return out
-
-
-def dequantise_tinygemm_cuda(packed: torch.Tensor, scales_zeros: torch.Tensor,
-                              block_n: int = 8, block_k: int = 512) -> torch.Tensor:  # fmt: skip
-    """dequantise_tinygemm as one Triton kernel, to bf16: every output tile written contiguously, its packed
-    words gathered (each word feeds 8 outputs of 8 rows: they come from L1)."""
-    import triton
-
-    nt, ko, _, half = packed.shape
-    n, k = nt * 8, ko * 32 * half
-    out = torch.empty(n, k, dtype=torch.bfloat16, device=packed.device)
-    _dequant_tinygemm_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        packed, scales_zeros, out, n, k, group=k // scales_zeros.shape[0], inner=half * 2, block_n=block_n,
-        block_k=block_k,
     )  # fmt: skip
     return out
 
@@ -497,27 +481,6 @@ if triton is not None:
         for i in tl.static_range(8):
             w = ((p >> (4 * i)) & 0xF).to(tl.float32) * s - zs
             tl.store(out_ptr + rows * K + (rp * 8 + i)[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _dequant_tinygemm_kernel(p_ptr, sz_ptr, out_ptr, N, K, group: tl.constexpr, inner: tl.constexpr,
-                                 block_n: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
-        """out [N, K] = (q - 8) * scale + zero for a [block_n, block_k] tile, q read from the tile layout (see
-        quant_formats.tinygemm_pack): the word's index splits into a row part and a feature part."""
-        half: tl.constexpr = inner // 2
-        rn = tl.program_id(0) * block_n + tl.arange(0, block_n)
-        rk = tl.program_id(1) * block_k + tl.arange(0, block_k)
-        ok = (rn < N)[:, None] & (rk < K)[None, :]
-        kl = rk % (16 * inner)
-        row_word = (rn // 8).to(tl.int64) * (K // (16 * inner)) * 32 * half + (rn % 8) * 4 * half
-        col_word = (rk // (16 * inner)) * 32 * half + ((kl // 2) % 4) * half + kl // 32
-        shift = 4 * ((kl % 2) * 4 + ((kl // 16) % 2) * 2 + (kl // 8) % 2)
-        p = tl.load(p_ptr + row_word[:, None] + col_word[None, :], mask=ok, other=0)
-        q = ((p >> shift[None, :]) & 0xF).to(tl.float32)
-        sz = sz_ptr + ((rk // group)[None, :].to(tl.int64) * N + rn[:, None]) * 2
-        s = tl.load(sz, mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(sz + 1, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], ((q - 8) * s + z).to(out_ptr.dtype.element_ty),
-                 mask=ok)  # fmt: skip
 
     @triton.jit
     def _scale_outer_kernel(acc_ptr, r_ptr, c_ptr, out_ptr, N, block_n: tl.constexpr):

@@ -1,12 +1,17 @@
 """Every Triton kernel that the CUDA paths launch, compiled for Hopper (sm_90) on the CPU, at the settings the
-dispatch tables choose. The CPU tests run the kernels in Triton's interpreter, which accepts code that the
+dispatch tables choose (and quant_cuda.py's CUDA C++ through NVRTC, at the end). The CPU tests run the kernels in Triton's interpreter, which accepts code that the
 compiler refuses: a float constexpr as an `if` condition once broke every CUDA engine while the suite passed.
 Here the wrappers run as on a GPU, with CPU tensors and a stand-in for Triton's driver that names an sm_90
 target, and every launch only compiles (its outputs are left unwritten). The machine code comes from this
 machine's Triton; the GPU image's may be older."""
+import ctypes
+import glob
+import importlib.util
+import itertools
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,9 +76,9 @@ jit.JITFunction.run = compile_only
 
 from nanokyro import lora_kernels, small_batch
 from nanokyro.attention import triton_rope_write_kv, triton_write_kv
-from nanokyro.quant_formats import FP8, pack_rows, tinygemm_pack, tinygemm_scales_zeros
-from nanokyro.quant_triton import (FP8_WORDS_CONFIG, dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv,
-                                   quantise_rows_fp8_cuda, scale_outer_cuda)
+from nanokyro.quant_formats import FP8, pack_rows
+from nanokyro.quant_triton import (FP8_WORDS_CONFIG, dequantise_int4_cuda, qgemv, quantise_rows_fp8_cuda,
+                                   scale_outer_cuda)
 
 bf16, K = torch.bfloat16, 4096
 x = lambda m, k=K: torch.randn(m, k, dtype=bf16)
@@ -122,7 +127,6 @@ for m in (1, 4, 16, 64):
 quantise_rows_fp8_cuda(x(5))
 scale_outer_cuda(torch.randn(5, 300), torch.rand(5, 1), torch.rand(300, 1), bf16)
 dequantise_int4_cuda(pack_rows(q), scales, zeros, bf16)
-dequantise_tinygemm_cuda(tinygemm_pack(q, 8), tinygemm_scales_zeros(scales, zeros))
 
 # the one- and two-row decode graphs' GEMV (plain, gated, with a bias, with LoRA) and RMSNorm; the LoRA kernels
 w, lora_a, lora_b = torch.randn(512, K, dtype=bf16), torch.randn(4, 16, K, dtype=bf16), torch.randn(4, 512, 16, dtype=bf16)
@@ -175,6 +179,37 @@ def test_every_cuda_kernel_compiles_for_hopper():
     assert out.returncode == 0, out.stderr[-4000:]
     names = out.stdout.strip().rsplit("]", 1)[0]
     for kernel in ("kernel", "rope_kv_kernel", "qgemv_kernel", "_quantise_rows_kernel", "_scale_outer_kernel", "_dequant_int4_kernel",
-                   "_dequant_tinygemm_kernel", "gemv_kernel", "rms_norm_kernel", "all_reduce_rms_norm_kernel", "shrink",
+                   "gemv_kernel", "rms_norm_kernel", "all_reduce_rms_norm_kernel", "shrink",
                    "expand"):  # fmt: skip
         assert f"'{kernel}'" in names, (kernel, out.stdout)
+
+
+def nvrtc_library() -> str | None:
+    """libnvrtc from the nvidia-cuda-nvrtc wheel (the test extra), if installed."""
+    spec = importlib.util.find_spec("nvidia")
+    for root in spec.submodule_search_locations if spec else []:
+        for path in sorted(glob.glob(f"{root}/*/lib/libnvrtc.so.*")):
+            return path
+    return None
+
+
+def test_int4_mma_kernels_compile_for_hopper(tmp_path):
+    """quant_cuda.py's CUDA source through NVRTC for sm_90 (no GPU needed) in every setting the engine compiles
+    (bf16 and fp16, groups of 32 to 256, one and two row tiles of x, gated, PDL): both kernels built, the GEMV on
+    the tensor cores (HMMA), nothing spilled to local memory (cuobjdump from Triton's package)."""
+    from nanokyro.quant_cuda import compile_cubin
+
+    path = nvrtc_library()
+    if path is None:
+        pytest.skip("no nvidia-cuda-nvrtc wheel")
+    triton = pytest.importorskip("triton")
+    nvrtc, cuobjdump = ctypes.CDLL(path), Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    cubin = tmp_path / "k.cubin"
+    for f16, group, mt, gated in itertools.product((0, 1), (32, 64, 128, 256), (1, 2), (0, 1)):
+        defines = dict(F16=f16, GROUP=group, MT=mt, GATED=gated, PDL=1)
+        cubin.write_bytes(compile_cubin(defines, "sm_90", nvrtc))
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+        assert usage.count("Function w4_gemv") == 1 and usage.count("Function w4_dequantise") == 1, usage
+        assert usage.count("LOCAL:0") == 2, (defines, usage)
+        sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True).stdout
+        assert "HMMA.16816.F32" in sass, defines

@@ -215,36 +215,6 @@ def test_packed_values_read_as_documented():
     assert pack_ct(torch.tensor([list(range(-8, 0))])).item() == 0x76543210
 
 
-def test_tinygemm_layout_read_as_documented():
-    """torch's int4 tile layout (aten/src/ATen/native/cuda/int4mm.cu, innerKTiles 2): lane t of tile (0, 0) packs
-    bytes v[0..3] = in[t // 4][t % 4 + (0, 4, 8, 12)] of the uint8 [N, K/2] input (feature 2j in byte j's high
-    nibble) as v3.lo v2.lo v1.lo v0.lo v3.hi v2.hi v1.hi v0.hi, from the top nibble down."""
-    from nanokyro.quant_formats import tinygemm_bytes, tinygemm_pack, tinygemm_unpack
-
-    q = torch.arange(32).remainder(16).repeat(8, 1)  # every row's features 0..31 hold k % 16
-    assert tinygemm_bytes(q)[1, :2].tolist() == [0x01, 0x23]
-    # lane 5: row 1, bytes 1 5 9 13 = 0x23 0xAB 0x23 0xAB -> nibbles B 3 B 3 A 2 A 2
-    assert tinygemm_pack(q, 2)[0, 0, 5, 0].item() == 0xB3B3A2A2 - 2**32
-    for inner in (2, 4, 8):
-        q = torch.randint(0, 16, (24, 512))
-        assert tinygemm_pack(q, inner).shape == (3, 512 // (16 * inner), 32, inner // 2)
-        assert torch.equal(tinygemm_unpack(tinygemm_pack(q, inner)), q)
-
-
-def test_tinygemm_scales_and_zeros_give_the_awq_weight():
-    """tinygemm dequantises (q - 8) * scale + zero; the repacked zeros make that AWQ's (q - zero) * scale."""
-    from nanokyro.quant_formats import (dequantise_int4, dequantise_tinygemm, pack_rows, tinygemm_pack,
-                                        tinygemm_scales_zeros)  # fmt: skip
-
-    q = torch.randint(0, 16, (16, 256))
-    scales, zeros = torch.rand(16, 4) / 16, torch.randint(0, 16, (16, 4)).float()
-    sz = tinygemm_scales_zeros(scales, zeros)
-    assert sz.shape == (4, 16, 2) and sz.dtype == torch.bfloat16
-    want = dequantise_int4(pack_rows(q), scales, zeros)
-    got = dequantise_tinygemm(tinygemm_pack(q, 8), sz)
-    assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # scales and zeros rounded to bf16
-
-
 def test_mma_layout_read_as_documented():
     """The MMA fragment layout (quant_formats.py): lane 5 (rows 1 and 9, features 4..7 of each 16) of strip 0,
     block 0, step 2 holds features 36..39. Nibble t is row 1 + 8 (t & 1), feature 36 + 2 ((t >> 1) & 1) + t // 4;
@@ -472,12 +442,6 @@ assert torch.allclose(got, acc * rs * cs.T, rtol=1e-6, atol=0), "scale_outer ker
 wide, sz2 = torch.randn(1500, 10), torch.rand(1500, 2)  # strided views: a column of each
 got = qt.scale_outer_cuda(wide[:, :5].T, rs, sz2[:, :1], torch.float32)
 assert torch.allclose(got, wide[:, :5].T * rs * sz2[:, :1].T, rtol=1e-6, atol=0), "scale_outer kernel, strided"
-for inner in (4, 8):
-    q = torch.randint(0, 16, (24, 512))
-    packed, sz = qf.tinygemm_pack(q, inner), qf.tinygemm_scales_zeros(torch.rand(24, 8), torch.rand(24, 8) * 15)
-    want = qf.dequantise_tinygemm(packed, sz)
-    got = qt.dequantise_tinygemm_cuda(packed, sz, block_n=16, block_k=128).float()
-    assert ((got - want).abs() <= want.abs() / 128).all(), "tinygemm dequantise kernel"
 print(worst)
 """
 
@@ -485,8 +449,7 @@ print(worst)
 def test_triton_kernels_match_dequantised_matmul_in_the_interpreter():
     """The CUDA kernels (GEMV at 1 row, 3 rows; tensor-core tiles at 9 and 40; fp8 per-channel and block-wise with
     a partial block; int4 groups of 32, 64, 128; gated; split-K; prefetching; the one-row FP8 kernel, gated with a
-    partial last block too; the W8A8 scales' epilogue; the tinygemm layout's dequantise kernel; the tiles' dot in
-    f16) run by Triton's interpreter on the CPU, against the dequantised weight."""
+    partial last block too; the W8A8 scales' epilogue; the tiles' dot in f16) run by Triton's interpreter on the CPU, against the dequantised weight."""
     assert float(run_in_interpreter(KERNEL_CHECK)) < 1e-5
 
 

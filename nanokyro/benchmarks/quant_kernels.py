@@ -1,7 +1,7 @@
 """Sweep of the quantised linear kernels against bf16: llama-3.1-8b's qkv, o, gate/up and down projections of one
 layer, random weights, each shape's 20 calls replayed from a CUDA graph, for each row count. Every kernel and
 every FP8 GEMV setting tried is timed in one process; a variant that fails prints its error and the sweep goes
-on. The switch points (quant_triton.GEMV_CONFIG, GEMV_MAX_ROWS, TINYGEMM_MAX_ROWS) are read from its output
+on. The switch points (quant_triton.GEMV_CONFIG, GEMV_MAX_ROWS, quant_cuda's settings) are read from its output
 (docs/PERFORMANCE.md). `python -m nanokyro.benchmarks.quant_kernels [--rows 1,2,...]`.
 
 Triton compiles every setting on first use; a pool of processes compiles them first (into Triton's disk cache),
@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from nanokyro import quant, small_batch  # noqa: F401 - small_batch registers nanokyro::gemv
-from nanokyro.quant_cuda import MAX_ROWS as MMA_MAX_ROWS, w4_dequantise, w4_gemv
-from nanokyro.quant_formats import (FP8, FP8_MAX, mma_pack, mma_scales_zeros, pack_rows, tinygemm_bytes, tinygemm_pack,
-                                    tinygemm_scales_zeros)  # fmt: skip
-from nanokyro.quant_triton import GemvConfig, dequantise_int4_cuda, dequantise_tinygemm_cuda, qgemv
+from nanokyro.quant_cuda import MAX_ROWS as MMA_MAX_ROWS, w4_gemv
+from nanokyro.quant_formats import FP8, FP8_MAX, mma_pack, mma_scales_zeros, pack_rows
+from nanokyro.quant_triton import GemvConfig, dequantise_int4_cuda, qgemv
 
 # (name, N, K, gated): gate/up's weight stacks 2N rows (gate and up, 14336 each) for an output of N
 SHAPES = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 14336, 4096, True),
@@ -86,8 +85,8 @@ def label(c: GemvConfig) -> str:
 
 @functools.cache
 def weights() -> list[dict]:
-    """Per shape: the bf16 weight and its FP8 (per-channel), int4 (Triton layout, tinygemm's, the MMA layout)
-    forms."""
+    """Per shape: the bf16 weight and its FP8 (per-channel), int4 (the rows layout, the MMA layout, and torch's
+    tinygemm layout on CUDA: a peer) forms."""
     gen = torch.Generator(DEVICE).manual_seed(0)
     out = []
     for name, n, k, gated in SHAPES:
@@ -97,18 +96,22 @@ def weights() -> list[dict]:
         q = torch.randint(0, 16, (rows_n, k), device=DEVICE, dtype=torch.int32, generator=gen)
         s = (torch.rand(rows_n, k // GROUP, device=DEVICE, generator=gen) / 100).bfloat16()
         z = torch.full((rows_n, k // GROUP), 8.0, device=DEVICE).bfloat16()
-        sz = tinygemm_scales_zeros(s, z)
-        tg = {i: tinygemm_weight(q, i) for i in (8, 4)}
         out.append(dict(name=name, n=n, k=k, gated=gated, w=w, wq=(w.float() / scale).to(FP8), scale=scale,
-                        qw=pack_rows(q), s=s, z=z, sz=sz, tg=tg, mma=mma_pack(q), mma_sz=mma_scales_zeros(s, z)))  # fmt: skip
+                        qw=pack_rows(q), s=s, z=z, mma=mma_pack(q), mma_sz=mma_scales_zeros(s, z),
+                        tinygemm=tinygemm_weight(q, s, z)))  # fmt: skip
         del q
     return out
 
 
-def tinygemm_weight(q: torch.Tensor, inner: int) -> torch.Tensor:
-    if q.is_cuda:
-        return torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(q), inner)
-    return tinygemm_pack(q, inner)  # a dry run on the CPU (TRITON_INTERPRET=1): the same layout
+def tinygemm_weight(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple | None:
+    """torch's own int4 kernel's operands (`_weight_int4pack_mm`, CUDA only): the weight in its tile layout (from
+    uint8 [N, K/2], feature 2j in byte j's high nibble) and bf16 [K/g, N, 2] scales and zeros for its
+    (q - 8) * scale + zero."""
+    if not q.is_cuda:
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack(((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
+    sz = torch.stack([s.float(), (8 - z.float()) * s.float()], -1).transpose(0, 1).contiguous().bfloat16()
+    return packed, sz
 
 
 def variants(rows: int) -> dict:
@@ -127,11 +130,10 @@ def variants(rows: int) -> dict:
             lambda d, x, s=scaling: g(quant._scaled_mm_fp8(x, d["wq"], d["scale"], s), d["gated"]), fp8_bytes)
     for c in fp8_configs(rows):
         v[label(c)] = (lambda d, x, c=c: qgemv(x, d["wq"], d["scale"], None, None, d["gated"], c), fp8_bytes)
-    for inner in (8, 4):
-        v[f"int4 tinygemm i{inner}"] = (
-            lambda d, x, i=inner: g(torch._weight_int4pack_mm(x, d["tg"][i], GROUP, d["sz"]), d["gated"]), int4_bytes)
-    v["int4 dispatch"] = (lambda d, x: torch.ops.nanokyro.int4_tinygemm_linear(x, d["tg"][8], d["sz"], GROUP, None,
-                                                                               d["gated"]), int4_bytes)  # fmt: skip
+    if torch.cuda.is_available():
+        v["int4 torch tinygemm"] = (
+            lambda d, x: g(torch._weight_int4pack_mm(x, d["tinygemm"][0], GROUP, d["tinygemm"][1]), d["gated"]),
+            int4_bytes)  # fmt: skip
     v["int4 triton"] = (lambda d, x: qgemv(x, d["qw"], d["s"], d["z"], None, d["gated"]), int4_bytes)
     v["int4 mma dispatch"] = (lambda d, x: torch.ops.nanokyro.int4_mma_linear(x, d["mma"], d["mma_sz"], GROUP, None,
                                                                               d["gated"]), int4_bytes)  # fmt: skip
@@ -140,15 +142,9 @@ def variants(rows: int) -> dict:
             v[f"int4 mma gemv w{warps}"] = (
                 lambda d, x, w=warps: w4_gemv(x, d["mma"], d["mma_sz"], GROUP, None, d["gated"], w), int4_bytes)
     if rows >= 8:
-        v["int4 mma dequant + cuBLAS"] = (
-            lambda d, x: g(F.linear(x, w4_dequantise(d["mma"], d["mma_sz"], GROUP, x.dtype)), d["gated"]), int4_bytes)
         v["int4 dequant + cuBLAS"] = (lambda d, x: g(F.linear(x, dequantise_int4_cuda(d["qw"], d["s"], d["z"],
                                                                                       x.dtype)), d["gated"]),
                                       int4_bytes)  # fmt: skip
-        for bn, bk in [(16, 256), (8, 512), (32, 256), (16, 512), (32, 128)]:
-            v[f"int4 tg-dequant {bn}x{bk} + cuBLAS"] = (
-                lambda d, x, bn=bn, bk=bk: g(F.linear(x, dequantise_tinygemm_cuda(d["tg"][8], d["sz"], bn, bk)),
-                                             d["gated"]), int4_bytes)  # fmt: skip
     return v
 
 
