@@ -79,7 +79,7 @@ __device__ __forceinline__ u32 word_of(const uint4& v, int j) { return j == 0 ? 
 // each rounded to the dtype first. Block: one strip of 16 outputs, blockDim.x / 32 warps sharing K in whole steps.
 // A step is UNIT blocks of 64 features (whole groups); DEPTH steps of weight words are in flight per lane.
 #define UNIT (GROUP > 64 ? GROUP / 64 : 1)
-#define DEPTH (UNIT >= 4 ? 1 : 4 / UNIT)
+#define DEPTH (UNIT >= BLOCKS ? 1 : BLOCKS / UNIT)
 #define NS (GATED ? 2 : 1)
 extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
@@ -89,139 +89,142 @@ extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
   const int r = lane >> 2, i = lane & 3;
   const int kblocks = K >> 6, steps = kblocks / UNIT;
   const int u0 = steps * warp / warps, u1 = steps * (warp + 1) / warps;
-  const uint4* wp[NS];
-  const u32* szp[NS];
+  for (int os = blockIdx.x; os < (N >> 4); os += gridDim.x) {  // output strips, strided over the grid
+    const uint4* wp[NS];
+    const u32* szp[NS];
 #pragma unroll
-  for (int s = 0; s < NS; ++s) {
-    const int strip = blockIdx.x + s * (N >> 4);
-    wp[s] = w + (long long)strip * kblocks * 32 + lane;
-    szp[s] = sz + strip * 16 + r;
-  }
-  // lane's B column: x's row 8t + r (a row past M reads row M - 1: its sums land in columns never stored)
-  const u16* xr[MT];
+    for (int s = 0; s < NS; ++s) {
+      const int strip = os + s * (N >> 4);
+      wp[s] = w + (long long)strip * kblocks * 32 + lane;
+      szp[s] = sz + strip * 16 + r;
+    }
+    // lane's B column: x's row 8t + r (a row past M reads row M - 1: its sums land in columns never stored)
+    const u16* xr[MT];
 #pragma unroll
-  for (int t = 0; t < MT; ++t) xr[t] = x + (long long)min(8 * t + r, M - 1) * x_stride + 4 * i;
-  float acc[NS][MT][4], part[NS][MT][4], scale[NS][2];
-  u32 negz[NS][2];
+    for (int t = 0; t < MT; ++t) xr[t] = x + (long long)min(8 * t + r, M - 1) * x_stride + 4 * i;
+    float acc[NS][MT][4], part[NS][MT][4], scale[NS][2];
+    u32 negz[NS][2];
 #pragma unroll
-  for (int s = 0; s < NS; ++s)
+    for (int s = 0; s < NS; ++s)
 #pragma unroll
-    for (int t = 0; t < MT; ++t)
+      for (int t = 0; t < MT; ++t)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[s][t][e] = 0.f;
+        for (int e = 0; e < 4; ++e) acc[s][t][e] = 0.f;
 
-  // running pointers: weight words, scale/zero words and x at step u (the loop's first)
-  constexpr int GPS = UNIT * 64 / GROUP;  // groups per step
-  const int gstride = NS * N;  // the weight's rows: one group's scale/zero words
+    // running pointers: weight words, scale/zero words and x at step u (the loop's first)
+    constexpr int GPS = UNIT * 64 / GROUP;  // groups per step
+    const int gstride = NS * N;  // the weight's rows: one group's scale/zero words
 #pragma unroll
-  for (int s = 0; s < NS; ++s) {
-    wp[s] += (long long)u0 * UNIT * 32;
-    szp[s] += (long long)u0 * GPS * gstride;
-  }
+    for (int s = 0; s < NS; ++s) {
+      wp[s] += (long long)u0 * UNIT * 32;
+      szp[s] += (long long)u0 * GPS * gstride;
+    }
 #pragma unroll
-  for (int t = 0; t < MT; ++t) xr[t] += u0 * UNIT * 64;
-  uint4 buf[DEPTH][UNIT][NS];
+    for (int t = 0; t < MT; ++t) xr[t] += u0 * UNIT * 64;
+    uint4 buf[DEPTH][UNIT][NS];
 #pragma unroll
-  for (int d = 0; d < DEPTH; ++d)
-    if (u0 + d < u1)
-#pragma unroll
-      for (int b = 0; b < UNIT; ++b)
-#pragma unroll
-        for (int s = 0; s < NS; ++s) buf[d][b][s] = load_stream(wp[s] + (d * UNIT + b) * 32);
-#if PDL  // (small_batch.py's rules: only the weights before the wait)
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-  for (int u = u0; u < u1; u += DEPTH) {
-#pragma unroll
-    for (int d = 0; d < DEPTH; ++d) {
-      if (u + d >= u1) break;
-#pragma unroll
-      for (int b = 0; b < UNIT; ++b) {
-        uint2 xv[MT][4];
-#pragma unroll
-        for (int t = 0; t < MT; ++t)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            xv[t][j] = *reinterpret_cast<const uint2*>(xr[t] + (d * UNIT + b) * 64 + 16 * j);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int k0 = b * 64 + 16 * j;  // within the step, which starts a group
-          if (k0 % GROUP == 0) {  // a group starts: its scales and zeros for rows r and r + 8, fresh sums
-            const int g = d * GPS + k0 / GROUP;  // from the loop's first step
-#pragma unroll
-            for (int s = 0; s < NS; ++s) {
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                const u32 v = szp[s][g * gstride + 8 * h];
-                scale[s][h] = to_f32((u16)(v & 0xFFFFu));
-                negz[s][h] = __byte_perm(v, 0, 0x3232);  // -(MAGIC + zero) in both halves
-              }
-#pragma unroll
-              for (int t = 0; t < MT; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) part[s][t][e] = 0.f;
-            }
-          }
-#pragma unroll
-          for (int s = 0; s < NS; ++s) {
-            const u32 word = word_of(buf[d][b][s], j);
-            u32 a[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) a[q] = nibbles(word, q, negz[s][q & 1]);  // registers 0, 2: row r; 1, 3: r + 8
-#pragma unroll
-            for (int t = 0; t < MT; ++t) mma(part[s][t], a, xv[t][j].x, xv[t][j].y);
-          }
-          if ((k0 + 16) % GROUP == 0) {  // the group ends: its sums scaled into the totals
-#pragma unroll
-            for (int s = 0; s < NS; ++s)
-#pragma unroll
-              for (int t = 0; t < MT; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[s][t][e] += scale[s][e >> 1] * part[s][t][e];
-          }
-        }
-      }
-      if (u + d + DEPTH < u1)  // this slot's next step
+    for (int d = 0; d < DEPTH; ++d)
+      if (u0 + d < u1)
 #pragma unroll
         for (int b = 0; b < UNIT; ++b)
 #pragma unroll
-          for (int s = 0; s < NS; ++s) buf[d][b][s] = load_stream(wp[s] + ((d + DEPTH) * UNIT + b) * 32);
+          for (int s = 0; s < NS; ++s) buf[d][b][s] = load_stream(wp[s] + (d * UNIT + b) * 32);
+#if PDL  // (small_batch.py's rules: only the weights before the wait)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+    for (int u = u0; u < u1; u += DEPTH) {
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) {
+        if (u + d >= u1) break;
+#pragma unroll
+        for (int b = 0; b < UNIT; ++b) {
+          uint2 xv[MT][4];
+#pragma unroll
+          for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+              xv[t][j] = *reinterpret_cast<const uint2*>(xr[t] + (d * UNIT + b) * 64 + 16 * j);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int k0 = b * 64 + 16 * j;  // within the step, which starts a group
+            if (k0 % GROUP == 0) {  // a group starts: its scales and zeros for rows r and r + 8, fresh sums
+              const int g = d * GPS + k0 / GROUP;  // from the loop's first step
+#pragma unroll
+              for (int s = 0; s < NS; ++s) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                  const u32 v = szp[s][g * gstride + 8 * h];
+                  scale[s][h] = to_f32((u16)(v & 0xFFFFu));
+                  negz[s][h] = __byte_perm(v, 0, 0x3232);  // -(MAGIC + zero) in both halves
+                }
+#pragma unroll
+                for (int t = 0; t < MT; ++t)
+#pragma unroll
+                  for (int e = 0; e < 4; ++e) part[s][t][e] = 0.f;
+              }
+            }
+#pragma unroll
+            for (int s = 0; s < NS; ++s) {
+              const u32 word = word_of(buf[d][b][s], j);
+              u32 a[4];
+#pragma unroll
+              for (int q = 0; q < 4; ++q) a[q] = nibbles(word, q, negz[s][q & 1]);  // registers 0, 2: row r; 1, 3: r + 8
+#pragma unroll
+              for (int t = 0; t < MT; ++t) mma(part[s][t], a, xv[t][j].x, xv[t][j].y);
+            }
+            if ((k0 + 16) % GROUP == 0) {  // the group ends: its sums scaled into the totals
+#pragma unroll
+              for (int s = 0; s < NS; ++s)
+#pragma unroll
+                for (int t = 0; t < MT; ++t)
+#pragma unroll
+                  for (int e = 0; e < 4; ++e) acc[s][t][e] += scale[s][e >> 1] * part[s][t][e];
+            }
+          }
+        }
+        if (u + d + DEPTH < u1)  // this slot's next step
+#pragma unroll
+          for (int b = 0; b < UNIT; ++b)
+#pragma unroll
+            for (int s = 0; s < NS; ++s) buf[d][b][s] = load_stream(wp[s] + ((d + DEPTH) * UNIT + b) * 32);
+      }
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        wp[s] += DEPTH * UNIT * 32;
+        szp[s] += DEPTH * GPS * gstride;
+      }
+#pragma unroll
+      for (int t = 0; t < MT; ++t) xr[t] += DEPTH * UNIT * 64;
     }
 #pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      wp[s] += DEPTH * UNIT * 32;
-      szp[s] += DEPTH * GPS * gstride;
+    for (int s = 0; s < NS; ++s)
+#pragma unroll
+      for (int t = 0; t < MT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[warp][(s * MT + t) * 4 + e][lane] = acc[s][t][e];
+    __syncthreads();
+    // lane l's sum e is output row (l >> 2) + 8 (e >> 1) of the strip, x's row 8t + 2 (l & 3) + (e & 1)
+    for (int idx = threadIdx.x; idx < MT * 4 * 32; idx += blockDim.x) {
+      const int l = idx & 31, e = (idx >> 5) & 3, t = idx >> 7;
+      const int m = 8 * t + 2 * (l & 3) + (e & 1), n = os * 16 + (l >> 2) + 8 * (e >> 1);
+      if (m >= M) continue;
+      float v[NS];
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        v[s] = 0.f;
+        for (int wi = 0; wi < warps; ++wi) v[s] += red[wi][(s * MT + t) * 4 + e][l];
+      }
+      float out;
+      if (GATED) {
+        const float gate = to_f32(from_f32(v[0])), up = to_f32(from_f32(v[NS - 1]));
+        out = gate / (1.f + __expf(-gate)) * up;
+      } else {
+        out = has_bias ? v[0] + to_f32(bias[n]) : v[0];
+      }
+      y[(long long)m * N + n] = from_f32(out);
     }
-#pragma unroll
-    for (int t = 0; t < MT; ++t) xr[t] += DEPTH * UNIT * 64;
-  }
-#pragma unroll
-  for (int s = 0; s < NS; ++s)
-#pragma unroll
-    for (int t = 0; t < MT; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) red[warp][(s * MT + t) * 4 + e][lane] = acc[s][t][e];
-  __syncthreads();
-  // lane l's sum e is output row (l >> 2) + 8 (e >> 1) of the strip, x's row 8t + 2 (l & 3) + (e & 1)
-  for (int idx = threadIdx.x; idx < MT * 4 * 32; idx += blockDim.x) {
-    const int l = idx & 31, e = (idx >> 5) & 3, t = idx >> 7;
-    const int m = 8 * t + 2 * (l & 3) + (e & 1), n = blockIdx.x * 16 + (l >> 2) + 8 * (e >> 1);
-    if (m >= M) continue;
-    float v[NS];
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      v[s] = 0.f;
-      for (int wi = 0; wi < warps; ++wi) v[s] += red[wi][(s * MT + t) * 4 + e][l];
-    }
-    float out;
-    if (GATED) {
-      const float gate = to_f32(from_f32(v[0])), up = to_f32(from_f32(v[NS - 1]));
-      out = gate / (1.f + __expf(-gate)) * up;
-    } else {
-      out = has_bias ? v[0] + to_f32(bias[n]) : v[0];
-    }
-    y[(long long)m * N + n] = from_f32(out);
+    __syncthreads();  // (red is the next strip's)
   }
 }
 
@@ -308,12 +311,13 @@ def compile_cubin(defines: dict, arch: str, nvrtc: ctypes.CDLL | None = None) ->
 
 
 @functools.cache
-def _kernel(name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1, gated: bool = False,
-            pdl: bool = False) -> ctypes.c_void_p:  # fmt: skip
-    """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8, gating and PDL) for the current
-    device and loaded into its context: the CUfunction."""
+def _kernel(name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1, gated: bool = False, pdl: bool = False,
+            blocks: int = 4) -> ctypes.c_void_p:  # fmt: skip
+    """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8, gating, PDL and weight blocks in
+    flight) for the current device and loaded into its context: the CUfunction."""
     major, minor = torch.cuda.get_device_capability()
-    defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl))
+    defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl),
+                   BLOCKS=blocks)  # fmt: skip
     cubin = compile_cubin(defines, f"sm_{major}{minor}")
     module, func = ctypes.c_void_p(), ctypes.c_void_p()
     if _driver().cuModuleLoadData(ctypes.byref(module), cubin) or _driver().cuModuleGetFunction(
@@ -336,6 +340,14 @@ def _launch(func: ctypes.c_void_p, grid: int, threads: int, args: list, pdl: boo
         raise RuntimeError(f"cuLaunchKernelEx failed: CUresult {err}")
 
 
+@functools.cache
+def _resident(func: ctypes.c_void_p, threads: int) -> int:
+    """CTAs of `threads` threads of `func` that the whole device holds at once."""
+    per_sm = ctypes.c_int()
+    _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), func, threads, 0)
+    return max(1, per_sm.value) * torch.cuda.get_device_properties().multi_processor_count
+
+
 def gemv_warps(ctas: int, steps: int) -> int:
     """The GEMV's warps a CTA for `ctas` strips and `steps` steps of K: a power of two, 1 to MAX_WARPS."""
     want = min(MAX_WARPS, TARGET_WARPS // ctas, steps // MIN_STEPS)
@@ -348,9 +360,11 @@ def _check(dtype: torch.dtype) -> None:
 
 
 def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
-            gated: bool, warps: int | None = None) -> torch.Tensor:  # fmt: skip
+            gated: bool, warps: int | None = None, blocks: int = 4, ctas: int | None = None) -> torch.Tensor:  # fmt: skip
     """x [M <= MAX_ROWS, K] @ w.T (+ bias) for w in the MMA layout (packed [N/16, K/64, 32, 4], sz [K/g, N]);
-    `gated`: w stacks gate and up, y = silu(x @ gate.T) * (x @ up.T). `warps` overrides gemv_warps (the sweep)."""
+    `gated`: w stacks gate and up, y = silu(x @ gate.T) * (x @ up.T). A CTA per strip of 16 outputs, or as many
+    as the device holds at once, each then taking every so many strips. `warps`, `blocks` (weight blocks in flight
+    a lane) and `ctas` override the settings (the sweep)."""
     _check(x.dtype)
     assert bias is None or not gated, "gated: no bias"
     M, K = x.shape
@@ -361,8 +375,9 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     warps = warps or gemv_warps(N // 16, K // max(64, group))
     y = x.new_empty(M, N)
     pdl = use_pdl()
-    func = _kernel("w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl)
-    _launch(func, N // 16, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
+    func = _kernel("w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl, blocks)
+    ctas = ctas or min(N // 16, _resident(func, 32 * warps))
+    _launch(func, ctas, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
                                         int(bias is not None)], pdl)  # fmt: skip
     return y
 
