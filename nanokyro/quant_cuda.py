@@ -341,10 +341,10 @@ def _launch(func: ctypes.c_void_p, grid: int, threads: int, args: list, pdl: boo
 
 
 @functools.cache
-def _resident(func: ctypes.c_void_p, threads: int) -> int:
-    """CTAs of `threads` threads of `func` that the whole device holds at once."""
+def _resident(func: int, threads: int) -> int:
+    """CTAs of `threads` threads of the CUfunction `func` that the whole device holds at once."""
     per_sm = ctypes.c_int()
-    _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), func, threads, 0)
+    _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), ctypes.c_void_p(func), threads, 0)
     return max(1, per_sm.value) * torch.cuda.get_device_properties().multi_processor_count
 
 
@@ -376,7 +376,7 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     y = x.new_empty(M, N)
     pdl = use_pdl()
     func = _kernel("w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl, blocks)
-    ctas = ctas or min(N // 16, _resident(func, 32 * warps))
+    ctas = ctas or min(N // 16, _resident(func.value, 32 * warps))
     _launch(func, ctas, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
                                         int(bias is not None)], pdl)  # fmt: skip
     return y
