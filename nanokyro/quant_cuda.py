@@ -141,6 +141,12 @@ extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
       if (u + d >= u1) break;
 #pragma unroll
       for (int b = 0; b < UNIT; ++b) {
+#if XPF  // x's line XPF blocks ahead into L1 (every warp of every CTA reads x: it is in L2)
+        if ((u + d) * UNIT + b + XPF < u1 * UNIT)
+#pragma unroll
+          for (int t = 0; t < MT; ++t)
+            asm volatile("prefetch.global.L1 [%0];" ::"l"(xr[t] + (d * UNIT + b + XPF) * 64));
+#endif
         uint2 xv[MT][4];
 #pragma unroll
         for (int t = 0; t < MT; ++t)
@@ -312,11 +318,12 @@ def compile_cubin(defines: dict, arch: str, nvrtc: ctypes.CDLL | None = None) ->
 
 @functools.cache
 def _kernel(name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1, gated: bool = False,
-            pdl: bool = False) -> ctypes.c_void_p:  # fmt: skip
+            pdl: bool = False, x_prefetch: int = 0) -> ctypes.c_void_p:  # fmt: skip
     """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8, gating and PDL) for the current
     device and loaded into its context: the CUfunction."""
     major, minor = torch.cuda.get_device_capability()
-    defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl))
+    defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl),
+                   XPF=x_prefetch)  # fmt: skip
     cubin = compile_cubin(defines, f"sm_{major}{minor}")
     module, func = ctypes.c_void_p(), ctypes.c_void_p()
     if _driver().cuModuleLoadData(ctypes.byref(module), cubin) or _driver().cuModuleGetFunction(
@@ -351,7 +358,7 @@ def _check(dtype: torch.dtype) -> None:
 
 
 def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
-            gated: bool, warps: int | None = None) -> torch.Tensor:  # fmt: skip
+            gated: bool, warps: int | None = None, x_prefetch: int = 0) -> torch.Tensor:  # fmt: skip
     """x [M <= MAX_ROWS, K] @ w.T (+ bias) for w in the MMA layout (packed [N/16, K/64, 32, 4], sz [K/g, N]);
     `gated`: w stacks gate and up, y = silu(x @ gate.T) * (x @ up.T). `warps` overrides gemv_warps (the sweep)."""
     _check(x.dtype)
@@ -364,7 +371,7 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     warps = warps or gemv_warps(N // 16, K // max(64, group))
     y = x.new_empty(M, N)
     pdl = use_pdl()
-    func = _kernel("w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl)
+    func = _kernel("w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl, x_prefetch)
     _launch(func, N // 16, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
                                         int(bias is not None)], pdl)  # fmt: skip
     return y

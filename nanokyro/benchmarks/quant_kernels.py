@@ -138,9 +138,12 @@ def variants(rows: int) -> dict:
     v["int4 mma dispatch"] = (lambda d, x: torch.ops.nanokyro.int4_mma_linear(x, d["mma"], d["mma_sz"], GROUP, None,
                                                                               d["gated"]), int4_bytes)  # fmt: skip
     if rows <= MMA_MAX_ROWS:
-        for warps in (4, 8, 16):
-            v[f"int4 mma gemv w{warps}"] = (
-                lambda d, x, w=warps: w4_gemv(x, d["mma"], d["mma_sz"], GROUP, None, d["gated"], w), int4_bytes)
+        for warps, xpf in [(w, p) for w in (4, 8, 16) for p in (0, 1, 2, 4)]:
+            v[f"int4 mma gemv w{warps} xpf{xpf}"] = (
+                lambda d, x, w=warps, p=xpf: w4_gemv(x, d["mma"], d["mma_sz"], GROUP, None, d["gated"], w, p), int4_bytes)
+        for xpf in (1, 2, 4):
+            v[f"int4 mma gemv xpf{xpf}"] = (
+                lambda d, x, p=xpf: w4_gemv(x, d["mma"], d["mma_sz"], GROUP, None, d["gated"], None, p), int4_bytes)
     if rows >= 8:
         v["int4 dequant + cuBLAS"] = (lambda d, x: g(F.linear(x, dequantise_int4_cuda(d["qw"], d["s"], d["z"],
                                                                                       x.dtype)), d["gated"]),
