@@ -84,7 +84,7 @@ __device__ __forceinline__ u32 word_of(const uint4& v, int j) {
 // each rounded to the dtype first. Block: one strip of 16 outputs, blockDim.x / 32 warps sharing K in whole steps.
 // A step is UNIT blocks of 64 features (whole groups); DEPTH steps of weight words are in flight per lane.
 #define UNIT (GROUP > 64 ? GROUP / 64 : 1)
-#define DEPTH (UNIT >= 4 ? 1 : 4 / UNIT)
+#define DEPTH (UNIT >= BLOCKS ? 1 : BLOCKS / UNIT)
 #define NS (GATED ? 2 : 1)
 extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
@@ -314,11 +314,12 @@ def compile_cubin(defines: dict, arch: str, nvrtc: ctypes.CDLL | None = None) ->
 
 @functools.cache
 def _kernel(device: torch.device, name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1,
-            gated: bool = False, pdl: bool = False) -> ctypes.c_void_p:  # fmt: skip
+            gated: bool = False, pdl: bool = False, blocks: int = 4) -> ctypes.c_void_p:  # fmt: skip
     """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8, gating and PDL) for `device` and
     loaded into its context: the CUfunction."""
     major, minor = torch.cuda.get_device_capability(device)
-    defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl))
+    defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl),
+                   BLOCKS=blocks)  # fmt: skip
     cubin = compile_cubin(defines, f"sm_{major}{minor}")
     module, func = ctypes.c_void_p(), ctypes.c_void_p()
     with torch.cuda.device(device):  # the module loads into the current context
@@ -354,7 +355,7 @@ def _check(dtype: torch.dtype) -> None:
 
 
 def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
-            gated: bool, warps: int | None = None) -> torch.Tensor:  # fmt: skip
+            gated: bool, warps: int | None = None, blocks: int | None = None) -> torch.Tensor:  # fmt: skip
     """x [M <= MAX_ROWS, K] @ w.T (+ bias) for w in the MMA layout (packed [N/16, K/64, 32, 4], sz [K/g, N]);
     `gated`: w stacks gate and up, y = silu(x @ gate.T) * (x @ up.T). `warps` overrides gemv_warps (the sweep)."""
     _check(x.dtype)
@@ -369,7 +370,8 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     if M == 0:
         return y
     pdl = use_pdl()
-    func = _kernel(x.device, "w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl)
+    blocks = blocks or (2 if gated else 4)
+    func = _kernel(x.device, "w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl, blocks)
     _launch(func, N // 16, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
                                         int(bias is not None)], pdl)  # fmt: skip
     return y

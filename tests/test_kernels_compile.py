@@ -206,7 +206,7 @@ def test_int4_mma_kernels_compile_for_hopper(tmp_path):
     nvrtc, cuobjdump = ctypes.CDLL(path), Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     cubin = tmp_path / "k.cubin"
     for f16, group, mt, gated in itertools.product((0, 1), (32, 64, 128, 256), (1, 2), (0, 1)):
-        defines = dict(F16=f16, GROUP=group, MT=mt, GATED=gated, PDL=1)
+        defines = dict(F16=f16, GROUP=group, MT=mt, GATED=gated, PDL=1, BLOCKS=2 if gated else 4)
         cubin.write_bytes(compile_cubin(defines, "sm_90", nvrtc))
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
         assert usage.count("Function w4_gemv") == 1 and usage.count("Function w4_dequantise") == 1, usage

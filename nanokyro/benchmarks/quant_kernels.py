@@ -138,9 +138,10 @@ def variants(rows: int) -> dict:
     v["int4 mma dispatch"] = (lambda d, x: torch.ops.nanokyro.int4_mma_linear(x, d["mma"], d["mma_sz"], GROUP, None,
                                                                               d["gated"]), int4_bytes)  # fmt: skip
     if rows <= MMA_MAX_ROWS:
-        for warps in (4, 8, 16):
-            v[f"int4 mma gemv w{warps}"] = (
-                lambda d, x, w=warps: w4_gemv(x, d["mma"], d["mma_sz"], GROUP, None, d["gated"], w), int4_bytes)
+        for warps, blocks in [(w, b) for w in (4, 8, 16) for b in (2, 4)]:
+            v[f"int4 mma gemv w{warps} b{blocks}"] = (
+                lambda d, x, w=warps, b=blocks: w4_gemv(x, d["mma"], d["mma_sz"], GROUP, None, d["gated"], w, b),
+                int4_bytes)  # fmt: skip
     if rows >= 8:
         v["int4 dequant + cuBLAS"] = (lambda d, x: g(F.linear(x, dequantise_int4_cuda(d["qw"], d["s"], d["z"],
                                                                                       x.dtype)), d["gated"]),
