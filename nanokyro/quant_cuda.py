@@ -1,12 +1,12 @@
 """The CUDA kernels of 4-bit (AWQ) linear layers, on the MMA fragment layout (quant_formats.py): `w4_gemv` for up to
-16 rows (decode), `w4_dequantise` (to the model's dtype, for cuBLAS) above. CUDA C++ compiled at first use by NVRTC
+32 rows (decode), `w4_dequantise` (to the model's dtype, for cuBLAS) above. CUDA C++ compiled at first use by NVRTC
 (which CUDA builds of torch ship; no CUDA toolkit or headers needed), one module per setting.
 
 Why not Triton: a one-row int4 GEMV must turn a weight into something a multiply takes in about one instruction,
 or the H200's 4.2 TB/s (8.4 G weights a microsecond, 37 a clock on each SM) outruns the instruction issue (every
 Triton GEMV tried took 5.4 instructions a weight, docs/PERFORMANCE.md sessions 11-14). Here the weight is the A
-operand of the m16n8k16 tensor-core MMA and x its B operand (x's rows padded to 8 or 16; the tensor cores have
-room to spare). Each lane's 32-bit word holds the eight nibbles of its A fragment for one step: per step three
+operand of the m16n8k16 tensor-core MMA and x its B operand (x's rows padded to a multiple of 8; the tensor cores
+have room to spare). Each lane's 32-bit word holds the eight nibbles of its A fragment for one step: per step three
 shifts and four lop3s put MAGIC + q in bf16 (or f16) pairs, four fma2s subtract MAGIC + zero exactly, one MMA
 sums into fp32, and each group's sums are scaled once. In the sm_90 code that is 16 instructions a word with the
 loads, addresses and loop (2 a weight), one 16-byte load per lane per four steps. A llama-3.1-8b layer at one row
@@ -25,8 +25,8 @@ import torch
 from nanokyro.quant_formats import MMA_MAGIC
 from nanokyro.small_batch import use_pdl
 
-MAX_ROWS = 16  # rows the GEMV takes (two MMA column tiles of 8)
-MAX_WARPS = 16
+MAX_ROWS = 32  # rows the GEMV takes (up to four MMA column tiles of 8)
+MAX_WARPS = 16  # 8 from three tiles of x's rows (shared memory, registers)
 # Warps a CTA by shape: enough CTAs x warps to keep about this many warps' loads in flight (31 an SM of the H200's
 # 132), each warp at least 4 steps of K (session 24's sweep: llama-3.1-8b's gate/up best at 4 warps, down at 16,
 # qkv and o at 8)
@@ -86,10 +86,10 @@ __device__ __forceinline__ u32 word_of(const uint4& v, int j) {
 #define UNIT (GROUP > 64 ? GROUP / 64 : 1)
 #define DEPTH (UNIT >= 4 ? 1 : 4 / UNIT)
 #define NS (GATED ? 2 : 1)
-extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
+extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
     const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int x_stride, int has_bias) {
-  __shared__ float red[16][NS * MT * 4][32];
+  __shared__ float red[MT > 2 ? 8 : 16][NS * MT * 4][32];  // (48 KB of static shared memory at most)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int r = lane >> 2, i = lane & 3;
   const int kblocks = K >> 6, steps = kblocks / UNIT;
@@ -143,15 +143,12 @@ extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
       if (u + d >= u1) break;
 #pragma unroll
       for (int b = 0; b < UNIT; ++b) {
-        uint2 xv[MT][4];
-#pragma unroll
-        for (int t = 0; t < MT; ++t)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            xv[t][j] = *reinterpret_cast<const uint2*>(xr[t] + (d * UNIT + b) * 64 + 16 * j);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int k0 = b * 64 + 16 * j;  // within the step, which starts a group
+          uint2 xv[MT];  // B: x's rows 8t + r, the lane's four features of this MMA
+#pragma unroll
+          for (int t = 0; t < MT; ++t) xv[t] = *reinterpret_cast<const uint2*>(xr[t] + (d * UNIT + b) * 64 + 16 * j);
           if (k0 % GROUP == 0) {  // a group starts: its scales and zeros for rows r and r + 8, fresh sums
             const int g = d * GPS + k0 / GROUP;  // from the loop's first step
 #pragma unroll
@@ -175,7 +172,7 @@ extern "C" __global__ void __launch_bounds__(32 * 16) w4_gemv(
 #pragma unroll
             for (int q = 0; q < 4; ++q) a[q] = nibbles(word, q, negz[s][q & 1]);  // registers 0, 2: row r; 1, 3: r + 8
 #pragma unroll
-            for (int t = 0; t < MT; ++t) mma(part[s][t], a, xv[t][j].x, xv[t][j].y);
+            for (int t = 0; t < MT; ++t) mma(part[s][t], a, xv[t].x, xv[t].y);
           }
           if ((k0 + 16) % GROUP == 0) {  // the group ends: its sums scaled into the totals
 #pragma unroll
@@ -364,12 +361,13 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     if x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:
         x = x.contiguous()
     N = packed.shape[0] * 16 // (2 if gated else 1)
-    warps = warps or gemv_warps(N // 16, K // max(64, group))
+    tiles = -(-M // 8)
+    warps = min(warps or gemv_warps(N // 16, K // max(64, group)), MAX_WARPS if tiles <= 2 else 8)
     y = x.new_empty(M, N)
     if M == 0:
         return y
     pdl = use_pdl()
-    func = _kernel(x.device, "w4_gemv", x.dtype, group, 1 if M <= 8 else 2, gated, pdl)
+    func = _kernel(x.device, "w4_gemv", x.dtype, group, tiles, gated, pdl)
     _launch(func, N // 16, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
                                         int(bias is not None)], pdl)  # fmt: skip
     return y

@@ -588,7 +588,7 @@ def test_fp8_one_row_words_settings_match_dequantised_matmul():
 
 
 @pytest.mark.parametrize("group", [32, 128])
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 200])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 32, 33, 200])
 def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
     """int4 in the MMA layout (quant_cuda.py): the dequantise kernel gives quant_formats.dequantise_mma's weight,
     and the op (the GEMV up to quant_cuda.MAX_ROWS rows, dequantise + cuBLAS above) matches an fp32 matmul with
