@@ -125,14 +125,21 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
   }
 #pragma unroll
   for (int t = 0; t < MT; ++t) xr[t] += u0 * UNIT * 64;
+  // the ring: a step's weight words and its groups' scale/zero words (rows r and r + 8), loaded DEPTH steps ahead
   uint4 buf[DEPTH][UNIT][NS];
+  u32 szbuf[DEPTH][GPS][NS][2];
 #pragma unroll
   for (int d = 0; d < DEPTH; ++d)
     if (u0 + d < u1)
 #pragma unroll
-      for (int b = 0; b < UNIT; ++b)
+      for (int s = 0; s < NS; ++s) {
 #pragma unroll
-        for (int s = 0; s < NS; ++s) buf[d][b][s] = load_stream(wp[s] + (d * UNIT + b) * 32);
+        for (int b = 0; b < UNIT; ++b) buf[d][b][s] = load_stream(wp[s] + (d * UNIT + b) * 32);
+#pragma unroll
+        for (int g = 0; g < GPS; ++g)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) szbuf[d][g][s][h] = szp[s][(d * GPS + g) * gstride + 8 * h];
+      }
 #if PDL  // (small_batch.py's rules: only the weights before the wait)
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
@@ -150,12 +157,11 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
 #pragma unroll
           for (int t = 0; t < MT; ++t) xv[t] = *reinterpret_cast<const uint2*>(xr[t] + (d * UNIT + b) * 64 + 16 * j);
           if (k0 % GROUP == 0) {  // a group starts: its scales and zeros for rows r and r + 8, fresh sums
-            const int g = d * GPS + k0 / GROUP;  // from the loop's first step
 #pragma unroll
             for (int s = 0; s < NS; ++s) {
 #pragma unroll
               for (int h = 0; h < 2; ++h) {
-                const u32 v = szp[s][g * gstride + 8 * h];
+                const u32 v = szbuf[d][k0 / GROUP][s][h];
                 scale[s][h] = to_f32((u16)(v & 0xFFFFu));
                 negz[s][h] = __byte_perm(v, 0, 0x3232);  // -(MAGIC + zero) in both halves
               }
@@ -186,9 +192,14 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
       }
       if (u + d + DEPTH < u1)  // this slot's next step
 #pragma unroll
-        for (int b = 0; b < UNIT; ++b)
+        for (int s = 0; s < NS; ++s) {
 #pragma unroll
-          for (int s = 0; s < NS; ++s) buf[d][b][s] = load_stream(wp[s] + ((d + DEPTH) * UNIT + b) * 32);
+          for (int b = 0; b < UNIT; ++b) buf[d][b][s] = load_stream(wp[s] + ((d + DEPTH) * UNIT + b) * 32);
+#pragma unroll
+          for (int g = 0; g < GPS; ++g)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) szbuf[d][g][s][h] = szp[s][((d + DEPTH) * GPS + g) * gstride + 8 * h];
+        }
     }
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
