@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanokyro import quant_cuda
 from nanokyro.quant_cuda import MAX_ROWS as MMA_GEMV_MAX_ROWS, w4_dequantise, w4_gemv
 from nanokyro.quant_formats import (FP8, QuantConfig, dequantise_fp8, dequantise_int4, mma_layout_applies, mma_pack,
                                     mma_scales_zeros, pack_rows, quantise_rows_fp8, unpack_rows)  # fmt: skip
@@ -129,11 +130,16 @@ class Int4Method:
     def repack(self, layer: nn.Module) -> None:
         """On CUDA (sm_80+: bf16 MMAs), after loading: the weight into the MMA layout of quant_cuda.py's kernels
         where it applies (quant_formats.mma_layout_applies: bf16 or fp16, whole strips of 16 outputs and blocks of
-        64 features, whole zeros), `mma_scales_zeros` [K/g, N] replacing `scales` and `zeros`; other layers keep
-        the rows layout of the Triton kernels."""
-        n, k = layer.qweight.shape[0], layer.qweight.shape[1] * 8
-        if (not layer.qweight.is_cuda or torch.cuda.get_device_capability(layer.qweight.device) < (8, 0)
-                or not mma_layout_applies(n, k, self.group, layer.scales.dtype, layer.zeros)):  # fmt: skip
+        64 features, whole zeros) and the kernels build (quant_cuda.available), `mma_scales_zeros` [K/g, N]
+        replacing `scales` and `zeros`; other layers keep the rows layout of the Triton kernels."""
+        from nanokyro.layers import GateUpLinear
+
+        n, k, device = layer.qweight.shape[0], layer.qweight.shape[1] * 8, layer.qweight.device
+        gated, dtype = isinstance(layer, GateUpLinear), layer.scales.dtype
+        on_cuda = layer.qweight.is_cuda and torch.version.cuda is not None  # (not ROCm)
+        if not (on_cuda and torch.cuda.get_device_capability(device) >= (8, 0)
+                and mma_layout_applies(n, k, self.group, dtype, layer.zeros, gated)
+                and quant_cuda.available(device, dtype, self.group)):  # fmt: skip
             return
         packed = mma_pack(unpack_rows(layer.qweight))
         scales_zeros = mma_scales_zeros(layer.scales, layer.zeros)

@@ -9,16 +9,17 @@ operand of the m16n8k16 tensor-core MMA and x its B operand (x's rows padded to 
 have room to spare). Each lane's 32-bit word holds the eight nibbles of its A fragment for one step: per step three
 shifts and four lop3s put MAGIC + q in bf16 (or f16) pairs, four fma2s subtract MAGIC + zero exactly, one MMA
 sums into fp32, and each group's sums are scaled once. In the sm_90 code that is 16 instructions a word with the
-loads, addresses and loop (2 a weight), one 16-byte load per lane per four steps. A llama-3.1-8b layer at one row
-takes 42.3 us (2.7 TB/s; torch's tinygemm 67.0; session 24 in docs/PERFORMANCE.md).
+loads, addresses and loop (2 a weight), one 16-byte load per lane per four steps. Measurements:
+docs/PERFORMANCE.md, session 24.
 
 A CTA takes one strip of 16 outputs (gated: the gate's strip and the up's), its warps split K in whole groups and
-add their sums through shared memory; the launch is PDL's (small_batch.py's rules), the weights' first loads
-issued before the wait."""
+add their sums through shared memory. The launch is PDL's (small_batch.py's rules): the source issues the first
+weight loads before the wait, though ptxas may schedule the wait first."""
 from __future__ import annotations
 
 import ctypes
 import functools
+import warnings
 
 import torch
 
@@ -89,7 +90,7 @@ __device__ __forceinline__ u32 word_of(const uint4& v, int j) {
 extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
     const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int x_stride, int has_bias) {
-  __shared__ float red[MT > 2 ? 8 : 16][NS * MT * 4][32];  // (48 KB of static shared memory at most)
+  __shared__ float red[MT > 2 ? 8 : 16][NS * MT * 4][32];  // 32 KB at most (the static limit is 48)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int r = lane >> 2, i = lane & 3;
   const int kblocks = K >> 6, steps = kblocks / UNIT;
@@ -275,6 +276,7 @@ def _driver() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
+@functools.cache
 def _nvrtc() -> ctypes.CDLL:
     """NVRTC, which CUDA builds of torch load (from its nvidia-cuda-nvrtc wheel or the system's)."""
     major = (torch.version.cuda or "13").split(".")[0]
@@ -339,6 +341,18 @@ def _launch(func: ctypes.c_void_p, grid: int, threads: int, args: list, pdl: boo
         raise RuntimeError(f"cuLaunchKernelEx failed: CUresult {err}")
 
 
+@functools.cache
+def available(device: torch.device, dtype: torch.dtype, group: int) -> bool:
+    """Whether the kernels build and load for `device` (NVRTC found, the architecture taken): tried at load, once
+    a setting, so that a layer keeps the Triton kernels' layout rather than failing at its first step."""
+    try:
+        _kernel(device, "w4_gemv", dtype, group, 1, False, use_pdl())
+        return True
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"int4 layers keep the Triton kernels: quant_cuda's kernels did not build ({e})", stacklevel=2)
+        return False
+
+
 def gemv_warps(ctas: int, steps: int) -> int:
     """The GEMV's warps a CTA for `ctas` strips and `steps` steps of K: a power of two, 1 to MAX_WARPS."""
     want = min(MAX_WARPS, TARGET_WARPS // ctas, steps // MIN_STEPS)
@@ -358,8 +372,9 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     assert bias is None or not gated, "gated: no bias"
     M, K = x.shape
     assert M <= MAX_ROWS and packed.shape[1] * 64 == K
-    if x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:
-        x = x.contiguous()
+    if x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:  # (x's 8-byte loads; contiguous() may not copy)
+        x = x.clone(memory_format=torch.contiguous_format)
+    assert not gated or packed.shape[0] % 2 == 0, "gated: gate and up in whole strips each"
     N = packed.shape[0] * 16 // (2 if gated else 1)
     tiles = -(-M // 8)
     warps = min(warps or gemv_warps(N // 16, K // max(64, group)), MAX_WARPS if tiles <= 2 else 8)

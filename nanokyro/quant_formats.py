@@ -194,13 +194,15 @@ def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
 # nibble under the magic number's exponent, exact) to get q - zero exactly.
 
 MMA_MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}
-MMA_GROUPS = (32, 64, 128, 256)
+MMA_GROUPS = (32, 64, 128)  # (what _group_size accepts)
 
 
-def mma_layout_applies(n: int, k: int, group: int, dtype: torch.dtype, zeros: torch.Tensor) -> bool:
+def mma_layout_applies(n: int, k: int, group: int, dtype: torch.dtype, zeros: torch.Tensor,
+                       gated: bool = False) -> bool:  # fmt: skip
     """Whether an [n, k] int4 weight in groups of `group` with `dtype` scales goes into the MMA layout: whole strips
-    and blocks, and zeros that are whole numbers 0..15 (MMA_MAGIC + zero is then exact in the dtype)."""
-    if dtype not in MMA_MAGIC or group not in MMA_GROUPS or n % 16 or k % 64 or k % group:
+    (`gated`: n stacks gate and up, each of which fills whole strips, as the GEMV pairs a gate strip with its up
+    strip) and blocks, and zeros that are whole numbers 0..15 (MMA_MAGIC + zero is then exact in the dtype)."""
+    if dtype not in MMA_MAGIC or group not in MMA_GROUPS or n % (32 if gated else 16) or k % 64 or k % group:
         return False
     z = zeros.float()
     return bool(((z == z.round()) & (z >= 0) & (z <= 15)).all())

@@ -195,7 +195,8 @@ def nvrtc_library() -> str | None:
 
 def test_int4_mma_kernels_compile_for_hopper(tmp_path):
     """quant_cuda.py's CUDA source through NVRTC for sm_90 (no GPU needed) in every setting the engine compiles
-    (bf16 and fp16, groups of 32 to 256, one to four row tiles of x, gated, PDL): both kernels built, the GEMV on
+    (bf16 and fp16, groups of 32 to 128, one to four row tiles of x, gated; PDL, and in two of them without it, as
+    on sm_80 or with NANOKYRO_PDL=0): both kernels built, the GEMV on
     the tensor cores (HMMA), nothing spilled to local memory (cuobjdump from Triton's package)."""
     from nanokyro.quant_cuda import compile_cubin
 
@@ -205,8 +206,9 @@ def test_int4_mma_kernels_compile_for_hopper(tmp_path):
     triton = pytest.importorskip("triton")
     nvrtc, cuobjdump = ctypes.CDLL(path), Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     cubin = tmp_path / "k.cubin"
-    for f16, group, mt, gated in itertools.product((0, 1), (32, 64, 128, 256), (1, 2, 3, 4), (0, 1)):
-        defines = dict(F16=f16, GROUP=group, MT=mt, GATED=gated, PDL=1)
+    settings = itertools.product((0, 1), (32, 64, 128), (1, 2, 3, 4), (0, 1), (1,))
+    for f16, group, mt, gated, pdl in [*settings, (0, 128, 1, 0, 0), (1, 64, 2, 1, 0)]:  # and PDL off (sm_80)
+        defines = dict(F16=f16, GROUP=group, MT=mt, GATED=gated, PDL=pdl)
         cubin.write_bytes(compile_cubin(defines, "sm_90", nvrtc))
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
         assert usage.count("Function w4_gemv") == 1 and usage.count("Function w4_dequantise") == 1, usage

@@ -245,6 +245,8 @@ def test_mma_scales_and_zeros_give_the_awq_weight(dtype):
     assert mma_layout_applies(32, 256, 32, dtype, zeros)
     assert not mma_layout_applies(32, 256, 32, dtype, zeros + 0.5)  # a zero between two values
     assert not mma_layout_applies(24, 256, 32, dtype, zeros)  # a partial strip
+    assert not mma_layout_applies(48, 256, 32, dtype, zeros, gated=True)  # gate and up of 24 rows: partial strips
+    assert mma_layout_applies(64, 256, 32, dtype, zeros, gated=True)
     assert not mma_layout_applies(32, 256, 32, torch.float32, zeros)
 
 
