@@ -312,18 +312,28 @@ def compile_cubin(defines: dict, arch: str, nvrtc: ctypes.CDLL | None = None) ->
 
 
 @functools.cache
-def _kernel(device: torch.device, name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1,
-            gated: bool = False, pdl: bool = False) -> ctypes.c_void_p:  # fmt: skip
-    """`name` compiled for `dtype`, `group` (and the GEMV's x row tiles of 8, gating and PDL) for `device` and
-    loaded into its context: the CUfunction."""
+def _module(device: torch.device, dtype: torch.dtype, group: int, rows_tiles: int, gated: bool,
+            pdl: bool) -> ctypes.c_void_p:  # fmt: skip
+    """SOURCE (all its kernels) compiled for `dtype`, `group`, the GEMV's x row tiles of 8, gating and PDL, for
+    `device`, and loaded into its context: the CUmodule."""
     major, minor = torch.cuda.get_device_capability(device)
     defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl))
     cubin = compile_cubin(defines, f"sm_{major}{minor}")
-    module, func = ctypes.c_void_p(), ctypes.c_void_p()
+    module = ctypes.c_void_p()
     with torch.cuda.device(device):  # the module loads into the current context
-        if _driver().cuModuleLoadData(ctypes.byref(module), cubin) or _driver().cuModuleGetFunction(
-                ctypes.byref(func), module, name.encode()):  # fmt: skip
-            raise RuntimeError(f"could not load {name} ({defines})")
+        if _driver().cuModuleLoadData(ctypes.byref(module), cubin):
+            raise RuntimeError(f"could not load quant_cuda's module ({defines})")
+    return module
+
+
+@functools.cache
+def _kernel(device: torch.device, name: str, dtype: torch.dtype, group: int, rows_tiles: int = 1,
+            gated: bool = False, pdl: bool = False) -> ctypes.c_void_p:  # fmt: skip
+    """The CUfunction `name` of _module's module for these settings."""
+    func = ctypes.c_void_p()
+    if _driver().cuModuleGetFunction(ctypes.byref(func), _module(device, dtype, group, rows_tiles, gated, pdl),
+                                     name.encode()):  # fmt: skip
+        raise RuntimeError(f"no kernel {name} in quant_cuda's module")
     return func
 
 
@@ -394,6 +404,7 @@ def w4_dequantise(packed: torch.Tensor, sz: torch.Tensor, group: int, dtype: tor
     strips, kblocks = packed.shape[:2]
     out = torch.empty(strips * 16, kblocks * 64, dtype=dtype, device=packed.device)
     threads = strips * kblocks * 32
-    _launch(_kernel(packed.device, "w4_dequantise", dtype, group), (threads + 255) // 256, 256,
-            [packed, sz, out, strips * 16, kblocks * 64], False)
+    # (from the module of the one-tile GEMV, which `available` built at load: the defines do not touch this kernel)
+    func = _kernel(packed.device, "w4_dequantise", dtype, group, 1, False, use_pdl())
+    _launch(func, (threads + 255) // 256, 256, [packed, sz, out, strips * 16, kblocks * 64], False)
     return out
