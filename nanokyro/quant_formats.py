@@ -28,6 +28,7 @@ import torch
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's nibble i holds output feature AWQ_ORDER[i] of its 8
+INT4_GROUPS = (32, 64, 128)  # input features per 4-bit scale that checkpoints may use (and the MMA kernels take)
 METHODS = ("fp8", "awq", "int8")  # int8: online only, on the CPU (a speculative draft's; quant.py)
 
 
@@ -106,7 +107,7 @@ def _checkpoint_format(qc: dict) -> QuantConfig:
 
 
 def _group_size(g) -> int:
-    if g not in (32, 64, 128):
+    if g not in INT4_GROUPS:
         raise ValueError(f"4-bit group size must be 32, 64 or 128, not {g}")
     return g
 
@@ -194,7 +195,6 @@ def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
 # nibble under the magic number's exponent, exact) to get q - zero exactly.
 
 MMA_MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}
-MMA_GROUPS = (32, 64, 128)  # (what _group_size accepts)
 
 
 def mma_layout_applies(n: int, k: int, group: int, dtype: torch.dtype, zeros: torch.Tensor,
@@ -202,7 +202,7 @@ def mma_layout_applies(n: int, k: int, group: int, dtype: torch.dtype, zeros: to
     """Whether an [n, k] int4 weight in groups of `group` with `dtype` scales goes into the MMA layout: whole strips
     (`gated`: n stacks gate and up, each of which fills whole strips, as the GEMV pairs a gate strip with its up
     strip) and blocks, and zeros that are whole numbers 0..15 (MMA_MAGIC + zero is then exact in the dtype)."""
-    if dtype not in MMA_MAGIC or group not in MMA_GROUPS or n % (32 if gated else 16) or k % 64 or k % group:
+    if dtype not in MMA_MAGIC or group not in INT4_GROUPS or n % (32 if gated else 16) or k % 64 or k % group:
         return False
     z = zeros.float()
     return bool(((z == z.round()) & (z >= 0) & (z <= 15)).all())
