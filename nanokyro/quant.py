@@ -23,7 +23,8 @@ FP8 LM head through the FP8 layers' op, from layers.matmul):
   the activations are quantised per token (dynamic scales) and `torch._scaled_mm` multiplies (W8A8;
   W8A8_TENSORWISE_MAX_ROWS). Block-wise scales keep the Triton kernel at every size.
 - on CUDA, int4 in the MMA layout: quant_cuda.py's GEMV (tensor-core MMAs on weights unpacked in registers) up
-  to MMA_GEMV_MAX_ROWS rows, the weight dequantised (quant_cuda.py) + cuBLAS above; in the rows layout the
+  to MMA_GEMV_MAX_ROWS rows, its GEMM (x staged in shared memory) up to MMA_GEMM_MAX_ROWS, the weight dequantised
+  (quant_cuda.py) + cuBLAS above; in the rows layout the
   Triton kernel, dequantise + cuBLAS from INT4_DEQUANT_ROWS. Settings and switch points come from the sweep in
   docs/PERFORMANCE.md.
 - on the CPU: per-channel FP8 runs the same W8A8 `_scaled_mm`; block-wise FP8 and int4 dequantise the weight
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokyro import quant_cuda
-from nanokyro.quant_cuda import MAX_ROWS as MMA_GEMV_MAX_ROWS, w4_dequantise, w4_gemv
+from nanokyro.quant_cuda import MAX_ROWS as MMA_GEMV_MAX_ROWS, w4_dequantise, w4_gemm, w4_gemv
 from nanokyro.quant_formats import (FP8, QuantConfig, dequantise_fp8, dequantise_int4, mma_layout_applies, mma_pack,
                                     mma_scales_zeros, pack_rows, quantise_rows_fp8, unpack_rows)  # fmt: skip
 from nanokyro.quant_triton import dequantise_int4_cuda, qgemv, quantise_rows_fp8_cuda, scale_outer_cuda
@@ -60,6 +61,9 @@ GEMV_MAX_ROWS = 1
 # rows the two are already even.
 W8A8_TENSORWISE_MAX_ROWS = 256
 INT4_DEQUANT_ROWS = 512  # int4 in the rows layout on CUDA: the Triton kernel below this, dequantise + cuBLAS from here
+# int4 in the MMA layout: quant_cuda's GEMM up to here (above MMA_GEMV_MAX_ROWS), dequantise + cuBLAS above (a guess
+# until swept: cuBLAS's bf16 tiles outrun mma.sync once the dequantise is a small part of a prefill chunk's time)
+MMA_GEMM_MAX_ROWS = 512
 
 
 # -- the methods: what a quantised layer holds and how it multiplies ------------------------------------------
@@ -345,9 +349,12 @@ def _(x, qweight, scales, zeros, bias, gated):
 def int4_mma_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
                     bias: torch.Tensor | None, gated: bool) -> torch.Tensor:  # fmt: skip
     """x [M, K] @ w.T (+ bias) for 4-bit w in the MMA layout (Int4Method.repack): quant_cuda's GEMV up to
-    MMA_GEMV_MAX_ROWS rows, above that the weight dequantised to x's dtype and cuBLAS."""
+    MMA_GEMV_MAX_ROWS rows, its GEMM up to MMA_GEMM_MAX_ROWS, above that the weight dequantised to x's dtype and
+    cuBLAS."""
     if x.shape[0] <= MMA_GEMV_MAX_ROWS:
         return w4_gemv(x, packed, scales_zeros, group, bias, gated)
+    if x.shape[0] <= MMA_GEMM_MAX_ROWS:
+        return _gate(w4_gemm(x, packed, scales_zeros, group, bias), gated)
     return _gate(F.linear(x, w4_dequantise(packed, scales_zeros, group, x.dtype), bias), gated)
 
 

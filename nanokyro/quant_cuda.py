@@ -1,5 +1,6 @@
 """The CUDA kernels of 4-bit (AWQ) linear layers, on the MMA fragment layout (quant_formats.py): `w4_gemv` for up to
-32 rows (decode), `w4_dequantise` (to the model's dtype, for cuBLAS) above. CUDA C++ compiled at first use by NVRTC
+32 rows (decode), `w4_gemm` for more (x's rows staged in shared memory), `w4_dequantise` (to the model's dtype, for
+cuBLAS) for prefill chunks. CUDA C++ compiled at first use by NVRTC
 (which CUDA builds of torch ship; no CUDA toolkit or headers needed), one module per setting.
 
 Why not Triton: a one-row int4 GEMV must turn a weight into something a multiply takes in about one instruction,
@@ -228,6 +229,125 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
   }
 }
 
+// y [M, N] = x [M, K] @ w.T (+ bias) for more rows than the GEMV takes: a CTA takes BM of x's rows and 8 strips, a
+// warp two of them (its weight words straight from global memory into registers, one block ahead, dequantised there
+// to A = (q - zero) * scale in the dtype, as w4_dequantise rounds them); x's rows stream through shared memory a
+// 64-feature block at a time (STAGES deep, cp.async), each lane's B fragments read from there, 8 bytes a tile and
+// used by both strips' MMAs.
+#define BM 64
+#define XS 72  // a staged row's features: 64, padded so that a B fragment's 8 rows fall on distinct banks
+#define STAGES 3
+#define WS 2  // strips a warp
+#define NEG_ZERO2 0x80008000u
+
+__device__ __forceinline__ u32 shared_address(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+extern "C" __global__ void __launch_bounds__(128) w4_gemm(
+    const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
+    const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int x_stride, int has_bias) {
+  __shared__ __align__(16) u16 xs[STAGES][BM][XS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, i = lane & 3;
+  const int m0 = blockIdx.x * BM, kblocks = K >> 6, strips = N >> 4;
+  // x's block kb into a stage: BM rows x 64 features, 16 bytes a copy, BM / 16 a thread (rows past M copy row M - 1,
+  // whose sums are never stored); each copy's source row and place in a stage fixed
+  constexpr int COPIES = BM * 8 / 128;
+  const u16* src[COPIES];
+  u32 dst[COPIES];
+#pragma unroll
+  for (int c = 0; c < COPIES; ++c) {
+    const int chunk = threadIdx.x + 128 * c, row = chunk >> 3, col = (chunk & 7) * 8;
+    src[c] = x + (long long)min(m0 + row, M - 1) * x_stride + col;
+    dst[c] = shared_address(&xs[0][row][col]);
+  }
+  auto load_x = [&](int st, int kb) {
+#pragma unroll
+    for (int c = 0; c < COPIES; ++c)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst[c] + st * (BM * XS * 2)), "l"(src[c] + kb * 64));
+  };
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < kblocks) load_x(st, st);
+    asm volatile("cp.async.commit_group;");
+  }
+  // the warp's strips (the last CTA's spare ones read the last strip and store nothing); launched without PDL: the
+  // copies above read an earlier kernel's output
+  const uint4* wp[WS];
+  const u32* szp[WS];
+  uint4 words[WS];
+#pragma unroll
+  for (int s = 0; s < WS; ++s) {
+    const int strip = min(blockIdx.y * 4 * WS + warp * WS + s, strips - 1);
+    wp[s] = w + (long long)strip * kblocks * 32 + lane;
+    szp[s] = sz + strip * 16 + r;
+    words[s] = load_stream(wp[s]);
+  }
+  float acc[WS][BM / 8][4];
+#pragma unroll
+  for (int s = 0; s < WS; ++s)
+#pragma unroll
+    for (int t = 0; t < BM / 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[s][t][e] = 0.f;
+  u32 scale2[WS][2], negz[WS][2];
+  for (int kb = 0; kb < kblocks; ++kb) {
+    if (kb + STAGES - 1 < kblocks) load_x((kb + STAGES - 1) % STAGES, kb + STAGES - 1);
+    asm volatile("cp.async.commit_group;");
+    uint4 next[WS];
+#pragma unroll
+    for (int s = 0; s < WS; ++s) next[s] = kb + 1 < kblocks ? load_stream(wp[s] + (kb + 1) * 32) : words[s];
+    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1));
+    __syncthreads();  // block kb's x is in shared memory, every thread's copies
+    const u16(*xb)[XS] = xs[kb % STAGES];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int k0 = kb * 64 + 16 * j;
+      u32 a[WS][4];
+#pragma unroll
+      for (int s = 0; s < WS; ++s) {
+        if (k0 % GROUP == 0) {  // a group starts: scales (in both halves) and zeros for rows r and r + 8
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const u32 v = szp[s][(long long)(k0 / GROUP) * N + 8 * h];
+            scale2[s][h] = __byte_perm(v, 0, 0x1010);
+            negz[s][h] = __byte_perm(v, 0, 0x3232);
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {  // (q - zero) * scale, rounded once to the dtype
+          const u32 d = nibbles(word_of(words[s], j), q, negz[s][q & 1]);
+          asm(FMA2_OP " %0, %1, %2, %3;" : "=r"(a[s][q]) : "r"(d), "r"(scale2[s][q & 1]), "r"(NEG_ZERO2));
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < BM / 8; ++t) {
+        const uint2 b = *reinterpret_cast<const uint2*>(&xb[8 * t + r][16 * j + 4 * i]);
+#pragma unroll
+        for (int s = 0; s < WS; ++s) mma(acc[s][t], a[s], b.x, b.y);
+      }
+    }
+    __syncthreads();  // the stage is free for the copy issued at the next block
+#pragma unroll
+    for (int s = 0; s < WS; ++s) words[s] = next[s];
+  }
+  // lane l's sum e of tile t: output row r + 8 (e >> 1) of the strip, x's row m0 + 8t + 2i + (e & 1)
+#pragma unroll
+  for (int s = 0; s < WS; ++s) {
+    const int strip = blockIdx.y * 4 * WS + warp * WS + s;
+    if (strip >= strips) break;
+#pragma unroll
+    for (int t = 0; t < BM / 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + 8 * t + 2 * i + (e & 1), n = strip * 16 + r + 8 * (e >> 1);
+        if (m < M) y[(long long)m * N + n] = from_f32(has_bias ? acc[s][t][e] + to_f32(bias[n]) : acc[s][t][e]);
+      }
+  }
+}
+
 // out [N, K] = (q - zero) * scale in the dtype; a thread per lane word group (strip, 64-feature block, lane)
 extern "C" __global__ void w4_dequantise(const uint4* __restrict__ w, const u32* __restrict__ sz,
                                          u16* __restrict__ out, int N, int K) {
@@ -337,14 +457,15 @@ def _kernel(device: torch.device, name: str, dtype: torch.dtype, group: int, row
     return func
 
 
-def _launch(func: ctypes.c_void_p, grid: int, threads: int, args: list, pdl: bool) -> None:
+def _launch(func: ctypes.c_void_p, grid: int | tuple[int, int], threads: int, args: list, pdl: bool) -> None:
     """One launch on the current stream of args[0]'s device (PDL: programmatic stream serialization); args are
     tensors (pointers) and ints (int32)."""
     values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
     pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
     attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION)
     attr.value[0] = 1
-    config = _LaunchConfig((grid, 1, 1), (threads, 1, 1), 0, torch.cuda.current_stream(args[0].device).cuda_stream,
+    gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
+    config = _LaunchConfig((gx, gy, 1), (threads, 1, 1), 0, torch.cuda.current_stream(args[0].device).cuda_stream,
                            ctypes.cast(ctypes.byref(attr), ctypes.c_void_p) if pdl else None, int(pdl))  # fmt: skip
     err = _driver().cuLaunchKernelEx(ctypes.byref(config), func, pointers, None)
     if err:
@@ -395,6 +516,25 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     func = _kernel(x.device, "w4_gemv", x.dtype, group, tiles, gated, pdl)
     _launch(func, N // 16, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
                                         int(bias is not None)], pdl)  # fmt: skip
+    return y
+
+
+def w4_gemm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
+            bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """x [M, K] @ w.T (+ bias) for w in the MMA layout, many rows: CTAs of 64 rows by 128 outputs (not gated: the
+    caller applies silu(gate) * up to the stacked product)."""
+    _check(x.dtype)
+    M, K = x.shape
+    assert packed.shape[1] * 64 == K
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # (x's 16-byte copies)
+        x = x.clone(memory_format=torch.contiguous_format)
+    N = packed.shape[0] * 16
+    y = x.new_empty(M, N)
+    if M == 0:
+        return y
+    func = _kernel(x.device, "w4_gemm", x.dtype, group)
+    _launch(func, (-(-M // 64), -(-N // 128)), 128,
+            [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0), int(bias is not None)], False)
     return y
 
 
