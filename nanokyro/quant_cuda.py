@@ -266,7 +266,8 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
   auto load_x = [&](int st, int kb) {
 #pragma unroll
     for (int c = 0; c < COPIES; ++c)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst[c] + st * (BM * XS * 2)), "l"(src[c] + kb * 64));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                   ::"r"(dst[c] + st * (BM * XS * 2)), "l"(src[c] + kb * 64));
   };
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
