@@ -235,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
 // 64-feature block at a time (STAGES deep, cp.async), each lane's B fragments read from there, 8 bytes a tile and
 // used by both strips' MMAs.
 #define BM 64
-#define XS 72  // a staged row's features: 64, padded so that a B fragment's 8 rows fall on distinct banks
+#define XS 80  // a staged row's features: 64, padded so that a B fragment's 8 rows (32 bytes each) start 8 banks apart
 #define STAGES 3
 #define WS 2  // strips a warp
 #define NEG_ZERO2 0x80008000u
@@ -339,12 +339,15 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
   for (int s = 0; s < WS; ++s) {
     const int strip = blockIdx.y * 4 * WS + warp * WS + s;
     if (strip >= strips) break;
+    float b[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) b[h] = has_bias ? to_f32(bias[strip * 16 + r + 8 * h]) : 0.f;
 #pragma unroll
     for (int t = 0; t < BM / 8; ++t)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int m = m0 + 8 * t + 2 * i + (e & 1), n = strip * 16 + r + 8 * (e >> 1);
-        if (m < M) y[(long long)m * N + n] = from_f32(has_bias ? acc[s][t][e] + to_f32(bias[n]) : acc[s][t][e]);
+        if (m < M) y[(long long)m * N + n] = from_f32(acc[s][t][e] + b[e >> 1]);
       }
   }
 }
@@ -479,6 +482,7 @@ def available(device: torch.device, dtype: torch.dtype, group: int) -> bool:
     a setting, so that a layer keeps the Triton kernels' layout rather than failing at its first step."""
     try:
         _kernel(device, "w4_gemv", dtype, group, 1, False, use_pdl())
+        _kernel(device, "w4_gemm", dtype, group)
         return True
     except (OSError, RuntimeError) as e:
         warnings.warn(f"int4 layers keep the Triton kernels: quant_cuda's kernels did not build ({e})", stacklevel=2)

@@ -587,15 +587,15 @@ def test_fp8_one_row_words_settings_match_dequantised_matmul():
             assert rel_err(got.float(), want) < 1e-2, (label(config), n, k, kind)
 
 
-@pytest.mark.parametrize("group", [32, 128])
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 32, 33, 100, 200, 600])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 32, 33, 64, 65, 200, 512, 600])
 def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
     """int4 in the MMA layout (quant_cuda.py): the dequantise kernel gives quant_formats.dequantise_mma's weight,
     and the op (the GEMV up to quant_cuda.MAX_ROWS rows, the GEMM up to quant.MMA_GEMM_MAX_ROWS, dequantise +
     cuBLAS above) matches an fp32 matmul with it; bf16 and fp16, a stacked gate/up, a bias, a strip-sized layer
     and a K that the warps share unevenly."""
-    from nanokyro import quant  # noqa: F401 - registers nanokyro::int4_mma_linear
-    from nanokyro.quant_cuda import MAX_ROWS, w4_dequantise, w4_gemv
+    from nanokyro import quant  # registers nanokyro::int4_mma_linear
+    from nanokyro.quant_cuda import MAX_ROWS, w4_dequantise, w4_gemm, w4_gemv
     from nanokyro.quant_formats import dequantise_mma, mma_pack, mma_scales_zeros
 
     gen = torch.Generator(DEVICE).manual_seed(rows + group)
@@ -624,6 +624,9 @@ def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
             for warps in (1, 4, 16):
                 got = w4_gemv(x, packed, sz, group, b, kind == "gated", warps)
                 assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, warps)
+        elif rows > quant.MMA_GEMM_MAX_ROWS:  # the GEMM past the dispatch's limit too
+            got = quant._gate(w4_gemm(x, packed, sz, group, b), kind == "gated")
+            assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_gemm")
 
 
 @pytest.mark.parametrize("method", ["fp8", "awq"])
