@@ -34,6 +34,7 @@ MAX_WARPS = 16  # 8 from three tiles of x's rows (shared memory, registers)
 # qkv and o at 8)
 TARGET_WARPS = 4096
 MIN_STEPS = 4
+GEMM_CTAS = 264  # the GEMM's CTAs (two an SM of the H200's 132) below which they split K as well (a guess)
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -233,7 +234,8 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
 // warp two of them (its weight words straight from global memory into registers, one block ahead, dequantised there
 // to A = (q - zero) * scale in the dtype, as w4_dequantise rounds them); x's rows stream through shared memory a
 // 64-feature block at a time (STAGES deep, cp.async), each lane's B fragments read from there, 8 bytes a tile and
-// used by both strips' MMAs.
+// used by both strips' MMAs. With gridDim.z > 1 (few CTAs: a small M) the CTAs split K in whole groups and write
+// fp32 partial sums to `part` [gridDim.z, M, N], which the caller adds.
 #define BM 64
 #define XS 80  // a staged row's features: 64, padded so that a B fragment's 8 rows (32 bytes each) start 8 banks apart
 #define STAGES 3
@@ -248,10 +250,14 @@ __device__ __forceinline__ u32 shared_address(const void* p) {
 
 extern "C" __global__ void __launch_bounds__(128) w4_gemm(
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
-    const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int x_stride, int has_bias) {
+    const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ part, int M, int N, int K, int x_stride,
+    int has_bias) {
   __shared__ __align__(16) u16 xs[STAGES][BM][XS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, i = lane & 3;
   const int m0 = blockIdx.x * BM, kblocks = K >> 6, strips = N >> 4;
+  constexpr int GB = GROUP > 64 ? GROUP / 64 : 1;  // blocks a group: a split's blocks start groups
+  const int groups = kblocks / GB, z = blockIdx.z, zs = gridDim.z;
+  const int kb0 = groups * z / zs * GB, kb1 = groups * (z + 1) / zs * GB;  // this CTA's blocks
   // x's block kb into a stage: BM rows x 64 features, 16 bytes a copy, BM / 16 a thread (rows past M copy row M - 1,
   // whose sums are never stored); each copy's source row and place in a stage fixed
   constexpr int COPIES = BM * 8 / 128;
@@ -271,7 +277,7 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
   };
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < kblocks) load_x(st, st);
+    if (kb0 + st < kb1) load_x(st, kb0 + st);
     asm volatile("cp.async.commit_group;");
   }
   // the warp's strips (the last CTA's spare ones read the last strip and store nothing); launched without PDL: the
@@ -284,7 +290,7 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
     const int strip = min(blockIdx.y * 4 * WS + warp * WS + s, strips - 1);
     wp[s] = w + (long long)strip * kblocks * 32 + lane;
     szp[s] = sz + strip * 16 + r;
-    words[s] = load_stream(wp[s]);
+    words[s] = load_stream(wp[s] + kb0 * 32);
   }
   float acc[WS][BM / 8][4];
 #pragma unroll
@@ -294,15 +300,15 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[s][t][e] = 0.f;
   u32 scale2[WS][2], negz[WS][2];
-  for (int kb = 0; kb < kblocks; ++kb) {
-    if (kb + STAGES - 1 < kblocks) load_x((kb + STAGES - 1) % STAGES, kb + STAGES - 1);
+  for (int kb = kb0; kb < kb1; ++kb) {
+    if (kb + STAGES - 1 < kb1) load_x((kb - kb0 + STAGES - 1) % STAGES, kb + STAGES - 1);
     asm volatile("cp.async.commit_group;");
     uint4 next[WS];
 #pragma unroll
-    for (int s = 0; s < WS; ++s) next[s] = kb + 1 < kblocks ? load_stream(wp[s] + (kb + 1) * 32) : words[s];
+    for (int s = 0; s < WS; ++s) next[s] = kb + 1 < kb1 ? load_stream(wp[s] + (kb + 1) * 32) : words[s];
     asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1));
     __syncthreads();  // block kb's x is in shared memory, every thread's copies
-    const u16(*xb)[XS] = xs[kb % STAGES];
+    const u16(*xb)[XS] = xs[(kb - kb0) % STAGES];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int k0 = kb * 64 + 16 * j;
@@ -341,13 +347,17 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
     if (strip >= strips) break;
     float b[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) b[h] = has_bias ? to_f32(bias[strip * 16 + r + 8 * h]) : 0.f;
+    for (int h = 0; h < 2; ++h) b[h] = has_bias && zs == 1 ? to_f32(bias[strip * 16 + r + 8 * h]) : 0.f;
 #pragma unroll
     for (int t = 0; t < BM / 8; ++t)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int m = m0 + 8 * t + 2 * i + (e & 1), n = strip * 16 + r + 8 * (e >> 1);
-        if (m < M) y[(long long)m * N + n] = from_f32(acc[s][t][e] + b[e >> 1]);
+        if (m >= M) continue;
+        if (zs > 1)
+          part[((long long)z * M + m) * N + n] = acc[s][t][e];
+        else
+          y[(long long)m * N + n] = from_f32(acc[s][t][e] + b[e >> 1]);
       }
   }
 }
@@ -461,15 +471,15 @@ def _kernel(device: torch.device, name: str, dtype: torch.dtype, group: int, row
     return func
 
 
-def _launch(func: ctypes.c_void_p, grid: int | tuple[int, int], threads: int, args: list, pdl: bool) -> None:
+def _launch(func: ctypes.c_void_p, grid: int | tuple[int, ...], threads: int, args: list, pdl: bool) -> None:
     """One launch on the current stream of args[0]'s device (PDL: programmatic stream serialization); args are
     tensors (pointers) and ints (int32)."""
     values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
     pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
     attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION)
     attr.value[0] = 1
-    gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
-    config = _LaunchConfig((gx, gy, 1), (threads, 1, 1), 0, torch.cuda.current_stream(args[0].device).cuda_stream,
+    gx, gy, gz = (*grid, 1, 1)[:3] if isinstance(grid, tuple) else (grid, 1, 1)
+    config = _LaunchConfig((gx, gy, gz), (threads, 1, 1), 0, torch.cuda.current_stream(args[0].device).cuda_stream,
                            ctypes.cast(ctypes.byref(attr), ctypes.c_void_p) if pdl else None, int(pdl))  # fmt: skip
     err = _driver().cuLaunchKernelEx(ctypes.byref(config), func, pointers, None)
     if err:
@@ -524,10 +534,11 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     return y
 
 
-def w4_gemm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
-            bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+def w4_gemm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
+            splits: int | None = None) -> torch.Tensor:  # fmt: skip
     """x [M, K] @ w.T (+ bias) for w in the MMA layout, many rows: CTAs of 64 rows by 128 outputs (not gated: the
-    caller applies silu(gate) * up to the stacked product)."""
+    caller applies silu(gate) * up to the stacked product). Where that makes fewer than GEMM_CTAS CTAs, they also
+    split K (`splits` overrides), their fp32 partial sums added here."""
     _check(x.dtype)
     M, K = x.shape
     assert packed.shape[1] * 64 == K
@@ -537,10 +548,17 @@ def w4_gemm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     y = x.new_empty(M, N)
     if M == 0:
         return y
+    grid = (-(-M // 64), -(-N // 128))
+    groups = K // max(64, group)
+    splits = min(splits or -(-GEMM_CTAS // (grid[0] * grid[1])), groups)
+    part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     func = _kernel(x.device, "w4_gemm", x.dtype, group)
-    _launch(func, (-(-M // 64), -(-N // 128)), 128,
-            [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0), int(bias is not None)], False)
-    return y
+    _launch(func, (*grid, splits), 128, [packed, sz, x, bias if bias is not None else y, y, part, M, N, K,
+                                         x.stride(0), int(bias is not None)], False)  # fmt: skip
+    if splits == 1:
+        return y
+    y = part.sum(0)
+    return (y if bias is None else y + bias).to(x.dtype)
 
 
 def w4_dequantise(packed: torch.Tensor, sz: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:

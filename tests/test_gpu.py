@@ -624,9 +624,10 @@ def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
             for warps in (1, 4, 16):
                 got = w4_gemv(x, packed, sz, group, b, kind == "gated", warps)
                 assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, warps)
-        elif rows > quant.MMA_GEMM_MAX_ROWS:  # the GEMM past the dispatch's limit too
-            got = quant._gate(w4_gemm(x, packed, sz, group, b), kind == "gated")
-            assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_gemm")
+        else:  # the GEMM itself (past the dispatch's limit too), with K split in 1 and 3
+            for splits in (1, 3):
+                got = quant._gate(w4_gemm(x, packed, sz, group, b, splits), kind == "gated")
+                assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_gemm", splits)
 
 
 @pytest.mark.parametrize("method", ["fp8", "awq"])
