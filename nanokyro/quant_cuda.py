@@ -550,7 +550,7 @@ def w4_gemm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
         return y
     grid = (-(-M // 64), -(-N // 128))
     groups = K // max(64, group)
-    splits = min(splits or -(-GEMM_CTAS // (grid[0] * grid[1])), groups)
+    splits = min(splits or max(1, GEMM_CTAS // (grid[0] * grid[1])), groups)  # (split only to at least double them)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     func = _kernel(x.device, "w4_gemm", x.dtype, group)
     _launch(func, (*grid, splits), 128, [packed, sz, x, bias if bias is not None else y, y, part, M, N, K,
