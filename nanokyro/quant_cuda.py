@@ -491,8 +491,8 @@ def available(device: torch.device, dtype: torch.dtype, group: int) -> bool:
     """Whether the kernels build and load for `device` (NVRTC found, the architecture taken): tried at load, once
     a setting, so that a layer keeps the Triton kernels' layout rather than failing at its first step."""
     try:
-        _kernel(device, "w4_gemv", dtype, group, 1, False, use_pdl())
-        _kernel(device, "w4_gemm", dtype, group)
+        for name in ("w4_gemv", "w4_gemm", "w4_dequantise"):  # (the one-tile GEMV's module, which all three share)
+            _kernel(device, name, dtype, group, 1, False, use_pdl())
         return True
     except (OSError, RuntimeError) as e:
         warnings.warn(f"int4 layers keep the Triton kernels: quant_cuda's kernels did not build ({e})", stacklevel=2)
@@ -552,7 +552,7 @@ def w4_gemm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     groups = K // max(64, group)
     splits = min(splits or max(1, GEMM_CTAS // (grid[0] * grid[1])), groups)  # (split only to at least double them)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
-    func = _kernel(x.device, "w4_gemm", x.dtype, group)
+    func = _kernel(x.device, "w4_gemm", x.dtype, group, 1, False, use_pdl())  # (the one-tile GEMV's module)
     _launch(func, (*grid, splits), 128, [packed, sz, x, bias if bias is not None else y, y, part, M, N, K,
                                          x.stride(0), int(bias is not None)], False)  # fmt: skip
     if splits == 1:
