@@ -143,6 +143,9 @@ def variants(rows: int) -> dict:
                 lambda d, x, w=warps: w4_gemv(x, d["mma"], d["mma_sz"], GROUP, None, d["gated"], w), int4_bytes)
     if rows > MMA_MAX_ROWS:
         v["int4 mma gemm"] = (lambda d, x: g(w4_gemm(x, d["mma"], d["mma_sz"], GROUP, None), d["gated"]), int4_bytes)
+        for splits in (1, 2, 4, 8):  # K split a fixed number of ways (the dispatch's from quant_cuda.GEMM_CTAS)
+            v[f"int4 mma gemm k{splits}"] = (
+                lambda d, x, s=splits: g(w4_gemm(x, d["mma"], d["mma_sz"], GROUP, None, s), d["gated"]), int4_bytes)
         v["int4 mma dequant + cuBLAS"] = (
             lambda d, x: g(F.linear(x, w4_dequantise(d["mma"], d["mma_sz"], GROUP, x.dtype)), d["gated"]), int4_bytes)
     if rows >= 8:
