@@ -231,15 +231,18 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
 }
 
 // y [M, N] = x [M, K] @ w.T (+ bias) for more rows than the GEMV takes: a CTA takes BM of x's rows and 8 strips, a
-// warp two of them (its weight words straight from global memory into registers, one block ahead, dequantised there
-// to A = (q - zero) * scale in the dtype, as w4_dequantise rounds them); x's rows stream through shared memory a
-// 64-feature block at a time (STAGES deep, cp.async), each lane's B fragments read from there, 8 bytes a tile and
-// used by both strips' MMAs. With gridDim.z > 1 (few CTAs: a small M) the CTAs split K in whole groups and write
-// fp32 partial sums to `part` [gridDim.z, M, N], which the caller adds.
+// warp two of them (its weight words straight from global memory into registers, WD blocks ahead with their groups'
+// scale/zero words, dequantised there to A = (q - zero) * scale in the dtype, as w4_dequantise rounds them); x's rows
+// stream through shared memory a 64-feature block at a time (STAGES deep, cp.async; rows past M zero-filled), each
+// lane's B fragments read from there, 8 bytes a tile and used by both strips' MMAs. With gridDim.z > 1 (few CTAs: a
+// small M) the CTAs split K in whole groups and write fp32 partial sums to `part` [gridDim.z, M, N], which the
+// caller adds.
 #define BM 64
 #define XS 80  // a staged row's features: 64, padded so that a B fragment's 8 rows (32 bytes each) start 8 banks apart
-#define STAGES 3
+#define STAGES 4
 #define WS 2  // strips a warp
+#define WD 4  // blocks of weight words in flight a lane (a DRAM latency at two CTAs an SM)
+#define GPB (GROUP < 64 ? 64 / GROUP : 1)  // groups starting in a block, at most
 #define NEG_ZERO2 0x80008000u
 
 __device__ __forceinline__ u32 shared_address(const void* p) {
@@ -258,22 +261,23 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
   constexpr int GB = GROUP > 64 ? GROUP / 64 : 1;  // blocks a group: a split's blocks start groups
   const int groups = kblocks / GB, z = blockIdx.z, zs = gridDim.z;
   const int kb0 = groups * z / zs * GB, kb1 = groups * (z + 1) / zs * GB;  // this CTA's blocks
-  // x's block kb into a stage: BM rows x 64 features, 16 bytes a copy, BM / 16 a thread (rows past M copy row M - 1,
-  // whose sums are never stored); each copy's source row and place in a stage fixed
+  // x's block kb into a stage: BM rows x 64 features, 16 bytes a copy, BM / 16 a thread (rows past M copy nothing
+  // and fill zeros: their sums are never stored); each copy's source row and place in a stage fixed
   constexpr int COPIES = BM * 8 / 128;
   const u16* src[COPIES];
-  u32 dst[COPIES];
+  u32 dst[COPIES], bytes[COPIES];
 #pragma unroll
   for (int c = 0; c < COPIES; ++c) {
     const int chunk = threadIdx.x + 128 * c, row = chunk >> 3, col = (chunk & 7) * 8;
-    src[c] = x + (long long)min(m0 + row, M - 1) * x_stride + col;
+    src[c] = x + (long long)(m0 + row < M ? m0 + row : 0) * x_stride + col;
+    bytes[c] = m0 + row < M ? 16 : 0;
     dst[c] = shared_address(&xs[0][row][col]);
   }
   auto load_x = [&](int st, int kb) {
 #pragma unroll
     for (int c = 0; c < COPIES; ++c)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                   ::"r"(dst[c] + st * (BM * XS * 2)), "l"(src[c] + kb * 64));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                   ::"r"(dst[c] + st * (BM * XS * 2)), "l"(src[c] + kb * 64), "r"(bytes[c]));
   };
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
@@ -284,14 +288,31 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
   // copies above read an earlier kernel's output
   const uint4* wp[WS];
   const u32* szp[WS];
-  uint4 words[WS];
 #pragma unroll
   for (int s = 0; s < WS; ++s) {
     const int strip = min(blockIdx.y * 4 * WS + warp * WS + s, strips - 1);
     wp[s] = w + (long long)strip * kblocks * 32 + lane;
     szp[s] = sz + strip * 16 + r;
-    words[s] = load_stream(wp[s] + kb0 * 32);
   }
+  // ring slot d: block kb's weight words and the scale/zero words (rows r and r + 8) of the groups starting in it
+  uint4 words[WD][WS];
+  u32 szw[WD][WS][GPB][2];
+#define LOAD_BLOCK(d, kb)                                                             \
+  {                                                                                   \
+    _Pragma("unroll") for (int s = 0; s < WS; ++s) {                                  \
+      words[d][s] = load_stream(wp[s] + (kb) * 32);                                   \
+      _Pragma("unroll") for (int g = 0; g < GPB; ++g) {                               \
+        const int k = (kb) * 64 + g * (64 / GPB);                                     \
+        if (k % GROUP == 0) {                                                         \
+          _Pragma("unroll") for (int h = 0; h < 2; ++h)                               \
+            szw[d][s][g][h] = szp[s][(long long)(k / GROUP) * N + 8 * h];             \
+        }                                                                             \
+      }                                                                               \
+    }                                                                                 \
+  }
+#pragma unroll
+  for (int d = 0; d < WD; ++d)
+    if (kb0 + d < kb1) LOAD_BLOCK(d, kb0 + d)
   float acc[WS][BM / 8][4];
 #pragma unroll
   for (int s = 0; s < WS; ++s)
@@ -300,46 +321,49 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[s][t][e] = 0.f;
   u32 scale2[WS][2], negz[WS][2];
-  for (int kb = kb0; kb < kb1; ++kb) {
-    if (kb + STAGES - 1 < kb1) load_x((kb - kb0 + STAGES - 1) % STAGES, kb + STAGES - 1);
-    asm volatile("cp.async.commit_group;");
-    uint4 next[WS];
+  for (int kb = kb0; kb < kb1; kb += WD) {
 #pragma unroll
-    for (int s = 0; s < WS; ++s) next[s] = kb + 1 < kb1 ? load_stream(wp[s] + (kb + 1) * 32) : words[s];
-    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1));
-    __syncthreads();  // block kb's x is in shared memory, every thread's copies
-    const u16(*xb)[XS] = xs[(kb - kb0) % STAGES];
+    for (int d = 0; d < WD; ++d) {
+      const int kbd = kb + d;
+      if (kbd >= kb1) break;
+      asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
+      // block kbd's x is in shared memory, every thread's copies; every warp is done with block kbd - 1's stage,
+      // which the copy below refills
+      __syncthreads();
+      if (kbd + STAGES - 1 < kb1) load_x((kbd - kb0 + STAGES - 1) % STAGES, kbd + STAGES - 1);
+      asm volatile("cp.async.commit_group;");
+      const u16(*xb)[XS] = xs[(kbd - kb0) % STAGES];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int k0 = kb * 64 + 16 * j;
-      u32 a[WS][4];
+      for (int j = 0; j < 4; ++j) {
+        const int k0 = kbd * 64 + 16 * j;
+        u32 a[WS][4];
 #pragma unroll
-      for (int s = 0; s < WS; ++s) {
-        if (k0 % GROUP == 0) {  // a group starts: scales (in both halves) and zeros for rows r and r + 8
+        for (int s = 0; s < WS; ++s) {
+          if (k0 % GROUP == 0) {  // a group starts: scales (in both halves) and zeros for rows r and r + 8
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const u32 v = szp[s][(long long)(k0 / GROUP) * N + 8 * h];
-            scale2[s][h] = __byte_perm(v, 0, 0x1010);
-            negz[s][h] = __byte_perm(v, 0, 0x3232);
+            for (int h = 0; h < 2; ++h) {
+              const u32 v = szw[d][s][GROUP < 64 ? 16 * j / GROUP : 0][h];
+              scale2[s][h] = __byte_perm(v, 0, 0x1010);
+              negz[s][h] = __byte_perm(v, 0, 0x3232);
+            }
+          }
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {  // (q - zero) * scale, rounded once to the dtype
+            const u32 n4 = nibbles(word_of(words[d][s], j), q, negz[s][q & 1]);
+            asm(FMA2_OP " %0, %1, %2, %3;" : "=r"(a[s][q]) : "r"(n4), "r"(scale2[s][q & 1]), "r"(NEG_ZERO2));
           }
         }
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {  // (q - zero) * scale, rounded once to the dtype
-          const u32 d = nibbles(word_of(words[s], j), q, negz[s][q & 1]);
-          asm(FMA2_OP " %0, %1, %2, %3;" : "=r"(a[s][q]) : "r"(d), "r"(scale2[s][q & 1]), "r"(NEG_ZERO2));
+        for (int t = 0; t < BM / 8; ++t) {
+          const uint2 b = *reinterpret_cast<const uint2*>(&xb[8 * t + r][16 * j + 4 * i]);
+#pragma unroll
+          for (int s = 0; s < WS; ++s) mma(acc[s][t], a[s], b.x, b.y);
         }
       }
-#pragma unroll
-      for (int t = 0; t < BM / 8; ++t) {
-        const uint2 b = *reinterpret_cast<const uint2*>(&xb[8 * t + r][16 * j + 4 * i]);
-#pragma unroll
-        for (int s = 0; s < WS; ++s) mma(acc[s][t], a[s], b.x, b.y);
-      }
+      if (kbd + WD < kb1) LOAD_BLOCK(d, kbd + WD)  // this slot's next block
     }
-    __syncthreads();  // the stage is free for the copy issued at the next block
-#pragma unroll
-    for (int s = 0; s < WS; ++s) words[s] = next[s];
   }
+#undef LOAD_BLOCK
   // lane l's sum e of tile t: output row r + 8 (e >> 1) of the strip, x's row m0 + 8t + 2i + (e & 1)
 #pragma unroll
   for (int s = 0; s < WS; ++s) {
