@@ -61,9 +61,9 @@ GEMV_MAX_ROWS = 1
 # rows the two are already even.
 W8A8_TENSORWISE_MAX_ROWS = 256
 INT4_DEQUANT_ROWS = 512  # int4 in the rows layout on CUDA: the Triton kernel below this, dequantise + cuBLAS from here
-# int4 in the MMA layout: quant_cuda's GEMM up to here (above MMA_GEMV_MAX_ROWS), dequantise + cuBLAS above (a guess
-# until swept: cuBLAS's bf16 tiles outrun mma.sync once the dequantise is a small part of a prefill chunk's time)
-MMA_GEMM_MAX_ROWS = 512
+# int4 in the MMA layout: quant_cuda's GEMM up to here (above MMA_GEMV_MAX_ROWS), dequantise + cuBLAS above
+# (session 25's sweep, llama-3.1-8b's layer: the GEMM 245 us at 128 rows against 316, 378 at 192 against 352)
+MMA_GEMM_MAX_ROWS = 160
 
 
 # -- the methods: what a quantised layer holds and how it multiplies ------------------------------------------
