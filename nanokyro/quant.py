@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokyro import quant_cuda
-from nanokyro.quant_cuda import MAX_ROWS as MMA_GEMV_MAX_ROWS, w4_dequantise, w4_gemm, w4_gemv
+from nanokyro.quant_cuda import MAX_ROWS as MMA_GEMV_MAX_ROWS, w4_dequantise, w4_gemm, w4_gemv, w4_wgmma, wgmma_available
 from nanokyro.quant_formats import (FP8, QuantConfig, dequantise_fp8, dequantise_int4, mma_layout_applies, mma_pack,
                                     mma_scales_zeros, pack_rows, quantise_rows_fp8, unpack_rows)  # fmt: skip
 from nanokyro.quant_triton import dequantise_int4_cuda, qgemv, quantise_rows_fp8_cuda, scale_outer_cuda
@@ -64,6 +64,7 @@ INT4_DEQUANT_ROWS = 512  # int4 in the rows layout on CUDA: the Triton kernel be
 # int4 in the MMA layout: quant_cuda's GEMM up to here (above MMA_GEMV_MAX_ROWS), dequantise + cuBLAS above
 # (session 25's sweep, llama-3.1-8b's layer: the GEMM 245 us at 128 rows against 316, 378 at 192 against 352)
 MMA_GEMM_MAX_ROWS = 160
+WGMMA_MAX_ROWS = 512  # on sm_90 the warpgroup-MMA GEMM takes these rows instead (a guess until swept)
 
 
 # -- the methods: what a quantised layer holds and how it multiplies ------------------------------------------
@@ -353,6 +354,8 @@ def int4_mma_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.T
     cuBLAS."""
     if x.shape[0] <= MMA_GEMV_MAX_ROWS:
         return w4_gemv(x, packed, scales_zeros, group, bias, gated)
+    if x.shape[0] <= WGMMA_MAX_ROWS and wgmma_available(x.device):
+        return _gate(w4_wgmma(x, packed, scales_zeros, group, bias), gated)
     if x.shape[0] <= MMA_GEMM_MAX_ROWS:
         return _gate(w4_gemm(x, packed, scales_zeros, group, bias), gated)
     return _gate(F.linear(x, w4_dequantise(packed, scales_zeros, group, x.dtype), bias), gated)
