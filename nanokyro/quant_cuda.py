@@ -501,9 +501,16 @@ __device__ __forceinline__ void w4_wgmma_body(
             negz[h] = __byte_perm(v, 0, 0x3232);
           }
         }
+        // wgmma pairs A's features with B's in their natural order (a lane's registers 0, 1: features 2i, 2i + 1; 2, 3:
+        // 2i + 8, 2i + 9), while the MMA layout gives a lane features 4i to 4i + 3 (mma.sync's B is loaded four
+        // features at a time): features 2i, 2i + 1 are in lane i / 2 of the quad, 2i + 8, 2i + 9 in lane 2 + i / 2,
+        // their registers 0, 1 for an even i and 2, 3 (two nibbles up) for an odd one
+        const u32 word = word_of(words[d], j), quad = lane & ~3, up = 8 * (i & 1);
+        const u32 lo = __shfl_sync(0xFFFFFFFFu, word, quad | (i >> 1)) >> up;
+        const u32 hi = __shfl_sync(0xFFFFFFFFu, word, quad | (2 + (i >> 1))) >> up;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          const u32 n4 = nibbles(word_of(words[d], j), q, negz[q & 1]);
+          const u32 n4 = nibbles(q < 2 ? lo : hi, q & 1, negz[q & 1]);
           asm(FMA2_OP " %0, %1, %2, %3;" : "=r"(a[j][q]) : "r"(n4), "r"(scale2[q & 1]), "r"(NEG_ZERO2));
         }
       }
