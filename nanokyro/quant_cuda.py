@@ -38,8 +38,7 @@ MIN_STEPS = 4
 # the best fixed split for each of llama-3.1-8b's shapes at 33-128 rows)
 GEMM_CTAS = 264
 
-WG_STAGES = 4  # w4_wgmma's stages of x in shared memory, 128 bytes (64 features) a row
-WGMMA_STAGE_BYTES = 128
+WG_STAGES = 4  # w4_wgmma's stages in shared memory (x's rows, the weight words and scale/zero words of a block)
 
 
 def _wgmma_wrappers(sizes: tuple[int, ...] = (64, 128)) -> str:
@@ -411,12 +410,14 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
 }
 
 // The same product on Hopper's warpgroup MMA (sm_90a): a CTA takes BN of x's rows and 8 strips, two warpgroups of 4
-// warps, a warp one strip: its A fragments dequantised in registers as above (the MMA layout is also wgmma's register
-// layout for A, a warp 16 of the 64 rows), x's rows in shared memory as wgmma's B operand (K-major, no swizzle: a
-// 16-byte row piece of 8 features, 8 rows a core matrix; stage layout [8 feature chunks][BN rows][16 bytes]), one
-// m64nBNk16 MMA a warpgroup per 16 features in place of BN / 8 mma.syncs. A block's A is dequantised once the previous
-// block's MMAs are done (ptxas serialises the MMAs when registers they read are written while others are in flight);
-// the SM's other warpgroups keep the tensor cores busy meanwhile (two CTAs an SM).
+// warps, a warp one strip. A block's x rows, weight words and scale/zero words come through shared memory together
+// (cp.async, WG_STAGES deep); each warp dequantises its strip's A fragments in registers (wgmma's register layout for
+// A: a warp 16 of the 64 rows, features in natural order, so the MMA layout's words are shuffled within each quad)
+// and x's rows are wgmma's B operand in place (K-major, no swizzle: a 16-byte piece of a row is 8 features, 8 rows a
+// core matrix; stage layout [8 feature chunks][BN rows][16 bytes]): one m64nBNk16 MMA a warpgroup per 16 features in
+// place of BN / 8 mma.syncs. A block's A is dequantised once the previous block's MMAs are done (ptxas serialises
+// the MMAs when registers they read are written while others are in flight); the SM's other warpgroups keep the
+// tensor cores busy meanwhile.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define WGMMA_ON 1
 #else
@@ -430,15 +431,19 @@ __device__ __forceinline__ void w4_wgmma_body(
     int has_bias) {
 #if WGMMA_ON
   extern __shared__ __align__(128) unsigned char smem[];
-  constexpr int STAGE_BYTES = BN * 128, CP = BN / 32;  // a stage: BN rows x 64 features; copies a thread
-  constexpr int WG_WD = BN >= 128 ? 2 : 4;  // blocks of weight words in flight a lane (within 128 registers)
+  // a stage: x's BN rows x 64 features, then the 8 strips' weight words (a lane's 16 bytes each), then the scale/zero
+  // words of the block's groups for the CTA's 128 outputs (the group holding the block's first feature when groups
+  // span blocks)
+  constexpr int X_BYTES = BN * 128, W_BYTES = 8 * 32 * 16, SZ_BYTES = GPB * 128 * 4;
+  constexpr int STAGE_BYTES = X_BYTES + W_BYTES + SZ_BYTES, CP = BN / 32;  // x's copies a thread
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, i = lane & 3;
-  const int m0 = blockIdx.x * BN, kblocks = K >> 6, strips = N >> 4;
+  const int m0 = blockIdx.x * BN, n0 = blockIdx.y * 128, kblocks = K >> 6, strips = N >> 4;
   constexpr int GB = GROUP > 64 ? GROUP / 64 : 1;
   const int groups = kblocks / GB, z = blockIdx.z, zs = gridDim.z;
   const int kb0 = groups * z / zs * GB, kb1 = groups * (z + 1) / zs * GB;
   const u32 base = shared_address(smem);
-  // copy idx: 8 consecutive rows of one 16-byte chunk (128 contiguous bytes of a stage), a warp 8 rows x 4 chunks
+  // x's copy idx: 8 consecutive rows of one 16-byte chunk (128 contiguous bytes of a stage), a warp 8 rows x 4 chunks;
+  // rows past M copy nothing and fill zeros
   const u16* src[CP];
   u32 dst[CP], bytes[CP];
 #pragma unroll
@@ -448,86 +453,77 @@ __device__ __forceinline__ void w4_wgmma_body(
     bytes[c] = m0 + row < M ? 16 : 0;
     dst[c] = base + chunk * (BN * 16) + row * 16;
   }
-  auto load_x = [&](int st, int kb) {
+  // the warp's strip (spare warps of the last CTA read the last strip and store nothing): its lane's word a block;
+  // threads below 32 * GPB copy 16 bytes of a group's scale/zero words (outputs past N fill zeros)
+  const int strip = min(blockIdx.y * 8 + warp, strips - 1);
+  const uint4* wp = w + (long long)strip * kblocks * 32 + lane;
+  const u32 wdst = base + X_BYTES + threadIdx.x * 16;
+  const int zg = threadIdx.x >> 5, zn = n0 + lane * 4;
+  const u32* zsrc = sz + min(zn, N - 4) + (long long)(GROUP < 64 ? zg : 0) * N;
+  const u32 zdst = base + X_BYTES + W_BYTES + threadIdx.x * 16, zbytes = zn < N ? 16 : 0;
+  auto load_stage = [&](int st, int kb) {
+    const u32 off = st * STAGE_BYTES;
 #pragma unroll
     for (int c = 0; c < CP; ++c)
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                   ::"r"(dst[c] + st * STAGE_BYTES), "l"(src[c] + kb * 64), "r"(bytes[c]));
+                   ::"r"(dst[c] + off), "l"(src[c] + kb * 64), "r"(bytes[c]));
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(wdst + off), "l"(wp + kb * 32));
+    if (threadIdx.x < 32 * GPB)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                   ::"r"(zdst + off), "l"(zsrc + (long long)(kb * 64 / GROUP) * N), "r"(zbytes));
   };
 #pragma unroll
   for (int st = 0; st < WG_STAGES - 1; ++st) {
-    if (kb0 + st < kb1) load_x(st, kb0 + st);
+    if (kb0 + st < kb1) load_stage(st, kb0 + st);
     asm volatile("cp.async.commit_group;");
   }
   // B's descriptor: start >> 4, leading (K: chunk to chunk) BN * 16 bytes, stride (8-row groups) 128 bytes
   const unsigned long long desc0 = ((base & 0x3FFFF) >> 4) | ((unsigned long long)(BN * 16 >> 4) << 16) |
                                    ((unsigned long long)(128 >> 4) << 32);  // fmt: skip
-  const int strip = min(blockIdx.y * 8 + warp, strips - 1);
-  const uint4* wp = w + (long long)strip * kblocks * 32 + lane;
-  const u32* szp = sz + strip * 16 + r;
-  uint4 words[WG_WD];
-  u32 szw[WG_WD][GPB][2];
-#define WG_LOAD(d, kb)                                                        \
-  {                                                                           \
-    words[d] = load_stream(wp + (kb) * 32);                                   \
-    _Pragma("unroll") for (int g = 0; g < GPB; ++g) {                         \
-      const int k = (kb) * 64 + g * (64 / GPB);                               \
-      if (k % GROUP == 0) {                                                   \
-        _Pragma("unroll") for (int h = 0; h < 2; ++h)                         \
-          szw[d][g][h] = szp[(long long)(k / GROUP) * N + 8 * h];             \
-      }                                                                       \
-    }                                                                         \
-  }
-#pragma unroll
-  for (int d = 0; d < WG_WD; ++d)
-    if (kb0 + d < kb1) WG_LOAD(d, kb0 + d)
   float acc[BN / 2];
 #pragma unroll
   for (int e = 0; e < BN / 2; ++e) acc[e] = 0.f;
   u32 a[4][4], scale2[2], negz[2];
-  for (int kb = kb0; kb < kb1; kb += WG_WD) {
+  for (int kb = kb0; kb < kb1; ++kb) {
+    const int st = (kb - kb0) % WG_STAGES;
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");  // block kb - 1's MMAs are done
+    asm volatile("cp.async.wait_group %0;" ::"n"(WG_STAGES - 2));
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // this thread's copies, seen by the MMAs' proxy
+    __syncthreads();  // block kb's stage is in shared memory; no warpgroup still reads block kb - 1's
+    if (kb + WG_STAGES - 1 < kb1) load_stage((kb - kb0 + WG_STAGES - 1) % WG_STAGES, kb + WG_STAGES - 1);
+    asm volatile("cp.async.commit_group;");
+    const unsigned char* stage = smem + st * STAGE_BYTES;
+    const uint4 words = reinterpret_cast<const uint4*>(stage + X_BYTES)[threadIdx.x];
+    const u32* szs = reinterpret_cast<const u32*>(stage + X_BYTES + W_BYTES) + (warp * 16 + r);
 #pragma unroll
-    for (int d = 0; d < WG_WD; ++d) {
-      const int kbd = kb + d;
-      if (kbd >= kb1) break;
-      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");  // block kbd - 1's MMAs are done
+    for (int j = 0; j < 4; ++j) {  // block kb's A fragments
+      if ((kb * 64 + 16 * j) % GROUP == 0) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {  // block kbd's A fragments
-        if ((kbd * 64 + 16 * j) % GROUP == 0) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const u32 v = szw[d][GROUP < 64 ? 16 * j / GROUP : 0][h];
-            scale2[h] = __byte_perm(v, 0, 0x1010);
-            negz[h] = __byte_perm(v, 0, 0x3232);
-          }
-        }
-        // wgmma pairs A's features with B's in their natural order (a lane's registers 0, 1: features 2i, 2i + 1; 2, 3:
-        // 2i + 8, 2i + 9), while the MMA layout gives a lane features 4i to 4i + 3 (mma.sync's B is loaded four
-        // features at a time): features 2i, 2i + 1 are in lane i / 2 of the quad, 2i + 8, 2i + 9 in lane 2 + i / 2,
-        // their registers 0, 1 for an even i and 2, 3 (two nibbles up) for an odd one
-        const u32 word = word_of(words[d], j), quad = lane & ~3, up = 8 * (i & 1);
-        const u32 lo = __shfl_sync(0xFFFFFFFFu, word, quad | (i >> 1)) >> up;
-        const u32 hi = __shfl_sync(0xFFFFFFFFu, word, quad | (2 + (i >> 1))) >> up;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const u32 n4 = nibbles(q < 2 ? lo : hi, q & 1, negz[q & 1]);
-          asm(FMA2_OP " %0, %1, %2, %3;" : "=r"(a[j][q]) : "r"(n4), "r"(scale2[q & 1]), "r"(NEG_ZERO2));
+        for (int h = 0; h < 2; ++h) {
+          const u32 v = szs[(GROUP < 64 ? 16 * j / GROUP : 0) * 128 + 8 * h];
+          scale2[h] = __byte_perm(v, 0, 0x1010);
+          negz[h] = __byte_perm(v, 0, 0x3232);
         }
       }
-      if (kbd + WG_WD < kb1) WG_LOAD(d, kbd + WG_WD)  // this slot's next block
-      asm volatile("cp.async.wait_group %0;" ::"n"(WG_STAGES - 2));
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // this thread's copies, seen by the MMAs' proxy
-      __syncthreads();  // block kbd's x is in shared memory; no warpgroup still reads block kbd - 1's stage
-      if (kbd + WG_STAGES - 1 < kb1) load_x((kbd - kb0 + WG_STAGES - 1) % WG_STAGES, kbd + WG_STAGES - 1);
-      asm volatile("cp.async.commit_group;");
-      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-      const unsigned long long desc = desc0 + ((kbd - kb0) % WG_STAGES) * (STAGE_BYTES >> 4);
+      // wgmma pairs A's features with B's in their natural order (a lane's registers 0, 1: features 2i, 2i + 1; 2,
+      // 3: 2i + 8, 2i + 9), while the MMA layout gives a lane features 4i to 4i + 3 (mma.sync's B is loaded four
+      // features at a time): features 2i, 2i + 1 are in lane i / 2 of the quad, 2i + 8, 2i + 9 in lane 2 + i / 2,
+      // their registers 0, 1 for an even i and 2, 3 (two nibbles up) for an odd one
+      const u32 word = word_of(words, j), quad = lane & ~3, up = 8 * (i & 1);
+      const u32 lo = __shfl_sync(0xFFFFFFFFu, word, quad | (i >> 1)) >> up;
+      const u32 hi = __shfl_sync(0xFFFFFFFFu, word, quad | (2 + (i >> 1))) >> up;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma<BN>(acc, a[j], desc + j * (2 * BN * 16 >> 4));
-      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      for (int q = 0; q < 4; ++q) {
+        const u32 n4 = nibbles(q < 2 ? lo : hi, q & 1, negz[q & 1]);
+        asm(FMA2_OP " %0, %1, %2, %3;" : "=r"(a[j][q]) : "r"(n4), "r"(scale2[q & 1]), "r"(NEG_ZERO2));
+      }
     }
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    const unsigned long long desc = desc0 + (st * STAGE_BYTES >> 4);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wgmma<BN>(acc, a[j], desc + j * (2 * BN * 16 >> 4));
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   }
-#undef WG_LOAD
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
   if (blockIdx.y * 8 + warp >= strips) return;
   float b[2];
@@ -769,11 +765,17 @@ def wgmma_available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
+def _wgmma_shared(bn: int, group: int) -> int:
+    """w4_wgmma's shared memory: WG_STAGES stages of x's bn rows (128 bytes each), 8 strips' weight words (512
+    bytes each) and the block's groups' scale/zero words for 128 outputs."""
+    return WG_STAGES * (bn * 128 + 8 * 512 + max(1, 64 // group) * 128 * 4)
+
+
 @functools.cache
 def _wgmma_kernel(device: torch.device, bn: int, dtype: torch.dtype, group: int) -> ctypes.c_void_p:
     """w4_wgmma<bn> of the one-tile GEMV's module, allowed its dynamic shared memory (past the 48 KB default)."""
     func = _kernel(device, f"w4_wgmma{bn}", dtype, group, 1, False, use_pdl())
-    if _driver().cuFuncSetAttribute(func, _MAX_DYNAMIC_SHARED, WG_STAGES * bn * WGMMA_STAGE_BYTES):
+    if _driver().cuFuncSetAttribute(func, _MAX_DYNAMIC_SHARED, _wgmma_shared(bn, group)):
         raise RuntimeError(f"could not give w4_wgmma{bn} its shared memory")
     return func
 
@@ -798,7 +800,7 @@ def w4_wgmma(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     func = _wgmma_kernel(x.device, bn, x.dtype, group)
     _launch(func, (*grid, splits), 256, [packed, sz, x, bias if bias is not None else y, y, part, M, N, K,
-                                         x.stride(0), int(bias is not None)], False, WG_STAGES * bn * WGMMA_STAGE_BYTES)  # fmt: skip
+                                         x.stride(0), int(bias is not None)], False, _wgmma_shared(bn, group))  # fmt: skip
     if splits == 1:
         return y
     y = part.sum(0)
