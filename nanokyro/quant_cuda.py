@@ -413,8 +413,8 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
 // warps, a warp one strip. A block's x rows, weight words and scale/zero words come through shared memory together
 // (cp.async, WG_STAGES deep); each warp dequantises its strip's A fragments in registers (wgmma's register layout for
 // A: a warp 16 of the 64 rows, features in natural order, so the MMA layout's words are shuffled within each quad)
-// and x's rows are wgmma's B operand in place (K-major, no swizzle: a 16-byte piece of a row is 8 features, 8 rows a
-// core matrix; stage layout [8 feature chunks][BN rows][16 bytes]): one m64nBNk16 MMA a warpgroup per 16 features in
+// and x's rows are wgmma's B operand in place (K-major, 128-byte swizzle: a row's 64 features in 128 bytes, its
+// 16-byte chunks XOR-permuted by the row's place in its atom of 8): one m64nBNk16 MMA a warpgroup per 16 features in
 // place of BN / 8 mma.syncs. A block's A is dequantised once the previous block's MMAs are done (ptxas serialises
 // the MMAs when registers they read are written while others are in flight); the SM's other warpgroups keep the
 // tensor cores busy meanwhile.
@@ -435,23 +435,25 @@ __device__ __forceinline__ void w4_wgmma_body(
   // words of the block's groups for the CTA's 128 outputs (the group holding the block's first feature when groups
   // span blocks)
   constexpr int X_BYTES = BN * 128, W_BYTES = 8 * 32 * 16, SZ_BYTES = GPB * 128 * 4;
-  constexpr int STAGE_BYTES = X_BYTES + W_BYTES + SZ_BYTES, CP = BN / 32;  // x's copies a thread
+  constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + SZ_BYTES + 1023) / 1024 * 1024, CP = BN / 32;  // (x's copies)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, i = lane & 3;
   const int m0 = blockIdx.x * BN, n0 = blockIdx.y * 128, kblocks = K >> 6, strips = N >> 4;
   constexpr int GB = GROUP > 64 ? GROUP / 64 : 1;
   const int groups = kblocks / GB, z = blockIdx.z, zs = gridDim.z;
   const int kb0 = groups * z / zs * GB, kb1 = groups * (z + 1) / zs * GB;
-  const u32 base = shared_address(smem);
-  // x's copy idx: 8 consecutive rows of one 16-byte chunk (128 contiguous bytes of a stage), a warp 8 rows x 4 chunks;
-  // rows past M copy nothing and fill zeros
+  // stages from a 1024-byte boundary (the 128-byte swizzle's atom: 8 rows of 128 bytes)
+  const u32 raw = shared_address(smem), base = (raw + 1023) & ~1023u;
+  unsigned char* const stages = smem + (base - raw);
+  // x's copy idx: a row's 16-byte chunk (a warp 4 whole rows), at chunk ^ (row % 8) of its 128-byte row in the stage
+  // (wgmma's 128-byte swizzle, which spreads a core matrix's 8 rows over the banks); rows past M fill zeros
   const u16* src[CP];
   u32 dst[CP], bytes[CP];
 #pragma unroll
   for (int c = 0; c < CP; ++c) {
-    const int idx = threadIdx.x + 256 * c, row = (idx >> 6) * 8 + (idx & 7), chunk = (idx >> 3) & 7;
+    const int idx = threadIdx.x + 256 * c, row = idx >> 3, chunk = idx & 7;
     src[c] = x + (long long)(m0 + row < M ? m0 + row : 0) * x_stride + chunk * 8;
     bytes[c] = m0 + row < M ? 16 : 0;
-    dst[c] = base + chunk * (BN * 16) + row * 16;
+    dst[c] = base + row * 128 + ((chunk ^ (row & 7)) << 4);
   }
   // the warp's strip (spare warps of the last CTA read the last strip and store nothing): its lane's word a block;
   // threads below 32 * GPB copy 16 bytes of a group's scale/zero words (outputs past N fill zeros)
@@ -477,9 +479,10 @@ __device__ __forceinline__ void w4_wgmma_body(
     if (kb0 + st < kb1) load_stage(st, kb0 + st);
     asm volatile("cp.async.commit_group;");
   }
-  // B's descriptor: start >> 4, leading (K: chunk to chunk) BN * 16 bytes, stride (8-row groups) 128 bytes
-  const unsigned long long desc0 = ((base & 0x3FFFF) >> 4) | ((unsigned long long)(BN * 16 >> 4) << 16) |
-                                   ((unsigned long long)(128 >> 4) << 32);  // fmt: skip
+  // B's descriptor: start >> 4, leading offset 1 (unused by a K-major swizzled B), stride (8-row atoms) 1024 bytes,
+  // the 128-byte swizzle (1 in bits 62-63); a 16-feature step starts 32 bytes further into the rows
+  const unsigned long long desc0 = ((base & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
+                                   (1ull << 62);  // fmt: skip
   float acc[BN / 2];
 #pragma unroll
   for (int e = 0; e < BN / 2; ++e) acc[e] = 0.f;
@@ -492,7 +495,7 @@ __device__ __forceinline__ void w4_wgmma_body(
     __syncthreads();  // block kb's stage is in shared memory; no warpgroup still reads block kb - 1's
     if (kb + WG_STAGES - 1 < kb1) load_stage((kb - kb0 + WG_STAGES - 1) % WG_STAGES, kb + WG_STAGES - 1);
     asm volatile("cp.async.commit_group;");
-    const unsigned char* stage = smem + st * STAGE_BYTES;
+    const unsigned char* stage = stages + st * STAGE_BYTES;
     const uint4 words = reinterpret_cast<const uint4*>(stage + X_BYTES)[threadIdx.x];
     const u32* szs = reinterpret_cast<const u32*>(stage + X_BYTES + W_BYTES) + (warp * 16 + r);
 #pragma unroll
@@ -521,7 +524,7 @@ __device__ __forceinline__ void w4_wgmma_body(
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
     const unsigned long long desc = desc0 + (st * STAGE_BYTES >> 4);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wgmma<BN>(acc, a[j], desc + j * (2 * BN * 16 >> 4));
+    for (int j = 0; j < 4; ++j) wgmma<BN>(acc, a[j], desc + j * (32 >> 4));
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
@@ -767,8 +770,9 @@ def wgmma_available(device: torch.device) -> bool:
 
 def _wgmma_shared(bn: int, group: int) -> int:
     """w4_wgmma's shared memory: WG_STAGES stages of x's bn rows (128 bytes each), 8 strips' weight words (512
-    bytes each) and the block's groups' scale/zero words for 128 outputs."""
-    return WG_STAGES * (bn * 128 + 8 * 512 + max(1, 64 // group) * 128 * 4)
+    bytes each) and the block's groups' scale/zero words for 128 outputs, each stage on a 1024-byte boundary (the
+    swizzle's), and 1024 bytes to align the first."""
+    return WG_STAGES * -(-(bn * 128 + 8 * 512 + max(1, 64 // group) * 128 * 4) // 1024) * 1024 + 1024
 
 
 @functools.cache
