@@ -497,6 +497,12 @@ def _kernel(device: torch.device, name: str, dtype: torch.dtype, group: int, row
     return func
 
 
+def _shared_kernel(device: torch.device, name: str, dtype: torch.dtype, group: int) -> ctypes.c_void_p:
+    """`name` from the one-tile GEMV's module, which `available` builds at load: the GEMM and dequantise kernels
+    share it (its row-tile, gating and PDL defines do not touch them), so they cost no compile of their own."""
+    return _kernel(device, name, dtype, group, 1, False, use_pdl())
+
+
 def _launch(func: ctypes.c_void_p, grid: int | tuple[int, ...], threads: int, args: list, pdl: bool) -> None:
     """One launch on the current stream of args[0]'s device (PDL: programmatic stream serialization); args are
     tensors (pointers) and ints (int32)."""
@@ -517,8 +523,8 @@ def available(device: torch.device, dtype: torch.dtype, group: int) -> bool:
     """Whether the kernels build and load for `device` (NVRTC found, the architecture taken): tried at load, once
     a setting, so that a layer keeps the Triton kernels' layout rather than failing at its first step."""
     try:
-        for name in ("w4_gemv", "w4_gemm", "w4_dequantise"):  # (the one-tile GEMV's module, which all three share)
-            _kernel(device, name, dtype, group, 1, False, use_pdl())
+        for name in ("w4_gemv", "w4_gemm", "w4_dequantise"):
+            _shared_kernel(device, name, dtype, group)
         return True
     except (OSError, RuntimeError) as e:
         warnings.warn(f"int4 layers keep the Triton kernels: quant_cuda's kernels did not build ({e})", stacklevel=2)
@@ -578,7 +584,7 @@ def w4_gemm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     groups = K // max(64, group)
     splits = min(splits or max(1, GEMM_CTAS // (grid[0] * grid[1])), groups)  # (split only to at least double them)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
-    func = _kernel(x.device, "w4_gemm", x.dtype, group, 1, False, use_pdl())  # (the one-tile GEMV's module)
+    func = _shared_kernel(x.device, "w4_gemm", x.dtype, group)
     _launch(func, (*grid, splits), 128, [packed, sz, x, bias if bias is not None else y, y, part, M, N, K,
                                          x.stride(0), int(bias is not None)], False)  # fmt: skip
     if splits == 1:
@@ -593,7 +599,6 @@ def w4_dequantise(packed: torch.Tensor, sz: torch.Tensor, group: int, dtype: tor
     strips, kblocks = packed.shape[:2]
     out = torch.empty(strips * 16, kblocks * 64, dtype=dtype, device=packed.device)
     threads = strips * kblocks * 32
-    # (from the module of the one-tile GEMV, which `available` built at load: the defines do not touch this kernel)
-    func = _kernel(packed.device, "w4_dequantise", dtype, group, 1, False, use_pdl())
+    func = _shared_kernel(packed.device, "w4_dequantise", dtype, group)
     _launch(func, (threads + 255) // 256, 256, [packed, sz, out, strips * 16, kblocks * 64], False)
     return out

@@ -108,7 +108,7 @@ def _checkpoint_format(qc: dict) -> QuantConfig:
 
 def _group_size(g) -> int:
     if g not in INT4_GROUPS:
-        raise ValueError(f"4-bit group size must be 32, 64 or 128, not {g}")
+        raise ValueError(f"4-bit group size must be one of {', '.join(map(str, INT4_GROUPS))}, not {g}")
     return g
 
 
