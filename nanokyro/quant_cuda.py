@@ -1,7 +1,7 @@
 """The CUDA kernels of 4-bit (AWQ) linear layers, on the MMA fragment layout (quant_formats.py): `w4_gemv` for up to
 32 rows (decode), `w4_gemm` for more (x's rows staged in shared memory), `w4_dequantise` (to the model's dtype, for
-cuBLAS) for prefill chunks. CUDA C++ compiled at first use by NVRTC
-(which CUDA builds of torch ship; no CUDA toolkit or headers needed), one module per setting.
+cuBLAS) for prefill chunks. CUDA C++ compiled by NVRTC (which CUDA builds of torch ship; no CUDA toolkit or headers
+needed), one module per setting, the first at load (`available`).
 
 Why not Triton: a one-row int4 GEMV must turn a weight into something a multiply takes in about one instruction,
 or the H200's 4.2 TB/s (8.4 G weights a microsecond, 37 a clock on each SM) outruns the instruction issue (every
@@ -13,8 +13,8 @@ sums into fp32, and each group's sums are scaled once. In the sm_90 code that is
 loads, addresses and loop (2 a weight), one 16-byte load per lane per four steps. Measurements:
 docs/PERFORMANCE.md, session 24.
 
-A CTA takes one strip of 16 outputs (gated: the gate's strip and the up's), its warps split K in whole groups and
-add their sums through shared memory. The launch is PDL's (small_batch.py's rules): the source issues the first
+The GEMV: a CTA takes one strip of 16 outputs (gated: the gate's strip and the up's), its warps split K in whole
+groups and add their sums through shared memory. The launch is PDL's (small_batch.py's rules): the source issues the first
 weight loads before the wait, though ptxas may schedule the wait first."""
 from __future__ import annotations
 
