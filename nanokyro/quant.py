@@ -23,8 +23,9 @@ FP8 LM head through the FP8 layers' op, from layers.matmul):
   the activations are quantised per token (dynamic scales) and `torch._scaled_mm` multiplies (W8A8;
   W8A8_TENSORWISE_MAX_ROWS). Block-wise scales keep the Triton kernel at every size.
 - on CUDA, int4 in the MMA layout: quant_cuda.py's GEMV (tensor-core MMAs on weights unpacked in registers) up
-  to MMA_GEMV_MAX_ROWS rows, its GEMM (x staged in shared memory) up to MMA_GEMM_MAX_ROWS, the weight dequantised
-  (quant_cuda.py) + cuBLAS above; in the rows layout the Triton kernel, dequantise + cuBLAS from
+  to MMA_GEMV_MAX_ROWS rows, its GEMM (x staged in shared memory; on sm_90 the warpgroup MMA's, up to
+  WGMMA_MAX_ROWS, elsewhere mma.sync's, up to MMA_GEMM_MAX_ROWS), the weight dequantised (quant_cuda.py) + cuBLAS
+  above; in the rows layout the Triton kernel, dequantise + cuBLAS from
   INT4_DEQUANT_ROWS. Settings and switch points come from the sweep in docs/PERFORMANCE.md.
 - on the CPU: per-channel FP8 runs the same W8A8 `_scaled_mm`; block-wise FP8 and int4 dequantise the weight
   and run the dense matmul. int8: fbgemm's dynamic W8A8 (`linear_dynamic`): the activations quantised at run time,
@@ -43,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanokyro import quant_cuda
-from nanokyro.quant_cuda import MAX_ROWS as MMA_GEMV_MAX_ROWS, w4_dequantise, w4_gemm, w4_gemv
+from nanokyro.quant_cuda import (MAX_ROWS as MMA_GEMV_MAX_ROWS, w4_dequantise, w4_gemm, w4_gemv, w4_wgmma,
+                                 wgmma_available)  # fmt: skip
 from nanokyro.quant_formats import (FP8, QuantConfig, dequantise_fp8, dequantise_int4, mma_layout_applies, mma_pack,
                                     mma_scales_zeros, pack_rows, quantise_rows_fp8, unpack_rows)  # fmt: skip
 from nanokyro.quant_triton import dequantise_int4_cuda, qgemv, quantise_rows_fp8_cuda, scale_outer_cuda
@@ -60,8 +62,11 @@ GEMV_MAX_ROWS = 1
 # rows the two are already even.
 W8A8_TENSORWISE_MAX_ROWS = 256
 INT4_DEQUANT_ROWS = 512  # int4 in the rows layout on CUDA: the Triton kernel below this, dequantise + cuBLAS from here
-# int4 in the MMA layout: quant_cuda's GEMM up to here (above MMA_GEMV_MAX_ROWS), dequantise + cuBLAS above
-# (session 25's sweep, llama-3.1-8b's layer: the GEMM 245 us at 128 rows against 316, 378 at 192 against 352)
+# int4 in the MMA layout above MMA_GEMV_MAX_ROWS: on sm_90 quant_cuda's warpgroup-MMA GEMM up to WGMMA_MAX_ROWS
+# (session 26's sweep, llama-3.1-8b's layer: 103 us at 33 rows against 132 for the mma.sync GEMM and 125 for bf16
+# cuBLAS, 419 at 384 against 441 for dequantise + cuBLAS, 506 at 512 against 499); elsewhere its mma.sync GEMM up to
+# MMA_GEMM_MAX_ROWS (session 25's: 245 us at 128 rows against 316, 378 at 192 against 352); dequantise + cuBLAS above
+WGMMA_MAX_ROWS = 384
 MMA_GEMM_MAX_ROWS = 160
 
 
@@ -348,10 +353,12 @@ def _(x, qweight, scales, zeros, bias, gated):
 def int4_mma_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
                     bias: torch.Tensor | None, gated: bool) -> torch.Tensor:  # fmt: skip
     """x [M, K] @ w.T (+ bias) for 4-bit w in the MMA layout (Int4Method.repack): quant_cuda's GEMV up to
-    MMA_GEMV_MAX_ROWS rows, its GEMM up to MMA_GEMM_MAX_ROWS, above that the weight dequantised to x's dtype and
-    cuBLAS."""
+    MMA_GEMV_MAX_ROWS rows, its warpgroup-MMA GEMM up to WGMMA_MAX_ROWS on sm_90 (its mma.sync GEMM up to
+    MMA_GEMM_MAX_ROWS elsewhere), above that the weight dequantised to x's dtype and cuBLAS."""
     if x.shape[0] <= MMA_GEMV_MAX_ROWS:
         return w4_gemv(x, packed, scales_zeros, group, bias, gated)
+    if x.shape[0] <= WGMMA_MAX_ROWS and wgmma_available(x.device):
+        return _gate(w4_wgmma(x, packed, scales_zeros, group, bias), gated)
     if x.shape[0] <= MMA_GEMM_MAX_ROWS:
         return _gate(w4_gemm(x, packed, scales_zeros, group, bias), gated)
     return _gate(F.linear(x, w4_dequantise(packed, scales_zeros, group, x.dtype), bias), gated)

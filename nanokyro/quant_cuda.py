@@ -1,7 +1,8 @@
 """The CUDA kernels of 4-bit (AWQ) linear layers, on the MMA fragment layout (quant_formats.py): `w4_gemv` for up to
-32 rows (decode), `w4_gemm` for more (x's rows staged in shared memory), `w4_dequantise` (to the model's dtype, for
-cuBLAS) for prefill chunks. CUDA C++ compiled by NVRTC (which CUDA builds of torch ship; no CUDA toolkit or headers
-needed), one module per setting, the first at load (`available`).
+32 rows (decode), `w4_gemm` for more (x's rows staged in shared memory; `w4_wgmma`, the same on Hopper's warpgroup
+MMA, on sm_90), `w4_dequantise` (to the model's dtype, for cuBLAS) for prefill chunks. CUDA C++ compiled by
+NVRTC (which CUDA builds of torch ship; no CUDA toolkit or headers needed), one module per setting, the first at
+load (`available`).
 
 Why not Triton: a one-row int4 GEMV must turn a weight into something a multiply takes in about one instruction,
 or the H200's 4.2 TB/s (8.4 G weights a microsecond, 37 a clock on each SM) outruns the instruction issue (every
@@ -14,8 +15,8 @@ loads, addresses and loop (2 a weight), one 16-byte load per lane per four steps
 docs/PERFORMANCE.md, session 24.
 
 The GEMV: a CTA takes one strip of 16 outputs (gated: the gate's strip and the up's), its warps split K in whole
-groups and add their sums through shared memory. The launch is PDL's (small_batch.py's rules): the source issues the first
-weight loads before the wait, though ptxas may schedule the wait first."""
+groups and add their sums through shared memory. The launch is PDL's (small_batch.py's rules): the source issues the
+first weight loads before the wait, though ptxas may schedule the wait first."""
 from __future__ import annotations
 
 import ctypes
@@ -38,6 +39,25 @@ MIN_STEPS = 4
 # the best fixed split for each of llama-3.1-8b's shapes at 33-128 rows)
 GEMM_CTAS = 264
 
+WG_STAGES = 4  # w4_wgmma's stages in shared memory (x's rows, the weight words and scale/zero words of a block)
+
+
+def _wgmma_wrappers(sizes: tuple[int, ...] = (64, 128)) -> str:
+    """wgmma<BN>(d, a, desc): one m64nBNk16 warpgroup MMA, A (4 registers) from registers, B from shared memory by
+    its descriptor, D += A B in fp32 (BN / 2 registers a thread), written out (an asm operand a register)."""
+    out = [f"#define WG_STAGES {WG_STAGES}", "#if WGMMA_ON",
+           "template <int BN> __device__ __forceinline__ void wgmma(float* d, const u32* a, unsigned long long desc);"]
+    for n in sizes:
+        acc = ", ".join(f"%{e}" for e in range(n // 2))
+        ops = ", ".join(f'"+f"(d[{e}])' for e in range(n // 2))
+        out.append(f"template <> __device__ __forceinline__ void wgmma<{n}>(float* d, const u32* a, "
+                   f"unsigned long long desc) {{\n  asm volatile(\"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.\" "
+                   f"WG_AB \" {{{acc}}}, {{%{n // 2}, %{n // 2 + 1}, %{n // 2 + 2}, %{n // 2 + 3}}}, %{n // 2 + 4}, "
+                   f"1, 1, 1, 0;\"\n    : {ops}\n    : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), "
+                   f"\"l\"(desc));\n}}")  # fmt: skip
+    return "\n".join(out + ["#endif"])
+
+
 SOURCE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -47,6 +67,7 @@ typedef unsigned short u16;
 #define ONE2 0x3C003C00u
 #define MMA_OP "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
 #define FMA2_OP "fma.rn.f16x2"
+#define WG_AB "f16.f16"
 __device__ __forceinline__ float to_f32(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 from_f32(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
@@ -56,6 +77,7 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 #define ONE2 0x3F803F80u
 #define MMA_OP "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
 #define FMA2_OP "fma.rn.bf16x2"
+#define WG_AB "bf16.bf16"
 __device__ __forceinline__ float to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 __device__ __forceinline__ u16 from_f32(float f) { u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
@@ -388,6 +410,154 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
   }
 }
 
+// The same product on Hopper's warpgroup MMA (sm_90a): a CTA takes BN of x's rows and 8 strips, two warpgroups of 4
+// warps, a warp one strip. A block's x rows, weight words and scale/zero words come through shared memory together
+// (cp.async, WG_STAGES deep); each warp dequantises its strip's A fragments in registers (wgmma's register layout for
+// A: a warp 16 of the 64 rows, features in natural order, so the MMA layout's words are shuffled within each quad)
+// and x's rows are wgmma's B operand in place (K-major, 128-byte swizzle: a row's 64 features in 128 bytes, its
+// 16-byte chunks XOR-permuted by the row's place in its atom of 8): one m64nBNk16 MMA a warpgroup per 16 features in
+// place of BN / 8 mma.syncs. A block's A is dequantised once the previous block's MMAs are done (ptxas serialises
+// the MMAs when registers they read are written while others are in flight); the SM's other warpgroups keep the
+// tensor cores busy meanwhile.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WGMMA_ON 1
+#else
+#define WGMMA_ON 0
+#endif
+WGMMA_WRAPPERS
+template <int BN>
+__device__ __forceinline__ void w4_wgmma_body(
+    const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
+    const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ part, int M, int N, int K, int x_stride,
+    int has_bias) {
+#if WGMMA_ON
+  extern __shared__ __align__(128) unsigned char smem[];
+  // a stage: x's BN rows x 64 features, then the 8 strips' weight words (a lane's 16 bytes each), then the scale/zero
+  // words of the block's groups for the CTA's 128 outputs (the group holding the block's first feature when groups
+  // span blocks)
+  constexpr int X_BYTES = BN * 128, W_BYTES = 8 * 32 * 16, SZ_BYTES = GPB * 128 * 4;
+  constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + SZ_BYTES + 1023) / 1024 * 1024, CP = BN / 32;  // (x's copies)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, i = lane & 3;
+  const int m0 = blockIdx.x * BN, n0 = blockIdx.y * 128, kblocks = K >> 6, strips = N >> 4;
+  constexpr int GB = GROUP > 64 ? GROUP / 64 : 1;
+  const int groups = kblocks / GB, z = blockIdx.z, zs = gridDim.z;
+  const int kb0 = groups * z / zs * GB, kb1 = groups * (z + 1) / zs * GB;
+  // stages from a 1024-byte boundary (the 128-byte swizzle's atom: 8 rows of 128 bytes)
+  const u32 raw = shared_address(smem), base = (raw + 1023) & ~1023u;
+  unsigned char* const stages = smem + (base - raw);
+  // x's copy idx: a row's 16-byte chunk (a warp 4 whole rows), at chunk ^ (row % 8) of its 128-byte row in the stage
+  // (wgmma's 128-byte swizzle, which spreads a core matrix's 8 rows over the banks); rows past M fill zeros
+  const u16* src[CP];
+  u32 dst[CP], bytes[CP];
+#pragma unroll
+  for (int c = 0; c < CP; ++c) {
+    const int idx = threadIdx.x + 256 * c, row = idx >> 3, chunk = idx & 7;
+    src[c] = x + (long long)(m0 + row < M ? m0 + row : 0) * x_stride + chunk * 8;
+    bytes[c] = m0 + row < M ? 16 : 0;
+    dst[c] = base + row * 128 + ((chunk ^ (row & 7)) << 4);
+  }
+  // the warp's strip (spare warps of the last CTA read the last strip and store nothing): its lane's word a block;
+  // threads below 32 * GPB copy 16 bytes of a group's scale/zero words (outputs past N fill zeros)
+  const int strip = min(blockIdx.y * 8 + warp, strips - 1);
+  const uint4* wp = w + (long long)strip * kblocks * 32 + lane;
+  const u32 wdst = base + X_BYTES + threadIdx.x * 16;
+  const int zg = threadIdx.x >> 5, zn = n0 + lane * 4;
+  const u32* zsrc = sz + min(zn, N - 4) + (long long)(GROUP < 64 ? zg : 0) * N;
+  const u32 zdst = base + X_BYTES + W_BYTES + threadIdx.x * 16, zbytes = zn < N ? 16 : 0;
+  auto load_stage = [&](int st, int kb) {
+    const u32 off = st * STAGE_BYTES;
+#pragma unroll
+    for (int c = 0; c < CP; ++c)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                   ::"r"(dst[c] + off), "l"(src[c] + kb * 64), "r"(bytes[c]));
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(wdst + off), "l"(wp + kb * 32));
+    if (threadIdx.x < 32 * GPB)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                   ::"r"(zdst + off), "l"(zsrc + (long long)(kb * 64 / GROUP) * N), "r"(zbytes));
+  };
+#pragma unroll
+  for (int st = 0; st < WG_STAGES - 1; ++st) {
+    if (kb0 + st < kb1) load_stage(st, kb0 + st);
+    asm volatile("cp.async.commit_group;");
+  }
+  // B's descriptor: start >> 4, leading offset 1 (unused by a K-major swizzled B), stride (8-row atoms) 1024 bytes,
+  // the 128-byte swizzle (1 in bits 62-63); a 16-feature step starts 32 bytes further into the rows
+  const unsigned long long desc0 = ((base & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
+                                   (1ull << 62);  // fmt: skip
+  float acc[BN / 2];
+#pragma unroll
+  for (int e = 0; e < BN / 2; ++e) acc[e] = 0.f;
+  u32 a[4][4], scale2[2], negz[2];
+  for (int kb = kb0; kb < kb1; ++kb) {
+    const int st = (kb - kb0) % WG_STAGES;
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");  // block kb - 1's MMAs are done
+    asm volatile("cp.async.wait_group %0;" ::"n"(WG_STAGES - 2));
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // this thread's copies, seen by the MMAs' proxy
+    __syncthreads();  // block kb's stage is in shared memory; no warpgroup still reads block kb - 1's
+    if (kb + WG_STAGES - 1 < kb1) load_stage((kb - kb0 + WG_STAGES - 1) % WG_STAGES, kb + WG_STAGES - 1);
+    asm volatile("cp.async.commit_group;");
+    const unsigned char* stage = stages + st * STAGE_BYTES;
+    const uint4 words = reinterpret_cast<const uint4*>(stage + X_BYTES)[threadIdx.x];
+    const u32* szs = reinterpret_cast<const u32*>(stage + X_BYTES + W_BYTES) + (warp * 16 + r);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // block kb's A fragments
+      if ((kb * 64 + 16 * j) % GROUP == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const u32 v = szs[(GROUP < 64 ? 16 * j / GROUP : 0) * 128 + 8 * h];
+          scale2[h] = __byte_perm(v, 0, 0x1010);
+          negz[h] = __byte_perm(v, 0, 0x3232);
+        }
+      }
+      // wgmma pairs A's features with B's in their natural order (a lane's registers 0, 1: features 2i, 2i + 1; 2,
+      // 3: 2i + 8, 2i + 9), while the MMA layout gives a lane features 4i to 4i + 3 (mma.sync's B is loaded four
+      // features at a time): features 2i, 2i + 1 are in lane i / 2 of the quad, 2i + 8, 2i + 9 in lane 2 + i / 2,
+      // their registers 0, 1 for an even i and 2, 3 (two nibbles up) for an odd one
+      const u32 word = word_of(words, j), quad = lane & ~3, up = 8 * (i & 1);
+      const u32 lo = __shfl_sync(0xFFFFFFFFu, word, quad | (i >> 1)) >> up;
+      const u32 hi = __shfl_sync(0xFFFFFFFFu, word, quad | (2 + (i >> 1))) >> up;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const u32 n4 = nibbles(q < 2 ? lo : hi, q & 1, negz[q & 1]);
+        asm(FMA2_OP " %0, %1, %2, %3;" : "=r"(a[j][q]) : "r"(n4), "r"(scale2[q & 1]), "r"(NEG_ZERO2));
+      }
+    }
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    const unsigned long long desc = desc0 + (st * STAGE_BYTES >> 4);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wgmma<BN>(acc, a[j], desc + j * (32 >> 4));
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  if (blockIdx.y * 8 + warp >= strips) return;
+  float b[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) b[h] = has_bias && zs == 1 ? to_f32(bias[strip * 16 + r + 8 * h]) : 0.f;
+  // lane l's sum 4c + e: output row r + 8 (e >> 1) of the strip, x's row m0 + 8c + 2i + (e & 1)
+#pragma unroll
+  for (int c = 0; c < BN / 8; ++c)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = m0 + 8 * c + 2 * i + (e & 1), n = strip * 16 + r + 8 * (e >> 1);
+      if (m >= M) continue;
+      if (zs > 1)
+        part[((long long)z * M + m) * N + n] = acc[4 * c + e];
+      else
+        y[(long long)m * N + n] = from_f32(acc[4 * c + e] + b[e >> 1]);
+    }
+#endif
+}
+
+#define W4_WGMMA(BN)                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256, 2) w4_wgmma##BN(                                              \
+      const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,                     \
+      const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ part, int M, int N, int K,        \
+      int x_stride, int has_bias) {                                                                            \
+    w4_wgmma_body<BN>(w, sz, x, bias, y, part, M, N, K, x_stride, has_bias);                                   \
+  }
+W4_WGMMA(64)
+W4_WGMMA(128)
+
 // out [N, K] = (q - zero) * scale in the dtype; a thread per lane word group (strip, 64-feature block, lane)
 extern "C" __global__ void w4_dequantise(const uint4* __restrict__ w, const u32* __restrict__ sz,
                                          u16* __restrict__ out, int N, int K) {
@@ -416,7 +586,7 @@ extern "C" __global__ void w4_dequantise(const uint4* __restrict__ w, const u32*
     }
   }
 }
-"""
+""".replace("WGMMA_WRAPPERS", _wgmma_wrappers())
 
 
 class _LaunchConfig(ctypes.Structure):  # the driver's CUlaunchConfig
@@ -478,7 +648,7 @@ def _module(device: torch.device, dtype: torch.dtype, group: int, rows_tiles: in
     `device`, and loaded into its context: the CUmodule."""
     major, minor = torch.cuda.get_device_capability(device)
     defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl))
-    cubin = compile_cubin(defines, f"sm_{major}{minor}")
+    cubin = compile_cubin(defines, f"sm_{major}{minor}{'a' if (major, minor) == (9, 0) else ''}")  # (a: wgmma)
     module = ctypes.c_void_p()
     with torch.cuda.device(device):  # the module loads into the current context
         if _driver().cuModuleLoadData(ctypes.byref(module), cubin):
@@ -503,15 +673,16 @@ def _shared_kernel(device: torch.device, name: str, dtype: torch.dtype, group: i
     return _kernel(device, name, dtype, group, 1, False, use_pdl())
 
 
-def _launch(func: ctypes.c_void_p, grid: int | tuple[int, ...], threads: int, args: list, pdl: bool) -> None:
-    """One launch on the current stream of args[0]'s device (PDL: programmatic stream serialization); args are
-    tensors (pointers) and ints (int32)."""
+def _launch(func: ctypes.c_void_p, grid: int | tuple[int, ...], threads: int, args: list, pdl: bool,
+            shared: int = 0) -> None:  # fmt: skip
+    """One launch on the current stream of args[0]'s device (PDL: programmatic stream serialization; `shared`
+    bytes of dynamic shared memory); args are tensors (pointers) and ints (int32)."""
     values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
     pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
     attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION)
     attr.value[0] = 1
     gx, gy, gz = (*grid, 1, 1)[:3] if isinstance(grid, tuple) else (grid, 1, 1)
-    config = _LaunchConfig((gx, gy, gz), (threads, 1, 1), 0, torch.cuda.current_stream(args[0].device).cuda_stream,
+    config = _LaunchConfig((gx, gy, gz), (threads, 1, 1), shared, torch.cuda.current_stream(args[0].device).cuda_stream,
                            ctypes.cast(ctypes.byref(attr), ctypes.c_void_p) if pdl else None, int(pdl))  # fmt: skip
     err = _driver().cuLaunchKernelEx(ctypes.byref(config), func, pointers, None)
     if err:
@@ -525,6 +696,9 @@ def available(device: torch.device, dtype: torch.dtype, group: int) -> bool:
     try:
         for name in ("w4_gemv", "w4_gemm", "w4_dequantise"):
             _shared_kernel(device, name, dtype, group)
+        if wgmma_available(device):
+            for bn in (64, 128):
+                _wgmma_kernel(device, bn, dtype, group)
         return True
     except (OSError, RuntimeError) as e:
         warnings.warn(f"int4 layers keep the Triton kernels: quant_cuda's kernels did not build ({e})", stacklevel=2)
@@ -587,6 +761,57 @@ def w4_gemm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     func = _shared_kernel(x.device, "w4_gemm", x.dtype, group)
     _launch(func, (*grid, splits), 128, [packed, sz, x, bias if bias is not None else y, y, part, M, N, K,
                                          x.stride(0), int(bias is not None)], False)  # fmt: skip
+    if splits == 1:
+        return y
+    y = part.sum(0)
+    return (y if bias is None else y + bias).to(x.dtype)
+
+
+_MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+
+
+def wgmma_available(device: torch.device) -> bool:
+    """The warpgroup-MMA GEMM runs on sm_90 (the module is built for sm_90a there)."""
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def _wgmma_shared(bn: int, group: int) -> int:
+    """w4_wgmma's shared memory: WG_STAGES stages of x's bn rows (128 bytes each), 8 strips' weight words (512
+    bytes each) and the block's groups' scale/zero words for 128 outputs, each stage on a 1024-byte boundary (the
+    swizzle's), and 1024 bytes to align the first."""
+    return WG_STAGES * -(-(bn * 128 + 8 * 512 + max(1, 64 // group) * 128 * 4) // 1024) * 1024 + 1024
+
+
+@functools.cache
+def _wgmma_kernel(device: torch.device, bn: int, dtype: torch.dtype, group: int) -> ctypes.c_void_p:
+    """w4_wgmma<bn> of the one-tile GEMV's module, allowed its dynamic shared memory (past the 48 KB default)."""
+    func = _shared_kernel(device, f"w4_wgmma{bn}", dtype, group)
+    if _driver().cuFuncSetAttribute(func, _MAX_DYNAMIC_SHARED, _wgmma_shared(bn, group)):
+        raise RuntimeError(f"could not give w4_wgmma{bn} its shared memory")
+    return func
+
+
+def w4_wgmma(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
+             splits: int | None = None, bn: int | None = None) -> torch.Tensor:  # fmt: skip
+    """w4_gemm's product on Hopper's warpgroup MMA (sm_90): CTAs of `bn` rows (64 up to 64 rows, else 128) by 128
+    outputs, K split as w4_gemm splits it."""
+    _check(x.dtype)
+    M, K = x.shape
+    assert packed.shape[1] * 64 == K
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # (x's 16-byte copies)
+        x = x.clone(memory_format=torch.contiguous_format)
+    N = packed.shape[0] * 16
+    y = x.new_empty(M, N)
+    if M == 0:
+        return y
+    bn = bn or (64 if M <= 64 else 128)
+    grid = (-(-M // bn), -(-N // 128))
+    groups = K // max(64, group)
+    splits = min(splits or max(1, GEMM_CTAS // (grid[0] * grid[1])), groups)
+    part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
+    func = _wgmma_kernel(x.device, bn, x.dtype, group)
+    args = [packed, sz, x, bias if bias is not None else y, y, part, M, N, K, x.stride(0), int(bias is not None)]
+    _launch(func, (*grid, splits), 256, args, False, _wgmma_shared(bn, group))
     if splits == 1:
         return y
     y = part.sum(0)

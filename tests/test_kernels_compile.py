@@ -196,8 +196,9 @@ def nvrtc_library() -> str | None:
 def test_int4_mma_kernels_compile_for_hopper(tmp_path):
     """quant_cuda.py's CUDA source through NVRTC for sm_90 (no GPU needed) in every setting the engine compiles
     (bf16 and fp16, groups of 32 to 128, one to four row tiles of x, gated; PDL, and in two of them without it, as
-    on sm_80 or with NANOKYRO_PDL=0): the three kernels built, the GEMV and GEMM on the tensor cores (HMMA),
-    nothing spilled to local memory (cuobjdump from Triton's package)."""
+    on sm_80 or with NANOKYRO_PDL=0): the kernels built, the GEMV and GEMM on the tensor cores (HMMA), and for
+    sm_90a the warpgroup GEMM's MMAs (HGMMA, one a 16-feature step), nothing spilled to local
+    memory (cuobjdump from Triton's package)."""
     from nanokyro.quant_cuda import compile_cubin
 
     path = nvrtc_library()
@@ -211,7 +212,14 @@ def test_int4_mma_kernels_compile_for_hopper(tmp_path):
         defines = dict(F16=f16, GROUP=group, MT=mt, GATED=gated, PDL=pdl)
         cubin.write_bytes(compile_cubin(defines, "sm_90", nvrtc))
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
-        assert all(usage.count(f"Function {k}") == 1 for k in ("w4_gemv", "w4_gemm", "w4_dequantise")), usage
-        assert usage.count("LOCAL:0") == 3, (defines, usage)
+        kernels = ("w4_gemv", "w4_gemm", "w4_dequantise", "w4_wgmma64", "w4_wgmma128")
+        assert all(usage.count(f"Function {k}") == 1 for k in kernels), usage
+        assert usage.count("LOCAL:0") == len(kernels), (defines, usage)
         sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True).stdout
         assert "HMMA.16816.F32" in sass, defines
+    for f16, group in [(0, 128), (1, 32)]:  # sm_90a (as the engine builds for the H100/H200): the warpgroup MMAs
+        cubin.write_bytes(compile_cubin(dict(F16=f16, GROUP=group, MT=1, GATED=0, PDL=1), "sm_90a", nvrtc))
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+        assert usage.count("LOCAL:0") == 5, usage
+        sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True).stdout
+        assert sass.count("HGMMA.64x128x16.F32") == 4 and sass.count("HGMMA.64x64x16.F32") == 4, (f16, group)
