@@ -416,9 +416,8 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
 // A: a warp 16 of the 64 rows, features in natural order, so the MMA layout's words are shuffled within each quad)
 // and x's rows are wgmma's B operand in place (K-major, 128-byte swizzle: a row's 64 features in 128 bytes, its
 // 16-byte chunks XOR-permuted by the row's place in its atom of 8): one m64nBNk16 MMA a warpgroup per 16 features in
-// place of BN / 8 mma.syncs. A block's A is dequantised once the previous block's MMAs are done (ptxas serialises
-// the MMAs when registers they read are written while others are in flight); the SM's other warpgroups keep the
-// tensor cores busy meanwhile.
+// place of BN / 8 mma.syncs. A block's A is dequantised while the previous block's MMAs run, into the other of two
+// register buffers (ptxas serialises the MMAs when registers they read are written while they are in flight).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define WGMMA_ON 1
 #else
@@ -445,17 +444,11 @@ __device__ __forceinline__ void w4_wgmma_body(
   // stages from a 1024-byte boundary (the 128-byte swizzle's atom: 8 rows of 128 bytes)
   const u32 raw = shared_address(smem), base = (raw + 1023) & ~1023u;
   unsigned char* const stages = smem + (base - raw);
-  // x's copy idx: a row's 16-byte chunk (a warp 4 whole rows), at chunk ^ (row % 8) of its 128-byte row in the stage
-  // (wgmma's 128-byte swizzle, which spreads a core matrix's 8 rows over the banks); rows past M fill zeros
-  const u16* src[CP];
-  u32 dst[CP], bytes[CP];
-#pragma unroll
-  for (int c = 0; c < CP; ++c) {
-    const int idx = threadIdx.x + 256 * c, row = idx >> 3, chunk = idx & 7;
-    src[c] = x + (long long)(m0 + row < M ? m0 + row : 0) * x_stride + chunk * 8;
-    bytes[c] = m0 + row < M ? 16 : 0;
-    dst[c] = base + row * 128 + ((chunk ^ (row & 7)) << 4);
-  }
+  // x's copies: a thread's 16-byte chunk of rows row0, row0 + 32, ... (a warp 4 whole rows each), at chunk ^ (row % 8)
+  // of its 128-byte row in the stage (wgmma's 128-byte swizzle, which spreads a core matrix's 8 rows over the banks);
+  // rows past M fill zeros. Addresses are formed at each copy: kept in registers they cost the second A buffer's.
+  const int row0 = threadIdx.x >> 3, chunk = threadIdx.x & 7;
+  const u32 xdst = base + row0 * 128 + ((chunk ^ (row0 & 7)) << 4);
   // the warp's strip (spare warps of the last CTA read the last strip and store nothing): its lane's word a block;
   // threads below 32 * GPB copy 16 bytes of a group's scale/zero words (outputs past N fill zeros)
   const int strip = min(blockIdx.y * 8 + warp, strips - 1);
@@ -467,16 +460,20 @@ __device__ __forceinline__ void w4_wgmma_body(
   auto load_stage = [&](int st, int kb) {
     const u32 off = st * STAGE_BYTES;
 #pragma unroll
-    for (int c = 0; c < CP; ++c)
+    for (int c = 0; c < CP; ++c) {
+      const int row = m0 + row0 + 32 * c;
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                   ::"r"(dst[c] + off), "l"(src[c] + kb * 64), "r"(bytes[c]));
+                   ::"r"(xdst + off + c * 4096), "l"(x + (long long)(row < M ? row : 0) * x_stride + kb * 64 + chunk * 8),
+                     "r"(row < M ? 16 : 0));  // fmt: skip
+    }
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(wdst + off), "l"(wp + kb * 32));
     if (threadIdx.x < 32 * GPB)
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                    ::"r"(zdst + off), "l"(zsrc + (long long)(kb * 64 / GROUP) * N), "r"(zbytes));
   };
+  // WG_STAGES - 2 blocks ahead: a block's stage is refilled only once its MMAs are done, a block after it
 #pragma unroll
-  for (int st = 0; st < WG_STAGES - 1; ++st) {
+  for (int st = 0; st < WG_STAGES - 2; ++st) {
     if (kb0 + st < kb1) load_stage(st, kb0 + st);
     asm volatile("cp.async.commit_group;");
   }
@@ -487,14 +484,16 @@ __device__ __forceinline__ void w4_wgmma_body(
   float acc[BN / 2];
 #pragma unroll
   for (int e = 0; e < BN / 2; ++e) acc[e] = 0.f;
-  u32 a[4][4], scale2[2], negz[2];
-  for (int kb = kb0; kb < kb1; ++kb) {
+  u32 a0[4][4], a1[4][4], scale2[2], negz[2];
+  // block kb: A dequantised into `a` while block kb - 1's MMAs run, its own MMAs issued, then kb - 1's waited for
+  // (so the next block may write the other A buffer and refill kb - 1's stage); two A buffers, so that no register
+  // an MMA in flight reads is written
+  auto block = [&](int kb, u32 (&a)[4][4]) {
     const int st = (kb - kb0) % WG_STAGES;
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");  // block kb - 1's MMAs are done
-    asm volatile("cp.async.wait_group %0;" ::"n"(WG_STAGES - 2));
+    asm volatile("cp.async.wait_group %0;" ::"n"(WG_STAGES - 3));
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // this thread's copies, seen by the MMAs' proxy
-    __syncthreads();  // block kb's stage is in shared memory; no warpgroup still reads block kb - 1's
-    if (kb + WG_STAGES - 1 < kb1) load_stage((kb - kb0 + WG_STAGES - 1) % WG_STAGES, kb + WG_STAGES - 1);
+    __syncthreads();  // block kb's stage is in shared memory; no warpgroup still reads block kb - 2's
+    if (kb + WG_STAGES - 2 < kb1) load_stage((kb - kb0 + WG_STAGES - 2) % WG_STAGES, kb + WG_STAGES - 2);
     asm volatile("cp.async.commit_group;");
     const unsigned char* stage = stages + st * STAGE_BYTES;
     const uint4 words = reinterpret_cast<const uint4*>(stage + X_BYTES)[threadIdx.x];
@@ -527,7 +526,14 @@ __device__ __forceinline__ void w4_wgmma_body(
 #pragma unroll
     for (int j = 0; j < 4; ++j) wgmma<BN>(acc, a[j], desc + j * (32 >> 4));
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // block kb - 1's MMAs are done
+  };
+  int kb = kb0;
+  for (; kb + 1 < kb1; kb += 2) {
+    block(kb, a0);
+    block(kb + 1, a1);
   }
+  if (kb < kb1) block(kb, a0);
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
   if (blockIdx.y * 8 + warp >= strips) return;
   float b[2];
