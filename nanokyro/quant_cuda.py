@@ -40,12 +40,15 @@ MIN_STEPS = 4
 GEMM_CTAS = 264
 
 WG_STAGES = 4  # w4_wgmma's stages in shared memory (x's rows, the weight words and scale/zero words of a block)
+# w4_wgmma's warps a CTA, a strip of 16 outputs each, so 16 * WG_WARPS outputs share each row of x the CTA copies
+# (session 26: with 8, x's rows re-read from L2 for every 128 outputs came to 4-8x the weights' bytes)
+WG_WARPS = 16
 
 
 def _wgmma_wrappers(sizes: tuple[int, ...] = (64, 128)) -> str:
     """wgmma<BN>(d, a, desc): one m64nBNk16 warpgroup MMA, A (4 registers) from registers, B from shared memory by
     its descriptor, D += A B in fp32 (BN / 2 registers a thread), written out (an asm operand a register)."""
-    out = [f"#define WG_STAGES {WG_STAGES}", "#if WGMMA_ON",
+    out = [f"#define WG_STAGES {WG_STAGES}", f"#define WG_WARPS {WG_WARPS}", "#if WGMMA_ON",
            "template <int BN> __device__ __forceinline__ void wgmma(float* d, const u32* a, unsigned long long desc);"]
     for n in sizes:
         acc = ", ".join(f"%{e}" for e in range(n // 2))
@@ -410,8 +413,8 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
   }
 }
 
-// The same product on Hopper's warpgroup MMA (sm_90a): a CTA takes BN of x's rows and 8 strips, two warpgroups of 4
-// warps, a warp one strip. A block's x rows, weight words and scale/zero words come through shared memory together
+// The same product on Hopper's warpgroup MMA (sm_90a): a CTA takes BN of x's rows and WG_WARPS strips, warpgroups of
+// 4 warps, a warp one strip. A block's x rows, weight words and scale/zero words come through shared memory together
 // (cp.async, WG_STAGES deep); each warp dequantises its strip's A fragments in registers (wgmma's register layout for
 // A: a warp 16 of the 64 rows, features in natural order, so the MMA layout's words are shuffled within each quad)
 // and x's rows are wgmma's B operand in place (K-major, 128-byte swizzle: a row's 64 features in 128 bytes, its
@@ -432,13 +435,14 @@ __device__ __forceinline__ void w4_wgmma_body(
     int has_bias) {
 #if WGMMA_ON
   extern __shared__ __align__(128) unsigned char smem[];
-  // a stage: x's BN rows x 64 features, then the 8 strips' weight words (a lane's 16 bytes each), then the scale/zero
-  // words of the block's groups for the CTA's 128 outputs (the group holding the block's first feature when groups
+  // a stage: x's BN rows x 64 features, then the strips' weight words (a lane's 16 bytes each), then the scale/zero
+  // words of the block's groups for the CTA's NOUT outputs (the group holding the block's first feature when groups
   // span blocks)
-  constexpr int X_BYTES = BN * 128, W_BYTES = 8 * 32 * 16, SZ_BYTES = GPB * 128 * 4;
-  constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + SZ_BYTES + 1023) / 1024 * 1024, CP = BN / 32;  // (x's copies)
+  constexpr int THREADS = 32 * WG_WARPS, NOUT = 16 * WG_WARPS;
+  constexpr int X_BYTES = BN * 128, W_BYTES = WG_WARPS * 32 * 16, SZ_BYTES = GPB * NOUT * 4;
+  constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + SZ_BYTES + 1023) / 1024 * 1024, CP = BN * 8 / THREADS;  // (x's)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, i = lane & 3;
-  const int m0 = blockIdx.x * BN, n0 = blockIdx.y * 128, kblocks = K >> 6, strips = N >> 4;
+  const int m0 = blockIdx.x * BN, n0 = blockIdx.y * NOUT, kblocks = K >> 6, strips = N >> 4;
   constexpr int GB = GROUP > 64 ? GROUP / 64 : 1;
   const int groups = kblocks / GB, z = blockIdx.z, zs = gridDim.z;
   const int kb0 = groups * z / zs * GB, kb1 = groups * (z + 1) / zs * GB;
@@ -451,17 +455,17 @@ __device__ __forceinline__ void w4_wgmma_body(
   u32 dst[CP], bytes[CP];
 #pragma unroll
   for (int c = 0; c < CP; ++c) {
-    const int idx = threadIdx.x + 256 * c, row = idx >> 3, chunk = idx & 7;
+    const int idx = threadIdx.x + THREADS * c, row = idx >> 3, chunk = idx & 7;
     src[c] = x + (long long)(m0 + row < M ? m0 + row : 0) * x_stride + chunk * 8;
     bytes[c] = m0 + row < M ? 16 : 0;
     dst[c] = base + row * 128 + ((chunk ^ (row & 7)) << 4);
   }
   // the warp's strip (spare warps of the last CTA read the last strip and store nothing): its lane's word a block;
-  // threads below 32 * GPB copy 16 bytes of a group's scale/zero words (outputs past N fill zeros)
-  const int strip = min(blockIdx.y * 8 + warp, strips - 1);
+  // threads below NOUT / 4 * GPB copy 16 bytes of a group's scale/zero words (outputs past N fill zeros)
+  const int strip = min(blockIdx.y * WG_WARPS + warp, strips - 1);
   const uint4* wp = w + (long long)strip * kblocks * 32 + lane;
   const u32 wdst = base + X_BYTES + threadIdx.x * 16;
-  const int zg = threadIdx.x >> 5, zn = n0 + lane * 4;
+  const int zg = threadIdx.x / (NOUT / 4), zn = n0 + threadIdx.x % (NOUT / 4) * 4;
   const u32* zsrc = sz + min(zn, N - 4) + (long long)(GROUP < 64 ? zg : 0) * N;
   const u32 zdst = base + X_BYTES + W_BYTES + threadIdx.x * 16, zbytes = zn < N ? 16 : 0;
   auto load_stage = [&](int st, int kb) {
@@ -471,7 +475,7 @@ __device__ __forceinline__ void w4_wgmma_body(
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                    ::"r"(dst[c] + off), "l"(src[c] + kb * 64), "r"(bytes[c]));
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(wdst + off), "l"(wp + kb * 32));
-    if (threadIdx.x < 32 * GPB)
+    if (threadIdx.x < NOUT / 4 * GPB)
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                    ::"r"(zdst + off), "l"(zsrc + (long long)(kb * 64 / GROUP) * N), "r"(zbytes));
   };
@@ -504,7 +508,7 @@ __device__ __forceinline__ void w4_wgmma_body(
       if ((kb * 64 + 16 * j) % GROUP == 0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const u32 v = szs[(GROUP < 64 ? 16 * j / GROUP : 0) * 128 + 8 * h];
+          const u32 v = szs[(GROUP < 64 ? 16 * j / GROUP : 0) * NOUT + 8 * h];
           scale2[h] = __byte_perm(v, 0, 0x1010);
           negz[h] = __byte_perm(v, 0, 0x3232);
         }
@@ -529,7 +533,7 @@ __device__ __forceinline__ void w4_wgmma_body(
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-  if (blockIdx.y * 8 + warp >= strips) return;
+  if (blockIdx.y * WG_WARPS + warp >= strips) return;
   float b[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) b[h] = has_bias && zs == 1 ? to_f32(bias[strip * 16 + r + 8 * h]) : 0.f;
@@ -549,7 +553,7 @@ __device__ __forceinline__ void w4_wgmma_body(
 }
 
 #define W4_WGMMA(BN)                                                                                            \
-  extern "C" __global__ void __launch_bounds__(256, 2) w4_wgmma##BN(                                              \
+  extern "C" __global__ void __launch_bounds__(32 * WG_WARPS, 16 / WG_WARPS) w4_wgmma##BN(                                              \
       const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,                     \
       const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ part, int M, int N, int K,        \
       int x_stride, int has_bias) {                                                                            \
@@ -776,10 +780,11 @@ def wgmma_available(device: torch.device) -> bool:
 
 
 def _wgmma_shared(bn: int, group: int) -> int:
-    """w4_wgmma's shared memory: WG_STAGES stages of x's bn rows (128 bytes each), 8 strips' weight words (512
-    bytes each) and the block's groups' scale/zero words for 128 outputs, each stage on a 1024-byte boundary (the
-    swizzle's), and 1024 bytes to align the first."""
-    return WG_STAGES * -(-(bn * 128 + 8 * 512 + max(1, 64 // group) * 128 * 4) // 1024) * 1024 + 1024
+    """w4_wgmma's shared memory: WG_STAGES stages of x's bn rows (128 bytes each), WG_WARPS strips' weight words
+    (512 bytes each) and the block's groups' scale/zero words for their outputs, each stage on a 1024-byte boundary
+    (the swizzle's), and 1024 bytes to align the first."""
+    stage = bn * 128 + WG_WARPS * 512 + max(1, 64 // group) * WG_WARPS * 16 * 4
+    return WG_STAGES * -(-stage // 1024) * 1024 + 1024
 
 
 @functools.cache
@@ -793,8 +798,9 @@ def _wgmma_kernel(device: torch.device, bn: int, dtype: torch.dtype, group: int)
 
 def w4_wgmma(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
              splits: int | None = None, bn: int | None = None) -> torch.Tensor:  # fmt: skip
-    """w4_gemm's product on Hopper's warpgroup MMA (sm_90): CTAs of `bn` rows (64 up to 64 rows, else 128) by 128
-    outputs, K split as w4_gemm splits it."""
+    """w4_gemm's product on Hopper's warpgroup MMA (sm_90): CTAs of `bn` rows (64 up to 64 rows, else 128) by
+    16 * WG_WARPS outputs, K split as w4_gemm splits it (to GEMM_CTAS CTAs of 8 warps, two an SM, or as many warps in
+    CTAs of WG_WARPS)."""
     _check(x.dtype)
     M, K = x.shape
     assert packed.shape[1] * 64 == K
@@ -805,13 +811,13 @@ def w4_wgmma(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int
     if M == 0:
         return y
     bn = bn or (64 if M <= 64 else 128)
-    grid = (-(-M // bn), -(-N // 128))
+    grid = (-(-M // bn), -(-N // (16 * WG_WARPS)))
     groups = K // max(64, group)
-    splits = min(splits or max(1, GEMM_CTAS // (grid[0] * grid[1])), groups)
+    splits = min(splits or max(1, GEMM_CTAS * 8 // WG_WARPS // (grid[0] * grid[1])), groups)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     func = _wgmma_kernel(x.device, bn, x.dtype, group)
     args = [packed, sz, x, bias if bias is not None else y, y, part, M, N, K, x.stride(0), int(bias is not None)]
-    _launch(func, (*grid, splits), 256, args, False, _wgmma_shared(bn, group))
+    _launch(func, (*grid, splits), 32 * WG_WARPS, args, False, _wgmma_shared(bn, group))
     if splits == 1:
         return y
     y = part.sum(0)
