@@ -40,9 +40,10 @@ MIN_STEPS = 4
 GEMM_CTAS = 264
 
 WG_STAGES = 4  # w4_wgmma's stages in shared memory (x's rows, the weight words and scale/zero words of a block)
+WG_HEIGHTS = (64, 128, 256)  # w4_wgmma's CTA heights (x's rows a CTA; 256: one CTA an SM, 128 accumulators a thread)
 
 
-def _wgmma_wrappers(sizes: tuple[int, ...] = (64, 128)) -> str:
+def _wgmma_wrappers(sizes: tuple[int, ...] = WG_HEIGHTS) -> str:
     """wgmma<BN>(d, a, desc): one m64nBNk16 warpgroup MMA, A (4 registers) from registers, B from shared memory by
     its descriptor, D += A B in fp32 (BN / 2 registers a thread), written out (an asm operand a register)."""
     out = [f"#define WG_STAGES {WG_STAGES}", "#if WGMMA_ON",
@@ -447,15 +448,10 @@ __device__ __forceinline__ void w4_wgmma_body(
   unsigned char* const stages = smem + (base - raw);
   // x's copy idx: a row's 16-byte chunk (a warp 4 whole rows), at chunk ^ (row % 8) of its 128-byte row in the stage
   // (wgmma's 128-byte swizzle, which spreads a core matrix's 8 rows over the banks); rows past M fill zeros
-  const u16* src[CP];
-  u32 dst[CP], bytes[CP];
-#pragma unroll
-  for (int c = 0; c < CP; ++c) {
-    const int idx = threadIdx.x + 256 * c, row = idx >> 3, chunk = idx & 7;
-    src[c] = x + (long long)(m0 + row < M ? m0 + row : 0) * x_stride + chunk * 8;
-    bytes[c] = m0 + row < M ? 16 : 0;
-    dst[c] = base + row * 128 + ((chunk ^ (row & 7)) << 4);
-  }
+  // (a thread's rows row0 + 32c, each at the same chunk of its row: addresses formed at each copy, as kept in
+  // registers they would cost 4 a copy)
+  const int row0 = threadIdx.x >> 3, chunk = threadIdx.x & 7;
+  const u32 xdst = base + row0 * 128 + ((chunk ^ (row0 & 7)) << 4);
   // the warp's strip (spare warps of the last CTA read the last strip and store nothing): its lane's word a block;
   // threads below 32 * GPB copy 16 bytes of a group's scale/zero words (outputs past N fill zeros)
   const int strip = min(blockIdx.y * 8 + warp, strips - 1);
@@ -467,9 +463,12 @@ __device__ __forceinline__ void w4_wgmma_body(
   auto load_stage = [&](int st, int kb) {
     const u32 off = st * STAGE_BYTES;
 #pragma unroll
-    for (int c = 0; c < CP; ++c)
+    for (int c = 0; c < CP; ++c) {
+      const int row = m0 + row0 + 32 * c;
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                   ::"r"(dst[c] + off), "l"(src[c] + kb * 64), "r"(bytes[c]));
+                   ::"r"(xdst + off + c * 4096), "l"(x + (long long)(row < M ? row : 0) * x_stride + kb * 64 + chunk * 8),
+                     "r"(row < M ? 16 : 0));  // fmt: skip
+    }
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(wdst + off), "l"(wp + kb * 32));
     if (threadIdx.x < 32 * GPB)
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
@@ -549,7 +548,7 @@ __device__ __forceinline__ void w4_wgmma_body(
 }
 
 #define W4_WGMMA(BN)                                                                                            \
-  extern "C" __global__ void __launch_bounds__(256, 2) w4_wgmma##BN(                                              \
+  extern "C" __global__ void __launch_bounds__(256, BN < 256 ? 2 : 1) w4_wgmma##BN(                                              \
       const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,                     \
       const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ part, int M, int N, int K,        \
       int x_stride, int has_bias) {                                                                            \
@@ -557,6 +556,7 @@ __device__ __forceinline__ void w4_wgmma_body(
   }
 W4_WGMMA(64)
 W4_WGMMA(128)
+W4_WGMMA(256)
 
 // out [N, K] = (q - zero) * scale in the dtype; a thread per lane word group (strip, 64-feature block, lane)
 extern "C" __global__ void w4_dequantise(const uint4* __restrict__ w, const u32* __restrict__ sz,
@@ -697,7 +697,7 @@ def available(device: torch.device, dtype: torch.dtype, group: int) -> bool:
         for name in ("w4_gemv", "w4_gemm", "w4_dequantise"):
             _shared_kernel(device, name, dtype, group)
         if wgmma_available(device):
-            for bn in (64, 128):
+            for bn in WG_HEIGHTS:
                 _wgmma_kernel(device, bn, dtype, group)
         return True
     except (OSError, RuntimeError) as e:
