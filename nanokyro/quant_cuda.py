@@ -746,6 +746,12 @@ def w4_gemm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     caller applies silu(gate) * up to the stacked product). Where that makes fewer than GEMM_CTAS CTAs, they also
     split K (`splits` overrides), their fp32 partial sums added here."""
     _check(x.dtype)
+    return _gemm(_shared_kernel(x.device, "w4_gemm", x.dtype, group), 128, 0, 64, x, packed, sz, group, bias, splits)
+
+
+def _gemm(func: ctypes.c_void_p, threads: int, shared: int, rows: int, x: torch.Tensor, packed: torch.Tensor,
+          sz: torch.Tensor, group: int, bias: torch.Tensor | None, splits: int | None) -> torch.Tensor:  # fmt: skip
+    """One of the GEMM kernels on x [M, K] in CTAs of `rows` rows by 128 outputs, K split as w4_gemm says."""
     M, K = x.shape
     assert packed.shape[1] * 64 == K
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # (x's 16-byte copies)
@@ -754,13 +760,12 @@ def w4_gemm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     y = x.new_empty(M, N)
     if M == 0:
         return y
-    grid = (-(-M // 64), -(-N // 128))
+    grid = (-(-M // rows), -(-N // 128))
     groups = K // max(64, group)
     splits = min(splits or max(1, GEMM_CTAS // (grid[0] * grid[1])), groups)  # (split only to at least double them)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
-    func = _shared_kernel(x.device, "w4_gemm", x.dtype, group)
-    _launch(func, (*grid, splits), 128, [packed, sz, x, bias if bias is not None else y, y, part, M, N, K,
-                                         x.stride(0), int(bias is not None)], False)  # fmt: skip
+    args = [packed, sz, x, bias if bias is not None else y, y, part, M, N, K, x.stride(0), int(bias is not None)]
+    _launch(func, (*grid, splits), threads, args, False, shared)
     if splits == 1:
         return y
     y = part.sum(0)
@@ -796,26 +801,9 @@ def w4_wgmma(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int
     """w4_gemm's product on Hopper's warpgroup MMA (sm_90): CTAs of `bn` rows (64 up to 64 rows, else 128) by 128
     outputs, K split as w4_gemm splits it."""
     _check(x.dtype)
-    M, K = x.shape
-    assert packed.shape[1] * 64 == K
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # (x's 16-byte copies)
-        x = x.clone(memory_format=torch.contiguous_format)
-    N = packed.shape[0] * 16
-    y = x.new_empty(M, N)
-    if M == 0:
-        return y
-    bn = bn or (64 if M <= 64 else 128)
-    grid = (-(-M // bn), -(-N // 128))
-    groups = K // max(64, group)
-    splits = min(splits or max(1, GEMM_CTAS // (grid[0] * grid[1])), groups)
-    part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
+    bn = bn or (64 if x.shape[0] <= 64 else 128)
     func = _wgmma_kernel(x.device, bn, x.dtype, group)
-    args = [packed, sz, x, bias if bias is not None else y, y, part, M, N, K, x.stride(0), int(bias is not None)]
-    _launch(func, (*grid, splits), 256, args, False, _wgmma_shared(bn, group))
-    if splits == 1:
-        return y
-    y = part.sum(0)
-    return (y if bias is None else y + bias).to(x.dtype)
+    return _gemm(func, 256, _wgmma_shared(bn, group), bn, x, packed, sz, group, bias, splits)
 
 
 def w4_dequantise(packed: torch.Tensor, sz: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
