@@ -591,9 +591,9 @@ def test_fp8_one_row_words_settings_match_dequantised_matmul():
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 32, 33, 64, 65, 200, 512, 600])
 def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
     """int4 in the MMA layout (quant_cuda.py): the dequantise kernel gives quant_formats.dequantise_mma's weight,
-    and the op (the GEMV up to quant_cuda.MAX_ROWS rows, the GEMM up to quant.MMA_GEMM_MAX_ROWS, dequantise +
-    cuBLAS above) matches an fp32 matmul with it; bf16 and fp16, a stacked gate/up, a bias, a strip-sized layer
-    and a K that the warps share unevenly."""
+    and the op (the GEMV up to quant_cuda.MAX_ROWS rows, a GEMM up to quant.WGMMA_MAX_ROWS or MMA_GEMM_MAX_ROWS,
+    dequantise + cuBLAS above) matches an fp32 matmul with it; bf16 and fp16, a stacked gate/up, a bias, a
+    strip-sized layer and a K that the warps share unevenly."""
     from nanokyro import quant  # registers nanokyro::int4_mma_linear
     from nanokyro.quant_cuda import MAX_ROWS, w4_dequantise, w4_gemm, w4_gemv, w4_wgmma, wgmma_available
     from nanokyro.quant_formats import dequantise_mma, mma_pack, mma_scales_zeros
