@@ -3,6 +3,7 @@ end in bf16, and the decode CUDA graphs (replay equals the compiled step, paddin
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 
 import pytest
@@ -591,9 +592,9 @@ def test_fp8_one_row_words_settings_match_dequantised_matmul():
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 32, 33, 64, 65, 200, 512, 600])
 def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
     """int4 in the MMA layout (quant_cuda.py): the dequantise kernel gives quant_formats.dequantise_mma's weight,
-    and the op (the GEMV up to quant_cuda.MAX_ROWS rows, the GEMM up to quant.MMA_GEMM_MAX_ROWS, dequantise +
-    cuBLAS above) matches an fp32 matmul with it; bf16 and fp16, a stacked gate/up, a bias, a strip-sized layer
-    and a K that the warps share unevenly."""
+    and the op (the GEMV up to quant_cuda.MAX_ROWS rows, a GEMM up to quant.WGMMA_MAX_ROWS or MMA_GEMM_MAX_ROWS,
+    dequantise + cuBLAS above) matches an fp32 matmul with it; bf16 and fp16, a stacked gate/up, a bias, a
+    strip-sized layer and a K that the warps share unevenly."""
     from nanokyro import quant  # registers nanokyro::int4_mma_linear
     from nanokyro.quant_cuda import MAX_ROWS, w4_dequantise, w4_gemm, w4_gemv, w4_wgmma, wgmma_available
     from nanokyro.quant_formats import dequantise_mma, mma_pack, mma_scales_zeros
@@ -624,14 +625,14 @@ def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
             for warps in (1, 4, 16):
                 got = w4_gemv(x, packed, sz, group, b, kind == "gated", warps)
                 assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, warps)
-        else:  # the GEMM itself (past the dispatch's limit too), with K split in 1 and 3
+        else:  # the GEMMs themselves (past the dispatch's limits too): the mma.sync one with K split in 1 and 3,
             for splits in (1, 3):
                 got = quant._gate(w4_gemm(x, packed, sz, group, b, splits), kind == "gated")
                 assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_gemm", splits)
-                if wgmma_available(x.device):  # and the warpgroup-MMA GEMM with both CTA heights
-                    for bn in (64, 128):
-                        got = quant._gate(w4_wgmma(x, packed, sz, group, b, splits, bn), kind == "gated")
-                        assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_wgmma", splits, bn)
+            if wgmma_available(x.device):  # the warpgroup-MMA one with both tile heights, its tiles' K shared out
+                for bn, ctas in itertools.product((64, 128), (1, 7, None)):  # over 1 CTA, 7 (pieces) and the default
+                    got = quant._gate(w4_wgmma(x, packed, sz, group, b, ctas, bn), kind == "gated")
+                    assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_wgmma", ctas, bn)
 
 
 @pytest.mark.parametrize("method", ["fp8", "awq"])
