@@ -25,8 +25,8 @@ FP8 LM head through the FP8 layers' op, from layers.matmul):
 - on CUDA, int4 in the MMA layout: quant_cuda.py's GEMV (tensor-core MMAs on weights unpacked in registers) up
   to MMA_GEMV_MAX_ROWS rows, its GEMM (x staged in shared memory; on sm_90 the warpgroup MMA's, up to
   WGMMA_MAX_ROWS, elsewhere mma.sync's, up to MMA_GEMM_MAX_ROWS), the weight dequantised (quant_cuda.py) + cuBLAS
-  above; in the rows layout the Triton kernel, dequantise + cuBLAS from
-  INT4_DEQUANT_ROWS. Settings and switch points come from the sweep in docs/PERFORMANCE.md.
+  above; in the rows layout the Triton kernel, dequantise + cuBLAS from INT4_DEQUANT_ROWS. Settings and switch
+  points come from the sweep in docs/PERFORMANCE.md.
 - on the CPU: per-channel FP8 runs the same W8A8 `_scaled_mm`; block-wise FP8 and int4 dequantise the weight
   and run the dense matmul. int8: fbgemm's dynamic W8A8 (`linear_dynamic`): the activations quantised at run time,
   one scale over the rows (per token at batch 1), products summed in int32. A decode step on the CPU is bound by

@@ -40,9 +40,10 @@ MIN_STEPS = 4
 GEMM_CTAS = 264
 
 WG_STAGES = 4  # w4_wgmma's stages in shared memory (x's rows, the weight words and scale/zero words of a block)
+WG_HEIGHTS = (64, 128)  # w4_wgmma's CTA heights (x's rows a CTA): a kernel for each, w4_wgmma64 and w4_wgmma128
 
 
-def _wgmma_wrappers(sizes: tuple[int, ...] = (64, 128)) -> str:
+def _wgmma_wrappers(sizes: tuple[int, ...] = WG_HEIGHTS) -> str:
     """wgmma<BN>(d, a, desc): one m64nBNk16 warpgroup MMA, A (4 registers) from registers, B from shared memory by
     its descriptor, D += A B in fp32 (BN / 2 registers a thread), written out (an asm operand a register)."""
     out = [f"#define WG_STAGES {WG_STAGES}", "#if WGMMA_ON",
@@ -555,8 +556,7 @@ __device__ __forceinline__ void w4_wgmma_body(
       int x_stride, int has_bias) {                                                                            \
     w4_wgmma_body<BN>(w, sz, x, bias, y, part, M, N, K, x_stride, has_bias);                                   \
   }
-W4_WGMMA(64)
-W4_WGMMA(128)
+WGMMA_KERNELS
 
 // out [N, K] = (q - zero) * scale in the dtype; a thread per lane word group (strip, 64-feature block, lane)
 extern "C" __global__ void w4_dequantise(const uint4* __restrict__ w, const u32* __restrict__ sz,
@@ -586,7 +586,8 @@ extern "C" __global__ void w4_dequantise(const uint4* __restrict__ w, const u32*
     }
   }
 }
-""".replace("WGMMA_WRAPPERS", _wgmma_wrappers())
+""".replace("WGMMA_WRAPPERS", _wgmma_wrappers()).replace(
+    "WGMMA_KERNELS", "\n".join(f"W4_WGMMA({n})" for n in WG_HEIGHTS))
 
 
 class _LaunchConfig(ctypes.Structure):  # the driver's CUlaunchConfig
@@ -648,7 +649,7 @@ def _module(device: torch.device, dtype: torch.dtype, group: int, rows_tiles: in
     `device`, and loaded into its context: the CUmodule."""
     major, minor = torch.cuda.get_device_capability(device)
     defines = dict(F16=int(dtype == torch.float16), GROUP=group, MT=rows_tiles, GATED=int(gated), PDL=int(pdl))
-    cubin = compile_cubin(defines, f"sm_{major}{minor}{'a' if (major, minor) == (9, 0) else ''}")  # (a: wgmma)
+    cubin = compile_cubin(defines, f"sm_{major}{minor}{'a' if wgmma_available(device) else ''}")  # (a: wgmma)
     module = ctypes.c_void_p()
     with torch.cuda.device(device):  # the module loads into the current context
         if _driver().cuModuleLoadData(ctypes.byref(module), cubin):
@@ -697,7 +698,7 @@ def available(device: torch.device, dtype: torch.dtype, group: int) -> bool:
         for name in ("w4_gemv", "w4_gemm", "w4_dequantise"):
             _shared_kernel(device, name, dtype, group)
         if wgmma_available(device):
-            for bn in (64, 128):
+            for bn in WG_HEIGHTS:
                 _wgmma_kernel(device, bn, dtype, group)
         return True
     except (OSError, RuntimeError) as e:
@@ -775,6 +776,7 @@ def _gemm(func: ctypes.c_void_p, threads: int, shared: int, rows: int, x: torch.
 _MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
 
+@functools.cache
 def wgmma_available(device: torch.device) -> bool:
     """The warpgroup-MMA GEMM runs on sm_90 (the module is built for sm_90a there)."""
     return torch.cuda.get_device_capability(device) == (9, 0)
