@@ -41,6 +41,7 @@ GEMM_CTAS = 264
 
 WG_STAGES = 4  # w4_wgmma's stages in shared memory (x's rows, the weight words and scale/zero words of a block)
 WG_HEIGHTS = (64, 128)  # w4_wgmma's CTA heights (x's rows a CTA): a kernel for each, w4_wgmma64 and w4_wgmma128
+MAX_TILES = 1 << 16  # w4_wgmma's tiles a launch, at most (its counts, 256 KB a device)
 
 
 def _wgmma_wrappers(sizes: tuple[int, ...] = WG_HEIGHTS) -> str:
@@ -411,15 +412,16 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
   }
 }
 
-// The same product on Hopper's warpgroup MMA (sm_90a): a CTA takes BN of x's rows and 8 strips, two warpgroups of 4
-// warps, a warp one strip. A block's x rows, weight words and scale/zero words come through shared memory together
-// (cp.async, WG_STAGES deep); each warp dequantises its strip's A fragments in registers (wgmma's register layout for
-// A: a warp 16 of the 64 rows, features in natural order, so the MMA layout's words are shuffled within each quad)
-// and x's rows are wgmma's B operand in place (K-major, 128-byte swizzle: a row's 64 features in 128 bytes, its
-// 16-byte chunks XOR-permuted by the row's place in its atom of 8): one m64nBNk16 MMA a warpgroup per 16 features in
-// place of BN / 8 mma.syncs. A block's A is dequantised once the previous block's MMAs are done (ptxas serialises
-// the MMAs when registers they read are written while others are in flight); the SM's other warpgroups keep the
-// tensor cores busy meanwhile.
+// The same product on Hopper's warpgroup MMA (sm_90a): a tile is BN of x's rows by 8 strips, for a CTA of two
+// warpgroups of 4 warps, a warp one strip. The tiles' K is shared out evenly over the CTAs (Stream-K: a grid of
+// 128-row tiles rarely fills whole waves of CTAs, 1.7 for llama-3.1-8b's gate/up at 256 rows). A block's x rows,
+// weight words and scale/zero words come through shared memory together (cp.async, WG_STAGES deep); each warp
+// dequantises its strip's A fragments in registers (wgmma's register layout for A: a warp 16 of the 64 rows,
+// features in natural order, so the MMA layout's words are shuffled within each quad) and x's rows are wgmma's B
+// operand in place (K-major, 128-byte swizzle: a row's 64 features in 128 bytes, its 16-byte chunks XOR-permuted by
+// the row's place in its atom of 8): one m64nBNk16 MMA a warpgroup per 16 features in place of BN / 8 mma.syncs. A
+// block's A is dequantised once the previous block's MMAs are done (ptxas serialises the MMAs when registers they
+// read are written while others are in flight); the SM's other warpgroups keep the tensor cores busy meanwhile.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define WGMMA_ON 1
 #else
@@ -429,132 +431,167 @@ WGMMA_WRAPPERS
 template <int BN>
 __device__ __forceinline__ void w4_wgmma_body(
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
-    const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ part, int M, int N, int K, int x_stride,
-    int has_bias) {
+    const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ work, int* __restrict__ counters, int M,
+    int N, int K, int x_stride, int has_bias) {
 #if WGMMA_ON
   extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int last_piece;
   // a stage: x's BN rows x 64 features, then the 8 strips' weight words (a lane's 16 bytes each), then the scale/zero
-  // words of the block's groups for the CTA's 128 outputs (the group holding the block's first feature when groups
+  // words of the block's groups for the tile's 128 outputs (the group holding the block's first feature when groups
   // span blocks)
   constexpr int X_BYTES = BN * 128, W_BYTES = 8 * 32 * 16, SZ_BYTES = GPB * 128 * 4;
   constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + SZ_BYTES + 1023) / 1024 * 1024, CP = BN / 32;  // (x's copies)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, i = lane & 3;
-  const int m0 = blockIdx.x * BN, n0 = blockIdx.y * 128, kblocks = K >> 6, strips = N >> 4;
   constexpr int GB = GROUP > 64 ? GROUP / 64 : 1;
-  const int groups = kblocks / GB, z = blockIdx.z, zs = gridDim.z;
-  const int kb0 = groups * z / zs * GB, kb1 = groups * (z + 1) / zs * GB;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, i = lane & 3;
+  const int kblocks = K >> 6, strips = N >> 4, tiles_m = (M + BN - 1) / BN, per_tile = kblocks / GB;
+  // Stream-K: the tiles' groups of K in one line (tile after tile, x's row tiles of one strip group together, so that
+  // they read its weights from the L2 at about the same time), each CTA an even share of it; a tile whose groups
+  // several CTAs share is a piece in each, summed by the piece that finishes last
+  const int total = tiles_m * ((N + 127) / 128) * per_tile, S = gridDim.x;
+  auto share_start = [&](int c) { return (int)((long long)total * c / S); };
+  const int u0 = share_start(blockIdx.x), u1 = share_start(blockIdx.x + 1);
   // stages from a 1024-byte boundary (the 128-byte swizzle's atom: 8 rows of 128 bytes)
   const u32 raw = shared_address(smem), base = (raw + 1023) & ~1023u;
   unsigned char* const stages = smem + (base - raw);
-  // x's copy idx: a row's 16-byte chunk (a warp 4 whole rows), at chunk ^ (row % 8) of its 128-byte row in the stage
-  // (wgmma's 128-byte swizzle, which spreads a core matrix's 8 rows over the banks); rows past M fill zeros
-  const u16* src[CP];
-  u32 dst[CP], bytes[CP];
-#pragma unroll
-  for (int c = 0; c < CP; ++c) {
-    const int idx = threadIdx.x + 256 * c, row = idx >> 3, chunk = idx & 7;
-    src[c] = x + (long long)(m0 + row < M ? m0 + row : 0) * x_stride + chunk * 8;
-    bytes[c] = m0 + row < M ? 16 : 0;
-    dst[c] = base + row * 128 + ((chunk ^ (row & 7)) << 4);
-  }
-  // the warp's strip (spare warps of the last CTA read the last strip and store nothing): its lane's word a block;
-  // threads below 32 * GPB copy 16 bytes of a group's scale/zero words (outputs past N fill zeros)
-  const int strip = min(blockIdx.y * 8 + warp, strips - 1);
-  const uint4* wp = w + (long long)strip * kblocks * 32 + lane;
-  const u32 wdst = base + X_BYTES + threadIdx.x * 16;
-  const int zg = threadIdx.x >> 5, zn = n0 + lane * 4;
-  const u32* zsrc = sz + min(zn, N - 4) + (long long)(GROUP < 64 ? zg : 0) * N;
-  const u32 zdst = base + X_BYTES + W_BYTES + threadIdx.x * 16, zbytes = zn < N ? 16 : 0;
-  auto load_stage = [&](int st, int kb) {
-    const u32 off = st * STAGE_BYTES;
-#pragma unroll
-    for (int c = 0; c < CP; ++c)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                   ::"r"(dst[c] + off), "l"(src[c] + kb * 64), "r"(bytes[c]));
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(wdst + off), "l"(wp + kb * 32));
-    if (threadIdx.x < 32 * GPB)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                   ::"r"(zdst + off), "l"(zsrc + (long long)(kb * 64 / GROUP) * N), "r"(zbytes));
-  };
-#pragma unroll
-  for (int st = 0; st < WG_STAGES - 1; ++st) {
-    if (kb0 + st < kb1) load_stage(st, kb0 + st);
-    asm volatile("cp.async.commit_group;");
-  }
   // B's descriptor: start >> 4, leading offset 1 (unused by a K-major swizzled B), stride (8-row atoms) 1024 bytes,
   // the 128-byte swizzle (1 in bits 62-63); a 16-feature step starts 32 bytes further into the rows
   const unsigned long long desc0 = ((base & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
                                    (1ull << 62);  // fmt: skip
-  float acc[BN / 2];
+  for (int u = u0; u < u1;) {
+    const int tile = u / per_tile, tm = tile % tiles_m, tn = tile / tiles_m;
+    const int t0 = tile * per_tile, t1 = t0 + per_tile, u_end = min(u1, t1);
+    const int m0 = tm * BN, n0 = tn * 128, kb0 = (u - t0) * GB, kb1 = (u_end - t0) * GB;
+    // x's copy idx: a row's 16-byte chunk (a warp 4 whole rows), at chunk ^ (row % 8) of its 128-byte row in the
+    // stage (wgmma's 128-byte swizzle, which spreads a core matrix's 8 rows over the banks); rows past M fill zeros
+    const u16* src[CP];
+    u32 dst[CP], bytes[CP];
 #pragma unroll
-  for (int e = 0; e < BN / 2; ++e) acc[e] = 0.f;
-  u32 a[4][4], scale2[2], negz[2];
-  for (int kb = kb0; kb < kb1; ++kb) {
-    const int st = (kb - kb0) % WG_STAGES;
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");  // block kb - 1's MMAs are done
-    asm volatile("cp.async.wait_group %0;" ::"n"(WG_STAGES - 2));
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // this thread's copies, seen by the MMAs' proxy
-    __syncthreads();  // block kb's stage is in shared memory; no warpgroup still reads block kb - 1's
-    if (kb + WG_STAGES - 1 < kb1) load_stage((kb - kb0 + WG_STAGES - 1) % WG_STAGES, kb + WG_STAGES - 1);
-    asm volatile("cp.async.commit_group;");
-    const unsigned char* stage = stages + st * STAGE_BYTES;
-    const uint4 words = reinterpret_cast<const uint4*>(stage + X_BYTES)[threadIdx.x];
-    const u32* szs = reinterpret_cast<const u32*>(stage + X_BYTES + W_BYTES) + (warp * 16 + r);
+    for (int c = 0; c < CP; ++c) {
+      const int idx = threadIdx.x + 256 * c, row = idx >> 3, chunk = idx & 7;
+      src[c] = x + (long long)(m0 + row < M ? m0 + row : 0) * x_stride + chunk * 8;
+      bytes[c] = m0 + row < M ? 16 : 0;
+      dst[c] = base + row * 128 + ((chunk ^ (row & 7)) << 4);
+    }
+    // the warp's strip (spare warps of the last tile read the last strip and store nothing): its lane's word a
+    // block; threads below 32 * GPB copy 16 bytes of a group's scale/zero words (outputs past N fill zeros)
+    const int strip = min(tn * 8 + warp, strips - 1);
+    const uint4* wp = w + (long long)strip * kblocks * 32 + lane;
+    const u32 wdst = base + X_BYTES + threadIdx.x * 16;
+    const int zg = threadIdx.x >> 5, zn = n0 + lane * 4;
+    const u32* zsrc = sz + min(zn, N - 4) + (long long)(GROUP < 64 ? zg : 0) * N;
+    const u32 zdst = base + X_BYTES + W_BYTES + threadIdx.x * 16, zbytes = zn < N ? 16 : 0;
+    auto load_stage = [&](int st, int kb) {
+      const u32 off = st * STAGE_BYTES;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {  // block kb's A fragments
-      if ((kb * 64 + 16 * j) % GROUP == 0) {
+      for (int c = 0; c < CP; ++c)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                     ::"r"(dst[c] + off), "l"(src[c] + kb * 64), "r"(bytes[c]));
+      asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(wdst + off), "l"(wp + kb * 32));
+      if (threadIdx.x < 32 * GPB)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                     ::"r"(zdst + off), "l"(zsrc + (long long)(kb * 64 / GROUP) * N), "r"(zbytes));
+    };
+    __syncthreads();  // no warpgroup still reads the last piece's stages
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const u32 v = szs[(GROUP < 64 ? 16 * j / GROUP : 0) * 128 + 8 * h];
-          scale2[h] = __byte_perm(v, 0, 0x1010);
-          negz[h] = __byte_perm(v, 0, 0x3232);
+    for (int st = 0; st < WG_STAGES - 1; ++st) {
+      if (kb0 + st < kb1) load_stage(st, kb0 + st);
+      asm volatile("cp.async.commit_group;");
+    }
+    float acc[BN / 2];
+#pragma unroll
+    for (int e = 0; e < BN / 2; ++e) acc[e] = 0.f;
+    u32 a[4][4], scale2[2], negz[2];
+    for (int kb = kb0; kb < kb1; ++kb) {
+      const int st = (kb - kb0) % WG_STAGES;
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");  // block kb - 1's MMAs are done
+      asm volatile("cp.async.wait_group %0;" ::"n"(WG_STAGES - 2));
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // this thread's copies, seen by the MMAs' proxy
+      __syncthreads();  // block kb's stage is in shared memory; no warpgroup still reads block kb - 1's
+      if (kb + WG_STAGES - 1 < kb1) load_stage((kb - kb0 + WG_STAGES - 1) % WG_STAGES, kb + WG_STAGES - 1);
+      asm volatile("cp.async.commit_group;");
+      const unsigned char* stage = stages + st * STAGE_BYTES;
+      const uint4 words = reinterpret_cast<const uint4*>(stage + X_BYTES)[threadIdx.x];
+      const u32* szs = reinterpret_cast<const u32*>(stage + X_BYTES + W_BYTES) + (warp * 16 + r);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // block kb's A fragments
+        if ((kb * 64 + 16 * j) % GROUP == 0) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const u32 v = szs[(GROUP < 64 ? 16 * j / GROUP : 0) * 128 + 8 * h];
+            scale2[h] = __byte_perm(v, 0, 0x1010);
+            negz[h] = __byte_perm(v, 0, 0x3232);
+          }
+        }
+        // wgmma pairs A's features with B's in their natural order (a lane's registers 0, 1: features 2i, 2i + 1;
+        // 2, 3: 2i + 8, 2i + 9), while the MMA layout gives a lane features 4i to 4i + 3 (mma.sync's B is loaded
+        // four features at a time): features 2i, 2i + 1 are in lane i / 2 of the quad, 2i + 8, 2i + 9 in lane
+        // 2 + i / 2, their registers 0, 1 for an even i and 2, 3 (two nibbles up) for an odd one
+        const u32 word = word_of(words, j), quad = lane & ~3, up = 8 * (i & 1);
+        const u32 lo = __shfl_sync(0xFFFFFFFFu, word, quad | (i >> 1)) >> up;
+        const u32 hi = __shfl_sync(0xFFFFFFFFu, word, quad | (2 + (i >> 1))) >> up;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const u32 n4 = nibbles(q < 2 ? lo : hi, q & 1, negz[q & 1]);
+          asm(FMA2_OP " %0, %1, %2, %3;" : "=r"(a[j][q]) : "r"(n4), "r"(scale2[q & 1]), "r"(NEG_ZERO2));
         }
       }
-      // wgmma pairs A's features with B's in their natural order (a lane's registers 0, 1: features 2i, 2i + 1; 2,
-      // 3: 2i + 8, 2i + 9), while the MMA layout gives a lane features 4i to 4i + 3 (mma.sync's B is loaded four
-      // features at a time): features 2i, 2i + 1 are in lane i / 2 of the quad, 2i + 8, 2i + 9 in lane 2 + i / 2,
-      // their registers 0, 1 for an even i and 2, 3 (two nibbles up) for an odd one
-      const u32 word = word_of(words, j), quad = lane & ~3, up = 8 * (i & 1);
-      const u32 lo = __shfl_sync(0xFFFFFFFFu, word, quad | (i >> 1)) >> up;
-      const u32 hi = __shfl_sync(0xFFFFFFFFu, word, quad | (2 + (i >> 1))) >> up;
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+      const unsigned long long desc = desc0 + (st * STAGE_BYTES >> 4);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const u32 n4 = nibbles(q < 2 ? lo : hi, q & 1, negz[q & 1]);
-        asm(FMA2_OP " %0, %1, %2, %3;" : "=r"(a[j][q]) : "r"(n4), "r"(scale2[q & 1]), "r"(NEG_ZERO2));
+      for (int j = 0; j < 4; ++j) wgmma<BN>(acc, a[j], desc + j * (32 >> 4));
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    if (u > t0 || u_end < t1) {
+      // a piece: its sums to this CTA's slot of `work` (0: the piece its share starts with, 1: the one it ends
+      // with), then the tile's count of pieces done; the last adds the others' slots and goes on to store y, and
+      // sets the count back to 0 for the next launch
+      auto cta_of = [&](int v) { return (int)(((long long)(v + 1) * S + total - 1) / total - 1); };  // (v's share)
+      auto slot = [&](int c) { return work + (long long)(c * 2 + (share_start(c) >= t0 ? 0 : 1)) * (BN * 128); };
+      float* mine = slot(blockIdx.x);
+#pragma unroll
+      for (int e = 0; e < BN / 2; ++e) mine[e * 256 + threadIdx.x] = acc[e];
+      __threadfence();
+      __syncthreads();
+      const int c_first = cta_of(t0), c_last = cta_of(t1 - 1);
+      if (threadIdx.x == 0) last_piece = atomicAdd(counters + tile, 1) == c_last - c_first;
+      __syncthreads();
+      if (!last_piece) {
+        u = u_end;
+        continue;
       }
-    }
-    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-    const unsigned long long desc = desc0 + (st * STAGE_BYTES >> 4);
+      __threadfence();
+      for (int c = c_first; c <= c_last; ++c) {
+        if (c == blockIdx.x) continue;
+        const float* other = slot(c);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wgmma<BN>(acc, a[j], desc + j * (32 >> 4));
-    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        for (int e = 0; e < BN / 2; ++e) acc[e] += __ldcg(other + e * 256 + threadIdx.x);
+      }
+      if (threadIdx.x == 0) counters[tile] = 0;
+    }
+    u = u_end;
+    if (tn * 8 + warp >= strips) continue;
+    float b[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) b[h] = has_bias ? to_f32(bias[strip * 16 + r + 8 * h]) : 0.f;
+    // lane l's sum 4c + e: output row r + 8 (e >> 1) of the strip, x's row m0 + 8c + 2i + (e & 1)
+#pragma unroll
+    for (int c = 0; c < BN / 8; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + 8 * c + 2 * i + (e & 1), n = strip * 16 + r + 8 * (e >> 1);
+        if (m < M) y[(long long)m * N + n] = from_f32(acc[4 * c + e] + b[e >> 1]);
+      }
   }
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-  if (blockIdx.y * 8 + warp >= strips) return;
-  float b[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) b[h] = has_bias && zs == 1 ? to_f32(bias[strip * 16 + r + 8 * h]) : 0.f;
-  // lane l's sum 4c + e: output row r + 8 (e >> 1) of the strip, x's row m0 + 8c + 2i + (e & 1)
-#pragma unroll
-  for (int c = 0; c < BN / 8; ++c)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int m = m0 + 8 * c + 2 * i + (e & 1), n = strip * 16 + r + 8 * (e >> 1);
-      if (m >= M) continue;
-      if (zs > 1)
-        part[((long long)z * M + m) * N + n] = acc[4 * c + e];
-      else
-        y[(long long)m * N + n] = from_f32(acc[4 * c + e] + b[e >> 1]);
-    }
 #endif
 }
 
 #define W4_WGMMA(BN)                                                                                            \
   extern "C" __global__ void __launch_bounds__(256, 2) w4_wgmma##BN(                                              \
       const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,                     \
-      const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ part, int M, int N, int K,        \
-      int x_stride, int has_bias) {                                                                            \
-    w4_wgmma_body<BN>(w, sz, x, bias, y, part, M, N, K, x_stride, has_bias);                                   \
+      const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ work, int* __restrict__ counters, \
+      int M, int N, int K, int x_stride, int has_bias) {                                                       \
+    w4_wgmma_body<BN>(w, sz, x, bias, y, work, counters, M, N, K, x_stride, has_bias);                         \
   }
 WGMMA_KERNELS
 
@@ -700,6 +737,7 @@ def available(device: torch.device, dtype: torch.dtype, group: int) -> bool:
         if wgmma_available(device):
             for bn in WG_HEIGHTS:
                 _wgmma_kernel(device, bn, dtype, group)
+            _tile_counts(device)
         return True
     except (OSError, RuntimeError) as e:
         warnings.warn(f"int4 layers keep the Triton kernels: quant_cuda's kernels did not build ({e})", stacklevel=2)
@@ -741,32 +779,31 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     return y
 
 
+def _gemm_operands(x: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMMs' x (copied where its rows do not suit their 16-byte copies) and their output y [M, N]."""
+    _check(x.dtype)
+    assert packed.shape[1] * 64 == x.shape[1]
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x, x.new_empty(x.shape[0], packed.shape[0] * 16)
+
+
 def w4_gemm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
             splits: int | None = None) -> torch.Tensor:  # fmt: skip
     """x [M, K] @ w.T (+ bias) for w in the MMA layout, many rows: CTAs of 64 rows by 128 outputs (not gated: the
     caller applies silu(gate) * up to the stacked product). Where that makes fewer than GEMM_CTAS CTAs, they also
     split K (`splits` overrides), their fp32 partial sums added here."""
-    _check(x.dtype)
-    return _gemm(_shared_kernel(x.device, "w4_gemm", x.dtype, group), 128, 0, 64, x, packed, sz, group, bias, splits)
-
-
-def _gemm(func: ctypes.c_void_p, threads: int, shared: int, rows: int, x: torch.Tensor, packed: torch.Tensor,
-          sz: torch.Tensor, group: int, bias: torch.Tensor | None, splits: int | None) -> torch.Tensor:  # fmt: skip
-    """One of the GEMM kernels on x [M, K] in CTAs of `rows` rows by 128 outputs, K split as w4_gemm says."""
-    M, K = x.shape
-    assert packed.shape[1] * 64 == K
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # (x's 16-byte copies)
-        x = x.clone(memory_format=torch.contiguous_format)
-    N = packed.shape[0] * 16
-    y = x.new_empty(M, N)
+    x, y = _gemm_operands(x, packed)
+    (M, K), N = x.shape, y.shape[1]
     if M == 0:
         return y
-    grid = (-(-M // rows), -(-N // 128))
+    grid = (-(-M // 64), -(-N // 128))
     groups = K // max(64, group)
     splits = min(splits or max(1, GEMM_CTAS // (grid[0] * grid[1])), groups)  # (split only to at least double them)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
-    args = [packed, sz, x, bias if bias is not None else y, y, part, M, N, K, x.stride(0), int(bias is not None)]
-    _launch(func, (*grid, splits), threads, args, False, shared)
+    func = _shared_kernel(x.device, "w4_gemm", x.dtype, group)
+    _launch(func, (*grid, splits), 128, [packed, sz, x, bias if bias is not None else y, y, part, M, N, K,
+                                         x.stride(0), int(bias is not None)], False)  # fmt: skip
     if splits == 1:
         return y
     y = part.sum(0)
@@ -798,14 +835,31 @@ def _wgmma_kernel(device: torch.device, bn: int, dtype: torch.dtype, group: int)
     return func
 
 
+@functools.cache
+def _tile_counts(device: torch.device) -> torch.Tensor:
+    """w4_wgmma's count of finished pieces for each tile, zero between launches (the last piece resets its tile's);
+    made at load (`available`), outside any graph capture."""
+    return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+
+
 def w4_wgmma(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
-             splits: int | None = None, bn: int | None = None) -> torch.Tensor:  # fmt: skip
-    """w4_gemm's product on Hopper's warpgroup MMA (sm_90): CTAs of `bn` rows (64 up to 64 rows, else 128) by 128
-    outputs, K split as w4_gemm splits it."""
-    _check(x.dtype)
-    bn = bn or (64 if x.shape[0] <= 64 else 128)
-    func = _wgmma_kernel(x.device, bn, x.dtype, group)
-    return _gemm(func, 256, _wgmma_shared(bn, group), bn, x, packed, sz, group, bias, splits)
+             ctas: int | None = None, bn: int | None = None) -> torch.Tensor:  # fmt: skip
+    """w4_gemm's product on Hopper's warpgroup MMA (sm_90): tiles of `bn` rows (64 up to 64 rows, else 128) by 128
+    outputs, their groups of K shared out evenly over `ctas` CTAs (GEMM_CTAS, two an SM; Stream-K), so that no
+    wave of CTAs runs part-full; a tile that several CTAs share is summed through `work` by its last piece."""
+    x, y = _gemm_operands(x, packed)
+    (M, K), N = x.shape, y.shape[1]
+    if M == 0:
+        return y
+    bn = bn or (64 if M <= 64 else 128)
+    tiles = -(-M // bn) * -(-N // 128)
+    assert tiles <= MAX_TILES, f"w4_wgmma: {tiles} tiles, more than MAX_TILES"
+    ctas = min(ctas or GEMM_CTAS, tiles * (K // max(64, group)))  # (every CTA at least one group of K)
+    work = torch.empty(ctas * 2 * bn * 128, dtype=torch.float32, device=x.device)  # (two pieces' sums a CTA)
+    args = [packed, sz, x, bias if bias is not None else y, y, work, _tile_counts(x.device), M, N, K, x.stride(0),
+            int(bias is not None)]  # fmt: skip
+    _launch(_wgmma_kernel(x.device, bn, x.dtype, group), ctas, 256, args, False, _wgmma_shared(bn, group))
+    return y
 
 
 def w4_dequantise(packed: torch.Tensor, sz: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:

@@ -3,6 +3,7 @@ end in bf16, and the decode CUDA graphs (replay equals the compiled step, paddin
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 
 import pytest
@@ -624,14 +625,14 @@ def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
             for warps in (1, 4, 16):
                 got = w4_gemv(x, packed, sz, group, b, kind == "gated", warps)
                 assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, warps)
-        else:  # the GEMM itself (past the dispatch's limit too), with K split in 1 and 3
+        else:  # the GEMMs themselves (past the dispatch's limits too): the mma.sync one with K split in 1 and 3,
             for splits in (1, 3):
                 got = quant._gate(w4_gemm(x, packed, sz, group, b, splits), kind == "gated")
                 assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_gemm", splits)
-                if wgmma_available(x.device):  # and the warpgroup-MMA GEMM with each CTA height
-                    for bn in WG_HEIGHTS:
-                        got = quant._gate(w4_wgmma(x, packed, sz, group, b, splits, bn), kind == "gated")
-                        assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_wgmma", splits, bn)
+            if wgmma_available(x.device):  # the warpgroup-MMA one with both tile heights, its tiles' K shared out
+                for bn, ctas in itertools.product(WG_HEIGHTS, (1, 7, None)):  # over 1 CTA, 7 (pieces) and the default
+                    got = quant._gate(w4_wgmma(x, packed, sz, group, b, ctas, bn), kind == "gated")
+                    assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_wgmma", ctas, bn)
 
 
 @pytest.mark.parametrize("method", ["fp8", "awq"])

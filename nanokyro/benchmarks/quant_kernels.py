@@ -146,9 +146,12 @@ def variants(rows: int) -> dict:
         for splits in (1, 2, 4, 8):  # K split a fixed number of ways (the dispatch's from quant_cuda.GEMM_CTAS)
             v[f"int4 mma gemm k{splits}"] = (
                 lambda d, x, s=splits: g(w4_gemm(x, d["mma"], d["mma_sz"], GROUP, None, s), d["gated"]), int4_bytes)
-        for bn in WG_HEIGHTS:  # the warpgroup-MMA GEMM (sm_90) at each CTA height
-            v[f"int4 wgmma bn{bn}"] = (
+        for bn in WG_HEIGHTS:  # the warpgroup-MMA GEMM (sm_90) at both tile heights: K shared out over GEMM_CTAS
+            v[f"int4 wgmma bn{bn}"] = (  # CTAs (Stream-K), and a CTA a tile ("tiles": no tile in pieces)
                 lambda d, x, b=bn: g(w4_wgmma(x, d["mma"], d["mma_sz"], GROUP, None, None, b), d["gated"]), int4_bytes)
+            v[f"int4 wgmma bn{bn} tiles"] = (
+                lambda d, x, b=bn: g(w4_wgmma(x, d["mma"], d["mma_sz"], GROUP, None, -(-rows // b) * -(-d["mma"].shape[0]
+                                              // 8), b), d["gated"]), int4_bytes)  # fmt: skip
         v["int4 mma dequant + cuBLAS"] = (
             lambda d, x: g(F.linear(x, w4_dequantise(d["mma"], d["mma_sz"], GROUP, x.dtype)), d["gated"]), int4_bytes)
     if rows >= 8:
