@@ -544,8 +544,8 @@ __device__ __forceinline__ void w4_wgmma_body(
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     if (u > t0 || u_end < t1) {
       // a piece: its sums to this CTA's slot of `work` (0: the piece its share starts with, 1: the one it ends
-      // with), then the tile's count of pieces done; the last adds the others' slots and goes on to store y, and
-      // sets the count back to 0 for the next launch
+      // with), then the tile's count of pieces done, which the last one wraps back to 0 for the next launch; the
+      // last adds up all the pieces' slots in the CTAs' order (the same sum whichever finishes last) to store y
       auto cta_of = [&](int v) { return (int)(((long long)(v + 1) * S + total - 1) / total - 1); };  // (v's share)
       auto slot = [&](int c) { return work + (long long)(c * 2 + (share_start(c) >= t0 ? 0 : 1)) * (BN * 128); };
       float* mine = slot(blockIdx.x);
@@ -554,20 +554,23 @@ __device__ __forceinline__ void w4_wgmma_body(
       __threadfence();
       __syncthreads();
       const int c_first = cta_of(t0), c_last = cta_of(t1 - 1);
-      if (threadIdx.x == 0) last_piece = atomicAdd(counters + tile, 1) == c_last - c_first;
+      if (threadIdx.x == 0) {
+        const u32 pieces_before = c_last - c_first;
+        last_piece = atomicInc(reinterpret_cast<u32*>(counters) + tile, pieces_before) == pieces_before;
+      }
       __syncthreads();
       if (!last_piece) {
         u = u_end;
         continue;
       }
       __threadfence();
-      for (int c = c_first; c <= c_last; ++c) {
-        if (c == blockIdx.x) continue;
-        const float* other = slot(c);
 #pragma unroll
-        for (int e = 0; e < BN / 2; ++e) acc[e] += __ldcg(other + e * 256 + threadIdx.x);
+      for (int e = 0; e < BN / 2; ++e) acc[e] = 0.f;
+      for (int c = c_first; c <= c_last; ++c) {
+        const float* piece = slot(c);
+#pragma unroll
+        for (int e = 0; e < BN / 2; ++e) acc[e] += __ldcg(piece + e * 256 + threadIdx.x);
       }
-      if (threadIdx.x == 0) counters[tile] = 0;
     }
     u = u_end;
     if (tn * 8 + warp >= strips) continue;
@@ -835,11 +838,18 @@ def _wgmma_kernel(device: torch.device, bn: int, dtype: torch.dtype, group: int)
     return func
 
 
-@functools.cache
+_TILE_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
 def _tile_counts(device: torch.device) -> torch.Tensor:
-    """w4_wgmma's count of finished pieces for each tile, zero between launches (the last piece resets its tile's);
-    made at load (`available`), outside any graph capture."""
-    return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    """w4_wgmma's count of finished pieces for each tile of a launch, zero between launches (the last piece wraps
+    its tile's back); one a device, for launches on one stream. Made at load (`available`): a graph capture would
+    record its zeroing, not run it."""
+    if device not in _TILE_COUNTS:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("w4_wgmma's tile counts are made before a graph capture (quant_cuda.available)")
+        _TILE_COUNTS[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _TILE_COUNTS[device]
 
 
 def w4_wgmma(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,

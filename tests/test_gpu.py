@@ -631,8 +631,9 @@ def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
                 assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_gemm", splits)
             if wgmma_available(x.device):  # the warpgroup-MMA one with both tile heights, its tiles' K shared out
                 for bn, ctas in itertools.product(WG_HEIGHTS, (1, 7, None)):  # over 1 CTA, 7 (pieces) and the default
-                    got = quant._gate(w4_wgmma(x, packed, sz, group, b, ctas, bn), kind == "gated")
-                    assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_wgmma", ctas, bn)
+                    y = w4_wgmma(x, packed, sz, group, b, ctas, bn)
+                    assert rel_err(quant._gate(y, kind == "gated").float(), want) < 1e-2, (n, k, kind, dtype, ctas, bn)
+                    assert torch.equal(y, w4_wgmma(x, packed, sz, group, b, ctas, bn))  # (pieces summed in one order)
 
 
 @pytest.mark.parametrize("method", ["fp8", "awq"])
