@@ -45,17 +45,23 @@ WG_HEIGHTS = (64, 128)  # w4_wgmma's CTA heights (x's rows a CTA): a kernel for 
 
 def _wgmma_wrappers(sizes: tuple[int, ...] = WG_HEIGHTS) -> str:
     """wgmma<BN>(d, a, desc): one m64nBNk16 warpgroup MMA, A (4 registers) from registers, B from shared memory by
-    its descriptor, D += A B in fp32 (BN / 2 registers a thread), written out (an asm operand a register)."""
+    its descriptor, D += A B in fp32 (BN / 2 registers a thread), written out (an asm operand a register);
+    wgmma_ss<BN>(d, da, db) the same with A from shared memory too."""
     out = [f"#define WG_STAGES {WG_STAGES}", "#if WGMMA_ON",
-           "template <int BN> __device__ __forceinline__ void wgmma(float* d, const u32* a, unsigned long long desc);"]
+           "template <int BN> __device__ __forceinline__ void wgmma(float* d, const u32* a, unsigned long long desc);",
+           "template <int BN> __device__ __forceinline__ void wgmma_ss(float* d, unsigned long long da, "
+           "unsigned long long db);"]  # fmt: skip
     for n in sizes:
         acc = ", ".join(f"%{e}" for e in range(n // 2))
         ops = ", ".join(f'"+f"(d[{e}])' for e in range(n // 2))
+        mma = f'asm volatile(\"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.\" WG_AB \" {{{acc}}}, '
         out.append(f"template <> __device__ __forceinline__ void wgmma<{n}>(float* d, const u32* a, "
-                   f"unsigned long long desc) {{\n  asm volatile(\"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.\" "
-                   f"WG_AB \" {{{acc}}}, {{%{n // 2}, %{n // 2 + 1}, %{n // 2 + 2}, %{n // 2 + 3}}}, %{n // 2 + 4}, "
-                   f"1, 1, 1, 0;\"\n    : {ops}\n    : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), "
-                   f"\"l\"(desc));\n}}")  # fmt: skip
+                   f"unsigned long long desc) {{\n  {mma}{{%{n // 2}, %{n // 2 + 1}, %{n // 2 + 2}, %{n // 2 + 3}}}, "
+                   f"%{n // 2 + 4}, 1, 1, 1, 0;\"\n    : {ops}\n    : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), "
+                   f"\"r\"(a[3]), \"l\"(desc));\n}}")  # fmt: skip
+        out.append(f"template <> __device__ __forceinline__ void wgmma_ss<{n}>(float* d, unsigned long long da, "
+                   f"unsigned long long db) {{\n  {mma}%{n // 2}, %{n // 2 + 1}, 1, 1, 1, 0, 0;\"\n    : {ops}\n"
+                   f"    : \"l\"(da), \"l\"(db));\n}}")  # fmt: skip
     return "\n".join(out + ["#endif"])
 
 
@@ -426,6 +432,29 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
 #define WGMMA_ON 0
 #endif
 WGMMA_WRAPPERS
+// a warp's sums after its warpgroup's MMAs into y (bias added), or with K split (gridDim.z > 1) into `part`: lane
+// l's sum 4c + e is output row r + 8 (e >> 1) of the strip, x's row m0 + 8c + 2i + (e & 1)
+template <int BN>
+__device__ __forceinline__ void wg_store(const float* acc, int strip, const u16* __restrict__ bias,
+                                         u16* __restrict__ y, float* __restrict__ part, int M, int N, int has_bias) {
+  const int lane = threadIdx.x & 31, r = lane >> 2, i = lane & 3, m0 = blockIdx.x * BN, z = blockIdx.z;
+  const bool split = gridDim.z > 1;
+  float b[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) b[h] = has_bias && !split ? to_f32(bias[strip * 16 + r + 8 * h]) : 0.f;
+#pragma unroll
+  for (int c = 0; c < BN / 8; ++c)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = m0 + 8 * c + 2 * i + (e & 1), n = strip * 16 + r + 8 * (e >> 1);
+      if (m >= M) continue;
+      if (split)
+        part[((long long)z * M + m) * N + n] = acc[4 * c + e];
+      else
+        y[(long long)m * N + n] = from_f32(acc[4 * c + e] + b[e >> 1]);
+    }
+}
+
 template <int BN>
 __device__ __forceinline__ void w4_wgmma_body(
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
@@ -530,22 +559,158 @@ __device__ __forceinline__ void w4_wgmma_body(
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-  if (blockIdx.y * 8 + warp >= strips) return;
-  float b[2];
+  if (blockIdx.y * 8 + warp < strips) wg_store<BN>(acc, strip, bias, y, part, M, N, has_bias);
+#endif
+}
+
+// The same product with the warpgroups specialised (a CTA of three, one an SM): warpgroup 0 streams the weight words
+// into registers (WS_WD blocks ahead, as the GEMV does) and x's rows into shared memory (cp.async, WS_XL blocks
+// ahead), and dequantises each block's A into shared memory in wgmma's K-major 128-byte swizzle, as x's rows are
+// laid out; warpgroups 1 and 2 take 64 outputs each and only issue the MMAs (both operands from shared memory,
+// one block's MMAs in flight while the next is waited for). Stages change hands through named barriers: FULL + s
+// when stage s holds a block's A and x, EMPTY + s when the MMAs that read it are done. So the dequantising, the
+// loads and the MMAs of different blocks overlap, where w4_wgmma's warps do each in turn.
+#define WS_STAGES 4
+#define WS_WD 8
+#define WS_XL 2
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+template <int BN>
+__device__ __forceinline__ void w4_wgws_body(
+    const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
+    const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ part, int M, int N, int K, int x_stride,
+    int has_bias) {
+#if WGMMA_ON
+  extern __shared__ __align__(128) unsigned char smem[];
+  // a stage: A (the tile's 128 outputs x 64 features), then x's BN rows x 64 features, each row 128 bytes
+  constexpr int A_BYTES = 128 * 128, STAGE_BYTES = A_BYTES + BN * 128, FULL = 1, EMPTY = 1 + WS_STAGES, ALL = 384;
+  const u32 raw = shared_address(smem), base = (raw + 1023) & ~1023u;  // (the swizzle's 1024-byte atoms)
+  const int wg = threadIdx.x >> 7, t = threadIdx.x & 127, lane = threadIdx.x & 31, r = lane >> 2, i = lane & 3;
+  const int m0 = blockIdx.x * BN, kblocks = K >> 6, strips = N >> 4;
+  constexpr int GB = GROUP > 64 ? GROUP / 64 : 1;
+  const int groups = kblocks / GB, z = blockIdx.z, zs = gridDim.z;
+  const int kb0 = groups * z / zs * GB, nb = groups * (z + 1) / zs * GB - kb0;  // this CTA's blocks
+  if (wg == 0) {
+    // a warp's two strips (past N: the last strip, dequantised into rows no MMA result is stored from); a lane's
+    // word a block of each, and the scale/zero words of rows r and r + 8 for the block's groups
+    const int pw = t >> 5;
+    const uint4* wp[2];
+    const u32* szp[2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) b[h] = has_bias && zs == 1 ? to_f32(bias[strip * 16 + r + 8 * h]) : 0.f;
-  // lane l's sum 4c + e: output row r + 8 (e >> 1) of the strip, x's row m0 + 8c + 2i + (e & 1)
-#pragma unroll
-  for (int c = 0; c < BN / 8; ++c)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int m = m0 + 8 * c + 2 * i + (e & 1), n = strip * 16 + r + 8 * (e >> 1);
-      if (m >= M) continue;
-      if (zs > 1)
-        part[((long long)z * M + m) * N + n] = acc[4 * c + e];
-      else
-        y[(long long)m * N + n] = from_f32(acc[4 * c + e] + b[e >> 1]);
+    for (int s = 0; s < 2; ++s) {
+      const int strip = min(blockIdx.y * 8 + 2 * pw + s, strips - 1);
+      wp[s] = w + ((long long)strip * kblocks + kb0) * 32 + lane;
+      szp[s] = sz + strip * 16 + r;
     }
+    uint4 wb[WS_WD][2];
+    u32 zb[WS_WD][2][2][GPB];
+    auto load = [&](int d, int u) {  // block u's words into slot d
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        wb[d][s] = load_stream(wp[s] + u * 32);
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int g = 0; g < GPB; ++g) zb[d][s][h][g] = __ldg(szp[s] + (long long)((kb0 + u) * 64 / GROUP + g) * N + 8 * h);
+      }
+    };
+    auto copy_x = [&](int u) {  // block u's x rows into its stage (rows past M fill zeros)
+      const u32 dst = base + (u % WS_STAGES) * STAGE_BYTES + A_BYTES;
+#pragma unroll
+      for (int c = 0; c < BN / 16; ++c) {
+        const int idx = t + 128 * c, row = idx >> 3, chunk = idx & 7;
+        const u16* src = x + (long long)(m0 + row < M ? m0 + row : 0) * x_stride + (kb0 + u) * 64 + chunk * 8;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                     ::"r"(dst + row * 128 + ((chunk ^ (row & 7)) << 4)), "l"(src), "r"(m0 + row < M ? 16 : 0));
+      }
+    };
+    // block u's A from slot d into its stage: a lane's word of step j holds rows r and r + 8, features 16j + 4i to
+    // 16j + 4i + 3 (registers 0, 2 and 1, 3), 8 bytes of a row's 16-byte chunk 2j + i / 2, which the swizzle
+    // places at (2j + i / 2) ^ (row % 8)
+    auto dequantise = [&](int d, int u) {
+      const u32 stage = base + (u % WS_STAGES) * STAGE_BYTES;
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const u32 row = stage + ((2 * pw + s) * 16 + r) * 128;
+        u32 scale2[2][GPB], negz[2][GPB];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int g = 0; g < GPB; ++g) {
+            scale2[h][g] = __byte_perm(zb[d][s][h][g], 0, 0x1010);
+            negz[h][g] = __byte_perm(zb[d][s][h][g], 0, 0x3232);
+          }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int g = GROUP < 64 ? 16 * j / GROUP : 0;
+          const u32 word = word_of(wb[d][s], j);
+          u32 a[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const u32 n4 = nibbles(word, q, negz[q & 1][g]);
+            asm(FMA2_OP " %0, %1, %2, %3;" : "=r"(a[q]) : "r"(n4), "r"(scale2[q & 1][g]), "r"(NEG_ZERO2));
+          }
+          const u32 at = row + (((2 * j + (i >> 1)) ^ r) << 4) + 8 * (i & 1);
+          asm volatile("st.shared.v2.b32 [%0], {%1, %2};" ::"r"(at), "r"(a[0]), "r"(a[2]) : "memory");
+          asm volatile("st.shared.v2.b32 [%0], {%1, %2};" ::"r"(at + 8 * 128), "r"(a[1]), "r"(a[3]) : "memory");
+        }
+      }
+    };
+#pragma unroll
+    for (int d = 0; d < WS_WD; ++d)
+      if (d < nb) load(d, d);
+#pragma unroll
+    for (int u = 0; u < WS_XL; ++u) {
+      if (u < nb) copy_x(u);
+      asm volatile("cp.async.commit_group;");
+    }
+    for (int u0 = 0; u0 < nb; u0 += WS_WD) {
+#pragma unroll
+      for (int d = 0; d < WS_WD; ++d) {
+        const int u = u0 + d, v = u + WS_XL;
+        if (u >= nb) break;
+        if (v < nb) {  // x's block v into its stage, once the MMAs on block v - WS_STAGES are done
+          if (v >= WS_STAGES) bar_sync(EMPTY + v % WS_STAGES, ALL);
+          copy_x(v);
+        }
+        asm volatile("cp.async.commit_group;");
+        dequantise(d, u);  // (its stage was freed WS_XL blocks ago, for x)
+        if (u + WS_WD < nb) load(d, u + WS_WD);
+        asm volatile("cp.async.wait_group %0;" ::"n"(WS_XL));  // block u's x rows are in
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // A's stores and x's copies, seen by the MMAs
+        bar_arrive(FULL + u % WS_STAGES, ALL);
+      }
+    }
+    return;
+  }
+  // the MMA warpgroups: outputs 64 (wg - 1) to 64 wg - 1 of the tile; descriptors as w4_wgmma's for x, and the same
+  // for A (K-major, 128-byte swizzle, 8-row atoms 1024 bytes apart)
+  const int warp = (threadIdx.x >> 5) & 3;
+  const unsigned long long desc0 = ((base & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
+                                   (1ull << 62);  // fmt: skip
+  float acc[BN / 2];
+#pragma unroll
+  for (int e = 0; e < BN / 2; ++e) acc[e] = 0.f;
+  for (int u = 0; u < nb; ++u) {
+    const int st = u % WS_STAGES;
+    bar_sync(FULL + st, ALL);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    const unsigned long long da = desc0 + ((st * STAGE_BYTES + (wg - 1) * 64 * 128) >> 4);
+    const unsigned long long dx = desc0 + ((st * STAGE_BYTES + A_BYTES) >> 4);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wgmma_ss<BN>(acc, da + j * (32 >> 4), dx + j * (32 >> 4));
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // block u - 1's MMAs are done: its stage is free
+    if (u >= 1 && u - 1 + WS_STAGES < nb) bar_arrive(EMPTY + (u - 1) % WS_STAGES, ALL);
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  const int strip = blockIdx.y * 8 + 4 * (wg - 1) + warp;
+  if (strip < strips) wg_store<BN>(acc, strip, bias, y, part, M, N, has_bias);
 #endif
 }
 
@@ -555,6 +720,12 @@ __device__ __forceinline__ void w4_wgmma_body(
       const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ part, int M, int N, int K,        \
       int x_stride, int has_bias) {                                                                            \
     w4_wgmma_body<BN>(w, sz, x, bias, y, part, M, N, K, x_stride, has_bias);                                   \
+  }                                                                                                              \
+  extern "C" __global__ void __launch_bounds__(384, 1) w4_wgws##BN(                                               \
+      const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,                     \
+      const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ part, int M, int N, int K,        \
+      int x_stride, int has_bias) {                                                                            \
+    w4_wgws_body<BN>(w, sz, x, bias, y, part, M, N, K, x_stride, has_bias);                                    \
   }
 WGMMA_KERNELS
 
@@ -700,6 +871,7 @@ def available(device: torch.device, dtype: torch.dtype, group: int) -> bool:
         if wgmma_available(device):
             for bn in WG_HEIGHTS:
                 _wgmma_kernel(device, bn, dtype, group)
+                _wgws_kernel(device, bn, dtype, group)
         return True
     except (OSError, RuntimeError) as e:
         warnings.warn(f"int4 layers keep the Triton kernels: quant_cuda's kernels did not build ({e})", stacklevel=2)
@@ -751,8 +923,10 @@ def w4_gemm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
 
 
 def _gemm(func: ctypes.c_void_p, threads: int, shared: int, rows: int, x: torch.Tensor, packed: torch.Tensor,
-          sz: torch.Tensor, group: int, bias: torch.Tensor | None, splits: int | None) -> torch.Tensor:  # fmt: skip
-    """One of the GEMM kernels on x [M, K] in CTAs of `rows` rows by 128 outputs, K split as w4_gemm says."""
+          sz: torch.Tensor, group: int, bias: torch.Tensor | None, splits: int | None,
+          ctas: int = GEMM_CTAS) -> torch.Tensor:  # fmt: skip
+    """One of the GEMM kernels on x [M, K] in CTAs of `rows` rows by 128 outputs, K split as w4_gemm says (to fill
+    `ctas` CTAs)."""
     M, K = x.shape
     assert packed.shape[1] * 64 == K
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # (x's 16-byte copies)
@@ -763,7 +937,7 @@ def _gemm(func: ctypes.c_void_p, threads: int, shared: int, rows: int, x: torch.
         return y
     grid = (-(-M // rows), -(-N // 128))
     groups = K // max(64, group)
-    splits = min(splits or max(1, GEMM_CTAS // (grid[0] * grid[1])), groups)  # (split only to at least double them)
+    splits = min(splits or max(1, ctas // (grid[0] * grid[1])), groups)  # (split only to at least double them)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     args = [packed, sz, x, bias if bias is not None else y, y, part, M, N, K, x.stride(0), int(bias is not None)]
     _launch(func, (*grid, splits), threads, args, False, shared)
@@ -806,6 +980,38 @@ def w4_wgmma(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int
     bn = bn or (64 if x.shape[0] <= 64 else 128)
     func = _wgmma_kernel(x.device, bn, x.dtype, group)
     return _gemm(func, 256, _wgmma_shared(bn, group), bn, x, packed, sz, group, bias, splits)
+
+
+WS_STAGES = 4  # w4_wgws's stages (SOURCE's WS_STAGES): A and x's rows of a block each
+
+
+def _wgws_shared(bn: int) -> int:
+    """w4_wgws's shared memory: WS_STAGES stages of A (128 outputs) and x's bn rows, 128 bytes a row, and 1024
+    bytes to align the first to the swizzle's atom."""
+    return WS_STAGES * (128 + bn) * 128 + 1024
+
+
+@functools.cache
+def _wgws_kernel(device: torch.device, bn: int, dtype: torch.dtype, group: int) -> ctypes.c_void_p:
+    func = _shared_kernel(device, f"w4_wgws{bn}", dtype, group)
+    if _driver().cuFuncSetAttribute(func, _MAX_DYNAMIC_SHARED, _wgws_shared(bn)):
+        raise RuntimeError(f"could not give w4_wgws{bn} its shared memory")
+    return func
+
+
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def w4_wgws(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
+            splits: int | None = None, bn: int | None = None) -> torch.Tensor:  # fmt: skip
+    """w4_wgmma's product with the warpgroups specialised (a producer that dequantises A into shared memory, two
+    that multiply): a CTA an SM, K split to fill the SMs."""
+    _check(x.dtype)
+    bn = bn or (64 if x.shape[0] <= 64 else 128)
+    func = _wgws_kernel(x.device, bn, x.dtype, group)
+    return _gemm(func, 384, _wgws_shared(bn), bn, x, packed, sz, group, bias, splits, _sms(x.device))
 
 
 def w4_dequantise(packed: torch.Tensor, sz: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:

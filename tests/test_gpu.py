@@ -595,7 +595,8 @@ def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
     dequantise + cuBLAS above) matches an fp32 matmul with it; bf16 and fp16, a stacked gate/up, a bias, a
     strip-sized layer and a K that the warps share unevenly."""
     from nanokyro import quant  # registers nanokyro::int4_mma_linear
-    from nanokyro.quant_cuda import MAX_ROWS, WG_HEIGHTS, w4_dequantise, w4_gemm, w4_gemv, w4_wgmma, wgmma_available
+    from nanokyro.quant_cuda import (MAX_ROWS, WG_HEIGHTS, w4_dequantise, w4_gemm, w4_gemv, w4_wgmma, w4_wgws,
+                                     wgmma_available)
     from nanokyro.quant_formats import dequantise_mma, mma_pack, mma_scales_zeros
 
     gen = torch.Generator(DEVICE).manual_seed(rows + group)
@@ -632,6 +633,8 @@ def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
                     for bn in WG_HEIGHTS:
                         got = quant._gate(w4_wgmma(x, packed, sz, group, b, splits, bn), kind == "gated")
                         assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_wgmma", splits, bn)
+                        got = quant._gate(w4_wgws(x, packed, sz, group, b, splits, bn), kind == "gated")
+                        assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "w4_wgws", splits, bn)
 
 
 @pytest.mark.parametrize("method", ["fp8", "awq"])

@@ -212,7 +212,7 @@ def test_int4_mma_kernels_compile_for_hopper(tmp_path):
         defines = dict(F16=f16, GROUP=group, MT=mt, GATED=gated, PDL=pdl)
         cubin.write_bytes(compile_cubin(defines, "sm_90", nvrtc))
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
-        kernels = ("w4_gemv", "w4_gemm", "w4_dequantise", "w4_wgmma64", "w4_wgmma128")
+        kernels = ("w4_gemv", "w4_gemm", "w4_dequantise", "w4_wgmma64", "w4_wgmma128", "w4_wgws64", "w4_wgws128")
         assert all(usage.count(f"Function {k}") == 1 for k in kernels), usage
         assert usage.count("LOCAL:0") == len(kernels), (defines, usage)
         sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True).stdout
@@ -220,6 +220,10 @@ def test_int4_mma_kernels_compile_for_hopper(tmp_path):
     for f16, group in [(0, 128), (1, 32)]:  # sm_90a (as the engine builds for the H100/H200): the warpgroup MMAs
         cubin.write_bytes(compile_cubin(dict(F16=f16, GROUP=group, MT=1, GATED=0, PDL=1), "sm_90a", nvrtc))
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
-        assert usage.count("LOCAL:0") == 5, usage
+        assert usage.count("LOCAL:0") == 7, usage
         sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True).stdout
-        assert sass.count("HGMMA.64x128x16.F32") == 4 and sass.count("HGMMA.64x64x16.F32") == 4, (f16, group)
+        functions = {f.split("\n", 1)[0].strip(): f for f in sass.split("Function : ")[1:]}
+        for bn in (64, 128):  # w4_wgmma: 4 a block (A from registers); w4_wgws: 4 a block too, its loop unrolled
+            assert functions[f"w4_wgmma{bn}"].count(f"HGMMA.64x{bn}x16.F32") == 4, (f16, group, bn)
+            assert functions[f"w4_wgws{bn}"].count(f"HGMMA.64x{bn}x16.F32") % 4 == 0, (f16, group, bn)
+            assert f"HGMMA.64x{bn}x16.F32" in functions[f"w4_wgws{bn}"], (f16, group, bn)

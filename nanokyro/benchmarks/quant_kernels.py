@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from nanokyro import quant, small_batch  # noqa: F401 - small_batch registers nanokyro::gemv
-from nanokyro.quant_cuda import MAX_ROWS as MMA_MAX_ROWS, WG_HEIGHTS, w4_dequantise, w4_gemm, w4_gemv, w4_wgmma
+from nanokyro.quant_cuda import MAX_ROWS as MMA_MAX_ROWS, WG_HEIGHTS, w4_dequantise, w4_gemm, w4_gemv, w4_wgmma, w4_wgws
 from nanokyro.quant_formats import FP8, FP8_MAX, mma_pack, mma_scales_zeros, pack_rows
 from nanokyro.quant_triton import GemvConfig, dequantise_int4_cuda, qgemv
 
@@ -149,6 +149,8 @@ def variants(rows: int) -> dict:
         for bn in WG_HEIGHTS:  # the warpgroup-MMA GEMM (sm_90) at each CTA height
             v[f"int4 wgmma bn{bn}"] = (
                 lambda d, x, b=bn: g(w4_wgmma(x, d["mma"], d["mma_sz"], GROUP, None, None, b), d["gated"]), int4_bytes)
+            v[f"int4 wgws bn{bn}"] = (  # the same with the warpgroups specialised
+                lambda d, x, b=bn: g(w4_wgws(x, d["mma"], d["mma_sz"], GROUP, None, None, b), d["gated"]), int4_bytes)
         v["int4 mma dequant + cuBLAS"] = (
             lambda d, x: g(F.linear(x, w4_dequantise(d["mma"], d["mma_sz"], GROUP, x.dtype)), d["gated"]), int4_bytes)
     if rows >= 8:
