@@ -682,7 +682,6 @@ __device__ __forceinline__ void w4_wgws_body(
         dequantise(d, u);  // (its stage was freed WS_XL blocks ago, for x)
         if (u + WS_WD < nb) load(d, u + WS_WD);
         asm volatile("cp.async.wait_group %0;" ::"n"(WS_XL));  // block u's x rows are in
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // A's stores and x's copies, seen by the MMAs
         bar_arrive(FULL + u % WS_STAGES, ALL);
       }
     }
@@ -699,6 +698,9 @@ __device__ __forceinline__ void w4_wgws_body(
   for (int u = 0; u < nb; ++u) {
     const int st = u % WS_STAGES;
     bar_sync(FULL + st, ALL);
+    // A's stores and x's copies, made visible to the MMAs (the async proxy) here: a proxy fence waits for the
+    // thread's loads in flight, which the producer keeps WS_WD blocks deep
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
     const unsigned long long da = desc0 + ((st * STAGE_BYTES + (wg - 1) * 64 * 128) >> 4);
     const unsigned long long dx = desc0 + ((st * STAGE_BYTES + A_BYTES) >> 4);
