@@ -41,13 +41,16 @@ GEMM_CTAS = 264
 
 WG_STAGES = 4  # w4_wgmma's stages in shared memory (x's rows, the weight words and scale/zero words of a block)
 WG_HEIGHTS = (64, 128)  # w4_wgmma's CTA heights (x's rows a CTA): a kernel for each, w4_wgmma64 and w4_wgmma128
+WS_STAGES = 4  # w4_wgws's stages in shared memory (A and x's rows of a block)
+WS_PRODUCERS = 2  # w4_wgws's warpgroups that load and dequantise (two more multiply)
 
 
 def _wgmma_wrappers(sizes: tuple[int, ...] = WG_HEIGHTS) -> str:
     """wgmma<BN>(d, a, desc): one m64nBNk16 warpgroup MMA, A (4 registers) from registers, B from shared memory by
     its descriptor, D += A B in fp32 (BN / 2 registers a thread), written out (an asm operand a register);
     wgmma_ss<BN>(d, da, db) the same with A from shared memory too."""
-    out = [f"#define WG_STAGES {WG_STAGES}", "#if WGMMA_ON",
+    out = [f"#define WG_STAGES {WG_STAGES}", f"#define WS_STAGES {WS_STAGES}", f"#define WS_PRODUCERS {WS_PRODUCERS}",
+           "#if WGMMA_ON",
            "template <int BN> __device__ __forceinline__ void wgmma(float* d, const u32* a, unsigned long long desc);",
            "template <int BN> __device__ __forceinline__ void wgmma_ss(float* d, unsigned long long da, "
            "unsigned long long db);"]  # fmt: skip
@@ -563,16 +566,17 @@ __device__ __forceinline__ void w4_wgmma_body(
 #endif
 }
 
-// The same product with the warpgroups specialised (a CTA of three, one an SM): warpgroup 0 streams the weight words
+// The same product with the warpgroups specialised (a CTA an SM): WS_PRODUCERS warpgroups stream the weight words
 // into registers (WS_WD blocks ahead, as the GEMV does) and x's rows into shared memory (cp.async, WS_XL blocks
-// ahead), and dequantises each block's A into shared memory in wgmma's K-major 128-byte swizzle, as x's rows are
-// laid out; warpgroups 1 and 2 take 64 outputs each and only issue the MMAs (both operands from shared memory,
+// ahead), and dequantise each block's A into shared memory in wgmma's K-major 128-byte swizzle, as x's rows are
+// laid out; the last two warpgroups take 64 outputs each and only issue the MMAs (both operands from shared memory,
 // one block's MMAs in flight while the next is waited for). Stages change hands through named barriers: FULL + s
 // when stage s holds a block's A and x, EMPTY + s when the MMAs that read it are done. So the dequantising, the
 // loads and the MMAs of different blocks overlap, where w4_wgmma's warps do each in turn.
-#define WS_STAGES 4
-#define WS_WD 8
-#define WS_XL 2
+#define WS_WD (GPB > 1 ? 6 : 8)  // (groups under 64 features: more scale/zero words a block)
+#define WS_XL (WS_STAGES - 2)
+#define WS_SPW (2 / WS_PRODUCERS)
+#define WS_THREADS (128 * (WS_PRODUCERS + 2))
 __device__ __forceinline__ void bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
@@ -588,30 +592,32 @@ __device__ __forceinline__ void w4_wgws_body(
 #if WGMMA_ON
   extern __shared__ __align__(128) unsigned char smem[];
   // a stage: A (the tile's 128 outputs x 64 features), then x's BN rows x 64 features, each row 128 bytes
-  constexpr int A_BYTES = 128 * 128, STAGE_BYTES = A_BYTES + BN * 128, FULL = 1, EMPTY = 1 + WS_STAGES, ALL = 384;
+  constexpr int A_BYTES = 128 * 128, STAGE_BYTES = A_BYTES + BN * 128;
+  constexpr int FULL = 1, EMPTY = 1 + WS_STAGES, ALL = WS_THREADS;  // (the named barriers; 0 is __syncthreads)
   const u32 raw = shared_address(smem), base = (raw + 1023) & ~1023u;  // (the swizzle's 1024-byte atoms)
-  const int wg = threadIdx.x >> 7, t = threadIdx.x & 127, lane = threadIdx.x & 31, r = lane >> 2, i = lane & 3;
+  const int wg = threadIdx.x >> 7, lane = threadIdx.x & 31, r = lane >> 2, i = lane & 3;
   const int m0 = blockIdx.x * BN, kblocks = K >> 6, strips = N >> 4;
   constexpr int GB = GROUP > 64 ? GROUP / 64 : 1;
   const int groups = kblocks / GB, z = blockIdx.z, zs = gridDim.z;
   const int kb0 = groups * z / zs * GB, nb = groups * (z + 1) / zs * GB - kb0;  // this CTA's blocks
-  if (wg == 0) {
+  if (wg < WS_PRODUCERS) {
+    const int t = threadIdx.x;  // (producer threads come first)
     // a warp's two strips (past N: the last strip, dequantised into rows no MMA result is stored from); a lane's
     // word a block of each, and the scale/zero words of rows r and r + 8 for the block's groups
     const int pw = t >> 5;
-    const uint4* wp[2];
-    const u32* szp[2];
+    const uint4* wp[WS_SPW];
+    const u32* szp[WS_SPW];
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      const int strip = min(blockIdx.y * 8 + 2 * pw + s, strips - 1);
+    for (int s = 0; s < WS_SPW; ++s) {
+      const int strip = min(blockIdx.y * 8 + WS_SPW * pw + s, strips - 1);
       wp[s] = w + ((long long)strip * kblocks + kb0) * 32 + lane;
       szp[s] = sz + strip * 16 + r;
     }
-    uint4 wb[WS_WD][2];
-    u32 zb[WS_WD][2][2][GPB];
+    uint4 wb[WS_WD][WS_SPW];
+    u32 zb[WS_WD][WS_SPW][2][GPB];
     auto load = [&](int d, int u) {  // block u's words into slot d
 #pragma unroll
-      for (int s = 0; s < 2; ++s) {
+      for (int s = 0; s < WS_SPW; ++s) {
         wb[d][s] = load_stream(wp[s] + u * 32);
 #pragma unroll
         for (int h = 0; h < 2; ++h)
@@ -622,8 +628,8 @@ __device__ __forceinline__ void w4_wgws_body(
     auto copy_x = [&](int u) {  // block u's x rows into its stage (rows past M fill zeros)
       const u32 dst = base + (u % WS_STAGES) * STAGE_BYTES + A_BYTES;
 #pragma unroll
-      for (int c = 0; c < BN / 16; ++c) {
-        const int idx = t + 128 * c, row = idx >> 3, chunk = idx & 7;
+      for (int c = 0; c < BN * 8 / (128 * WS_PRODUCERS); ++c) {
+        const int idx = t + 128 * WS_PRODUCERS * c, row = idx >> 3, chunk = idx & 7;
         const u16* src = x + (long long)(m0 + row < M ? m0 + row : 0) * x_stride + (kb0 + u) * 64 + chunk * 8;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                      ::"r"(dst + row * 128 + ((chunk ^ (row & 7)) << 4)), "l"(src), "r"(m0 + row < M ? 16 : 0));
@@ -635,8 +641,8 @@ __device__ __forceinline__ void w4_wgws_body(
     auto dequantise = [&](int d, int u) {
       const u32 stage = base + (u % WS_STAGES) * STAGE_BYTES;
 #pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        const u32 row = stage + ((2 * pw + s) * 16 + r) * 128;
+      for (int s = 0; s < WS_SPW; ++s) {
+        const u32 row = stage + ((WS_SPW * pw + s) * 16 + r) * 128;
         u32 scale2[2][GPB], negz[2][GPB];
 #pragma unroll
         for (int h = 0; h < 2; ++h)
@@ -687,7 +693,7 @@ __device__ __forceinline__ void w4_wgws_body(
     }
     return;
   }
-  // the MMA warpgroups: outputs 64 (wg - 1) to 64 wg - 1 of the tile; descriptors as w4_wgmma's for x, and the same
+  // the MMA warpgroups: 64 outputs each; descriptors as w4_wgmma's for x, and the same
   // for A (K-major, 128-byte swizzle, 8-row atoms 1024 bytes apart)
   const int warp = (threadIdx.x >> 5) & 3;
   const unsigned long long desc0 = ((base & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
@@ -702,7 +708,7 @@ __device__ __forceinline__ void w4_wgws_body(
     // thread's loads in flight, which the producer keeps WS_WD blocks deep
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-    const unsigned long long da = desc0 + ((st * STAGE_BYTES + (wg - 1) * 64 * 128) >> 4);
+    const unsigned long long da = desc0 + ((st * STAGE_BYTES + (wg - WS_PRODUCERS) * 64 * 128) >> 4);
     const unsigned long long dx = desc0 + ((st * STAGE_BYTES + A_BYTES) >> 4);
 #pragma unroll
     for (int j = 0; j < 4; ++j) wgmma_ss<BN>(acc, da + j * (32 >> 4), dx + j * (32 >> 4));
@@ -711,7 +717,7 @@ __device__ __forceinline__ void w4_wgws_body(
     if (u >= 1 && u - 1 + WS_STAGES < nb) bar_arrive(EMPTY + (u - 1) % WS_STAGES, ALL);
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-  const int strip = blockIdx.y * 8 + 4 * (wg - 1) + warp;
+  const int strip = blockIdx.y * 8 + 4 * (wg - WS_PRODUCERS) + warp;
   if (strip < strips) wg_store<BN>(acc, strip, bias, y, part, M, N, has_bias);
 #endif
 }
@@ -723,7 +729,7 @@ __device__ __forceinline__ void w4_wgws_body(
       int x_stride, int has_bias) {                                                                            \
     w4_wgmma_body<BN>(w, sz, x, bias, y, part, M, N, K, x_stride, has_bias);                                   \
   }                                                                                                              \
-  extern "C" __global__ void __launch_bounds__(384, 1) w4_wgws##BN(                                               \
+  extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) w4_wgws##BN(                                        \
       const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,                     \
       const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ part, int M, int N, int K,        \
       int x_stride, int has_bias) {                                                                            \
@@ -984,9 +990,6 @@ def w4_wgmma(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int
     return _gemm(func, 256, _wgmma_shared(bn, group), bn, x, packed, sz, group, bias, splits)
 
 
-WS_STAGES = 4  # w4_wgws's stages (SOURCE's WS_STAGES): A and x's rows of a block each
-
-
 def _wgws_shared(bn: int) -> int:
     """w4_wgws's shared memory: WS_STAGES stages of A (128 outputs) and x's bn rows, 128 bytes a row, and 1024
     bytes to align the first to the swizzle's atom."""
@@ -1013,7 +1016,7 @@ def w4_wgws(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     _check(x.dtype)
     bn = bn or (64 if x.shape[0] <= 64 else 128)
     func = _wgws_kernel(x.device, bn, x.dtype, group)
-    return _gemm(func, 384, _wgws_shared(bn), bn, x, packed, sz, group, bias, splits, _sms(x.device))
+    return _gemm(func, 128 * (WS_PRODUCERS + 2), _wgws_shared(bn), bn, x, packed, sz, group, bias, splits, _sms(x.device))
 
 
 def w4_dequantise(packed: torch.Tensor, sz: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
