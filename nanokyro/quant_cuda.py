@@ -436,11 +436,13 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemm(
 #endif
 WGMMA_WRAPPERS
 // a warp's sums after its warpgroup's MMAs into y (bias added), or with K split (gridDim.z > 1) into `part`: lane
-// l's sum 4c + e is output row r + 8 (e >> 1) of the strip, x's row m0 + 8c + 2i + (e & 1)
-template <int BN>
+// l's sum 4c + e is A's row r + 8 (e >> 1) of the strip, x's row m0 + 8c + 2i + (e & 1). A's row r is output row r
+// of the strip, or with ROWS_SPREAD (w4_wgws's A in shared memory) output row (r >> 1) + 4 (r & 1)
+template <int BN, bool ROWS_SPREAD = false>
 __device__ __forceinline__ void wg_store(const float* acc, int strip, const u16* __restrict__ bias,
                                          u16* __restrict__ y, float* __restrict__ part, int M, int N, int has_bias) {
-  const int lane = threadIdx.x & 31, r = lane >> 2, i = lane & 3, m0 = blockIdx.x * BN, z = blockIdx.z;
+  const int lane = threadIdx.x & 31, i = lane & 3, m0 = blockIdx.x * BN, z = blockIdx.z;
+  const int r = ROWS_SPREAD ? (lane >> 3) | ((lane >> 2) & 1) << 2 : lane >> 2;
   const bool split = gridDim.z > 1;
   float b[2];
 #pragma unroll
@@ -637,12 +639,15 @@ __device__ __forceinline__ void w4_wgws_body(
     };
     // block u's A from slot d into its stage: a lane's word of step j holds rows r and r + 8, features 16j + 4i to
     // 16j + 4i + 3 (registers 0, 2 and 1, 3), 8 bytes of a row's 16-byte chunk 2j + i / 2, which the swizzle
-    // places at (2j + i / 2) ^ (row % 8)
+    // places at (2j + i / 2) ^ (row % 8). Output rows r and r + 8 go to A's rows ar and ar + 8, ar = 2 (r % 4) +
+    // r / 4, so that a half-warp's rows (r 0-3 or 4-7) differ in the swizzle's bits 1 and 2 and its 8-byte stores
+    // fill the 32 banks once (rows r and r ^ 1 would put their two chunks in the same banks); wg_store undoes it
+    const int ar = (r & 3) << 1 | r >> 2;
     auto dequantise = [&](int d, int u) {
       const u32 stage = base + (u % WS_STAGES) * STAGE_BYTES;
 #pragma unroll
       for (int s = 0; s < WS_SPW; ++s) {
-        const u32 row = stage + ((WS_SPW * pw + s) * 16 + r) * 128;
+        const u32 row = stage + ((WS_SPW * pw + s) * 16 + ar) * 128;
         u32 scale2[2][GPB], negz[2][GPB];
 #pragma unroll
         for (int h = 0; h < 2; ++h)
@@ -661,7 +666,7 @@ __device__ __forceinline__ void w4_wgws_body(
             const u32 n4 = nibbles(word, q, negz[q & 1][g]);
             asm(FMA2_OP " %0, %1, %2, %3;" : "=r"(a[q]) : "r"(n4), "r"(scale2[q & 1][g]), "r"(NEG_ZERO2));
           }
-          const u32 at = row + (((2 * j + (i >> 1)) ^ r) << 4) + 8 * (i & 1);
+          const u32 at = row + (((2 * j + (i >> 1)) ^ ar) << 4) + 8 * (i & 1);
           asm volatile("st.shared.v2.b32 [%0], {%1, %2};" ::"r"(at), "r"(a[0]), "r"(a[2]) : "memory");
           asm volatile("st.shared.v2.b32 [%0], {%1, %2};" ::"r"(at + 8 * 128), "r"(a[1]), "r"(a[3]) : "memory");
         }
@@ -718,7 +723,7 @@ __device__ __forceinline__ void w4_wgws_body(
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
   const int strip = blockIdx.y * 8 + 4 * (wg - WS_PRODUCERS) + warp;
-  if (strip < strips) wg_store<BN>(acc, strip, bias, y, part, M, N, has_bias);
+  if (strip < strips) wg_store<BN, true>(acc, strip, bias, y, part, M, N, has_bias);
 #endif
 }
 
