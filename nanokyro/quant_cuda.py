@@ -93,6 +93,12 @@ __device__ __forceinline__ u32 nibbles(u32 word, int i, u32 negz) {
   return d;
 }
 
+__device__ __forceinline__ u32 shared_address(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
 __device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
   asm(MMA_OP " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -255,6 +261,154 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
   }
 }
 
+// The same GEMV with the weight words brought in by bulk copies (cp.async.bulk, the TMA's one-dimensional form, sm_90):
+// a warp's share of a strip's words is contiguous, so lane 0 copies it into the warp's ring in shared memory, BC
+// blocks (BC * 512 bytes a strip) a copy and BD copies ahead, each completing on its mbarrier, and the lanes read
+// their words from there: the bytes in flight cost no registers and no load instruction a lane.
+#define BC 2
+#define BD 6
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 phase) {
+  u32 done = 0;
+  while (!done)
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done) : "r"(bar), "r"(phase) : "memory");
+}
+extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemvb(
+    const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
+    const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int x_stride, int has_bias) {
+#if __CUDA_ARCH__ >= 900
+  __shared__ float red[MT > 2 ? 8 : 16][NS * MT * 4][32];
+  __shared__ __align__(8) unsigned long long bars[MT > 2 ? 8 : 16][BD];
+  extern __shared__ __align__(128) unsigned char ring[];  // a warp's BD copies of NS strips' BC blocks
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int r = lane >> 2, i = lane & 3;
+  const int kblocks = K >> 6, steps = kblocks / UNIT;
+  const int b0 = steps * warp / warps * UNIT, b1 = steps * (warp + 1) / warps * UNIT;  // this warp's blocks
+  const int copies = (b1 - b0 + BC - 1) / BC;
+  const u32 mine = shared_address(ring) + warp * (BD * NS * BC * 512), bar0 = shared_address(&bars[warp][0]);
+  const unsigned char* words_at = ring + warp * (BD * NS * BC * 512);
+  const uint4* wp[NS];
+  const u32* szp[NS];
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+    const int strip = blockIdx.x + s * (N >> 4);
+    wp[s] = w + ((long long)strip * kblocks + b0) * 32;
+    szp[s] = sz + strip * 16 + r;
+  }
+  auto issue = [&](int c) {  // copy c (lane 0): blocks b0 + c BC on, into slot c % BD
+    const int blocks = min(BC, b1 - b0 - c * BC);
+    const u32 bar = bar0 + (c % BD) * 8, bytes = blocks * 512;
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes * NS) : "memory");
+#pragma unroll
+    for (int s = 0; s < NS; ++s)
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                   ::"r"(mine + ((c % BD) * NS + s) * (BC * 512)), "l"(wp[s] + c * BC * 32), "r"(bytes), "r"(bar)
+                   : "memory");
+  };
+  if (lane == 0) {
+    for (int d = 0; d < BD; ++d) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar0 + d * 8));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int c = 0; c < BD && c < copies; ++c) issue(c);
+  }
+  __syncwarp();
+  const u16* xr[MT];
+#pragma unroll
+  for (int t = 0; t < MT; ++t) xr[t] = x + (long long)min(8 * t + r, M - 1) * x_stride + 4 * i + b0 * 64;
+  float acc[NS][MT][4], part[NS][MT][4], scale[NS][2];
+  u32 negz[NS][2];
+#pragma unroll
+  for (int s = 0; s < NS; ++s)
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[s][t][e] = 0.f;
+#if PDL  // (small_batch.py's rules: only the weights before the wait)
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  const int gstride = NS * N;  // the weight's rows: one group's scale/zero words
+  for (int c = 0; c < copies; ++c) {
+    mbar_wait(bar0 + (c % BD) * 8, (c / BD) & 1);
+    const unsigned char* slot = words_at + (c % BD) * (NS * BC * 512);
+#pragma unroll
+    for (int bb = 0; bb < BC; ++bb) {
+      const int b = b0 + c * BC + bb;  // the block
+      if (b >= b1) break;
+      uint4 words[NS];
+#pragma unroll
+      for (int s = 0; s < NS; ++s) words[s] = reinterpret_cast<const uint4*>(slot + (s * BC + bb) * 512)[lane];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = b * 64 + 16 * j;
+        uint2 xv[MT];
+#pragma unroll
+        for (int t = 0; t < MT; ++t) xv[t] = *reinterpret_cast<const uint2*>(xr[t] + (c * BC + bb) * 64 + 16 * j);
+        if (k % GROUP == 0) {  // a group starts: its scales and zeros for rows r and r + 8, fresh sums
+#pragma unroll
+          for (int s = 0; s < NS; ++s) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const u32 v = szp[s][(long long)(k / GROUP) * gstride + 8 * h];
+              scale[s][h] = to_f32((u16)(v & 0xFFFFu));
+              negz[s][h] = __byte_perm(v, 0, 0x3232);
+            }
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) part[s][t][e] = 0.f;
+          }
+        }
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+          const u32 word = word_of(words[s], j);
+          u32 a[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) a[q] = nibbles(word, q, negz[s][q & 1]);
+#pragma unroll
+          for (int t = 0; t < MT; ++t) mma(part[s][t], a, xv[t].x, xv[t].y);
+        }
+        if ((k + 16) % GROUP == 0) {
+#pragma unroll
+          for (int s = 0; s < NS; ++s)
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[s][t][e] += scale[s][e >> 1] * part[s][t][e];
+        }
+      }
+    }
+    __syncwarp();  // every lane has read slot c % BD
+    if (lane == 0 && c + BD < copies) issue(c + BD);
+  }
+#pragma unroll
+  for (int s = 0; s < NS; ++s)
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[warp][(s * MT + t) * 4 + e][lane] = acc[s][t][e];
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < MT * 4 * 32; idx += blockDim.x) {
+    const int l = idx & 31, e = (idx >> 5) & 3, t = idx >> 7;
+    const int m = 8 * t + 2 * (l & 3) + (e & 1), n = blockIdx.x * 16 + (l >> 2) + 8 * (e >> 1);
+    if (m >= M) continue;
+    float v[NS];
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      v[s] = 0.f;
+      for (int wi = 0; wi < warps; ++wi) v[s] += red[wi][(s * MT + t) * 4 + e][l];
+    }
+    float out;
+    if (GATED) {
+      const float gate = to_f32(from_f32(v[0])), up = to_f32(from_f32(v[NS - 1]));
+      out = gate / (1.f + __expf(-gate)) * up;
+    } else {
+      out = has_bias ? v[0] + to_f32(bias[n]) : v[0];
+    }
+    y[(long long)m * N + n] = from_f32(out);
+  }
+#endif
+}
+
 // y [M, N] = x [M, K] @ w.T (+ bias) for more rows than the GEMV takes: a CTA takes BM of x's rows and 8 strips, a
 // warp two of them (its weight words straight from global memory into registers, WD blocks ahead with their groups'
 // scale/zero words, dequantised there to A = (q - zero) * scale in the dtype, as w4_dequantise rounds them); x's rows
@@ -270,11 +424,6 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
 #define GPB (GROUP < 64 ? 64 / GROUP : 1)  // groups starting in a block, at most
 #define NEG_ZERO2 0x80008000u
 
-__device__ __forceinline__ u32 shared_address(const void* p) {
-  u32 a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
 
 extern "C" __global__ void __launch_bounds__(128) w4_gemm(
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
@@ -738,6 +887,40 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     func = _kernel(x.device, "w4_gemv", x.dtype, group, tiles, gated, pdl)
     _launch(func, N // 16, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
                                         int(bias is not None)], pdl)  # fmt: skip
+    return y
+
+
+GEMVB_BC, GEMVB_BD = 2, 6  # SOURCE's BC and BD: w4_gemvb's blocks a copy and copies in flight a warp
+
+
+@functools.cache
+def _gemvb_kernel(device: torch.device, dtype: torch.dtype, group: int, tiles: int, gated: bool,
+                  pdl: bool) -> ctypes.c_void_p:  # fmt: skip
+    func = _kernel(device, "w4_gemvb", dtype, group, tiles, gated, pdl)
+    if _driver().cuFuncSetAttribute(func, _MAX_DYNAMIC_SHARED, MAX_WARPS * GEMVB_BD * 2 * GEMVB_BC * 512):
+        raise RuntimeError("could not give w4_gemvb its shared memory")
+    return func
+
+
+def w4_gemvb(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
+             gated: bool, warps: int | None = None) -> torch.Tensor:  # fmt: skip
+    """w4_gemv's product with the weight words brought in by bulk copies (sm_90)."""
+    _check(x.dtype)
+    M, K = x.shape
+    assert M <= MAX_ROWS and packed.shape[1] * 64 == K
+    if x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:
+        x = x.clone(memory_format=torch.contiguous_format)
+    N = packed.shape[0] * 16 // (2 if gated else 1)
+    tiles = -(-M // 8)
+    warps = min(warps or gemv_warps(N // 16, K // max(64, group)), MAX_WARPS if tiles <= 2 else 8)
+    y = x.new_empty(M, N)
+    if M == 0:
+        return y
+    pdl = use_pdl()
+    func = _gemvb_kernel(x.device, x.dtype, group, tiles, gated, pdl)
+    shared = warps * GEMVB_BD * (2 if gated else 1) * GEMVB_BC * 512
+    _launch(func, N // 16, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
+                                        int(bias is not None)], pdl, shared)  # fmt: skip
     return y
 
 

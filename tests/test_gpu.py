@@ -595,7 +595,8 @@ def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
     dequantise + cuBLAS above) matches an fp32 matmul with it; bf16 and fp16, a stacked gate/up, a bias, a
     strip-sized layer and a K that the warps share unevenly."""
     from nanokyro import quant  # registers nanokyro::int4_mma_linear
-    from nanokyro.quant_cuda import MAX_ROWS, WG_HEIGHTS, w4_dequantise, w4_gemm, w4_gemv, w4_wgmma, wgmma_available
+    from nanokyro.quant_cuda import (MAX_ROWS, WG_HEIGHTS, w4_dequantise, w4_gemm, w4_gemv, w4_gemvb, w4_wgmma,
+                                     wgmma_available)
     from nanokyro.quant_formats import dequantise_mma, mma_pack, mma_scales_zeros
 
     gen = torch.Generator(DEVICE).manual_seed(rows + group)
@@ -624,6 +625,9 @@ def test_int4_mma_kernels_match_dequantised_matmul(group, rows):
             for warps in (1, 4, 16):
                 got = w4_gemv(x, packed, sz, group, b, kind == "gated", warps)
                 assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, warps)
+                if wgmma_available(x.device):
+                    got = w4_gemvb(x, packed, sz, group, b, kind == "gated", warps)
+                    assert rel_err(got.float(), want) < 1e-2, (n, k, kind, dtype, "gemvb", warps)
         else:  # the GEMM itself (past the dispatch's limit too), with K split in 1 and 3
             for splits in (1, 3):
                 got = quant._gate(w4_gemm(x, packed, sz, group, b, splits), kind == "gated")

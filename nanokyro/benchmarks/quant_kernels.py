@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from nanokyro import quant, small_batch  # noqa: F401 - small_batch registers nanokyro::gemv
-from nanokyro.quant_cuda import MAX_ROWS as MMA_MAX_ROWS, WG_HEIGHTS, w4_dequantise, w4_gemm, w4_gemv, w4_wgmma
+from nanokyro.quant_cuda import MAX_ROWS as MMA_MAX_ROWS, WG_HEIGHTS, w4_dequantise, w4_gemm, w4_gemv, w4_gemvb, w4_wgmma
 from nanokyro.quant_formats import FP8, FP8_MAX, mma_pack, mma_scales_zeros, pack_rows
 from nanokyro.quant_triton import GemvConfig, dequantise_int4_cuda, qgemv
 
@@ -141,6 +141,9 @@ def variants(rows: int) -> dict:
         for warps in (4, 8, 16):
             v[f"int4 mma gemv w{warps}"] = (
                 lambda d, x, w=warps: w4_gemv(x, d["mma"], d["mma_sz"], GROUP, None, d["gated"], w), int4_bytes)
+        for warps in (None, 2, 4, 8, 16):  # the GEMV with bulk copies (None: the dispatch's warps)
+            v[f"int4 mma gemvb w{warps}"] = (
+                lambda d, x, w=warps: w4_gemvb(x, d["mma"], d["mma_sz"], GROUP, None, d["gated"], w), int4_bytes)
     if rows > MMA_MAX_ROWS:
         v["int4 mma gemm"] = (lambda d, x: g(w4_gemm(x, d["mma"], d["mma_sz"], GROUP, None), d["gated"]), int4_bytes)
         for splits in (1, 2, 4, 8):  # K split a fixed number of ways (the dispatch's from quant_cuda.GEMM_CTAS)
