@@ -266,7 +266,7 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
 // blocks (BC * 512 bytes a strip) a copy and BD copies ahead, each completing on its mbarrier, and the lanes read
 // their words from there: the bytes in flight cost no registers and no load instruction a lane.
 #define BC 2
-#define BD 6
+#define BD (6 / NS)  // (a warp's ring 6 KB either way)
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 phase) {
   u32 done = 0;
   while (!done)
@@ -277,9 +277,9 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemvb
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
     const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int x_stride, int has_bias) {
 #if __CUDA_ARCH__ >= 900
-  __shared__ float red[MT > 2 ? 8 : 16][NS * MT * 4][32];
   __shared__ __align__(8) unsigned long long bars[MT > 2 ? 8 : 16][BD];
-  extern __shared__ __align__(128) unsigned char ring[];  // a warp's BD copies of NS strips' BC blocks
+  extern __shared__ __align__(128) unsigned char ring[];  // a warp's BD copies of NS strips' BC blocks, then red
+  float* const red = reinterpret_cast<float*>(ring + (blockDim.x >> 5) * (BD * NS * BC * 512));  // [warps][NS MT 4][32]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int r = lane >> 2, i = lane & 3;
   const int kblocks = K >> 6, steps = kblocks / UNIT;
@@ -385,7 +385,7 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemvb
 #pragma unroll
     for (int t = 0; t < MT; ++t)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) red[warp][(s * MT + t) * 4 + e][lane] = acc[s][t][e];
+      for (int e = 0; e < 4; ++e) red[(warp * NS * MT * 4 + (s * MT + t) * 4 + e) * 32 + lane] = acc[s][t][e];
   __syncthreads();
   for (int idx = threadIdx.x; idx < MT * 4 * 32; idx += blockDim.x) {
     const int l = idx & 31, e = (idx >> 5) & 3, t = idx >> 7;
@@ -395,7 +395,7 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemvb
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
       v[s] = 0.f;
-      for (int wi = 0; wi < warps; ++wi) v[s] += red[wi][(s * MT + t) * 4 + e][l];
+      for (int wi = 0; wi < warps; ++wi) v[s] += red[(wi * NS * MT * 4 + (s * MT + t) * 4 + e) * 32 + l];
     }
     float out;
     if (GATED) {
@@ -890,14 +890,14 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     return y
 
 
-GEMVB_BC, GEMVB_BD = 2, 6  # SOURCE's BC and BD: w4_gemvb's blocks a copy and copies in flight a warp
+GEMVB_RING = 6 * 1024  # w4_gemvb's ring a warp (SOURCE's BD copies of NS strips' BC blocks)
 
 
 @functools.cache
 def _gemvb_kernel(device: torch.device, dtype: torch.dtype, group: int, tiles: int, gated: bool,
                   pdl: bool) -> ctypes.c_void_p:  # fmt: skip
     func = _kernel(device, "w4_gemvb", dtype, group, tiles, gated, pdl)
-    if _driver().cuFuncSetAttribute(func, _MAX_DYNAMIC_SHARED, MAX_WARPS * GEMVB_BD * 2 * GEMVB_BC * 512):
+    if _driver().cuFuncSetAttribute(func, _MAX_DYNAMIC_SHARED, MAX_WARPS * (GEMVB_RING + 2 * 4 * 4 * 32 * 4)):
         raise RuntimeError("could not give w4_gemvb its shared memory")
     return func
 
@@ -918,7 +918,7 @@ def w4_gemvb(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int
         return y
     pdl = use_pdl()
     func = _gemvb_kernel(x.device, x.dtype, group, tiles, gated, pdl)
-    shared = warps * GEMVB_BD * (2 if gated else 1) * GEMVB_BC * 512
+    shared = warps * (GEMVB_RING + (2 if gated else 1) * tiles * 4 * 32 * 4)  # (the ring, then the warps' sums)
     _launch(func, N // 16, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
                                         int(bias is not None)], pdl, shared)  # fmt: skip
     return y
