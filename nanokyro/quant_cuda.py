@@ -93,6 +93,13 @@ __device__ __forceinline__ u32 nibbles(u32 word, int i, u32 negz) {
   return d;
 }
 
+// nibbles i and i + 4 of a word as MAGIC + q in both halves
+__device__ __forceinline__ u32 magic_nibbles(u32 word, int i) {
+  u32 a;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(a) : "r"(word >> (4 * i)), "r"(0x000F000Fu), "r"(MAGIC2));
+  return a;
+}
+
 __device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
   asm(MMA_OP " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -134,8 +141,10 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
   const u16* xr[MT];
 #pragma unroll
   for (int t = 0; t < MT; ++t) xr[t] = x + (long long)min(8 * t + r, M - 1) * x_stride + 4 * i;
-  float acc[NS][MT][4], part[NS][MT][4], scale[NS][2];
-  u32 negz[NS][2];
+  // A = MAGIC + q (the nibbles in place, no subtraction); a group's sums D less (MAGIC + zero) times its sums of x,
+  // which one more MMA with A all ones gives (shared by the NS strips), are its sums of (q - zero) x
+  float acc[NS][MT][4], part[NS][MT][4], xsum[MT][4], scale[NS][2], negz[NS][2];
+  const u32 ones[4] = {ONE2, ONE2, ONE2, ONE2};
 #pragma unroll
   for (int s = 0; s < NS; ++s)
 #pragma unroll
@@ -185,20 +194,26 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
               for (int h = 0; h < 2; ++h) {
                 const u32 v = szp[s][g * gstride + 8 * h];
                 scale[s][h] = to_f32((u16)(v & 0xFFFFu));
-                negz[s][h] = __byte_perm(v, 0, 0x3232);  // -(MAGIC + zero) in both halves
+                negz[s][h] = to_f32((u16)(v >> 16));  // -(MAGIC + zero)
               }
 #pragma unroll
               for (int t = 0; t < MT; ++t)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) part[s][t][e] = 0.f;
             }
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) xsum[t][e] = 0.f;
           }
+#pragma unroll
+          for (int t = 0; t < MT; ++t) mma(xsum[t], ones, xv[t].x, xv[t].y);
 #pragma unroll
           for (int s = 0; s < NS; ++s) {
             const u32 word = word_of(buf[d][b][s], j);
             u32 a[4];
 #pragma unroll
-            for (int q = 0; q < 4; ++q) a[q] = nibbles(word, q, negz[s][q & 1]);  // registers 0, 2: row r; 1, 3: r + 8
+            for (int q = 0; q < 4; ++q) a[q] = magic_nibbles(word, q);  // registers 0, 2: row r; 1, 3: r + 8
 #pragma unroll
             for (int t = 0; t < MT; ++t) mma(part[s][t], a, xv[t].x, xv[t].y);
           }
@@ -208,7 +223,8 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
 #pragma unroll
               for (int t = 0; t < MT; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc[s][t][e] += scale[s][e >> 1] * part[s][t][e];
+                for (int e = 0; e < 4; ++e)
+                  acc[s][t][e] += scale[s][e >> 1] * fmaf(negz[s][e >> 1], xsum[t][e], part[s][t][e]);
           }
         }
       }
