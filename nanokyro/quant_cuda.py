@@ -93,6 +93,12 @@ __device__ __forceinline__ u32 nibbles(u32 word, int i, u32 negz) {
   return d;
 }
 
+__device__ __forceinline__ u32 shared_address(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
 __device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
   asm(MMA_OP " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -118,18 +124,24 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
     const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int x_stride, int has_bias) {
   __shared__ float red[MT > 2 ? 8 : 16][NS * MT * 4][32];  // 32 KB at most (the static limit is 48)
+  extern __shared__ __align__(16) u32 szs[];  // the strips' scale/zero words, [group][NS][16]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int r = lane >> 2, i = lane & 3;
   const int kblocks = K >> 6, steps = kblocks / UNIT;
   const int u0 = steps * warp / warps, u1 = steps * (warp + 1) / warps;
   const uint4* wp[NS];
-  const u32* szp[NS];
 #pragma unroll
-  for (int s = 0; s < NS; ++s) {
-    const int strip = blockIdx.x + s * (N >> 4);
-    wp[s] = w + (long long)strip * kblocks * 32 + lane;
-    szp[s] = sz + strip * 16 + r;
+  for (int s = 0; s < NS; ++s) wp[s] = w + (long long)(blockIdx.x + s * (N >> 4)) * kblocks * 32 + lane;
+  // every scale/zero word the CTA needs, copied to shared memory before the loop (64 bytes a group and strip): the
+  // loop's group starts read them there, not from DRAM (they are read once, so the L2 seldom has them)
+  const int gstride = NS * N;  // the weight's rows: one group's scale/zero words
+  for (int idx = threadIdx.x; idx < K / GROUP * NS * 4; idx += blockDim.x) {
+    const int g = idx / (NS * 4), s = idx / 4 % NS, c = idx % 4;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                 ::"r"(shared_address(szs + (g * NS + s) * 16 + 4 * c)),
+                   "l"(sz + (long long)g * gstride + (blockIdx.x + s * (N >> 4)) * 16 + 4 * c));
   }
+  asm volatile("cp.async.commit_group;");
   // lane's B column: x's row 8t + r (a row past M reads row M - 1: its sums land in columns never stored)
   const u16* xr[MT];
 #pragma unroll
@@ -143,14 +155,10 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[s][t][e] = 0.f;
 
-  // running pointers: weight words, scale/zero words and x at step u (the loop's first)
+  // running pointers: weight words and x at step u (the loop's first)
   constexpr int GPS = UNIT * 64 / GROUP;  // groups per step
-  const int gstride = NS * N;  // the weight's rows: one group's scale/zero words
 #pragma unroll
-  for (int s = 0; s < NS; ++s) {
-    wp[s] += (long long)u0 * UNIT * 32;
-    szp[s] += (long long)u0 * GPS * gstride;
-  }
+  for (int s = 0; s < NS; ++s) wp[s] += (long long)u0 * UNIT * 32;
 #pragma unroll
   for (int t = 0; t < MT; ++t) xr[t] += u0 * UNIT * 64;
   uint4 buf[DEPTH][UNIT][NS];
@@ -165,6 +173,8 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();  // the scale/zero words are in
   for (int u = u0; u < u1; u += DEPTH) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
@@ -178,12 +188,12 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
 #pragma unroll
           for (int t = 0; t < MT; ++t) xv[t] = *reinterpret_cast<const uint2*>(xr[t] + (d * UNIT + b) * 64 + 16 * j);
           if (k0 % GROUP == 0) {  // a group starts: its scales and zeros for rows r and r + 8, fresh sums
-            const int g = d * GPS + k0 / GROUP;  // from the loop's first step
+            const int g = (u + d) * GPS + k0 / GROUP;
 #pragma unroll
             for (int s = 0; s < NS; ++s) {
 #pragma unroll
               for (int h = 0; h < 2; ++h) {
-                const u32 v = szp[s][g * gstride + 8 * h];
+                const u32 v = szs[(g * NS + s) * 16 + r + 8 * h];
                 scale[s][h] = to_f32((u16)(v & 0xFFFFu));
                 negz[s][h] = __byte_perm(v, 0, 0x3232);  // -(MAGIC + zero) in both halves
               }
@@ -219,10 +229,7 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
           for (int s = 0; s < NS; ++s) buf[d][b][s] = load_stream(wp[s] + ((d + DEPTH) * UNIT + b) * 32);
     }
 #pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      wp[s] += DEPTH * UNIT * 32;
-      szp[s] += DEPTH * GPS * gstride;
-    }
+    for (int s = 0; s < NS; ++s) wp[s] += DEPTH * UNIT * 32;
 #pragma unroll
     for (int t = 0; t < MT; ++t) xr[t] += DEPTH * UNIT * 64;
   }
@@ -270,11 +277,6 @@ extern "C" __global__ void __launch_bounds__(MT > 2 ? 32 * 8 : 32 * 16) w4_gemv(
 #define GPB (GROUP < 64 ? 64 / GROUP : 1)  // groups starting in a block, at most
 #define NEG_ZERO2 0x80008000u
 
-__device__ __forceinline__ u32 shared_address(const void* p) {
-  u32 a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
 
 extern "C" __global__ void __launch_bounds__(128) w4_gemm(
     const uint4* __restrict__ w, const u32* __restrict__ sz, const u16* __restrict__ x,
@@ -717,6 +719,19 @@ def _check(dtype: torch.dtype) -> None:
         raise ValueError(f"the int4 MMA kernels take bf16 or fp16 activations, not {dtype}")
 
 
+GEMV_MAX_SZ_SHARED = 160 * 1024  # w4_gemv's scale/zero words in shared memory, at most (K / group * 64 a strip)
+
+
+@functools.cache
+def _gemv_kernel(device: torch.device, dtype: torch.dtype, group: int, tiles: int, gated: bool,
+                 pdl: bool) -> ctypes.c_void_p:  # fmt: skip
+    """w4_gemv of _module's module for these settings, allowed its scale/zero words' dynamic shared memory."""
+    func = _kernel(device, "w4_gemv", dtype, group, tiles, gated, pdl)
+    if _driver().cuFuncSetAttribute(func, _MAX_DYNAMIC_SHARED, GEMV_MAX_SZ_SHARED):
+        raise RuntimeError("could not give w4_gemv its shared memory")
+    return func
+
+
 def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int, bias: torch.Tensor | None,
             gated: bool, warps: int | None = None) -> torch.Tensor:  # fmt: skip
     """x [M <= MAX_ROWS, K] @ w.T (+ bias) for w in the MMA layout (packed [N/16, K/64, 32, 4], sz [K/g, N]);
@@ -735,9 +750,11 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
     if M == 0:
         return y
     pdl = use_pdl()
-    func = _kernel(x.device, "w4_gemv", x.dtype, group, tiles, gated, pdl)
+    func = _gemv_kernel(x.device, x.dtype, group, tiles, gated, pdl)
+    shared = K // group * (2 if gated else 1) * 64  # (the strips' scale/zero words)
+    assert sz.is_contiguous() and sz.data_ptr() % 16 == 0 and shared <= GEMV_MAX_SZ_SHARED
     _launch(func, N // 16, 32 * warps, [packed, sz, x, bias if bias is not None else y, y, M, N, K, x.stride(0),
-                                        int(bias is not None)], pdl)  # fmt: skip
+                                        int(bias is not None)], pdl, shared)  # fmt: skip
     return y
 
 
